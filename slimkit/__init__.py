@@ -1,0 +1,17 @@
+"""slimkit: make trained PyTorch models smaller and faster, and prove it with measurements."""
+
+from __future__ import annotations
+
+__version__ = "0.1.0"
+
+from slimkit import quantize, zoo
+from slimkit.config import BaseConfig, apply, register, register_handler, registered_configs
+from slimkit.errors import SlimkitError
+from slimkit.io import load, save
+from slimkit.target import Measurement, Target
+from slimkit.task import Task
+
+__all__ = [
+    "BaseConfig", "Measurement", "SlimkitError", "Target", "Task", "__version__", "apply",
+    "load", "quantize", "register", "register_handler", "registered_configs", "save", "zoo",
+]

@@ -1,0 +1,224 @@
+"""Safe model storage: safetensors for tensors, JSON for everything else. Nothing is unpickled.
+
+An artifact is a directory::
+
+    model.safetensors   every parameter and buffer (packed integer tensors included)
+    slimkit.json        how to rebuild the module, the recipe applied, library versions
+
+Writes are atomic: the directory is assembled under a temporary name beside the target and
+renamed into place, so a crash never leaves a half-written artifact where a reader looks.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import pickle
+import platform
+import shutil
+import tempfile
+import zipfile
+from pathlib import Path
+from typing import Any, Callable, Mapping
+
+import torch
+import torch.nn as nn
+
+from slimkit.errors import SlimkitError
+
+WEIGHTS = "model.safetensors"
+META = "slimkit.json"
+FORMAT_VERSION = 1
+
+#: Named model builders. An artifact refers to its builder by name only, so loading a file can
+#: never import or call arbitrary code named inside it.
+_BUILDERS: dict[str, Callable[..., nn.Module]] = {}
+
+
+def register_builder(name: str) -> Callable[[Callable[..., nn.Module]], Callable[..., nn.Module]]:
+    """Register ``fn(**kwargs) -> nn.Module`` so artifacts can name it as their builder."""
+
+    def decorate(fn: Callable[..., nn.Module]) -> Callable[..., nn.Module]:
+        _BUILDERS[name] = fn
+        return fn
+
+    return decorate
+
+
+def builder_of(model: nn.Module) -> tuple[str, dict[str, Any]] | None:
+    """The ``(builder name, kwargs)`` a model was made with, if it carries one."""
+    spec = getattr(model, "slimkit_builder", None)
+    return (spec[0], dict(spec[1])) if spec else None
+
+
+def versions() -> dict[str, str]:
+    from slimkit import __version__
+
+    return {"slimkit": __version__, "torch": torch.__version__, "python": platform.python_version()}
+
+
+def save(model: nn.Module, path: str | os.PathLike[str], *, recipe: list[dict[str, Any]] | None = None,
+         extra: Mapping[str, Any] | None = None) -> Path:
+    """Write ``model`` as an artifact directory at ``path`` (replacing one that is there)."""
+    from safetensors.torch import save_file
+
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    state = _contiguous_state(model)
+    builder = builder_of(model)
+    meta = {
+        "format": FORMAT_VERSION,
+        "builder": None if builder is None else {"name": builder[0], "kwargs": builder[1]},
+        "recipe": recipe or [],
+        "extra": dict(extra or {}),
+        "versions": versions(),
+    }
+    tmp = Path(tempfile.mkdtemp(prefix=f".{path.name}.", dir=path.parent))
+    try:
+        save_file(state, str(tmp / WEIGHTS))
+        (tmp / META).write_text(json.dumps(meta, indent=2, default=str))
+        _replace_dir(tmp, path)
+    except BaseException:
+        shutil.rmtree(tmp, ignore_errors=True)
+        raise
+    return path
+
+
+def _contiguous_state(model: nn.Module) -> dict[str, torch.Tensor]:
+    # safetensors refuses shared storage and non-contiguous tensors; clone so every entry stands alone.
+    state = {}
+    for name, t in model.state_dict().items():
+        if not isinstance(t, torch.Tensor):
+            continue
+        state[name] = t.detach().to("cpu").contiguous().clone()
+    return state
+
+
+def _replace_dir(tmp: Path, path: Path) -> None:
+    if not path.exists():
+        os.replace(tmp, path)
+        return
+    if not path.is_dir():
+        raise SlimkitError(f"{path} exists and is not an artifact directory", "choose another output path")
+    old = path.with_name(f".{path.name}.old-{os.getpid()}")
+    os.replace(path, old)
+    os.replace(tmp, path)
+    shutil.rmtree(old, ignore_errors=True)
+
+
+def artifact_bytes(path: str | os.PathLike[str]) -> int:
+    """Bytes the artifact takes on disk: the sum of its files' sizes."""
+    path = Path(path)
+    if path.is_file():
+        return path.stat().st_size
+    return sum(p.stat().st_size for p in path.rglob("*") if p.is_file())
+
+
+def read_meta(path: str | os.PathLike[str]) -> dict[str, Any]:
+    path = Path(path)
+    meta_file = path / META
+    if not meta_file.is_file():
+        raise SlimkitError(f"{path} is not a slimkit artifact (no {META})", "save it with slimkit.save first")
+    try:
+        meta = json.loads(meta_file.read_text())
+    except (json.JSONDecodeError, UnicodeDecodeError) as exc:
+        raise SlimkitError(f"{meta_file} is corrupt ({exc})", "re-save the model") from None
+    if not isinstance(meta, dict) or meta.get("format") != FORMAT_VERSION:
+        raise SlimkitError(f"{meta_file} has an unknown format {meta.get('format') if isinstance(meta, dict) else meta!r}",
+                           "re-save the model with this slimkit version")
+    return meta
+
+
+def load_state(path: str | os.PathLike[str]) -> dict[str, torch.Tensor]:
+    """Tensors of an artifact directory or of a single ``.safetensors`` file."""
+    from safetensors import SafetensorError
+    from safetensors.torch import load_file
+
+    path = Path(path)
+    file = path / WEIGHTS if path.is_dir() else path
+    if not file.is_file():
+        raise SlimkitError(f"no weights file at {file}", "check the path")
+    try:
+        return load_file(str(file))
+    except (SafetensorError, OSError, ValueError) as exc:
+        first = str(exc).splitlines()[0] if str(exc) else type(exc).__name__
+        raise SlimkitError(f"{file} is corrupt or truncated ({first})", "re-save or re-download the model") from None
+
+
+def load(path: str | os.PathLike[str], model: nn.Module | None = None) -> nn.Module:
+    """Rebuild the module of an artifact and load its tensors, checking every name and shape.
+
+    Pass ``model`` to load into a module you built yourself; otherwise the artifact's
+    registered builder makes one (builders are looked up by name, never imported from the file).
+    """
+    meta = read_meta(path)
+    state = load_state(path)
+    if model is None:
+        builder = meta.get("builder")
+        if not builder:
+            raise SlimkitError(f"{path} does not say how to rebuild its model",
+                               "pass model=YourModule() to slimkit.load")
+        name = builder.get("name")
+        if name not in _BUILDERS:
+            _import_zoo()
+        if name not in _BUILDERS:
+            raise SlimkitError(f"{path} names an unknown model builder {name!r}",
+                               "register it with slimkit.io.register_builder or pass model=")
+        model = _BUILDERS[name](**builder.get("kwargs", {}))
+    load_into(model, state, source=str(path))
+    return model.eval()
+
+
+def load_into(model: nn.Module, state: Mapping[str, torch.Tensor], *, source: str = "state") -> None:
+    """``load_state_dict`` with one-line errors for missing, unexpected and mis-shaped tensors."""
+    own = model.state_dict()
+    missing = sorted(set(own) - set(state))
+    unexpected = sorted(set(state) - set(own))
+    if missing or unexpected:
+        parts = []
+        if missing:
+            parts.append(f"missing {len(missing)} tensor(s) e.g. {missing[0]}")
+        if unexpected:
+            parts.append(f"unexpected {len(unexpected)} e.g. {unexpected[0]}")
+        raise SlimkitError(f"{source} does not fit the model: {'; '.join(parts)}",
+                           "load it into the architecture it was saved from")
+    for name, t in state.items():
+        if tuple(own[name].shape) != tuple(t.shape):
+            raise SlimkitError(f"{source}: {name} has shape {tuple(t.shape)}, model expects {tuple(own[name].shape)}",
+                               "load it into the architecture it was saved from")
+        if t.is_floating_point() and not torch.isfinite(t).all():
+            raise SlimkitError(f"{source}: {name} contains NaN or Inf values", "the model file is damaged; re-save it")
+    model.load_state_dict(dict(state), strict=True)
+
+
+def read_torch_file(path: str | os.PathLike[str]) -> dict[str, torch.Tensor]:
+    """Read a ``.pt``/``.pth`` checkpoint without ever running pickled code.
+
+    Only ``torch.load(weights_only=True)`` touches the file; anything it refuses (a pickle
+    that would import or call something) is reported as unsafe, not executed.
+    """
+    path = Path(path)
+    if not path.is_file():
+        raise SlimkitError(f"no file at {path}", "check the path")
+    try:
+        obj = torch.load(str(path), map_location="cpu", weights_only=True)
+    except pickle.UnpicklingError as exc:
+        reason = str(exc).strip().splitlines()
+        detail = next((line for line in reason if "Unsupported" in line or "global" in line.lower()), "")
+        raise SlimkitError(f"{path} holds code, not just weights; refusing to load it"
+                           + (f" ({detail.strip()[:120]})" if detail else ""),
+                           "load it only if you trust its author, then re-save with slimkit.save") from None
+    except (RuntimeError, EOFError, zipfile.BadZipFile, ValueError) as exc:
+        first = (str(exc).strip().splitlines() or [type(exc).__name__])[0][:160]
+        raise SlimkitError(f"{path} is corrupt or truncated ({first})", "re-save or re-download the model") from None
+    if isinstance(obj, nn.Module):  # weights_only never yields this, but be explicit
+        raise SlimkitError(f"{path} holds a whole module", "save a state_dict instead")
+    if isinstance(obj, dict) and "state_dict" in obj and isinstance(obj["state_dict"], dict):
+        obj = obj["state_dict"]
+    if not isinstance(obj, dict) or not all(isinstance(v, torch.Tensor) for v in obj.values()):
+        raise SlimkitError(f"{path} is not a state_dict of tensors", "save model.state_dict() to the file")
+    return obj
+
+
+def _import_zoo() -> None:
+    import slimkit.zoo  # noqa: F401  (registers the built-in builders)

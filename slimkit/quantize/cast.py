@@ -1,0 +1,60 @@
+"""Half-precision casts (fp16 / bf16): the simplest precision change, 2x fewer bytes.
+
+The model's floating-point parameters and buffers are stored in the half type and inputs are
+cast on the way in, outputs back to float32 on the way out, so callers keep feeding float32.
+Whether it is *faster* depends on the runtime (CPUs without native fp16 math are often slower);
+the profiler measures that instead of assuming it.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from typing import Any
+
+import torch
+import torch.nn as nn
+
+from slimkit.config import BaseConfig, register, register_handler
+
+
+@register("quantize.Float16")
+@dataclasses.dataclass(frozen=True)
+class Float16(BaseConfig):
+    """Store and run weights and activations in IEEE half precision."""
+
+    keep_norms_fp32: bool = False
+
+
+@register("quantize.BFloat16")
+@dataclasses.dataclass(frozen=True)
+class BFloat16(BaseConfig):
+    """Store and run weights and activations in bfloat16 (fp32's range, 8-bit mantissa)."""
+
+    keep_norms_fp32: bool = False
+
+
+_NORMS = (nn.BatchNorm1d, nn.BatchNorm2d, nn.BatchNorm3d, nn.LayerNorm, nn.GroupNorm)
+
+
+def _cast(model: nn.Module, config: Float16 | BFloat16, task: Any) -> nn.Module:
+    dtype = torch.float16 if isinstance(config, Float16) else torch.bfloat16
+    model.to(dtype)
+    if config.keep_norms_fp32:
+        for m in model.modules():
+            if isinstance(m, _NORMS):
+                m.float()
+                m.register_forward_pre_hook(lambda _m, args: tuple(_to(a, torch.float32) for a in args))
+                m.register_forward_hook(lambda _m, _a, out: _to(out, dtype))
+    model.register_forward_pre_hook(lambda _m, args: tuple(_to(a, dtype) for a in args))
+    model.register_forward_hook(lambda _m, _a, out: _to(out, torch.float32))
+    return model
+
+
+def _to(value: Any, dtype: torch.dtype) -> Any:
+    if isinstance(value, torch.Tensor) and value.is_floating_point():
+        return value.to(dtype)
+    return value
+
+
+register_handler(Float16, _cast)
+register_handler(BFloat16, _cast)
