@@ -8,10 +8,11 @@ from slimkit import quantize, zoo
 from slimkit.config import BaseConfig, apply, register, register_handler, registered_configs
 from slimkit.errors import SlimkitError
 from slimkit.io import load, save
+from slimkit.measure import Profile, profile
 from slimkit.target import Measurement, Target
 from slimkit.task import Task
 
 __all__ = [
-    "BaseConfig", "Measurement", "SlimkitError", "Target", "Task", "__version__", "apply",
-    "load", "quantize", "register", "register_handler", "registered_configs", "save", "zoo",
+    "BaseConfig", "Measurement", "Profile", "SlimkitError", "Target", "Task", "__version__", "apply",
+    "load", "profile", "quantize", "register", "register_handler", "registered_configs", "save", "zoo",
 ]

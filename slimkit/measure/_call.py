@@ -49,6 +49,13 @@ def resolve_device(device: str | torch.device) -> torch.device:
     return dev
 
 
+def require_module(model: Any, what: str) -> None:
+    """``what`` needs an ``nn.Module`` (its parameters, submodules or hooks), not any callable."""
+    if not isinstance(model, nn.Module):
+        raise SlimkitError(f"{what} needs a torch.nn.Module, got {type(model).__name__}",
+                           "pass the model itself (measure_latency also accepts any callable)")
+
+
 def device_for(model: Any, device: str | torch.device | None) -> torch.device:
     """``device`` checked, or (when ``None``) the device the model already lives on, else CPU."""
     if device is None:
@@ -74,25 +81,33 @@ def to_device(obj: Any, device: torch.device) -> Any:
     return obj
 
 
-def tensor_bytes(obj: Any) -> int:
-    """Bytes of every tensor inside ``obj`` (tensors, tuples, lists, dicts, HF ModelOutputs)."""
+def tensors(obj: Any) -> Iterator[torch.Tensor]:
+    """Every tensor inside ``obj`` (tensors, tuples, lists, dicts, HF ModelOutputs)."""
     if isinstance(obj, torch.Tensor):
-        return obj.numel() * obj.element_size()
-    if isinstance(obj, Mapping):
-        return sum(tensor_bytes(v) for v in obj.values())
-    if isinstance(obj, (tuple, list)):
-        return sum(tensor_bytes(v) for v in obj)
-    return 0
+        yield obj
+    elif isinstance(obj, Mapping):
+        for v in obj.values():
+            yield from tensors(v)
+    elif isinstance(obj, (tuple, list)):
+        for v in obj:
+            yield from tensors(v)
+
+
+def tensor_bytes(obj: Any) -> int:
+    """Bytes of every tensor inside ``obj``."""
+    return sum(t.numel() * t.element_size() for t in tensors(obj))
 
 
 def state_bytes(model: nn.Module) -> int:
-    """Bytes of the parameters and buffers the model holds in memory (shared tensors once)."""
-    seen: set[int] = set()
+    """Bytes of the model's state (parameters, buffers, packed quantized weights); shared tensors once."""
+    seen: set[tuple[int, int]] = set()
     total = 0
-    for t in list(model.parameters()) + list(model.buffers()):
-        if id(t) not in seen:
-            seen.add(id(t))
-            total += t.numel() * t.element_size()
+    for t in tensors(list(model.state_dict().values())):
+        nbytes = t.numel() * t.element_size()
+        key = (t.data_ptr(), nbytes)
+        if nbytes and key not in seen:
+            seen.add(key)
+            total += nbytes
     return total
 
 
@@ -106,11 +121,6 @@ def describe(example: Example) -> list[str]:
                 else type(value).__name__)
         out.append(f"{name}={text}" if name else text)
     return out
-
-
-def leaf_modules(model: nn.Module) -> list[tuple[str, nn.Module]]:
-    """``(qualified name, module)`` for every module without children (the model itself if it has none)."""
-    return [(name, mod) for name, mod in model.named_modules() if next(mod.children(), None) is None]
 
 
 def model_device(model: nn.Module) -> torch.device | None:

@@ -1,0 +1,26 @@
+"""Shared fixtures: real tasks are built once per test session (the zoo caches trained weights)."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+
+@pytest.fixture(scope="session")
+def digits_task():
+    from slimkit import zoo
+
+    return zoo.load("digits")
+
+
+@pytest.fixture(scope="session")
+def mnist_task():
+    from slimkit import zoo
+
+    return zoo.load("mnist")
+
+
+def sqnr_db(reference: torch.Tensor, approx: torch.Tensor) -> float:
+    """Signal-to-quantization-noise ratio in dB: 20·log10(|x| / |x − y|)."""
+    noise = (reference.float() - approx.float()).norm()
+    return float("inf") if noise == 0 else float(20 * torch.log10(reference.float().norm() / noise))

@@ -1,0 +1,73 @@
+"""profile(): every number in one record, fast, JSON round-trip, consistent with the parts."""
+
+from __future__ import annotations
+
+import json
+import time
+
+import pytest
+import torch
+import torch.nn as nn
+
+from slimkit.errors import SlimkitError
+from slimkit.measure import Profile, artifact_size, count_flops, estimate_energy, profile
+from tests.measure.models import SmallCNN
+
+
+@pytest.fixture(scope="module")
+def cnn_profile():
+    # torch imports torch._dynamo the first time any dispatch mode (FlopCounterMode) is used: a
+    # one-time, per-process cost of seconds that is not profile()'s own. Pay it before timing.
+    count_flops(nn.Linear(2, 2), torch.ones(1, 2))
+    model = SmallCNN().train()
+    start = time.perf_counter()
+    result = profile(model, torch.randn(1, 1, 28, 28))
+    return model, result, time.perf_counter() - start
+
+
+def test_profile_of_mnist_cnn_is_fast(cnn_profile):
+    _, _, seconds = cnn_profile
+    assert seconds < 5.0
+
+
+def test_profile_numbers_match_the_parts(cnn_profile):
+    model, p, _ = cnn_profile
+    params = sum(t.numel() for t in model.parameters())
+    assert p.params_total == p.params_nonzero == params
+    assert p.macs == sum(SmallCNN.hand_macs(1).values()) and p.flops == 2 * p.macs
+    assert p.artifact_bytes == artifact_size(model)
+    assert p.peak_memory_bytes >= 4 * params
+    assert 0 < p.latency.p50_ms <= p.latency.p95_ms and p.latency.runs >= 5
+    assert p.energy_mj_estimate == pytest.approx(estimate_energy(model, torch.randn(1, 1, 28, 28)).total_mj)
+    assert "Horowitz" in p.energy_note
+    assert sum(r.macs_share for r in p.layers) == pytest.approx(1.0)
+    assert p.threads == p.latency.threads == torch.get_num_threads()
+    assert p.inputs == ["float32[1, 1, 28, 28]"] and p.model == "SmallCNN" and p.device == "cpu"
+
+
+def test_profile_leaves_model_and_threads_as_they_were(cnn_profile):
+    model, _, _ = cnn_profile
+    assert model.training
+    before = torch.get_num_threads()
+    profile(nn.Linear(4, 2), torch.ones(1, 4), threads=1, min_time_s=0.01, breakdown_runs=1)
+    assert torch.get_num_threads() == before
+
+
+def test_json_round_trip(cnn_profile):
+    _, p, _ = cnn_profile
+    data = json.loads(p.to_json())
+    assert data == p.to_dict()
+    assert data["latency"]["p50_ms"] == p.latency.p50_ms
+    assert Profile.from_dict(data) == p
+
+
+def test_render_shows_summary_and_layers(cnn_profile):
+    _, p, _ = cnn_profile
+    text = str(p)
+    assert "energy (estimate)" in text and "Horowitz" in text
+    assert "conv3" in text and f"{p.params_total:,}" in text
+
+
+def test_wrong_example_is_one_clear_error():
+    with pytest.raises(SlimkitError, match=r"SmallCNN failed on the example inputs \['float32\[1, 3\]'\]"):
+        profile(SmallCNN(), torch.ones(1, 3))

@@ -1,0 +1,59 @@
+import json
+
+import pytest
+from typer.testing import CliRunner
+
+from slimkit import io
+from slimkit.cli import app
+
+runner = CliRunner()
+
+
+def test_tasks_lists_every_builtin_with_splits_and_metric():
+    result = runner.invoke(app, ["tasks"], env={"COLUMNS": "250"})
+    assert result.exit_code == 0, result.output
+    for name, words in {"digits": ["360", "1437"], "mnist": ["4000", "1000"], "minilm": ["353"]}.items():
+        line = next(line for line in result.output.splitlines() if f" {name} " in line)
+        for w in words:
+            assert w in line, (name, w, line)
+
+
+def test_profile_writes_json_with_real_numbers(tmp_path, digits_task):
+    out = tmp_path / "p.json"
+    result = runner.invoke(app, ["profile", "--task", "digits", "--threads", "1", "--json", str(out)])
+    assert result.exit_code == 0, result.output
+    data = json.loads(out.read_text())
+    model = digits_task.model
+    assert data["params_total"] == sum(p.numel() for p in model.parameters())
+    assert data["artifact_bytes"] == io.artifact_bytes(io.save(model, tmp_path / "a"))
+    # Hand count, batch 1, 8x8 input: three 3x3 convs at 8x8, 8x8, 4x4 and two linears.
+    macs = 64 * 16 * 1 * 9 + 64 * 32 * 16 * 9 + 16 * 64 * 32 * 9 + 256 * 64 + 64 * 10
+    assert data["macs"] == macs
+    assert data["latency"]["p50_ms"] <= data["latency"]["p95_ms"]
+    assert data["threads"] == 1
+
+
+@pytest.mark.parametrize("args,message", [
+    (["profile", "--task", "cifar"], "unknown task 'cifar'"),
+    (["profile", "--task", "nope.mod:fn"], "cannot import 'nope.mod'"),
+])
+def test_errors_are_one_line_with_exit_code_2(args, message):
+    result = runner.invoke(app, args)
+    assert result.exit_code == 2
+    lines = [line for line in result.output.splitlines() if line.strip()]
+    assert len(lines) == 1 and message in lines[0] and " — " in lines[0]
+
+
+def test_demo_writes_report_with_measured_candidates(tmp_path, digits_task):
+    result = runner.invoke(app, ["demo", "--task", "digits", "--out", str(tmp_path), "--threads", "1"])
+    assert result.exit_code == 0, result.output
+    report = json.loads((tmp_path / "report.json").read_text())
+    names = [c["name"] for c in report["candidates"]]
+    assert names == ["baseline (fp32)", "float16", "bfloat16"]
+    base, fp16 = report["candidates"][0], report["candidates"][1]
+    assert base["metric"]["score"] >= 0.97
+    assert abs(fp16["metric"]["score"] - base["metric"]["score"]) <= 0.005
+    assert 1.9 < base["profile"]["artifact_bytes"] / fp16["profile"]["artifact_bytes"] < 2.0
+    html = (tmp_path / "report.html").read_text()
+    assert "data:image/png;base64," in html and "baseline (fp32)" in html
+    assert io.load(tmp_path / "model") is not None
