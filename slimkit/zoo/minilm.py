@@ -352,6 +352,7 @@ def reference_embeddings(model: nn.Module, data: SimilarityEval) -> torch.Tensor
             fd, tmp = tempfile.mkstemp(prefix=".reference-", suffix=".tmp", dir=file.parent)
             os.close(fd)
             save_file({"embeddings": ref.contiguous()}, tmp)
+            os.chmod(tmp, 0o644)
             os.replace(tmp, file)
         except OSError:
             pass  # a read-only cache is not an error: the reference lives in memory for this process
@@ -377,7 +378,9 @@ def make_task() -> Task:
     calib = [tokenize(calib_text[i:i + BATCH], CALIB_MAX_LENGTH) for i in range(0, len(calib_text), BATCH)]
     train = [tokenize(train_text[i:i + BATCH], CALIB_MAX_LENGTH) for i in range(0, len(train_text), BATCH)]
     # Latency example: 8 news paragraphs cut to 128 tokens, every position real (no padding).
-    paragraphs = _lines(data_dir() / "lee_background.cor", "utf-8")[:EXAMPLE_BATCH]
+    docs = _lines(data_dir() / "lee_background.cor", "utf-8")
+    lengths = tokenizer()(docs, truncation=True, max_length=CALIB_MAX_LENGTH, return_length=True)["length"]
+    paragraphs = [doc for doc, n in zip(docs, lengths) if n >= CALIB_MAX_LENGTH][:EXAMPLE_BATCH]
     example = tokenize(paragraphs, CALIB_MAX_LENGTH, pad_to=CALIB_MAX_LENGTH)
 
     return Task(
