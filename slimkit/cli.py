@@ -81,5 +81,25 @@ def demo(task: str = typer.Option("mnist", help="task to run the demo on"),
     run(task, out, threads=threads)
 
 
+@app.command()
+@_friendly
+def quantize(task: str = typer.Option("mnist", help="built-in task name or package.module:function"),
+             config: str = typer.Option("int8-dynamic", help="int8-dynamic, int8-static, w8, w4, fp16, bf16"),
+             calibration: Optional[str] = typer.Option(None, help="static int8: minmax, percentile, entropy, mse"),
+             percentile: Optional[float] = typer.Option(None, help="percentile for --calibration percentile"),
+             granularity: Optional[str] = typer.Option(None, help="int8 weights: per_channel or per_tensor"),
+             group_size: Optional[int] = typer.Option(None, help="weight-only: 0 (per channel), 32, 64, 128"),
+             backend: Optional[str] = typer.Option(None, help="auto, onnxruntime or torch"),
+             max_drop: Optional[float] = typer.Option(None, help="accuracy control: largest metric drop allowed"),
+             threads: Optional[int] = typer.Option(None, help="threads to pin while timing"),
+             out: Path = typer.Option(Path("runs/quantize"), help="output directory")) -> None:
+    """Quantize a task's model, run it on real integer kernels, measure it and write a report."""
+    from slimkit.quantize.job import make_config, run
+
+    cfg = make_config(config, calibration=calibration, percentile=percentile, granularity=granularity,
+                      group_size=group_size, backend=backend, max_drop=max_drop)
+    run(task, cfg, out, threads=threads, name=config)
+
+
 def main() -> None:
     app()

@@ -6,32 +6,14 @@ measuring half of slimkit end to end on real data.
 
 from __future__ import annotations
 
-import dataclasses
 from pathlib import Path
 from typing import Any
 
-import torch.nn as nn
-
 from slimkit import io, zoo
-from slimkit.config import BaseConfig, apply
-from slimkit.measure import Profile, profile
+from slimkit.candidate import ROW_HEADER, Candidate, measure_candidate
+from slimkit.config import apply
 from slimkit.quantize import BFloat16, Float16
 from slimkit.report import Report
-
-
-@dataclasses.dataclass
-class Candidate:
-    name: str
-    recipe: list[dict[str, Any]]
-    metric: dict[str, float]
-    profile: Profile
-
-    def row(self, baseline: "Candidate", higher_is_better: bool) -> list[Any]:
-        p, b = self.profile, baseline.profile
-        delta = self.metric["score"] - baseline.metric["score"]
-        return [self.name, self.metric["score"], delta if higher_is_better else -delta,
-                p.artifact_bytes / 1e6, b.artifact_bytes / p.artifact_bytes,
-                p.latency.p50_ms, b.latency.p50_ms / p.latency.p50_ms, p.peak_memory_bytes / 1e6]
 
 
 def run(task_name: str = "mnist", out: str | Path = "runs/demo", threads: int | None = None,
@@ -43,10 +25,10 @@ def run(task_name: str = "mnist", out: str | Path = "runs/demo", threads: int | 
     out = Path(out)
     task = zoo.load(task_name, progress=progress) if task_name in zoo.BUILTINS else zoo.load(task_name)
     console.print(f"[bold]task[/] {task.name}: {task.description}")
-    candidates = [_measure("baseline (fp32)", task.model, [], task, threads)]
+    candidates = [measure_candidate("baseline (fp32)", task.model, [], task, threads=threads)]
     for config in (Float16(), BFloat16()):
         model = apply(task.model, config, task)
-        candidates.append(_measure(type(config).__name__.lower(), model, [config], task, threads))
+        candidates.append(measure_candidate(type(config).__name__.lower(), model, [config], task, threads=threads))
     console.print(candidates[0].profile.render())
     io.save(task.model, out / "model", extra={"task": task.name, "metric": candidates[0].metric})
     report = _report(task, candidates)
@@ -55,23 +37,15 @@ def run(task_name: str = "mnist", out: str | Path = "runs/demo", threads: int | 
     return path
 
 
-def _measure(name: str, model: nn.Module, configs: list[BaseConfig], task: Any, threads: int | None) -> Candidate:
-    return Candidate(name=name, recipe=[c.to_dict() for c in configs], metric=task.evaluate(model),
-                     profile=profile(model, task.example, device="cpu", threads=threads))
-
-
 def _report(task: Any, candidates: list[Candidate]) -> Report:
     base = candidates[0]
     r = Report(title=f"slimkit report — {task.name}")
     r.data = {"task": {"name": task.name, "metric": task.metric_name, "splits": dict(task.splits),
                        "higher_is_better": task.higher_is_better},
-              "candidates": [{"name": c.name, "recipe": c.recipe, "metric": c.metric, "profile": c.profile.to_dict()}
-                             for c in candidates],
+              "candidates": [c.to_dict() for c in candidates],
               "versions": io.versions()}
     r.heading("Candidates (measured)")
-    r.table(["candidate", task.metric_name, "quality delta", "artifact MB", "size reduction",
-             "latency p50 ms", "speedup", "peak memory MB"],
-            [c.row(base, task.higher_is_better) for c in candidates])
+    r.table(ROW_HEADER, [c.row(base, task.higher_is_better) for c in candidates])
     r.note("Size is the bytes of the saved safetensors artifact; latency is measured on the CPU with "
            f"{base.profile.threads} thread(s); quality is the task metric on held-out data.")
     r.heading("Where the cost is (baseline, per layer)")

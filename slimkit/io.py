@@ -45,6 +45,54 @@ def register_builder(name: str) -> Callable[[Callable[..., nn.Module]], Callable
     return decorate
 
 
+#: Module classes that replace standard layers (quantized, factorized...). An artifact lists which
+#: of its modules are such classes and their specs, so ``load`` can rebuild the same structure.
+_MODULE_CLASSES: dict[str, type[nn.Module]] = {}
+
+
+def register_module_class(name: str) -> Callable[[type[nn.Module]], type[nn.Module]]:
+    """Register a module class with ``spec() -> dict`` and ``empty(spec) -> module`` for artifacts."""
+
+    def decorate(cls: type[nn.Module]) -> type[nn.Module]:
+        _MODULE_CLASSES[name] = cls
+        cls.slimkit_module_class = name
+        return cls
+
+    return decorate
+
+
+def special_modules(model: nn.Module) -> dict[str, dict[str, Any]]:
+    """``{module name: {"class": registered name, "spec": spec}}`` for every registered-class module."""
+    return {name: {"class": m.slimkit_module_class, "spec": m.spec()}
+            for name, m in model.named_modules() if name and getattr(m, "slimkit_module_class", None)}
+
+
+def restore_modules(model: nn.Module, modules: Mapping[str, Mapping[str, Any]], *, source: str = "artifact") -> None:
+    """Replace the named submodules of ``model`` by empty instances of their registered classes."""
+    for name, entry in modules.items():
+        cls = _MODULE_CLASSES.get(entry.get("class", ""))
+        if cls is None:
+            _import_techniques()
+            cls = _MODULE_CLASSES.get(entry.get("class", ""))
+        if cls is None:
+            raise SlimkitError(f"{source} uses an unknown module class {entry.get('class')!r}",
+                               "upgrade slimkit or import the package that defines it")
+        try:
+            set_submodule(model, name, cls.empty(entry["spec"]))
+        except (AttributeError, KeyError, TypeError, ValueError) as exc:
+            raise SlimkitError(f"{source}: cannot rebuild module {name!r} ({exc})",
+                               "load it into the architecture it was saved from") from None
+
+
+def set_submodule(model: nn.Module, name: str, module: nn.Module) -> None:
+    """``model.<name> = module`` for a dotted name (``encoder.layer.0.query``)."""
+    parent_name, _, child = name.rpartition(".")
+    parent = model.get_submodule(parent_name) if parent_name else model
+    if not hasattr(parent, child):
+        raise AttributeError(f"no submodule {name}")
+    setattr(parent, child, module)
+
+
 def builder_of(model: nn.Module) -> tuple[str, dict[str, Any]] | None:
     """The ``(builder name, kwargs)`` a model was made with, if it carries one."""
     spec = getattr(model, "slimkit_builder", None)
@@ -70,6 +118,7 @@ def save(model: nn.Module, path: str | os.PathLike[str], *, recipe: list[dict[st
         "format": FORMAT_VERSION,
         "builder": None if builder is None else {"name": builder[0], "kwargs": builder[1]},
         "recipe": recipe or [],
+        "modules": special_modules(model),
         "extra": dict(extra or {}),
         "versions": versions(),
     }
@@ -165,6 +214,7 @@ def load(path: str | os.PathLike[str], model: nn.Module | None = None) -> nn.Mod
             raise SlimkitError(f"{path} names an unknown model builder {name!r}",
                                "register it with slimkit.io.register_builder or pass model=")
         model = _BUILDERS[name](**builder.get("kwargs", {}))
+    restore_modules(model, meta.get("modules") or {}, source=str(path))  # quantized layers etc.
     load_into(model, state, source=str(path))
     return model.eval()
 
@@ -222,3 +272,7 @@ def read_torch_file(path: str | os.PathLike[str]) -> dict[str, torch.Tensor]:
 
 def _import_zoo() -> None:
     import slimkit.zoo  # noqa: F401  (registers the built-in builders)
+
+
+def _import_techniques() -> None:
+    import slimkit.quantize  # noqa: F401  (registers the quantized module classes)

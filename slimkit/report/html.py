@@ -36,14 +36,25 @@ class Report:
         body = "".join("<tr>" + "".join(f"<td>{html.escape(_fmt(v))}</td>" for v in row) + "</tr>" for row in rows)
         self._parts.append(f"<table><tr>{head}</tr>{body}</table>")
 
+    def histogram(self, title: str, series: dict[str, Sequence[float]], xlabel: str, bins: int = 80) -> None:
+        """Overlaid histograms (log counts), e.g. quantization error of the worst layers."""
+        plt = _pyplot()
+        if plt is None:
+            self.note(f"[plot '{title}' skipped: matplotlib is not installed; pip install 'slimkit[report]']")
+            return
+        fig, ax = plt.subplots(figsize=(8, 3.6))
+        for name, values in series.items():
+            ax.hist(list(values), bins=bins, alpha=0.5, label=name, log=True)
+        ax.set_xlabel(xlabel)
+        ax.set_ylabel("count (log)")
+        ax.set_title(title)
+        ax.legend(fontsize=8)
+        self._figure(fig, title)
+
     def bar_plot(self, title: str, labels: Sequence[str], series: dict[str, Sequence[float]], xlabel: str) -> None:
         """Horizontal grouped bars, one group per label (e.g. per-layer share of MACs/params/time)."""
-        try:
-            import matplotlib
-
-            matplotlib.use("Agg")
-            import matplotlib.pyplot as plt
-        except ImportError:
+        plt = _pyplot()
+        if plt is None:
             self.note(f"[plot '{title}' skipped: matplotlib is not installed; pip install 'slimkit[report]']")
             return
         n = len(labels)
@@ -56,6 +67,11 @@ class Report:
         ax.set_xlabel(xlabel)
         ax.set_title(title)
         ax.legend(fontsize=8)
+        self._figure(fig, title)
+
+    def _figure(self, fig: Any, title: str) -> None:
+        import matplotlib.pyplot as plt
+
         fig.tight_layout()
         buf = _io.BytesIO()
         fig.savefig(buf, format="png", dpi=100)
@@ -74,6 +90,17 @@ class Report:
         _atomic_write(out / "report.json", json.dumps(self.data, indent=2, default=str))
         _atomic_write(out / "report.html", self.html())
         return out / "report.html"
+
+
+def _pyplot() -> Any:
+    try:
+        import matplotlib
+
+        matplotlib.use("Agg")
+        import matplotlib.pyplot as plt
+    except ImportError:
+        return None
+    return plt
 
 
 def _fmt(v: Any) -> str:

@@ -1,11 +1,11 @@
 """The ``minilm`` task: the real pre-trained all-MiniLM-L6-v2 sentence encoder, scored on four
 human-judged text sets that ship with gensim (no network).
 
-Model: ``SentenceEncoder`` = BertModel (6 layers, hidden 384, 22.7 M params) + attention-masked
-mean pooling + L2 normalisation, i.e. what ``SentenceTransformer("all-MiniLM-L6-v2").encode(...,
-normalize_embeddings=True)`` computes. Its forward takes tensors only, ``(input_ids,
-attention_mask) -> (B, 384)``; tokenization (max 256 tokens, the model's own limit) is done once,
-here, when the task's data is built.
+Model: ``SentenceEncoder`` = BertModel (6 layers, hidden 384, 22.6 M params; the unused pooler
+dropped) + attention-masked mean pooling + L2 normalisation, i.e. what
+``SentenceTransformer("all-MiniLM-L6-v2").encode(..., normalize_embeddings=True)`` computes. Its
+forward takes tensors only, ``(input_ids, attention_mask) -> (B, 384)``; tokenization (max 256
+tokens, the model's own limit) is done once, here, when the task's data is built.
 
 Metric (``score`` = mean of the four, each "higher is better"):
 
@@ -50,6 +50,7 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
+from slimkit.cache import cache_dir
 from slimkit.errors import SlimkitError
 from slimkit.io import register_builder
 from slimkit.task import Runnable, Task
@@ -66,6 +67,12 @@ EXAMPLE_BATCH = 8
 EVAL_TOKEN_BUDGET = 2048
 EVAL_MAX_BATCH = 256
 _REF_FORMAT = 1  # bump when the way reference embeddings are computed changes
+#: What ``make_task`` builds (its ``splits`` are counted, not copied from here), for
+#: ``slimkit.zoo.describe`` to read without building the task.
+SPLITS = {"eval texts (unique, all sets)": 1591, "wordsim353 pairs": 353, "simlex999 pairs": 999,
+          "lee50 document pairs": 1225, "polarity sentences": 200,
+          "calibration sentences (lee_background)": 128, "train sentences (lee_background, disjoint)": 2486}
+METRIC = "similarity (mean of 4 sets)"
 
 _ZOO_HINT = "pip install 'slimkit[zoo]'"
 
@@ -129,7 +136,8 @@ def build_minilm(pretrained: bool = True) -> SentenceEncoder:
     _require("transformers", "transformers")
     from transformers import BertConfig, BertModel
 
-    bert = BertModel(BertConfig.from_pretrained(str(path)), add_pooling_layer=False)
+    with torch.random.fork_rng(devices=[]):  # the throw-away random init must not move the caller's RNG
+        bert = BertModel(BertConfig.from_pretrained(str(path)), add_pooling_layer=False)
     if pretrained:
         # Load the tensors ourselves: same result as BertModel.from_pretrained, without its
         # progress bar, and every name checked.
@@ -276,10 +284,16 @@ def embed(run: Runnable, data: SimilarityEval) -> torch.Tensor:
     return F.normalize(out, dim=-1)
 
 
-def _spearman(x: np.ndarray, y: np.ndarray) -> float:
-    from scipy.stats import spearmanr
+def _correlation(x: np.ndarray, y: np.ndarray, rank: bool) -> float:
+    """Pearson (or Spearman, ``rank=True``) r; 0.0 when ``x`` is constant (a collapsed model's
+    embeddings carry no information: score it as such rather than as an undefined NaN)."""
+    if np.ptp(x) < 1e-6:  # cosines are in [-1, 1]; this is float rounding, not a ranking
+        return 0.0
+    if rank:
+        from scipy.stats import rankdata
 
-    return float(spearmanr(x, y).statistic)
+        x, y = rankdata(x), rankdata(y)  # average ranks for ties, as scipy.stats.spearmanr
+    return float(np.corrcoef(x, y)[0, 1])
 
 
 def scores(emb: torch.Tensor, data: SimilarityEval) -> dict[str, float]:
@@ -290,10 +304,10 @@ def scores(emb: torch.Tensor, data: SimilarityEval) -> dict[str, float]:
     e = emb.numpy().astype(np.float64)
     out = {}
     for key, (a, b, human) in (("wordsim353", data.wordsim), ("simlex999", data.simlex)):
-        out[key] = _spearman((e[a] * e[b]).sum(1), human)
+        out[key] = _correlation((e[a] * e[b]).sum(1), human, rank=True)
     docs, human = data.lee
-    sim = e[docs] @ e[docs].T  # (50, 50)
-    out["lee50"] = float(np.corrcoef(sim[np.triu_indices(len(docs), 1)], human)[0, 1])
+    i, j = np.triu_indices(len(docs), 1)  # the 1,225 pairs above the diagonal, row-major like ``human``
+    out["lee50"] = _correlation((e[docs[i]] * e[docs[j]]).sum(1), human, rank=False)
     rows, labels = data.polarity
     acc = cross_val_score(LogisticRegression(C=1.0, max_iter=1000), e[rows], labels, cv=StratifiedKFold(5))
     out["polarity"] = float(acc.mean())
@@ -313,10 +327,6 @@ def similarity_metric(run: Runnable, data: SimilarityEval) -> dict[str, float]:
 # --------------------------------------------------------------------------- reference cache
 
 _REFERENCES: dict[str, torch.Tensor] = {}
-
-
-def cache_dir() -> Path:
-    return Path(os.environ.get("SLIMKIT_CACHE") or Path.home() / ".cache" / "slimkit")
 
 
 def _reference_key(data: SimilarityEval) -> str:
@@ -362,7 +372,7 @@ def reference_embeddings(model: nn.Module, data: SimilarityEval) -> torch.Tensor
 
 # --------------------------------------------------------------------------- task
 
-def make_task() -> Task:
+def make_task(progress: bool = False) -> Task:
     """The ``minilm`` task (see the module docstring). Building it takes a few seconds the first
     time (model load, tokenization, fp32 reference embeddings) and ~2 s once the reference is cached."""
     _require_all()
@@ -383,6 +393,8 @@ def make_task() -> Task:
     paragraphs = [doc for doc, n in zip(docs, lengths) if n >= CALIB_MAX_LENGTH][:EXAMPLE_BATCH]
     example = tokenize(paragraphs, CALIB_MAX_LENGTH, pad_to=CALIB_MAX_LENGTH)
 
+    splits = dict(zip(SPLITS, (len(data), len(data.wordsim[2]), len(data.simlex[2]), len(data.lee[1]),
+                               len(data.polarity[1]), len(calib_text), len(train_text))))
     return Task(
         name=NAME,
         model=model,
@@ -392,11 +404,9 @@ def make_task() -> Task:
         calib=calib,
         train=train,
         higher_is_better=True,
-        metric_name="similarity (mean of 4 sets)",
-        description=("all-MiniLM-L6-v2 sentence encoder (22.7 M params, real pre-trained weights) scored on "
+        metric_name=METRIC,
+        description=("all-MiniLM-L6-v2 sentence encoder (22.6 M params, real pre-trained weights) scored on "
                      "WordSim353 and SimLex-999 (Spearman), Lee-50 documents (Pearson) and Pang-Lee polarity "
                      "(5-fold logistic regression), with cosine similarity to the fp32 embeddings"),
-        splits={"eval_texts": len(data), "wordsim353": len(data.wordsim[2]), "simlex999": len(data.simlex[2]),
-                "lee50_pairs": len(data.lee[1]), "polarity": len(data.polarity[1]),
-                "calib": len(calib_text), "train": len(train_text)},
+        splits=splits,
     )

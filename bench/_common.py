@@ -1,0 +1,68 @@
+"""What every benchmark shares: the environment record, interleaved median timing, JSON output."""
+
+from __future__ import annotations
+
+import datetime as _dt
+import json
+import os
+import platform
+import statistics
+import time
+from pathlib import Path
+from typing import Any, Callable
+
+import torch
+
+RESULTS = Path(__file__).parent / "results"
+
+
+def environment(threads: int) -> dict[str, Any]:
+    import numpy
+    import onnxruntime
+
+    cpu = "unknown"
+    try:
+        for line in Path("/proc/cpuinfo").read_text().splitlines():
+            if line.startswith("model name"):
+                cpu = line.split(":", 1)[1].strip()
+                break
+    except OSError:
+        pass
+    return {"date": _dt.datetime.now(_dt.timezone.utc).strftime("%Y-%m-%d %H:%M UTC"), "device": cpu,
+            "cores": os.cpu_count(), "threads": threads, "cpu_capability": torch.backends.cpu.get_cpu_capability(),
+            "python": platform.python_version(), "torch": torch.__version__, "onnxruntime": onnxruntime.__version__,
+            "numpy": numpy.__version__}
+
+
+def interleaved_medians(fns: dict[str, Callable[[], Any]], *, rounds: int = 7, min_time_s: float = 0.3,
+                        warmup: int = 2) -> dict[str, dict[str, float]]:
+    """Median ms per call of each function, timed in alternating rounds.
+
+    Alternating (A B C A B C ...) instead of (A A A B B B ...) spreads the machine's noise over
+    all contenders alike, so their *ratios* stay meaningful on a shared machine.
+    """
+    for fn in fns.values():
+        for _ in range(warmup):
+            fn()
+    samples: dict[str, list[float]] = {name: [] for name in fns}
+    for _ in range(rounds):
+        for name, fn in fns.items():
+            n, start = 0, time.perf_counter()
+            while True:
+                fn()
+                n += 1
+                elapsed = time.perf_counter() - start
+                if elapsed >= min_time_s:
+                    break
+            samples[name].append(elapsed / n * 1e3)
+    return {name: {"median_ms": statistics.median(v), "min_ms": min(v), "max_ms": max(v), "rounds": len(v)}
+            for name, v in samples.items()}
+
+
+def write(name: str, payload: dict[str, Any]) -> Path:
+    RESULTS.mkdir(parents=True, exist_ok=True)
+    path = RESULTS / f"{name}.json"
+    tmp = path.with_suffix(".json.tmp")
+    tmp.write_text(json.dumps(payload, indent=2, default=str))
+    tmp.replace(path)
+    return path

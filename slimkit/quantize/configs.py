@@ -1,0 +1,77 @@
+"""Post-training quantization configs. Handlers live in ``ptq.py``; they are registered there."""
+
+from __future__ import annotations
+
+import dataclasses
+
+from slimkit.config import BaseConfig, register
+from slimkit.errors import SlimkitError
+
+#: Which layers a config quantizes: ``"all"`` (Linear + Conv2d), ``"all-linear"``, a regex matched
+#: against module names, or a tuple of exact module names.
+Targets = str | tuple[str, ...]
+
+CALIBRATIONS = ("minmax", "percentile", "entropy", "mse")
+BACKENDS = ("auto", "onnxruntime", "torch")
+
+
+def _check(name: str, value: object, allowed: tuple[object, ...]) -> None:
+    if value not in allowed:
+        raise SlimkitError(f"{name}={value!r} is not supported", f"use one of {', '.join(map(repr, allowed))}")
+
+
+@register("quantize.Int8")
+@dataclasses.dataclass(frozen=True)
+class Int8(BaseConfig):
+    """Int8 weights and activations, run on integer kernels.
+
+    ``activations="dynamic"`` quantizes activations per batch at run time (no calibration);
+    ``"static"`` uses ranges calibrated once on the task's calibration data with ``calibration``.
+    Weights are symmetric int8, ``per_channel`` (one scale per output channel) or ``per_tensor``.
+    ``max_drop`` turns on accuracy control: the most sensitive layers go back to float until the
+    task metric drops by at most this much.
+    """
+
+    activations: str = "dynamic"
+    calibration: str = "minmax"
+    percentile: float = 99.99
+    granularity: str = "per_channel"
+    symmetric: bool = True
+    targets: Targets = "all"
+    exclude: Targets = ()
+    backend: str = "auto"
+    max_drop: float | None = None
+
+    def __post_init__(self) -> None:
+        _check("activations", self.activations, ("dynamic", "static"))
+        _check("calibration", self.calibration, CALIBRATIONS)
+        _check("granularity", self.granularity, ("per_channel", "per_tensor"))
+        _check("backend", self.backend, BACKENDS)
+        if not 50.0 < self.percentile <= 100.0:
+            raise SlimkitError(f"percentile={self.percentile} is out of range", "use a value in (50, 100], e.g. 99.99")
+        if self.max_drop is not None and self.max_drop < 0:
+            raise SlimkitError(f"max_drop={self.max_drop} is negative", "use 0 or a positive metric difference")
+
+
+@register("quantize.WeightOnly")
+@dataclasses.dataclass(frozen=True)
+class WeightOnly(BaseConfig):
+    """Int8 or int4 weights with float activations: the memory-bound (small batch) win.
+
+    ``group_size`` scales each run of that many input weights separately (int4 needs it for
+    accuracy); 0 means one scale per output channel.
+    """
+
+    bits: int = 8
+    group_size: int = 0
+    targets: Targets = "all-linear"
+    exclude: Targets = ()
+    backend: str = "auto"
+    max_drop: float | None = None
+
+    def __post_init__(self) -> None:
+        _check("bits", self.bits, (8, 4))
+        _check("group_size", self.group_size, (0, 32, 64, 128, 256))
+        _check("backend", self.backend, BACKENDS)
+        if self.bits == 4 and self.group_size == 0:
+            raise SlimkitError("4-bit weights need a group size", "use group_size=32, 64 or 128")

@@ -1,0 +1,73 @@
+"""Per-layer quantization error: each quantized layer against its float original, in isolation.
+
+Both layers see the *same* input (the float model's activation), so the number measures what
+quantizing that layer alone costs, not the error accumulated from the layers before it.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import math
+from typing import Iterable
+
+import torch
+import torch.nn as nn
+
+
+@dataclasses.dataclass
+class LayerError:
+    name: str
+    kind: str
+    kernel: str
+    sqnr_db: float
+    max_abs: float
+    mean_abs: float
+    #: A sample of signed output errors, for the histogram plot (not serialized).
+    sample: torch.Tensor = dataclasses.field(repr=False, default_factory=lambda: torch.empty(0))
+
+    def to_dict(self) -> dict[str, object]:
+        d = dataclasses.asdict(self)
+        d.pop("sample")
+        return d
+
+
+def layer_errors(float_model: nn.Module, quant_model: nn.Module, batches: Iterable[tuple[torch.Tensor, ...]],
+                 *, max_batches: int = 4, sample: int = 20000) -> list[LayerError]:
+    """SQNR (dB), max and mean absolute error of every quantized layer; worst (lowest SQNR) first."""
+    from slimkit.runtime import _quantized
+
+    quantized = _quantized(quant_model)
+    inputs: dict[str, list[torch.Tensor]] = {n: [] for n in quantized}
+    hooks = [float_model.get_submodule(n).register_forward_pre_hook(
+        lambda _m, args, n=n: inputs[n].append(args[0].detach())) for n in quantized]
+    try:
+        float_model.eval()
+        with torch.inference_mode():
+            for i, batch in enumerate(batches):
+                if i >= max_batches:
+                    break
+                float_model(*batch)
+    finally:
+        for h in hooks:
+            h.remove()
+    rows = []
+    gen = torch.Generator().manual_seed(0)
+    with torch.inference_mode():
+        for name, q in quantized.items():
+            ref_layer = float_model.get_submodule(name)
+            signal = noise = 0.0
+            max_abs, abs_sum, count, errs = 0.0, 0.0, 0, []
+            for x in inputs[name]:
+                ref, out = ref_layer(x).float(), q(x).float()
+                err = (out - ref).flatten()
+                signal += float(ref.pow(2).sum())
+                noise += float(err.pow(2).sum())
+                max_abs = max(max_abs, float(err.abs().max()))
+                abs_sum += float(err.abs().sum())
+                count += err.numel()
+                errs.append(err[torch.randperm(err.numel(), generator=gen)[:sample]])
+            sqnr = math.inf if noise == 0 else 10 * math.log10(signal / noise)
+            rows.append(LayerError(name=name, kind=type(ref_layer).__name__, kernel=getattr(q, "kernel", "?"),
+                                   sqnr_db=sqnr, max_abs=max_abs, mean_abs=abs_sum / max(count, 1),
+                                   sample=torch.cat(errs)[:sample] if errs else torch.empty(0)))
+    return sorted(rows, key=lambda r: r.sqnr_db)

@@ -1,0 +1,94 @@
+"""Backends that run a (quantized) model for real: ``build(model, backend) -> runnable``.
+
+- ``torch``: the model itself; quantized layers call torch's integer kernels where they exist.
+- ``onnxruntime``: quantized layers are exported in float and re-quantized to the *same*
+  integers by ONNX Runtime's quantizer with slimkit's calibrated ranges, then run on its
+  integer kernels (QLinearMatMul / QLinearConv / MatMulInteger).
+"""
+
+from __future__ import annotations
+
+import copy
+import logging
+from typing import Any
+
+import torch.nn as nn
+
+from slimkit.errors import SlimkitError
+from slimkit.io import set_submodule
+
+log = logging.getLogger("slimkit.runtime")
+
+BACKENDS = ("torch", "onnxruntime")
+
+#: Which backend ``"auto"`` picks per quantization mode, from bench/quant_cpu.py on this CPU class
+#: (2 AVX2 cores): see BENCHMARKS.md for the numbers behind each choice.
+DEFAULT_BACKEND = {"float": "torch", "dynamic": "onnxruntime", "static": "onnxruntime", "none": "torch"}
+
+
+def quant_mode(model: nn.Module) -> str:
+    """``"float"``, or the single activation mode of the model's quantized layers."""
+    modes = {m.spec()["activations"] for m in _quantized(model).values()}
+    if not modes:
+        return "float"
+    if len(modes) > 1:
+        raise SlimkitError(f"model mixes quantization modes {sorted(modes)}", "quantize it with one config")
+    return modes.pop()
+
+
+def resolve_backend(model: nn.Module, backend: str = "auto") -> str:
+    if backend == "auto":
+        return DEFAULT_BACKEND[quant_mode(model)]
+    if backend not in BACKENDS:
+        raise SlimkitError(f"backend {backend!r} is not known", f"use auto or one of {', '.join(BACKENDS)}")
+    return backend
+
+
+def build(model: nn.Module, backend: str = "auto", example: Any = None, *, threads: int | None = None) -> Any:
+    """A runnable for ``model`` on ``backend`` (``run(*inputs) -> outputs``)."""
+    backend = resolve_backend(model, backend)
+    if backend == "torch":
+        return model.eval()
+    if example is None:
+        raise SlimkitError("the onnxruntime backend needs example inputs to export the model",
+                           "pass example=task.example")
+    from slimkit.runtime.ort import OrtQuantPlan, build_ort
+
+    float_model, plan = ort_plan(model)
+    return build_ort(float_model, example, plan=plan, threads=threads)
+
+
+def ort_plan(model: nn.Module) -> tuple[nn.Module, Any]:
+    """The float model to export and the plan that re-quantizes its layers in ONNX Runtime."""
+    from slimkit.runtime.ort import OrtQuantPlan
+
+    quantized = _quantized(model)
+    mode = quant_mode(model)
+    if mode == "float":
+        return model.eval(), None
+    if mode == "none":
+        raise SlimkitError("weight-only quantization has no ONNX Runtime path in slimkit yet",
+                           "use backend='torch' for WeightOnly configs")
+    float_model = copy.deepcopy(model).eval()
+    ranges: dict[str, tuple[float, float]] = {}
+    per_channel = True
+    symmetric = True
+    for name, m in quantized.items():
+        set_submodule(float_model, name, m.to_float())
+        spec = m.spec()
+        per_channel = per_channel and spec.get("per_channel", True)
+        if mode == "static":
+            ranges[name] = m.act_range()
+            symmetric = symmetric and spec.get("symmetric_act", True)
+    plan = OrtQuantPlan(mode=mode, modules=list(quantized), per_channel=per_channel, act_ranges=ranges,
+                        symmetric_activations=symmetric)
+    return float_model, plan
+
+
+def _quantized(model: nn.Module) -> dict[str, nn.Module]:
+    from slimkit.quantize.modules import QuantConv2d, QuantLinear
+
+    return {n: m for n, m in model.named_modules() if isinstance(m, (QuantLinear, QuantConv2d))}
+
+
+__all__ = ["BACKENDS", "DEFAULT_BACKEND", "build", "ort_plan", "quant_mode", "resolve_backend"]
