@@ -55,6 +55,12 @@ class _QuantBase(nn.Module):
             self.act_scale.copy_(scale)
             self.act_zero.copy_(zero)
 
+    def act_range(self) -> tuple[float, float]:
+        """The static activation range, as ``(lo, hi)`` that reproduces ``act_scale``/``act_zero`` exactly."""
+        if self.activations != "static":
+            raise SlimkitError(f"a layer with activations={self.activations!r} has no calibrated range")
+        return pack.act_range_of(self.act_scale, self.act_zero, self.symmetric_act)
+
     def _fake_quant(self, x: torch.Tensor) -> torch.Tensor:
         """The activations an integer kernel would see: static params, or per-batch uint8 for dynamic
         (8-bit, as ONNX Runtime's DynamicQuantizeLinear; fbgemm uses 7 bits without VNNI)."""

@@ -8,7 +8,10 @@ torch 2.13 (medians, ``bench/kernels_cpu.py`` -> ``bench/results/kernels_cpu.jso
   activations than with bf16 (K=384, N=1536, M=1: 0.92 ms fp32, 0.08-0.10 ms bf16, fp32
   ``nn.Linear`` 0.09 ms), so activations go in as bf16; the output comes back bf16 too (the pair
   costs ~51 dB SQNR of its own against the fp32 dequantized matmul).
-  Above a few dozen rows they lose to fp32 GEMM: see ``DEQUANT_ABOVE_M``.
+  Even at M <= 8 they are only 0.7-1.3x fp32 here: weight-only int4/int8 is a size and memory
+  win on this CPU, not a speed one. Above a few dozen rows they lose: see ``DEQUANT_ABOVE_M``.
+* Dynamic int8 is the speed win: fbgemm ``linear_dynamic`` 1.3-2.1x fp32 at M >= 8 (1 thread);
+  oneDNN's dynamic conv 1.4-1.7x on the mnist 16->32 and 32->64 convs (0.86x on the 1->16 one).
 * The u8 x s8 pair sums of the x86 int8 GEMM/conv (fbgemm and oneDNN alike) saturate int16
   without VNNI: with full-range 8-bit activations a static kernel's output is wrong (36 dB vs
   the exact integer result). 7-bit activations (0..127) cannot saturate, so dynamic paths use
@@ -29,11 +32,11 @@ import torch
 
 from slimkit.quantize import pack
 
-#: Rows (tokens) above which the weight-only kernels lose to dequantize + fp32 GEMM (1 thread, medians,
-#: K=384 N=1536 and K=1536 N=384 alike). int8 kernel vs dequant+fp32 (ms): M=16 0.73 vs 0.85, M=32 1.33
-#: vs 1.10. int4 (g=64): M=32 1.43 vs 1.91, M=48 2.10 vs 2.11, M=64 2.68 vs 2.16. At M=4096 the
-#: kernels take 2-3x fp32 (293 vs 107 ms); dequant+fp32 is within noise of fp32.
-DEQUANT_ABOVE_M = {8: 16, 4: 48}
+#: Rows (tokens) above which the weight-only kernels lose to dequantize + fp32 GEMM. Two 1-thread runs
+#: (K=384 N=1536 / K=1536 N=384, median ms, kernel vs dequant+fp32): int8 M=16 0.73/0.85 and 1.59/1.64,
+#: M=32 1.33/1.10 and 2.70/2.32; int4 g64 M=32 1.43/1.91 and 3.29/2.55 (a tie within noise), M=48
+#: 2.10/2.11 and 4.80/3.39. At M=4096 the kernels take 2-2.4x fp32; dequant+fp32 is within 10% of fp32.
+DEQUANT_ABOVE_M = {8: 16, 4: 32}
 INT4_KERNEL_GROUPS = (32, 64, 128, 256)
 
 

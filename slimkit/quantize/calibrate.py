@@ -8,8 +8,7 @@ minmax, percentile, entropy and MSE on the same observers (NNCF's habit of shari
 from __future__ import annotations
 
 import math
-from collections.abc import Callable, Iterable, Iterator
-from contextlib import contextmanager
+from collections.abc import Callable, Iterable
 from typing import Any
 
 import numpy as np
@@ -19,8 +18,7 @@ from torch import Tensor, nn
 from slimkit.errors import SlimkitError
 
 METHODS = ("minmax", "percentile", "entropy", "mse")
-#: Smallest scale handed out, the floor torch.ao observers use: a zero range must not divide by zero.
-_EPS = float(torch.finfo(torch.float32).eps)
+_EPS = float(torch.finfo(torch.float32).eps)  # least scale, as in torch.ao observers: zero ranges stay finite
 
 
 class Observer:
@@ -45,8 +43,7 @@ class Observer:
         self.bins = bins
         self.count = 0
         self.zeros = 0  # exactly-zero values: representable in every int grid, so they cost no error
-        self.min = math.inf
-        self.max = -math.inf
+        self.min, self.max = math.inf, -math.inf
         self.hist = np.zeros(2 * bins, dtype=np.int64)  # (2*bins,) counts over [-R, R)
         self._exp: int | None = None  # R = 2**_exp; None until a nonzero value is seen
 
@@ -81,8 +78,7 @@ class Observer:
 
     def update(self, x: Tensor) -> None:
         """Add one batch of values (any shape) to the statistics."""
-        x = x.detach().flatten()  # (N,)
-        x = x if x.dtype == torch.float64 else x.float()
+        x = x.detach().flatten().to(torch.float64 if x.dtype == torch.float64 else torch.float32)  # (N,)
         if x.numel() == 0:
             return
         lo, hi = (v.item() for v in torch.aminmax(x))  # NaN propagates into both
@@ -104,11 +100,10 @@ class Observer:
         """Make R at least 2**exp by doubling it, merging bin pairs so counts stay exact."""
         if self._exp is None:
             self._exp = exp
-        quarter = self.bins // 2
         while self._exp < exp:
             pairs = self.hist.reshape(self.bins, 2).sum(axis=1)  # (bins,) old pairs, aligned at zero
             self.hist = np.zeros_like(self.hist)
-            self.hist[quarter:quarter + self.bins] = pairs  # old [-R, R) is the middle of new [-2R, 2R)
+            self.hist[self.bins // 2:3 * self.bins // 2] = pairs  # old [-R, R) is the middle of new [-2R, 2R)
             self._exp += 1
 
 
@@ -116,9 +111,9 @@ def collect(model: nn.Module, module_names: list[str], batches: Iterable[tuple[T
             which: str = "input", progress: bool = False) -> dict[str, Observer]:
     """Observe the first tensor input (or the output) of each named module over all batches, once.
 
-    Runs ``model(*batch)`` for every batch in eval mode under ``torch.inference_mode`` and returns
-    one ``Observer`` per name. Hooks are removed and the model's train/eval mode restored even when
-    a batch fails.
+    Runs ``model(*batch)`` (tensors moved to the model's device) for every batch in eval mode under
+    ``torch.inference_mode`` and returns one ``Observer`` per name. Hooks are removed and the
+    model's train/eval mode restored even when a batch fails.
     """
     if which not in ("input", "output"):
         raise SlimkitError(f"unknown which={which!r}", "use 'input' or 'output'")
@@ -133,12 +128,28 @@ def collect(model: nn.Module, module_names: list[str], batches: Iterable[tuple[T
     was_training = model.training
     try:
         for name, obs in observers.items():
-            if which == "input":
-                handles.append(modules[name].register_forward_pre_hook(_input_hook(obs)))
-            else:
-                handles.append(modules[name].register_forward_hook(_output_hook(obs)))
+            m, hook = modules[name], _hook(obs, which)
+            handles.append(m.register_forward_pre_hook(hook) if which == "input" else m.register_forward_hook(hook))
         model.eval()
-        seen = _run(model, batches, progress)
+        if progress:  # a transient rich bar; off in tests and non-interactive runs
+            from rich.progress import track
+
+            total = len(batches) if hasattr(batches, "__len__") else None  # type: ignore[arg-type]
+            batches = track(batches, description="calibrating", total=total, transient=True)
+        device = next(iter(model.parameters()), torch.empty(0)).device
+        seen = 0
+        with torch.inference_mode():
+            for batch in batches:
+                args = (batch,) if isinstance(batch, Tensor) else tuple(batch)
+                try:
+                    model(*(a.to(device) if isinstance(a, Tensor) else a for a in args))
+                except SlimkitError:
+                    raise
+                except Exception as err:  # noqa: BLE001 - torch errors from deep inside become one line
+                    first = (str(err).strip().splitlines() or [""])[0]
+                    raise SlimkitError(f"model failed on calibration batch {seen}: {type(err).__name__}: {first}",
+                                       "check that each batch is a tuple of the model's positional inputs") from err
+                seen += 1
     finally:
         for handle in handles:
             handle.remove()
@@ -148,65 +159,17 @@ def collect(model: nn.Module, module_names: list[str], batches: Iterable[tuple[T
     return observers
 
 
-def _first_tensor(values: Any) -> Tensor | None:
-    if isinstance(values, Tensor):
-        return values
-    if isinstance(values, (tuple, list)):
-        return next((v for v in values if isinstance(v, Tensor)), None)
-    return None
-
-
-def _input_hook(obs: Observer) -> Callable[[nn.Module, tuple], None]:
-    def hook(module: nn.Module, args: tuple) -> None:
-        x = _first_tensor(args)
+def _hook(obs: Observer, which: str) -> Callable[..., None]:
+    """A hook feeding ``obs`` the first tensor among a module's positional inputs, or its outputs."""
+    def hook(module: nn.Module, args: tuple, output: Any = None) -> None:  # pre-hooks get no output
+        values = args if which == "input" else output
+        values = values if isinstance(values, (tuple, list)) else (values,)
+        x = next((v for v in values if isinstance(v, Tensor)), None)
         if x is None:
-            raise SlimkitError(f"module {obs.name!r} got no positional tensor input", "calibrate its output instead")
+            other = "output" if which == "input" else "input"
+            raise SlimkitError(f"module {obs.name!r} has no tensor {which}", f"use which={other!r}")
         obs.update(x)
     return hook
-
-
-def _output_hook(obs: Observer) -> Callable[[nn.Module, tuple, Any], None]:
-    def hook(module: nn.Module, args: tuple, output: Any) -> None:
-        y = _first_tensor(output)
-        if y is None:
-            raise SlimkitError(f"module {obs.name!r} returned no tensor", "calibrate its input instead")
-        obs.update(y)
-    return hook
-
-
-def _run(model: nn.Module, batches: Iterable[tuple[Tensor, ...]], progress: bool) -> int:
-    """Run every batch through ``model``; returns how many ran. Torch errors become one-line errors."""
-    device = next(iter(model.parameters()), torch.empty(0)).device
-    total = len(batches) if hasattr(batches, "__len__") else None  # type: ignore[arg-type]
-    seen = 0
-    with _progress_bar(progress, total) as advance, torch.inference_mode():
-        for batch in batches:
-            args = (batch,) if isinstance(batch, Tensor) else tuple(batch)
-            args = tuple(a.to(device) if isinstance(a, Tensor) else a for a in args)
-            try:
-                model(*args)
-            except SlimkitError:
-                raise
-            except Exception as err:  # noqa: BLE001 - any failure inside the user's model
-                first = str(err).strip().splitlines()[0] if str(err).strip() else ""
-                raise SlimkitError(f"model failed on calibration batch {seen}: {type(err).__name__}: {first}",
-                                   "check that each batch is a tuple of the model's positional inputs") from err
-            seen += 1
-            advance()
-    return seen
-
-
-@contextmanager
-def _progress_bar(enabled: bool, total: int | None) -> Iterator[Callable[[], None]]:
-    """A rich progress bar over calibration batches, or a no-op (tests, non-interactive runs)."""
-    if not enabled:
-        yield lambda: None
-        return
-    from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn
-
-    with Progress(TextColumn("calibrating"), BarColumn(), MofNCompleteColumn(), transient=True) as bar:
-        task = bar.add_task("calibrating", total=total)
-        yield lambda: bar.advance(task)
 
 
 def compute_range(obs: Observer, method: str, *, percentile: float = 99.99, symmetric: bool = True,
@@ -230,32 +193,39 @@ def compute_range(obs: Observer, method: str, *, percentile: float = 99.99, symm
     if method == "mse":
         return _mse_range(obs, bits, symmetric)
     if method == "percentile" and not symmetric:
-        lo = _quantile(obs.hist, -obs.range, obs.width, 1 - percentile / 100)
-        hi = _quantile(obs.hist, -obs.range, obs.width, percentile / 100)
-        return float(max(lo, obs.min)), float(min(hi, obs.max))
+        lo, hi = _quantiles(obs, (1 - percentile / 100, percentile / 100), absolute=False)
+        return max(lo, obs.min), min(hi, obs.max)
     if method == "percentile":
-        t = _quantile(obs.abs_hist(), 0.0, obs.width, percentile / 100)
+        t = _quantiles(obs, (percentile / 100,), absolute=True)[0]
     else:
         t = _entropy_threshold(obs, bits)
     t = float(min(t, amax))
     return (-t, t) if symmetric else (max(-t, obs.min), min(t, obs.max))
 
 
-def _quantile(hist: np.ndarray, first_edge: float, width: float, q: float) -> float:
-    """The value below which a fraction ``q`` of the counts lie, linear inside a bin."""
-    cdf = np.cumsum(hist)  # (n,)
-    target = q * cdf[-1]
-    k = min(int(np.searchsorted(cdf, target)), len(hist) - 1)
-    frac = (target - (cdf[k] - hist[k])) / hist[k] if hist[k] else 0.0
-    return first_edge + (k + frac) * width
+def _quantiles(obs: Observer, qs: tuple[float, ...], absolute: bool) -> list[float]:
+    """Values below which fractions ``qs`` of x (or of |x|) lie, linear inside a bin.
+
+    Exact zeros get a zero-width bin of their own: post-ReLU zeros are a point mass, and spreading
+    them over [0, w) would put a quantile inside that bin.
+    """
+    hist, edges, k = (obs.abs_hist(), obs.edges()[obs.bins:], 0) if absolute else (obs.hist, obs.edges(), obs.bins)
+    edges = np.insert(edges, k, 0.0)  # (n+2,)
+    counts = np.insert(hist, k, obs.zeros).astype(np.float64)  # (n+1,)
+    counts[k + 1] -= obs.zeros
+    cdf = np.cumsum(counts)  # (n+1,)
+    target = np.asarray(qs) * cdf[-1]  # (Q,)
+    j = np.minimum(np.searchsorted(cdf, target), len(counts) - 1)  # (Q,) bin holding each quantile
+    frac = np.where(counts[j] > 0, (target - cdf[j] + counts[j]) / np.maximum(counts[j], 1), 0.0)
+    return [float(v) for v in edges[j] + frac * (edges[j + 1] - edges[j])]
 
 
 def _entropy_threshold(obs: Observer, bits: int) -> float:
     """TensorRT's threshold: the |x| clip whose 2**(bits-1)-level quantization keeps KL(P||Q) least.
 
-    P is the |x| histogram cut at the candidate with the clipped outliers folded into its last bin;
-    Q is the cut histogram merged into as many groups as levels and spread back evenly over the
-    non-empty bins. Exact zeros are left out: TensorRT's ``hist[0] = hist[1]`` approximates that.
+    P: the |x| histogram cut at candidate bin i (i >= 2**(bits-1): t >= R/16 at 8 bits, 2048 bins),
+    clipped outliers folded into its last bin. Q: the cut merged into as many groups as levels, spread
+    back evenly over its non-empty bins. Exact zeros are left out (TensorRT's hist[0] = hist[1] hack).
     """
     hist = obs.abs_hist().astype(np.float64)  # (B,)
     hist[0] -= obs.zeros
@@ -273,19 +243,14 @@ def _entropy_threshold(obs: Observer, bits: int) -> float:
         sums = np.bincount(group, weights=cut, minlength=levels)  # (levels,)
         nonempty = np.bincount(group, weights=cut > 0, minlength=levels)  # (levels,)
         q = np.where(cut > 0, sums[group] / np.maximum(nonempty[group], 1), 0.0)  # (i,)
-        kl = _kl(p, q)
+        mask = p > 0
+        if np.any(q[mask] == 0):  # Q misses mass that P has: KL is infinite
+            continue
+        p, q = p[mask] / p.sum(), q[mask] / q.sum()
+        kl = float(np.sum(p * np.log(p / q)))
         if kl <= best_kl:  # ties go to the wider threshold, as in TensorRT
             best_kl, best_i = kl, i
     return best_i * obs.width
-
-
-def _kl(p: np.ndarray, q: np.ndarray) -> float:
-    """KL(p || q) of two unnormalized histograms; infinite where q misses mass that p has."""
-    mask = p > 0
-    if np.any(q[mask] == 0):
-        return math.inf
-    p, q = p[mask] / p.sum(), q[mask] / q.sum()
-    return float(np.sum(p * np.log(p / q)))
 
 
 def _mse_range(obs: Observer, bits: int, symmetric: bool) -> tuple[float, float]:
@@ -308,9 +273,8 @@ def _mse_range(obs: Observer, bits: int, symmetric: bool) -> tuple[float, float]
         step = (np.maximum(hi, 0) - np.minimum(lo, 0)) / (2**bits - 1)
     a = np.searchsorted(c, lo, side="left")  # (K,) bins [0, a) are clipped up to lo
     z = np.searchsorted(c, hi, side="right")  # (K,) bins [z, 2B) are clipped down to hi
-    below = p2[a] - 2 * lo * p1[a] + lo**2 * p0[a] + p0[a] * w**2 / 12
-    n_above = p0[-1] - p0[z]
-    above = (p2[-1] - p2[z]) - 2 * hi * (p1[-1] - p1[z]) + hi**2 * n_above + n_above * w**2 / 12
+    below = p2[a] - 2 * lo * p1[a] + (lo**2 + w**2 / 12) * p0[a]  # sum of (c - lo)², + in-bin spread
+    above = (p2[-1] - p2[z]) - 2 * hi * (p1[-1] - p1[z]) + (hi**2 + w**2 / 12) * (p0[-1] - p0[z])
     inside = (p0[z] - p0[a]) * step**2 / 12
     k = int(np.argmin(below + above + inside))
     return float(lo[k]), float(hi[k])

@@ -75,3 +75,5 @@ class WeightOnly(BaseConfig):
         _check("backend", self.backend, BACKENDS)
         if self.bits == 4 and self.group_size == 0:
             raise SlimkitError("4-bit weights need a group size", "use group_size=32, 64 or 128")
+        if self.bits == 8 and self.group_size != 0:
+            raise SlimkitError("8-bit weight-only quantization is per output channel", "use group_size=0")

@@ -17,7 +17,7 @@ from slimkit.report import Report
 
 PRESETS: dict[str, BaseConfig] = {
     "int8-dynamic": Int8(activations="dynamic"),
-    "int8-static": Int8(activations="static", calibration="entropy"),
+    "int8-static": Int8(activations="static", calibration="mse"),
     "w8": WeightOnly(bits=8),
     "w4": WeightOnly(bits=4, group_size=64),
     "fp16": Float16(),

@@ -12,8 +12,9 @@ int4 weights — asymmetric per group of ``group_size`` input weights, ``w ≈ (
     max land exactly on levels 0 and 15). Two values per byte: element ``2j`` in the low nibble,
     ``2j + 1`` in the high nibble (ONNX ``MatMulNBits`` order). K that the group size does not
     divide is refused rather than padded, so packed bytes are always ``N * K / 2``.
-activations — int8 symmetric (zero 0, range [-128, 127], ``scale = max(|lo|, |hi|) / 127``) or
-    uint8 asymmetric (range [0, 255], the range widened to include 0 so 0.0 is exact).
+activations — int8 symmetric (zero 0, ``scale = max(|lo|, |hi|) / 127``, values clamped to
+    [-128, 127] as ONNX QuantizeLinear does) or uint8 asymmetric (range [0, 255], the range
+    widened to include 0 so 0.0 is exact).
 """
 
 from __future__ import annotations
@@ -113,18 +114,28 @@ def act_qrange(symmetric: bool) -> tuple[int, int]:
 
 
 def act_qparams(lo: float, hi: float, symmetric: bool = True) -> tuple[torch.Tensor, torch.Tensor]:
-    """``(scale float32 (), zero int32 ())`` for a calibrated activation range ``[lo, hi]``."""
+    """``(scale float32 (), zero int32 ())`` for a calibrated activation range ``[lo, hi]``.
+
+    Computed in double and rounded once to float32, with the least scale float32 eps, exactly as
+    ``calibrate.scale_zero_point`` (which the ONNX exporter uses), so both give the same numbers.
+    """
     lo, hi = float(lo), float(hi)
     if not (lo <= hi) or not all(abs(v) < float("inf") for v in (lo, hi)):
         raise SlimkitError(f"activation range ({lo}, {hi}) is not a finite lo <= hi", "re-run calibration")
-    lo, hi = min(lo, 0.0), max(hi, 0.0)  # 0.0 must be exact (padding, ReLU zeros)
+    eps = float(torch.finfo(torch.float32).eps)
     if symmetric:
-        scale = _safe_scale(torch.tensor(max(-lo, hi)), INT8_MAX)
-        zero = torch.tensor(0, dtype=torch.int32)
+        scale, zero = max(max(-lo, hi) / INT8_MAX, eps), 0
     else:
-        scale = _safe_scale(torch.tensor(hi - lo), 255)
-        zero = torch.round(-lo / scale).clamp(0, 255).to(torch.int32)
-    return scale.float().reshape(()), zero.reshape(())
+        lo, hi = min(lo, 0.0), max(hi, 0.0)  # 0.0 must be exact (padding, ReLU zeros)
+        scale = max((hi - lo) / 255, eps)
+        zero = int(min(max(round(-lo / scale), 0), 255))
+    return torch.tensor(scale, dtype=torch.float32), torch.tensor(zero, dtype=torch.int32)
+
+
+def act_range_of(scale: torch.Tensor, zero: torch.Tensor, symmetric: bool = True) -> tuple[float, float]:
+    """A range ``(lo, hi)`` that ``act_qparams`` maps back to exactly ``(scale, zero)``."""
+    s, z = float(scale), int(zero)
+    return (-INT8_MAX * s, INT8_MAX * s) if symmetric else (-z * s, (255 - z) * s)
 
 
 def quantize_act(x: torch.Tensor, scale: torch.Tensor, zero: torch.Tensor, qmin: int, qmax: int) -> torch.Tensor:

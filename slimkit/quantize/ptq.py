@@ -50,7 +50,7 @@ def quantize_int8(model: nn.Module, config: Int8, task: Any) -> nn.Module:
     for name, layer in originals.items():
         if isinstance(layer, nn.Conv2d):
             q = QuantConv2d.from_float(layer, activations=config.activations, act_range=ranges.get(name),
-                                       per_channel=per_channel)
+                                       per_channel=per_channel, symmetric_act=config.symmetric)
         else:
             q = QuantLinear.from_float(layer, bits=8, group_size=0, activations=config.activations,
                                        act_range=ranges.get(name), per_channel=per_channel,

@@ -221,7 +221,8 @@ def _dynamic(proto: Any, planned: dict[str, list[Any]], plan: OrtQuantPlan, work
     with _quiet():
         quantize_dynamic(str(src), str(dst), op_types_to_quantize=["MatMul", "Conv"], nodes_to_quantize=names,
                          per_channel=plan.per_channel, reduce_range=False, weight_type=QuantType.QInt8,
-                         extra_options={"WeightSymmetric": True, "MatMulConstBOnly": True})
+                         extra_options={"WeightSymmetric": True, "MatMulConstBOnly": True,
+                                        "DefaultTensorType": onnx.TensorProto.FLOAT})  # fused ops: no shape inference
     out = onnx.load(str(dst))
     src.unlink()
     dst.unlink()

@@ -107,6 +107,22 @@ def test_conv_state_dict_round_trip_is_bit_identical(config: dict[str, Any], tmp
         assert torch.equal(fresh(x), m(x))
 
 
+def test_whole_model_round_trip_through_slimkit_io(tmp_path: Path) -> None:
+    """``slimkit.io`` records each quantized layer's spec and rebuilds it on load (registered classes)."""
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Conv2d(3, 8, 3, padding=1), nn.ReLU(), nn.Flatten(), nn.Linear(8 * 6 * 6, 32), nn.ReLU(),
+                          nn.Linear(32, 10)).eval()
+    blank = copy.deepcopy(model)
+    model[0] = QuantConv2d.from_float(model[0], activations="dynamic")
+    model[3] = QuantLinear.from_float(model[3], activations="static", act_range=(0.0, 3.0), symmetric_act=False)
+    model[5] = QuantLinear.from_float(model[5], bits=4, group_size=32)
+    loaded = skio.load(skio.save(model, tmp_path / "m"), model=blank)
+    assert [type(m).__name__ for m in loaded] == [type(m).__name__ for m in model]
+    x = _x(4, 3, 6, 6)
+    with torch.no_grad():
+        assert torch.equal(loaded(x), model(x))
+
+
 def test_saved_weights_are_smaller(tmp_path: Path) -> None:
     lin = _linear(1536, 384)
 
@@ -224,6 +240,7 @@ def test_static_without_vnni_is_an_emulation_with_reason(monkeypatch: pytest.Mon
     m = QuantLinear.from_float(_linear(), **STATIC)
     assert m.kernel.startswith("fake-quant+") and "VNNI" in m.fallback_reason
     assert m.act_scale.dtype == torch.float32 and m.act_zero.dtype == torch.int32 and m.act_zero.shape == ()
+    assert pack.act_qparams(*m.act_range(), symmetric=True) == (m.act_scale, m.act_zero)
 
 
 def test_loading_new_weights_drops_cached_repacks() -> None:

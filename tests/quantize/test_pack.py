@@ -106,3 +106,15 @@ def test_activation_params() -> None:
     assert int(zero) == 0 and float(scale) == pytest.approx(2.0 / 255)
     with pytest.raises(SlimkitError, match="range"):
         pack.act_qparams(1.0, -1.0)
+
+
+@pytest.mark.parametrize("lo, hi", [(-2.3, 4.1), (0.0, 6.0), (-0.7, 0.0), (1e-3, 2.5), (0.0, 0.0)])
+@pytest.mark.parametrize("symmetric", [True, False])
+def test_activation_params_agree_with_the_exporter_and_round_trip(lo: float, hi: float, symmetric: bool) -> None:
+    from slimkit.quantize.calibrate import scale_zero_point  # what the ONNX Runtime exporter uses
+
+    scale, zero = pack.act_qparams(lo, hi, symmetric)
+    ref_scale, ref_zero = scale_zero_point(lo, hi, 8, symmetric)
+    assert scale == torch.tensor(ref_scale, dtype=torch.float32) and int(zero) == ref_zero
+    back = pack.act_qparams(*pack.act_range_of(scale, zero, symmetric), symmetric)
+    assert torch.equal(back[0], scale) and torch.equal(back[1], zero)
