@@ -86,8 +86,8 @@ def _report(task: Any, candidates: list[Candidate], info: dict[str, Any], errors
         r.table(["layer", "reason"], rows)
     if errors:
         r.heading("Per-layer quantization error (each layer alone, float input)")
-        r.table(["layer", "type", "kernel", "SQNR dB", "max abs error", "mean abs error"],
-                [[e.name, e.kind, e.kernel, e.sqnr_db, e.max_abs, e.mean_abs] for e in errors])
+        r.table(["layer", "type", "kernel", "SQNR dB", "worst-channel SQNR dB", "max abs error", "mean abs error"],
+                [[e.name, e.kind, e.kernel, e.sqnr_db, e.worst_channel_sqnr_db, e.max_abs, e.mean_abs] for e in errors])
         worst = errors[:4]
         r.histogram("output error of the worst layers", {e.name: e.sample.tolist() for e in worst},
                     "quantized - float output")

@@ -20,6 +20,9 @@ class LayerError:
     kind: str
     kernel: str
     sqnr_db: float
+    #: SQNR of the worst output channel: a layer whose output is dominated by one huge channel
+    #: can show a fine overall SQNR while every other channel is destroyed.
+    worst_channel_sqnr_db: float
     max_abs: float
     mean_abs: float
     #: A sample of signed output errors, for the histogram plot (not serialized).
@@ -33,7 +36,10 @@ class LayerError:
 
 def layer_errors(float_model: nn.Module, quant_model: nn.Module, batches: Iterable[tuple[torch.Tensor, ...]],
                  *, max_batches: int = 4, sample: int = 20000) -> list[LayerError]:
-    """SQNR (dB), max and mean absolute error of every quantized layer; worst (lowest SQNR) first."""
+    """SQNR (dB), worst-channel SQNR, max and mean absolute error of every quantized layer.
+
+    Sorted worst first by worst-channel SQNR, the number that exposes a destroyed channel.
+    """
     from slimkit.runtime import _quantized
 
     quantized = _quantized(quant_model)
@@ -55,11 +61,18 @@ def layer_errors(float_model: nn.Module, quant_model: nn.Module, batches: Iterab
     with torch.inference_mode():
         for name, q in quantized.items():
             ref_layer = float_model.get_submodule(name)
+            channel_dim = 1 if isinstance(ref_layer, nn.Conv2d) else -1
             signal = noise = 0.0
+            ch_signal: torch.Tensor | float = 0.0
+            ch_noise: torch.Tensor | float = 0.0
             max_abs, abs_sum, count, errs = 0.0, 0.0, 0, []
             for x in inputs[name]:
                 ref, out = ref_layer(x).float(), q(x).float()
-                err = (out - ref).flatten()
+                diff = out - ref
+                dims = [d for d in range(ref.dim()) if d != channel_dim % ref.dim()]
+                ch_signal = ch_signal + ref.pow(2).sum(dims)  # (C,)
+                ch_noise = ch_noise + diff.pow(2).sum(dims)  # (C,)
+                err = diff.flatten()
                 signal += float(ref.pow(2).sum())
                 noise += float(err.pow(2).sum())
                 max_abs = max(max_abs, float(err.abs().max()))
@@ -67,7 +80,18 @@ def layer_errors(float_model: nn.Module, quant_model: nn.Module, batches: Iterab
                 count += err.numel()
                 errs.append(err[torch.randperm(err.numel(), generator=gen)[:sample]])
             sqnr = math.inf if noise == 0 else 10 * math.log10(signal / noise)
+            worst = _worst_channel_db(ch_signal, ch_noise)
             rows.append(LayerError(name=name, kind=type(ref_layer).__name__, kernel=getattr(q, "kernel", "?"),
-                                   sqnr_db=sqnr, max_abs=max_abs, mean_abs=abs_sum / max(count, 1),
+                                   sqnr_db=sqnr, worst_channel_sqnr_db=worst, max_abs=max_abs, mean_abs=abs_sum / max(count, 1),
                                    sample=torch.cat(errs)[:sample] if errs else torch.empty(0)))
-    return sorted(rows, key=lambda r: r.sqnr_db)
+    return sorted(rows, key=lambda r: r.worst_channel_sqnr_db)
+
+
+def _worst_channel_db(signal: torch.Tensor | float, noise: torch.Tensor | float) -> float:
+    if not isinstance(signal, torch.Tensor):
+        return math.inf
+    live = signal > 0  # an output channel that is always 0 in float carries no signal to lose
+    if not live.any():
+        return math.inf
+    ratio = signal[live] / noise[live].clamp_min(1e-30)
+    return float(10 * torch.log10(ratio.min()))
