@@ -1,21 +1,38 @@
-"""ONNX Runtime backend: export the float model, re-quantize slimkit's planned layers, run on ORT's
-integer kernels.
+"""ONNX Runtime backend: export the float model, re-quantize slimkit's planned layers to the same
+integers, and run them on ORT's integer kernels.
 
-Static int8 is written as standard ONNX QDQ by slimkit itself (``_insert_qdq``) rather than by ORT's
-``quantize_static`` / ``QDQQuantizer``: the integers must be *slimkit's* (``quantize_weight_int8``,
-scale = max|w|/127, so ORT runs the same model slimkit evaluated), activations must use slimkit's
-ranges, nothing outside the planned layers may be touched (ORT's default static QDQ quantizes the
-additive attention mask of MiniLM, calibrates an inf scale and collapses cosine to 0.34), and
-Conv/Gemm outputs need a Q only where the next planned layer's range is known (ORT's quantizer
-decides output quantization per op *type* and raises on any tensor without a range).
-ORT's graph optimizer then fuses DQ -> MatMul into ``MatMulIntegerToFloat``, DQ -> Conv -> Q into
-``QLinearConv`` and DQ -> Gemm into ``QGemm``; ``OrtModel.kernels`` counts what actually runs.
-Dynamic int8 uses ORT's ``quantize_dynamic`` restricted to the planned nodes: its symmetric
-per-channel weights are the same integers (asserted in tests/runtime/test_ort.py).
+Static int8 is written by slimkit as standard ONNX QDQ, not by ORT's ``quantize_static`` /
+``QDQQuantizer``: the weights must be *slimkit's* integers (``quantize_weight_int8``: scale =
+max|w|/127 per output channel or per tensor), activations must use slimkit's ranges, nothing
+outside the planned layers may be touched (ORT's default static QDQ also quantizes MiniLM's
+additive attention mask, calibrates an inf scale there and collapses cosine to 0.34), and a
+Conv/Gemm output needs a Q exactly where the next planned layer's range is known, which ORT's
+quantizer can only switch per op *type* (and it raises on any quantized tensor without a range).
+ORT's optimizer then fuses DQ -> MatMul into ``MatMulIntegerToFloat``, DQ -> Conv -> Q into
+``QLinearConv`` and DQ -> Gemm into ``QGemm``; ``OrtModel.kernels`` counts what really runs.
+Dynamic int8 is ORT's ``quantize_dynamic`` limited to the planned nodes; its symmetric weights are
+the same integers (tests/runtime/test_ort.py checks both modes).
 
-Transformer fusion (``optimize_model(model_type="bert")``: SkipLayerNorm, BiasGelu; the sdpa
-export of MiniLM has no Attention pattern it can fuse) is applied before quantization where it
-measured faster; see ``_FUSE`` for the numbers.
+Found on this CPU class (AVX2 without VNNI) and handled here:
+
+- ORT's u8s8 / s8s8 kernels multiply with VPMADDUBSW, whose int16 pair sums saturate: the mnist
+  CNN (static) falls from 40 dB to 6 dB SQNR and 99.2 % -> 89.9 % accuracy, a small MLP (dynamic)
+  from 41 dB to 13 dB. The same integers stored as uint8 + 127 (zero point 127) take the exact
+  u8u8 kernels, ~15 % slower on MiniLM. ``_avoid_saturation`` builds both and keeps int8 unless it
+  loses more than ``_SATURATION_DB`` on ``example`` (MiniLM keeps int8: 18.6 vs 19.1 dB).
+- An int8 Q shared by q/k/v is left unfused by ORT 1.32 (see ``_qdq``).
+
+Transformer fusion (``onnxruntime.transformers.optimizer``, model_type "bert"), measured on MiniLM,
+batch 32 x 128 tokens, median ms (2 threads / 1 thread), same process as torch fp32 (1061 / 1738):
+
+    fp32     none  846 / 1490 | SkipLayerNorm+BiasGelu  917 / 1674 | + Attention  879 / 1592
+    dynamic  none  648 / 1000 | SkipLayerNorm+BiasGelu  625 / 1032
+    static   none  633 /  917 | SkipLayerNorm+BiasGelu  625 / 1076
+
+It never paid off here (ORT already fuses BiasGelu and uses native LayerNormalization; its
+SkipLayerNormalization kernel is slower than Add + LayerNormalization on AVX2), so ``_FUSE`` keeps it
+off; the path stays for CPUs where it measures faster. A fused Attention would hide q/k/v from the
+plan, and ORT's QAttention forces 7-bit weights, so quantized builds never fuse attention.
 """
 
 from __future__ import annotations
@@ -35,30 +52,30 @@ import torch
 import torch.nn as nn
 
 from slimkit.errors import SlimkitError
-from slimkit.runtime.onnx_export import export_onnx, module_nodes
+from slimkit.runtime.onnx_export import COMPUTE_OPS, export_onnx, flat_outputs, module_nodes
 
 log = logging.getLogger("slimkit.runtime.ort")
 
-#: Ops a quantized value can pass through unchanged in order, from a layer's output to the next
-#: layer's input (so that input's range is also a valid range for the output).
+#: Ops a value passes through in order, so the next layer's input range also bounds it.
 _PASS_OPS = {"Relu", "MaxPool", "Flatten", "Reshape", "Transpose", "Identity", "Squeeze", "Unsqueeze"}
-#: Model types whose encoders ORT's transformer optimizer fuses as "bert".
+#: Model types ORT's transformer optimizer fuses as "bert".
 _BERT_TYPES = {"bert", "roberta", "xlm-roberta", "electra", "camembert"}
-#: Apply the transformer fusion for (fp32, dynamic, static)? Measured on MiniLM, see report.
-_ENC = {"act_u8": False, "w_u8": False}
-_FUSE = {"float": True, "dynamic": True, "static": True}
+#: Transformer fusion per mode: None, "norm" (SkipLayerNorm, BiasGelu) or "all" (+ Attention).
+_FUSE: dict[str, str | None] = {"float": None, "dynamic": None, "static": None}
+#: int8 weights may lose this much SQNR on ``example`` against the same integers as uint8 (exact kernels).
+_SATURATION_DB = 3.0
 
 
 @dataclasses.dataclass
 class OrtQuantPlan:
-    """Which torch modules ORT quantizes, and how; the ranges are slimkit's own calibration."""
+    """Which torch modules ORT quantizes, and how; the ranges come from slimkit's own calibration."""
 
     mode: str  # "dynamic" | "static"
     modules: list[str]
     per_channel: bool = True
     #: static: (lo, hi) of each module's *input* activation
     act_ranges: dict[str, tuple[float, float]] = dataclasses.field(default_factory=dict)
-    symmetric_activations: bool = True  # int8 zero 0, else uint8 asymmetric
+    symmetric_activations: bool = True  # int8 with zero point 0, else uint8 asymmetric
 
     def __post_init__(self) -> None:
         if self.mode not in ("dynamic", "static"):
@@ -70,10 +87,10 @@ class OrtModel:
 
     def __init__(self, session: Any, path: Path, threads: int, kernels: Counter, skipped: dict[str, str]) -> None:
         self.session = session
-        self.path = path
+        self.path = path  # the .onnx file the session runs
         self.threads = threads
-        self.kernels = kernels
-        self.skipped = skipped
+        self.kernels = kernels  # op types in ORT's optimized graph: what actually executes
+        self.skipped = skipped  # planned module -> why it stayed float
         self.file_bytes = path.stat().st_size
         self._inputs = [i.name for i in session.get_inputs()]
 
@@ -85,7 +102,7 @@ class OrtModel:
         return torch.from_numpy(self.session.run(None, feeds)[0])
 
     def __repr__(self) -> str:
-        return f"OrtModel({self.path.name}, threads={self.threads}, kernels={dict(self.kernels)})"
+        return f"OrtModel({self.path}, threads={self.threads}, kernels={dict(self.kernels)})"
 
 
 def build_ort(model: nn.Module, example: Sequence[torch.Tensor] | torch.Tensor, *, plan: OrtQuantPlan | None = None,
@@ -93,35 +110,81 @@ def build_ort(model: nn.Module, example: Sequence[torch.Tensor] | torch.Tensor, 
     """Export the float ``model``, quantize ``plan.modules`` and open an ORT session on ``threads`` threads.
 
     ``optimize=False`` runs the graph as written (no fusion, Q/DQ executed literally): slow, but the
-    exact reference for what the integer kernels should compute.
+    exact reference for what the integer kernels should compute. Without ``workdir`` the files live
+    in a temporary directory removed with the returned model.
     """
-    import onnx
-
+    example = (example,) if isinstance(example, torch.Tensor) else tuple(example)
     threads = threads or torch.get_num_threads()
-    tmp = workdir is None
-    work = Path(tempfile.mkdtemp(prefix="slimkit-ort-")) if tmp else Path(workdir)
+    work = Path(workdir) if workdir is not None else Path(tempfile.mkdtemp(prefix="slimkit-ort-"))
     work.mkdir(parents=True, exist_ok=True)
-    float_path = export_onnx(model, example, work / "float.onnx")
-    mode = plan.mode if plan else "float"
-    bert = _bert_shape(model) if optimize and _FUSE[mode] else None
-    proto = _fuse_transformer(float_path, *bert) if bert else onnx.load(str(float_path))
-    skipped: dict[str, str] = {}
-    if plan is not None:
-        proto, skipped = _quantize(proto, plan, work)
+    try:
+        float_path = export_onnx(model, example, work / "float.onnx")
+        fuse = _FUSE[plan.mode if plan else "float"] if optimize else None
+        path = work / "model.onnx"
+        skipped = _write_graph(float_path, model, plan, fuse, path, unsigned_weights=False)
+        session, kernels = _session(path, threads, optimize)
+        if plan is not None and optimize and len(skipped) < len(plan.modules):
+            session, kernels = _avoid_saturation(model, example, (float_path, plan, fuse, path), threads, session,
+                                                 kernels)
+    except BaseException:
+        if workdir is None:
+            shutil.rmtree(work, ignore_errors=True)
+        raise
     for name, reason in skipped.items():
         log.warning("onnxruntime: %s stays float: %s", name, reason)
-    path = work / "model.onnx"
-    _save(proto, path)
-    session, kernels = _session(path, threads, optimize, work / "optimized.onnx")
     result = OrtModel(session, path, threads, kernels, skipped)
-    if tmp:
+    if workdir is None:
         weakref.finalize(result, shutil.rmtree, str(work), True)
     return result
 
 
-# --------------------------------------------------------------------------- session
+def _write_graph(float_path: Path, model: nn.Module, plan: OrtQuantPlan | None, fuse: str | None, path: Path,
+                 unsigned_weights: bool) -> dict[str, str]:
+    import onnx
 
-def _session(path: Path, threads: int, optimize: bool, optimized: Path) -> tuple[Any, Counter]:
+    bert = _bert_shape(model) if fuse else None
+    proto = _fuse_transformer(float_path, *bert, attention=fuse == "all") if bert else onnx.load(str(float_path))
+    skipped: dict[str, str] = {}
+    if plan is not None:
+        skipped = _quantize(proto, plan, path.parent, unsigned_weights)
+    tmp = path.with_name(f".{path.name}.tmp")
+    onnx.save(proto, str(tmp))
+    tmp.replace(path)
+    return skipped
+
+
+def _avoid_saturation(model: nn.Module, example: tuple[torch.Tensor, ...], graph_args: tuple, threads: int,
+                      session: Any, kernels: Counter) -> tuple[Any, Counter]:
+    """Keep int8 weights unless the same integers stored as uint8 do better by ``_SATURATION_DB``.
+
+    Without VNNI, ORT's u8s8 / s8s8 kernels multiply with VPMADDUBSW, whose int16 pair sums
+    saturate; uint8 weights + 127 (zero point 127) take the exact u8u8 kernels, which are slower.
+    """
+    float_path, plan, fuse, path = graph_args
+    alt = path.with_name("model_u8.onnx")
+    _write_graph(float_path, model, plan, fuse, alt, unsigned_weights=True)
+    alt_session, alt_kernels = _session(alt, threads, True)
+    feeds = {i.name: x.detach().cpu().numpy() for i, x in zip(session.get_inputs(), example)}
+    with torch.no_grad():
+        ref = flat_outputs(model(*example))[0].float()
+    db = _sqnr(ref, torch.from_numpy(session.run(None, feeds)[0]))
+    alt_db = _sqnr(ref, torch.from_numpy(alt_session.run(None, feeds)[0]))
+    if db >= alt_db - _SATURATION_DB:
+        alt.unlink()
+        return session, kernels
+    log.info("onnxruntime: int8 weights give %.1f dB, the same integers as uint8 %.1f dB (int16 saturation "
+             "in the u8s8 kernels): keeping uint8", db, alt_db)
+    alt.replace(path)
+    return alt_session, alt_kernels
+
+
+def _sqnr(ref: torch.Tensor, x: torch.Tensor) -> float:
+    noise = float((ref - x.float()).norm())
+    return math.inf if noise == 0 else 20 * math.log10(max(float(ref.norm()), 1e-30) / noise)
+
+
+def _session(path: Path, threads: int, optimize: bool) -> tuple[Any, Counter]:
+    """An InferenceSession pinned to ``threads`` and the op types of the graph it really runs."""
     import onnx
     import onnxruntime as ort
 
@@ -129,25 +192,20 @@ def _session(path: Path, threads: int, optimize: bool, optimized: Path) -> tuple
     so.intra_op_num_threads = threads
     so.inter_op_num_threads = 1
     so.execution_mode = ort.ExecutionMode.ORT_SEQUENTIAL
-    so.log_severity_level = 3  # the "hardware specific optimizations" notice on every save
+    so.log_severity_level = 3  # ORT warns about hardware-specific kernels on every optimized save
     level = ort.GraphOptimizationLevel
     so.graph_optimization_level = level.ORT_ENABLE_ALL if optimize else level.ORT_DISABLE_ALL
+    optimized = path.with_name(f".{path.stem}.optimized.onnx")
     so.optimized_model_filepath = str(optimized)
     try:
         session = ort.InferenceSession(str(path), so, providers=["CPUExecutionProvider"])
+        kernels = Counter(n.op_type for n in onnx.load(str(optimized), load_external_data=False).graph.node)
     except Exception as exc:  # noqa: BLE001 - ORT raises its own untyped errors
         raise SlimkitError(f"ONNX Runtime cannot load {path.name}: {str(exc).splitlines()[0][:200]}",
                            "report this model; backend='torch' still works") from None
-    kernels = Counter(n.op_type for n in onnx.load(str(optimized), load_external_data=False).graph.node)
+    finally:
+        optimized.unlink(missing_ok=True)
     return session, kernels
-
-
-def _save(proto: Any, path: Path) -> None:
-    import onnx
-
-    tmp = path.with_name(f".{path.name}.tmp")
-    onnx.save(proto, str(tmp))
-    tmp.replace(path)
 
 
 # --------------------------------------------------------------------------- transformer fusion
@@ -161,27 +219,26 @@ def _bert_shape(model: nn.Module) -> tuple[int, int] | None:
     return None
 
 
-def _fuse_transformer(path: Path, num_heads: int, hidden_size: int) -> Any:
-    import onnx
+def _fuse_transformer(path: Path, num_heads: int, hidden_size: int, attention: bool) -> Any:
+    from onnx import helper
     from onnxruntime.transformers.fusion_options import FusionOptions
     from onnxruntime.transformers.optimizer import optimize_model
 
     options = FusionOptions("bert")
-    options.enable_attention = False  # fused Attention hides q/k/v; QAttention forces 7-bit weights
+    options.enable_attention = attention  # a fused Attention hides q/k/v from the plan
     with _quiet():
-        fused = optimize_model(str(path), model_type="bert", num_heads=num_heads, hidden_size=hidden_size,
-                               opt_level=0, optimization_options=options)
-    proto = fused.model
+        proto = optimize_model(str(path), model_type="bert", num_heads=num_heads, hidden_size=hidden_size,
+                               opt_level=0, optimization_options=options).model
     if not any(o.domain == "com.microsoft" for o in proto.opset_import):  # the fused ops' domain
-        proto.opset_import.append(onnx.helper.make_opsetid("com.microsoft", 1))
+        proto.opset_import.append(helper.make_opsetid("com.microsoft", 1))
     return proto
 
 
 class _quiet:
-    """Silence ORT's python tools (they warn at WARNING level on every call) for one block."""
+    """Silence ORT's python tools for one block (they log warnings on every call)."""
 
     def __enter__(self) -> None:
-        self._levels = {n: logging.getLogger(n).level for n in ("", "onnxruntime", "onnxruntime.transformers")}
+        self._levels = {n: logging.getLogger(n).level for n in ("", "onnxruntime")}
         for n in self._levels:
             logging.getLogger(n).setLevel(logging.ERROR)
 
@@ -192,130 +249,143 @@ class _quiet:
 
 # --------------------------------------------------------------------------- quantization
 
-def _quantize(proto: Any, plan: OrtQuantPlan, work: Path) -> tuple[Any, dict[str, str]]:
+def _quantize(proto: Any, plan: OrtQuantPlan, work: Path, unsigned_weights: bool) -> dict[str, str]:
+    """Quantize the planned modules' nodes in place; returns the modules left float and why."""
     found = module_nodes(proto)
-    skipped = {m: "no MatMul/Gemm/Conv node of this module in the exported graph"
-               for m in plan.modules if m not in found}
+    skipped = {m: "no MatMul/Gemm/Conv node of this module in the exported graph" for m in plan.modules
+               if m not in found}
     planned = {m: found[m] for m in plan.modules if m in found}
-    if plan.mode == "static":
-        for m in list(planned):
-            lo, hi = plan.act_ranges.get(m, (math.nan, math.nan))
-            if not (math.isfinite(lo) and math.isfinite(hi)):
-                skipped[m] = f"activation range ({lo}, {hi}) is not finite"
-                del planned[m]
-        _insert_qdq(proto.graph, planned, plan)
-        return proto, skipped
-    return _dynamic(proto, planned, plan, work), skipped
+    if plan.mode == "dynamic":
+        if plan.per_channel:  # ORT's ConvInteger path quantizes Conv weights per tensor only
+            skipped |= {m: "ORT's dynamic Conv has per-tensor weights only" for m, nodes in planned.items()
+                        if any(n.op_type == "Conv" for n in nodes)}
+            planned = {m: nodes for m, nodes in planned.items() if m not in skipped}
+        _dynamic(proto, planned, plan.per_channel, work)
+        if unsigned_weights:
+            _unsigned_dynamic_weights(proto.graph)
+        float_nodes = {n.name for n in proto.graph.node if n.op_type in COMPUTE_OPS}
+        skipped |= {m: "ORT's dynamic quantizer left it float" for m, nodes in planned.items()
+                    if any(n.name in float_nodes for n in nodes)}
+        return skipped
+    constants = {t.name for t in proto.graph.initializer}
+    for m in list(planned):
+        lo, hi = plan.act_ranges.get(m, (math.nan, math.nan))
+        if not (math.isfinite(lo) and math.isfinite(hi)):
+            skipped[m] = f"activation range ({lo}, {hi}) is not finite" if m in plan.act_ranges else "no activation range"
+        elif any(i and i not in constants for n in planned[m] for i in n.input[1:]):
+            skipped[m] = "its weight or bias is computed in the graph, not stored"
+        else:
+            continue
+        del planned[m]
+    _insert_qdq(proto.graph, planned, plan, unsigned_weights)
+    return skipped
 
 
-def _dynamic(proto: Any, planned: dict[str, list[Any]], plan: OrtQuantPlan, work: Path) -> Any:
+def _dynamic(proto: Any, planned: dict[str, list[Any]], per_channel: bool, work: Path) -> None:
     import onnx
     from onnxruntime.quantization import QuantType, quantize_dynamic
 
     names = [n.name for nodes in planned.values() for n in nodes]
     if not names:
-        return proto
+        return
     _gemm_to_matmul(proto.graph, set(names))  # ORT's dynamic quantizer has no Gemm
     src, dst = work / "dynamic_in.onnx", work / "dynamic_out.onnx"
     onnx.save(proto, str(src))
     with _quiet():
         quantize_dynamic(str(src), str(dst), op_types_to_quantize=["MatMul", "Conv"], nodes_to_quantize=names,
-                         per_channel=plan.per_channel, reduce_range=False, weight_type=QuantType.QInt8,
+                         per_channel=per_channel, reduce_range=False, weight_type=QuantType.QInt8,
                          extra_options={"WeightSymmetric": True, "MatMulConstBOnly": True,
-                                        "DefaultTensorType": onnx.TensorProto.FLOAT})  # fused ops: no shape inference
-    out = onnx.load(str(dst))
+                                        "DefaultTensorType": onnx.TensorProto.FLOAT})  # for fused ops
+    proto.CopyFrom(onnx.load(str(dst)))
     src.unlink()
     dst.unlink()
-    return out
+
+
+def _unsigned_dynamic_weights(graph: Any) -> None:
+    """The int8 weights of MatMulInteger / ConvInteger as uint8 + 127 with zero point 127 (same integers)."""
+    from onnx import numpy_helper
+
+    init = {t.name: t for t in graph.initializer}
+    for node in graph.node:
+        if node.op_type in ("MatMulInteger", "ConvInteger") and len(node.input) > 3:
+            for name in (node.input[1], node.input[3]):
+                v = numpy_helper.to_array(init[name])
+                if v.dtype == np.int8:
+                    init[name].CopyFrom(numpy_helper.from_array((v.astype(np.int16) + 127).astype(np.uint8), name))
 
 
 def _gemm_to_matmul(graph: Any, names: set[str]) -> None:
-    """Gemm(x, W, b) -> MatMul(x, W as (K, N)) + Add(b), keeping the node's name (so the plan still finds it)."""
+    """Gemm(x, W, b) -> MatMul(x, W as (K, N)) + Add(b), keeping the node's name."""
     from onnx import helper, numpy_helper
 
     init = {t.name: t for t in graph.initializer}
     nodes = []
     for node in graph.node:
         attrs = {a.name: helper.get_attribute_value(a) for a in node.attribute}
-        if node.op_type != "Gemm" or node.name not in names or attrs.get("transA", 0) or node.input[1] not in init \
+        if node.op_type != "Gemm" or node.name not in names or node.input[1] not in init or attrs.get("transA", 0) \
                 or attrs.get("alpha", 1.0) != 1.0 or attrs.get("beta", 1.0) != 1.0:
             nodes.append(node)
             continue
         w = numpy_helper.to_array(init[node.input[1]])
         w_kn = numpy_helper.from_array(np.ascontiguousarray(w.T if attrs.get("transB", 0) else w), node.input[1] + "_kn")
         graph.initializer.append(w_kn)
-        has_bias = len(node.input) > 2 and node.input[2]
-        mm_out = node.output[0] + "_mm" if has_bias else node.output[0]
-        nodes.append(helper.make_node("MatMul", [node.input[0], w_kn.name], [mm_out], name=node.name))
-        if has_bias:
-            nodes.append(helper.make_node("Add", [mm_out, node.input[2]], [node.output[0]], name=node.name + "_bias"))
+        bias = len(node.input) > 2 and node.input[2]
+        y = node.output[0] + "_mm" if bias else node.output[0]
+        nodes.append(helper.make_node("MatMul", [node.input[0], w_kn.name], [y], name=node.name))
+        if bias:
+            nodes.append(helper.make_node("Add", [y, node.input[2]], [node.output[0]], name=node.name + "_bias"))
     _replace_nodes(graph, nodes)
 
 
-# --------------------------------------------------------------------------- static QDQ
-
-def _insert_qdq(graph: Any, planned: dict[str, list[Any]], plan: OrtQuantPlan) -> None:
-    """Q/DQ on each planned node's activation input (slimkit's range), its weight (slimkit's int8)
-    and bias (int32, scale = s_x * s_w); and on its output where the next planned layer's range is known."""
+def _insert_qdq(graph: Any, planned: dict[str, list[Any]], plan: OrtQuantPlan, unsigned_weights: bool) -> None:
+    """Q/DQ on each planned node's activation input (slimkit's range), its weight (slimkit's int8),
+    its bias (int32, scale s_x * s_w) and its output where the next planned layer's range is known."""
     module_of = {n.name: m for m, nodes in planned.items() for n in nodes}
-    users: dict[str, dict[str, tuple[float, float]]] = {}  # activation tensor -> {planned node: range}
+    users: dict[str, dict[str, tuple]] = {}  # activation tensor -> {planned node: its range}
     for n in graph.node:
         if n.name in module_of:
             users.setdefault(n.input[0], {})[n.name] = tuple(plan.act_ranges[module_of[n.name]])
-    consumers = _consumers(graph)
+    consumers: dict[str, list[Any]] = {}
+    for n in graph.node:
+        for t in n.input:
+            consumers.setdefault(t, []).append(n)
     outputs = {o.name for o in graph.output}
-    q_outputs: dict[tuple[str, float, int], tuple[str, str, str]] = {}
     added: dict[str, tuple[list[Any], list[Any]]] = {}  # node name -> (nodes before it, nodes after it)
     for node in graph.node:
         if node.name not in module_of:
             continue
         before: list[Any] = []
         after: list[Any] = []
-        s_x, z_x = _act_qparams(*users[node.input[0]][node.name], plan.symmetric_activations)
-        node.input[0] = _qdq(graph, node.input[0], (s_x, z_x, plan.symmetric_activations), node.name, q_outputs, before)
-        s_w = _quantize_weight(graph, node, plan.per_channel, before)
+        qp_x = _act_qparams(users[node.input[0]][node.name], plan.symmetric_activations)
+        node.input[0] = _qdq(graph, node.input[0], f"{node.input[0]}_q_{node.name}", qp_x, before)
+        s_w = _quantize_weight(graph, node, plan.per_channel, unsigned_weights, before)
         if node.op_type in ("Gemm", "Conv") and len(node.input) > 2 and node.input[2]:
-            _quantize_bias(graph, node, s_x * s_w, before)
+            _quantize_bias(graph, node, qp_x[0] * s_w, before)
         out_range = _downstream_range(node.output[0], consumers, users, outputs)
         if out_range is not None:
-            qp = (*_act_qparams(*out_range, plan.symmetric_activations), plan.symmetric_activations)
-            _qdq_output(graph, node, qp, after)
+            y = node.output[0]
+            node.output[0] = f"{y}_float"
+            _qdq(graph, node.output[0], f"{y}_q", _act_qparams(out_range, plan.symmetric_activations), after, y)
         added[node.name] = (before, after)
-    nodes = [m for n in graph.node for m in (added[n.name][0] + [n] + added[n.name][1] if n.name in added else [n])]
-    _replace_nodes(graph, nodes)
-
-
-def _act_qparams(lo: float, hi: float, symmetric: bool) -> tuple[float, int]:
-    from slimkit.quantize.calibrate import scale_zero_point
-
-    return scale_zero_point(float(lo), float(hi), 8, symmetric)
-
-
-def _consumers(graph: Any) -> dict[str, list[Any]]:
-    out: dict[str, list[Any]] = {}
-    for n in graph.node:
-        for t in n.input:
-            out.setdefault(t, []).append(n)
-    return out
+    _replace_nodes(graph, [m for n in graph.node
+                           for m in ([*added[n.name][0], n, *added[n.name][1]] if n.name in added else [n])])
 
 
 def _downstream_range(tensor: str, consumers: dict[str, list[Any]], users: dict[str, dict[str, tuple]],
                       outputs: set[str]) -> tuple[float, float] | None:
-    """The input range of the planned layers that ``tensor`` reaches through order-preserving ops.
+    """The input range of the planned layers ``tensor`` flows into through order-preserving ops.
 
-    Only when every reader on the way is such an op and the tensor reached feeds planned layers
-    alone, all with one range (so nothing outside the plan sees a quantized value). Max commutes
-    with every op in ``_PASS_OPS``; min does too except through MaxPool, where a Relu on the way
-    makes the clipped negatives irrelevant.
+    Only if every reader on the way is such an op and the tensor reached feeds planned layers
+    alone, all with one range: nothing outside the plan may see a quantized value. Max commutes with
+    every op in ``_PASS_OPS``; min too except through MaxPool, unless a Relu makes it moot.
     """
     seen: set[str] = set()
     while tensor not in outputs:
         readers = consumers.get(tensor, [])
         if tensor in users:
             ranges = set(users[tensor].values())
-            if len(readers) != len(users[tensor]) or len(ranges) != 1 or ("MaxPool" in seen and "Relu" not in seen):
-                return None
-            return ranges.pop()
+            ok = len(readers) == len(users[tensor]) and len(ranges) == 1 and ("Relu" in seen or "MaxPool" not in seen)
+            return ranges.pop() if ok else None
         if len(readers) != 1 or readers[0].op_type not in _PASS_OPS:
             return None
         seen.add(readers[0].op_type)
@@ -323,80 +393,67 @@ def _downstream_range(tensor: str, consumers: dict[str, list[Any]], users: dict[
     return None
 
 
-def _qdq(graph: Any, tensor: str, qp: tuple[float, int, bool], consumer: str, q_outputs: dict,
-         out: list[Any]) -> str:
-    """Quantize ``tensor`` once per (scale, zero, signed) and give ``consumer`` its own DequantizeLinear."""
-    from onnx import helper
+def _act_qparams(lo_hi: tuple[float, float], symmetric: bool) -> tuple[float, int, int]:
+    """(scale, zero point, ONNX dtype) of slimkit's activation format for the range."""
+    from onnx import TensorProto
 
-    key = (tensor, *qp)
-    if key not in q_outputs:
-        base = f"{tensor}_q{len(q_outputs)}"
-        graph.initializer.extend(_qparams(base, qp))
-        q_outputs[key] = (base, f"{base}_scale", f"{base}_zero")
-        out.append(helper.make_node("QuantizeLinear", [tensor, base + "_scale", base + "_zero"], [base],
-                                    name=f"{base}_Q"))
-    q, s, z = q_outputs[key]
-    dq = f"{q}_dq_{consumer}"
-    out.append(helper.make_node("DequantizeLinear", [q, s, z], [dq], name=f"{dq}_DQ"))
-    return dq
+    from slimkit.quantize.calibrate import scale_zero_point
+
+    scale, zero = scale_zero_point(float(lo_hi[0]), float(lo_hi[1]), 8, symmetric)
+    return scale, zero, TensorProto.INT8 if symmetric else TensorProto.UINT8
 
 
-def _qparams(base: str, qp: tuple[float, int, bool]) -> list[Any]:
+def _qdq(graph: Any, x: str, base: str, qp: tuple[float, int, int], out: list[Any], y: str | None = None) -> str:
+    """Append Q -> DQ on ``x``; returns the dequantized name.
+
+    Every consumer gets its own pair: ORT 1.32 leaves an int8 Q shared by q/k/v unfused (float
+    MatMul on dequantized values: 410 of 1365 ms in MiniLM); a Q of its own costs ~1 ms.
+    """
     from onnx import TensorProto, helper
 
-    scale, zero, symmetric = qp
-    dtype = TensorProto.INT8 if symmetric else TensorProto.UINT8  # slimkit's two activation formats
-    if symmetric and _ENC["act_u8"]:
-        dtype, zero = TensorProto.UINT8, 128
-    return [helper.make_tensor(f"{base}_scale", TensorProto.FLOAT, [], [scale]),
-            helper.make_tensor(f"{base}_zero", dtype, [], [zero])]
+    scale, zero, dtype = qp
+    graph.initializer.extend([helper.make_tensor(f"{base}_scale", TensorProto.FLOAT, [], [scale]),
+                              helper.make_tensor(f"{base}_zero", dtype, [], [zero])])
+    y = y or f"{base}_dq"
+    out += [helper.make_node("QuantizeLinear", [x, f"{base}_scale", f"{base}_zero"], [base], name=f"{base}_Q"),
+            helper.make_node("DequantizeLinear", [base, f"{base}_scale", f"{base}_zero"], [y], name=f"{base}_DQ")]
+    return y
 
 
-def _qdq_output(graph: Any, node: Any, qp: tuple[float, int, bool], out: list[Any]) -> None:
-    from onnx import helper
+def _quantize_weight(graph: Any, node: Any, per_channel: bool, unsigned: bool, out: list[Any]) -> np.ndarray:
+    """Swap the float weight for slimkit's int8 weight + DequantizeLinear; returns the scale, (N,) or ().
 
-    y = node.output[0]
-    raw = f"{y}_float"
-    node.output[0] = raw
-    graph.initializer.extend(_qparams(raw, qp))
-    out += [helper.make_node("QuantizeLinear", [raw, f"{raw}_scale", f"{raw}_zero"], [f"{raw}_q"], name=f"{raw}_Q"),
-            helper.make_node("DequantizeLinear", [f"{raw}_q", f"{raw}_scale", f"{raw}_zero"], [y], name=f"{raw}_DQ")]
-
-
-
-def _quantize_weight(graph: Any, node: Any, per_channel: bool, out: list[Any]) -> np.ndarray:
-    """Replace the float weight by slimkit's int8 weight + DequantizeLinear; returns the scale (N,) or ()."""
+    ``unsigned`` stores the same integers as uint8 + 127 with zero point 127 (the exact u8u8 kernels).
+    """
     from onnx import helper, numpy_helper
 
     from slimkit.quantize.pack import quantize_weight_int8
 
-    init = {t.name: t for t in graph.initializer}
-    w = numpy_helper.to_array(init[node.input[1]])
+    w = numpy_helper.to_array(next(t for t in graph.initializer if t.name == node.input[1]))
     attrs = {a.name: helper.get_attribute_value(a) for a in node.attribute}
-    # torch layout is (N, K) / (N, C, kh, kw); MatMul stores (K, N), Gemm (K, N) unless transB.
+    # torch keeps (N, K) / (N, C, kh, kw); MatMul stores (K, N), and so does Gemm without transB.
     transposed = node.op_type == "MatMul" or (node.op_type == "Gemm" and not attrs.get("transB", 0))
     q, scale = quantize_weight_int8(torch.from_numpy(np.array(w.T if transposed else w)), per_channel)
     q_np = q.numpy().T.copy() if transposed else q.numpy()
-    scale_np = scale.numpy().astype(np.float32) if per_channel else scale.numpy().astype(np.float32).reshape(())
-    name = f"{node.input[1]}_int8_{node.name}"
+    scale_np = scale.numpy().astype(np.float32).reshape(-1 if per_channel else ())
     zero = np.zeros(scale_np.shape, np.int8)
-    if _ENC["w_u8"]:
+    if unsigned:
         q_np, zero = (q_np.astype(np.int16) + 127).astype(np.uint8), np.full(scale_np.shape, 127, np.uint8)
+    name = f"{node.input[1]}_int8_{node.name}"
     graph.initializer.extend([numpy_helper.from_array(q_np, name), numpy_helper.from_array(scale_np, name + "_scale"),
                               numpy_helper.from_array(zero, name + "_zero")])
     axis = {"axis": 1 if transposed else 0} if per_channel else {}
     out.append(helper.make_node("DequantizeLinear", [name, name + "_scale", name + "_zero"], [name + "_dq"],
                                 name=name + "_DQ", **axis))
-    old, node.input[1] = node.input[1], name + "_dq"
-    _drop_if_unused(graph, old)
+    _swap_input(graph, node, 1, name + "_dq")
     return scale_np
 
 
 def _quantize_bias(graph: Any, node: Any, scale: np.ndarray, out: list[Any]) -> None:
+    """int32 bias with scale s_x * s_w: the form QLinearConv / QGemm fusion requires."""
     from onnx import helper, numpy_helper
 
-    init = {t.name: t for t in graph.initializer}
-    b = numpy_helper.to_array(init[node.input[2]]).astype(np.float64)
+    b = numpy_helper.to_array(next(t for t in graph.initializer if t.name == node.input[2])).astype(np.float64)
     scale = np.broadcast_to(scale, b.shape).astype(np.float32)
     q = np.clip(np.round(b / scale), -(2**31) + 1, 2**31 - 1).astype(np.int32)
     name = f"{node.input[2]}_int32_{node.name}"
@@ -404,8 +461,14 @@ def _quantize_bias(graph: Any, node: Any, scale: np.ndarray, out: list[Any]) -> 
                               numpy_helper.from_array(np.zeros(b.shape, np.int32), name + "_zero")])
     out.append(helper.make_node("DequantizeLinear", [name, name + "_scale", name + "_zero"], [name + "_dq"],
                                 name=name + "_DQ", axis=0))
-    old, node.input[2] = node.input[2], name + "_dq"
-    _drop_if_unused(graph, old)
+    _swap_input(graph, node, 2, name + "_dq")
+
+
+def _swap_input(graph: Any, node: Any, i: int, new: str) -> None:
+    """Point ``node.input[i]`` at ``new`` and drop the old initializer if nothing else reads it."""
+    old, node.input[i] = node.input[i], new
+    if not any(old in n.input for n in graph.node):
+        graph.initializer.remove(next(t for t in graph.initializer if t.name == old))
 
 
 def _replace_nodes(graph: Any, nodes: list[Any]) -> None:
@@ -416,14 +479,6 @@ def _replace_nodes(graph: Any, nodes: list[Any]) -> None:
         c.CopyFrom(n)  # copy first: clearing the repeated field may invalidate the originals
     del graph.node[:]
     graph.node.extend(copies)
-
-
-def _drop_if_unused(graph: Any, name: str) -> None:
-    if not any(name in n.input for n in graph.node):
-        for t in graph.initializer:
-            if t.name == name:
-                graph.initializer.remove(t)
-                return
 
 
 __all__ = ["OrtModel", "OrtQuantPlan", "build_ort"]

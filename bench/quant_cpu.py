@@ -1,0 +1,171 @@
+"""CPU int8: slimkit's quantizers vs torch.ao quantize_dynamic vs ONNX Runtime's own quantizers.
+
+One process, one thread count, fp32 torch as the baseline (= 1.00x). For each contender:
+latency (interleaved medians), bytes of its artifact on disk, and the task metric measured on
+the runtime that executes it. Writes bench/results/quant_cpu.json.
+
+    .venv/bin/python bench/quant_cpu.py [--threads 2] [--tasks minilm mnist] [--quick]
+"""
+
+from __future__ import annotations
+
+import argparse
+import copy
+import logging
+import os
+import sys
+import tempfile
+import warnings
+from pathlib import Path
+from typing import Any, Callable
+
+import torch
+import torch.nn as nn
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+from _common import environment, interleaved_medians, write  # noqa: E402
+
+import slimkit as sk  # noqa: E402
+from slimkit.io import artifact_bytes  # noqa: E402
+from slimkit.quantize import Int8, WeightOnly  # noqa: E402
+from slimkit.runtime import build  # noqa: E402
+from slimkit.runtime.onnx_export import export_onnx  # noqa: E402
+
+warnings.filterwarnings("ignore")
+logging.getLogger("slimkit").setLevel(logging.ERROR)
+
+
+def ort_session(path: Path, threads: int) -> Callable[..., torch.Tensor]:
+    """A plain ORT session (all graph optimizations, pinned threads) for a peer's ONNX file."""
+    import onnxruntime as ort
+
+    so = ort.SessionOptions()
+    so.intra_op_num_threads, so.inter_op_num_threads = threads, 1
+    so.execution_mode = ort.ExecutionMode.ORT_SEQUENTIAL
+    so.graph_optimization_level = ort.GraphOptimizationLevel.ORT_ENABLE_ALL
+    sess = ort.InferenceSession(str(path), so, providers=["CPUExecutionProvider"])
+    names = [i.name for i in sess.get_inputs()]
+
+    def run(*xs: torch.Tensor) -> torch.Tensor:
+        return torch.from_numpy(sess.run(None, {n: x.numpy() for n, x in zip(names, xs)})[0])
+
+    return run
+
+
+def peers(task: Any, work: Path, threads: int) -> dict[str, tuple[Callable[..., Any], int]]:
+    """The peers, each as (runnable, artifact bytes)."""
+    from onnxruntime.quantization import CalibrationDataReader, QuantType, quantize_dynamic, quantize_static
+
+    out: dict[str, tuple[Callable[..., Any], int]] = {}
+    ao = torch.ao.quantization.quantize_dynamic(copy.deepcopy(task.model), {nn.Linear}, dtype=torch.qint8)
+    torch.save(ao.state_dict(), work / "ao.pt")
+    out["torch.ao quantize_dynamic"] = (ao, (work / "ao.pt").stat().st_size)
+
+    fp32 = export_onnx(task.model, task.example, work / "fp32.onnx")
+    quantize_dynamic(str(fp32), str(work / "ort_dyn.onnx"), weight_type=QuantType.QInt8)
+    out["onnxruntime quantize_dynamic"] = (ort_session(work / "ort_dyn.onnx", threads), (work / "ort_dyn.onnx").stat().st_size)
+
+    import onnx
+
+    names = [i.name for i in onnx.load(str(fp32)).graph.input]
+
+    class Reader(CalibrationDataReader):
+        def __init__(self) -> None:
+            self.it = iter(task.calib)
+
+        def get_next(self) -> dict | None:
+            batch = next(self.it, None)
+            return None if batch is None else {n: t.numpy() for n, t in zip(names, batch)}
+
+    try:
+        quantize_static(str(fp32), str(work / "ort_static.onnx"), Reader())
+        out["onnxruntime quantize_static (defaults)"] = (ort_session(work / "ort_static.onnx", threads),
+                                                         (work / "ort_static.onnx").stat().st_size)
+    except Exception as exc:  # a peer failing is a result, not a crash of the benchmark
+        print(f"  onnxruntime quantize_static failed: {type(exc).__name__}: {str(exc)[:120]}")
+    return out
+
+
+def slimkit_candidates(task: Any, work: Path, threads: int) -> dict[str, tuple[Callable[..., Any], int, dict]]:
+    configs = {
+        "slimkit int8 dynamic per-channel (onnxruntime)": Int8(backend="onnxruntime"),
+        "slimkit int8 dynamic per-channel (torch)": Int8(backend="torch"),
+        "slimkit int8 static mse (onnxruntime)": Int8(activations="static", calibration="mse", backend="onnxruntime"),
+        "slimkit int8 static percentile (onnxruntime)": Int8(activations="static", calibration="percentile",
+                                                              backend="onnxruntime"),
+        "slimkit weight-only int8 (torch)": WeightOnly(bits=8),
+        "slimkit weight-only int4 g32 (torch)": WeightOnly(bits=4, group_size=32),
+    }
+    out = {}
+    for i, (name, config) in enumerate(configs.items()):
+        q = sk.apply(task.model, config, task)
+        path = sk.save(q, work / f"sk{i}", recipe=[config.to_dict()])
+        runnable = build(q, config.backend, task.example, threads=threads)
+        info = {"config": config.to_dict(), "kept_float": {**q.slimkit_quant["skipped"],
+                                                            **getattr(runnable, "skipped", {})}}
+        if hasattr(runnable, "kernels"):
+            info["onnxruntime_ops"] = dict(runnable.kernels)
+        out[name] = (runnable, artifact_bytes(path), info)
+    return out
+
+
+def bench_task(task_name: str, threads: int, batches: dict[str, int], rounds: int) -> dict[str, Any]:
+    task = sk.zoo.load(task_name)
+    work = Path(tempfile.mkdtemp(prefix=f"bench-{task_name}-"))
+    fp32_bytes = artifact_bytes(sk.save(task.model, work / "fp32"))
+    contenders: dict[str, tuple[Callable[..., Any], int, dict]] = {"fp32 torch": (task.model.eval(), fp32_bytes, {})}
+    contenders.update({k: (r, b, {}) for k, (r, b) in peers(task, work, threads).items()})
+    contenders.update(slimkit_candidates(task, work, threads))
+
+    print(f"[{task_name}] quality ...")
+    quality = {}
+    for name, (run, _, _) in contenders.items():
+        quality[name] = task.evaluate(run)
+        print(f"  {name:48s} {quality[name]}")
+    results: dict[str, Any] = {"batches": {}, "contenders": {}}
+    for label, batch in batches.items():
+        example = tuple(torch.cat([x] * (batch // x.shape[0]), 0) if batch >= x.shape[0] else x[:batch]
+                        for x in task.example)
+        print(f"[{task_name}] latency at {label} ...")
+        torch.set_num_threads(threads)
+        with torch.inference_mode():
+            times = interleaved_medians({n: (lambda r=r: r(*example)) for n, (r, _, _) in contenders.items()},
+                                        rounds=rounds)
+        results["batches"][label] = {"shape": [list(x.shape) for x in example], "latency_ms": times}
+    base_q, base_b = quality["fp32 torch"], fp32_bytes
+    for name, (_, nbytes, info) in contenders.items():
+        row = {"artifact_bytes": nbytes, "bytes_ratio": base_b / nbytes, "metric": quality[name],
+               "metric_delta": quality[name]["score"] - base_q["score"], **info}
+        for label in batches:
+            t = results["batches"][label]["latency_ms"]
+            row[f"speedup_{label}"] = t["fp32 torch"]["median_ms"] / t[name]["median_ms"]
+        results["contenders"][name] = row
+    return results
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser()
+    ap.add_argument("--threads", type=int, default=2)
+    ap.add_argument("--tasks", nargs="+", default=["minilm", "mnist"])
+    ap.add_argument("--rounds", type=int, default=7)
+    args = ap.parse_args()
+    torch.set_num_threads(args.threads)
+    batches = {"minilm": {"batch32x128": 32, "batch1x128": 1}, "mnist": {"batch256": 256}}
+    payload: dict[str, Any] = {"benchmark": "quant_cpu", "environment": environment(args.threads), "tasks": {}}
+    for name in args.tasks:
+        task_batches = batches[name]
+        if name == "mnist":
+            sk.zoo.load("mnist").example  # noqa: B018  (trains on first use, outside the timing)
+        payload["tasks"][name] = bench_task(name, args.threads, task_batches, args.rounds)
+        print(f"wrote {write('quant_cpu', payload)}")
+    for name, res in payload["tasks"].items():
+        print(f"\n== {name} ==")
+        for c, row in res["contenders"].items():
+            speed = "  ".join(f"{k[8:]} {v:5.2f}x" for k, v in row.items() if k.startswith("speedup_"))
+            extra = f" cos {row['metric'].get('cosine_to_fp32', float('nan')):.4f}" if "cosine_to_fp32" in row["metric"] else ""
+            print(f"{c:48s} {speed}  bytes {row['bytes_ratio']:5.2f}x  metric {row['metric']['score']:.4f} "
+                  f"({row['metric_delta']:+.4f}){extra}")
+
+
+if __name__ == "__main__":
+    main()

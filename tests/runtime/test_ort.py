@@ -1,0 +1,187 @@
+"""ONNX Runtime backend: fp32 parity, slimkit's integers in ORT, integer kernels, skips, masks, threads."""
+
+from __future__ import annotations
+
+import math
+
+import numpy as np
+import pytest
+import torch
+import torch.nn as nn
+
+onnx = pytest.importorskip("onnx")
+pytest.importorskip("onnxruntime")
+
+from slimkit.errors import SlimkitError  # noqa: E402
+from slimkit.quantize.pack import quantize_weight_int8  # noqa: E402
+from slimkit.runtime.onnx_export import module_nodes  # noqa: E402
+from slimkit.runtime.ort import OrtQuantPlan, build_ort  # noqa: E402
+from tests.conftest import sqnr_db  # noqa: E402
+from tests.runtime.test_onnx_export import TinyEncoder, tiny_cnn, tiny_mlp, tokens  # noqa: E402
+
+MLP = (tiny_mlp, lambda n: (torch.randn(n, 16),), ["0", "2"])
+CNN = (tiny_cnn, lambda n: (torch.randn(n, 1, 8, 8),), ["0", "3", "6"])
+
+
+def input_ranges(model: nn.Module, names: list[str], batches: list[tuple[torch.Tensor, ...]]) -> dict:
+    """(min, max) of each module's input over ``batches``: what slimkit's calibration hands over."""
+    seen: dict[str, list[tuple[float, float]]] = {}
+    hooks = [model.get_submodule(n).register_forward_pre_hook(
+        lambda m, a, n=n: seen.setdefault(n, []).append((float(a[0].min()), float(a[0].max())))) for n in names]
+    with torch.no_grad():
+        for b in batches:
+            model(*b)
+    for h in hooks:
+        h.remove()
+    return {n: (min(lo for lo, _ in v), max(hi for _, hi in v)) for n, v in seen.items()}
+
+
+def int8_weight(model: nn.Module, name: str, per_channel: bool) -> np.ndarray:
+    return quantize_weight_int8(model.get_submodule(name).weight.detach(), per_channel)[0].numpy()
+
+
+def initializers(path) -> dict[str, np.ndarray]:
+    return {t.name: onnx.numpy_helper.to_array(t) for t in onnx.load(path).graph.initializer}
+
+
+def as_int8(q: np.ndarray) -> np.ndarray:
+    """The integers a stored weight means: uint8 weights are int8 + 127 (zero point 127) where int8 kernels saturate."""
+    return q.astype(np.int16) - 127 if q.dtype == np.uint8 else q.astype(np.int16)
+
+
+@pytest.mark.parametrize("case", [MLP, CNN], ids=["mlp", "cnn"])
+def test_fp32_matches_torch_and_threads_are_pinned(case, tmp_path):
+    build, data, _ = case
+    model = build()
+    m = build_ort(model, data(2), threads=1, workdir=tmp_path)
+    x = data(9)
+    assert (m(*x) - model(*x).detach()).abs().max() < 1e-4
+    opts = m.session.get_session_options()
+    assert (opts.intra_op_num_threads, opts.inter_op_num_threads, m.threads) == (1, 1, 1)
+    assert opts.execution_mode.name == "ORT_SEQUENTIAL"
+    assert m.path == tmp_path / "model.onnx" and m.file_bytes == m.path.stat().st_size
+    assert m.skipped == {} and not any("Quant" in k for k in m.kernels)
+
+
+@pytest.mark.parametrize("per_channel", [True, False])
+def test_dynamic_int8_uses_slimkits_integers(per_channel, tmp_path):
+    model = tiny_mlp()
+    m = build_ort(model, (torch.randn(2, 16),), plan=OrtQuantPlan("dynamic", ["0", "2"], per_channel=per_channel),
+                  workdir=tmp_path)
+    x = torch.randn(64, 16)
+    assert sqnr_db(model(x).detach(), m(x)) >= 25.0
+    assert m.kernels["DynamicQuantizeMatMul"] + m.kernels["MatMulIntegerToFloat"] == 2 and m.kernels["Gemm"] == 0
+    init = initializers(m.path)
+    for name in ("0", "2"):
+        ort_q = as_int8(init[f"{name}.weight_kn_quantized"]).T  # ORT keeps (K, N)
+        np.testing.assert_array_equal(ort_q, int8_weight(model, name, per_channel))
+
+
+def test_dynamic_conv_per_channel_is_skipped_not_mismatched(tmp_path):
+    model = tiny_cnn()
+    m = build_ort(model, (torch.randn(2, 1, 8, 8),), plan=OrtQuantPlan("dynamic", ["0", "3", "6"]), workdir=tmp_path)
+    assert set(m.skipped) == {"0", "3"} and "per-tensor" in m.skipped["0"]
+    x = torch.randn(32, 1, 8, 8)
+    assert sqnr_db(model(x).detach(), m(x)) >= 25.0
+
+
+@pytest.mark.parametrize("case", [MLP, CNN], ids=["mlp", "cnn"])
+@pytest.mark.parametrize("symmetric", [True, False], ids=["int8-sym", "uint8-asym"])
+def test_static_int8_runs_integer_kernels_with_slimkits_integers(case, symmetric, tmp_path):
+    build, data, names = case
+    model = build()
+    torch.manual_seed(1)
+    plan = OrtQuantPlan("static", names, act_ranges=input_ranges(model, names, [data(64)]),
+                        symmetric_activations=symmetric)
+    m = build_ort(model, data(2), plan=plan, workdir=tmp_path)
+    x = data(64)
+    assert sqnr_db(model(*x).detach(), m(*x)) >= 25.0
+    assert m.skipped == {}
+    kernels = {"Conv", "Gemm", "FusedConv", "FusedGemm", "MatMul"} & set(m.kernels)
+    assert not kernels, f"float compute left: {m.kernels}"
+    assert m.kernels["QGemm"] == 2 if case is MLP else m.kernels["QLinearConv"] + m.kernels["QGemm"] == 3
+    init = initializers(m.path)
+    for name, node in ((n, module_nodes(onnx.load(tmp_path / "float.onnx"))[n][0]) for n in names):
+        q = as_int8(init[f"{node.input[1]}_int8_{node.name}"])
+        np.testing.assert_array_equal(q, int8_weight(model, name, True))
+
+
+def test_static_qdq_graph_is_exactly_slimkits_fake_quant(tmp_path):
+    """The QDQ graph run literally equals fake-quant with slimkit's weights and activation grid."""
+    model = tiny_mlp()
+    ranges = {"0": (-3.0, 2.5), "2": (0.0, 1.5)}
+    m = build_ort(model, (torch.randn(2, 16),), plan=OrtQuantPlan("static", ["0", "2"], act_ranges=ranges),
+                  workdir=tmp_path, optimize=False)
+
+    def fq(x: torch.Tensor, lo: float, hi: float) -> torch.Tensor:  # int8 symmetric, zero 0
+        s = torch.tensor(max(-lo, hi) / 127, dtype=torch.float32)
+        return torch.clamp(torch.round(x / s), -128, 127) * s
+
+    def lin(name: str, x: torch.Tensor) -> torch.Tensor:
+        layer = model.get_submodule(name)
+        q, s = quantize_weight_int8(layer.weight.detach())
+        return x @ (q.float() * s[:, None]).T + layer.bias.detach()
+
+    x = torch.randn(32, 16) * 2
+    ref = lin("2", fq(torch.relu(lin("0", fq(x, *ranges["0"]))), *ranges["2"]))
+    assert (m(x) - ref).abs().max() < 1e-4  # int32 bias rounding is the only difference
+
+
+def test_non_finite_range_is_skipped_and_model_still_runs(tmp_path, caplog):
+    model = tiny_mlp()
+    plan = OrtQuantPlan("static", ["0", "2", "missing"], act_ranges={"0": (-4.0, math.inf), "2": (0.0, 2.0)})
+    with caplog.at_level("WARNING", logger="slimkit.runtime.ort"):
+        m = build_ort(model, (torch.randn(2, 16),), plan=plan, workdir=tmp_path)
+    assert set(m.skipped) == {"0", "missing"}
+    assert "not finite" in m.skipped["0"] and "\n" not in m.skipped["0"] and "no MatMul" in m.skipped["missing"]
+    assert "0 stays float" in caplog.text
+    assert m.kernels["Gemm"] + m.kernels["FusedGemm"] == 1 and m.kernels["QGemm"] == 1
+    x = torch.randn(32, 16)
+    assert sqnr_db(model(x).detach(), m(x)) >= 30.0
+
+
+def test_transformer_static_quantizes_only_planned_linears_never_the_mask(tmp_path):
+    model = TinyEncoder().eval()
+    linears = [n for n, mod in model.named_modules() if isinstance(mod, nn.Linear)]
+    calib = [tokens(4, 16, seed=s) for s in range(3)]
+    plan = OrtQuantPlan("static", linears, act_ranges=input_ranges(model, linears, calib))
+    m = build_ort(model, tokens(2, 12), plan=plan, workdir=tmp_path)
+    assert m.skipped == {}
+    assert m.kernels["MatMulIntegerToFloat"] == len(linears)  # every Linear on an integer kernel
+    graph = onnx.load(m.path).graph
+    planned_inputs = {n.input[0] for nodes in module_nodes(onnx.load(tmp_path / "float.onnx")).values() for n in nodes}
+    q_inputs = [n.input[0] for n in graph.node if n.op_type == "QuantizeLinear"]
+    assert len(q_inputs) == len(linears) and set(q_inputs) <= planned_inputs
+    mask_only = _reach(graph, "attention_mask") - _reach(graph, "input_ids")  # the additive-mask subgraph
+    assert mask_only and not mask_only & set(q_inputs)
+    ids, mask = tokens(3, 20, seed=7)
+    cos = torch.nn.functional.cosine_similarity(model(ids, mask).detach(), m(ids, mask), dim=-1)
+    assert float(cos.min()) >= 0.99
+
+
+def _reach(graph, source: str) -> set[str]:
+    """Tensors computed from ``source`` (forward closure over the graph)."""
+    reached = {source}
+    for node in graph.node:  # nodes are in topological order
+        if reached & set(node.input):
+            reached |= set(node.output)
+    return reached
+
+
+def test_mnist_static_int8_keeps_accuracy_on_integer_kernels(mnist_task, tmp_path):
+    model = mnist_task.model
+    names = ["0", "4", "8", "13", "15"]
+    plan = OrtQuantPlan("static", names, act_ranges=input_ranges(model, names, mnist_task.calib))
+    m = build_ort(model, mnist_task.example, plan=plan, threads=2, workdir=tmp_path)
+    assert m.kernels["QLinearConv"] == 3 and m.kernels["QGemm"] == 2
+    float_acc = mnist_task.evaluate()["score"]
+    assert mnist_task.evaluate(m)["score"] >= float_acc - 0.01
+    assert m.file_bytes < 0.35 * (tmp_path / "float.onnx").stat().st_size
+
+
+def test_bad_plan_and_bad_call_are_slimkit_errors(tmp_path):
+    with pytest.raises(SlimkitError, match="mode"):
+        OrtQuantPlan("weight-only", ["0"])
+    m = build_ort(tiny_mlp(), (torch.randn(2, 16),), workdir=tmp_path)
+    with pytest.raises(SlimkitError, match="takes 1 inputs"):
+        m(torch.randn(2, 16), torch.randn(2, 16))
