@@ -57,3 +57,23 @@ def test_demo_writes_report_with_measured_candidates(tmp_path, digits_task):
     html = (tmp_path / "report.html").read_text()
     assert "data:image/png;base64," in html and "baseline (fp32)" in html
     assert io.load(tmp_path / "model") is not None
+
+
+def test_quantize_command_runs_int8_on_onnxruntime_and_reports_layers(tmp_path, digits_task):
+    result = runner.invoke(app, ["quantize", "--task", "digits", "--config", "int8-static", "--threads", "1",
+                                 "--out", str(tmp_path)])
+    assert result.exit_code == 0, result.output
+    report = json.loads((tmp_path / "report.json").read_text())
+    base, q = report["candidates"]
+    assert q["backend"] == "onnxruntime"
+    assert abs(q["metric"]["score"] - base["metric"]["score"]) <= 0.01
+    assert base["profile"]["artifact_bytes"] / q["profile"]["artifact_bytes"] >= 3.3
+    assert len(report["layer_errors"]) == 5 and all(e["sqnr_db"] > 20 for e in report["layer_errors"])
+    assert any(op.startswith("QLinear") or op == "QGemm" for op in report["quantization"]["runtime_ops"])
+    loaded = io.load(tmp_path / "model")
+    assert sum(1 for m in loaded.modules() if hasattr(m, "qweight")) == 5
+
+
+def test_quantize_rejects_options_that_do_not_apply():
+    result = runner.invoke(app, ["quantize", "--task", "digits", "--config", "w4", "--calibration", "mse"])
+    assert result.exit_code == 2 and "do not apply to w4" in result.output
