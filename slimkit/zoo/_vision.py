@@ -91,3 +91,13 @@ def classification_task(*, name: str, model: nn.Module, x_train: torch.Tensor, y
         splits={"train": int(x_train.shape[0]), "calibration (subset of train)": calib_size,
                 "test": int(x_test.shape[0])},
     )
+
+
+def image_task(name: str, x: torch.Tensor, y: torch.Tensor, build: Callable[[], nn.Module], train_cfg: dict, *,
+               test_per_class: int, seed: int, calib_size: int, description: str, progress: bool) -> Task:
+    """Split, train (or load from the cache) and wrap an image-classification data set as a Task."""
+    train_idx, test_idx = stratified_split(y, test_per_class, seed)
+    model, _ = trained_model(name, build, x[train_idx], y[train_idx], train_cfg, progress)
+    return classification_task(name=name, model=model, x_train=x[train_idx], y_train=y[train_idx],
+                               x_test=x[test_idx], y_test=y[test_idx], calib_size=calib_size,
+                               description=description)

