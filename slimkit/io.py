@@ -2,7 +2,8 @@
 
 An artifact is a directory::
 
-    model.safetensors   every parameter and buffer (packed integer tensors included)
+    model.safetensors   every parameter and buffer (packed integer tensors included); mostly-zero
+                        tensors stored as bitmask+values or CSR parts (``slimkit.prune.sparse_format``)
     slimkit.json        how to rebuild the module, the recipe applied, library versions
 
 Writes are atomic: the directory is assembled under a temporary name beside the target and
@@ -29,6 +30,8 @@ from slimkit.errors import SlimkitError
 WEIGHTS = "model.safetensors"
 META = "slimkit.json"
 FORMAT_VERSION = 1
+#: Key in the safetensors header metadata that describes sparsely stored tensors.
+SPARSE_KEY = "slimkit.sparse"
 
 #: Named model builders. An artifact refers to its builder by name only, so loading a file can
 #: never import or call arbitrary code named inside it.
@@ -106,13 +109,19 @@ def versions() -> dict[str, str]:
 
 
 def save(model: nn.Module, path: str | os.PathLike[str], *, recipe: list[dict[str, Any]] | None = None,
-         extra: Mapping[str, Any] | None = None) -> Path:
-    """Write ``model`` as an artifact directory at ``path`` (replacing one that is there)."""
+         extra: Mapping[str, Any] | None = None, sparse: bool | None = None) -> Path:
+    """Write ``model`` as an artifact directory at ``path`` (replacing one that is there).
+
+    ``sparse=None`` stores a mostly-zero tensor (pruned weights) sparsely when that saves at
+    least a quarter of its bytes; ``True`` whenever it saves anything; ``False`` never.
+    """
     from safetensors.torch import save_file
+
+    from slimkit.prune.sparse_format import pack_state
 
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
-    state = _contiguous_state(model)
+    state, encoded = pack_state(_contiguous_state(model), sparse)
     builder = builder_of(model)
     meta = {
         "format": FORMAT_VERSION,
@@ -122,9 +131,11 @@ def save(model: nn.Module, path: str | os.PathLike[str], *, recipe: list[dict[st
         "extra": dict(extra or {}),
         "versions": versions(),
     }
+    if encoded:  # the weights file carries the same table, so it decodes on its own too
+        meta["sparse"] = encoded
     tmp = Path(tempfile.mkdtemp(prefix=f".{path.name}.", dir=path.parent))
     try:
-        save_file(state, str(tmp / WEIGHTS))
+        save_file(state, str(tmp / WEIGHTS), metadata={SPARSE_KEY: json.dumps(encoded)} if encoded else None)
         (tmp / META).write_text(json.dumps(meta, indent=2, default=str))
         _replace_dir(tmp, path)
     except BaseException:
@@ -188,10 +199,29 @@ def load_state(path: str | os.PathLike[str]) -> dict[str, torch.Tensor]:
     if not file.is_file():
         raise SlimkitError(f"no weights file at {file}", "check the path")
     try:
-        return load_file(str(file))
+        stored = load_file(str(file))
+        table = _header_metadata(file).get(SPARSE_KEY)
     except (SafetensorError, OSError, ValueError) as exc:
         first = str(exc).splitlines()[0] if str(exc) else type(exc).__name__
         raise SlimkitError(f"{file} is corrupt or truncated ({first})", "re-save or re-download the model") from None
+    if table is None and not any("::" in k for k in stored):  # "::" = sparse_format.SEP
+        return stored  # a plain dense file
+    from slimkit.prune.sparse_format import unpack_state
+
+    try:
+        encoded = json.loads(table or "{}")
+    except json.JSONDecodeError:
+        encoded = None
+    if not isinstance(encoded, dict):
+        raise SlimkitError(f"{file}: the sparse tensor table is corrupt", "re-save the model")
+    return unpack_state(stored, encoded, source=str(file))
+
+
+def _header_metadata(file: Path) -> dict[str, str]:
+    from safetensors import safe_open
+
+    with safe_open(str(file), framework="pt") as f:
+        return dict(f.metadata() or {})
 
 
 def load(path: str | os.PathLike[str], model: nn.Module | None = None) -> nn.Module:
@@ -275,4 +305,5 @@ def _import_zoo() -> None:
 
 
 def _import_techniques() -> None:
+    import slimkit.prune  # noqa: F401  (registers the sparse module classes)
     import slimkit.quantize  # noqa: F401  (registers the quantized module classes)

@@ -1,0 +1,109 @@
+"""At which sparsity does a CSR weight beat the dense one on CPU? Linear layers, 2 threads.
+
+For each Linear shape (in -> out) and batch of tokens, the dense ``F.linear`` and
+``torch.addmm(bias, W_csr, x.T)`` at several sparsities are timed in interleaved rounds
+(medians). The crossover of a (shape, batch) is the lowest measured sparsity from which CSR is
+faster at every higher sparsity too. ``slimkit.prune.sparse_linear`` turns these numbers into
+its rule. Writes bench/results/sparse_cpu.json.
+
+    .venv/bin/python bench/sparse_cpu.py [--quick]
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+import warnings
+from collections.abc import Callable
+
+import torch
+import torch.nn.functional as F
+from _common import environment, interleaved_medians, write  # bench/ is on sys.path when run as a script
+
+SHAPES = [(384, 1536), (1536, 384), (1024, 1024)]  # (in_features, out_features)
+BATCHES = (1, 32, 256)  # tokens per call
+SPARSITIES = (0.5, 0.7, 0.8, 0.9, 0.95, 0.98, 0.99)
+THREADS = 2
+
+
+def pruned_weight(out_f: int, in_f: int, sparsity: float, gen: torch.Generator) -> torch.Tensor:
+    """(out, in) weight with exactly ``sparsity`` of its entries zero, at random places (like magnitude pruning)."""
+    w = torch.randn(out_f, in_f, generator=gen) / in_f ** 0.5
+    k = round(sparsity * w.numel())
+    drop = torch.randperm(w.numel(), generator=gen)[:k]
+    w.view(-1)[drop] = 0.0
+    return w
+
+
+def variants(in_f: int, out_f: int, batch: int) -> tuple[dict[str, Callable[[], object]], float]:
+    """Timed callables and the largest |CSR - dense| output difference over all sparsities."""
+    gen = torch.Generator().manual_seed(0)
+    x = torch.randn(batch, in_f, generator=gen)  # (B, in)
+    b = torch.randn(out_f, generator=gen)
+    dense_w = pruned_weight(out_f, in_f, 0.0, gen)
+    fns: dict[str, Callable[[], object]] = {"dense": lambda: F.linear(x, dense_w, b)}
+    max_err = 0.0
+    for s in SPARSITIES:
+        w = pruned_weight(out_f, in_f, s, gen)
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore")  # "sparse CSR support is in beta"
+            csr = w.to_sparse_csr()
+        b_col = b[:, None]  # (out, 1)
+        fn = (lambda csr=csr, b_col=b_col: torch.addmm(b_col, csr, x.t()).t())  # (out, B) -> (B, out)
+        max_err = max(max_err, float((fn() - F.linear(x, w, b)).abs().max()))
+        fns[f"csr@{s}"] = fn
+    return fns, max_err
+
+
+def crossover(median_ms: dict[str, float]) -> float | None:
+    """Lowest sparsity from which CSR beats dense at it and every higher measured sparsity."""
+    best = None
+    for s in sorted(SPARSITIES, reverse=True):
+        if median_ms[f"csr@{s}"] < median_ms["dense"]:
+            best = s
+        else:
+            break
+    return best
+
+
+def run(quick: bool) -> dict[str, object]:
+    torch.set_num_threads(THREADS)
+    rows, load_before = [], os.getloadavg()
+    for in_f, out_f in SHAPES:
+        for batch in BATCHES:
+            fns, max_err = variants(in_f, out_f, batch)
+            stats = interleaved_medians(fns, rounds=5 if quick else 9, min_time_s=0.03 if quick else 0.1)
+            med = {name: st["median_ms"] for name, st in stats.items()}
+            row = {"in_features": in_f, "out_features": out_f, "batch": batch, "median_ms": med,
+                   "speedup_vs_dense": {k: med["dense"] / v for k, v in med.items() if k != "dense"},
+                   "crossover_sparsity": crossover(med), "max_abs_error": max_err}
+            print(f"{in_f}->{out_f} B={batch}: dense {med['dense']:.3f} ms, crossover {row['crossover_sparsity']}, "
+                  + " ".join(f"{k[4:]}:x{v:.2f}" for k, v in row["speedup_vs_dense"].items()), flush=True)
+            rows.append(row)
+    summary = {}
+    for batch in BATCHES:
+        found = [r["crossover_sparsity"] for r in rows if r["batch"] == batch]
+        summary[str(batch)] = None if any(c is None for c in found) else max(found)
+    return {"environment": {**environment(THREADS), "load_avg_before": load_before,
+                            "load_avg_after": os.getloadavg()},
+            "method": "torch.addmm(bias[:, None], W_csr, x.T).T vs F.linear(x, W, bias); fp32; uniform random "
+                      "sparsity pattern; medians of interleaved rounds (bench/_common.py)",
+            "sparsities": list(SPARSITIES), "rows": rows,
+            "crossover_by_batch": summary,
+            "crossover_note": "per batch: the highest crossover over the shapes (None: CSR lost at some shape "
+                              "even at the highest sparsity measured)"}
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--quick", action="store_true", help="fewer, shorter rounds (smoke test)")
+    args = parser.parse_args()
+    result = run(args.quick)
+    if not args.quick:
+        print("wrote", write("sparse_cpu", result))
+    else:
+        print(result["crossover_by_batch"])
+
+
+if __name__ == "__main__":
+    main()

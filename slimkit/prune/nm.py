@@ -1,0 +1,131 @@
+"""N:M semi-structured sparsity: in every run of M weights along the input dimension, keep N.
+
+2:4 is what sparse tensor cores execute (``torch.sparse.to_sparse_semi_structured`` on CUDA).
+Linear weights (out, in) are grouped along ``in``; Conv weights (out, in, *k) are viewed as
+(out, in * prod(k)), the im2col order a GEMM sees.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import logging
+from typing import Any
+
+import torch
+import torch.nn as nn
+
+from slimkit.config import BaseConfig, register, register_handler
+from slimkit.errors import SlimkitError
+from slimkit.prune.masks import Masks, apply_masks, prunable, record, weight
+
+log = logging.getLogger("slimkit.prune")
+Targets = str | tuple[str, ...]
+
+
+@register("prune.NM")
+@dataclasses.dataclass(frozen=True)
+class NM(BaseConfig):
+    """Keep the ``n`` largest-|w| of every ``m`` consecutive input weights (2:4 by default).
+
+    Layers whose input size (times kernel size for convs) is not a multiple of ``m`` are left
+    dense and listed in ``model.slimkit_prune["skipped"]``.
+    """
+
+    n: int = 2
+    m: int = 4
+    targets: Targets = "all"
+    exclude: Targets = ()
+
+    def __post_init__(self) -> None:
+        check_nm(self.n, self.m)
+
+
+def check_nm(n: object, m: object) -> None:
+    if not all(isinstance(v, int) and not isinstance(v, bool) for v in (n, m)) or not 0 < n < m:  # type: ignore[operator]
+        raise SlimkitError(f"{n}:{m} is not an N:M pattern", "use integers 0 < n < m, e.g. n=2, m=4")
+
+
+def _groups(t: torch.Tensor, m: int) -> torch.Tensor:
+    """(out, in * k / m, m) view of a weight (out, in, *k)."""
+    rows = t.shape[0]
+    return t.reshape(rows, -1, m)
+
+
+def nm_mask(w: torch.Tensor, n: int = 2, m: int = 4) -> torch.Tensor:
+    """Keep-mask (like ``w``) with exactly ``n`` True in every group of ``m`` along the input dimension."""
+    check_nm(n, m)
+    cols = w[0].numel() if w.dim() else 0
+    if w.dim() < 2 or cols % m:
+        raise SlimkitError(f"weight {tuple(w.shape)} has {cols} inputs per output, not a multiple of {m}",
+                           f"leave this layer dense or pad it to a multiple of {m}")
+    scores = _groups(w.detach().abs().float(), m)  # (out, groups, m)
+    top = scores.topk(n, dim=-1).indices  # (out, groups, n): ties resolved by topk, count stays exact
+    keep = torch.zeros_like(scores, dtype=torch.bool).scatter_(-1, top, True)
+    return keep.view(w.shape)
+
+
+def is_nm(t: torch.Tensor, n: int = 2, m: int = 4) -> bool:
+    """True when every group of ``m`` along the input dimension has at most ``n`` non-zeros."""
+    check_nm(n, m)
+    if t.dim() < 2 or t[0].numel() % m:
+        return False
+    return bool(((_groups(t, m) != 0).sum(-1) <= n).all())
+
+
+def nm_masks(model: nn.Module, names: list[str], n: int, m: int) -> tuple[Masks, dict[str, str]]:
+    """Masks for the layers that fit the pattern; the others with why they were skipped."""
+    masks: Masks = {}
+    skipped: dict[str, str] = {}
+    for name in names:
+        w = weight(model, name)
+        if w[0].numel() % m:
+            skipped[name] = f"{w[0].numel()} inputs per output is not a multiple of {m}"
+            log.info("not pruned: %s (%s)", name, skipped[name])
+            continue
+        masks[name] = nm_mask(w, n, m)
+    return masks, skipped
+
+
+def prune_nm(model: nn.Module, config: NM, task: Any = None) -> nn.Module:
+    names, skipped = prunable(model, config.targets, config.exclude)
+    masks, misfits = nm_masks(model, names, config.n, config.m)
+    if not masks:
+        raise SlimkitError(f"no targeted layer has an input size divisible by {config.m}",
+                           "target other layers or choose a smaller m")
+    apply_masks(model, masks)
+    record(model, config, list(masks), {**skipped, **misfits})
+    return model
+
+
+def to_semi_structured(model: nn.Module, targets: Targets = "all-linear", exclude: Targets = ()) -> list[str]:
+    """Swap 2:4-sparse CUDA Linear weights for ``torch.sparse.to_sparse_semi_structured`` ones, in place.
+
+    Needs CUDA and fp16/bf16 weights whose both sizes are multiples of 64 (cuSPARSELt/CUTLASS
+    tile limits); other layers stay dense and are logged. Returns the converted layer names.
+    """
+    if not torch.cuda.is_available():
+        raise SlimkitError("semi-structured sparse execution needs a CUDA GPU", "run it on a machine with CUDA")
+    from torch.sparse import to_sparse_semi_structured
+
+    converted = []
+    for name in prunable(model, targets, exclude)[0]:
+        layer = model.get_submodule(name)
+        w = layer.weight
+        why = None
+        if not isinstance(layer, nn.Linear):
+            why = "only Linear layers run semi-structured"
+        elif not w.is_cuda or w.dtype not in (torch.float16, torch.bfloat16):
+            why = f"weight is {w.dtype} on {w.device}; needs fp16/bf16 on CUDA"
+        elif w.shape[0] % 64 or w.shape[1] % 64:
+            why = f"shape {tuple(w.shape)} is not a multiple of 64"
+        elif not is_nm(w, 2, 4):
+            why = "weight is not 2:4 sparse"
+        if why:
+            log.info("kept dense: %s (%s)", name, why)
+            continue
+        layer.weight = nn.Parameter(to_sparse_semi_structured(w.detach()), requires_grad=False)
+        converted.append(name)
+    return converted
+
+
+register_handler(NM, prune_nm)
