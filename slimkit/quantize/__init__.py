@@ -1,7 +1,8 @@
 """Numerical precision techniques. Import a config and pass it to ``slimkit.apply``.
 
 ``Int8`` (dynamic or static activations) and ``WeightOnly`` (int8 / int4) turn layers into
-``QuantLinear`` / ``QuantConv2d`` holding packed integer weights; ``Float16`` / ``BFloat16``
+``QuantLinear`` / ``QuantConv2d`` holding packed integer weights (and embedding tables into
+int8-row ``QuantEmbedding``); ``Float16`` / ``BFloat16``
 cast the whole model.
 """
 
@@ -9,8 +10,9 @@ from slimkit.quantize import ptq  # noqa: F401  (registers the PTQ handlers)
 from slimkit.quantize.calibrate import collect, compute_range
 from slimkit.quantize.cast import BFloat16, Float16
 from slimkit.quantize.configs import Int8, WeightOnly
+from slimkit.quantize.embedding import QuantEmbedding
 from slimkit.quantize.layer_error import LayerError, layer_errors
 from slimkit.quantize.modules import QuantConv2d, QuantLinear
 
-__all__ = ["BFloat16", "Float16", "Int8", "LayerError", "QuantConv2d", "QuantLinear", "WeightOnly", "collect",
+__all__ = ["BFloat16", "Float16", "Int8", "LayerError", "QuantConv2d", "QuantEmbedding", "QuantLinear", "WeightOnly", "collect",
            "compute_range", "layer_errors"]

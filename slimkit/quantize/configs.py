@@ -29,7 +29,9 @@ class Int8(BaseConfig):
     ``"static"`` uses ranges calibrated once on the task's calibration data with ``calibration``.
     Weights are symmetric int8, ``per_channel`` (one scale per output channel) or ``per_tensor``.
     ``max_drop`` turns on accuracy control: the most sensitive layers go back to float until the
-    task metric drops by at most this much.
+    task metric drops by at most this much. ``embeddings`` stores every ``nn.Embedding`` table
+    (not excluded) as int8 rows with a scale per row: in a small transformer the token table is
+    most of the bytes.
     """
 
     activations: str = "dynamic"
@@ -41,12 +43,14 @@ class Int8(BaseConfig):
     exclude: Targets = ()
     backend: str = "auto"
     max_drop: float | None = None
+    embeddings: bool = True
 
     def __post_init__(self) -> None:
         _check("activations", self.activations, ("dynamic", "static"))
         _check("calibration", self.calibration, CALIBRATIONS)
         _check("granularity", self.granularity, ("per_channel", "per_tensor"))
         _check("backend", self.backend, BACKENDS)
+        _check("embeddings", self.embeddings, (True, False))
         if not 50.0 < self.percentile <= 100.0:
             raise SlimkitError(f"percentile={self.percentile} is out of range", "use a value in (50, 100], e.g. 99.99")
         if self.max_drop is not None and self.max_drop < 0:
@@ -59,7 +63,7 @@ class WeightOnly(BaseConfig):
     """Int8 or int4 weights with float activations: the memory-bound (small batch) win.
 
     ``group_size`` scales each run of that many input weights separately (int4 needs it for
-    accuracy); 0 means one scale per output channel.
+    accuracy); 0 means one scale per output channel. ``embeddings``: int8 embedding tables, as in ``Int8``.
     """
 
     bits: int = 8
@@ -68,11 +72,13 @@ class WeightOnly(BaseConfig):
     exclude: Targets = ()
     backend: str = "auto"
     max_drop: float | None = None
+    embeddings: bool = True
 
     def __post_init__(self) -> None:
         _check("bits", self.bits, (8, 4))
         _check("group_size", self.group_size, (0, 32, 64, 128, 256))
         _check("backend", self.backend, BACKENDS)
+        _check("embeddings", self.embeddings, (True, False))
         if self.bits == 4 and self.group_size == 0:
             raise SlimkitError("4-bit weights need a group size", "use group_size=32, 64 or 128")
         if self.bits == 8 and self.group_size != 0:

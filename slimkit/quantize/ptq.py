@@ -18,6 +18,7 @@ from slimkit.errors import SlimkitError
 from slimkit.io import set_submodule
 from slimkit.quantize.calibrate import collect, compute_range
 from slimkit.quantize.configs import Int8, WeightOnly
+from slimkit.quantize.embedding import QuantEmbedding
 from slimkit.quantize.modules import QuantConv2d, QuantLinear
 from slimkit.quantize.targets import select
 
@@ -30,6 +31,7 @@ MAX_ABS_RANGE = 1e4
 
 def quantize_int8(model: nn.Module, config: Int8, task: Any) -> nn.Module:
     names, skipped = _targets(model, config.targets, config.exclude, allow_conv=True)
+    tables = _quantize_embeddings(model, config, skipped)  # first, so calibration sees the deployed tables
     ranges: dict[str, tuple[float, float]] = {}
     if config.activations == "static":
         calib = getattr(task, "calib", None) if task is not None else None
@@ -56,11 +58,12 @@ def quantize_int8(model: nn.Module, config: Int8, task: Any) -> nn.Module:
                                        act_range=ranges.get(name), per_channel=per_channel,
                                        symmetric_act=config.symmetric)
         set_submodule(model, name, q)
-    return _finish(model, config, originals, skipped, task)
+    return _finish(model, config, originals, skipped, task, tables)
 
 
 def quantize_weight_only(model: nn.Module, config: WeightOnly, task: Any) -> nn.Module:
     names, skipped = _targets(model, config.targets, config.exclude, allow_conv=False)
+    tables = _quantize_embeddings(model, config, skipped)
     originals = {}
     for name in names:
         layer = model.get_submodule(name)
@@ -70,7 +73,24 @@ def quantize_weight_only(model: nn.Module, config: WeightOnly, task: Any) -> nn.
         originals[name] = layer
         set_submodule(model, name, QuantLinear.from_float(layer, bits=config.bits, group_size=config.group_size,
                                                           activations="none"))
-    return _finish(model, config, originals, skipped, task)
+    return _finish(model, config, originals, skipped, task, tables)
+
+
+def _quantize_embeddings(model: nn.Module, config: Int8 | WeightOnly, skipped: dict[str, str]) -> list[str]:
+    """Swap every ``nn.Embedding`` not in ``exclude`` for a ``QuantEmbedding`` (int8 rows, per-row scale)."""
+    if not config.embeddings:
+        return []
+    excluded = set(select(model, config.exclude, (), kinds=(nn.Module,))) if config.exclude else set()
+    done = []
+    for name, m in list(model.named_modules()):
+        if not isinstance(m, nn.Embedding) or any(name == e or name.startswith(e + ".") for e in excluded):
+            continue
+        if m.max_norm is not None or m.sparse:
+            skipped[name] = "an Embedding with max_norm or sparse gradients stays float"
+            continue
+        set_submodule(model, name, QuantEmbedding.from_float(m))
+        done.append(name)
+    return done
 
 
 def _targets(model: nn.Module, targets: Any, exclude: Any, *, allow_conv: bool) -> tuple[list[str], dict[str, str]]:
@@ -95,11 +115,11 @@ def _plain_conv(conv: nn.Conv2d) -> bool:
 
 
 def _finish(model: nn.Module, config: Any, originals: dict[str, nn.Module], skipped: dict[str, str],
-            task: Any) -> nn.Module:
+            task: Any, tables: list[str]) -> nn.Module:
     for name, reason in skipped.items():
         log.info("kept in float: %s (%s)", name, reason)
     model.slimkit_quant = {"config": config.to_dict(), "layers": list(originals), "skipped": dict(skipped),
-                           "reverted": []}
+                           "reverted": [], "embeddings": list(tables)}
     if config.max_drop is not None:
         from slimkit.quantize.accuracy import control
 
