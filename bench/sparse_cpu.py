@@ -1,10 +1,11 @@
 """At which sparsity does a CSR weight beat the dense one on CPU? Linear layers, 2 threads.
 
 For each Linear shape (in -> out) and batch of tokens, the dense ``F.linear`` and
-``torch.addmm(bias, W_csr, x.T)`` at several sparsities are timed in interleaved rounds
+``torch.addmm(bias, W_csr, x.T)`` (``addmv`` for one token) at several sparsities are timed in interleaved rounds
 (medians). The crossover of a (shape, batch) is the lowest measured sparsity from which CSR is
 faster at every higher sparsity too. ``slimkit.prune.sparse_linear`` turns these numbers into
-its rule. Writes bench/results/sparse_cpu.json.
+its rule. A 1-thread pass follows as a reference: on a shared 2-core machine, 2-thread OpenMP
+kernels stall whenever another process holds a core, and such rows are marked ``contended``. Writes bench/results/sparse_cpu.json.
 
     .venv/bin/python bench/sparse_cpu.py [--quick]
 """
@@ -24,6 +25,8 @@ SHAPES = [(384, 1536), (1536, 384), (1024, 1024)]  # (in_features, out_features)
 BATCHES = (1, 32, 256)  # tokens per call
 SPARSITIES = (0.5, 0.7, 0.8, 0.9, 0.95, 0.98, 0.99)
 THREADS = 2
+#: A 2-thread dense time above this multiple of the 1-thread one marks the row as disturbed by other load.
+CONTENDED = 1.3
 
 
 def pruned_weight(out_f: int, in_f: int, sparsity: float, gen: torch.Generator) -> torch.Tensor:
@@ -49,7 +52,10 @@ def variants(in_f: int, out_f: int, batch: int) -> tuple[dict[str, Callable[[], 
             warnings.simplefilter("ignore")  # "sparse CSR support is in beta"
             csr = w.to_sparse_csr()
         b_col = b[:, None]  # (out, 1)
-        fn = (lambda csr=csr, b_col=b_col: torch.addmm(b_col, csr, x.t()).t())  # (out, B) -> (B, out)
+        if batch == 1:  # addmv: addmm with a (in, 1) operand hits a path that is ~100x slower on 2 threads
+            fn = (lambda csr=csr: torch.addmv(b, csr, x[0]).unsqueeze(0))  # (1, out)
+        else:
+            fn = (lambda csr=csr, b_col=b_col: torch.addmm(b_col, csr, x.t()).t())  # (out, B) -> (B, out)
         max_err = max(max_err, float((fn() - F.linear(x, w, b)).abs().max()))
         fns[f"csr@{s}"] = fn
     return fns, max_err
@@ -66,32 +72,48 @@ def crossover(median_ms: dict[str, float]) -> float | None:
     return best
 
 
-def run(quick: bool) -> dict[str, object]:
-    torch.set_num_threads(THREADS)
-    rows, load_before = [], os.getloadavg()
+def measure(threads: int, quick: bool) -> list[dict[str, object]]:
+    torch.set_num_threads(threads)
+    rows = []
     for in_f, out_f in SHAPES:
         for batch in BATCHES:
             fns, max_err = variants(in_f, out_f, batch)
             stats = interleaved_medians(fns, rounds=5 if quick else 9, min_time_s=0.03 if quick else 0.1)
             med = {name: st["median_ms"] for name, st in stats.items()}
-            row = {"in_features": in_f, "out_features": out_f, "batch": batch, "median_ms": med,
+            row = {"threads": threads, "in_features": in_f, "out_features": out_f, "batch": batch, "median_ms": med,
                    "speedup_vs_dense": {k: med["dense"] / v for k, v in med.items() if k != "dense"},
                    "crossover_sparsity": crossover(med), "max_abs_error": max_err}
-            print(f"{in_f}->{out_f} B={batch}: dense {med['dense']:.3f} ms, crossover {row['crossover_sparsity']}, "
-                  + " ".join(f"{k[4:]}:x{v:.2f}" for k, v in row["speedup_vs_dense"].items()), flush=True)
+            print(f"{threads}t {in_f}->{out_f} B={batch}: dense {med['dense']:.3f} ms, crossover "
+                  f"{row['crossover_sparsity']}, " + " ".join(f"{k[4:]}:x{v:.2f}" for k, v in row["speedup_vs_dense"].items()),
+                  flush=True)
             rows.append(row)
-    summary = {}
-    for batch in BATCHES:
-        found = [r["crossover_sparsity"] for r in rows if r["batch"] == batch]
-        summary[str(batch)] = None if any(c is None for c in found) else max(found)
+    return rows
+
+
+def run(quick: bool) -> dict[str, object]:
+    load_before = os.getloadavg()
+    rows = measure(THREADS, quick) + measure(1, quick)
+    one = {(r["in_features"], r["out_features"], r["batch"]): r["median_ms"]["dense"] for r in rows if r["threads"] == 1}
+    for r in rows:  # 2 threads slower than 1 on a GEMM means another process held a core: not a kernel property
+        r["contended"] = r["threads"] == THREADS and \
+            r["median_ms"]["dense"] > CONTENDED * one[(r["in_features"], r["out_features"], r["batch"])]
+    summary: dict[str, dict[str, float | None]] = {}
+    for threads in (THREADS, 1):
+        summary[str(threads)] = {}
+        for batch in BATCHES:
+            found = [r["crossover_sparsity"] for r in rows
+                     if r["batch"] == batch and r["threads"] == threads and not r["contended"]]
+            summary[str(threads)][str(batch)] = None if not found or None in found else max(found)
     return {"environment": {**environment(THREADS), "load_avg_before": load_before,
                             "load_avg_after": os.getloadavg()},
-            "method": "torch.addmm(bias[:, None], W_csr, x.T).T vs F.linear(x, W, bias); fp32; uniform random "
-                      "sparsity pattern; medians of interleaved rounds (bench/_common.py)",
+            "method": "torch.addmm(bias[:, None], W_csr, x.T).T (batch 1: torch.addmv(bias, W_csr, x[0])) vs "
+                      "F.linear(x, W, bias); fp32; uniform random sparsity pattern; medians of interleaved rounds "
+                      "(bench/_common.py); 2 threads, then 1 thread as a contention-free reference",
             "sparsities": list(SPARSITIES), "rows": rows,
-            "crossover_by_batch": summary,
-            "crossover_note": "per batch: the highest crossover over the shapes (None: CSR lost at some shape "
-                              "even at the highest sparsity measured)"}
+            "crossover_by_threads_and_batch": summary,
+            "crossover_note": "per thread count and batch: the highest crossover over the shapes, leaving out "
+                              f"2-thread rows whose dense time exceeds {CONTENDED}x the 1-thread one (contended); "
+                              "None: CSR lost at some shape even at the highest sparsity measured"}
 
 
 def main() -> None:
@@ -102,7 +124,7 @@ def main() -> None:
     if not args.quick:
         print("wrote", write("sparse_cpu", result))
     else:
-        print(result["crossover_by_batch"])
+        print(result["crossover_by_threads_and_batch"])
 
 
 if __name__ == "__main__":
