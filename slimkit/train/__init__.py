@@ -1,5 +1,9 @@
-"""Small fine-tuning loop shared by the zoo and by recovery after compression."""
+"""Small deterministic training loops: ``fit`` trains the zoo's models from scratch, ``finetune``
+recovers quality after compression (checkpoints, resume, early stopping) and is reused by every
+technique that trains."""
 
+from slimkit.train.checkpoint import load_checkpoint, save_checkpoint
+from slimkit.train.finetune import TrainResult, WarmupCosine, finetune
 from slimkit.train.loop import FitResult, fit
 
-__all__ = ["FitResult", "fit"]
+__all__ = ["FitResult", "TrainResult", "WarmupCosine", "finetune", "fit", "load_checkpoint", "save_checkpoint"]

@@ -15,6 +15,7 @@ import torch.nn as nn
 import torch.nn.functional as F
 
 from slimkit.errors import SlimkitError
+from slimkit.train._progress import progress_bar
 
 Augment = Callable[[torch.Tensor, torch.Generator], torch.Tensor]
 
@@ -45,8 +46,8 @@ def fit(model: nn.Module, inputs: torch.Tensor, labels: torch.Tensor, *, epochs:
                                                 pct_start=0.15, anneal_strategy="cos")
     losses: list[float] = []
     model.train()
-    with _progress(progress) as bar:
-        task_id = bar.add_task(label, total=epochs * steps_per_epoch) if bar else None
+    with progress_bar(progress) as bar:
+        task_id = bar.add_task(label, total=epochs * steps_per_epoch, info="") if bar else None
         for _ in range(epochs):
             order = torch.randperm(inputs.shape[0], generator=gen)
             total = 0.0
@@ -69,24 +70,3 @@ def fit(model: nn.Module, inputs: torch.Tensor, labels: torch.Tensor, *, epochs:
     model.eval()
     return FitResult(epochs=epochs, losses=losses)
 
-
-class _progress:
-    """A rich progress bar, or nothing when disabled (tests, non-interactive runs)."""
-
-    def __init__(self, enabled: bool) -> None:
-        self.enabled = enabled
-        self.bar = None
-
-    def __enter__(self):  # noqa: ANN204
-        if not self.enabled:
-            return None
-        from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeRemainingColumn
-
-        self.bar = Progress(TextColumn("{task.description}"), BarColumn(), MofNCompleteColumn(),
-                            TimeRemainingColumn(), transient=True)
-        self.bar.__enter__()
-        return self.bar
-
-    def __exit__(self, *exc: object) -> None:
-        if self.bar is not None:
-            self.bar.__exit__(*exc)
