@@ -76,6 +76,8 @@ def finetune(model: nn.Module, task: Task, *, steps: int, lr: float = 1e-3, weig
       stop after ``patience`` evaluations without improvement; with ``restore_best`` the model
       ends with the best-scoring weights. A pruning schedule that raises sparsity in
       ``after_step`` should pass ``restore_best=False`` (earlier, denser weights would win).
+    - The optimizer does not keep zeroed weights at zero: prune through a mask (a parametrization,
+      ``torch.nn.utils.prune``) or re-apply it in ``after_step``.
     """
     if steps < 1:
         raise SlimkitError(f"finetune: steps={steps}", "ask for at least 1 step")

@@ -114,7 +114,7 @@ def test_finetuning_recovers_a_damaged_digits_model(digits_task):
     before = digits_task.evaluate(model)["score"]
     r = finetune(model, digits_task, steps=60, progress=False)
     after = digits_task.evaluate(model)["score"]
-    # Measured: 0.997 trained, about 0.3 damaged, about 0.99 after 60 steps.
+    # Measured: 0.997 trained, 0.10 damaged (chance), 0.986 after 60 steps.
     assert before < 0.6 and after >= 0.97 and after - before >= 0.4
     assert r.losses[-1] < r.losses[0] / 5 and not model.training
 
