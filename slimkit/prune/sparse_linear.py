@@ -1,11 +1,12 @@
 """CPU sparse execution of pruned Linear layers (CSR weight), used only where it measured faster.
 
 Sparse kernels lose to dense GEMM until the weight is very sparse; how sparse depends on the
-batch. :data:`CROSSOVER` holds the measured answer from ``bench/sparse_cpu.py`` (2 threads,
-fp32, see BENCHMARKS.md): for each measured batch, the lowest sparsity from which CSR beat dense
-on every measured shape. :func:`sparsify` converts a layer only when its sparsity reaches the
-crossover of the nearest measured batch and the layer is at least as large as the smallest
-measured shape; everything else stays dense, with the reason recorded.
+batch and the thread count. :data:`CROSSOVER` holds the measured answer from
+``bench/sparse_cpu.py`` (fp32, see BENCHMARKS.md): per thread count (1, 2) and measured batch,
+the lowest sparsity from which CSR beat dense on every measured shape. :func:`sparsify` converts
+a layer only when its sparsity reaches the crossover of the current thread count (more than 2:
+unmeasured, the 2-thread numbers are used) and nearest measured batch, and the layer is at least
+as large as the smallest measured shape; everything else stays dense, with the reason recorded.
 """
 
 from __future__ import annotations
@@ -21,8 +22,8 @@ from slimkit.errors import SlimkitError
 from slimkit.io import register_module_class, set_submodule
 from slimkit.prune.masks import log, prunable
 
-#: Measured crossover sparsity per batch (tokens per call); None: CSR never won on every shape.
-CROSSOVER: dict[int, float | None] = {1: None, 32: 0.95, 256: 0.98}
+#: Measured crossover sparsity per thread count, then per batch (tokens per call).
+CROSSOVER: dict[int, dict[int, float | None]] = {1: {1: 0.9, 32: 0.8, 256: 0.95}, 2: {1: 0.9, 32: 0.8, 256: 0.95}}
 #: Smallest measured weight (384 x 1536): below it per-call overhead dominates, unmeasured.
 MIN_WEIGHTS = 384 * 1536
 
@@ -96,12 +97,13 @@ class SparseLinear(nn.Module):
         return f"in_features={self.in_features}, out_features={self.out_features}, sparsity={self.sparsity:.3f}"
 
 
-def crossover_for(batch: int) -> float | None:
-    """Measured crossover sparsity of the measured batch nearest to ``batch`` (in log scale)."""
+def crossover_for(batch: int, threads: int | None = None) -> float | None:
+    """Measured crossover sparsity at the measured batch nearest to ``batch`` (in log scale)."""
     if batch < 1:
         raise SlimkitError(f"batch={batch} is not a number of tokens per call", "use a positive integer")
-    nearest = min(CROSSOVER, key=lambda b: abs(math.log(b) - math.log(batch)))
-    return CROSSOVER[nearest]
+    table = CROSSOVER[min(max(threads or torch.get_num_threads(), 1), 2)]
+    nearest = min(table, key=lambda b: abs(math.log(b) - math.log(batch)))
+    return table[nearest]
 
 
 def sparse_is_faster(layer: nn.Linear, batch: int) -> tuple[bool, str]:
@@ -114,7 +116,7 @@ def sparse_is_faster(layer: nn.Linear, batch: int) -> tuple[bool, str]:
     s = float((w == 0).sum()) / w.numel()
     cross = crossover_for(batch)
     if cross is None:
-        return False, f"CSR never beat dense at batch ~{batch} on 2 threads"
+        return False, f"CSR never beat dense on every measured shape at batch ~{batch}"
     if s < cross:
         return False, f"sparsity {s:.3f} < measured crossover {cross} at batch ~{batch}"
     return True, f"sparsity {s:.3f} >= measured crossover {cross} at batch ~{batch}"

@@ -8,7 +8,8 @@ from safetensors.torch import load_file, save_file
 import slimkit as sk
 from slimkit import io, prune
 from slimkit.prune import sparse_format as sf
-from slimkit.prune.sparse_linear import MIN_WEIGHTS, SparseLinear, sparse_is_faster
+from slimkit.prune import sparse_linear
+from slimkit.prune.sparse_linear import MIN_WEIGHTS, SparseLinear, crossover_for, sparse_is_faster
 
 
 def _sparse(shape: tuple[int, ...], sparsity: float, dtype=torch.float32, seed: int = 0) -> torch.Tensor:
@@ -134,8 +135,21 @@ def test_sparsify_follows_the_measured_rule_and_the_artifact_round_trips(tmp_pat
     assert "below the smallest measured layer" in fast.slimkit_sparse["decisions"]["4"]
     assert (fast(x) - ref).abs().max().item() < 1e-5
     assert sparse_is_faster(model[0], 32)[0] and not sparse_is_faster(model[2], 32)[0]
+    assert crossover_for(32, threads=2) <= 0.99  # the measured rule this test relies on
     path = sk.save(fast, tmp_path / "m")
     assert io.read_meta(path)["modules"]["0"]["class"] == "prune.SparseLinear"
     back = sk.load(path, model=nn.Sequential(nn.Linear(1024, 1024), nn.ReLU(), nn.Linear(1024, 1024), nn.ReLU(),
                                              nn.Linear(1024, 8)))
     assert isinstance(back[0], SparseLinear) and torch.equal(back(x), fast(x))
+
+
+def test_the_rule_uses_the_nearest_measured_batch_and_thread_count(monkeypatch):
+    monkeypatch.setattr(sparse_linear, "CROSSOVER", {1: {1: 0.7, 32: 0.8, 256: None}, 2: {1: 0.9, 32: 0.95, 256: None}})
+    assert crossover_for(1, threads=1) == 0.7 and crossover_for(4, threads=2) == 0.9
+    assert crossover_for(12, threads=2) == 0.95 and crossover_for(100, threads=8) is None
+    layer = nn.Linear(1024, 1024)
+    with torch.no_grad():
+        layer.weight[:, 40:] = 0  # 96% zeros
+    assert sparse_is_faster(layer, 1)[0] and not sparse_is_faster(layer, 1000)[0]
+    with pytest.raises(sk.SlimkitError, match="batch=0"):
+        crossover_for(0)
