@@ -30,7 +30,7 @@ from _common import environment, interleaved_medians, write  # noqa: E402
 
 import slimkit as sk  # noqa: E402
 from slimkit.io import artifact_bytes  # noqa: E402
-from slimkit.quantize import Int8, WeightOnly  # noqa: E402
+from slimkit.quantize import Int8, WeightOnly, layer_errors  # noqa: E402
 from slimkit.runtime import build  # noqa: E402
 from slimkit.runtime.onnx_export import export_onnx  # noqa: E402
 from slimkit.runtime.ort import build_ort  # noqa: E402
@@ -108,6 +108,11 @@ def slimkit_candidates(task: Any, work: Path, threads: int) -> dict[str, tuple[C
         "slimkit weight-only int8 (torch)": WeightOnly(bits=8),
         "slimkit weight-only int4 g32 (torch)": WeightOnly(bits=4, group_size=32),
     }
+    # The per-layer error report's worst layer (MiniLM: layer 0's FFN output, 11 dB worst channel, its input
+    # is the GELU output with outliers) kept in float: the fix the report points at.
+    probe = sk.apply(task.model, Int8(), task)
+    worst = layer_errors(task.model, probe, task.calib)[0].name
+    configs["slimkit int8 dynamic, worst layer float (onnxruntime)"] = Int8(exclude=(worst,), backend="onnxruntime")
     out = {}
     for i, (name, config) in enumerate(configs.items()):
         q = sk.apply(task.model, config, task)
@@ -217,11 +222,15 @@ def backend_choice(rows: dict[str, dict], labels: list[str]) -> dict[str, Any]:
 
 
 def targets(rows: dict[str, dict]) -> dict[str, Any]:
-    """The best slimkit config (fastest at batch 32x128 with cosine >= 0.99) against each target."""
+    """The best slimkit config (fastest at batch 32x128 among those meeting the quality targets) against each target."""
     base = rows["fp32 torch"]["metric"]["score"]
     peer = max((n for n in rows if not n.startswith(("slimkit", "fp32"))), key=lambda n: rows[n]["speedup_batch32x128"])
-    ok = [n for n in rows if n.startswith("slimkit int8") and rows[n]["metric"].get("cosine_to_fp32", 0) >= 0.99]
-    best = max(ok or [n for n in rows if n.startswith("slimkit int8")], key=lambda n: rows[n]["speedup_batch32x128"])
+    ours = [n for n in rows if n.startswith("slimkit int8")]
+    ok = [n for n in ours if rows[n]["metric"].get("cosine_to_fp32", 0) >= TARGETS["cosine_to_fp32"]
+          and base - rows[n]["metric"]["score"] <= TARGETS["score_drop"]]
+    # the fastest config that keeps quality; if none does, the one closest to it (highest cosine)
+    best = (max(ok, key=lambda n: rows[n]["speedup_batch32x128"]) if ok
+            else max(ours, key=lambda n: rows[n]["metric"].get("cosine_to_fp32", 0)))
     r = rows[best]
     measured = {"speedup_batch32x128": r["speedup_batch32x128"], "speedup_batch1x128": r["speedup_batch1x128"],
                 "vs_best_peer_batch32x128": r["speedup_batch32x128"] / rows[peer]["speedup_batch32x128"],
