@@ -1,0 +1,259 @@
+"""Structured pruning: remove whole channels, neurons and attention heads so the model really shrinks.
+
+Channels are removed per dependency group (``slimkit.graph``), so residual additions, depthwise
+convs, BatchNorm and q/k/v stay consistent. After every group the forward pass is checked; a group
+whose removal breaks it (a pattern the tracer misreads) is restored and listed, never a crash.
+"""
+
+from __future__ import annotations
+
+import copy
+import dataclasses
+import logging
+from typing import Any, ClassVar
+
+import torch
+import torch.nn as nn
+
+from slimkit.config import BaseConfig, register, register_handler
+from slimkit.errors import SlimkitError
+from slimkit.graph import attention, dependency
+from slimkit.measure._call import tensors
+from slimkit.measure.flops import count_flops
+
+log = logging.getLogger("slimkit.prune")
+
+IMPORTANCES = ("l1", "l2", "bn_scale", "taylor", "random")
+_MAX_RESTARTS = 32
+
+
+@register("prune.Channels")
+@dataclasses.dataclass(frozen=True)
+class Channels(BaseConfig):
+    """Remove ``amount`` of the channels of every prunable group (or reach ``macs_ratio``).
+
+    ``importance``: l1 / l2 weight magnitude, bn_scale (|gamma| of the group's BatchNorms),
+    taylor (|w * dL/dw| on the task's training batches), random (a control).
+    ``round_to``: keep channel counts multiples of this (kernels prefer multiples of 8 or 16).
+    ``heads``: prune whole attention heads; ``hidden``: also prune a transformer's hidden width.
+    """
+
+    version: ClassVar[int] = 1
+    amount: float = 0.5
+    macs_ratio: float | None = None
+    importance: str = "l2"
+    scope: str = "layer"
+    round_to: int | None = None
+    heads: bool = True
+    hidden: bool = False
+    ignored: tuple[str, ...] = ()
+    taylor_batches: int = 8
+    seed: int = 0
+
+    def __post_init__(self) -> None:
+        if not 0.0 <= self.amount < 1.0:
+            raise SlimkitError(f"prune.Channels amount={self.amount} is outside [0, 1)",
+                               "give the fraction of channels to remove, e.g. 0.5")
+        if self.macs_ratio is not None and not 0.0 < self.macs_ratio <= 1.0:
+            raise SlimkitError(f"prune.Channels macs_ratio={self.macs_ratio} is outside (0, 1]",
+                               "give the MACs to keep as a fraction, e.g. 0.5")
+        if self.importance not in IMPORTANCES:
+            raise SlimkitError(f"unknown importance {self.importance!r}", f"use one of {', '.join(IMPORTANCES)}")
+        if self.scope not in ("layer", "global"):
+            raise SlimkitError(f"unknown scope {self.scope!r}", "use 'layer' or 'global'")
+        if self.round_to is not None and self.round_to < 1:
+            raise SlimkitError(f"round_to={self.round_to} must be a positive integer", "use e.g. 8, or None")
+
+
+@dataclasses.dataclass
+class _Attempt:
+    failed_root: str | None = None
+    error: str = ""
+    pruned_groups: int = 0
+    blocked: dict[str, str] = dataclasses.field(default_factory=dict)
+
+
+def prune_channels(model: nn.Module, config: Channels, task: Any) -> nn.Module:
+    """Handler of :class:`Channels`: prune ``model`` (a copy made by ``apply``) and record what was done."""
+    example = _example(task)
+    model.eval()
+    before_macs = count_flops(model, example).macs
+    before_params = sum(p.numel() for p in model.parameters())
+    before_widths = _widths(model)
+    if config.macs_ratio is None:
+        model, attempt, broken, amount = (*_prune_at(model, config, config.amount, example, task, {}), config.amount)
+    else:
+        model, attempt, broken, amount = _prune_to_macs(model, config, example, task, before_macs)
+    after_macs = count_flops(model, example).macs
+    skipped = {**dependency.custom_layers(model), **attempt.blocked, **broken}
+    for name, reason in skipped.items():
+        log.info("prune: left %s intact: %s", name, reason)
+    model.slimkit_prune = {
+        "config": config.to_dict(), "amount": amount,
+        "macs": [before_macs, after_macs], "params": [before_params, sum(p.numel() for p in model.parameters())],
+        "layers": {n: [before_widths[n], w] for n, w in _widths(model).items() if before_widths.get(n) != w},
+        "heads": {n: list(v) for n, v in getattr(model, "_slimkit_heads", {}).items()},
+        "groups_pruned": attempt.pruned_groups, "skipped": skipped,
+    }
+    if hasattr(model, "_slimkit_heads"):
+        del model._slimkit_heads
+    return model
+
+
+def _prune_to_macs(model: nn.Module, config: Channels, example: tuple, task: Any,
+                   before_macs: int) -> tuple[nn.Module, _Attempt, dict[str, str], float]:
+    """Bisect the per-group amount until the pruned model's MACs are at most ``macs_ratio`` of the original."""
+    target = config.macs_ratio * before_macs
+    lo, hi = 0.0, 0.95
+    broken: dict[str, str] = {}
+    best: tuple[nn.Module, _Attempt, float] | None = None
+    for _ in range(9):
+        mid = (lo + hi) / 2
+        candidate, attempt, broken = _prune_at(copy.deepcopy(model), config, mid, example, task, broken)
+        macs = count_flops(candidate, example).macs
+        if macs <= target:
+            best, hi = (candidate, attempt, mid), mid
+        else:
+            lo = mid
+    if best is None:
+        candidate, attempt, broken = _prune_at(copy.deepcopy(model), config, hi, example, task, broken)
+        macs = count_flops(candidate, example).macs
+        if macs > target:
+            raise SlimkitError(f"channel pruning cannot reach {config.macs_ratio:.2f} of the MACs "
+                               f"(at most {macs / before_macs:.2f}: the rest sits in layers that cannot be pruned)",
+                               "ask for a larger macs_ratio, or allow hidden=True / fewer ignored layers")
+        best = (candidate, attempt, hi)
+    return best[0], best[1], broken, best[2]
+
+
+def _prune_at(model: nn.Module, config: Channels, amount: float, example: tuple, task: Any,
+              broken: dict[str, str]) -> tuple[nn.Module, _Attempt, dict[str, str]]:
+    """Prune at ``amount``; restart without a group whenever removing it breaks the forward pass."""
+    broken = dict(broken)
+    pristine = copy.deepcopy(model)
+    for _ in range(_MAX_RESTARTS):
+        attempt = _attempt(model, config, amount, example, task, broken)
+        if attempt.failed_root is None:
+            return model, attempt, broken
+        broken[attempt.failed_root] = f"pruning this group breaks the forward pass ({attempt.error})"
+        log.info("prune: group %s restored: %s", attempt.failed_root, attempt.error)
+        model = copy.deepcopy(pristine)
+    raise SlimkitError(f"more than {_MAX_RESTARTS} dependency groups break the forward pass when pruned",
+                       "list the custom blocks in ignored=... or report the architecture")
+
+
+def _attempt(model: nn.Module, config: Channels, amount: float, example: tuple, task: Any,
+             broken: dict[str, str]) -> _Attempt:
+    import torch_pruning as tp
+
+    with torch.no_grad():
+        reference = _shapes(model(*example))
+    names = dependency.module_names(model)
+    frozen = dependency.frozen_ids(model, dependency.custom_layers(model))
+    blocks = attention.attention_blocks(model)
+    ignored_names = set(dependency.resolve_names(model, config.ignored)) | set(broken)
+    out = dependency.output_layer(model, example)
+    if out is not None:
+        ignored_names.add(out)
+    ignored = [model.get_submodule(n) for n in sorted(ignored_names)]
+    num_heads: dict[nn.Module, int] = {}
+    heads_kept: dict[str, str] = {}
+    for block in blocks:
+        if block.frozen_reason or not config.heads:
+            ignored.extend(block.qkv)
+            if block.frozen_reason:
+                heads_kept[block.name] = f"heads kept: {block.frozen_reason}"
+        else:
+            num_heads.update({layer: block.heads for layer in block.qkv})
+
+    torch.manual_seed(config.seed)
+    importance = _importance(config, model, task)
+    pruner = tp.pruner.MetaPruner(
+        model, dependency._tp_inputs(example), importance=importance, pruning_ratio=amount,
+        global_pruning=config.scope == "global", round_to=config.round_to, ignored_layers=ignored,
+        num_heads=num_heads, prune_num_heads=bool(num_heads), prune_head_dims=False,
+        head_pruning_ratio=amount if num_heads else 0.0)
+    result = _Attempt(blocked=heads_kept)
+    for group in pruner.step(interactive=True):
+        root = names.get(id(group[0].dep.target.module), "?")
+        reason = dependency.blocked_reason(group, names, frozen=frozen, hidden=config.hidden)
+        if reason is not None:
+            result.blocked[root] = reason
+            continue
+        group.prune()
+        error = _check(model, example, reference)
+        if error:
+            result.failed_root, result.error = root, error
+            return result
+        result.pruned_groups += 1
+    model.zero_grad(set_to_none=True)
+    model._slimkit_heads = attention.sync_head_counts(blocks)
+    return result
+
+
+def _importance(config: Channels, model: nn.Module, task: Any) -> Any:
+    import torch_pruning as tp
+
+    if config.importance in ("l1", "l2"):
+        return tp.importance.GroupMagnitudeImportance(p=1 if config.importance == "l1" else 2)
+    if config.importance == "bn_scale":
+        if not any(isinstance(m, nn.modules.batchnorm._BatchNorm) for m in model.modules()):
+            raise SlimkitError("importance='bn_scale' needs BatchNorm layers and the model has none",
+                               "use importance='l2' or 'taylor'")
+        return tp.importance.BNScaleImportance()
+    if config.importance == "random":
+        return tp.importance.RandomImportance()
+    _accumulate_gradients(model, task, config.taylor_batches)
+    return tp.importance.GroupTaylorImportance()
+
+
+def _accumulate_gradients(model: nn.Module, task: Any, batches: int) -> None:
+    """dL/dw over a few training batches, for first-order Taylor importance."""
+    train = getattr(task, "train", None)
+    loss_fn = getattr(task, "loss", None)
+    if not train or loss_fn is None:
+        raise SlimkitError("importance='taylor' needs labelled training batches and a task loss",
+                           "use a task with train data, or importance='l2'")
+    model.zero_grad(set_to_none=True)
+    for i, (inputs, labels) in enumerate(train):
+        if i >= batches:
+            break
+        loss_fn(model(*inputs), labels).backward()
+
+
+def _check(model: nn.Module, example: tuple, reference: list[tuple[int, ...]]) -> str:
+    """Empty when the forward pass still runs and gives the original output shapes."""
+    try:
+        with torch.no_grad():
+            shapes = _shapes(model(*example))
+    except Exception as exc:  # noqa: BLE001 - any failure means this group cannot be pruned
+        return f"{type(exc).__name__}: {str(exc).splitlines()[0][:160] if str(exc) else ''}"
+    if shapes != reference:
+        return f"output shapes changed from {reference} to {shapes}"
+    return ""
+
+
+def _shapes(output: Any) -> list[tuple[int, ...]]:
+    return [tuple(t.shape) for t in tensors(output)]
+
+
+def _widths(model: nn.Module) -> dict[str, int]:
+    """Output width of every Conv/Linear: what channel pruning changes."""
+    widths = {}
+    for name, m in model.named_modules():
+        if isinstance(m, nn.modules.conv._ConvNd):
+            widths[name] = m.out_channels
+        elif isinstance(m, nn.Linear):
+            widths[name] = m.out_features
+    return widths
+
+
+def _example(task: Any) -> tuple:
+    example = getattr(task, "example", None)
+    if example is None:
+        raise SlimkitError("channel pruning needs an example input to trace the model",
+                           "pass a Task (or any object with .example)")
+    return example if isinstance(example, tuple) else (example,)
+
+
+register_handler(Channels, prune_channels)
