@@ -20,6 +20,13 @@ def mnist_task():
     return zoo.load("mnist")
 
 
+@pytest.fixture(scope="session")
+def minilm_task():
+    from slimkit import zoo
+
+    return zoo.load("minilm")
+
+
 def sqnr_db(reference: torch.Tensor, approx: torch.Tensor) -> float:
     """Signal-to-quantization-noise ratio in dB: 20·log10(|x| / |x − y|)."""
     noise = (reference.float() - approx.float()).norm()

@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import dataclasses
 import re
+import warnings
 from typing import Any, Iterable
 
 import torch
@@ -93,7 +94,9 @@ def dependency_graph(model: nn.Module, example: tuple[Any, ...]) -> Any:
     """The traced dependency graph of ``model`` on ``example``."""
     import torch_pruning as tp
 
-    return tp.DependencyGraph().build_dependency(model, example_inputs=_tp_inputs(example))
+    with warnings.catch_warnings():
+        warnings.filterwarnings("ignore", message="Unwrapped parameters")
+        return tp.DependencyGraph().build_dependency(model, example_inputs=tp_inputs(example))
 
 
 def group_members(group: Any, names: dict[int, str]) -> list[str]:
@@ -149,6 +152,6 @@ def frozen_ids(model: nn.Module, reasons: dict[str, str]) -> dict[int, str]:
     return frozen
 
 
-def _tp_inputs(example: tuple[Any, ...]) -> Any:
+def tp_inputs(example: tuple[Any, ...]) -> Any:
     # Torch-Pruning calls model(*inputs) for a tuple and model(inputs) otherwise.
     return example if len(example) != 1 else example[0]

@@ -10,6 +10,7 @@ from __future__ import annotations
 import copy
 import dataclasses
 import logging
+import warnings
 from typing import Any, ClassVar
 
 import torch
@@ -144,8 +145,6 @@ def _prune_at(model: nn.Module, config: Channels, amount: float, example: tuple,
 
 def _attempt(model: nn.Module, config: Channels, amount: float, example: tuple, task: Any,
              broken: dict[str, str]) -> _Attempt:
-    import torch_pruning as tp
-
     with torch.no_grad():
         reference = _shapes(model(*example))
     names = dependency.module_names(model)
@@ -168,11 +167,9 @@ def _attempt(model: nn.Module, config: Channels, amount: float, example: tuple, 
 
     torch.manual_seed(config.seed)
     importance = _importance(config, model, task)
-    pruner = tp.pruner.MetaPruner(
-        model, dependency._tp_inputs(example), importance=importance, pruning_ratio=amount,
-        global_pruning=config.scope == "global", round_to=config.round_to, ignored_layers=ignored,
-        num_heads=num_heads, prune_num_heads=bool(num_heads), prune_head_dims=False,
-        head_pruning_ratio=amount if num_heads else 0.0)
+    with warnings.catch_warnings():  # loose parameters (ViT class token...) are sliced on their last axis, as meant
+        warnings.filterwarnings("ignore", message="Unwrapped parameters")
+        pruner = _pruner(model, example, importance, config, amount, ignored, num_heads)
     result = _Attempt(blocked=heads_kept)
     for group in pruner.step(interactive=True):
         root = names.get(id(group[0].dep.target.module), "?")
@@ -189,6 +186,17 @@ def _attempt(model: nn.Module, config: Channels, amount: float, example: tuple, 
     model.zero_grad(set_to_none=True)
     model._slimkit_heads = attention.sync_head_counts(blocks)
     return result
+
+
+def _pruner(model: nn.Module, example: tuple, importance: Any, config: Channels, amount: float,
+            ignored: list[nn.Module], num_heads: dict[nn.Module, int]) -> Any:
+    import torch_pruning as tp
+
+    return tp.pruner.MetaPruner(
+        model, dependency.tp_inputs(example), importance=importance, pruning_ratio=amount,
+        global_pruning=config.scope == "global", round_to=config.round_to, ignored_layers=ignored,
+        num_heads=num_heads, prune_num_heads=bool(num_heads), prune_head_dims=False,
+        head_pruning_ratio=amount if num_heads else 0.0)
 
 
 def _importance(config: Channels, model: nn.Module, task: Any) -> Any:
