@@ -133,6 +133,8 @@ def save(model: nn.Module, path: str | os.PathLike[str], *, recipe: list[dict[st
     }
     if encoded:  # the weights file carries the same table, so it decodes on its own too
         meta["sparse"] = encoded
+    if getattr(model, "slimkit_prune", {}).get("layers"):  # channels were removed: widths differ from the builder's
+        meta["structure"] = "resized"
     tmp = Path(tempfile.mkdtemp(prefix=f".{path.name}.", dir=path.parent))
     try:
         save_file(state, str(tmp / WEIGHTS), metadata={SPARSE_KEY: json.dumps(encoded)} if encoded else None)
@@ -244,6 +246,10 @@ def load(path: str | os.PathLike[str], model: nn.Module | None = None) -> nn.Mod
             raise SlimkitError(f"{path} names an unknown model builder {name!r}",
                                "register it with slimkit.io.register_builder or pass model=")
         model = _BUILDERS[name](**builder.get("kwargs", {}))
+    if meta.get("structure") == "resized":
+        from slimkit.graph.resize import conform
+
+        conform(model, state)
     restore_modules(model, meta.get("modules") or {}, source=str(path))  # quantized layers etc.
     load_into(model, state, source=str(path))
     return model.eval()
