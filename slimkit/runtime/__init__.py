@@ -26,12 +26,12 @@ BACKENDS = ("torch", "onnxruntime")
 #: re-checks every choice against that run's numbers.
 DEFAULT_BACKEND = {"float": "torch", "dynamic": "onnxruntime", "static": "onnxruntime", "none": "torch"}
 
-#: Why each default, in one line (speedups vs fp32 torch, 2 threads, bench/quant_cpu.py 2026-11-23).
+#: Why each default, in one line (speedups vs fp32 torch, 2 threads, bench/quant_cpu.py 2026-11-23 12:31 UTC).
 BACKEND_EVIDENCE = {
-    "dynamic": "measured faster on both built-in tasks: MiniLM b32x128 onnxruntime 1.39x vs torch 1.27x, "
-               "mnist b256 2.72x vs 1.31x",
-    "static": "torch has no exact static int8 kernel without VNNI (it emulates in fp32); onnxruntime runs "
-              "integer kernels (MiniLM b32x128 1.50x, mnist b256 1.19x)",
+    "dynamic": "measured faster than torch's kernels on both built-in tasks (MiniLM batch 32x128: 2.00x vs 1.64x "
+               "fp32 torch; mnist batch 256: 3.28x vs 1.55x)",
+    "static": "torch has no exact static int8 kernel without VNNI (it emulates in fp32); onnxruntime runs integer "
+              "kernels (MiniLM batch 32x128 2.27x fp32 torch, asymmetric activations)",
     "none": "weight-only int8/int4 has no ONNX Runtime path in slimkit; torch's weight-only kernels run it",
     "float": "the float model runs as it is",
 }
