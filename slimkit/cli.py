@@ -101,5 +101,29 @@ def quantize(task: str = typer.Option("mnist", help="built-in task name or packa
     run(task, cfg, out, threads=threads, name=config)
 
 
+@app.command()
+@_friendly
+def prune(task: str = typer.Option("digits", help="built-in task name or package.module:function"),
+          method: str = typer.Option("channels", help="channels (structured), magnitude (unstructured), nm"),
+          amount: Optional[float] = typer.Option(None, help="fraction to remove: channels per group, or weights"),
+          macs_ratio: Optional[float] = typer.Option(None, help="channels: MACs to keep, e.g. 0.5 (overrides amount)"),
+          importance: Optional[str] = typer.Option(None, help="channels: l1, l2, bn_scale, taylor, random"),
+          round_to: Optional[int] = typer.Option(None, help="channels: keep widths multiples of this, e.g. 8"),
+          scope: Optional[str] = typer.Option(None, help="channels: layer or global; magnitude: global or layer"),
+          n: Optional[int] = typer.Option(None, help="nm: weights kept per group (default 2)"),
+          m: Optional[int] = typer.Option(None, help="nm: group size (default 4)"),
+          schedule: str = typer.Option("one-shot", help="one-shot, or gradual (magnitude, cubic over fine-tuning)"),
+          finetune_steps: int = typer.Option(0, help="fine-tuning steps after pruning, pruned weights kept out"),
+          lr: Optional[float] = typer.Option(None, help="peak fine-tuning learning rate (default 1e-3)"),
+          threads: Optional[int] = typer.Option(None, help="threads to pin while fine-tuning and timing"),
+          out: Path = typer.Option(Path("runs/prune"), help="output directory")) -> None:
+    """Prune a task's model, fine-tune it, measure it against the original and write a report."""
+    from slimkit.prune.job import make_config, run
+
+    cfg = make_config(method, amount=amount, macs_ratio=macs_ratio, importance=importance, round_to=round_to,
+                      scope=scope, n=n, m=m)
+    run(task, cfg, out, finetune_steps=finetune_steps, lr=lr, schedule=schedule, threads=threads)
+
+
 def main() -> None:
     app()

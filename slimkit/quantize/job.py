@@ -2,14 +2,14 @@
 
 from __future__ import annotations
 
-import dataclasses
 from pathlib import Path
 from typing import Any
 
 from slimkit import io, zoo
-from slimkit.candidate import ROW_HEADER, Candidate, measure_candidate
+from slimkit.candidate import Candidate, measure_candidate
 from slimkit.config import BaseConfig, apply
 from slimkit.errors import SlimkitError
+from slimkit.job import comparison_report, summary, with_options
 from slimkit.quantize.cast import BFloat16, Float16
 from slimkit.quantize.configs import Int8, WeightOnly
 from slimkit.quantize.layer_error import LayerError, layer_errors
@@ -31,14 +31,7 @@ def make_config(preset: str, **overrides: Any) -> BaseConfig:
     """A preset with the options the user set (``None`` = keep the preset's value)."""
     if preset not in PRESETS:
         raise SlimkitError(f"unknown quantization config {preset!r}", f"use one of {', '.join(PRESETS)}")
-    base = PRESETS[preset]
-    fields = {f.name for f in dataclasses.fields(base)}
-    given = {k: v for k, v in overrides.items() if v is not None}
-    wrong = sorted(set(given) - fields)
-    if wrong:
-        raise SlimkitError(f"option(s) {', '.join(wrong)} do not apply to {preset}",
-                           f"{preset} takes: {', '.join(sorted(fields)) or 'no options'}")
-    return dataclasses.replace(base, **given)
+    return with_options(PRESETS[preset], preset, **overrides)
 
 
 def run(task_name: str, config: BaseConfig, out: str | Path, *, threads: int | None = None,
@@ -66,20 +59,14 @@ def run(task_name: str, config: BaseConfig, out: str | Path, *, threads: int | N
     io.save(qmodel, out / "model", recipe=[config.to_dict()], extra={"task": task.name, "quantization": info})
     report = _report(task, [baseline, candidate], info, errors)
     path = report.write(out)
-    console.print(f"{candidate.name} on {candidate.backend}: metric {candidate.metric['score']:.4f} "
-                  f"(baseline {baseline.metric['score']:.4f}), {baseline.profile.artifact_bytes / candidate.profile.artifact_bytes:.2f}x smaller, "
-                  f"{baseline.latency.p50_ms / candidate.latency.p50_ms:.2f}x faster")
+    console.print(summary(baseline, candidate))
     console.print(f"[green]report[/] {path}")
     return path
 
 
 def _report(task: Any, candidates: list[Candidate], info: dict[str, Any], errors: list[LayerError]) -> Report:
-    base = candidates[0]
-    r = Report(title=f"slimkit quantization — {task.name}")
-    r.data = {"task": task.name, "candidates": [c.to_dict() for c in candidates], "quantization": info,
-              "layer_errors": [e.to_dict() for e in errors], "versions": io.versions()}
-    r.heading("Measured on the deployed runtime")
-    r.table(ROW_HEADER, [c.row(base, task.higher_is_better) for c in candidates])
+    r = comparison_report(f"slimkit quantization — {task.name}", "Measured on the deployed runtime", task,
+                          candidates, quantization=info, layer_errors=[e.to_dict() for e in errors])
     r.note("Size: bytes of the saved artifact (packed integer weights + scales). Latency and metric: "
            "the quantized model running on the backend named in the runtime column.")
     if info.get("backend_reason"):
