@@ -1,0 +1,87 @@
+"""``slimkit prune`` end to end on digits: the numbers in report.json, the artifact, the pictures, the errors."""
+
+import dataclasses
+import json
+
+import pytest
+import torch
+from typer.testing import CliRunner
+
+from slimkit import io, zoo
+from slimkit.cli import app
+from slimkit.prune import global_sparsity
+
+runner = CliRunner()
+
+
+@pytest.fixture
+def one_thread():
+    """Tiny training steps are faster on one thread, and immune to OpenMP stalls when other jobs share the cores."""
+    before = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(before)
+
+
+def task_without_training_data():
+    """A ``package.module:function`` task that can be evaluated but not fine-tuned."""
+    return dataclasses.replace(zoo.load("digits"), train=None)
+
+
+def _prune(out, *args):
+    result = runner.invoke(app, ["prune", "--task", "digits", "--threads", "1", "--out", str(out), *args])
+    assert result.exit_code == 0, result.output
+    return json.loads((out / "report.json").read_text())
+
+
+def test_channels_to_half_the_macs_keeps_accuracy_and_reloads(tmp_path, one_thread, digits_task):
+    report = _prune(tmp_path, "--method", "channels", "--macs-ratio", "0.5", "--finetune-steps", "100")
+    base, pruned = report["candidates"]
+    assert base["metric"]["score"] >= 0.99
+    assert pruned["profile"]["macs"] / base["profile"]["macs"] <= 0.5
+    assert report["pruning"]["macs_ratio"] == pruned["profile"]["macs"] / base["profile"]["macs"]
+    assert report["pruning"]["macs"] == [base["profile"]["macs"], pruned["profile"]["macs"]]
+    assert pruned["profile"]["params_total"] < 0.6 * base["profile"]["params_total"]
+    assert pruned["metric"]["score"] >= base["metric"]["score"] - 0.02
+    assert report["finetune"]["steps"] == 100 and len(report["finetune"]["evals"]) == 5
+    widths = report["pruning"]["layers"]
+    assert widths and all(after < before for before, after in widths.values())
+    loaded = io.load(tmp_path / "model")
+    assert digits_task.evaluate(loaded)["score"] == pruned["metric"]["score"]
+    assert "Output width per layer" in (tmp_path / "report.html").read_text()
+
+
+def test_gradual_magnitude_reaches_the_sparsity_and_draws_it(tmp_path, one_thread, digits_task):
+    report = _prune(tmp_path, "--method", "magnitude", "--amount", "0.8", "--schedule", "gradual",
+                    "--finetune-steps", "110")
+    info = report["pruning"]
+    assert abs(info["sparsity"] - 0.8) <= 0.01
+    steps, sparsity = zip(*info["history"])
+    assert steps[0] == 0 and sparsity[0] == 0.0 and steps[-1] == 110
+    assert list(sparsity) == sorted(sparsity) and abs(sparsity[-1] - 0.8) <= 0.01
+    for name in ("sparsity_heatmap.png", "sparsity_trend.png"):
+        assert (tmp_path / name).read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+    base, pruned = report["candidates"]
+    assert pruned["profile"]["artifact_bytes"] < 0.5 * base["profile"]["artifact_bytes"]  # zeros stored sparsely
+    assert pruned["metric"]["score"] >= base["metric"]["score"] - 0.03
+    loaded = io.load(tmp_path / "model")
+    assert abs(global_sparsity(loaded) - info["sparsity"]) < 1e-9
+    assert digits_task.evaluate(loaded)["score"] == pruned["metric"]["score"]
+
+
+@pytest.mark.parametrize("args,message", [
+    (["--method", "magnitude", "--amount", "1.5"], "amount=1.5 is not a fraction"),
+    (["--method", "channels", "--amount", "1.5"], "amount=1.5 is outside [0, 1)"),
+    (["--method", "channels", "--n", "2"], "option(s) n do not apply to channels"),
+    (["--method", "prune-all"], "unknown pruning method 'prune-all'"),
+    (["--method", "channels", "--schedule", "gradual", "--finetune-steps", "300"], "gradual schedule applies"),
+    (["--method", "magnitude", "--schedule", "gradual"], "needs fine-tuning"),
+    (["--task", "tests.prune.test_job:task_without_training_data", "--finetune-steps", "10"],
+     "has no training data"),
+])
+def test_bad_options_are_one_line_with_exit_code_2(tmp_path, args, message):
+    result = runner.invoke(app, ["prune", "--out", str(tmp_path), *args])
+    assert result.exit_code == 2, result.output
+    lines = [line for line in result.output.splitlines() if line.strip()]
+    assert len(lines) == 1 and message in lines[0] and " — " in lines[0], lines
+    assert not (tmp_path / "report.json").exists()
