@@ -133,7 +133,7 @@ def save(model: nn.Module, path: str | os.PathLike[str], *, recipe: list[dict[st
     }
     if encoded:  # the weights file carries the same table, so it decodes on its own too
         meta["sparse"] = encoded
-    if getattr(model, "slimkit_prune", {}).get("layers"):  # channels were removed: widths differ from the builder's
+    if getattr(model, "slimkit_prune", {}).get("resized"):  # channels were removed: widths differ from the builder's
         meta["structure"] = "resized"
     tmp = Path(tempfile.mkdtemp(prefix=f".{path.name}.", dir=path.parent))
     try:

@@ -101,7 +101,7 @@ def test_zeroed_residual_channels_prune_to_identical_outputs() -> None:
         model.bna.bias[dead_inner] = 0
         model.b.weight[:, dead_inner] = 0
     x = torch.randn(4, 3, 12, 12)
-    pruned = sk.apply(model, Channels(amount=0.25), _task((x,)))
+    pruned = sk.apply(model, Channels(amount=0.25, round_to=None), _task((x,)))
     assert pruned.stem.out_channels == 12 and pruned.b.out_channels == 12 and pruned.a.out_channels == 12
     with torch.no_grad():
         ref, out = model(x), pruned(x)
@@ -193,7 +193,7 @@ def test_global_scope_prunes_unevenly() -> None:
     model, x = Plain(32).eval(), torch.randn(1, 3, 8, 8)
     with torch.no_grad():
         model.fc.weight.mul_(100)  # conv2's channels feed the classifier: scores now differ between groups
-    pruned = sk.apply(model, Channels(amount=0.5, scope="global"), _task((x,)))
+    pruned = sk.apply(model, Channels(amount=0.5, scope="global", round_to=None), _task((x,)))
     kept = (pruned.conv1.out_channels, pruned.conv2.out_channels)
     assert sum(kept) == 48 and kept != (16, 32)  # half of all 96 channels, not half of each layer
 
