@@ -1,7 +1,7 @@
 PYTHON ?= python3
 VENV := .venv
 BIN := $(VENV)/bin
-EXTRAS := zoo,onnx,search,report
+EXTRAS := zoo,onnx,search,report,prune
 
 .PHONY: demo test clean
 

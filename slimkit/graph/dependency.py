@@ -17,6 +17,8 @@ from typing import Any, Iterable
 import torch
 import torch.nn as nn
 
+from slimkit.errors import SlimkitError
+
 #: Layer types whose parameters the dependency graph knows how to slice.
 KNOWN_TYPES: tuple[type[nn.Module], ...] = (
     nn.modules.conv._ConvNd, nn.Linear, nn.modules.batchnorm._BatchNorm, nn.LayerNorm, nn.GroupNorm,
@@ -90,10 +92,19 @@ def output_layer(model: nn.Module, example: tuple[Any, ...]) -> str | None:
     return order[-1] if order else None
 
 
+def torch_pruning() -> Any:
+    """The Torch-Pruning module, or a one-line error saying how to install it."""
+    try:
+        import torch_pruning as tp
+    except ImportError:
+        raise SlimkitError("structured pruning needs the torch-pruning package",
+                           "pip install 'slimkit[prune]'") from None
+    return tp
+
+
 def dependency_graph(model: nn.Module, example: tuple[Any, ...]) -> Any:
     """The traced dependency graph of ``model`` on ``example``."""
-    import torch_pruning as tp
-
+    tp = torch_pruning()
     with warnings.catch_warnings():
         warnings.filterwarnings("ignore", message="Unwrapped parameters")
         return tp.DependencyGraph().build_dependency(model, example_inputs=tp_inputs(example))

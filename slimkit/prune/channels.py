@@ -192,8 +192,7 @@ def _attempt(model: nn.Module, config: Channels, amount: float, example: tuple, 
 
 def _pruner(model: nn.Module, example: tuple, importance: Any, config: Channels, amount: float,
             ignored: list[nn.Module], num_heads: dict[nn.Module, int]) -> Any:
-    import torch_pruning as tp
-
+    tp = dependency.torch_pruning()
     return tp.pruner.MetaPruner(
         model, dependency.tp_inputs(example), importance=importance, pruning_ratio=amount,
         global_pruning=config.scope == "global", round_to=config.round_to, ignored_layers=ignored,
@@ -202,8 +201,7 @@ def _pruner(model: nn.Module, example: tuple, importance: Any, config: Channels,
 
 
 def _importance(config: Channels, model: nn.Module, task: Any) -> Any:
-    import torch_pruning as tp
-
+    tp = dependency.torch_pruning()
     if config.importance in ("l1", "l2"):
         return tp.importance.GroupMagnitudeImportance(p=1 if config.importance == "l1" else 2)
     if config.importance == "bn_scale":
