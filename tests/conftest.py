@@ -27,6 +27,15 @@ def minilm_task():
     return zoo.load("minilm")
 
 
+@pytest.fixture
+def one_thread():
+    """Tiny training steps are faster on one thread, and immune to OpenMP stalls when other jobs share the cores."""
+    before = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(before)
+
+
 def sqnr_db(reference: torch.Tensor, approx: torch.Tensor) -> float:
     """Signal-to-quantization-noise ratio in dB: 20·log10(|x| / |x − y|)."""
     noise = (reference.float() - approx.float()).norm()

@@ -6,16 +6,15 @@ alone), written atomically so a report never embeds half a picture.
 
 from __future__ import annotations
 
-import contextlib
 import math
 import os
-import tempfile
 from pathlib import Path
 from typing import Any, Iterable, Mapping, Sequence
 
 import torch
 import torch.nn as nn
 
+from slimkit._atomic import atomic_write
 from slimkit.errors import SlimkitError
 
 #: layer -> {column (e.g. step or weight kind) -> fraction of zero weights}
@@ -142,15 +141,4 @@ def _figure(width: float, height: float) -> Any:
 
 
 def _save(fig: Any, path: str | os.PathLike[str]) -> Path:
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
-    try:
-        with os.fdopen(fd, "wb") as f:
-            fig.savefig(f, format="png", dpi=100)
-        os.replace(tmp, path)
-    except BaseException:
-        with contextlib.suppress(FileNotFoundError):
-            os.unlink(tmp)
-        raise
-    return path
+    return atomic_write(path, lambda f: fig.savefig(f, format="png", dpi=100))

@@ -9,11 +9,12 @@ from __future__ import annotations
 
 import contextlib
 import os
-import tempfile
 from pathlib import Path
 from typing import Any
 
 import torch
+
+from slimkit._atomic import atomic_write
 
 from slimkit.errors import SlimkitError
 
@@ -27,18 +28,7 @@ def save_checkpoint(state: dict[str, Any], path: str | os.PathLike[str]) -> Path
     for stale in path.parent.glob(f".{path.name}.*.tmp"):
         with contextlib.suppress(OSError):
             stale.unlink()
-    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
-    try:
-        with os.fdopen(fd, "wb") as f:
-            torch.save(state, f)
-            f.flush()
-            os.fsync(f.fileno())
-        os.replace(tmp, path)
-    except BaseException:
-        with contextlib.suppress(FileNotFoundError):
-            os.unlink(tmp)
-        raise
-    return path
+    return atomic_write(path, lambda f: torch.save(state, f), sync=True)
 
 
 def load_checkpoint(path: str | os.PathLike[str]) -> dict[str, Any]:

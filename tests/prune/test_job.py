@@ -14,15 +14,6 @@ from slimkit.prune import global_sparsity
 runner = CliRunner()
 
 
-@pytest.fixture
-def one_thread():
-    """Tiny training steps are faster on one thread, and immune to OpenMP stalls when other jobs share the cores."""
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
-
-
 def task_without_training_data():
     """A ``package.module:function`` task that can be evaluated but not fine-tuned."""
     return dataclasses.replace(zoo.load("digits"), train=None)

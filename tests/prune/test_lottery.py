@@ -30,15 +30,6 @@ def _trainer(task, epochs: int, seed: int):
     return train
 
 
-@pytest.fixture
-def one_thread():
-    """Tiny CNN steps are faster on one thread, and immune to OpenMP stalls when other jobs share the cores."""
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
-
-
 def test_rewound_ticket_beats_random_reinit_at_98_percent_sparsity(digits_task, one_thread):
     ticket_acc, random_acc = [], []
     for seed in (0, 1):

@@ -9,15 +9,6 @@ from slimkit import prune
 from slimkit.train import fit
 
 
-@pytest.fixture
-def one_thread():
-    """Tiny training steps are faster on one thread, and immune to OpenMP stalls when other jobs share the cores."""
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
-
-
 def _model() -> nn.Module:
     torch.manual_seed(0)
     return nn.Sequential(nn.Conv2d(3, 8, 3), nn.ReLU(), nn.Flatten(), nn.Linear(8 * 6 * 6, 40), nn.ReLU(),
