@@ -83,7 +83,8 @@ def prune_channels(model: nn.Module, config: Channels, task: Any) -> nn.Module:
     before_params = sum(p.numel() for p in model.parameters())
     before_widths = _widths(model)
     if config.macs_ratio is None:
-        model, attempt, broken, amount = (*_prune_at(model, config, config.amount, example, task, {}), config.amount)
+        amount = config.amount
+        model, attempt, broken = _prune_at(model, config, amount, example, task, {})
     else:
         model, attempt, broken, amount = _prune_to_macs(model, config, example, task, before_macs)
     after_macs = count_flops(model, example).macs

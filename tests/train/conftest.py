@@ -3,12 +3,8 @@
 from __future__ import annotations
 
 import pytest
-import torch
 
 
 @pytest.fixture(autouse=True)
-def one_thread():
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
+def _single_thread(one_thread):  # noqa: ANN001 - the shared fixture from tests/conftest.py
     yield
-    torch.set_num_threads(before)
