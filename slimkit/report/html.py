@@ -8,9 +8,10 @@ import html
 import io as _io
 import json
 import os
-import tempfile
 from pathlib import Path
 from typing import Any, Sequence
+
+from slimkit._atomic import atomic_write
 
 _STYLE = """body{font:14px/1.45 system-ui,sans-serif;max-width:1000px;margin:2em auto;color:#222}
 table{border-collapse:collapse;margin:1em 0}td,th{border:1px solid #ccc;padding:4px 8px;text-align:right}
@@ -69,6 +70,19 @@ class Report:
         ax.legend(fontsize=8)
         self._figure(fig, title)
 
+    def pre(self, text: str) -> None:
+        """Preformatted text, e.g. a recipe's YAML."""
+        self._parts.append(f"<pre>{html.escape(text)}</pre>")
+
+    def image(self, path: str | os.PathLike[str], title: str) -> None:
+        """Embed a PNG written by another plotter (inline, so the page stays self-contained)."""
+        data = base64.b64encode(Path(path).read_bytes()).decode()
+        self._parts.append(f"<img alt='{html.escape(title)}' src='data:image/png;base64,{data}'>")
+
+    def figure(self, fig: Any, title: str) -> None:
+        """Embed a matplotlib figure (and close it)."""
+        self._figure(fig, title)
+
     def _figure(self, fig: Any, title: str) -> None:
         import matplotlib.pyplot as plt
 
@@ -110,11 +124,5 @@ def _fmt(v: Any) -> str:
 
 
 def _atomic_write(path: Path, text: str) -> None:
-    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", dir=path.parent)
-    try:
-        with os.fdopen(fd, "w") as f:
-            f.write(text)
-        os.replace(tmp, path)
-    except BaseException:
-        Path(tmp).unlink(missing_ok=True)
-        raise
+    data = text.encode()
+    atomic_write(path, lambda f: f.write(data))

@@ -1,0 +1,318 @@
+"""``slimkit.optimize``: search technique pipelines against a target with real measurements in the loop.
+
+Each trial picks at most one technique per stage (prune -> factorize -> recover -> quantize ...),
+their knobs, applies them in order, measures the result cheapest-first (bytes, then latency, then
+the metric) and records the constraint vector (Optuna's convention: <= 0 fits). The search is
+multi-objective over (metric drop, MB, ms) with constraint-aware samplers, so it also yields the
+Pareto front; the *best* is the feasible candidate with the best metric. It never ends silently:
+when nothing fits, the result carries the closest candidates, each limit's margin and a hint.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import logging
+import time
+from pathlib import Path
+from typing import Any, Callable, Sequence
+
+import torch.nn as nn
+
+from slimkit.config import BaseConfig
+from slimkit.errors import SlimkitError
+from slimkit.search.evaluate import Measurer, RuntimeMeasurer, TrialMeasurement
+from slimkit.search.pareto import TrialRecord, closest, hints, objectives, pareto_front, pick_best
+from slimkit.search.space import STAGES, SearchContext, Technique, techniques
+from slimkit.search.study import create_study, finished, open_storage, requeue_interrupted, run_trials, storage_url
+from slimkit.target import Target
+
+log = logging.getLogger("slimkit.search")
+
+STRATEGIES = ("auto", "tpe", "nsga2")
+#: Stages after which a recovery step (fine-tuning, distillation) makes sense.
+CHANGES_WEIGHTS = ("nas", "prune", "factorize")
+
+
+@dataclasses.dataclass
+class OptimizeResult:
+    """Everything a finished (or stopped) search knows; ``best`` is None when nothing fit."""
+
+    task: str
+    target: Target
+    baseline: TrialMeasurement
+    trials: list[TrialRecord]
+    best: TrialRecord | None
+    pareto: list[TrialRecord]
+    closest: list[TrialRecord]
+    hints: list[str]
+    sensitivity: dict[str, float]
+    study: str
+    storage: str
+    seconds: float
+    first_feasible: dict[str, float] | None = None   # trial count and seconds until the first fit
+    best_model: nn.Module | None = dataclasses.field(default=None, repr=False)
+    before_quantize: nn.Module | None = dataclasses.field(default=None, repr=False)  # the float model it quantized
+    out: Path | None = None
+
+    def to_dict(self) -> dict[str, Any]:
+        return {"task": self.task, "target": self.target.to_dict(), "baseline": self.baseline.to_dict(),
+                "best": None if self.best is None else self.best.to_dict(),
+                "pareto": [r.number for r in self.pareto], "closest": [r.to_dict() for r in self.closest],
+                "hints": self.hints, "sensitivity": self.sensitivity, "study": self.study,
+                "storage": self.storage, "seconds": self.seconds, "first_feasible": self.first_feasible,
+                "trials": [r.to_dict() for r in self.trials]}
+
+
+def suggest_pipeline(trial: Any, ctx: SearchContext, techs: Sequence[Technique]) -> list[BaseConfig]:
+    """At most one technique per stage, in stage order; recovery only after something changed the weights."""
+    configs: list[BaseConfig] = []
+    changed = False
+    for stage in STAGES:
+        options = [t for t in techs if t.stage == stage and t.applies(ctx)]
+        if not options or (stage == "recover" and not changed):
+            continue
+        choice = trial.suggest_categorical(f"stage.{stage}", ["none"] + [t.name for t in options])
+        if choice == "none":
+            continue
+        config = next(t for t in options if t.name == choice).suggest(trial, ctx)
+        if config is not None:
+            configs.append(config)
+            changed = changed or stage in CHANGES_WEIGHTS
+    return configs
+
+
+def make_sampler(strategy: str, seed: int, trials: int) -> Any:
+    """TPE with constraints (good at few trials) or NSGA-II (a broad front with many trials)."""
+    import optuna
+
+    if strategy not in STRATEGIES:
+        raise SlimkitError(f"unknown strategy {strategy!r}", f"use one of {', '.join(STRATEGIES)}")
+    if strategy == "auto":
+        strategy = "nsga2" if trials >= 200 else "tpe"
+    if strategy == "nsga2":
+        return optuna.samplers.NSGAIISampler(seed=seed, constraints_func=_constraints,
+                                             population_size=max(8, min(50, trials // 5)))
+    return optuna.samplers.TPESampler(seed=seed, constraints_func=_constraints, multivariate=True, group=True,
+                                      n_startup_trials=max(3, min(10, trials // 4)), constant_liar=True,
+                                      warn_independent_sampling=False)
+
+
+def _constraints(frozen: Any) -> list[float]:
+    return list(frozen.user_attrs.get("constraints", [1e9]))
+
+
+def _finite(values: Sequence[float]) -> list[float]:
+    return [1e9 if v != v or v > 1e9 else float(v) for v in values]
+
+
+def make_objective(ctx: SearchContext, techs: Sequence[Technique], measure: Measurer,
+                   records: list[TrialRecord]) -> Callable[[Any], tuple[float, float, float]]:
+    target: Target = ctx.target
+
+    def objective(trial: Any) -> tuple[float, float, float]:
+        try:
+            configs = suggest_pipeline(trial, ctx, techs)
+        except SlimkitError as exc:  # a knob combination a config refuses: infeasible, not a crash
+            configs, measured = [], TrialMeasurement(error=str(exc))
+        else:
+            measured, _ = measure(configs)
+        recipe = [c.to_dict() for c in configs]
+        constraints = _finite([1e9] * len(target.names())) if measured.error else _finite(
+            target.constraints(measured.measurement()))
+        if not constraints:  # no limit at all: everything fits
+            constraints = [0.0]
+        trial.set_user_attr("recipe", recipe)
+        trial.set_user_attr("measured", measured.to_dict())
+        trial.set_user_attr("constraints", constraints)
+        records.append(TrialRecord(trial.number, recipe, measured, constraints, dict(trial.params)))
+        return objectives(measured)
+
+    return objective
+
+
+def records_from_study(study: Any) -> list[TrialRecord]:
+    from optuna.trial import TrialState
+
+    out = []
+    for t in study.get_trials(deepcopy=False, states=(TrialState.COMPLETE,)):
+        measured = TrialMeasurement(**t.user_attrs.get("measured", {}))
+        out.append(TrialRecord(t.number, t.user_attrs.get("recipe", []), measured,
+                               list(t.user_attrs.get("constraints", [1e9])), dict(t.params)))
+    return out
+
+
+def first_feasible(study: Any) -> dict[str, float] | None:
+    """How many finished trials and seconds (from the study's first trial) until the first fit."""
+    from optuna.trial import TrialState
+
+    done = sorted(study.get_trials(deepcopy=False, states=(TrialState.COMPLETE,)), key=lambda t: t.datetime_complete)
+    if not done:
+        return None
+    t0 = min(t.datetime_start for t in done)
+    for i, t in enumerate(done, 1):
+        if all(c <= 0 for c in t.user_attrs.get("constraints", [1e9])) and not t.user_attrs["measured"].get("error"):
+            return {"trials": i, "seconds": (t.datetime_complete - t0).total_seconds(), "number": t.number}
+    return None
+
+
+def context_for(task: Any, target: Target, baseline: TrialMeasurement, sensitivity: dict[str, float],
+                extra: dict[str, Any] | None = None) -> SearchContext:
+    return SearchContext(task=task, target=target,
+                         baseline={"size_mb": baseline.size_mb or 0.0, "latency_ms": baseline.latency_ms or 0.0,
+                                   "score": baseline.score or 0.0, "params": float(baseline.params or 0)},
+                         sensitivity=sensitivity, trainable=bool(task.train) and task.loss is not None,
+                         extra=dict(extra or {}))
+
+
+def optimize(task: Any, target: Target, *, trials: int = 30, time_budget: float | None = None,
+             strategy: str = "auto", storage: str | None = None, study: str | None = None, seed: int = 0,
+             out: str | Path | None = None, resume: bool = False, technique_names: Sequence[str] | None = None,
+             measurer: Measurer | None = None, sensitivity: bool | None = None, backend: str = "auto",
+             extra: dict[str, Any] | None = None, progress: bool = True, task_spec: str | None = None,
+             report: bool = True, enqueue: Sequence[dict[str, Any]] = ()) -> OptimizeResult:
+    """Search pipelines for ``task`` under ``target``; see the module docstring.
+
+    ``time_budget`` is in seconds. ``storage`` is a database URL (default: SQLite in ``out``) and
+    ``study`` its name there; other machines join with :func:`slimkit.search.work`. ``resume``
+    continues a killed run. ``enqueue``: parameter sets to try first (e.g. a previous run's
+    trials), before the informed guesses and the sampler.
+    """
+    from slimkit import zoo
+    from slimkit.search.progress import TrialProgress
+
+    if isinstance(task, str):
+        task_spec, task = task, zoo.load(task)
+    if not isinstance(target, Target):
+        raise SlimkitError(f"target is {type(target).__name__}, not a slimkit.Target", "pass sk.Target(...)")
+    if not isinstance(trials, int) or trials < 1:
+        raise SlimkitError(f"trials={trials!r} is invalid", "use a positive number of trials")
+    if time_budget is not None and time_budget <= 0:
+        raise SlimkitError(f"time_budget={time_budget!r} is invalid", "give seconds > 0, or leave it out")
+    start = time.monotonic()
+    out_dir = Path(out) if out is not None else Path("runs") / f"optimize-{task.name}"
+    url = storage_url(out_dir, storage)
+    name = study or f"slimkit-{task.name}"
+    techs = techniques(list(technique_names) if technique_names else None)
+    measure = measurer or RuntimeMeasurer(task, target, backend=backend, seed=seed)
+
+    db = open_storage(url)
+    import optuna
+
+    known = {s.study_name: s for s in optuna.study.get_all_study_summaries(db)}
+    if resume and name in known:
+        attrs = known[name].user_attrs
+        baseline = TrialMeasurement(**attrs["baseline"])
+        sens = dict(attrs.get("sensitivity", {}))
+    else:
+        baseline, _ = measure([])
+        if baseline.error or baseline.score is None:
+            raise SlimkitError(f"the original model could not be measured: {baseline.error or 'no metric'}",
+                               "check that the task's model runs on its example inputs")
+        baseline.drop = 0.0
+        want_sens = sensitivity if sensitivity is not None else measurer is None
+        sens = _sensitivity(task) if want_sens else {}
+    if isinstance(measure, RuntimeMeasurer):
+        measure.baseline_score = baseline.score
+    ctx = context_for(task, target, baseline, sens, extra)
+    sampler = make_sampler(strategy, seed, trials)
+    attrs = {"task": task_spec or task.name, "target": target.to_dict(), "techniques": [t.name for t in techs],
+             "trials": trials, "seed": seed, "backend": backend, "baseline": baseline.to_dict(),
+             "sensitivity": sens, "extra": dict(extra or {}), "strategy": strategy}
+    st = create_study(db, name, sampler, resume=resume, attrs=attrs)
+    if resume:
+        requeue_interrupted(st)
+    elif not st.trials:
+        from slimkit.search.seeding import initial_guesses
+
+        for params in [*enqueue, *initial_guesses(ctx, techs)]:
+            st.enqueue_trial(dict(params), skip_if_exists=True)
+    records: list[TrialRecord] = []
+    objective = make_objective(ctx, techs, measure, records)
+    budget = None if time_budget is None else time_budget - (time.monotonic() - start)
+    with TrialProgress(trials, finished(st), enabled=progress) as bar:
+        run_trials(st, objective, trials, timeout_s=budget, on_trial=bar.update)
+    wait_for_others(st)
+    return finish(st, task, target, baseline, sens, name, url, out_dir, start, seed=seed, backend=backend,
+                  report=report)
+
+
+def wait_for_others(study: Any, timeout_s: float = 3600.0) -> None:
+    """Other workers may still be measuring their last trial; the result must include it."""
+    from optuna.trial import TrialState
+
+    deadline = time.monotonic() + timeout_s
+    while study.get_trials(deepcopy=False, states=(TrialState.RUNNING,)) and time.monotonic() < deadline:
+        time.sleep(1.0)
+
+
+def _sensitivity(task: Any) -> dict[str, float]:
+    from slimkit.search.seeding import layer_sensitivity_for
+
+    try:
+        return layer_sensitivity_for(task)
+    except SlimkitError as exc:
+        log.warning("per-layer sensitivity skipped: %s", exc)
+        return {}
+
+
+def finish(study: Any, task: Any, target: Target, baseline: TrialMeasurement, sens: dict[str, float], name: str,
+           url: str, out_dir: Path, start: float, *, seed: int, backend: str, report: bool) -> OptimizeResult:
+    """Read the study, rebuild the best pipeline (the recipe replayed), save artifact + recipe + report."""
+    from slimkit.recipe import Recipe
+
+    records = records_from_study(study)
+    best = pick_best(records)
+    result = OptimizeResult(task=task.name, target=target, baseline=baseline, trials=records, best=best,
+                            pareto=pareto_front(records), closest=[] if best else closest(records, target),
+                            hints=[] if best else hints(records, target, baseline), sensitivity=sens, study=name,
+                            storage=url, seconds=time.monotonic() - start, first_feasible=first_feasible(study),
+                            out=out_dir)
+    if best is not None:
+        recipe = Recipe.from_steps(best.recipe, task=study.user_attrs.get("task", task.name), seed=seed,
+                                   backend=backend, target=target.to_dict())
+        steps = recipe.replay_steps(task)
+        result.best_model = steps[-1]
+        result.before_quantize = steps[-2] if len(steps) > 1 and recipe.steps[-1].type_name.startswith(
+            "quantize.") else None
+        recipe.save(out_dir / "recipe.yaml")
+        from slimkit import io
+
+        io.save(result.best_model, out_dir / "best", recipe=best.recipe,
+                extra={"task": task.name, "trial": best.number})
+    if report:
+        from slimkit.search.report import write_report
+
+        write_report(result, task)
+    return result
+
+
+def read_result(run_dir: str | Path, task: Any) -> OptimizeResult:
+    """A finished run rebuilt from its ``result.json`` and ``best/`` artifact (for ``slimkit report``)."""
+    import json
+
+    from slimkit import io
+    from slimkit.search.report import RESULT_FILE
+
+    run_dir = Path(run_dir)
+    path = run_dir / RESULT_FILE
+    if not path.is_file():
+        raise SlimkitError(f"{run_dir} holds no {RESULT_FILE}", "give the --out directory of a finished slimkit optimize")
+    try:
+        data = json.loads(path.read_text())
+        records = [TrialRecord(t["number"], t["recipe"], TrialMeasurement(**t["measured"]), t["constraints"],
+                               t.get("params", {})) for t in data["trials"]]
+        target = Target(**data["target"])
+        baseline = TrialMeasurement(**data["baseline"])
+    except (json.JSONDecodeError, KeyError, TypeError) as exc:
+        raise SlimkitError(f"{path} is not a slimkit result file ({exc})", "re-run slimkit optimize") from None
+    by_number = {r.number: r for r in records}
+    best = by_number.get(data["best"]["number"]) if data.get("best") else None
+    result = OptimizeResult(task=data["task"], target=target, baseline=baseline, trials=records, best=best,
+                            pareto=[by_number[n] for n in data["pareto"] if n in by_number],
+                            closest=[by_number[c["number"]] for c in data["closest"] if c["number"] in by_number],
+                            hints=data["hints"], sensitivity=data["sensitivity"], study=data["study"],
+                            storage=data["storage"], seconds=data["seconds"], first_feasible=data["first_feasible"],
+                            out=run_dir)
+    if best is not None:
+        result.best_model = io.load(run_dir / "best")
+    return result

@@ -1,0 +1,56 @@
+"""A progress bar over trials, with one line per finished trial: what was tried and how it measured."""
+
+from __future__ import annotations
+
+from typing import Any
+
+
+class TrialProgress:
+    """``with TrialProgress(total, done) as bar: ... bar.update(frozen_trial)`` (rich; silent when disabled)."""
+
+    def __init__(self, total: int, done: int = 0, *, enabled: bool = True) -> None:
+        self.total, self.done, self.enabled = total, done, enabled
+        self._progress: Any = None
+        self._task: Any = None
+
+    def __enter__(self) -> "TrialProgress":
+        if self.enabled:
+            from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
+
+            self._progress = Progress(TextColumn("[bold]search[/]"), BarColumn(), MofNCompleteColumn(),
+                                      TimeElapsedColumn(), TextColumn("{task.description}"))
+            self._progress.start()
+            self._task = self._progress.add_task("", total=self.total, completed=self.done)
+        return self
+
+    def update(self, frozen: Any) -> None:
+        self.done += 1
+        if self._progress is None:
+            return
+        self._progress.update(self._task, completed=min(self.done, self.total))
+        self._progress.console.print(trial_line(frozen))
+
+    def __exit__(self, *exc: Any) -> None:
+        if self._progress is not None:
+            self._progress.stop()
+
+
+def trial_line(frozen: Any) -> str:
+    """``#4 Channels + Finetune + Int8: 0.061 MB, 0.42 ms, drop 0.003 fits`` (rich markup)."""
+    recipe = frozen.user_attrs.get("recipe", [])
+    m = frozen.user_attrs.get("measured", {})
+    pipeline = " + ".join(step["type"].split(".")[-1] for step in recipe) or "original"
+    if m.get("error"):
+        return f"#{frozen.number} {pipeline}: [red]refused[/] ({m['error']})"
+    parts = []
+    if m.get("size_mb") is not None:
+        parts.append(f"{m['size_mb']:.4g} MB")
+    if m.get("latency_ms") is not None:
+        parts.append(f"{m['latency_ms']:.3g} ms")
+    if m.get("drop") is not None:
+        parts.append(f"drop {m['drop']:+.4f}")
+    if m.get("stopped_at"):
+        parts.append(f"over the {m['stopped_at']} limit, metric skipped")
+    fits = all(c <= 0 for c in frozen.user_attrs.get("constraints", [1e9]))
+    verdict = "[green]fits[/]" if fits else "[yellow]misses[/]"
+    return f"#{frozen.number} {pipeline}: {', '.join(parts)} {verdict}"

@@ -1,0 +1,84 @@
+"""The first trials are informed guesses, not random draws: built from the baseline's profile, the
+target's ratios and per-layer sensitivity.
+
+A size limit at a quarter of the original bytes says int8 fits; at an eighth, int4 with groups;
+below that, pruning must remove parameters before quantizing. A latency limit below the original
+asks for fewer MACs. Sensitivity says which layers to keep in float first.
+"""
+
+from __future__ import annotations
+
+import logging
+from typing import Any
+
+from slimkit.search.space import SearchContext, Technique
+
+log = logging.getLogger("slimkit.search")
+
+#: Bytes of a quantized model relative to fp32, roughly (scales and metadata included).
+INT8_BYTES = 0.27
+INT4_BYTES = 0.16
+
+
+def _grid(x: float, lo: float, hi: float, step: float = 0.05) -> float:
+    return round(min(hi, max(lo, round(x / step) * step)), 2)
+
+
+def initial_guesses(ctx: SearchContext, techs: list[Technique]) -> list[dict[str, Any]]:
+    """Parameter sets to enqueue before the sampler takes over (only knobs of techniques on offer)."""
+    names = {t.name for t in techs if t.applies(ctx)}
+    base = ctx.baseline
+    size_ratio = ctx.target.max_size_mb / base["size_mb"] if ctx.target.max_size_mb else 1.0
+    latency_ratio = ctx.target.max_latency_ms / base["latency_ms"] if ctx.target.max_latency_ms else 1.0
+    skip = 1 if ctx.sensitivity else None
+    guesses: list[dict[str, Any]] = []
+
+    def quant(kind: str) -> dict[str, Any]:
+        if kind == "int8" and "int8" in names:
+            p: dict[str, Any] = {"stage.quantize": "int8", "int8.activations": "dynamic"}
+            if skip is not None:
+                p["int8.skip_sensitive"] = 0
+            return p
+        if kind == "int4" and "weight_only" in names:
+            p = {"stage.quantize": "weight_only", "weight_only.bits": 4, "weight_only.group_size": 32}
+            if skip is not None:
+                p["weight_only.skip_sensitive"] = skip
+            return p
+        return {}
+
+    def pruned(keep: float) -> dict[str, Any]:
+        if "channels" not in names:
+            return {}
+        p: dict[str, Any] = {"stage.prune": "channels", "channels.macs_ratio": _grid(keep, 0.15, 0.9),
+                             "channels.importance": "l2"}
+        if "finetune" in names:
+            p.update({"stage.recover": "finetune", "finetune.steps": max(ctx.extra.get("finetune_steps", (200,)))})
+        return p
+
+    if size_ratio >= INT8_BYTES and latency_ratio >= 0.9:
+        guesses.append(quant("int8"))
+    if size_ratio >= INT4_BYTES:
+        guesses.append(quant("int4"))
+    if size_ratio < INT8_BYTES or latency_ratio < 0.9:
+        # params shrink ~ like MACs for channel pruning; leave 20 % slack for scales and metadata
+        keep = min(size_ratio / INT4_BYTES, latency_ratio) * 0.8
+        guesses.append({**pruned(keep), **quant("int4" if size_ratio < INT8_BYTES else "int8")})
+        guesses.append({**pruned(keep * 0.7), **quant("int4" if size_ratio < INT8_BYTES else "int8")})
+    unique = []
+    for g in guesses:
+        if g and g not in unique:
+            unique.append(g)
+    log.info("seeding the search with %d informed guesses", len(unique))
+    return unique
+
+
+def layer_sensitivity_for(task: Any, max_layers: int = 12) -> dict[str, float]:
+    """Metric drop per layer when only that layer's weights go to int4 (the largest ``max_layers`` layers)."""
+    import torch.nn as nn
+
+    from slimkit.measure.sensitivity import layer_sensitivity
+
+    sized = sorted(((n, m.weight.numel()) for n, m in task.model.named_modules()
+                    if isinstance(m, (nn.Linear, nn.Conv2d))), key=lambda kv: -kv[1])
+    layers = [n for n, _ in sized[:max_layers]]
+    return dict(layer_sensitivity(task.model, task, kind="quantize", bits=4, layers=layers))

@@ -1,0 +1,87 @@
+"""The techniques slimkit ships with, offered to the optimizer: prune, fine-tune, post-training quantization.
+
+Each ``suggest`` asks the trial for its own knobs and returns a config. Ranges are what is worth
+trying on a trained model (pruning more than ~90 % of MACs in one shot rarely recovers; int4 needs
+groups). Per-layer sensitivity, when the optimizer measured it, lets quantization keep the
+``k`` most sensitive layers in float (``k`` is a knob), so the first trials are informed guesses.
+"""
+
+from __future__ import annotations
+
+import re
+from typing import Any
+
+import torch.nn as nn
+
+from slimkit.prune.channels import Channels
+from slimkit.prune.magnitude import Magnitude
+from slimkit.quantize.configs import Int8, WeightOnly
+from slimkit.search.space import SearchContext, register_technique
+from slimkit.train.recover import Finetune
+
+#: Most layers accuracy control-style exclusion will keep in float.
+MAX_SKIPPED = 3
+
+
+def most_sensitive(ctx: SearchContext, k: int, kinds: tuple[type, ...] = (nn.Linear, nn.Conv2d)) -> tuple[str, ...]:
+    """The ``k`` layers whose compression alone costs the most metric (from the baseline's sensitivity)."""
+    if k <= 0 or not ctx.sensitivity:
+        return ()
+    model = ctx.task.model
+    names = [n for n, _ in sorted(ctx.sensitivity.items(), key=lambda kv: -kv[1])
+             if _is(model, n, kinds)]
+    return tuple(names[:k])
+
+
+def _is(model: nn.Module, name: str, kinds: tuple[type, ...]) -> bool:
+    try:
+        return isinstance(model.get_submodule(name), kinds)
+    except AttributeError:
+        return False
+
+
+def _skip_knob(trial: Any, ctx: SearchContext, prefix: str) -> str | tuple[str, ...]:
+    """``exclude`` for a quantizer: the k most sensitive layers as a regex (also matching the parts
+    a factorization split them into, ``fc1.0``/``fc1.1``), or nothing."""
+    if not ctx.sensitivity:
+        return ()
+    k = trial.suggest_int(f"{prefix}.skip_sensitive", 0, min(MAX_SKIPPED, len(ctx.sensitivity)))
+    names = most_sensitive(ctx, k)
+    return "|".join(rf"{re.escape(n)}(\..+)?" for n in names) if names else ()
+
+
+def suggest_channels(trial: Any, ctx: SearchContext) -> Channels:
+    importances = ["l2", "taylor"] if ctx.trainable else ["l2", "l1"]
+    return Channels(macs_ratio=round(trial.suggest_float("channels.macs_ratio", 0.15, 0.9, step=0.05), 2),
+                    importance=trial.suggest_categorical("channels.importance", importances))
+
+
+def suggest_magnitude(trial: Any, ctx: SearchContext) -> Magnitude:
+    return Magnitude(amount=round(trial.suggest_float("magnitude.amount", 0.3, 0.95, step=0.05), 2))
+
+
+def suggest_finetune(trial: Any, ctx: SearchContext) -> Finetune:
+    lr = float(ctx.extra.get("finetune_lr", 1e-3))
+    steps = ctx.extra.get("finetune_steps", (100, 200, 400))
+    return Finetune(steps=int(trial.suggest_categorical("finetune.steps", list(steps))), lr=lr)
+
+
+def suggest_int8(trial: Any, ctx: SearchContext) -> Int8:
+    activations = trial.suggest_categorical("int8.activations", ["dynamic", "static"])
+    calibration = "minmax"
+    if activations == "static":
+        calibration = trial.suggest_categorical("int8.calibration", ["minmax", "percentile", "entropy", "mse"])
+    return Int8(activations=activations, calibration=calibration, exclude=_skip_knob(trial, ctx, "int8"))
+
+
+def suggest_weight_only(trial: Any, ctx: SearchContext) -> WeightOnly:
+    bits = trial.suggest_categorical("weight_only.bits", [8, 4])
+    group = trial.suggest_categorical("weight_only.group_size", [32, 64, 128]) if bits == 4 else 0
+    return WeightOnly(bits=bits, group_size=group, targets="all", exclude=_skip_knob(trial, ctx, "weight_only"))
+
+
+register_technique("channels", "prune", suggest_channels)
+register_technique("magnitude", "prune", suggest_magnitude)
+register_technique("finetune", "recover", suggest_finetune, applies=lambda ctx: ctx.trainable)
+register_technique("int8", "quantize", suggest_int8)
+register_technique("weight_only", "quantize", suggest_weight_only)

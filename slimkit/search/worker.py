@@ -1,0 +1,59 @@
+"""``slimkit worker``: one more machine taking trials from a shared study.
+
+Everything a worker needs is in the study itself (task, target, techniques, baseline,
+sensitivity, seed), written by the ``slimkit optimize`` that created it, so a worker is started
+with just the study's name and the database URL. Each worker samples with its own seed;
+Optuna's constant-liar TPE keeps workers from proposing the same pipeline at once.
+"""
+
+from __future__ import annotations
+
+import os
+import time
+from typing import Any
+
+from slimkit.errors import SlimkitError
+from slimkit.search.evaluate import RuntimeMeasurer, TrialMeasurement
+from slimkit.search.optimize import context_for, make_objective, make_sampler
+from slimkit.search.progress import TrialProgress
+from slimkit.search.space import techniques
+from slimkit.search.study import finished, load_study, open_storage, run_trials
+from slimkit.target import Target
+
+
+def study_attrs(storage: Any, name: str, wait_s: float) -> dict[str, Any]:
+    """The study's settings, waiting up to ``wait_s`` for the creating run to measure its baseline."""
+    import optuna
+
+    deadline = time.monotonic() + wait_s
+    while True:
+        found = {s.study_name: s for s in optuna.study.get_all_study_summaries(storage)}
+        if name in found and "baseline" in found[name].user_attrs:
+            return dict(found[name].user_attrs)
+        if time.monotonic() >= deadline:
+            raise SlimkitError(f"there is no study {name!r} in this storage",
+                               "start it with `slimkit optimize --storage URL --study NAME`, or check the name")
+        time.sleep(1.0)
+
+
+def work(study: str, storage: str, *, trials: int | None = None, time_budget: float | None = None,
+         wait_s: float = 120.0, progress: bool = True) -> int:
+    """Take trials until the study has ``trials`` finished (default: what its creator asked); returns that count."""
+    from slimkit import zoo
+
+    db = open_storage(storage)
+    attrs = study_attrs(db, study, wait_s)
+    task = zoo.load(attrs["task"])
+    target = Target(**attrs["target"])
+    baseline = TrialMeasurement(**attrs["baseline"])
+    techs = techniques(list(attrs["techniques"]))
+    total = int(trials or attrs["trials"])
+    ctx = context_for(task, target, baseline, dict(attrs.get("sensitivity", {})), attrs.get("extra"))
+    measure = RuntimeMeasurer(task, target, baseline.score, backend=attrs.get("backend", "auto"),
+                              seed=int(attrs.get("seed", 0)))
+    sampler = make_sampler(attrs.get("strategy", "auto"), int(attrs.get("seed", 0)) + os.getpid(), total)
+    st = load_study(db, study, sampler)
+    objective = make_objective(ctx, techs, measure, [])
+    with TrialProgress(total, finished(st), enabled=progress) as bar:
+        run_trials(st, objective, total, timeout_s=time_budget, on_trial=bar.update)
+    return finished(st)
