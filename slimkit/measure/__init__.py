@@ -11,9 +11,10 @@ from slimkit.measure.flops import FlopCount, count_flops
 from slimkit.measure.latency import Latency, measure_latency
 from slimkit.measure.memory import peak_memory
 from slimkit.measure.profile import Profile, profile
+from slimkit.measure.sensitivity import hessian_trace, layer_sensitivity
 from slimkit.measure.size import artifact_size, count_params
 
 __all__ = [
     "Energy", "FlopCount", "Latency", "LayerRow", "Profile", "artifact_size", "count_flops", "count_params",
-    "estimate_energy", "layer_breakdown", "measure_latency", "peak_memory", "profile",
+    "estimate_energy", "hessian_trace", "layer_breakdown", "layer_sensitivity", "measure_latency", "peak_memory", "profile",
 ]
