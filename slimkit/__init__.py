@@ -4,7 +4,7 @@ from __future__ import annotations
 
 __version__ = "0.1.0"
 
-from slimkit import quantize, zoo
+from slimkit import distill, factorize, quantize, zoo
 from slimkit.config import BaseConfig, apply, register, register_handler, registered_configs
 from slimkit.errors import SlimkitError
 from slimkit.io import load, save
@@ -14,5 +14,6 @@ from slimkit.task import Task
 
 __all__ = [
     "BaseConfig", "Measurement", "Profile", "SlimkitError", "Target", "Task", "__version__", "apply",
-    "load", "profile", "quantize", "register", "register_handler", "registered_configs", "save", "zoo",
+    "distill", "factorize", "load", "profile", "quantize", "register", "register_handler", "registered_configs",
+    "save", "zoo",
 ]

@@ -125,5 +125,52 @@ def prune(task: str = typer.Option("digits", help="built-in task name or package
     run(task, cfg, out, finetune_steps=finetune_steps, lr=lr, schedule=schedule, threads=threads)
 
 
+@app.command()
+@_friendly
+def distill(task: str = typer.Option("mnist", help="built-in task name or package.module:function"),
+            student: str = typer.Option("self", help="self, layers:N (encoder keeping N blocks) or an artifact dir"),
+            steps: int = typer.Option(200, help="distillation steps"),
+            lr: float = typer.Option(1e-3, help="peak learning rate (about 3e-5 for pre-trained transformers)"),
+            temperature: float = typer.Option(4.0, help="softmax temperature of the logit KD loss"),
+            alpha: float = typer.Option(0.5, help="weight of the KD loss against the hard-label loss"),
+            features: Optional[str] = typer.Option(None, help="feature KD pairs student:teacher,... (module names)"),
+            relational: float = typer.Option(0.0, help="weight of the relational (Gram matrix) loss"),
+            compare: bool = typer.Option(True, help="also fine-tune the student on labels alone, same budget"),
+            threads: Optional[int] = typer.Option(None, help="threads to pin while training and timing"),
+            out: Path = typer.Option(Path("runs/distill"), help="output directory")) -> None:
+    """Distill a task's model into a student, compare with plain fine-tuning, write a report."""
+    from slimkit.distill import Distill
+    from slimkit.distill.job import parse_features, run
+
+    cfg = Distill(steps=steps, lr=lr, temperature=temperature, alpha=alpha, features=parse_features(features),
+                  relational=relational)
+    run(task, student, cfg, out, compare=compare, threads=threads)
+
+
+@app.command()
+@_friendly
+def factorize(task: str = typer.Option("mnist", help="built-in task name or package.module:function"),
+              method: str = typer.Option("tucker", help="svd, tucker or cp (Linear/1x1 layers always get SVD)"),
+              ratio: float = typer.Option(0.3, help="fraction of each factorized layer's parameters kept"),
+              energy: Optional[float] = typer.Option(None, help="svd: keep this fraction of singular-value energy"),
+              sensitivity: bool = typer.Option(False, help="svd: spread ranks by measured sensitivity"),
+              targets: Optional[str] = typer.Option(None, help="all, all-linear or a regex of layer names"),
+              exclude: Optional[str] = typer.Option(None, help="comma-separated layer names to leave whole"),
+              finetune_steps: int = typer.Option(0, help="recovery steps after factorizing"),
+              distill: bool = typer.Option(False, "--distill", help="recover by distilling from the original"),
+              lr: Optional[float] = typer.Option(None, help="peak recovery learning rate (default 1e-3)"),
+              threads: Optional[int] = typer.Option(None, help="threads to pin while training and timing"),
+              out: Path = typer.Option(Path("runs/factorize"), help="output directory")) -> None:
+    """Factorize a task's model (SVD, Tucker-2, CP), recover, measure against the original, report."""
+    from slimkit.factorize.job import make_config, run
+
+    names = tuple(n.strip() for n in exclude.split(",") if n.strip()) if exclude else ()
+    cfg = make_config(method, ratio, targets=targets, exclude=names, energy=energy, sensitivity=sensitivity)
+    run(task, cfg, out, finetune_steps=finetune_steps, distill=distill, lr=lr, threads=threads)
+
+
+from slimkit.search import commands as _search_commands  # noqa: E402,F401  (optimize, apply, worker, report)
+
+
 def main() -> None:
     app()

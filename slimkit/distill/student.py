@@ -1,0 +1,70 @@
+"""Smaller students of a transformer encoder: keep every other layer, initialised from the teacher.
+
+DistilBERT's recipe: a student with half the layers starts from the teacher's own layers (taken
+at a stride), which is a far better start than random weights; distillation then teaches the
+kept layers to do the work of the dropped ones. The last layer is always kept, so the student's
+output space starts close to the teacher's.
+"""
+
+from __future__ import annotations
+
+import copy
+
+import torch.nn as nn
+
+from slimkit.errors import SlimkitError
+from slimkit.io import register_builder
+
+
+def kept_layers(total: int, keep: int) -> list[int]:
+    """Indices of ``keep`` of ``total`` layers, evenly spaced and ending at the last (6, 3 -> [1, 3, 5])."""
+    if not 1 <= keep <= total:
+        raise SlimkitError(f"keep={keep} layers of {total} is invalid", f"use 1 to {total}")
+    return [round((i + 1) * total / keep) - 1 for i in range(keep)]
+
+
+def _encoder_layers(model: nn.Module) -> tuple[nn.Module, str]:
+    """The HF encoder whose ``.layer`` ModuleList holds the transformer blocks, and its name."""
+    for name, module in model.named_modules():
+        if isinstance(getattr(module, "layer", None), nn.ModuleList) and name.endswith("encoder"):
+            return module, name
+    raise SlimkitError(f"{type(model).__name__} has no '<...>.encoder.layer' list of transformer blocks",
+                       "minilm_student expects a BERT-style encoder such as the minilm task's model")
+
+
+def truncate(model: nn.Module, indices: list[int]) -> nn.Module:
+    """``model`` (in place) with only the encoder blocks at ``indices``; configs and layer indices synced."""
+    encoder, _ = _encoder_layers(model)
+    encoder.layer = nn.ModuleList([encoder.layer[i] for i in indices])
+    for new_idx, block in enumerate(encoder.layer):
+        for m in block.modules():  # newer transformers number attention layers for their KV cache
+            if hasattr(m, "layer_idx"):
+                m.layer_idx = new_idx
+    for m in model.modules():
+        config = getattr(m, "config", None)
+        if config is not None and hasattr(config, "num_hidden_layers"):
+            config.num_hidden_layers = len(indices)
+    return model
+
+
+def minilm_student(model: nn.Module, keep: int = 3) -> nn.Module:
+    """A copy of a BERT-style sentence encoder with ``keep`` of its layers (from alternate layers).
+
+    The copy saves and reloads through ``slimkit.load`` (builder ``minilm_student``).
+    """
+    encoder, _ = _encoder_layers(model)
+    indices = kept_layers(len(encoder.layer), keep)
+    student = truncate(copy.deepcopy(model), indices)
+    student.slimkit_builder = ("minilm_student", {"layers": keep})
+    student.slimkit_student = {"kept_layers": indices, "of": len(encoder.layer)}
+    return student.eval()
+
+
+@register_builder("minilm_student")
+def build_minilm_student(layers: int = 3) -> nn.Module:
+    """The minilm architecture with ``layers`` encoder blocks (weights come from the artifact)."""
+    from slimkit.zoo.minilm import build_minilm
+
+    model = truncate(build_minilm(pretrained=False), list(range(layers)))
+    model.slimkit_builder = ("minilm_student", {"layers": layers})
+    return model

@@ -1,0 +1,106 @@
+"""What the three factorizations share: which layers they touch, validation, swapping and the record.
+
+Every handler walks the chosen Linear/Conv2d layers, decides a factorized replacement or a
+reason to leave the layer alone (a factorized form that is not smaller, a grouped conv...), swaps
+the module in place and writes ``model.slimkit_factorize``: per layer the ranks and parameter
+counts before/after, the skipped layers with their reasons, and the totals.
+"""
+
+from __future__ import annotations
+
+import logging
+from typing import Any, Callable
+
+import torch.nn as nn
+
+from slimkit.config import BaseConfig
+from slimkit.errors import SlimkitError
+from slimkit.io import set_submodule
+
+log = logging.getLogger("slimkit.factorize")
+
+#: ``plan(name, layer) -> (new module, info dict)`` or a string: the reason to skip the layer.
+Plan = Callable[[str, nn.Module], "tuple[nn.Module, dict[str, Any]] | str"]
+
+
+def check_ratio(name: str, value: float | None, *, optional: bool = False) -> None:
+    """Ratios are fractions of the parameters kept: in (0, 1]."""
+    if value is None and optional:
+        return
+    if not isinstance(value, (int, float)) or isinstance(value, bool) or not 0.0 < float(value) <= 1.0:
+        raise SlimkitError(f"{name}={value!r} is out of range", "use a fraction of the parameters to keep in (0, 1]")
+
+
+def chosen_layers(model: nn.Module, targets: Any, exclude: Any, technique: str) -> list[str]:
+    """Linear/Conv2d names picked by ``targets`` minus ``exclude``; an empty choice is an error."""
+    from slimkit.quantize.targets import select
+
+    names = select(model, targets, exclude)
+    if not names:
+        raise SlimkitError(f"{technique}: targets={targets!r} matched no Linear or Conv2d layer",
+                           "use 'all', 'all-linear', a regex or names from model.named_modules()")
+    return names
+
+
+def weight_params(layer: nn.Module) -> int:
+    """Parameters of a layer's weight and bias (what a factorization replaces)."""
+    return sum(p.numel() for p in layer.parameters(recurse=False))
+
+
+def unsupported_reason(layer: nn.Module) -> str | None:
+    """Why a chosen layer cannot be factorized at all, or None."""
+    if isinstance(layer, nn.Conv2d):
+        if layer.groups != 1:
+            return f"grouped conv (groups={layer.groups}): already factorized along channels"
+        if layer.padding_mode != "zeros":
+            return f"padding_mode={layer.padding_mode!r}: only zero padding splits across factors"
+        if isinstance(layer.padding, str):
+            return f"padding={layer.padding!r}: give explicit padding"
+        return None
+    if isinstance(layer, nn.Linear):
+        return None
+    return f"{type(layer).__name__} is not a Linear or Conv2d"
+
+
+def factorize_layers(model: nn.Module, config: BaseConfig, names: list[str], plan: Plan) -> nn.Module:
+    """Swap each named layer for ``plan``'s module (or record why not) and write ``slimkit_factorize``."""
+    layers: dict[str, dict[str, Any]] = {}
+    skipped: dict[str, str] = {}
+    before_total = sum(p.numel() for p in model.parameters())
+    for name in names:
+        layer = model.get_submodule(name)
+        result = unsupported_reason(layer) or plan(name, layer)
+        if isinstance(result, str):
+            skipped[name] = result
+            log.info("%s: %s left as it is (%s)", config.type_name, name, result)
+            continue
+        module, info = result
+        module.to(device=layer.weight.device, dtype=layer.weight.dtype)
+        set_submodule(model, name, module)
+        layers[name] = {**info, "params_before": weight_params(layer),
+                        "params_after": sum(p.numel() for p in module.parameters())}
+    previous = getattr(model, "slimkit_factorize", None)
+    model.slimkit_factorize = {
+        "config": config.to_dict(), "layers": layers, "skipped": skipped,
+        "params": [before_total, sum(p.numel() for p in model.parameters())],
+        **({"previous": previous} if previous else {}),
+    }
+    return model
+
+
+#: Convs reading this few channels (image inputs) are left whole by Tucker/CP: a handful of weights,
+#: and a rank-1 or rank-2 input factor would throw away the colour/intensity information.
+MIN_IN_CHANNELS = 4
+
+
+def too_few_inputs(conv: nn.Conv2d) -> str | None:
+    if conv.in_channels < MIN_IN_CHANNELS:
+        return f"only {conv.in_channels} input channel(s): an input layer with {weight_params(conv)} params"
+    return None
+
+
+def not_smaller(after: int, before: int) -> str | None:
+    """The skip reason when a factorized form would not have fewer parameters than the layer."""
+    if after >= before:
+        return f"factorized form has {after} params, not fewer than the layer's {before}"
+    return None
