@@ -1,0 +1,185 @@
+"""Quantization-aware training: fold BatchNorm, ``prepare`` -> fine-tune -> ``convert``.
+
+``prepare`` swaps the target layers for fake-quantized ones (``qat_modules``), starting from the
+PTQ calibration (activation ranges from ``calibrate.collect`` / ``compute_range``, weight scales
+from max-abs or min/max); ``slimkit.train.finetune`` trains weights and, with ``learn_scale``,
+the LSQ steps; ``convert`` writes the trained integers into the same ``QuantLinear`` /
+``QuantConv2d`` the PTQ path produces, so ``slimkit.runtime.build`` runs the result on ONNX
+Runtime or torch kernels and the accuracy recorded is the deployed runtime's, not fake-quant's.
+"""
+
+from __future__ import annotations
+
+import copy
+import dataclasses
+import logging
+import math
+import time
+from typing import Any
+
+import torch
+import torch.nn as nn
+import torch.nn.functional as F
+
+from slimkit.config import BaseConfig, register, register_handler
+from slimkit.errors import SlimkitError
+from slimkit.io import set_submodule
+from slimkit.quantize.configs import BACKENDS, CALIBRATIONS, Targets, _check
+from slimkit.quantize.qat_modules import QATConv2d, QATLinear, qat_layers
+
+log = logging.getLogger("slimkit.quantize")
+
+LOSSES = ("auto", "task", "distill")
+
+
+@register("quantize.QAT")
+@dataclasses.dataclass(frozen=True)
+class QAT(BaseConfig):
+    """Quantization-aware training to int8 (weights + static/dynamic activations) or int8/int4 weight-only.
+
+    ``learn_scale``: LSQ steps (else the PTQ scales, re-derived from the weights every step).
+    ``loss``: ``"task"`` (the task's loss on labels), ``"distill"`` (output MSE to the float model:
+    for tasks without labels) or ``"auto"`` (task when it has labels and a loss, else distill).
+    ``evaluate``: score the converted model on ``backend`` and record it in ``model.slimkit_quant``.
+    """
+
+    bits: int = 8
+    weight_only: bool = False
+    activations: str = "static"
+    calibration: str = "mse"
+    symmetric: bool = True
+    group_size: int = 32
+    steps: int = 300
+    lr: float = 5e-4
+    learn_scale: bool = True
+    loss: str = "auto"
+    targets: Targets = "all"
+    exclude: Targets = ()
+    embeddings: bool = True
+    fold_bn: bool = True
+    backend: str = "auto"
+    evaluate: bool = True
+    seed: int = 0
+
+    def __post_init__(self) -> None:
+        _check("bits", self.bits, (8, 4))
+        _check("activations", self.activations, ("static", "dynamic"))
+        _check("calibration", self.calibration, CALIBRATIONS)
+        _check("loss", self.loss, LOSSES)
+        _check("backend", self.backend, BACKENDS)
+        _check("group_size", self.group_size, (0, 32, 64, 128, 256))
+        if self.bits == 4 and not self.weight_only:
+            raise SlimkitError("int4 QAT is weight-only (the int4 kernels take float activations)",
+                               "set weight_only=True or bits=8")
+        if not isinstance(self.steps, int) or self.steps < 1:
+            raise SlimkitError(f"QAT steps={self.steps!r} is invalid", "use a positive number of steps, e.g. 300")
+        if not self.lr > 0:
+            raise SlimkitError(f"QAT lr={self.lr!r} is invalid", "use a positive learning rate, e.g. 5e-4")
+
+    @property
+    def act_mode(self) -> str:
+        return "none" if self.weight_only else self.activations
+
+
+def prepare(model: nn.Module, config: QAT, task: Any) -> nn.Module:
+    """Swap target layers (in place) for fake-quantized ones; embeddings become int8 tables as in PTQ."""
+    from slimkit.quantize.calibrate import collect, compute_range
+    from slimkit.quantize.ptq import MAX_ABS_RANGE, _quantize_embeddings, _targets
+
+    allow_conv = config.bits == 8
+    names, skipped = _targets(model, config.targets, config.exclude, allow_conv=allow_conv)
+    tables = _quantize_embeddings(model, config, skipped)
+    ranges: dict[str, tuple[float, float]] = {}
+    if config.act_mode == "static":
+        if not getattr(task, "calib", None):
+            raise SlimkitError("QAT with static activations needs calibration data and the task has none",
+                               "pass a task with calib batches, or activations='dynamic'")
+        observers = collect(model, names, task.calib, which="input")
+        for name in list(names):
+            lo, hi = compute_range(observers[name], config.calibration, symmetric=config.symmetric, bits=8)
+            if not (math.isfinite(lo) and math.isfinite(hi)) or max(abs(lo), abs(hi)) > MAX_ABS_RANGE:
+                skipped[name] = f"input range [{lo:.3g}, {hi:.3g}] is not a real activation range (mask-like)"
+                names.remove(name)
+            else:
+                ranges[name] = (lo, hi)
+    for name in names:
+        layer = model.get_submodule(name)
+        common = {"activations": config.act_mode, "act_range": ranges.get(name), "symmetric": config.symmetric,
+                  "learn": config.learn_scale}
+        if isinstance(layer, nn.Conv2d):
+            set_submodule(model, name, QATConv2d.from_float(layer, **common))
+            continue
+        group = config.group_size if config.bits == 4 else 0
+        if group and layer.in_features % group:
+            skipped[name] = f"in_features {layer.in_features} is not a multiple of group_size {group}"
+            continue
+        set_submodule(model, name, QATLinear.from_float(layer, bits=config.bits, group_size=group, **common))
+    model.slimkit_quant = {"config": config.to_dict(), "layers": list(qat_layers(model)), "skipped": skipped,
+                           "reverted": [], "embeddings": tables}
+    return model
+
+
+def convert(model: nn.Module) -> nn.Module:
+    """Replace every fake-quantized layer (in place) by its integer module; returns the model in eval mode."""
+    layers = qat_layers(model)
+    if not layers:
+        raise SlimkitError("convert: the model has no QAT layers", "call prepare() first")
+    for name, layer in layers.items():
+        set_submodule(model, name, layer.convert())
+    return model.eval()
+
+
+def _loss_fn(config: QAT, task: Any, teacher: nn.Module) -> Any:
+    has_labels = task.loss is not None and task.train and isinstance(task.train[0], (tuple, list)) \
+        and len(task.train[0]) == 2 and isinstance(task.train[0][0], (tuple, list))
+    kind = config.loss if config.loss != "auto" else ("task" if has_labels else "distill")
+    if kind == "task":
+        if not has_labels:
+            raise SlimkitError(f"task {task.name!r} has no labelled training data for loss='task'",
+                               "use loss='distill' (match the float model's outputs)")
+        return None, kind
+
+    def distill(model: nn.Module, inputs: tuple, labels: Any) -> torch.Tensor:
+        with torch.no_grad():
+            target = teacher(*inputs)
+        return F.mse_loss(model(*inputs), target) * (1.0 / max(1e-12, float(target.pow(2).mean())))
+
+    return distill, kind
+
+
+def quantize_qat(model: nn.Module, config: QAT, task: Any, *, progress: bool = False) -> nn.Module:
+    """The registered handler: fold BN, prepare, fine-tune ``config.steps`` steps, convert, score."""
+    from slimkit.train.finetune import finetune
+
+    if task is None or not getattr(task, "train", None):
+        raise SlimkitError("QAT needs a task with training data", "pass a task with train batches, or use PTQ")
+    folded: list[str] = []
+    if config.fold_bn and any(isinstance(m, nn.modules.batchnorm._BatchNorm) for m in model.modules()):
+        from slimkit.architecture.fuse import fold_batchnorm
+
+        model, folded = fold_batchnorm(model, task.example)
+    teacher = copy.deepcopy(model).eval()
+    for p in teacher.parameters():
+        p.requires_grad_(False)
+    prepare(model, config, task)
+    loss, kind = _loss_fn(config, task, teacher)
+    start = time.perf_counter()
+    result = finetune(model, task, steps=config.steps, lr=config.lr, seed=config.seed, loss=loss,
+                      progress=progress, label=f"QAT {task.name}")
+    info = model.slimkit_quant
+    convert(model)
+    info["qat"] = {"steps": result.steps, "loss": kind, "first_loss": result.losses[0],
+                   "last_loss": result.losses[-1], "seconds": round(time.perf_counter() - start, 2),
+                   "folded_bn": folded}
+    if config.evaluate:
+        from slimkit.runtime import backend_reason, build
+
+        run = build(model, config.backend, task.example)
+        info["qat"].update(score=task.evaluate(run)["score"], backend=backend_reason(model, config.backend))
+    model.slimkit_quant = info
+    return model
+
+
+register_handler(QAT, quantize_qat)
+
+__all__ = ["QAT", "convert", "prepare", "quantize_qat"]

@@ -1,0 +1,189 @@
+"""Fake-quantized Linear / Conv2d for quantization-aware training, and their conversion to the
+integer modules PTQ produces (``QuantLinear`` / ``QuantConv2d``).
+
+Weights: int8 symmetric per output channel (``q`` in [-127, 127]) or int4 asymmetric per group
+(``q`` in [0, 15], float zero point), the formats of ``pack.py``. Activations: static int8 with
+the calibrated scale / zero point (``pack.act_qparams``), per-batch dynamic, or none. With
+``learn_scale`` the steps are LSQ parameters, stored as logarithms (1-D, so AdamW neither decays
+them nor moves a 0.01 step by its full learning rate in one update). A learned int8 weight step
+never exceeds ``max|w| / 127``: the channel's largest weight then sits on level ±127, so the
+runtimes that re-derive int8 weights by max-abs (ONNX Runtime's QDQ writer) get the same integers.
+"""
+
+from __future__ import annotations
+
+import torch
+import torch.nn as nn
+import torch.nn.functional as F
+
+from slimkit.quantize import pack
+from slimkit.quantize._ste import fake_quant, lsq
+from slimkit.quantize.modules import QuantConv2d, QuantLinear
+
+_TINY = torch.finfo(torch.float32).tiny
+
+
+class WeightQuantizer(nn.Module):
+    """Fake quantization of one weight (N, ...) to int8 per channel or int4 per group."""
+
+    def __init__(self, weight: torch.Tensor, bits: int, group_size: int, learn: bool) -> None:
+        super().__init__()
+        self.bits, self.learn = bits, learn
+        n = weight.shape[0]
+        w = weight.detach().float()
+        if bits == 8:
+            self.group_size = 0
+            scale = self._int8_scale(w)
+            if learn:
+                self.log_step = nn.Parameter(scale.log())  # (N,)
+        else:
+            self.group_size = pack.check_int4_shape(w.shape[1], group_size)
+            scale, zero = self._int4_params(w)
+            if learn:
+                self.log_step = nn.Parameter(scale.flatten().log())  # (N*G,)
+                self.zero = nn.Parameter(zero.flatten())  # (N*G,)
+        self.shape = (n, -1)
+
+    @staticmethod
+    def _int8_scale(w: torch.Tensor) -> torch.Tensor:
+        amax = w.abs().flatten(1).amax(1)  # (N,)
+        return torch.where(amax > 0, (amax / pack.INT8_MAX).clamp_min(_TINY), torch.ones_like(amax))
+
+    def _int4_params(self, w: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        wg = w.reshape(w.shape[0], -1, self.group_size)  # (N, G, g)
+        lo, hi = wg.amin(-1), wg.amax(-1)  # (N, G)
+        scale = torch.where(hi > lo, ((hi - lo) / pack.INT4_LEVELS).clamp_min(_TINY), torch.ones_like(lo))
+        return scale, -lo / scale
+
+    def params(self, w: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor | None]:
+        """(scale, zero) in use now: (N,) and None for int8; (N, G) each for int4."""
+        if self.bits == 8:
+            cap = self._int8_scale(w.detach())
+            return (torch.minimum(self.log_step.exp(), cap) if self.learn else cap), None
+        if self.learn:
+            return self.log_step.exp().reshape(w.shape[0], -1), self.zero.reshape(w.shape[0], -1)
+        return self._int4_params(w.detach())
+
+    def forward(self, w: torch.Tensor) -> torch.Tensor:
+        scale, zero = self.params(w)
+        if self.bits == 8:
+            view = (-1,) + (1,) * (w.ndim - 1)
+            if self.learn:
+                return lsq(w, scale.reshape(view), 0.0, -pack.INT8_MAX, pack.INT8_MAX, w[0].numel())
+            return fake_quant(w, scale.reshape(view), 0.0, -pack.INT8_MAX, pack.INT8_MAX)
+        wg = w.reshape(w.shape[0], -1, self.group_size)  # (N, G, g)
+        s, z = scale[..., None], zero[..., None]  # (N, G, 1)
+        out = (lsq(wg, s, z, 0, pack.INT4_LEVELS, self.group_size) if self.learn
+               else fake_quant(wg, s, z, 0, pack.INT4_LEVELS))
+        return out.reshape(w.shape)
+
+    @torch.no_grad()
+    def integers(self, w: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor | None]:
+        """(q, scale, zero) as the integer modules store them: int8 like ``w``, or packed int4 (N, K/2)."""
+        scale, zero = self.params(w)
+        if self.bits == 8:
+            q = torch.round(w / scale.reshape((-1,) + (1,) * (w.ndim - 1))).clamp(-127, 127).to(torch.int8)
+            return q, scale.float(), None
+        wg = w.reshape(w.shape[0], -1, self.group_size)
+        q = torch.round(wg / scale[..., None] + zero[..., None]).clamp(0, pack.INT4_LEVELS).to(torch.uint8)
+        return pack.pack_int4(q.reshape(w.shape)), scale.float(), zero.float()
+
+
+class ActQuantizer(nn.Module):
+    """Fake quantization of a layer's input: ``"static"`` (calibrated, optionally learned), ``"dynamic"``, ``"none"``."""
+
+    def __init__(self, mode: str, act_range: tuple[float, float] | None, symmetric: bool, learn: bool) -> None:
+        super().__init__()
+        self.mode, self.symmetric, self.learn = mode, symmetric, learn and mode == "static"
+        self.qmin, self.qmax = pack.act_qrange(symmetric)
+        if mode == "static":
+            scale, zero = pack.act_qparams(*act_range, symmetric=symmetric)
+            self.register_buffer("zero", zero.float())
+            if self.learn:
+                self.log_scale = nn.Parameter(scale.log().reshape(1))  # (1,)
+            else:
+                self.register_buffer("scale", scale.reshape(1))
+
+    def current(self) -> tuple[torch.Tensor, torch.Tensor]:
+        return (self.log_scale.exp() if self.learn else self.scale), self.zero
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        if self.mode == "none":
+            return x
+        if self.mode == "dynamic":
+            scale, zero = pack.dynamic_act_qparams(x.detach(), 255)
+            return fake_quant(x, scale, zero, 0, 255)
+        scale, zero = self.current()
+        if self.learn:
+            return lsq(x, scale, zero, self.qmin, self.qmax, x[0].numel())
+        return fake_quant(x, scale, zero, self.qmin, self.qmax)
+
+    def act_range(self) -> tuple[float, float] | None:
+        """The range that makes ``pack.act_qparams`` give back this scale and zero point."""
+        if self.mode != "static":
+            return None
+        scale, zero = self.current()
+        return pack.act_range_of(scale.detach().reshape(()), zero.round().int().reshape(()), self.symmetric)
+
+
+class QATLinear(nn.Linear):
+    """An ``nn.Linear`` whose input and weight are fake-quantized in every forward."""
+
+    @classmethod
+    def from_float(cls, layer: nn.Linear, *, bits: int, group_size: int, activations: str,
+                   act_range: tuple[float, float] | None, symmetric: bool, learn: bool) -> QATLinear:
+        m = cls(layer.in_features, layer.out_features, bias=layer.bias is not None)
+        with torch.no_grad():
+            m.weight.copy_(layer.weight)
+            if layer.bias is not None:
+                m.bias.copy_(layer.bias)
+        m.wq = WeightQuantizer(m.weight, bits, group_size, learn)
+        m.aq = ActQuantizer(activations, act_range, symmetric, learn)
+        return m.to(layer.weight.device)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return F.linear(self.aq(x), self.wq(self.weight), self.bias)
+
+    def convert(self) -> QuantLinear:
+        """The integer ``QuantLinear`` holding exactly the integers this layer trained with."""
+        q = QuantLinear(self.in_features, self.out_features, bias=self.bias is not None, bits=self.wq.bits,
+                        group_size=self.wq.group_size, activations=self.aq.mode, symmetric_act=self.aq.symmetric)
+        qw, scale, zero = self.wq.integers(self.weight.detach())
+        return q._fill(qw, scale, self.bias, self.aq.act_range(), zero)
+
+
+class QATConv2d(nn.Conv2d):
+    """An ``nn.Conv2d`` (zero padding) with fake-quantized input and int8 per-channel weight."""
+
+    @classmethod
+    def from_float(cls, conv: nn.Conv2d, *, activations: str, act_range: tuple[float, float] | None,
+                   symmetric: bool, learn: bool) -> QATConv2d:
+        from slimkit.quantize.modules import _explicit_padding
+
+        m = cls(conv.in_channels, conv.out_channels, conv.kernel_size, stride=conv.stride,
+                padding=_explicit_padding(conv), dilation=conv.dilation, groups=conv.groups,
+                bias=conv.bias is not None)
+        with torch.no_grad():
+            m.weight.copy_(conv.weight)
+            if conv.bias is not None:
+                m.bias.copy_(conv.bias)
+        m.wq = WeightQuantizer(m.weight, 8, 0, learn)
+        m.aq = ActQuantizer(activations, act_range, symmetric, learn)
+        return m.to(conv.weight.device)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self._conv_forward(self.aq(x), self.wq(self.weight), self.bias)
+
+    def convert(self) -> QuantConv2d:
+        q = QuantConv2d(self.in_channels, self.out_channels, self.kernel_size, stride=self.stride,
+                        padding=self.padding, dilation=self.dilation, groups=self.groups,
+                        bias=self.bias is not None, activations=self.aq.mode, symmetric_act=self.aq.symmetric)
+        qw, scale, _ = self.wq.integers(self.weight.detach())
+        return q._fill(qw, scale, self.bias, self.aq.act_range())
+
+
+def qat_layers(model: nn.Module) -> dict[str, nn.Module]:
+    return {n: m for n, m in model.named_modules() if isinstance(m, (QATLinear, QATConv2d))}
+
+
+__all__ = ["ActQuantizer", "QATConv2d", "QATLinear", "WeightQuantizer", "qat_layers"]

@@ -1,0 +1,141 @@
+"""QAT: straight-through and LSQ gradients, BN folding, and the converted model on the real runtimes."""
+
+import copy
+
+import pytest
+import torch
+import torch.nn as nn
+
+import slimkit as sk
+from slimkit.config import BaseConfig
+from slimkit.errors import SlimkitError
+from slimkit.quantize import QuantConv2d, QuantLinear
+from slimkit.quantize._ste import fake_quant, lsq, lsq_grad_scale
+from slimkit.quantize.qat import QAT, convert, prepare
+from slimkit.quantize.qat_modules import QATLinear
+from slimkit.runtime import build
+from slimkit.task import Task
+from tests.conftest import sqnr_db
+
+
+def test_ste_gradient_is_identity_inside_and_zero_outside():
+    x = torch.linspace(-3, 3, 601, requires_grad=True)
+    scale = torch.tensor(0.01)  # int8 range covers [-1.27, 1.27]
+    fake_quant(x, scale, 0.0, -127, 127).sum().backward()
+    inside = x.detach().abs() <= 1.27
+    assert torch.equal(x.grad[inside], torch.ones(int(inside.sum())))
+    assert torch.equal(x.grad[~inside], torch.zeros(int((~inside).sum())))
+    assert int(inside.sum()) == 255  # the grid really clips where we think
+
+
+def test_lsq_step_gradient_matches_closed_form_and_finite_difference():
+    gen = torch.Generator().manual_seed(0)
+    x = torch.randn(64, generator=gen) * 0.5
+    c = torch.randn(64, generator=gen)  # loss = sum(c * q(x))
+    step = torch.tensor(0.1, dtype=torch.float64, requires_grad=True)
+    xd, cd = x.double(), c.double()
+    (cd * lsq(xd, step, 0.0, -8, 7, 64)).sum().backward()
+    v = xd / 0.1
+    inside = (v >= -8) & (v <= 7)
+    local = torch.where(inside, torch.round(v) - v, v.clamp(-8, 7))  # LSQ's d q / d s
+    expected = float((cd * local).sum()) * lsq_grad_scale(64, 7)
+    assert float(step.grad) == pytest.approx(expected, rel=1e-9)
+    # Finite difference of the straight-through surrogate (rounding offset frozen at s = 0.1).
+    offset = torch.round(v.clamp(-8, 7)) - v.clamp(-8, 7)
+
+    def surrogate(s: float) -> float:
+        return float((cd * (torch.clamp(xd / s, -8, 7) + offset) * s).sum())
+
+    h = 1e-6
+    fd = (surrogate(0.1 + h) - surrogate(0.1 - h)) / (2 * h)
+    assert float(step.grad) / lsq_grad_scale(64, 7) == pytest.approx(fd, rel=1e-5)
+
+
+def test_folded_batchnorm_gives_the_same_float_outputs(mnist_task):
+    from slimkit.architecture.fuse import fold_batchnorm
+
+    model = mnist_task.model
+    x = mnist_task.eval[0][0][0]
+    folded, names = fold_batchnorm(copy.deepcopy(model), (x,))
+    assert names == ["1", "5", "9"]
+    with torch.no_grad():
+        assert float((folded(x) - model(x)).abs().max()) <= 1e-5
+
+
+def test_converted_integers_are_the_fake_quant_weights():
+    torch.manual_seed(0)
+    lin = nn.Linear(64, 16)
+    for bits, group in ((8, 0), (4, 32)):
+        qat = QATLinear.from_float(lin, bits=bits, group_size=group, activations="none", act_range=None,
+                                   symmetric=True, learn=True)
+        with torch.no_grad():
+            qat.wq.log_step.add_(0.3)  # a learned step, not the max-abs one
+            fq = qat.wq(qat.weight)
+        q = qat.convert()
+        assert isinstance(q, QuantLinear) and q.bits == bits
+        assert torch.equal(q.dequantized_weight(), fq)
+        if bits == 8:  # each channel's largest weight sits on +-127: max-abs re-quantization (ORT) agrees
+            assert torch.equal(q.qweight.abs().amax(1), torch.full((16,), 127, dtype=torch.int8))
+
+
+def _tiny_task() -> Task:
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Linear(32, 64), nn.BatchNorm1d(64), nn.ReLU(), nn.Linear(64, 8))
+    x = torch.randn(256, 32)
+    y = (x[:, :8] * 3).argmax(-1)
+    batches = [((x[i:i + 64],), y[i:i + 64]) for i in range(0, 256, 64)]
+    from slimkit.task import accuracy
+    import torch.nn.functional as F
+
+    return Task(name="tiny", model=model.eval(), example=(x[:4],), metric=accuracy, eval=batches,
+                calib=[b[0] for b in batches], train=batches, loss=F.cross_entropy)
+
+
+def test_prepare_convert_replace_every_target_layer():
+    task = _tiny_task()
+    model = copy.deepcopy(task.model)
+    prepare(model, QAT(bits=8), task)
+    assert sorted(model.slimkit_quant["layers"]) == ["0", "3"]
+    convert(model)
+    assert isinstance(model[0], QuantLinear) and model[0].activations == "static"
+    with pytest.raises(SlimkitError, match="no QAT layers"):
+        convert(model)
+
+
+@pytest.mark.slow
+def test_qat_int8_runs_on_onnxruntime_and_records_its_accuracy(mnist_task, one_thread):
+    q = sk.apply(mnist_task.model, QAT(bits=8, steps=30, symmetric=False, backend="onnxruntime"), mnist_task)
+    info = q.slimkit_quant["qat"]
+    assert info["folded_bn"] == ["1", "5", "9"] and info["steps"] == 30
+    assert sum(isinstance(m, QuantConv2d) for m in q.modules()) == 3
+    run = build(q, "onnxruntime", mnist_task.example)
+    assert run.kernels["QLinearConv"] == 3
+    score = mnist_task.evaluate(run)["score"]
+    assert score == info["score"]  # the recorded accuracy is the deployed runtime's
+    assert score >= 0.985  # fp32: 0.990
+    x = mnist_task.eval[0][0][0]
+    with torch.no_grad():
+        assert sqnr_db(q(x), run(x)) > 25  # torch emulation vs ORT's integer kernels
+
+
+@pytest.mark.slow
+def test_qat_int4_weight_only_reloads_identically(mnist_task, one_thread, tmp_path):
+    q = sk.apply(mnist_task.model, QAT(bits=4, weight_only=True, steps=30, group_size=32), mnist_task)
+    assert q.slimkit_quant["layers"] == ["13", "15"]  # the two Linear layers; convs stay float at int4
+    assert q.slimkit_quant["qat"]["score"] == mnist_task.evaluate(build(q, "torch"))["score"] >= 0.985
+    sk.save(q, tmp_path / "m")
+    back = sk.load(tmp_path / "m")
+    x = mnist_task.eval[0][0][0]
+    with torch.no_grad():
+        assert torch.equal(back(x), q(x))
+
+
+def test_config_round_trip_and_errors():
+    c = QAT(bits=4, weight_only=True, steps=50, lr=1e-4, learn_scale=False, exclude=("fc",))
+    assert BaseConfig.from_json(c.to_json()) == c
+    with pytest.raises(SlimkitError, match="weight-only"):
+        QAT(bits=4)
+    with pytest.raises(SlimkitError, match="steps"):
+        QAT(steps=0)
+    with pytest.raises(SlimkitError, match="training data"):
+        sk.apply(nn.Linear(4, 4), QAT(), None)
