@@ -13,7 +13,8 @@ from slimkit.quantize.configs import Int8, WeightOnly
 from slimkit.quantize.embedding import QuantEmbedding
 from slimkit.quantize.layer_error import LayerError, layer_errors
 from slimkit.quantize.modules import QuantConv2d, QuantLinear
+from slimkit.quantize.extreme import Binary, Ternary
 from slimkit.quantize.qat import QAT
 
-__all__ = ["QAT", "BFloat16", "Float16", "Int8", "LayerError", "QuantConv2d", "QuantEmbedding", "QuantLinear", "WeightOnly", "collect",
+__all__ = ["Binary", "QAT", "Ternary", "BFloat16", "Float16", "Int8", "LayerError", "QuantConv2d", "QuantEmbedding", "QuantLinear", "WeightOnly", "collect",
            "compute_range", "layer_errors"]
