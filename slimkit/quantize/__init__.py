@@ -12,9 +12,11 @@ from slimkit.quantize.cast import BFloat16, Float16
 from slimkit.quantize.configs import Int8, WeightOnly
 from slimkit.quantize.embedding import QuantEmbedding
 from slimkit.quantize.layer_error import LayerError, layer_errors
+from slimkit.quantize.half import HalfConv2d, HalfLinear
+from slimkit.quantize.mixed import Mixed
 from slimkit.quantize.modules import QuantConv2d, QuantLinear
 from slimkit.quantize.extreme import Binary, Ternary
 from slimkit.quantize.qat import QAT
 
-__all__ = ["Binary", "QAT", "Ternary", "BFloat16", "Float16", "Int8", "LayerError", "QuantConv2d", "QuantEmbedding", "QuantLinear", "WeightOnly", "collect",
+__all__ = ["Binary", "HalfConv2d", "HalfLinear", "Mixed", "QAT", "Ternary", "BFloat16", "Float16", "Int8", "LayerError", "QuantConv2d", "QuantEmbedding", "QuantLinear", "WeightOnly", "collect",
            "compute_range", "layer_errors"]

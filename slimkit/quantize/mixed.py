@@ -1,0 +1,190 @@
+"""Sensitivity-driven mixed precision: bits per layer from {4, 8, 16} under a byte budget.
+
+Each layer's predicted cost at ``b`` bits is its measured sensitivity (``layer_sensitivity``:
+only that layer quantized, default ``measure="output"``: output noise-to-signal ratio, which adds
+up over layers roughly as independent noise does). Choosing one width per layer to minimise the
+summed cost with the summed bytes under the budget is a multiple-choice knapsack; it is solved
+exactly as a 0/1 integer program with ``scipy.optimize.milp`` (HiGHS). The choice is realised with
+the stored modules the other techniques use: grouped int4 and per-channel int8 weight-only
+(``QuantLinear`` / ``QuantConv2d``), float16 weights (``HalfLinear`` / ``HalfConv2d``); it runs on
+torch (weight-only has no ONNX Runtime path in slimkit).
+
+Bytes per layer (bias excluded: it is float32 at every width): int4 ``N*K/2`` + float32 scale and
+zero per group; int8 ``N*K`` + a float32 scale per channel; 16 bits ``2*N*K``.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import logging
+from typing import Any, Mapping, Sequence
+
+import numpy as np
+import torch.nn as nn
+
+from slimkit.config import BaseConfig, register, register_handler
+from slimkit.errors import SlimkitError
+from slimkit.io import set_submodule
+from slimkit.quantize.configs import Targets, _check
+
+log = logging.getLogger("slimkit.quantize")
+
+WIDTHS = (4, 8, 16)
+
+
+@register("quantize.Mixed")
+@dataclasses.dataclass(frozen=True)
+class Mixed(BaseConfig):
+    """Per-layer bits minimising predicted damage with the layers' bytes <= ``budget_ratio`` x their fp32 bytes.
+
+    ``sensitivity``: optional ``{layer: drop at 4 bits}`` measured elsewhere (the optimizer's); the
+    8-bit drop is then taken as 1/256 of it (noise power falls 4x per bit) and nothing is measured.
+    """
+
+    budget_ratio: float = 0.25
+    candidates: tuple[int, ...] = WIDTHS
+    group_size: int = 32
+    measure: str = "output"
+    targets: Targets = "all"
+    exclude: Targets = ()
+    embeddings: bool = True
+    sensitivity: Mapping[str, float] | None = None
+
+    def __post_init__(self) -> None:
+        if not self.candidates or any(b not in WIDTHS for b in self.candidates):
+            raise SlimkitError(f"candidates={self.candidates!r} must be a non-empty subset of {WIDTHS}",
+                               "use e.g. (4, 8, 16)")
+        _check("group_size", self.group_size, (32, 64, 128))
+        _check("measure", self.measure, ("output", "metric"))
+        if not 0.0 < self.budget_ratio <= 1.0:
+            raise SlimkitError(f"budget_ratio={self.budget_ratio} is outside (0, 1]",
+                               "use the fraction of the layers' fp32 bytes to keep, e.g. 0.25")
+
+    def __hash__(self) -> int:
+        return hash(self.to_json())
+
+
+def layer_bytes(layer: nn.Module, bits: int, group_size: int) -> int | None:
+    """Stored bytes of ``layer``'s weight at ``bits`` (None where that width cannot hold it)."""
+    n, k = layer.weight.shape[0], layer.weight[0].numel()
+    if bits == 16:
+        return 2 * n * k
+    if bits == 8:
+        return n * k + 4 * n
+    if not isinstance(layer, nn.Linear) or k % group_size:
+        return None  # int4 is for Linear weights whose input size the group divides
+    return n * k // 2 + 8 * n * (k // group_size)
+
+
+def solve(costs: Sequence[Sequence[float]], sizes: Sequence[Sequence[float | None]], budget: float) -> list[int]:
+    """Multiple-choice knapsack: one option per item, least total cost with total size <= budget.
+
+    ``costs[i][j]`` / ``sizes[i][j]`` of option ``j`` of item ``i`` (size None: not available).
+    Returns the chosen option per item; raises SlimkitError when even the smallest options do not fit.
+    """
+    from scipy.optimize import Bounds, LinearConstraint, milp
+
+    index = [(i, j) for i, row in enumerate(sizes) for j, s in enumerate(row) if s is not None]
+    smallest = sum(min(s for s in row if s is not None) for row in sizes)
+    if smallest > budget + 1e-9:
+        raise SlimkitError(f"the byte budget {budget:,.0f} is below the smallest possible size {smallest:,.0f}",
+                           "raise budget_ratio or add a smaller candidate width")
+    c = np.array([costs[i][j] for i, j in index], dtype=np.float64)
+    one = np.zeros((len(sizes), len(index)))
+    for v, (i, _) in enumerate(index):
+        one[i, v] = 1.0
+    size_row = np.array([[sizes[i][j] for i, j in index]], dtype=np.float64)
+    constraints = [LinearConstraint(one, 1, 1), LinearConstraint(size_row, -np.inf, budget)]
+    res = milp(c, constraints=constraints, integrality=np.ones(len(index)), bounds=Bounds(0, 1))
+    if res.x is None:
+        raise SlimkitError(f"the bit-width integer program found no solution ({res.message})",
+                           "raise budget_ratio")
+    chosen = [0] * len(sizes)
+    for v, (i, j) in enumerate(index):
+        if res.x[v] > 0.5:
+            chosen[i] = j
+    return chosen
+
+
+def greedy(costs: Sequence[Sequence[float]], sizes: Sequence[Sequence[float | None]], budget: float) -> list[int]:
+    """The usual heuristic, for comparison: start at the largest option of every item and keep taking
+    the step down with the least added cost per byte saved until the budget holds."""
+    chosen = [max((j for j, s in enumerate(row) if s is not None), key=lambda j: row[j]) for row in sizes]
+    total = sum(sizes[i][j] for i, j in enumerate(chosen))
+    while total > budget:
+        best = None
+        for i, row in enumerate(sizes):
+            for j, s in enumerate(row):
+                saved = sizes[i][chosen[i]] - s if s is not None else 0
+                if saved > 0:
+                    rate = (costs[i][j] - costs[i][chosen[i]]) / saved
+                    if best is None or rate < best[0]:
+                        best = (rate, i, j)
+        if best is None:
+            raise SlimkitError("greedy: budget cannot be met", "raise the budget")
+        total -= sizes[best[1]][chosen[best[1]]] - sizes[best[1]][best[2]]
+        chosen[best[1]] = best[2]
+    return chosen
+
+
+def _costs(model: nn.Module, config: Mixed, task: Any, names: list[str]) -> dict[int, dict[str, float]]:
+    """Predicted drop per width per layer (16 bits: 0)."""
+    from slimkit.measure.sensitivity import layer_sensitivity
+
+    out: dict[int, dict[str, float]] = {16: {n: 0.0 for n in names}}
+    if config.sensitivity is not None:
+        missing = [n for n in names if n not in config.sensitivity]
+        if missing:
+            raise SlimkitError(f"the given sensitivity has no value for layer {missing[0]!r}",
+                               "measure every target layer or leave sensitivity=None")
+        out[4] = {n: max(0.0, float(config.sensitivity[n])) for n in names}
+        out[8] = {n: v / 256 for n, v in out[4].items()}
+        return out
+    for bits in (b for b in config.candidates if b != 16):
+        sens = layer_sensitivity(model, task, kind="quantize", bits=bits, layers=names, measure=config.measure)
+        out[bits] = {n: max(0.0, v) for n, v in sens.items()}  # a "gain" from noise is not a real gain
+    return out
+
+
+def quantize_mixed(model: nn.Module, config: Mixed, task: Any) -> nn.Module:
+    """The registered handler: measure, solve, swap each layer for its chosen stored form."""
+    from slimkit.quantize.half import HalfConv2d, HalfLinear
+    from slimkit.quantize.modules import QuantConv2d, QuantLinear
+    from slimkit.quantize.ptq import _quantize_embeddings, _targets
+
+    names, skipped = _targets(model, config.targets, config.exclude, allow_conv=True)
+    widths = sorted(config.candidates)
+    layers = {n: model.get_submodule(n) for n in names}
+    sizes = [[layer_bytes(layers[n], b, config.group_size) for b in widths] for n in names]
+    if any(all(s is None for s in row) for row in sizes):
+        bad = names[next(i for i, row in enumerate(sizes) if all(s is None for s in row))]
+        raise SlimkitError(f"layer {bad!r} has no width among candidates {widths}", "add 8 or 16 to candidates")
+    costs_by_bits = _costs(model, config, task, names)
+    costs = [[costs_by_bits[b][n] for b in widths] for n in names]
+    fp32 = sum(4 * layers[n].weight.numel() for n in names)
+    budget = config.budget_ratio * fp32
+    choice = solve(costs, sizes, budget)
+    bits = {n: widths[j] for n, j in zip(names, choice)}
+    _quantize_embeddings(model, config, skipped)
+    for n, b in bits.items():
+        layer = layers[n]
+        if b == 16:
+            new = HalfConv2d.from_float(layer) if isinstance(layer, nn.Conv2d) else HalfLinear.from_float(layer)
+        elif isinstance(layer, nn.Conv2d):
+            new = QuantConv2d.from_float(layer, activations="none")
+        else:
+            new = QuantLinear.from_float(layer, bits=b, group_size=config.group_size if b == 4 else 0)
+        set_submodule(model, n, new)
+    used = sum(sizes[i][j] for i, j in enumerate(choice))
+    model.slimkit_quant = {"config": config.to_dict(), "layers": [n for n, b in bits.items() if b < 16],
+                           "skipped": skipped, "reverted": [], "bits": bits, "budget_bytes": budget,
+                           "weight_bytes": used, "fp32_weight_bytes": fp32,
+                           "predicted_drop": float(sum(costs[i][j] for i, j in enumerate(choice))),
+                           "sensitivity": {str(b): v for b, v in costs_by_bits.items()}}
+    log.info("mixed precision: %s", bits)
+    return model.eval()
+
+
+register_handler(Mixed, quantize_mixed)
+
+__all__ = ["Mixed", "greedy", "layer_bytes", "quantize_mixed", "solve"]

@@ -1,0 +1,92 @@
+"""Mixed precision: the integer program is exact and beats greedy; the chosen model is real and reloads."""
+
+import pytest
+import torch
+
+import slimkit as sk
+from slimkit.config import BaseConfig
+from slimkit.errors import SlimkitError
+from slimkit.quantize import QuantConv2d, QuantLinear
+from slimkit.quantize.half import HalfConv2d, HalfLinear
+from slimkit.quantize.mixed import Mixed, greedy, layer_bytes, solve
+from tests.conftest import sqnr_db
+
+
+def _planted():
+    """Item 0 saves bytes at the best rate but not enough, so greedy also has to take item 1 down; the
+    optimum takes only item 1 down, which alone fills the budget exactly, at a lower cost."""
+    sizes = [[8, 20], [10, 30], [12, 20]]  # option 0: low precision, option 1: high
+    costs = [[0.5, 0.0], [0.9, 0.0], [1.0, 0.0]]
+    return costs, sizes, 50
+
+
+def test_knapsack_meets_the_budget_exactly_and_beats_greedy():
+    costs, sizes, budget = _planted()
+    best, heuristic = solve(costs, sizes, budget), greedy(costs, sizes, budget)
+    size = lambda choice: sum(sizes[i][j] for i, j in enumerate(choice))  # noqa: E731
+    cost = lambda choice: sum(costs[i][j] for i, j in enumerate(choice))  # noqa: E731
+    assert best == [1, 0, 1] and size(best) == budget
+    assert size(heuristic) <= budget
+    assert cost(best) == pytest.approx(0.9) and cost(heuristic) == pytest.approx(1.4)
+    with pytest.raises(SlimkitError, match="below the smallest possible size"):
+        solve(costs, sizes, 21)
+
+
+def test_knapsack_is_optimal_on_random_instances():
+    import itertools
+
+    gen = torch.Generator().manual_seed(0)
+    for _ in range(20):
+        sizes = [[int(v) for v in sorted(torch.randint(1, 30, (3,), generator=gen).tolist())] for _ in range(5)]
+        costs = [[float(c) for c in sorted(torch.rand(3, generator=gen).tolist(), reverse=True)] for _ in range(5)]
+        budget = sum(r[1] for r in sizes)
+        best = solve(costs, sizes, budget)
+        brute = min((sum(costs[i][j] for i, j in enumerate(ch)), ch) for ch in itertools.product(range(3), repeat=5)
+                    if sum(sizes[i][j] for i, j in enumerate(ch)) <= budget)
+        assert sum(costs[i][j] for i, j in enumerate(best)) == pytest.approx(brute[0])
+
+
+def test_layer_bytes():
+    lin, conv = torch.nn.Linear(64, 10), torch.nn.Conv2d(3, 8, 3)
+    assert layer_bytes(lin, 4, 32) == 10 * 32 + 8 * 10 * 2
+    assert layer_bytes(lin, 8, 32) == 640 + 40 and layer_bytes(lin, 16, 32) == 1280
+    assert layer_bytes(conv, 4, 32) is None and layer_bytes(conv, 8, 32) == 8 * 27 + 32
+
+
+def _uniform_ratio(model, bits_of) -> float:
+    from slimkit.measure.sensitivity import weight_layers
+
+    layers = [model.get_submodule(n) for n in weight_layers(model)]
+    used = sum(layer_bytes(m, bits_of(m), 32) for m in layers)
+    return used / sum(4 * m.weight.numel() for m in layers)
+
+
+def test_mixed_mnist_fits_the_budget_reloads_and_beats_uniform_int4(mnist_task, one_thread, tmp_path):
+    model = mnist_task.model
+    r4 = _uniform_ratio(model, lambda m: 4 if isinstance(m, torch.nn.Linear) else 8)  # int4 where it fits
+    r8 = _uniform_ratio(model, lambda m: 8)
+    uniform = sk.apply(model, Mixed(candidates=(4, 8), budget_ratio=r4 + 1e-9), mnist_task)
+    assert set(uniform.slimkit_quant["bits"].values()) == {4, 8}
+    mixed = sk.apply(model, Mixed(budget_ratio=(r4 + r8) / 2), mnist_task)
+    info = mixed.slimkit_quant
+    assert info["weight_bytes"] <= info["budget_bytes"] < r8 * info["fp32_weight_bytes"]
+    kinds = {QuantLinear, QuantConv2d, HalfLinear, HalfConv2d}
+    assert all(type(mixed.get_submodule(n)) in kinds for n in info["bits"])
+    x = mnist_task.eval[0][0][0]
+    with torch.no_grad():
+        ref = model(x)
+        assert sqnr_db(ref, mixed(x)) > sqnr_db(ref, uniform(x)) + 3  # a little more bytes, much less noise
+    assert mnist_task.evaluate(mixed)["score"] >= 0.985
+    sk.save(mixed, tmp_path / "m")
+    back = sk.load(tmp_path / "m")
+    with torch.no_grad():
+        assert torch.equal(back(x), mixed(x))
+
+
+def test_config_round_trip_and_errors():
+    c = Mixed(budget_ratio=0.3, candidates=(4, 8), sensitivity={"fc": 0.1})
+    assert BaseConfig.from_json(c.to_json()) == c
+    with pytest.raises(SlimkitError, match="candidates"):
+        Mixed(candidates=(2, 8))
+    with pytest.raises(SlimkitError, match="budget_ratio"):
+        Mixed(budget_ratio=0.0)
