@@ -90,3 +90,31 @@ def test_config_round_trip_and_errors():
         Mixed(candidates=(2, 8))
     with pytest.raises(SlimkitError, match="budget_ratio"):
         Mixed(budget_ratio=0.0)
+
+
+def test_optimizer_offers_qat_mixed_and_ternary(digits_task):
+    import optuna
+
+    from slimkit.quantize.extreme import Ternary
+    from slimkit.quantize.qat import QAT
+    from slimkit.search.space import SearchContext, techniques
+
+    found = {t.name: t for t in techniques(["qat", "mixed", "ternary"])}
+    assert {t.stage for t in found.values()} == {"quantize"}
+    from slimkit.measure.sensitivity import weight_layers
+
+    names = weight_layers(digits_task.model)
+    ctx = SearchContext(task=digits_task, target=None, baseline={}, sensitivity={n: 0.01 for n in names})
+    assert not found["qat"].applies(ctx) and not found["ternary"].applies(ctx) and found["mixed"].applies(ctx)
+    ctx.trainable = True
+    assert found["qat"].applies(ctx)
+    qat = found["qat"].suggest(optuna.trial.FixedTrial({"qat.bits": 4, "qat.steps": 100, "qat.learn_scale": True,
+                                                        "qat.group_size": 64}), ctx)
+    assert qat == QAT(bits=4, weight_only=True, group_size=64, steps=100)
+    mixed = found["mixed"].suggest(optuna.trial.FixedTrial({"mixed.budget_ratio": 0.31}), ctx)
+    assert mixed.budget_ratio == 0.31 and mixed.sensitivity == ctx.sensitivity
+    tern = found["ternary"].suggest(optuna.trial.FixedTrial({"ternary.steps": 300}), ctx)
+    assert tern == Ternary(steps=300)
+    assert BaseConfig.from_json(mixed.to_json()) == mixed
+    ctx.sensitivity = {names[0]: 0.1}  # not every layer measured: the handler measures them itself
+    assert found["mixed"].suggest(optuna.trial.FixedTrial({"mixed.budget_ratio": 0.3}), ctx).sensitivity is None
