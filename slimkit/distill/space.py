@@ -15,7 +15,8 @@ def suggest_distill(trial: Any, ctx: SearchContext) -> Distill:
     steps = trial.suggest_categorical("distill.steps", list(STEPS))
     temperature = trial.suggest_float("distill.temperature", 1.0, 8.0, log=True)
     alpha = trial.suggest_float("distill.alpha", 0.3, 1.0)
-    lr = 3e-5 if ctx.task.name == "minilm" else 1e-3  # pre-trained transformers want a small rate
+    big = sum(p.numel() for p in ctx.task.model.parameters()) > 5_000_000
+    lr = 3e-5 if big else 1e-3  # large pre-trained models (transformers) want a small rate
     return Distill(steps=int(steps), temperature=temperature, alpha=alpha, lr=lr)
 
 

@@ -39,6 +39,7 @@ class CP(BaseConfig):
     iters: int = 100
     targets: str | tuple[str, ...] = "all"
     exclude: str | tuple[str, ...] = ()
+    keep_output: bool = True
 
     def __post_init__(self) -> None:
         check_ratio("ratio", self.ratio)
@@ -136,7 +137,7 @@ def _cp(model: nn.Module, config: CP, task: Any) -> nn.Module:
         return cp_conv(layer, rank, config.iters), {"method": "cp", "rank": rank}
 
     with torch.no_grad():
-        return factorize_layers(model, config, names, plan)
+        return factorize_layers(model, config, names, plan, task)
 
 
 register_handler(CP, _cp)

@@ -13,6 +13,7 @@ from slimkit.candidate import measure_candidate
 from slimkit.config import BaseConfig, apply
 from slimkit.errors import SlimkitError
 from slimkit.factorize.cp import CP
+from slimkit.factorize.layers import chosen_layers
 from slimkit.factorize.svd import SVD
 from slimkit.factorize.tucker import Tucker
 from slimkit.job import comparison_report, summary
@@ -63,6 +64,7 @@ def run(task_name: str, config: BaseConfig, out: str | Path, *, finetune_steps: 
     out = Path(out)
     task = zoo.load(task_name)
     recover = recovery_config(task, finetune_steps, distill, lr)
+    chosen_layers(task.model, config.targets, config.exclude, config.type_name)  # bad names fail before any work
     console.print(f"[bold]task[/] {task.name}: {task.description}")
     baseline = measure_candidate("baseline", task.model, [], task, threads=threads)
     model = apply(task.model, config, task)

@@ -62,10 +62,28 @@ def unsupported_reason(layer: nn.Module) -> str | None:
     return f"{type(layer).__name__} is not a Linear or Conv2d"
 
 
-def factorize_layers(model: nn.Module, config: BaseConfig, names: list[str], plan: Plan) -> nn.Module:
-    """Swap each named layer for ``plan``'s module (or record why not) and write ``slimkit_factorize``."""
+def output_layer_name(model: nn.Module, task: Any) -> str | None:
+    """The last Linear/Conv that runs on the task's example (a classifier head), or None without a task."""
+    if task is None or not getattr(task, "example", None):
+        return None
+    from slimkit.graph.dependency import output_layer
+
+    return output_layer(model, tuple(task.example))
+
+
+def factorize_layers(model: nn.Module, config: BaseConfig, names: list[str], plan: Plan,
+                     task: Any = None) -> nn.Module:
+    """Swap each named layer for ``plan``'s module (or record why not) and write ``slimkit_factorize``.
+
+    With ``config.keep_output`` the model's output layer stays whole: a rank-2 classifier over ten
+    classes cannot separate them, and the head holds few of a model's weights.
+    """
     layers: dict[str, dict[str, Any]] = {}
     skipped: dict[str, str] = {}
+    head = output_layer_name(model, task) if getattr(config, "keep_output", False) else None
+    if head in names:
+        names = [n for n in names if n != head]
+        skipped[head] = "the model's output layer (keep_output=True)"
     before_total = sum(p.numel() for p in model.parameters())
     for name in names:
         layer = model.get_submodule(name)

@@ -36,6 +36,7 @@ class SVD(BaseConfig):
     ``energy``: if set, each layer keeps the smallest rank whose singular values hold this fraction
     of the squared Frobenius norm (``rank_ratio`` is then ignored). ``targets``/``exclude`` as in
     quantization: ``"all"`` (Linear + Conv2d), ``"all-linear"``, a regex, or module names.
+    ``keep_output`` leaves the model's output layer whole (found by running the task's example).
     """
 
     rank_ratio: float = 0.5
@@ -43,6 +44,7 @@ class SVD(BaseConfig):
     allocation: str = "uniform"
     targets: str | tuple[str, ...] = "all-linear"
     exclude: str | tuple[str, ...] = ()
+    keep_output: bool = True
 
     def __post_init__(self) -> None:
         check_ratio("rank_ratio", self.rank_ratio)
@@ -140,7 +142,7 @@ def _svd(model: nn.Module, config: SVD, task: Any) -> nn.Module:
         def rank_of(name: str, layer: nn.Module) -> int:
             return rank_for_ratio(*as_matrix(layer).shape, config.rank_ratio)
     with torch.no_grad():
-        return factorize_layers(model, config, names, svd_plan(rank_of))
+        return factorize_layers(model, config, names, svd_plan(rank_of), task)
 
 
 register_handler(SVD, _svd)

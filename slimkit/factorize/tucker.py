@@ -36,6 +36,7 @@ class Tucker(BaseConfig):
     hooi_iters: int = 5
     targets: str | tuple[str, ...] = "all"
     exclude: str | tuple[str, ...] = ()
+    keep_output: bool = True
 
     def __post_init__(self) -> None:
         check_ratio("ratio", self.ratio)
@@ -127,7 +128,7 @@ def _tucker(model: nn.Module, config: Tucker, task: Any) -> nn.Module:
         return tucker_conv(layer, r_out, r_in, config.hooi_iters), {"method": "tucker", "rank": [r_out, r_in]}
 
     with torch.no_grad():
-        return factorize_layers(model, config, names, plan)
+        return factorize_layers(model, config, names, plan, task)
 
 
 register_handler(Tucker, _tucker)
