@@ -132,6 +132,8 @@ def _costs(model: nn.Module, config: Mixed, task: Any, names: list[str]) -> dict
     from slimkit.measure.sensitivity import layer_sensitivity
 
     out: dict[int, dict[str, float]] = {16: {n: 0.0 for n in names}}
+    if len(config.candidates) == 1:  # nothing to choose: uniform precision needs no measurement
+        return {b: {n: 0.0 for n in names} for b in WIDTHS}
     if config.sensitivity is not None:
         missing = [n for n in names if n not in config.sensitivity]
         if missing:

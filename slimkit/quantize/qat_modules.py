@@ -90,7 +90,7 @@ class WeightQuantizer(nn.Module):
 
 
 class ActQuantizer(nn.Module):
-    """Fake quantization of a layer's input: ``"static"`` (calibrated, optionally learned), ``"dynamic"``, ``"none"``."""
+    """Fake quantization of a layer's input: ``"static"`` (calibrated, maybe learned), ``"dynamic"``, ``"none"``."""
 
     def __init__(self, mode: str, act_range: tuple[float, float] | None, symmetric: bool, learn: bool) -> None:
         super().__init__()

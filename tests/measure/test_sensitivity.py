@@ -60,7 +60,7 @@ def test_int8_weights_are_the_deployed_integers():
     assert torch.equal(got4, QuantLinear.from_float(lin, bits=4, group_size=32).dequantized_weight())
 
 
-def test_hutchinson_matches_the_exact_trace():
+def test_hutchinson_matches_the_exact_trace(one_thread):
     torch.manual_seed(0)
     model = nn.Sequential(nn.Linear(6, 5), nn.Tanh(), nn.Linear(5, 3))
     x, y = torch.randn(32, 6), torch.randint(0, 3, (32,))
