@@ -4,7 +4,7 @@ from __future__ import annotations
 
 __version__ = "0.1.0"
 
-from slimkit import distill, factorize, quantize, zoo
+from slimkit import architecture, distill, factorize, nas, quantize, zoo
 from slimkit.config import BaseConfig, apply, register, register_handler, registered_configs
 from slimkit.errors import SlimkitError
 from slimkit.io import load, save
@@ -13,7 +13,7 @@ from slimkit.target import Measurement, Target
 from slimkit.task import Task
 
 __all__ = [
-    "BaseConfig", "Measurement", "Profile", "SlimkitError", "Target", "Task", "__version__", "apply",
-    "distill", "factorize", "load", "profile", "quantize", "register", "register_handler", "registered_configs",
+    "BaseConfig", "Measurement", "Profile", "SlimkitError", "Target", "Task", "__version__", "apply", "architecture",
+    "distill", "factorize", "load", "nas", "profile", "quantize", "register", "register_handler", "registered_configs",
     "save", "zoo",
 ]

@@ -1,0 +1,276 @@
+"""Architectural efficiency on CPU: BN folding + compilation, early exit / cascade, hardware-aware NAS.
+
+(a) BN folding and compilation (eager, inductor, ONNX Runtime) on the mnist CNN (batch 256) and a
+    ResNet-18-shaped HF model (random init, batch 8 x 3 x 224 x 224): interleaved medians, ratios.
+(b) Early exits on the mnist CNN, calibrated to <= 0.5 pt drop on held-out training batches; a
+    small/large cascade measured the same way: test accuracy, exit distribution, latency ratios.
+(c) NAS on mnist: supernet trained once with the original as teacher, TPE + evolution over its
+    members under a measured latency limit of baseline / 3 (eval batch of 256), the winner
+    fine-tuned and measured against the baseline; latency lookup-table error on unseen architectures.
+Writes bench/results/arch.json.
+
+    .venv/bin/python bench/arch.py [--threads 2] [--skip-fuse] [--skip-exit] [--skip-nas] [--quick]
+"""
+
+from __future__ import annotations
+
+import argparse
+import dataclasses
+import logging
+import os
+import random
+import sys
+import tempfile
+import time
+import warnings
+from pathlib import Path
+from typing import Any, Callable
+
+import torch
+import torch.nn as nn
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+from _common import environment, interleaved_medians, write  # noqa: E402
+
+import slimkit as sk  # noqa: E402
+from slimkit.architecture import (Cascade, EarlyExitConfig, calibrate, compiled, evaluate_routed,  # noqa: E402
+                                  fold_batchnorm, inductor_available, latency_over)
+from slimkit.nas import (CNNSpace, LatencyTable, SuperCNN, SupernetEvaluator, best_feasible, evolve,  # noqa: E402
+                         measure_arch, optuna_search, recalibrate_bn, train_supernet)
+from slimkit.task import accuracy  # noqa: E402
+from slimkit.train import finetune  # noqa: E402
+from slimkit.zoo.mnist import build_model  # noqa: E402
+
+warnings.filterwarnings("ignore")
+logging.getLogger("slimkit").setLevel(logging.ERROR)
+
+
+def load_state(threads: int) -> dict[str, Any]:
+    """Machine load before a timing run; 'contended' when other work already fills the cores."""
+    load1 = os.getloadavg()[0]
+    return {"loadavg_1m": round(load1, 2), "threads": threads, "contended": load1 > (os.cpu_count() or 1) - threads + 0.5}
+
+
+def runner(fn: Callable[..., Any], *inputs: torch.Tensor) -> Callable[[], Any]:
+    def run() -> Any:
+        with torch.inference_mode():
+            return fn(*inputs)
+    return run
+
+
+def resnet18() -> nn.Module:
+    import transformers as T
+
+    torch.manual_seed(0)
+    cfg = T.ResNetConfig(embedding_size=64, hidden_sizes=[64, 128, 256, 512], depths=[2, 2, 2, 2],
+                         layer_type="basic", num_labels=1000)
+    return T.ResNetForImageClassification(cfg).eval()
+
+
+def fuse_part(task: Any, threads: int, rounds: int) -> dict[str, Any]:
+    out: dict[str, Any] = {"inductor": dict(zip(("available", "why"), inductor_available()))}
+    cases = {"mnist_cnn": (task.model, (task.eval[0][0][0],), task.example),
+             "resnet18": (resnet18(), (torch.randn(8, 3, 224, 224),), (torch.randn(1, 3, 224, 224),))}
+    for name, (model, batch, example) in cases.items():
+        folded, names = fold_batchnorm(model, example)
+        with torch.inference_mode():
+            ref, got = model(*batch), folded(*batch)
+        ref, got = getattr(ref, "logits", ref), getattr(got, "logits", got)
+        contenders: dict[str, Callable[[], Any]] = {"eager": runner(model, *batch), "folded eager": runner(folded, *batch)}
+        build_s: dict[str, float] = {}
+        errors: dict[str, str] = {}
+        kernels: dict[str, Any] = {}
+        for backend in ("inductor", "onnxruntime"):
+            for label, m in (("", model), ("folded ", folded)):
+                if backend == "inductor" and label == "":
+                    continue  # inductor folds BN itself at inference; the folded model is what we ship
+                t0 = time.perf_counter()
+                try:
+                    run = compiled(m, example, backend, threads=threads)
+                except sk.SlimkitError as exc:
+                    errors[f"{label}{backend}"] = exc.problem
+                    continue
+                build_s[f"{label}{backend}"] = round(time.perf_counter() - t0, 1)
+                if backend == "onnxruntime":
+                    kernels[f"{label}{backend}"] = dict(run.kernels)
+                contenders[f"{label}{backend}"] = runner(run, *batch)
+        state = load_state(threads)
+        times = interleaved_medians(contenders, rounds=rounds, min_time_s=0.3 if name == "mnist_cnn" else 0.6)
+        base = times["eager"]["median_ms"]
+        out[name] = {"batch": list(batch[0].shape), "folded_bns": len(names), "max_abs_diff_folded": float((ref - got).abs().max()),
+                     "load": state, "build_seconds": build_s, "errors": errors, "ort_kernels": kernels,
+                     "rows": {k: {"median_ms": round(v["median_ms"], 3), "speedup_vs_eager": round(base / v["median_ms"], 3)}
+                              for k, v in times.items()}}
+        print(name, {k: v["speedup_vs_eager"] for k, v in out[name]["rows"].items()}, flush=True)
+    return out
+
+
+def exit_part(task: Any, threads: int, rounds: int) -> dict[str, Any]:
+    base_acc = task.evaluate()["score"]
+    t0 = time.perf_counter()
+    ee = sk.apply(task.model, EarlyExitConfig(steps=400, max_drop=0.005, margin=0.002, distill=0.5), task)
+    train_s = time.perf_counter() - t0
+    ee_report = evaluate_routed(ee, task.eval, per_sample=1000, repeats=3)
+    holdout = task.train[-10:]
+    torch.manual_seed(0)
+    small = build_model(width=4, hidden=32)
+    t0 = time.perf_counter()
+    finetune(small, dataclasses.replace(task, train=task.train[:-10]), steps=600, lr=3e-3, progress=False)
+    cascade = Cascade(small.eval(), task.model)
+    calibrate(cascade, holdout, max_drop=0.005, margin=0.002)
+    cascade_s = time.perf_counter() - t0
+    cascade_report = evaluate_routed(cascade, task.eval, per_sample=1000, repeats=3)
+    base_report = latency_over(task.model, task.eval, per_sample=1000, repeats=3)
+    xs = [b[0][0] for b in task.eval]
+
+    def whole_eval(fn: Callable[..., Any]) -> Callable[[], Any]:
+        def run() -> None:
+            with torch.inference_mode():
+                for x in xs:
+                    fn(x)
+        return run
+
+    state = load_state(threads)
+    times = interleaved_medians({"full": whole_eval(task.model), "early exit": whole_eval(ee),
+                                 "cascade": whole_eval(cascade)}, rounds=rounds, min_time_s=0.5)
+    full = times["full"]["median_ms"]
+
+    def row(report: dict[str, Any], name: str, seconds: float) -> dict[str, Any]:
+        return {"test_accuracy": report["accuracy"], "drop_pt": round(100 * (base_acc - report["accuracy"]), 2),
+                "exit_fraction": [round(f, 4) for f in report["exit_fraction"]], "thresholds": report["thresholds"],
+                "eval_pass_ms": round(times[name]["median_ms"], 2), "mean_speedup": round(full / times[name]["median_ms"], 3),
+                "batch256_mean_ms": round(report["batch_mean_ms"], 3), "batch256_p95_ms": round(report["batch_p95_ms"], 3),
+                "sample_mean_ms": round(report["sample_mean_ms"], 4), "sample_p95_ms": round(report["sample_p95_ms"], 4),
+                "sample_mean_speedup": round(base_report["sample_mean_ms"] / report["sample_mean_ms"], 3),
+                "setup_seconds": round(seconds, 1)}
+
+    out = {"baseline_accuracy": base_acc, "load": state,
+           "baseline": {"eval_pass_ms": round(full, 2), "batch256_mean_ms": round(base_report["batch_mean_ms"], 3),
+                        "sample_mean_ms": round(base_report["sample_mean_ms"], 4),
+                        "sample_p95_ms": round(base_report["sample_p95_ms"], 4)},
+           "early_exit": row(ee_report, "early exit", train_s), "cascade": row(cascade_report, "cascade", cascade_s)}
+    out["target"] = {"target": ">= 1.5x mean speedup at <= 0.5 pt drop", "speedup": out["early_exit"]["mean_speedup"],
+                     "drop_pt": out["early_exit"]["drop_pt"],
+                     "met": out["early_exit"]["mean_speedup"] >= 1.5 and out["early_exit"]["drop_pt"] <= 0.5}
+    print("early exit", out["early_exit"], "\ncascade", out["cascade"], flush=True)
+    return out
+
+
+def nas_part(task: Any, threads: int, rounds: int, quick: bool) -> dict[str, Any]:
+    start = time.perf_counter()
+    batch = 256
+    space = CNNSpace.from_model(task.model, task.example)
+    train, val = task.train[:-10], task.train[-10:]  # search on held-out training batches, report on test
+    calib = [b[0][0] for b in train[:8]]
+    # latency lookup table: fitted on 8 random architectures, error on 12 it never saw
+    rng = random.Random(1)
+    archs = list(dict.fromkeys(space.sample(rng) for _ in range(30)))[:20]
+    t0 = time.perf_counter()
+    measured = [measure_arch(a, batch, threads=threads) for a in archs]
+    table = LatencyTable(batch, threads=threads).fit(archs[:8], measured[:8])
+    table_err = table.error(archs[8:], measured[8:])
+    table_s = time.perf_counter() - t0
+    print("latency table", table_err, flush=True)
+    base_ms = measure_arch(space.base, batch, threads=threads, min_time_s=0.5)
+    limit = base_ms / 3
+    torch.manual_seed(0)
+    supernet = SuperCNN(space)
+    t0 = time.perf_counter()
+    train_supernet(supernet, dataclasses.replace(task, train=train), steps=300 if quick else 900, teacher=task.model,
+                   progress=True)
+    supernet_s = time.perf_counter() - t0
+    evaluate = SupernetEvaluator(supernet, calib, val, batch=batch, threads=threads, table=table)
+    t0 = time.perf_counter()
+    tpe = optuna_search(space, evaluate, limit, trials=12 if quick else 30)
+    evo = evolve(space, evaluate, limit, generations=2 if quick else 4, population=6, children=6, start=tpe)
+    search_s = time.perf_counter() - t0
+    everything = tpe + evo
+    best = best_feasible(everything, limit)
+    if best is None:
+        return {"error": f"no member within {limit:.3f} ms", "evaluated": [e.to_dict() for e in everything]}
+    # the winner: supernet weights, fine-tuned on the whole training split with the original as teacher
+    t0 = time.perf_counter()
+    found = recalibrate_bn(supernet.extract(best.arch), calib)
+    finetune(found, task, steps=300 if quick else 600, lr=1e-3,
+             loss=_kd_loss(task.model), progress=True, label="fine-tuning the found model")
+    found.eval()
+    finetune_s = time.perf_counter() - t0
+    with tempfile.TemporaryDirectory() as tmp:
+        sk.save(found, Path(tmp) / "found")
+        back = sk.load(Path(tmp) / "found")
+        x = task.eval[0][0][0]
+        with torch.inference_mode():
+            reload_equal = bool(torch.equal(back(x), found(x)))
+    base_acc, found_acc = task.evaluate()["score"], task.evaluate(found)["score"]
+    xb = task.eval[0][0][0]
+    state = load_state(threads)
+    times = interleaved_medians({"baseline": runner(task.model, xb), "found": runner(found, xb),
+                                 "baseline b1": runner(task.model, xb[:1]), "found b1": runner(found, xb[:1])},
+                                rounds=rounds, min_time_s=0.3)
+    speed = times["baseline"]["median_ms"] / times["found"]["median_ms"]
+    all_err = table.error([e.arch for e in everything], [e.latency_ms for e in everything])
+    total_s = time.perf_counter() - start
+    out = {"space": {"widths": [space.widths(s) for s in range(space.stages)], "depths": space.depths,
+                     "kernels": space.kernels, "hiddens": space.hiddens},
+           "latency_batch": batch, "limit_ms": limit, "baseline_measured_ms": base_ms, "load": state,
+           "predictor": {"fit_archs": 8, "held_out": table_err, "on_all_searched": all_err, "seconds": round(table_s, 1)},
+           "supernet_seconds": round(supernet_s, 1), "search_seconds": round(search_s, 1),
+           "finetune_seconds": round(finetune_s, 1), "total_seconds": round(total_s, 1),
+           "evaluated": len(evaluate.cache),
+           "best_by_search": best.to_dict(),
+           "found": {"arch": best.arch.to_dict(), "params": sum(p.numel() for p in found.parameters()),
+                     "test_accuracy": found_acc, "baseline_accuracy": base_acc,
+                     "drop_pt": round(100 * (base_acc - found_acc), 2),
+                     "median_ms_batch256": round(times["found"]["median_ms"], 3),
+                     "baseline_median_ms_batch256": round(times["baseline"]["median_ms"], 3),
+                     "speedup_batch256": round(speed, 3),
+                     "speedup_batch1": round(times["baseline b1"]["median_ms"] / times["found b1"]["median_ms"], 3),
+                     "reload_equal": reload_equal},
+           "history": [e.to_dict() for e in everything]}
+    out["targets"] = {
+        "nas": {"target": ">= 3x faster at <= 1 pt drop within 15 min", "speedup": round(speed, 3),
+                "drop_pt": out["found"]["drop_pt"], "minutes": round(total_s / 60, 1),
+                "met": speed >= 3 and out["found"]["drop_pt"] <= 1 and total_s <= 900},
+        "predictor": {"target": "mean relative error <= 10%", "held_out": round(table_err["mean_rel_error"], 4),
+                      "met": table_err["mean_rel_error"] <= 0.10}}
+    print("nas", out["found"], out["targets"], flush=True)
+    return out
+
+
+def _kd_loss(teacher: nn.Module) -> Callable[..., torch.Tensor]:
+    import torch.nn.functional as F
+
+    def loss(m: nn.Module, inputs: tuple[torch.Tensor, ...], labels: torch.Tensor) -> torch.Tensor:
+        out = m(*inputs)
+        with torch.no_grad():
+            soft = F.softmax(teacher(*inputs), -1)
+        return 0.5 * F.cross_entropy(out, labels) + 0.5 * F.kl_div(F.log_softmax(out, -1), soft, reduction="batchmean")
+    return loss
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser()
+    parser.add_argument("--threads", type=int, default=2)
+    parser.add_argument("--rounds", type=int, default=7)
+    parser.add_argument("--skip-fuse", action="store_true")
+    parser.add_argument("--skip-exit", action="store_true")
+    parser.add_argument("--skip-nas", action="store_true")
+    parser.add_argument("--quick", action="store_true", help="fewer steps and trials (a smoke run)")
+    args = parser.parse_args()
+    torch.set_num_threads(args.threads)
+    task = sk.zoo.load("mnist")
+    task.model.requires_grad_(True)
+    payload: dict[str, Any] = {"environment": environment(args.threads), "load_at_start": load_state(args.threads)}
+    t0 = time.perf_counter()
+    if not args.skip_fuse:
+        payload["fuse"] = fuse_part(task, args.threads, args.rounds)
+    if not args.skip_exit:
+        payload["early_exit"] = exit_part(task, args.threads, args.rounds)
+    if not args.skip_nas:
+        payload["nas"] = nas_part(task, args.threads, args.rounds, args.quick)
+    payload["total_seconds"] = round(time.perf_counter() - t0, 1)
+    print("wrote", write("arch" if not args.quick else "arch_quick", payload))
+
+
+if __name__ == "__main__":
+    main()

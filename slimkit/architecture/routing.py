@@ -1,0 +1,144 @@
+"""What early exits and gated models share: confidence thresholds, their calibration, measurement.
+
+A *routed* model has ``n`` exits (exit heads of one network, or a small and a large model). A
+sample leaves at the first exit whose confidence (max softmax probability) is strictly above
+that exit's threshold; the last exit takes everything left. Thresholds of 1.0 therefore never
+fire (max probability cannot exceed 1), and 0.0 always fires at the first exit.
+
+Calibration picks, exit by exit, the lowest threshold whose routing on held-out data keeps the
+accuracy drop against the last exit within ``max_drop`` (a fraction: 0.005 = half a point).
+"""
+
+from __future__ import annotations
+
+import time
+from typing import Any, Sequence
+
+import numpy as np
+import torch
+import torch.nn as nn
+
+from slimkit.errors import SlimkitError
+
+Batches = Sequence[tuple[tuple[torch.Tensor, ...], torch.Tensor]]
+
+
+class Routed(nn.Module):
+    """Base of models that route samples between exits; subclasses define ``exit_logits`` and ``forward``."""
+
+    def __init__(self, exits: int) -> None:
+        super().__init__()
+        self.register_buffer("thresholds", torch.ones(exits - 1))  # 1.0: never leave early
+        self.last_exits: torch.Tensor | None = None  # exit index of every sample of the last forward
+
+    @property
+    def num_exits(self) -> int:
+        return int(self.thresholds.numel()) + 1
+
+    def set_thresholds(self, values: Sequence[float]) -> None:
+        if len(values) != self.num_exits - 1:
+            raise SlimkitError(f"{len(values)} thresholds for {self.num_exits - 1} early exits",
+                               "give one threshold per exit except the last")
+        if any(not 0.0 <= v <= 1.0 for v in values):
+            raise SlimkitError(f"thresholds {list(values)} are outside [0, 1]", "use max-softmax confidences")
+        self.thresholds.copy_(torch.tensor([float(v) for v in values]))
+
+    def exit_logits(self, *inputs: torch.Tensor) -> list[torch.Tensor]:  # every exit on every sample
+        raise NotImplementedError
+
+
+def confidence(logits: torch.Tensor) -> torch.Tensor:
+    """Max softmax probability per sample: (B, classes) -> (B,)."""
+    return logits.softmax(-1).amax(-1)
+
+
+def simulate(conf: torch.Tensor, correct: torch.Tensor, thresholds: Sequence[float]) -> tuple[torch.Tensor, float]:
+    """Exit index per sample and accuracy of the routed model.
+
+    ``conf``: (E-1, N) confidences of the early exits; ``correct``: (E, N) bools for every exit.
+    """
+    n_early, n = conf.shape
+    exit_idx = torch.full((n,), n_early, dtype=torch.long)
+    for e in range(n_early - 1, -1, -1):  # the earliest confident exit wins
+        exit_idx[conf[e] > thresholds[e]] = e
+    acc = correct[exit_idx, torch.arange(n)].float().mean().item()
+    return exit_idx, acc
+
+
+def choose_thresholds(conf: torch.Tensor, correct: torch.Tensor, max_drop: float, grid: int = 200) -> list[float]:
+    """Lowest threshold per exit, in exit order, whose routing loses at most ``max_drop`` accuracy."""
+    if max_drop < 0:
+        raise SlimkitError(f"max_drop={max_drop} is negative", "give the accuracy you may lose, e.g. 0.005")
+    reference = correct[-1].float().mean().item()
+    thresholds = [1.0] * conf.shape[0]
+    for e in range(conf.shape[0]):
+        levels = torch.quantile(conf[e].double(), torch.linspace(0, 1, grid + 1, dtype=torch.float64))
+        candidates = sorted({round(float(v), 6) for v in levels} | {1.0})
+        for t in candidates:  # ascending: the first that holds exits the most samples
+            trial = thresholds.copy()
+            trial[e] = t
+            if reference - simulate(conf, correct, trial)[1] <= max_drop + 1e-12:
+                thresholds[e] = t
+                break
+    return thresholds
+
+
+@torch.inference_mode()
+def exit_outputs(model: Routed, batches: Batches) -> tuple[torch.Tensor, torch.Tensor]:
+    """(E-1, N) confidences and (E, N) correctness of every exit over labelled batches."""
+    model.eval()
+    confs, corrects = [], []
+    for inputs, labels in batches:
+        logits = model.exit_logits(*inputs)  # E x (B, classes)
+        confs.append(torch.stack([confidence(z) for z in logits[:-1]]))
+        corrects.append(torch.stack([z.argmax(-1) == labels for z in logits]))
+    if not confs:
+        raise SlimkitError("no held-out batches to calibrate on", "give some (inputs, labels) batches")
+    return torch.cat(confs, 1), torch.cat(corrects, 1)
+
+
+def calibrate(model: Routed, batches: Batches, max_drop: float, margin: float = 0.0) -> list[float]:
+    """Set and return thresholds that keep the drop within ``max_drop - margin`` on ``batches``."""
+    conf, correct = exit_outputs(model, batches)
+    thresholds = choose_thresholds(conf, correct, max(0.0, max_drop - margin))
+    model.set_thresholds(thresholds)
+    return thresholds
+
+
+@torch.inference_mode()
+def evaluate_routed(model: Routed, batches: Batches, *, per_sample: int = 0, repeats: int = 3) -> dict[str, Any]:
+    """Accuracy, exit distribution and latency (see :func:`latency_over`) of the routed model."""
+    model.eval()
+    correct = total = 0
+    counts = torch.zeros(model.num_exits, dtype=torch.long)
+    for inputs, labels in batches:
+        logits = model(*inputs)
+        counts += torch.bincount(model.last_exits, minlength=model.num_exits)
+        correct += int((logits.argmax(-1) == labels).sum())
+        total += labels.numel()
+    return {"accuracy": correct / total, "exit_fraction": (counts.double() / total).tolist(),
+            "thresholds": model.thresholds.tolist(), **latency_over(model, batches, per_sample=per_sample, repeats=repeats)}
+
+
+@torch.inference_mode()
+def latency_over(fn: Any, batches: Batches, *, per_sample: int = 0, repeats: int = 3) -> dict[str, float]:
+    """Latency of ``fn`` over an eval set: every batch timed ``repeats`` times (median per batch; mean
+    and p95 over batches), and with ``per_sample`` > 0 that many samples one at a time (batch 1)."""
+    batch_ms = [_median_ms(lambda: fn(*inputs), repeats) for inputs, _ in batches]
+    out = {"batch_mean_ms": float(np.mean(batch_ms)), "batch_p95_ms": float(np.percentile(batch_ms, 95)),
+           "batches": len(batch_ms)}
+    if per_sample:
+        xs = torch.cat([b[0][0] for b in batches])[:per_sample]  # (N, ...) first input of every batch
+        single_ms = [_median_ms(lambda: fn(xs[i:i + 1]), 1) for i in range(xs.shape[0])]
+        out |= {"sample_mean_ms": float(np.mean(single_ms)), "sample_p95_ms": float(np.percentile(single_ms, 95)),
+                "samples": len(single_ms)}
+    return out
+
+
+def _median_ms(fn: Any, repeats: int) -> float:
+    times = []
+    for _ in range(repeats):
+        t0 = time.perf_counter()
+        fn()
+        times.append((time.perf_counter() - t0) * 1e3)
+    return float(np.median(times))

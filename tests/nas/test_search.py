@@ -1,0 +1,33 @@
+"""Search over supernet members with measured latency: TPE and evolution respect the limit, share one cache."""
+
+from __future__ import annotations
+
+import dataclasses
+
+import torch
+
+from slimkit.nas import (CNNSpace, LatencyTable, SuperCNN, SupernetEvaluator, best_feasible, evolve,
+                         optuna_search)
+
+
+def test_searchers_find_feasible_members_under_a_measured_limit(mnist_task, one_thread):
+    space = dataclasses.replace(CNNSpace.from_model(mnist_task.model, mnist_task.example), depths=(1,),
+                                kernels=(3, 5), hiddens=(32, 64))
+    torch.manual_seed(0)
+    supernet = SuperCNN(space)
+    val = mnist_task.train[-2:]
+    evaluate = SupernetEvaluator(supernet, [b[0][0] for b in mnist_task.train[:2]], val, batch=32,
+                                 table=LatencyTable(batch=32))
+    small = evaluate(space.smallest())
+    big = evaluate(space.largest())
+    assert big.latency_ms > small.latency_ms  # measured, not assumed
+    limit = (small.latency_ms + big.latency_ms) / 2
+    tpe = optuna_search(space, evaluate, limit, trials=6, progress=False)
+    evo = evolve(space, evaluate, limit, generations=2, population=4, children=3, progress=False, start=tpe)
+    assert len(tpe) == 6 and len(evo) == 6
+    everything = [small, big, *tpe, *evo]
+    best = best_feasible(everything, limit)
+    assert best is not None and best.latency_ms <= limit
+    assert best.accuracy == max(e.accuracy for e in everything if e.latency_ms <= limit)
+    assert all(space.contains(e.arch) and e.predicted_ms > 0 for e in everything)
+    assert len(evaluate.cache) <= len(everything)  # each architecture evaluated once
