@@ -256,6 +256,7 @@ def main() -> None:
     parser.add_argument("--skip-exit", action="store_true")
     parser.add_argument("--skip-nas", action="store_true")
     parser.add_argument("--quick", action="store_true", help="fewer steps and trials (a smoke run)")
+    parser.add_argument("--keep", action="store_true", help="keep the sections of the existing arch.json that are skipped")
     args = parser.parse_args()
     torch.set_num_threads(args.threads)
     task = sk.zoo.load("mnist")
@@ -269,7 +270,15 @@ def main() -> None:
     if not args.skip_nas:
         payload["nas"] = nas_part(task, args.threads, args.rounds, args.quick)
     payload["total_seconds"] = round(time.perf_counter() - t0, 1)
-    print("wrote", write("arch" if not args.quick else "arch_quick", payload))
+    name = "arch" if not args.quick else "arch_quick"
+    old = Path(__file__).parent / "results" / f"{name}.json"
+    if args.keep and old.is_file():  # a section re-measured on a quieter machine replaces only itself
+        import json
+
+        kept = json.loads(old.read_text())
+        payload = {**{k: v for k, v in kept.items() if k in ("fuse", "early_exit", "nas")}, **payload,
+                   "kept_sections_from": kept["environment"]["date"]}
+    print("wrote", write(name, payload))
 
 
 if __name__ == "__main__":
