@@ -28,9 +28,9 @@ class CNN(BaseConfig):
     """Replace the model by the CNN with these stages, trained ``steps`` steps (KD weight ``distill``)."""
 
     version: ClassVar[int] = 1
-    widths: tuple[int, ...] = ()
-    depths: tuple[int, ...] = ()
-    kernels: tuple[int, ...] = ()
+    widths: tuple[int, ...] = (8, 16, 32)  # defaults: half the zoo mnist CNN's widths
+    depths: tuple[int, ...] = (1, 1, 1)
+    kernels: tuple[int, ...] = (3, 3, 3)
     hidden: int = 64
     steps: int = 500
     lr: float = 3e-3
