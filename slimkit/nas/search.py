@@ -103,15 +103,17 @@ def optuna_search(space: CNNSpace, evaluate: _Evaluator, max_latency_ms: float, 
 
     logging.getLogger("optuna").setLevel(logging.WARNING)
     constraint = lambda t: t.user_attrs["constraint"]  # noqa: E731
-    warnings.filterwarnings("ignore", message=".*constraints_func.*", category=FutureWarning)  # optuna >= 5 renames it
-    if sampler == "tpe":
-        chosen = optuna.samplers.TPESampler(seed=seed, constraints_func=constraint, n_startup_trials=min(8, trials))
-        study = optuna.create_study(direction="maximize", sampler=chosen)
-    elif sampler == "nsga2":
-        chosen = optuna.samplers.NSGAIISampler(seed=seed, constraints_func=constraint, population_size=min(10, trials))
-        study = optuna.create_study(directions=["maximize", "minimize"], sampler=chosen)
-    else:
+    if sampler not in ("tpe", "nsga2"):
         raise SlimkitError(f"unknown NAS sampler {sampler!r}", "use 'tpe' or 'nsga2'")
+    with warnings.catch_warnings():  # optuna >= 5 deprecates constraints_func; older releases lack its successor
+        warnings.simplefilter("ignore", FutureWarning)
+        if sampler == "tpe":
+            chosen = optuna.samplers.TPESampler(seed=seed, constraints_func=constraint, n_startup_trials=min(8, trials))
+            study = optuna.create_study(direction="maximize", sampler=chosen)
+        else:
+            chosen = optuna.samplers.NSGAIISampler(seed=seed, constraints_func=constraint,
+                                                   population_size=min(10, trials))
+            study = optuna.create_study(directions=["maximize", "minimize"], sampler=chosen)
     out: list[Evaluation] = []
 
     def objective(trial: Any) -> Any:
