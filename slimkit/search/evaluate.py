@@ -46,8 +46,9 @@ class TrialMeasurement:
         return dataclasses.asdict(self)
 
 
-#: ``measure(configs) -> (measurement, model or None)``: the optimizer's only view of the world.
-Measurer = Callable[[Sequence[BaseConfig]], "tuple[TrialMeasurement, nn.Module | None]"]
+#: ``measure(configs, early_stop=True) -> (measurement, model or None)``: the optimizer's only view of
+#: the world. ``early_stop=False`` measures everything even past a limit (the original model).
+Measurer = Callable[..., "tuple[TrialMeasurement, nn.Module | None]"]
 
 
 class RuntimeMeasurer:
@@ -58,7 +59,8 @@ class RuntimeMeasurer:
         self.task, self.target, self.backend, self.seed = task, target, backend, seed
         self.baseline_score = baseline_score
 
-    def __call__(self, configs: Sequence[BaseConfig]) -> tuple[TrialMeasurement, nn.Module | None]:
+    def __call__(self, configs: Sequence[BaseConfig], early_stop: bool = True,
+                 ) -> tuple[TrialMeasurement, nn.Module | None]:
         from slimkit.measure import artifact_size, count_params, measure_latency, peak_memory
         from slimkit.runtime import build, resolve_backend
 
@@ -75,18 +77,18 @@ class RuntimeMeasurer:
         model.eval()
         m.size_mb = artifact_size(model) / 1e6
         m.params = count_params(model)[0]
-        if _over(m.size_mb, target.max_size_mb):
+        if early_stop and _over(m.size_mb, target.max_size_mb):
             return self._stop(m, "size", start), model
         if target.max_memory_mb is not None:
             m.memory_mb = peak_memory(model, task.example, device=target.device) / 1e6
-            if _over(m.memory_mb, target.max_memory_mb):
+            if early_stop and _over(m.memory_mb, target.max_memory_mb):
                 return self._stop(m, "memory", start), model
         m.backend = resolve_backend(model, self.backend)
         runnable = build(model, m.backend, task.example, threads=target.threads)
         device = target.device if m.backend == "torch" else "cpu"
         latency = measure_latency(runnable, task.example, device=device, threads=target.threads)
         m.latency_ms, m.latency_p95_ms = latency.p50_ms, latency.p95_ms
-        if _over(m.latency_ms, target.max_latency_ms):
+        if early_stop and _over(m.latency_ms, target.max_latency_ms):
             return self._stop(m, "latency", start), model
         m.score = task.evaluate(runnable)["score"]
         if self.baseline_score is not None:

@@ -89,12 +89,12 @@ def make_sampler(strategy: str, seed: int, trials: int) -> Any:
         raise SlimkitError(f"unknown strategy {strategy!r}", f"use one of {', '.join(STRATEGIES)}")
     if strategy == "auto":
         strategy = "nsga2" if trials >= 200 else "tpe"
+    # Optuna 5 reads constraints the objective stored with trial.set_constraint; older ones need the function.
+    legacy = {} if hasattr(optuna.trial.Trial, "set_constraint") else {"constraints_func": _constraints}
     if strategy == "nsga2":
-        return optuna.samplers.NSGAIISampler(seed=seed, constraints_func=_constraints,
-                                             population_size=max(8, min(50, trials // 5)))
-    return optuna.samplers.TPESampler(seed=seed, constraints_func=_constraints, multivariate=True, group=True,
-                                      n_startup_trials=max(3, min(10, trials // 4)), constant_liar=True,
-                                      warn_independent_sampling=False)
+        return optuna.samplers.NSGAIISampler(seed=seed, population_size=max(8, min(50, trials // 5)), **legacy)
+    return optuna.samplers.TPESampler(seed=seed, multivariate=True, group=True,
+                                      n_startup_trials=max(3, min(10, trials // 4)), constant_liar=True, **legacy)
 
 
 def _constraints(frozen: Any) -> list[float]:
@@ -124,6 +124,9 @@ def make_objective(ctx: SearchContext, techs: Sequence[Technique], measure: Meas
         trial.set_user_attr("recipe", recipe)
         trial.set_user_attr("measured", measured.to_dict())
         trial.set_user_attr("constraints", constraints)
+        if hasattr(trial, "set_constraint"):
+            for key, value in zip(target.names() or ["none"], constraints):
+                trial.set_constraint(key, value)
         records.append(TrialRecord(trial.number, recipe, measured, constraints, dict(trial.params)))
         return objectives(measured)
 
@@ -204,7 +207,7 @@ def optimize(task: Any, target: Target, *, trials: int = 30, time_budget: float 
         baseline = TrialMeasurement(**attrs["baseline"])
         sens = dict(attrs.get("sensitivity", {}))
     else:
-        baseline, _ = measure([])
+        baseline, _ = measure([], early_stop=False)
         if baseline.error or baseline.score is None:
             raise SlimkitError(f"the original model could not be measured: {baseline.error or 'no metric'}",
                                "check that the task's model runs on its example inputs")

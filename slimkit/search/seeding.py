@@ -64,9 +64,13 @@ def initial_guesses(ctx: SearchContext, techs: list[Technique]) -> list[dict[str
         keep = min(size_ratio / INT4_BYTES, latency_ratio) * 0.8
         guesses.append({**pruned(keep), **quant("int4" if size_ratio < INT8_BYTES else "int8")})
         guesses.append({**pruned(keep * 0.7), **quant("int4" if size_ratio < INT8_BYTES else "int8")})
+    stages = {t.stage for t in techs if t.applies(ctx)}
     unique = []
     for g in guesses:
-        if g and g not in unique:
+        if not g:
+            continue
+        g = {**{f"stage.{s}": "none" for s in sorted(stages)}, **g}  # a stage a guess leaves out stays off
+        if g not in unique:
             unique.append(g)
     log.info("seeding the search with %d informed guesses", len(unique))
     return unique

@@ -38,17 +38,28 @@ def storage_url(out: Path | None, storage: str | None) -> str:
 
 def open_storage(url: str) -> Any:
     """Optuna RDB storage with heartbeats and retry of trials whose worker died."""
+    import warnings
+
     import optuna
-    from optuna.storages import RDBStorage, RetryFailedTrialCallback
+    from optuna.storages import RDBStorage
 
     optuna.logging.set_verbosity(optuna.logging.WARNING)
+    warnings.filterwarnings("ignore", category=optuna.exceptions.ExperimentalWarning)
     engine: dict[str, Any] = {"connect_args": {"timeout": 60}} if url.startswith("sqlite") else {"pool_pre_ping": True}
     try:
         return RDBStorage(url, engine_kwargs=engine, heartbeat_interval=HEARTBEAT_S, grace_period=GRACE_S,
-                          heartbeat_stale_trial_callback=RetryFailedTrialCallback(max_retry=MAX_RETRY))
+                          heartbeat_stale_trial_callback=_retry_callback())
     except Exception as exc:  # SQLAlchemy raises many types; the user needs the URL and the reason
         raise SlimkitError(f"cannot open study storage {_redact(url)}: {str(exc).splitlines()[0][:160]}",
                            "check the URL, that the server runs and the database exists") from None
+
+
+def _retry_callback() -> Any:
+    """Re-queue a dead worker's trial (Optuna renamed the callback in 4.9; older names still work before)."""
+    from optuna import storages
+
+    klass = getattr(storages, "RetryHeartbeatStaleTrialCallback", None) or storages.RetryFailedTrialCallback
+    return klass(max_retry=MAX_RETRY)
 
 
 def _redact(url: str) -> str:
@@ -88,10 +99,9 @@ def load_study(storage: Any, name: str, sampler: Any) -> Any:
 
 def requeue_interrupted(study: Any) -> list[int]:
     """Fail the trials a dead process left RUNNING and queue their parameters again; returns their numbers."""
-    from optuna.storages import RetryFailedTrialCallback
     from optuna.trial import TrialState
 
-    retry = RetryFailedTrialCallback(max_retry=MAX_RETRY)
+    retry = _retry_callback()
     numbers = []
     for t in study.get_trials(deepcopy=False, states=(TrialState.RUNNING,)):
         if study._storage.set_trial_state_values(t._trial_id, state=TrialState.FAIL):

@@ -1,0 +1,107 @@
+"""The optimizer with a deterministic fake measurer: constraints, Pareto front, best, "nothing fits"."""
+
+from __future__ import annotations
+
+from typing import Any, Sequence
+
+import pytest
+
+import slimkit as sk
+from slimkit.search.evaluate import TrialMeasurement
+from slimkit.search.optimize import optimize
+from slimkit.search.pareto import TrialRecord, pareto_front, pick_best
+
+BASE_MB, BASE_MS, BASE_SCORE = 1.0, 10.0, 0.95
+
+
+class FakeMeasurer:
+    """Size and latency shrink with pruning/quantization; quality falls with both. No randomness."""
+
+    def __init__(self) -> None:
+        self.calls: list[list[str]] = []
+
+    def __call__(self, configs: Sequence[Any], early_stop: bool = True) -> tuple[TrialMeasurement, None]:
+        self.calls.append([c.type_name for c in configs])
+        size, ms, score = BASE_MB, BASE_MS, BASE_SCORE
+        for c in configs:
+            if c.type_name == "prune.Channels":
+                size *= c.macs_ratio
+                ms *= c.macs_ratio
+                score -= 0.2 * (1 - c.macs_ratio) ** 2
+            elif c.type_name == "quantize.Int8":
+                size *= 0.25
+                ms *= 0.5
+                score -= 0.002
+            elif c.type_name == "quantize.WeightOnly":
+                size *= 0.25 if c.bits == 8 else 0.15
+                score -= 0.001 if c.bits == 8 else 0.02
+        m = TrialMeasurement(size_mb=size, latency_ms=ms, score=score, drop=BASE_SCORE - score, params=int(size * 1e6))
+        return m, None
+
+
+@pytest.fixture
+def run(digits_task, tmp_path):
+    def go(target: sk.Target, trials: int = 12, **kw: Any):
+        return optimize(digits_task, target, trials=trials, out=tmp_path / "run", measurer=FakeMeasurer(),
+                        technique_names=["channels", "int8", "weight_only"], progress=False, report=False, **kw)
+    return go
+
+
+def test_best_fits_and_is_the_best_feasible_metric(run):
+    target = sk.Target(max_size_mb=0.26, max_drop=0.01)
+    result = run(target, trials=15)
+    assert len(result.trials) == 15
+    assert result.best is not None and result.best.feasible
+    m = result.best.measured
+    assert m.size_mb <= 0.26 and m.drop <= 0.01
+    feasible = [t for t in result.trials if t.feasible]
+    assert m.drop == min(t.measured.drop for t in feasible)
+    # every constraint vector is measured - limit, <= 0 exactly when it fits
+    for t in result.trials:
+        assert t.constraints == pytest.approx([t.measured.size_mb - 0.26, t.measured.drop - 0.01])
+
+
+def test_informed_first_trial_fits_a_quarter_size_target(run):
+    result = run(sk.Target(max_size_mb=0.3, max_drop=0.01), trials=3)
+    first = min(result.trials, key=lambda t: t.number)
+    assert [s["type"] for s in first.recipe] == ["quantize.Int8"]
+    assert first.feasible and result.first_feasible["trials"] == 1
+
+
+def test_nothing_fits_gives_closest_margins_and_a_hint(run):
+    result = run(sk.Target(max_size_mb=0.001, max_drop=0.01), trials=8)
+    assert result.best is None
+    assert len(result.closest) == 3 and all(c.constraints[0] > 0 for c in result.closest)
+    smallest = min(t.measured.size_mb for t in result.trials if t.measured.size_mb is not None)
+    assert any(h.startswith("size:") and f"{smallest:.4g} MB" in h for h in result.hints)
+
+
+def test_pareto_front_is_non_dominated():
+    def rec(n: int, drop: float, mb: float, ms: float) -> TrialRecord:
+        return TrialRecord(n, [], TrialMeasurement(size_mb=mb, latency_ms=ms, score=1 - drop, drop=drop), [0.0])
+
+    records = [rec(0, 0.01, 1.0, 1.0), rec(1, 0.02, 0.5, 1.0), rec(2, 0.03, 0.6, 1.2), rec(3, 0.0, 2.0, 2.0)]
+    assert [r.number for r in pareto_front(records)] == [1, 0, 3]  # 2 is beaten by 1 on every axis
+    assert pick_best(records).number == 3  # feasible, best metric
+
+
+def test_invalid_inputs_are_one_line_errors(run, digits_task):
+    with pytest.raises(sk.SlimkitError, match="trials=0"):
+        run(sk.Target(max_drop=0.01), trials=0)
+    with pytest.raises(sk.SlimkitError, match="unknown strategy"):
+        run(sk.Target(max_drop=0.01), strategy="grid")
+    with pytest.raises(sk.SlimkitError, match="unknown technique"):
+        optimize(digits_task, sk.Target(max_drop=0.01), technique_names=["telepathy"], measurer=FakeMeasurer(),
+                 progress=False, report=False)
+    with pytest.raises(sk.SlimkitError, match="max_size_mb=-1"):
+        sk.Target(max_size_mb=-1)
+    with pytest.raises(sk.SlimkitError, match="device"):
+        sk.Target(device="tpu")
+
+
+def test_resume_refuses_and_requires_correctly(run):
+    run(sk.Target(max_drop=0.01), trials=2)
+    with pytest.raises(sk.SlimkitError, match="already exists"):
+        run(sk.Target(max_drop=0.01), trials=2)
+    result = run(sk.Target(max_drop=0.01), trials=4, resume=True)
+    assert len(result.trials) == 4  # two more, not four more
