@@ -9,11 +9,13 @@ from slimkit.config import BaseConfig, apply, register, register_handler, regist
 from slimkit.errors import SlimkitError
 from slimkit.io import load, save
 from slimkit.measure import Profile, profile
+from slimkit.recipe import Recipe
+from slimkit.search import optimize
 from slimkit.target import Measurement, Target
 from slimkit.task import Task
 
 __all__ = [
-    "BaseConfig", "Measurement", "Profile", "SlimkitError", "Target", "Task", "__version__", "apply", "architecture",
-    "distill", "factorize", "load", "nas", "profile", "quantize", "register", "register_handler", "registered_configs",
+    "BaseConfig", "Measurement", "Profile", "Recipe", "SlimkitError", "Target", "Task", "__version__", "apply", "architecture",
+    "distill", "factorize", "load", "nas", "optimize", "profile", "quantize", "register", "register_handler", "registered_configs",
     "save", "zoo",
 ]
