@@ -12,6 +12,8 @@ from __future__ import annotations
 
 import dataclasses
 import logging
+import os
+import socket
 import time
 from pathlib import Path
 from typing import Any, Callable, Sequence
@@ -121,6 +123,7 @@ def make_objective(ctx: SearchContext, techs: Sequence[Technique], measure: Meas
             target.constraints(measured.measurement()))
         if not constraints:  # no limit at all: everything fits
             constraints = [0.0]
+        trial.set_user_attr("worker", f"{socket.gethostname()}:{os.getpid()}")
         trial.set_user_attr("recipe", recipe)
         trial.set_user_attr("measured", measured.to_dict())
         trial.set_user_attr("constraints", constraints)
