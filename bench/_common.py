@@ -20,14 +20,9 @@ def environment(threads: int) -> dict[str, Any]:
     import numpy
     import onnxruntime
 
-    cpu = "unknown"
-    try:
-        for line in Path("/proc/cpuinfo").read_text().splitlines():
-            if line.startswith("model name"):
-                cpu = line.split(":", 1)[1].strip()
-                break
-    except OSError:
-        pass
+    from slimkit.search.report import cpu_name
+
+    cpu = cpu_name()
     return {"date": _dt.datetime.now(_dt.timezone.utc).strftime("%Y-%m-%d %H:%M UTC"), "device": cpu,
             "cores": os.cpu_count(), "threads": threads, "cpu_capability": torch.backends.cpu.get_cpu_capability(),
             "python": platform.python_version(), "torch": torch.__version__, "onnxruntime": onnxruntime.__version__,

@@ -26,15 +26,7 @@ def environment(threads: int | None) -> dict[str, Any]:
     """Where the numbers came from: CPU model, cores, threads, GPU, library versions."""
     from slimkit import io
 
-    cpu = platform.processor() or "unknown"
-    try:
-        for line in Path("/proc/cpuinfo").read_text().splitlines():
-            if line.startswith("model name"):
-                cpu = line.split(":", 1)[1].strip()
-                break
-    except OSError:
-        pass
-    env = {"cpu": cpu, "cores": os.cpu_count(), "threads": threads or torch.get_num_threads(),
+    env = {"cpu": cpu_name(), "cores": os.cpu_count(), "threads": threads or torch.get_num_threads(),
            "cpu_capability": torch.backends.cpu.get_cpu_capability(),
            "gpu": torch.cuda.get_device_name(0) if torch.cuda.is_available() else None, **io.versions()}
     for lib in ("onnxruntime", "optuna"):
@@ -43,6 +35,17 @@ def environment(threads: int | None) -> dict[str, Any]:
         except ImportError:
             pass
     return env
+
+
+def cpu_name() -> str:
+    """The CPU's model name (Linux /proc/cpuinfo), else what the platform reports."""
+    try:
+        for line in Path("/proc/cpuinfo").read_text().splitlines():
+            if line.startswith("model name"):
+                return line.split(":", 1)[1].strip()
+    except OSError:
+        pass
+    return platform.processor() or "unknown"
 
 
 def write_report(result: Any, task: Any) -> Path:
