@@ -19,11 +19,9 @@ import torch.nn as nn
 
 from slimkit.config import BaseConfig, register, register_handler
 from slimkit.errors import SlimkitError
-from slimkit.factorize.layers import (check_ratio, chosen_layers, factorize_layers, not_smaller, too_few_inputs,
-                                      weight_params)
+from slimkit.factorize.layers import check_ratio, not_smaller, weight_params
 from slimkit.factorize.modules import CPConv2d, conv_geometry
-from slimkit.factorize.svd import rank_for_ratio, svd_plan
-from slimkit.factorize.tucker import is_spatial
+from slimkit.factorize.svd import factorize_kernels
 
 _MODES = "abcdefgh"
 
@@ -120,15 +118,7 @@ def cp_conv(conv: nn.Conv2d, rank: int, iters: int = 100) -> CPConv2d:
 
 
 def _cp(model: nn.Module, config: CP, task: Any) -> nn.Module:
-    names = chosen_layers(model, config.targets, config.exclude, "factorize.CP")
-    matrix_plan = svd_plan(lambda name, layer: rank_for_ratio(layer.weight.shape[0],
-                                                              layer.weight[0].numel(), config.ratio))
-
-    def plan(name: str, layer: nn.Module) -> tuple[nn.Module, dict[str, Any]] | str:
-        if not is_spatial(layer):
-            return matrix_plan(name, layer)
-        if (reason := too_few_inputs(layer)) is not None:
-            return reason
+    def conv_plan(name: str, layer: nn.Module) -> tuple[nn.Module, dict[str, Any]] | str:
         o, i, kh, kw = layer.weight.shape
         rank = config.rank or max(1, math.floor(config.ratio * layer.weight.numel() / (o + i + kh + kw)))
         reason = not_smaller(cp_params(layer, rank), weight_params(layer))
@@ -136,8 +126,7 @@ def _cp(model: nn.Module, config: CP, task: Any) -> nn.Module:
             return f"CP rank {rank}: {reason}"
         return cp_conv(layer, rank, config.iters), {"method": "cp", "rank": rank}
 
-    with torch.no_grad():
-        return factorize_layers(model, config, names, plan, task)
+    return factorize_kernels(model, config, task, conv_plan)
 
 
 register_handler(CP, _cp)

@@ -111,6 +111,11 @@ def factorize_layers(model: nn.Module, config: BaseConfig, names: list[str], pla
 MIN_IN_CHANNELS = 4
 
 
+def is_spatial(layer: nn.Module) -> bool:
+    """A conv with a kernel larger than 1x1 (the layers Tucker/CP decompose; the rest get SVD)."""
+    return isinstance(layer, nn.Conv2d) and tuple(layer.weight.shape[2:]) != (1, 1)
+
+
 def too_few_inputs(conv: nn.Conv2d) -> str | None:
     if conv.in_channels < MIN_IN_CHANNELS:
         return f"only {conv.in_channels} input channel(s): an input layer with {weight_params(conv)} params"

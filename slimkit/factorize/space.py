@@ -14,7 +14,7 @@ def _has(ctx: SearchContext, spatial: bool) -> bool:
     """Whether the task's model has layers the method decomposes (kxk convs for Tucker/CP)."""
     import torch.nn as nn
 
-    from slimkit.factorize.tucker import is_spatial
+    from slimkit.factorize.layers import is_spatial
 
     layers = [m for m in ctx.task.model.modules() if isinstance(m, (nn.Linear, nn.Conv2d))]
     return any(is_spatial(m) for m in layers) if spatial else bool(layers)

@@ -20,7 +20,8 @@ import torch.nn as nn
 
 from slimkit.config import BaseConfig, register, register_handler
 from slimkit.errors import SlimkitError
-from slimkit.factorize.layers import check_ratio, chosen_layers, factorize_layers, not_smaller, weight_params
+from slimkit.factorize.layers import (Plan, check_ratio, chosen_layers, factorize_layers, is_spatial, not_smaller,
+                                      too_few_inputs, weight_params)
 from slimkit.factorize.modules import LowRankConv2d, LowRankLinear, conv_geometry
 
 ALLOCATIONS = ("uniform", "sensitivity")
@@ -124,6 +125,22 @@ def svd_plan(rank_of: Any) -> Any:
         return low_rank(layer, rank), {"method": "svd", "rank": rank, "shape": [m, n]}
 
     return plan
+
+
+def factorize_kernels(model: nn.Module, config: BaseConfig, task: Any, conv_plan: Plan) -> nn.Module:
+    """The Tucker/CP handler body: kxk convs with enough input channels go to ``conv_plan``; Linear
+    and 1x1 layers get the truncated SVD keeping ``config.ratio`` of their weights."""
+    names = chosen_layers(model, config.targets, config.exclude, config.type_name)
+    matrix_plan = svd_plan(lambda name, layer: rank_for_ratio(layer.weight.shape[0],
+                                                              layer.weight[0].numel(), config.ratio))
+
+    def plan(name: str, layer: nn.Module) -> tuple[nn.Module, dict[str, Any]] | str:
+        if not is_spatial(layer):
+            return matrix_plan(name, layer)
+        return too_few_inputs(layer) or conv_plan(name, layer)
+
+    with torch.no_grad():
+        return factorize_layers(model, config, names, plan, task)
 
 
 def _svd(model: nn.Module, config: SVD, task: Any) -> nn.Module:

@@ -18,10 +18,9 @@ import torch.nn as nn
 
 from slimkit.config import BaseConfig, register, register_handler
 from slimkit.errors import SlimkitError
-from slimkit.factorize.layers import (check_ratio, chosen_layers, factorize_layers, not_smaller, too_few_inputs,
-                                      weight_params)
+from slimkit.factorize.layers import check_ratio, not_smaller, weight_params
 from slimkit.factorize.modules import TuckerConv2d, conv_geometry
-from slimkit.factorize.svd import rank_for_ratio, svd_plan
+from slimkit.factorize.svd import factorize_kernels
 
 
 @register("factorize.Tucker")
@@ -103,21 +102,8 @@ def tucker_conv(conv: nn.Conv2d, rank_out: int, rank_in: int, hooi_iters: int = 
     return new
 
 
-def is_spatial(layer: nn.Module) -> bool:
-    """A conv with a kernel larger than 1x1 (the layers Tucker/CP decompose; the rest get SVD)."""
-    return isinstance(layer, nn.Conv2d) and tuple(layer.weight.shape[2:]) != (1, 1)
-
-
 def _tucker(model: nn.Module, config: Tucker, task: Any) -> nn.Module:
-    names = chosen_layers(model, config.targets, config.exclude, "factorize.Tucker")
-    matrix_plan = svd_plan(lambda name, layer: rank_for_ratio(layer.weight.shape[0],
-                                                              layer.weight[0].numel(), config.ratio))
-
-    def plan(name: str, layer: nn.Module) -> tuple[nn.Module, dict[str, Any]] | str:
-        if not is_spatial(layer):
-            return matrix_plan(name, layer)
-        if (reason := too_few_inputs(layer)) is not None:
-            return reason
+    def conv_plan(name: str, layer: nn.Module) -> tuple[nn.Module, dict[str, Any]] | str:
         if config.ranks is not None:
             r_out, r_in = min(config.ranks[0], layer.out_channels), min(config.ranks[1], layer.in_channels)
         else:
@@ -127,8 +113,7 @@ def _tucker(model: nn.Module, config: Tucker, task: Any) -> nn.Module:
             return f"Tucker ranks ({r_out}, {r_in}): {reason}"
         return tucker_conv(layer, r_out, r_in, config.hooi_iters), {"method": "tucker", "rank": [r_out, r_in]}
 
-    with torch.no_grad():
-        return factorize_layers(model, config, names, plan, task)
+    return factorize_kernels(model, config, task, conv_plan)
 
 
 register_handler(Tucker, _tucker)
