@@ -10,7 +10,6 @@ No fast binary kernel runs on this CPU: the packed weights are unpacked to float
 
 from __future__ import annotations
 
-import copy
 import dataclasses
 import time
 from typing import Any
@@ -77,20 +76,13 @@ def _int8_weights(layer: nn.Module) -> nn.Module:
 def quantize_extreme(model: nn.Module, config: _ExtremeConfig, task: Any, *, progress: bool = False) -> nn.Module:
     """Fold BN, binarize / ternarize the targets, fine-tune, store bit-packed; score on torch."""
     from slimkit.quantize.ptq import _targets
-    from slimkit.quantize.qat import _loss_fn
+    from slimkit.quantize.qat import _loss_fn, fold_and_freeze
     from slimkit.train.finetune import finetune
 
     if task is None or not getattr(task, "train", None):
         raise SlimkitError(f"{config.type_name} needs a task with training data (1-2 bit weights must be trained)",
                            "pass a task with train batches")
-    folded: list[str] = []
-    if config.fold_bn and any(isinstance(m, nn.modules.batchnorm._BatchNorm) for m in model.modules()):
-        from slimkit.architecture.fuse import fold_batchnorm
-
-        model, folded = fold_batchnorm(model, task.example)
-    teacher = copy.deepcopy(model).eval()
-    for p in teacher.parameters():
-        p.requires_grad_(False)
+    model, folded, teacher = fold_and_freeze(model, config, task)
     names, skipped = _targets(model, config.targets, config.exclude, allow_conv=True)
     order = [n for n, m in model.named_modules() if isinstance(m, (nn.Linear, nn.Conv2d))]
     edges = {order[0], order[-1]} if config.keep_first_last and len(order) > 2 else set()

@@ -147,12 +147,9 @@ def _loss_fn(config: QAT, task: Any, teacher: nn.Module) -> Any:
     return distill, kind
 
 
-def quantize_qat(model: nn.Module, config: QAT, task: Any, *, progress: bool = False) -> nn.Module:
-    """The registered handler: fold BN, prepare, fine-tune ``config.steps`` steps, convert, score."""
-    from slimkit.train.finetune import finetune
-
-    if task is None or not getattr(task, "train", None):
-        raise SlimkitError("QAT needs a task with training data", "pass a task with train batches, or use PTQ")
+def fold_and_freeze(model: nn.Module, config: Any, task: Any) -> tuple[nn.Module, list[str], nn.Module]:
+    """Fold BN into the convs before training (``config.fold_bn``) and keep a frozen copy of the
+    folded float model as the distillation teacher. Returns (model, folded BN names, teacher)."""
     folded: list[str] = []
     if config.fold_bn and any(isinstance(m, nn.modules.batchnorm._BatchNorm) for m in model.modules()):
         from slimkit.architecture.fuse import fold_batchnorm
@@ -161,6 +158,16 @@ def quantize_qat(model: nn.Module, config: QAT, task: Any, *, progress: bool = F
     teacher = copy.deepcopy(model).eval()
     for p in teacher.parameters():
         p.requires_grad_(False)
+    return model, folded, teacher
+
+
+def quantize_qat(model: nn.Module, config: QAT, task: Any, *, progress: bool = False) -> nn.Module:
+    """The registered handler: fold BN, prepare, fine-tune ``config.steps`` steps, convert, score."""
+    from slimkit.train.finetune import finetune
+
+    if task is None or not getattr(task, "train", None):
+        raise SlimkitError("QAT needs a task with training data", "pass a task with train batches, or use PTQ")
+    model, folded, teacher = fold_and_freeze(model, config, task)
     prepare(model, config, task)
     loss, kind = _loss_fn(config, task, teacher)
     start = time.perf_counter()
