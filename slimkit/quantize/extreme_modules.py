@@ -25,6 +25,7 @@ import torch.nn.functional as F
 from slimkit.errors import SlimkitError
 from slimkit.io import register_module_class
 from slimkit.quantize.bitpack import pack_bits, packed_width, unpack_bits
+from slimkit.quantize.half import conv_spec, conv_weight_shape, spec_conv2d
 
 MODES = ("binary", "ternary")
 _BITS = {"binary": 1, "ternary": 2}
@@ -113,11 +114,7 @@ class ExtremeConv2d(nn.Conv2d, _Extreme):
         return self._conv_forward(x, self.extreme_weight(), self.bias)
 
     def convert(self) -> BitConv2d:
-        spec = {"in_channels": self.in_channels, "out_channels": self.out_channels,
-                "kernel_size": list(self.kernel_size), "stride": list(self.stride),
-                "padding": self.padding if isinstance(self.padding, str) else list(self.padding),
-                "dilation": list(self.dilation), "groups": self.groups, "bias": self.bias is not None,
-                "bits": _BITS[self.mode]}
+        spec = {**conv_spec(self), "bits": _BITS[self.mode]}
         return BitConv2d.empty(spec).fill(*self.codes_and_scales(), self.bias)
 
 
@@ -180,9 +177,8 @@ class BitConv2d(_Bits):
     def __init__(self, spec: dict[str, Any]) -> None:
         super().__init__()
         self._spec = dict(spec)
-        kh, kw = spec["kernel_size"]
-        self.shape = (spec["out_channels"], spec["in_channels"] // spec["groups"], kh, kw)
-        self._init_bits(self.shape[0], self.shape[1] * kh * kw, spec["bits"], spec["bias"])
+        self.shape = conv_weight_shape(spec)  # (O, C/g, kh, kw)
+        self._init_bits(self.shape[0], self.shape[1] * self.shape[2] * self.shape[3], spec["bits"], spec["bias"])
 
     @classmethod
     def empty(cls, spec: dict[str, Any]) -> BitConv2d:
@@ -192,10 +188,8 @@ class BitConv2d(_Bits):
         return {"kind": "BitConv2d", **self._spec, "activations": "none"}
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        s = self._spec
-        padding = s["padding"] if isinstance(s["padding"], str) else tuple(s["padding"])
         w = self.flat_weight().reshape(self.shape).to(x.dtype)  # (O, C/g, kh, kw)
-        return F.conv2d(x, w, self.bias, tuple(s["stride"]), padding, tuple(s["dilation"]), s["groups"])
+        return spec_conv2d(x, w, self.bias, self._spec)
 
 
 __all__ = ["BitConv2d", "BitLinear", "ExtremeConv2d", "ExtremeLinear", "MODES"]

@@ -16,6 +16,27 @@ def _tuple(v: Any) -> Any:
     return tuple(v) if isinstance(v, list) else v
 
 
+def conv_spec(conv: nn.Conv2d) -> dict[str, Any]:
+    """The JSON-able geometry of a Conv2d: the spec a stored conv (half, bit-packed) is rebuilt from."""
+    return {"in_channels": conv.in_channels, "out_channels": conv.out_channels,
+            "kernel_size": list(conv.kernel_size), "stride": list(conv.stride),
+            "padding": conv.padding if isinstance(conv.padding, str) else list(conv.padding),
+            "dilation": list(conv.dilation), "groups": conv.groups, "bias": conv.bias is not None}
+
+
+def conv_weight_shape(spec: dict[str, Any]) -> tuple[int, int, int, int]:
+    """The (O, C/groups, kh, kw) weight shape of a ``conv_spec`` geometry."""
+    kh, kw = spec["kernel_size"]
+    return spec["out_channels"], spec["in_channels"] // spec["groups"], kh, kw
+
+
+def spec_conv2d(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None,
+                spec: dict[str, Any]) -> torch.Tensor:
+    """``F.conv2d`` with a ``conv_spec`` geometry (lists from JSON become tuples)."""
+    return F.conv2d(x, weight, bias, _tuple(spec["stride"]), _tuple(spec["padding"]),
+                    _tuple(spec["dilation"]), spec["groups"])
+
+
 class _Half(nn.Module):
     def _init_half(self, shape: tuple[int, ...], bias: bool) -> None:
         self.register_buffer("weight", torch.zeros(shape, dtype=torch.float16))
@@ -61,16 +82,11 @@ class HalfConv2d(_Half):
     def __init__(self, spec: dict[str, Any]) -> None:
         super().__init__()
         self._spec = dict(spec)
-        kh, kw = spec["kernel_size"]
-        self._init_half((spec["out_channels"], spec["in_channels"] // spec["groups"], kh, kw), spec["bias"])
+        self._init_half(conv_weight_shape(spec), spec["bias"])
 
     @classmethod
     def from_float(cls, conv: nn.Conv2d) -> HalfConv2d:
-        spec = {"in_channels": conv.in_channels, "out_channels": conv.out_channels,
-                "kernel_size": list(conv.kernel_size), "stride": list(conv.stride),
-                "padding": conv.padding if isinstance(conv.padding, str) else list(conv.padding),
-                "dilation": list(conv.dilation), "groups": conv.groups, "bias": conv.bias is not None}
-        return cls(spec)._copy(conv)
+        return cls(conv_spec(conv))._copy(conv)
 
     @classmethod
     def empty(cls, spec: dict[str, Any]) -> HalfConv2d:
@@ -80,9 +96,7 @@ class HalfConv2d(_Half):
         return {"kind": "HalfConv2d", **self._spec, "bits": 16, "activations": "none"}
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        s = self._spec
-        return F.conv2d(x, self.weight.to(x.dtype), self.bias, _tuple(s["stride"]), _tuple(s["padding"]),
-                        _tuple(s["dilation"]), s["groups"])
+        return spec_conv2d(x, self.weight.to(x.dtype), self.bias, self._spec)
 
 
-__all__ = ["HalfConv2d", "HalfLinear"]
+__all__ = ["HalfConv2d", "HalfLinear", "conv_spec", "conv_weight_shape", "spec_conv2d"]
