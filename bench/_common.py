@@ -54,6 +54,18 @@ def interleaved_medians(fns: dict[str, Callable[[], Any]], *, rounds: int = 7, m
             for name, v in samples.items()}
 
 
+def model_latencies(models: dict[str, torch.nn.Module], inputs: tuple, *, baseline: str, threads: int,
+                    rounds: int = 7, min_time_s: float = 0.3) -> dict[str, dict[str, float]]:
+    """``interleaved_medians`` of each model's forward on ``inputs`` (inference mode, ``threads``
+    threads); every entry also gets ``speedup``: the ``baseline`` model's median over its own."""
+    torch.set_num_threads(threads)
+    with torch.inference_mode():
+        times = interleaved_medians({name: (lambda m=m: m(*inputs)) for name, m in models.items()},
+                                    rounds=rounds, min_time_s=min_time_s)
+    base = times[baseline]["median_ms"]
+    return {name: {**t, "speedup": base / t["median_ms"]} for name, t in times.items()}
+
+
 def write(name: str, payload: dict[str, Any]) -> Path:
     RESULTS.mkdir(parents=True, exist_ok=True)
     path = RESULTS / f"{name}.json"

@@ -30,7 +30,7 @@ import torch
 import torch.nn as nn
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from _common import environment, interleaved_medians, write  # noqa: E402
+from _common import environment, model_latencies, write  # noqa: E402
 
 import slimkit as sk  # noqa: E402
 from slimkit.distill import Distill, distill, minilm_student  # noqa: E402
@@ -51,15 +51,11 @@ def load_state() -> dict[str, Any]:
 
 
 def latency(models: dict[str, nn.Module], inputs: tuple, threads: int, rounds: int) -> dict[str, Any]:
-    torch.set_num_threads(threads)
     before = load_state()
-    with torch.inference_mode():
-        fns = {name: (lambda m=m: m(*inputs)) for name, m in models.items()}
-        times = interleaved_medians(fns, rounds=rounds, min_time_s=0.2)
-    base = times["baseline"]["median_ms"]
+    times = model_latencies(models, inputs, baseline="baseline", threads=threads, rounds=rounds, min_time_s=0.2)
     return {"load_before": before, "load_after": load_state(),
             "median_ms": {k: round(v["median_ms"], 4) for k, v in times.items()},
-            "speedup": {k: round(base / v["median_ms"], 3) for k, v in times.items() if k != "baseline"}}
+            "speedup": {k: round(v["speedup"], 3) for k, v in times.items() if k != "baseline"}}
 
 
 def mnist_part(threads: int, steps: int) -> dict[str, Any]:

@@ -19,13 +19,13 @@ import sys
 import types
 import warnings
 from pathlib import Path
-from typing import Any, Callable
+from typing import Any
 
 import torch
 import torch.nn as nn
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from _common import environment, interleaved_medians, write  # noqa: E402
+from _common import environment, model_latencies, write  # noqa: E402
 
 import slimkit as sk  # noqa: E402
 from slimkit.graph.dependency import output_layer, tp_inputs  # noqa: E402
@@ -88,20 +88,11 @@ def resnet_part(threads: int, rounds: int) -> dict[str, Any]:
     contenders["torch-pruning"] = tp_to_macs(model, example, 0.5, None)
     contenders["torch-pruning round_to=8"] = tp_to_macs(model, example, 0.5, 8)
     contenders["slimkit auto"] = sk.apply(model, Channels(macs_ratio=0.5), task)
-    torch.set_num_threads(threads)
-
-    def call(m: nn.Module) -> Callable[[], Any]:
-        def run() -> Any:
-            with torch.inference_mode():
-                return m(batch)
-        return run
-
-    times = interleaved_medians({k: call(m) for k, m in contenders.items()}, rounds=rounds, min_time_s=0.5)
-    base_ms = times["fp32"]["median_ms"]
+    times = model_latencies(contenders, (batch,), baseline="fp32", threads=threads, rounds=rounds, min_time_s=0.5)
     rows = {}
     for name, m in contenders.items():
         macs = count_flops(m, example).macs / base_macs
-        speedup = base_ms / times[name]["median_ms"]
+        speedup = times[name]["speedup"]
         rows[name] = {"macs_ratio": round(macs, 4), "params": params(m), "median_ms": round(times[name]["median_ms"], 2),
                       "min_ms": round(times[name]["min_ms"], 2), "max_ms": round(times[name]["max_ms"], 2),
                       "speedup": round(speedup, 3), "speedup_per_macs_reduction": round(speedup * macs, 3),
