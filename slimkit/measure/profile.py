@@ -43,6 +43,8 @@ class Profile:
     energy_mj_estimate: float
     energy_note: str
     layers: list[LayerRow]
+    #: CUDA only: achieved TFLOP/s and GB/s against the device's measured peaks (runtime.cuda_profile).
+    roofline: dict[str, Any] | None = None
 
     def to_dict(self) -> dict[str, Any]:
         return dataclasses.asdict(self)
@@ -90,7 +92,11 @@ def profile(model: nn.Module, example: Example, device: str | torch.device = "cp
         here: Example = kwargs if kwargs else args  # inputs already on the device
         total, nonzero = count_params(model)
         flops = count_flops(model, here, dev)
-        latency = measure_latency(model, here, dev, threads=used, min_time_s=min_time_s)
+        if dev.type == "cuda":  # CUDA events, graph replay where possible, and the roofline fractions
+            roof = _cuda_roofline(model, here, dev, flops.flops, min_time_s)
+            latency = roof.pop("latency")
+        else:
+            roof, latency = None, measure_latency(model, here, dev, threads=used, min_time_s=min_time_s)
         memory = peak_memory(model, here, dev)
         layers = layer_breakdown(model, here, dev, threads=used, runs=breakdown_runs, sort_by=sort_by, flops=flops)
         energy = estimate_energy(model, here, dev, flops=flops)
@@ -98,7 +104,20 @@ def profile(model: nn.Module, example: Example, device: str | torch.device = "cp
     return Profile(model=type(model).__name__, inputs=describe(example), device=str(dev), threads=used,
                    torch_version=torch.__version__, params_total=total, params_nonzero=nonzero, artifact_bytes=size,
                    macs=flops.macs, flops=flops.flops, latency=latency, peak_memory_bytes=memory,
-                   energy_mj_estimate=energy.total_mj, energy_note=energy.basis, layers=layers)
+                   energy_mj_estimate=energy.total_mj, energy_note=energy.basis, layers=layers, roofline=roof)
+
+
+def _cuda_roofline(model: nn.Module, example: Example, dev: torch.device, flops: int, min_time_s: float) -> dict:
+    """CUDA-event latency (graph replay where the model can be captured) and its roofline fractions."""
+    from slimkit.measure._call import as_call, tensor_bytes
+    from slimkit.runtime.cuda_profile import cuda_latency, model_roofline, state_nbytes
+
+    args, kwargs = as_call(example)
+    with torch.inference_mode():
+        out_bytes = tensor_bytes(model(*args, **kwargs))
+    latency, mode = cuda_latency(lambda: model(*args, **kwargs), dev, min_time_s=min_time_s)
+    nbytes = state_nbytes(model) + tensor_bytes(example) + out_bytes
+    return {**model_roofline(model, dev, flops, nbytes, latency.p50_ms), "timing": mode, "latency": latency}
 
 
 def _check_runs(model: nn.Module, args: tuple, kwargs: dict, example: Example) -> None:

@@ -4,6 +4,8 @@
 - ``onnxruntime``: quantized layers are exported in float and re-quantized to the *same*
   integers by ONNX Runtime's quantizer with slimkit's calibrated ranges, then run on its
   integer kernels (QLinearMatMul / QLinearConv / MatMulInteger).
+- ``cuda``: every Linear rebuilt on GPU kernels (int8 ``_int_mm``, int4 tinygemm, fp8 ``_scaled_mm``,
+  2:4 cuSPARSELt) as the model's quantization says; ``runtime.cuda.build_cuda`` picks a scheme.
 """
 
 from __future__ import annotations
@@ -19,7 +21,7 @@ from slimkit.io import set_submodule
 
 log = logging.getLogger("slimkit.runtime")
 
-BACKENDS = ("torch", "onnxruntime")
+BACKENDS = ("torch", "onnxruntime", "cuda")
 
 #: Which backend ``"auto"`` picks per quantization mode: the faster one measured by bench/quant_cpu.py
 #: on this CPU class (2 AVX2 cores, no VNNI); ``bench/results/quant_cpu.json`` ("backend_choice")
@@ -69,6 +71,10 @@ def build(model: nn.Module, backend: str = "auto", example: Any = None, *, threa
     backend = resolve_backend(model, backend)
     if backend == "torch":
         return model.eval()
+    if backend == "cuda":
+        from slimkit.runtime.cuda import build_cuda
+
+        return build_cuda(model)
     if example is None:
         raise SlimkitError("the onnxruntime backend needs example inputs to export the model",
                            "pass example=task.example")

@@ -110,8 +110,9 @@ def build_cuda(model: nn.Module, scheme: str = "auto", *, device: str | torch.de
         if plan is None:
             continue
         wanted, float_weight, make = plan
-        why = ck.blocker(wanted, float_weight.shape[0], float_weight.shape[1], dev, group_size) \
-            if wanted != "bf16" else None
+        group = getattr(layer, "group_size", 0) or group_size  # a QuantLinear's own int4 groups
+        why = ck.blocker(wanted, float_weight.shape[0], float_weight.shape[1], dev, group) \
+            if wanted in ck.SCHEMES else None
         if wanted == "2:4" and why is None and not _is_24(float_weight):
             why = "weight is not 2:4 sparse (prune it with prune.NM(2, 4) first)"
         new, why = _build_layer(wanted, float_weight, layer, make, dev, group_size, why, check)
