@@ -107,9 +107,13 @@ def masked(model: nn.Module, masks: Masks | None = None) -> Iterator[Remask]:
 
 
 def layer_sparsity(model: nn.Module, names: list[str] | None = None) -> dict[str, float]:
-    """Fraction of exact zeros in each prunable layer's weight."""
+    """Fraction of exact zeros in each prunable layer's weight, in model order.
+
+    Reads ``module.weight``, so masks applied through ``torch.nn.utils.prune`` or a
+    parametrization count as zeros too.
+    """
     names = prunable(model)[0] if names is None else names
-    return {n: float((weight(model, n) == 0).sum()) / weight(model, n).numel() for n in names}
+    return {n: float((weight(model, n) == 0).sum()) / max(weight(model, n).numel(), 1) for n in names}
 
 
 def global_sparsity(model: nn.Module, names: list[str] | None = None) -> float:

@@ -12,10 +12,10 @@ from pathlib import Path
 from typing import Any, Iterable, Mapping, Sequence
 
 import torch
-import torch.nn as nn
 
 from slimkit._atomic import atomic_write
 from slimkit.errors import SlimkitError
+from slimkit.prune.masks import layer_sparsity  # noqa: F401  (the snapshots the heatmap draws; kept importable here)
 
 #: layer -> {column (e.g. step or weight kind) -> fraction of zero weights}
 Grid = Mapping[str, Mapping[str, float]]
@@ -23,20 +23,6 @@ Grid = Mapping[str, Mapping[str, float]]
 Series = Sequence[tuple[float, float]]
 
 _ROW_INCHES = 0.2  # ~9 pt labels stay legible with 50+ layers
-
-
-def layer_sparsity(model: nn.Module) -> dict[str, float]:
-    """Fraction of exact zeros in the weight of every Conv and Linear layer, in model order.
-
-    Reads ``module.weight``, so masks applied through ``torch.nn.utils.prune`` or a
-    parametrization count as zeros too.
-    """
-    out: dict[str, float] = {}
-    for name, module in model.named_modules():
-        if isinstance(module, (nn.Linear, nn.modules.conv._ConvNd)):
-            w = module.weight
-            out[name or type(module).__name__] = float((w == 0).sum()) / w.numel() if w.numel() else 0.0
-    return out
 
 
 def sparsity_heatmap(rows: Grid | Mapping[str, float] | Iterable[tuple[Any, Mapping[str, float]]],
