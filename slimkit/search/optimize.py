@@ -117,7 +117,8 @@ def make_objective(ctx: SearchContext, techs: Sequence[Technique], measure: Meas
         except SlimkitError as exc:  # a knob combination a config refuses: infeasible, not a crash
             configs, measured = [], TrialMeasurement(error=str(exc))
         else:
-            measured, _ = measure(configs)
+            earlier = _same_pipeline_measured(trial)
+            measured = earlier if earlier is not None else measure(configs)[0]
         recipe = [c.to_dict() for c in configs]
         constraints = _finite([1e9] * len(target.names())) if measured.error else _finite(
             target.constraints(measured.measurement()))
@@ -134,6 +135,18 @@ def make_objective(ctx: SearchContext, techs: Sequence[Technique], measure: Meas
         return objectives(measured)
 
     return objective
+
+
+def _same_pipeline_measured(trial: Any) -> TrialMeasurement | None:
+    """The measurement of an earlier finished trial with exactly these parameters: samplers repeat
+    themselves once a small space is explored, and a repeat would only spend budget re-measuring."""
+    from optuna.trial import TrialState
+
+    for t in trial.study.get_trials(deepcopy=False, states=(TrialState.COMPLETE,)):
+        if t.params == trial.params and "measured" in t.user_attrs:
+            trial.set_user_attr("repeat_of", t.number)
+            return TrialMeasurement(**t.user_attrs["measured"])
+    return None
 
 
 def records_from_study(study: Any) -> list[TrialRecord]:
@@ -230,7 +243,9 @@ def optimize(task: Any, target: Target, *, trials: int = 30, time_budget: float 
     elif not st.trials:
         from slimkit.search.seeding import initial_guesses
 
-        for params in [*enqueue, *initial_guesses(ctx, techs)]:
+        for params in enqueue:  # the caller's list, repeats included
+            st.enqueue_trial(dict(params))
+        for params in initial_guesses(ctx, techs):
             st.enqueue_trial(dict(params), skip_if_exists=True)
     records: list[TrialRecord] = []
     objective = make_objective(ctx, techs, measure, records)

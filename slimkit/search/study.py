@@ -26,9 +26,11 @@ MAX_RETRY = 2
 def storage_url(out: Path | None, storage: str | None) -> str:
     """The database URL: the user's, or ``sqlite:///<out>/study.db``."""
     if storage:
-        if not storage.startswith(("sqlite:///", "postgresql://", "postgresql+psycopg2://", "mysql://")):
+        if not storage.startswith(("sqlite:///", "postgresql://", "postgresql+", "mysql://", "mysql+")):
             raise SlimkitError(f"storage {storage!r} is not a database URL",
                                "use sqlite:///path/study.db or postgresql://user@host/db")
+        if storage.startswith("postgresql://"):  # the driver slimkit[search] installs, whatever SQLAlchemy's default
+            storage = "postgresql+psycopg://" + storage[len("postgresql://"):]
         return storage
     if out is None:
         raise SlimkitError("no storage given and no output directory to put study.db in", "pass out= or storage=")
@@ -138,4 +140,19 @@ def run_trials(study: Any, objective: Callable[[Any], Any], n_trials: int, *, ti
             log.warning("time budget reached after %d trials", finished(study))
             return
         callbacks = [] if on_trial is None else [lambda _study, trial: on_trial(trial)]
-        study.optimize(objective, n_trials=1, catch=(), gc_after_trial=True, callbacks=callbacks)
+        study.optimize(_within_count(objective, n_trials), n_trials=1, catch=(), gc_after_trial=True,
+                       callbacks=callbacks)
+
+
+def _within_count(objective: Callable[[Any], Any], n_trials: int) -> Callable[[Any], Any]:
+    """Prune a trial that two workers started at once past the count (trial numbers decide who goes on)."""
+    import optuna
+    from optuna.trial import TrialState
+
+    def guarded(trial: Any) -> Any:
+        ahead = trial.study.get_trials(deepcopy=False, states=(TrialState.COMPLETE, TrialState.RUNNING))
+        if sum(t.number < trial.number for t in ahead) >= n_trials:
+            raise optuna.TrialPruned(f"the study already has {n_trials} trials")
+        return objective(trial)
+
+    return guarded

@@ -17,7 +17,7 @@ from slimkit.search.evaluate import RuntimeMeasurer, TrialMeasurement
 from slimkit.search.optimize import context_for, make_objective, make_sampler
 from slimkit.search.progress import TrialProgress
 from slimkit.search.space import techniques
-from slimkit.search.study import finished, load_study, open_storage, run_trials
+from slimkit.search.study import finished, load_study, open_storage, run_trials, storage_url
 from slimkit.target import Target
 
 
@@ -41,7 +41,7 @@ def work(study: str, storage: str, *, trials: int | None = None, time_budget: fl
     """Take trials until the study has ``trials`` finished (default: what its creator asked); returns that count."""
     from slimkit import zoo
 
-    db = open_storage(storage)
+    db = open_storage(storage_url(None, storage))
     attrs = study_attrs(db, study, wait_s)
     task = zoo.load(attrs["task"])
     target = Target(**attrs["target"])
