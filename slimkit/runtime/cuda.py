@@ -50,7 +50,8 @@ class Skip(NamedTuple):
 
 
 class CudaModel(nn.Module):
-    """The rebuilt model on its device. Inputs are moved to the device on the way in; outputs stay there.
+    """The rebuilt model on its device. Inputs are moved there (float ones cast to bf16, as the model
+    now runs in bf16); outputs stay on the device, in bf16.
 
     ``layers``: per converted layer ``{"scheme", "kernel", "sqnr_db"}``; ``skips``: list of ``Skip``.
     """
@@ -79,7 +80,9 @@ class CudaModel(nn.Module):
 
 
 def _to(value: Any, device: torch.device) -> Any:
-    return value.to(device) if isinstance(value, torch.Tensor) else value
+    if not isinstance(value, torch.Tensor):
+        return value
+    return value.to(device, ck.OUT_DTYPE) if value.is_floating_point() else value.to(device)
 
 
 def build_cuda(model: nn.Module, scheme: str = "auto", *, device: str | torch.device = "cuda",
@@ -87,7 +90,7 @@ def build_cuda(model: nn.Module, scheme: str = "auto", *, device: str | torch.de
                inplace: bool = False) -> CudaModel:
     """``model`` rebuilt on ``device`` with ``scheme``'s kernels (see the module docstring).
 
-    ``group_size``: int4 group for float Linears. ``exclude``: layer names or a regex kept bf16.
+    ``group_size``: int4 group for float Linears. ``exclude``: Linear names, or a regex, run in bf16.
     ``check``: run the per-layer SQNR check. ``inplace``: convert ``model`` itself (for models too
     large to copy). ``device="cpu"`` runs torch's CPU kernels for the same math (tests).
     """
@@ -163,9 +166,11 @@ def _plan(name: str, layer: nn.Module, scheme: str, exclude: tuple[str, ...] | s
         if layer.activations == "none":
             return "int8-weight-only", w, None
         return "int8", w, lambda dev: ck.Int8Linear(layer.qweight, layer.weight_scale, layer.bias, dev)
-    if not isinstance(layer, nn.Linear) or _excluded(name, exclude):
+    if not isinstance(layer, nn.Linear):
         return None
     w = layer.weight.detach()
+    if _excluded(name, exclude):
+        return "bf16", w, None
     if scheme == "auto":
         return ("2:4" if _is_24(w) else "bf16"), w, None
     return scheme, w, None
