@@ -154,7 +154,8 @@ def _excluded(name: str, exclude: tuple[str, ...] | str) -> bool:
     return name in exclude
 
 
-def _plan(name: str, layer: nn.Module, scheme: str, exclude: tuple[str, ...] | str) -> tuple[str, torch.Tensor, Any] | None:
+def _plan(name: str, layer: nn.Module, scheme: str,
+          exclude: tuple[str, ...] | str) -> tuple[str, torch.Tensor, Any] | None:
     """(scheme wanted, the float (N, K) weight it stands for, a builder or None) for a layer to convert."""
     from slimkit.quantize.modules import QuantLinear
 
@@ -216,7 +217,7 @@ def _sqnr(module: nn.Module, weight: torch.Tensor, bias: torch.Tensor | None, de
 
 
 def _cast_rest(model: nn.Module, dev: torch.device, dtype: torch.dtype) -> None:
-    """Everything outside the kernel modules to ``dev``; its floating tensors to ``dtype`` (kernel buffers untouched)."""
+    """Everything outside the kernel modules to ``dev``, floating tensors as ``dtype`` (kernel buffers untouched)."""
     for m in model.modules():
         if isinstance(m, ck._KernelLinear):
             continue

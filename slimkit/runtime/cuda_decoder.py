@@ -64,8 +64,10 @@ class Attention(nn.Module):
         self.heads, self.kv_heads, self.head_dim = cfg.heads, cfg.kv_heads, cfg.head_dim
         self.wqkv = nn.Linear(cfg.hidden, (cfg.heads + 2 * cfg.kv_heads) * cfg.head_dim, bias=False)
         self.wo = nn.Linear(cfg.heads * cfg.head_dim, cfg.hidden, bias=False)
-        self.k_cache: torch.Tensor | None = None
-        self.v_cache: torch.Tensor | None = None
+        # Non-persistent buffers (not weights): torch.compile treats them as inputs, so one compiled
+        # layer serves all layers, and in-place cache writes stay inside the compiled graph.
+        self.register_buffer("k_cache", None, persistent=False)
+        self.register_buffer("v_cache", None, persistent=False)
 
     def forward(self, x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor, pos: torch.Tensor,
                 mask: torch.Tensor) -> torch.Tensor:
@@ -116,6 +118,8 @@ class Decoder(nn.Module):
         self.output = nn.Linear(cfg.hidden, cfg.vocab, bias=False)
         self.block_fn: Callable[..., torch.Tensor] = run_block
         self.max_len = 0
+        for name in ("cos", "sin", "key_pos"):
+            self.register_buffer(name, None, persistent=False)
 
     def setup_cache(self, batch: int, max_len: int, dtype: torch.dtype = torch.bfloat16) -> None:
         """Zeroed (B, KV, max_len, D) caches and RoPE tables for ``max_len`` positions, on the model's device."""

@@ -188,4 +188,5 @@ def model_roofline(model: Any, device: torch.device, flops: float, nbytes: float
             "bytes_counted": "model state + inputs + outputs (a lower bound on memory traffic)"}
 
 
-__all__ = ["cuda_latency", "device_peaks", "graphed", "model_roofline", "per_call_ms", "peak_key", "roofline", "state_nbytes", "time_ms"]
+__all__ = ["cuda_latency", "device_peaks", "graphed", "model_roofline", "per_call_ms", "peak_key", "roofline",
+           "state_nbytes", "time_ms"]

@@ -102,6 +102,31 @@ def test_every_projection_converts_and_logits_track_fp32_on_cpu(scheme, floor):
     assert sqnr_db(ref, built(tokens, torch.arange(8)).float()) > floor
 
 
+@pytest.mark.parametrize("scheme", ["int8", "int4"])
+def test_one_compiled_layer_serves_every_layer_and_keeps_the_cache_writes(scheme):
+    """What the decode benchmark relies on: one graph for all layers (no per-layer recompiles), with each
+    layer's KV-cache write inside it (aot_eager: the same tracing and functionalization as inductor)."""
+    import torch._dynamo
+    import torch._dynamo.testing
+
+    from slimkit.runtime.cuda_decoder import run_block
+
+    built = rc.build_cuda(tiny(), scheme, device="cpu", group_size=32)
+    model = built.model
+    tokens, pos = torch.randint(0, TINY.vocab, (2, 1)), torch.tensor([3])
+    with torch.inference_mode():
+        model.setup_cache(2, 8)
+        eager = model(tokens, pos)
+        eager_cache = model.layers[1].attn.k_cache.clone()
+        model.setup_cache(2, 8)
+        torch._dynamo.reset()
+        counter = torch._dynamo.testing.CompileCounterWithBackend("aot_eager")
+        model.block_fn = torch.compile(run_block, backend=counter, fullgraph=True, dynamic=False)
+        compiled = model(tokens, pos)
+    assert counter.frame_count == 1  # TINY has 2 layers: the second reuses the first one's graph
+    assert torch.equal(compiled, eager) and torch.equal(model.layers[1].attn.k_cache, eager_cache)
+
+
 @cuda_only
 def test_graph_captured_decode_step_equals_eager_on_gpu():
     from slimkit.runtime.cuda_profile import graphed
