@@ -202,10 +202,15 @@ class SemiSparseLinear(_KernelLinear):
 
         sparse = to_sparse_semi_structured(weight.detach().to(device, OUT_DTYPE).contiguous())
         self.kernel = f"semi-structured 2:4 ({getattr(sparse, 'BACKEND', 'sparse')})"
-        self.weight = nn.Parameter(sparse, requires_grad=False)
+        # The compressed tensor is a subclass that saving, counting and ``.to`` do not handle; its plain
+        # parts (values + metadata) are registered as buffers, sharing memory, so state_dict shows real bytes.
+        self._sparse = sparse
+        for key in ("packed", "meta"):
+            part = getattr(sparse, key, None)
+            self.register_buffer(f"weight_{key}", part if isinstance(part, torch.Tensor) else None)
 
     def _mm(self, x: torch.Tensor) -> torch.Tensor:
-        return F.linear(x.to(OUT_DTYPE), self.weight)
+        return F.linear(x.to(OUT_DTYPE), self._sparse)
 
 
 def make_linear(scheme: str, weight: torch.Tensor, bias: torch.Tensor | None, device: torch.device,

@@ -157,18 +157,16 @@ def roofline(flops: float, nbytes: float, ms: float, peak_tflops: float, peak_gb
 
 
 def state_nbytes(model: torch.nn.Module) -> int:
-    """Bytes of a model's weights as the kernels read them: a 2:4 weight counts its compressed values and
-    metadata, shared tensors count once."""
+    """Bytes of a model's weights as the kernels read them (a 2:4 layer's compressed values and metadata
+    are its buffers); tensors sharing memory count once."""
     seen: set[tuple[str, int, int]] = set()
     total = 0
     for t in model.state_dict().values():
-        parts = [p for p in (getattr(t, "packed", None), getattr(t, "meta", None)) if p is not None] or [t]
-        for p in parts:
-            storage = p.untyped_storage()
-            key = (str(p.device), storage.data_ptr(), storage.nbytes())
-            if key not in seen:
-                seen.add(key)
-                total += p.numel() * p.element_size()
+        storage = t.untyped_storage()
+        key = (str(t.device), storage.data_ptr(), storage.nbytes())
+        if key not in seen:
+            seen.add(key)
+            total += t.numel() * t.element_size()
     return total
 
 

@@ -117,3 +117,6 @@ def test_semi_structured_module_equals_the_dense_pruned_layer():
     x = torch.randn(64, 256, device=dev, dtype=torch.bfloat16)
     dense = torch.nn.functional.linear(x, w.to(dev, torch.bfloat16), b.to(dev, torch.bfloat16))
     assert sqnr_db(dense.float(), module(x).float()) > 40
+    from slimkit.runtime.cuda_profile import state_nbytes
+
+    assert state_nbytes(module) < 0.7 * 128 * 256 * 2 + 128 * 2  # compressed: half the values plus metadata
