@@ -73,15 +73,19 @@ class Attention(nn.Module):
                 mask: torch.Tensor) -> torch.Tensor:
         b, t, _ = x.shape
         d = self.head_dim
-        q, k, v = self.wqkv(x).split([self.heads * d, self.kv_heads * d, self.kv_heads * d], dim=-1)
-        q = _rotate(q.view(b, t, self.heads, d), cos, sin).transpose(1, 2)  # (B, H, T, D)
-        k = _rotate(k.view(b, t, self.kv_heads, d), cos, sin).transpose(1, 2)  # (B, KV, T, D)
-        v = v.view(b, t, self.kv_heads, d).transpose(1, 2)  # (B, KV, T, D)
+        kv, g = self.kv_heads, self.heads // self.kv_heads  # query heads kv*g .. kv*g + g-1 share KV head kv
+        q, k, v = self.wqkv(x).split([self.heads * d, kv * d, kv * d], dim=-1)
+        q = _rotate(q.view(b, t, self.heads, d), cos, sin)  # (B, T, H, D)
+        k = _rotate(k.view(b, t, kv, d), cos, sin).transpose(1, 2)  # (B, KV, T, D)
+        v = v.view(b, t, kv, d).transpose(1, 2)  # (B, KV, T, D)
         self.k_cache.index_copy_(2, pos, k.to(self.k_cache.dtype))  # (B, KV, Tmax, D)
         self.v_cache.index_copy_(2, pos, v.to(self.v_cache.dtype))
-        y = F.scaled_dot_product_attention(q, self.k_cache, self.v_cache, attn_mask=mask[None, None],
-                                           enable_gqa=True)  # (B, H, T, D)
-        return self.wo(y.transpose(1, 2).reshape(b, t, self.heads * d))  # (B, T, C)
+        # GQA without copying the cache per query head: each KV head's g query heads become g*T query rows.
+        q = q.view(b, t, kv, g, d).permute(0, 2, 3, 1, 4).reshape(b, kv, g * t, d)  # (B, KV, G*T, D)
+        y = F.scaled_dot_product_attention(q, self.k_cache, self.v_cache,
+                                           attn_mask=mask.repeat(g, 1)[None, None])  # (B, KV, G*T, D)
+        y = y.view(b, kv, g, t, d).permute(0, 3, 1, 2, 4).reshape(b, t, self.heads * d)  # (B, T, H*D)
+        return self.wo(y)  # (B, T, C)
 
 
 class Block(nn.Module):
