@@ -36,6 +36,7 @@ class TrialMeasurement:
     backend: str | None = None
     stopped_at: str | None = None     # the limit that ended measuring early ("size", "memory", "latency")
     error: str | None = None          # a technique refused this combination (one line)
+    runtime_skipped: dict[str, str] | None = None  # layers the runtime kept in float, with its reason
     seconds: float = 0.0
 
     def measurement(self) -> Measurement:
@@ -85,6 +86,7 @@ class RuntimeMeasurer:
                 return self._stop(m, "memory", start), model
         m.backend = resolve_backend(model, self.backend)
         runnable = build(model, m.backend, task.example, threads=target.threads)
+        m.runtime_skipped = dict(getattr(runnable, "skipped", {})) or None
         device = target.device if m.backend == "torch" else "cpu"
         latency = measure_latency(runnable, task.example, device=device, threads=target.threads)
         m.latency_ms, m.latency_p95_ms = latency.p50_ms, latency.p95_ms

@@ -110,9 +110,13 @@ def _best_details(r: Report, result: Any, task: Any) -> None:
 
     model = result.best_model
     r.heading("Recipe (replay with: slimkit apply recipe.yaml --task ... --out ...)")
-    r.pre(Recipe.from_steps(result.best.recipe, task=task.name).to_yaml())
+    saved = Path(result.out) / "recipe.yaml" if result.out is not None else None
+    r.pre(saved.read_text() if saved is not None and saved.is_file()
+          else Recipe.from_steps(result.best.recipe, task=task.name).to_yaml())
     skipped = {**getattr(model, "slimkit_prune", {}).get("skipped", {}),
-               **getattr(model, "slimkit_quant", {}).get("skipped", {})}
+               **getattr(model, "slimkit_quant", {}).get("skipped", {}),
+               **{name: f"{result.best.measured.backend}: {why}"
+                  for name, why in (result.best.measured.runtime_skipped or {}).items()}}
     r.heading("Layers left unchanged, and why")
     if skipped:
         r.table(["layer", "reason"], [[n, why] for n, why in skipped.items()])
