@@ -124,7 +124,6 @@ def build_cuda(model: nn.Module, scheme: str = "auto", *, device: str | torch.de
             log.warning("cuda backend: %s stays bf16 instead of %s: %s", name, wanted, why)
         set_submodule(work, name, new)
         layers[name] = {"scheme": new.scheme, "kernel": new.kernel, "sqnr_db": getattr(new, "sqnr_db", None)}
-        del layer
     _cast_rest(work, dev, ck.OUT_DTYPE)
     log.info("cuda backend: %d layers on %s, %d kept bf16", len(layers), dev, len(skips))
     return CudaModel(work, dev, scheme, layers, skips)
@@ -170,6 +169,8 @@ def _plan(name: str, layer: nn.Module, scheme: str,
     if not isinstance(layer, nn.Linear):
         return None
     w = layer.weight.detach()
+    if isinstance(layer, nn.modules.linear.NonDynamicallyQuantizableLinear) and scheme not in ("auto", "bf16"):
+        return "attention-out-proj", w, None
     if _excluded(name, exclude):
         return "bf16", w, None
     if scheme == "auto":
@@ -189,6 +190,8 @@ def _build_layer(wanted: str, weight: torch.Tensor, layer: nn.Module, make: Any,
     bias = getattr(layer, "bias", None)
     if wanted == "int8-weight-only":
         why = "weight-only int8 has no CUDA kernel in slimkit (int4 or int8 activations do)"
+    elif wanted == "attention-out-proj":
+        why = "nn.MultiheadAttention reads this weight directly, not through a kernel module; it runs bf16"
     if why is None:
         try:
             new = make(dev) if make is not None else ck.make_linear(wanted, weight, bias, dev, group_size)

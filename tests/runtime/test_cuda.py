@@ -109,6 +109,26 @@ def test_auto_weight_only_int8_and_int8_convs_stay_bf16_with_reasons():
     assert built(torch.randn(2, 3, 8, 8)).shape == (2, 16)
 
 
+def test_multihead_attention_keeps_its_out_projection_bf16_and_still_runs():
+    torch.manual_seed(0)
+    mha = nn.MultiheadAttention(64, 4, batch_first=True).eval().requires_grad_(False)
+
+    class Encoder(nn.Module):
+        def __init__(self) -> None:
+            super().__init__()
+            self.attn, self.head = mha, nn.Linear(64, 32)
+
+        def forward(self, x: torch.Tensor) -> torch.Tensor:
+            return self.head(self.attn(x, x, x, need_weights=False)[0])
+
+    model = Encoder().eval().requires_grad_(False)
+    built = rc.build_cuda(model, "int8", device="cpu")
+    assert built.skips[0].layer == "attn.out_proj" and "MultiheadAttention" in built.skips[0].reason
+    assert built.layers["head"]["scheme"] == "int8"
+    x = torch.randn(2, 5, 64)
+    assert sqnr_db(model(x), built(x).float()) > 25
+
+
 def test_auto_picks_2_4_for_pruned_weights():
     from slimkit.prune.nm import NM
 
