@@ -235,7 +235,7 @@ def decode_speed(model: torch.nn.Module, batch: int, compile_layer: bool, peaks:
     mode += " + one CUDA graph per step" if replay is not None else " (CUDA graph capture refused)"
     ms = time_ms(replay or step, rounds=5, min_round_ms=200)["median_ms"]
     kv = 2 * cfg.layers * batch * cfg.kv_heads * DECODE_CACHE * cfg.head_dim * 2  # bf16 K and V read per step
-    weights = state_nbytes(model)
+    weights = state_nbytes(model) - model.embed.weight.nbytes  # a step reads one embedding row, every other weight
     flops = 2 * linear_weights(model) * batch + 4 * cfg.layers * batch * cfg.heads * cfg.head_dim * DECODE_CACHE
     return {"ms_per_step": ms, "tokens_per_s": batch * 1e3 / ms, "mode": mode, "weight_gb": weights / 1e9,
             "kv_cache_gb": kv / 1e9, "roof": _roof(flops, weights + kv, ms, peaks, "bf16_tflops")}
