@@ -209,6 +209,7 @@ def decode_speed(model: torch.nn.Module, batch: int, compile_layer: bool, peaks:
     from slimkit.runtime.cuda_profile import graphed, state_nbytes, time_ms
 
     dev, cfg = torch.device("cuda"), model.cfg
+    torch.cuda.reset_peak_memory_stats()
     model.setup_cache(batch, DECODE_CACHE)
     tokens = torch.zeros(batch, 1, dtype=torch.long, device=dev)
     pos = torch.tensor([DECODE_CACHE // 4], device=dev)
@@ -238,7 +239,8 @@ def decode_speed(model: torch.nn.Module, batch: int, compile_layer: bool, peaks:
     weights = state_nbytes(model) - model.embed.weight.nbytes  # a step reads one embedding row, every other weight
     flops = 2 * linear_weights(model) * batch + 4 * cfg.layers * batch * cfg.heads * cfg.head_dim * DECODE_CACHE
     return {"ms_per_step": ms, "tokens_per_s": batch * 1e3 / ms, "mode": mode, "weight_gb": weights / 1e9,
-            "kv_cache_gb": kv / 1e9, "roof": _roof(flops, weights + kv, ms, peaks, "bf16_tflops")}
+            "kv_cache_gb": kv / 1e9, "peak_memory_gb": torch.cuda.max_memory_allocated() / 1e9,
+            "roof": _roof(flops, weights + kv, ms, peaks, "bf16_tflops")}
 
 
 def prefill_speed(model: torch.nn.Module, peaks: dict[str, Any]) -> dict[str, Any]:
@@ -246,6 +248,7 @@ def prefill_speed(model: torch.nn.Module, peaks: dict[str, Any]) -> dict[str, An
     from slimkit.runtime.cuda_profile import time_ms
 
     cfg = model.cfg
+    torch.cuda.reset_peak_memory_stats()
     model.block_fn = run_block
     model.setup_cache(1, PREFILL)
     tokens = torch.randint(0, cfg.vocab, (1, PREFILL), device="cuda")
@@ -253,7 +256,8 @@ def prefill_speed(model: torch.nn.Module, peaks: dict[str, Any]) -> dict[str, An
     with torch.inference_mode():
         ms = time_ms(lambda: model(tokens, pos), rounds=3, min_round_ms=0, warmup=1)["median_ms"]
     flops = 2 * linear_weights(model) * PREFILL + 4 * cfg.layers * cfg.heads * cfg.head_dim * PREFILL * PREFILL
-    return {"ms": ms, "tokens_per_s": PREFILL * 1e3 / ms, "roof": _roof(flops, 0, ms, peaks, "bf16_tflops")}
+    return {"ms": ms, "tokens_per_s": PREFILL * 1e3 / ms, "peak_memory_gb": torch.cuda.max_memory_allocated() / 1e9,
+            "roof": _roof(flops, 0, ms, peaks, "bf16_tflops")}
 
 
 def decoder_part(parts: set[str], layers: int, compile_layer: bool, peaks: dict[str, Any]) -> dict[str, Any]:
@@ -269,7 +273,6 @@ def decoder_part(parts: set[str], layers: int, compile_layer: bool, peaks: dict[
             model = built.model
             gc.collect()
             torch.cuda.empty_cache()
-            torch.cuda.reset_peak_memory_stats()
             row: dict[str, Any] = {"build_s": time.perf_counter() - t0, "weights_gb": state_nbytes(model) / 1e9,
                                    "layers_per_scheme": built.summary()["layers_per_scheme"],
                                    "skips": [s._asdict() for s in built.skips]}
@@ -278,7 +281,8 @@ def decoder_part(parts: set[str], layers: int, compile_layer: bool, peaks: dict[
                     row[f"batch_{b}"] = decode_speed(model, b, compile_layer, peaks)
             if "prefill" in parts:
                 row["prefill_2048"] = prefill_speed(model, peaks)
-            row["peak_memory_gb"] = torch.cuda.max_memory_allocated() / 1e9
+            runs = [row[k] for k in ("batch_1", "batch_8", "prefill_2048") if k in row]
+            row["peak_memory_gb"] = max((r["peak_memory_gb"] for r in runs), default=None)
         except Exception as exc:  # noqa: BLE001 - one scheme failing must not lose the others' numbers
             row = {"error": f"{type(exc).__name__}: {str(exc).splitlines()[0][:300] if str(exc) else ''}"}
         results[scheme] = row
@@ -294,7 +298,8 @@ def _decode_line(row: dict[str, Any]) -> str:
     if "error" in row:
         return row["error"]
     parts = [f"{k}: {row[k]['tokens_per_s']:.1f} tok/s" for k in ("batch_1", "batch_8", "prefill_2048") if k in row]
-    return ", ".join(parts + [f"peak {row['peak_memory_gb']:.1f} GB"])
+    peak = row.get("peak_memory_gb")
+    return ", ".join(parts + ([f"peak {peak:.1f} GB"] if peak is not None else []))
 
 
 # -- MiniLM quality ---------------------------------------------------------------------------------
