@@ -69,10 +69,13 @@ def suggest_pipeline(trial: Any, ctx: SearchContext, techs: Sequence[Technique])
     """At most one technique per stage, in stage order; recovery only after something changed the weights."""
     configs: list[BaseConfig] = []
     changed = False
+    picked = 0
     for stage in STAGES:
         options = [t for t in techs if t.stage == stage and t.applies(ctx)]
         if not options or (stage == "recover" and not changed):
             continue
+        if stage != "recover" and ctx.max_techniques is not None and picked >= ctx.max_techniques:
+            break
         choice = trial.suggest_categorical(f"stage.{stage}", ["none"] + [t.name for t in options])
         if choice == "none":
             continue
@@ -80,6 +83,7 @@ def suggest_pipeline(trial: Any, ctx: SearchContext, techs: Sequence[Technique])
         if config is not None:
             configs.append(config)
             changed = changed or stage in CHANGES_WEIGHTS
+            picked += stage != "recover"
     return configs
 
 
@@ -175,12 +179,12 @@ def first_feasible(study: Any) -> dict[str, float] | None:
 
 
 def context_for(task: Any, target: Target, baseline: TrialMeasurement, sensitivity: dict[str, float],
-                extra: dict[str, Any] | None = None) -> SearchContext:
+                extra: dict[str, Any] | None = None, max_techniques: int | None = None) -> SearchContext:
     return SearchContext(task=task, target=target,
                          baseline={"size_mb": baseline.size_mb or 0.0, "latency_ms": baseline.latency_ms or 0.0,
                                    "score": baseline.score or 0.0, "params": float(baseline.params or 0)},
                          sensitivity=sensitivity, trainable=bool(task.train) and task.loss is not None,
-                         extra=dict(extra or {}))
+                         max_techniques=max_techniques, extra=dict(extra or {}))
 
 
 def optimize(task: Any, target: Target, *, trials: int = 30, time_budget: float | None = None,
@@ -188,13 +192,15 @@ def optimize(task: Any, target: Target, *, trials: int = 30, time_budget: float 
              out: str | Path | None = None, resume: bool = False, technique_names: Sequence[str] | None = None,
              measurer: Measurer | None = None, sensitivity: bool | None = None, backend: str = "auto",
              extra: dict[str, Any] | None = None, progress: bool = True, task_spec: str | None = None,
-             report: bool = True, enqueue: Sequence[dict[str, Any]] = ()) -> OptimizeResult:
+             report: bool = True, enqueue: Sequence[dict[str, Any]] = (),
+             max_techniques: int | None = None) -> OptimizeResult:
     """Search pipelines for ``task`` under ``target``; see the module docstring.
 
     ``time_budget`` is in seconds. ``storage`` is a database URL (default: SQLite in ``out``) and
     ``study`` its name there; other machines join with :func:`slimkit.search.work`. ``resume``
     continues a killed run. ``enqueue``: parameter sets to try first (e.g. a previous run's
-    trials), before the informed guesses and the sampler.
+    trials), before the informed guesses and the sampler. ``max_techniques=1`` searches single
+    techniques only (each with its own knobs and, where it changes weights, recovery training).
     """
     from slimkit import zoo
     from slimkit.search.progress import TrialProgress
@@ -205,6 +211,8 @@ def optimize(task: Any, target: Target, *, trials: int = 30, time_budget: float 
         raise SlimkitError(f"target is {type(target).__name__}, not a slimkit.Target", "pass sk.Target(...)")
     if not isinstance(trials, int) or trials < 1:
         raise SlimkitError(f"trials={trials!r} is invalid", "use a positive number of trials")
+    if max_techniques is not None and (not isinstance(max_techniques, int) or max_techniques < 1):
+        raise SlimkitError(f"max_techniques={max_techniques!r} is invalid", "use 1 or more, or leave it out")
     if time_budget is not None and time_budget <= 0:
         raise SlimkitError(f"time_budget={time_budget!r} is invalid", "give seconds > 0, or leave it out")
     start = time.monotonic()
@@ -232,11 +240,12 @@ def optimize(task: Any, target: Target, *, trials: int = 30, time_budget: float 
         sens = _sensitivity(task) if want_sens else {}
     if isinstance(measure, RuntimeMeasurer):
         measure.baseline_score = baseline.score
-    ctx = context_for(task, target, baseline, sens, extra)
+    ctx = context_for(task, target, baseline, sens, extra, max_techniques)
     sampler = make_sampler(strategy, seed, trials)
     attrs = {"task": task_spec or task.name, "target": target.to_dict(), "techniques": [t.name for t in techs],
              "trials": trials, "seed": seed, "backend": backend, "baseline": baseline.to_dict(),
-             "sensitivity": sens, "extra": dict(extra or {}), "strategy": strategy}
+             "sensitivity": sens, "extra": dict(extra or {}), "strategy": strategy,
+             "max_techniques": max_techniques}
     st = create_study(db, name, sampler, resume=resume, attrs=attrs)
     if resume:
         requeue_interrupted(st)

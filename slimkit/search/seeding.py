@@ -70,6 +70,9 @@ def initial_guesses(ctx: SearchContext, techs: list[Technique]) -> list[dict[str
         if not g:
             continue
         g = {**{f"stage.{s}": "none" for s in sorted(stages)}, **g}  # a stage a guess leaves out stays off
+        used = [k for k, v in g.items() if k.startswith("stage.") and k != "stage.recover" and v != "none"]
+        if ctx.max_techniques is not None and len(used) > ctx.max_techniques:
+            continue
         if g not in unique:
             unique.append(g)
     log.info("seeding the search with %d informed guesses", len(unique))

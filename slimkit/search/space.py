@@ -42,6 +42,8 @@ class SearchContext:
     sensitivity: Mapping[str, float] = dataclasses.field(default_factory=dict)
     #: Whether recovery training is possible (the task has training data and a loss).
     trainable: bool = False
+    #: At most this many techniques per pipeline (recovery training not counted); None = one per stage.
+    max_techniques: int | None = None
     extra: dict[str, Any] = dataclasses.field(default_factory=dict)
 
 

@@ -48,7 +48,8 @@ def work(study: str, storage: str, *, trials: int | None = None, time_budget: fl
     baseline = TrialMeasurement(**attrs["baseline"])
     techs = techniques(list(attrs["techniques"]))
     total = int(trials or attrs["trials"])
-    ctx = context_for(task, target, baseline, dict(attrs.get("sensitivity", {})), attrs.get("extra"))
+    ctx = context_for(task, target, baseline, dict(attrs.get("sensitivity", {})), attrs.get("extra"),
+                      attrs.get("max_techniques"))
     measure = RuntimeMeasurer(task, target, baseline.score, backend=attrs.get("backend", "auto"),
                               seed=int(attrs.get("seed", 0)))
     sampler = make_sampler(attrs.get("strategy", "auto"), int(attrs.get("seed", 0)) + os.getpid(), total)

@@ -8,7 +8,8 @@ import pytest
 
 import slimkit as sk
 from slimkit.search.evaluate import TrialMeasurement
-from slimkit.search.optimize import optimize
+from slimkit.search.optimize import context_for, optimize
+from slimkit.search.space import techniques
 from slimkit.search.pareto import TrialRecord, pareto_front, pick_best
 
 BASE_MB, BASE_MS, BASE_SCORE = 1.0, 10.0, 0.95
@@ -105,3 +106,25 @@ def test_resume_refuses_and_requires_correctly(run):
         run(sk.Target(max_drop=0.01), trials=2)
     result = run(sk.Target(max_drop=0.01), trials=4, resume=True)
     assert len(result.trials) == 4  # two more, not four more
+
+
+def test_max_techniques_limits_each_pipeline(digits_task, tmp_path):
+    import optuna
+
+    from slimkit.search.optimize import suggest_pipeline
+
+    ctx = context_for(digits_task, sk.Target(max_size_mb=0.01, max_drop=0.05), TrialMeasurement(
+        size_mb=0.16, latency_ms=0.3, score=0.97, params=40000), {}, max_techniques=1)
+    techs = techniques(["channels", "finetune", "int8"])
+    study = optuna.create_study(directions=["minimize"])
+    for params in ({"stage.prune": "channels", "channels.macs_ratio": 0.5, "channels.importance": "l2",
+                    "stage.recover": "finetune", "finetune.steps": 100, "stage.quantize": "int8"},
+                   {"stage.prune": "none", "stage.quantize": "int8", "int8.activations": "dynamic"}):
+        study.enqueue_trial(params)
+        trial = study.ask()
+        types = [c.to_dict()["type"] for c in suggest_pipeline(trial, ctx, techs)]
+        study.tell(trial, 0.0)
+        # pruning keeps its recovery training, but no second technique joins it
+        assert types in (["prune.Channels", "train.Finetune"], ["quantize.Int8"]), types
+    with pytest.raises(sk.SlimkitError, match="max_techniques=0 is invalid"):
+        optimize(digits_task, sk.Target(max_drop=0.05), trials=1, out=tmp_path, max_techniques=0)
