@@ -134,17 +134,15 @@ def _costs(model: nn.Module, config: Mixed, task: Any, names: list[str]) -> dict
     out: dict[int, dict[str, float]] = {16: {n: 0.0 for n in names}}
     if len(config.candidates) == 1:  # nothing to choose: uniform precision needs no measurement
         return {b: {n: 0.0 for n in names} for b in WIDTHS}
-    if config.sensitivity is not None:
-        missing = [n for n in names if n not in config.sensitivity]
-        if missing:
-            raise SlimkitError(f"the given sensitivity has no value for layer {missing[0]!r}",
-                               "measure every target layer or leave sensitivity=None")
-        out[4] = {n: max(0.0, float(config.sensitivity[n])) for n in names}
+    given = {n: v for n, v in (config.sensitivity or {}).items() if n in names}
+    if given:
+        out[4] = {n: max(0.0, float(v)) for n, v in given.items()}
         out[8] = {n: v / 256 for n, v in out[4].items()}
-        return out
-    for bits in (b for b in config.candidates if b != 16):
-        sens = layer_sensitivity(model, task, kind="quantize", bits=bits, layers=names, measure=config.measure)
-        out[bits] = {n: max(0.0, v) for n, v in sens.items()}  # a "gain" from noise is not a real gain
+    missing = [n for n in names if n not in given]  # e.g. layers a factorization created: measured here
+    if missing:
+        for bits in (b for b in config.candidates if b != 16):
+            sens = layer_sensitivity(model, task, kind="quantize", bits=bits, layers=missing, measure=config.measure)
+            out.setdefault(bits, {}).update({n: max(0.0, v) for n, v in sens.items()})  # noise is not a gain
     return out
 
 

@@ -9,6 +9,7 @@ asks for fewer MACs. Sensitivity says which layers to keep in float first.
 from __future__ import annotations
 
 import logging
+import math
 from typing import Any
 
 from slimkit.search.space import SearchContext, Technique
@@ -49,8 +50,12 @@ def initial_guesses(ctx: SearchContext, techs: list[Technique]) -> list[dict[str
     def pruned(keep: float) -> dict[str, Any]:
         if "channels" not in names:
             return {}
-        p: dict[str, Any] = {"stage.prune": "channels", "channels.macs_ratio": _grid(keep, 0.15, 0.9),
-                             "channels.importance": "l2"}
+        if size_ratio < INT8_BYTES:  # bytes bind: cut width; a layer's params shrink ~ (kept width)^2
+            p: dict[str, Any] = {"stage.prune": "channels", "channels.by": "width",
+                                 "channels.amount": _grid(1 - math.sqrt(keep), 0.1, 0.8)}
+        else:                        # latency binds: cut MACs
+            p = {"stage.prune": "channels", "channels.by": "macs", "channels.macs_ratio": _grid(keep, 0.15, 0.9)}
+        p["channels.importance"] = "l2"
         if "finetune" in names:
             p.update({"stage.recover": "finetune", "finetune.steps": max(ctx.extra.get("finetune_steps", (200,)))})
         return p

@@ -26,9 +26,10 @@ class FakeMeasurer:
         size, ms, score = BASE_MB, BASE_MS, BASE_SCORE
         for c in configs:
             if c.type_name == "prune.Channels":
-                size *= c.macs_ratio
-                ms *= c.macs_ratio
-                score -= 0.2 * (1 - c.macs_ratio) ** 2
+                keep = c.macs_ratio if c.macs_ratio is not None else (1 - c.amount) ** 2
+                size *= keep
+                ms *= keep
+                score -= 0.2 * (1 - keep) ** 2
             elif c.type_name == "quantize.Int8":
                 size *= 0.25
                 ms *= 0.5
@@ -117,7 +118,8 @@ def test_max_techniques_limits_each_pipeline(digits_task, tmp_path):
         size_mb=0.16, latency_ms=0.3, score=0.97, params=40000), {}, max_techniques=1)
     techs = techniques(["channels", "finetune", "int8"])
     study = optuna.create_study(directions=["minimize"])
-    for params in ({"stage.prune": "channels", "channels.macs_ratio": 0.5, "channels.importance": "l2",
+    for params in ({"stage.prune": "channels", "channels.by": "macs", "channels.macs_ratio": 0.5,
+                    "channels.importance": "l2",
                     "stage.recover": "finetune", "finetune.steps": 100, "stage.quantize": "int8"},
                    {"stage.prune": "none", "stage.quantize": "int8", "int8.activations": "dynamic"}):
         study.enqueue_trial(params)
