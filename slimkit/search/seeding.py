@@ -47,28 +47,33 @@ def initial_guesses(ctx: SearchContext, techs: list[Technique]) -> list[dict[str
             return p
         return {}
 
-    def pruned(keep: float) -> dict[str, Any]:
+    def pruned(keep: float, by: str) -> dict[str, Any]:
+        """Channel pruning keeping about ``keep`` of the params (by width) or of the MACs."""
         if "channels" not in names:
             return {}
-        if size_ratio < INT8_BYTES:  # bytes bind: cut width; a layer's params shrink ~ (kept width)^2
+        if by == "width":  # a conv/linear pair loses params in both dimensions: keep ~ (1 - amount)^2
             p: dict[str, Any] = {"stage.prune": "channels", "channels.by": "width",
                                  "channels.amount": _grid(1 - math.sqrt(keep), 0.1, 0.8)}
-        else:                        # latency binds: cut MACs
+        else:
             p = {"stage.prune": "channels", "channels.by": "macs", "channels.macs_ratio": _grid(keep, 0.15, 0.9)}
         p["channels.importance"] = "l2"
         if "finetune" in names:
             p.update({"stage.recover": "finetune", "finetune.steps": max(ctx.extra.get("finetune_steps", (200,)))})
         return p
 
-    if size_ratio >= INT8_BYTES and latency_ratio >= 0.9:
+    # int8 (dynamic, on ONNX Runtime) is both the smallest safe step and the fastest CPU runtime
+    if size_ratio >= INT8_BYTES:
         guesses.append(quant("int8"))
-    if size_ratio >= INT4_BYTES:
+    if size_ratio >= INT4_BYTES and latency_ratio >= 0.9:  # int4 weight-only saves bytes, not CPU time
         guesses.append(quant("int4"))
-    if size_ratio < INT8_BYTES or latency_ratio < 0.9:
-        # params shrink ~ like MACs for channel pruning; leave 20 % slack for scales and metadata
-        keep = min(size_ratio / INT4_BYTES, latency_ratio) * 0.8
-        guesses.append({**pruned(keep), **quant("int4" if size_ratio < INT8_BYTES else "int8")})
-        guesses.append({**pruned(keep * 0.7), **quant("int4" if size_ratio < INT8_BYTES else "int8")})
+    if INT4_BYTES <= size_ratio < INT8_BYTES:               # a little pruning lets int8 fit
+        guesses.append({**pruned(size_ratio / INT8_BYTES * 0.9, "width"), **quant("int8")})
+    if size_ratio < INT4_BYTES:                             # bytes bind hard: prune, then int4
+        keep = min(size_ratio / INT4_BYTES, latency_ratio) * 0.8  # 20 % slack for scales and metadata
+        guesses.append({**pruned(keep, "width"), **quant("int4")})
+        guesses.append({**pruned(keep * 0.7, "width"), **quant("int4")})
+    elif latency_ratio < 0.5:                               # latency binds beyond int8's ~2x: cut MACs too
+        guesses.append({**pruned(latency_ratio * 1.6, "macs"), **quant("int8")})
     stages = {t.stage for t in techs if t.applies(ctx)}
     unique = []
     for g in guesses:

@@ -1,0 +1,49 @@
+"""The first trials are informed guesses from the target's ratios to the original."""
+
+from __future__ import annotations
+
+import pytest
+
+import slimkit as sk
+from slimkit.search.evaluate import TrialMeasurement
+from slimkit.search.optimize import context_for
+from slimkit.search.seeding import initial_guesses
+from slimkit.search.space import techniques
+
+BASE = TrialMeasurement(size_mb=1.0, latency_ms=10.0, score=0.9, params=250_000)
+TECHS = ["channels", "finetune", "int8", "weight_only"]
+
+
+def _guesses(digits_task, **limits: float) -> list[dict]:
+    ctx = context_for(digits_task, sk.Target(max_drop=0.01, **limits), BASE, {})
+    return initial_guesses(ctx, techniques(TECHS))
+
+
+def test_a_quarter_of_the_bytes_starts_with_int8(digits_task):
+    first = _guesses(digits_task, max_size_mb=0.5)[0]
+    assert first["stage.quantize"] == "int8" and first["stage.prune"] == "none"
+
+
+def test_just_under_int8_prunes_a_little_then_int8_and_skips_slow_int4(digits_task):
+    guesses = _guesses(digits_task, max_size_mb=0.25, max_latency_ms=6.0)
+    assert all(g["stage.quantize"] != "weight_only" for g in guesses)   # int4 weight-only is not faster on CPU
+    pruned = [g for g in guesses if g["stage.prune"] == "channels"]
+    assert pruned and pruned[0]["stage.quantize"] == "int8" and pruned[0]["stage.recover"] == "finetune"
+    assert 0.1 <= pruned[0]["channels.amount"] <= 0.15                   # keep ~0.83 of the params
+
+
+def test_a_twentieth_of_the_bytes_prunes_width_then_int4(digits_task):
+    guesses = _guesses(digits_task, max_size_mb=0.05)
+    assert [g["stage.quantize"] for g in guesses] == ["weight_only", "weight_only"]
+    amounts = [g["channels.amount"] for g in guesses]
+    # keep 0.05 / 0.16 * 0.8 = 0.25 of the params -> half the width; the second guess prunes more
+    assert amounts[0] == pytest.approx(0.5) and amounts[1] > amounts[0]
+
+
+def test_single_technique_search_gets_single_technique_guesses(digits_task):
+    def guesses(size_mb: float) -> list[dict]:
+        ctx = context_for(digits_task, sk.Target(max_size_mb=size_mb, max_drop=0.01), BASE, {}, max_techniques=1)
+        return initial_guesses(ctx, techniques(TECHS))
+
+    assert [g["stage.quantize"] for g in guesses(0.5)] == ["int8", "weight_only"]
+    assert guesses(0.05) == []          # every informed guess there combines pruning with int4
