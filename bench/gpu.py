@@ -38,6 +38,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 from _common import write  # noqa: E402
 
+DEVICE = "cuda"  # one name for the device every part runs on
 PARTS = ("peaks", "kernels", "decode", "prefill", "quality")
 DECODE_SCHEMES = ("bf16", "int8", "int4", "fp8")
 BATCHES = (1, 8)
@@ -119,7 +120,7 @@ def kernels(peaks: dict[str, Any]) -> dict[str, Any]:
     from slimkit.runtime import cuda_pack as cp
     from slimkit.runtime.cuda_profile import state_nbytes
 
-    dev, bf16 = torch.device("cuda"), torch.bfloat16
+    dev, bf16 = torch.device(DEVICE), torch.bfloat16
     gen = torch.Generator(device=dev).manual_seed(0)
     a = torch.randn(N, N, device=dev, dtype=bf16, generator=gen)  # activations (M=8192, K)
     w = torch.randn(N, N, device=dev, dtype=bf16, generator=gen) / N ** 0.5  # weight (N, K)
@@ -193,7 +194,7 @@ def make_decoder(layers: int) -> torch.nn.Module:
     before = torch.get_default_dtype()
     torch.set_default_dtype(torch.bfloat16)
     try:
-        with torch.device("cuda"):
+        with torch.device(DEVICE):
             model = Decoder(dataclasses.replace(LLAMA3_8B, layers=layers))
     finally:
         torch.set_default_dtype(before)
@@ -208,7 +209,7 @@ def decode_speed(model: torch.nn.Module, batch: int, compile_layer: bool, peaks:
     from slimkit.runtime.cuda_decoder import run_block
     from slimkit.runtime.cuda_profile import graphed, state_nbytes, time_ms
 
-    dev, cfg = torch.device("cuda"), model.cfg
+    dev, cfg = torch.device(DEVICE), model.cfg
     torch.cuda.reset_peak_memory_stats()
     model.setup_cache(batch, DECODE_CACHE)
     tokens = torch.zeros(batch, 1, dtype=torch.long, device=dev)
@@ -251,8 +252,8 @@ def prefill_speed(model: torch.nn.Module, peaks: dict[str, Any]) -> dict[str, An
     torch.cuda.reset_peak_memory_stats()
     model.block_fn = run_block
     model.setup_cache(1, PREFILL)
-    tokens = torch.randint(0, cfg.vocab, (1, PREFILL), device="cuda")
-    pos = torch.arange(PREFILL, device="cuda")
+    tokens = torch.randint(0, cfg.vocab, (1, PREFILL), device=DEVICE)
+    pos = torch.arange(PREFILL, device=DEVICE)
     with torch.inference_mode():
         ms = time_ms(lambda: model(tokens, pos), rounds=3, min_round_ms=0, warmup=1)["median_ms"]
     flops = 2 * linear_weights(model) * PREFILL + 4 * cfg.layers * cfg.heads * cfg.head_dim * PREFILL * PREFILL
@@ -269,7 +270,8 @@ def decoder_part(parts: set[str], layers: int, compile_layer: bool, peaks: dict[
     for scheme in DECODE_SCHEMES:
         t0 = time.perf_counter()
         try:
-            built = build_cuda(make_decoder(layers), scheme, inplace=True, group_size=INT4_GROUP["decoder"])
+            built = build_cuda(make_decoder(layers), scheme, device=DEVICE, inplace=True,
+                               group_size=INT4_GROUP["decoder"])
             model = built.model
             gc.collect()
             torch.cuda.empty_cache()
@@ -311,13 +313,13 @@ def quality() -> dict[str, Any]:
     from slimkit.zoo.minilm import embed
 
     task = sk.zoo.load("minilm")
-    fp32 = copy.deepcopy(task.model).cuda().eval()
-    rows: dict[str, Any] = {"fp32": task.evaluate(lambda ids, mask: fp32(ids.cuda(), mask.cuda()))}
+    fp32 = copy.deepcopy(task.model).to(DEVICE).eval()
+    rows: dict[str, Any] = {"fp32": task.evaluate(lambda ids, mask: fp32(ids.to(DEVICE), mask.to(DEVICE)))}
     for scheme in ("bf16", "int8", "int4", "fp8"):
-        built = build_cuda(task.model, scheme, group_size=INT4_GROUP["minilm"])
+        built = build_cuda(task.model, scheme, device=DEVICE, group_size=INT4_GROUP["minilm"])
         rows[scheme] = {**task.evaluate(built), "skips": [s._asdict() for s in built.skips]}
     pruned = sk.apply(copy.deepcopy(task.model), NM(n=2, m=4), task)
-    dense, sparse = build_cuda(pruned, "bf16"), build_cuda(pruned, "2:4")
+    dense, sparse = build_cuda(pruned, "bf16", device=DEVICE), build_cuda(pruned, "2:4", device=DEVICE)
     with torch.inference_mode():
         same = float((embed(dense, task.eval) * embed(sparse, task.eval)).sum(-1).mean())
     rows["2:4"] = {**task.evaluate(sparse), "cosine_to_dense_pruned_bf16": same,
