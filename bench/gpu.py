@@ -10,7 +10,8 @@ Parts (every time from CUDA events; small calls are replayed from a captured CUD
 - peaks:   measured bf16 / fp8 / int8 GEMM 8192^3 TFLOP/s and copy bandwidth (runtime.cuda_profile.device_peaks).
 - kernels: fp8 GEMM 8192^3 vs bf16; 2:4 linear 8192 (bf16 and fp16) vs dense; int8 linear at 8192 tokens vs
            bf16 (eager, and compiled so the per-token activation quantization is fused; the target uses the
-           faster); GEMV 1x8192x8192 per scheme; each as a ratio and as a fraction of its roofline limit.
+           faster); GEMV 1x8192x8192 per scheme; int4 vs bf16 from 1 to 2,048 rows (where tinygemm stops
+           winning); each as a ratio and as a fraction of its roofline limit.
 - decode:  the 8B-shaped decoder (random weights: speed only) per scheme bf16/int8/int4/fp8: tokens/s at batch 1
            and 8. One layer is compiled (torch.compile, reused by all 32 layers) and the whole step, sampling
            included, is replayed as one CUDA graph; KV cache of 512 positions; peak memory per scheme.
@@ -46,6 +47,7 @@ DECODE_CACHE = 512
 PREFILL = 2048
 INT4_GROUP = {"decoder": 128, "minilm": 32}  # MiniLM loses the most to int4 and keeps the smallest group
 N = 8192
+FFN_SHAPE = (14336, 4096)  # Llama-3-8B's gate/up projection (N, K)
 #: The issue's targets: the least ratio (speed) or cosine (quality) that meets each.
 TARGETS = {"int4_decode_b1": 2.0, "fp8_gemm_8192": 1.8, "sparse24_linear_8192": 1.4, "int8_large_batch": 1.3,
            "minilm_cosine": 0.99, "minilm_cosine_int4": 0.98}
@@ -175,11 +177,23 @@ def kernels(peaks: dict[str, Any]) -> dict[str, Any]:
             row["speedup_vs_bf16"] = rows["bf16"]["us"] / row["us"]
         return rows
 
+    def int4_by_rows() -> dict[str, Any]:
+        """Where tinygemm stops beating bf16 as the rows (tokens) grow: Llama's 4096 -> 14336 projection."""
+        wf = torch.randn(*FFN_SHAPE, device=dev, dtype=bf16, generator=gen) / FFN_SHAPE[1] ** 0.5  # (N, K)
+        int4, dense = ck.make_linear("int4", wf, None, dev, INT4_GROUP["decoder"]), ck.Bf16Linear(wf, None, dev)
+        rows = {}
+        for m in (1, 8, 32, 128, 512, 2048):
+            x = torch.randn(m, wf.shape[1], device=dev, dtype=bf16, generator=gen)
+            d_ms, q_ms = _timed(lambda: dense(x)), _timed(lambda: int4(x))
+            rows[str(m)] = {"bf16_us": d_ms * 1e3, "int4_us": q_ms * 1e3, "int4_speedup": d_ms / q_ms}
+        return rows
+
     _guarded(out, "fp8_gemm_8192", fp8_gemm)
     _guarded(out, "int8_linear_8192_tokens", int8_gemm)
     _guarded(out, "sparse24_linear_8192", lambda: sparse24(bf16))
     _guarded(out, "sparse24_linear_8192_fp16", lambda: sparse24(torch.float16))
     _guarded(out, "gemv_1x8192x8192", gemv)
+    _guarded(out, "int4_vs_bf16_by_rows_4096x14336", int4_by_rows)
     return out
 
 
