@@ -39,6 +39,9 @@ class Mixed(BaseConfig):
 
     ``sensitivity``: optional ``{layer: drop at 4 bits}`` measured elsewhere (the optimizer's); the
     8-bit drop is then taken as 1/256 of it (noise power falls 4x per bit) and nothing is measured.
+    ``narrowest``: no budget and no measurement; every layer takes the narrowest candidate width it
+    can be stored at (Linear layers 4-bit with one scale per row, convolutions 8-bit): the smallest
+    artifact.
     """
 
     budget_ratio: float = 0.25
@@ -49,6 +52,7 @@ class Mixed(BaseConfig):
     exclude: Targets = ()
     embeddings: bool = True
     sensitivity: Mapping[str, float] | None = None
+    narrowest: bool = False
 
     def __post_init__(self) -> None:
         if not self.candidates or any(b not in WIDTHS for b in self.candidates):
@@ -71,9 +75,14 @@ def layer_bytes(layer: nn.Module, bits: int, group_size: int) -> int | None:
         return 2 * n * k
     if bits == 8:
         return n * k + 4 * n
-    if not isinstance(layer, nn.Linear) or k % group_size:
-        return None  # int4 is for Linear weights whose input size the group divides
-    return n * k // 2 + 8 * n * (k // group_size)
+    if not isinstance(layer, nn.Linear) or (group_size and k % group_size):
+        return None  # int4 is for Linear weights whose input size the group divides (0: one group per row)
+    return n * k // 2 + 8 * n * (k // group_size if group_size else 1)
+
+
+def _int4_group(layer: nn.Module, config: "Mixed") -> int:
+    """``config.group_size``; with ``narrowest``, one group per row (per channel): the fewest scale bytes."""
+    return 0 if config.narrowest else config.group_size
 
 
 def solve(costs: Sequence[Sequence[float]], sizes: Sequence[Sequence[float | None]], budget: float) -> list[int]:
@@ -132,7 +141,7 @@ def _costs(model: nn.Module, config: Mixed, task: Any, names: list[str]) -> dict
     from slimkit.measure.sensitivity import layer_sensitivity
 
     out: dict[int, dict[str, float]] = {16: {n: 0.0 for n in names}}
-    if len(config.candidates) == 1:  # nothing to choose: uniform precision needs no measurement
+    if len(config.candidates) == 1 or config.narrowest:  # nothing to choose: no measurement
         return {b: {n: 0.0 for n in names} for b in WIDTHS}
     given = {n: v for n, v in (config.sensitivity or {}).items() if n in names}
     if given:
@@ -155,7 +164,7 @@ def quantize_mixed(model: nn.Module, config: Mixed, task: Any) -> nn.Module:
     names, skipped = _targets(model, config.targets, config.exclude, allow_conv=True)
     widths = sorted(config.candidates)
     layers = {n: model.get_submodule(n) for n in names}
-    sizes = [[layer_bytes(layers[n], b, config.group_size) for b in widths] for n in names]
+    sizes = [[layer_bytes(layers[n], b, _int4_group(layers[n], config)) for b in widths] for n in names]
     if any(all(s is None for s in row) for row in sizes):
         bad = names[next(i for i, row in enumerate(sizes) if all(s is None for s in row))]
         raise SlimkitError(f"layer {bad!r} has no width among candidates {widths}", "add 8 or 16 to candidates")
@@ -163,7 +172,10 @@ def quantize_mixed(model: nn.Module, config: Mixed, task: Any) -> nn.Module:
     costs = [[costs_by_bits[b][n] for b in widths] for n in names]
     fp32 = sum(4 * layers[n].weight.numel() for n in names)
     budget = config.budget_ratio * fp32
-    choice = solve(costs, sizes, budget)
+    if config.narrowest:
+        choice = [next(j for j, size in enumerate(row) if size is not None) for row in sizes]
+    else:
+        choice = solve(costs, sizes, budget)
     bits = {n: widths[j] for n, j in zip(names, choice)}
     _quantize_embeddings(model, config, skipped)
     for n, b in bits.items():
@@ -173,7 +185,7 @@ def quantize_mixed(model: nn.Module, config: Mixed, task: Any) -> nn.Module:
         elif isinstance(layer, nn.Conv2d):
             new = QuantConv2d.from_float(layer, activations="none")
         else:
-            new = QuantLinear.from_float(layer, bits=b, group_size=config.group_size if b == 4 else 0)
+            new = QuantLinear.from_float(layer, bits=b, group_size=_int4_group(layer, config) if b == 4 else 0)
         set_submodule(model, n, new)
     used = sum(sizes[i][j] for i, j in enumerate(choice))
     model.slimkit_quant = {"config": config.to_dict(), "layers": [n for n, b in bits.items() if b < 16],

@@ -28,6 +28,9 @@ def suggest_qat(trial: Any, ctx: SearchContext) -> QAT:
 
 
 def suggest_mixed(trial: Any, ctx: SearchContext) -> Mixed:
+    """Per-layer widths under a byte budget, or every layer at its narrowest width (the smallest artifact)."""
+    if trial.suggest_categorical("mixed.widths", ["budget", "narrowest"]) == "narrowest":
+        return Mixed(narrowest=True)
     ratio = round(trial.suggest_float("mixed.budget_ratio", 0.2, 0.5, step=0.01), 2)
     names = weight_layers(ctx.task.model)
     known = dict(ctx.sensitivity) if ctx.sensitivity and all(n in ctx.sensitivity for n in names) else None

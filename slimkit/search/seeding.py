@@ -18,7 +18,7 @@ log = logging.getLogger("slimkit.search")
 
 #: Bytes of a quantized model relative to fp32, roughly (scales and metadata included).
 INT8_BYTES = 0.27
-INT4_BYTES = 0.16
+INT4_BYTES = 0.2   # 4-bit codes + a scale and zero point per group of 32 (~0.8 bytes per weight)
 
 
 def _grid(x: float, lo: float, hi: float, step: float = 0.05) -> float:
@@ -40,7 +40,9 @@ def initial_guesses(ctx: SearchContext, techs: list[Technique]) -> list[dict[str
             if skip is not None:
                 p["int8.skip_sensitive"] = 0
             return p
-        if kind == "int4" and "weight_only" in names:
+        if kind == "int4-everywhere" and "mixed" in names:  # convolutions too (8-bit): weight-only skips them
+            return {"stage.quantize": "mixed", "mixed.widths": "narrowest"}
+        if kind in ("int4", "int4-everywhere") and "weight_only" in names:
             p = {"stage.quantize": "weight_only", "weight_only.bits": 4, "weight_only.group_size": 32}
             if skip is not None:
                 p["weight_only.skip_sensitive"] = skip
@@ -70,8 +72,8 @@ def initial_guesses(ctx: SearchContext, techs: list[Technique]) -> list[dict[str
         guesses.append({**pruned(size_ratio / INT8_BYTES * 0.9, "width"), **quant("int8")})
     if size_ratio < INT4_BYTES:                             # bytes bind hard: prune, then int4
         keep = min(size_ratio / INT4_BYTES, latency_ratio) * 0.8  # 20 % slack for scales and metadata
-        guesses.append({**pruned(keep, "width"), **quant("int4")})
-        guesses.append({**pruned(keep * 0.7, "width"), **quant("int4")})
+        guesses.append({**pruned(keep, "width"), **quant("int4-everywhere")})
+        guesses.append({**pruned(keep * 0.7, "width"), **quant("int4-everywhere")})
     elif latency_ratio < 0.5:                               # latency binds beyond int8's ~2x: cut MACs too
         guesses.append({**pruned(latency_ratio * 1.6, "macs"), **quant("int8")})
     stages = {t.stage for t in techs if t.applies(ctx)}

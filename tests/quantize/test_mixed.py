@@ -111,10 +111,34 @@ def test_optimizer_offers_qat_mixed_and_ternary(digits_task):
     qat = found["qat"].suggest(optuna.trial.FixedTrial({"qat.bits": 4, "qat.steps": 100, "qat.learn_scale": True,
                                                         "qat.group_size": 64}), ctx)
     assert qat == QAT(bits=4, weight_only=True, group_size=64, steps=100)
-    mixed = found["mixed"].suggest(optuna.trial.FixedTrial({"mixed.budget_ratio": 0.31}), ctx)
+    mixed = found["mixed"].suggest(optuna.trial.FixedTrial({"mixed.widths": "budget", "mixed.budget_ratio": 0.31}),
+                                   ctx)
     assert mixed.budget_ratio == 0.31 and mixed.sensitivity == ctx.sensitivity
     tern = found["ternary"].suggest(optuna.trial.FixedTrial({"ternary.steps": 300}), ctx)
     assert tern == Ternary(steps=300)
     assert BaseConfig.from_json(mixed.to_json()) == mixed
     ctx.sensitivity = {names[0]: 0.1}  # not every layer measured: the handler measures them itself
-    assert found["mixed"].suggest(optuna.trial.FixedTrial({"mixed.budget_ratio": 0.3}), ctx).sensitivity is None
+    assert found["mixed"].suggest(optuna.trial.FixedTrial({"mixed.widths": "budget", "mixed.budget_ratio": 0.3}),
+                                  ctx).sensitivity is None
+    assert found["mixed"].suggest(optuna.trial.FixedTrial({"mixed.widths": "narrowest"}), ctx) == Mixed(narrowest=True)
+
+
+def test_narrowest_is_the_smallest_artifact_without_measuring(mnist_task):
+    from slimkit.io import artifact_bytes
+
+    narrow = sk.apply(mnist_task.model, Mixed(narrowest=True), mnist_task)
+    bits = narrow.slimkit_quant["bits"]
+    assert bits == {"0": 8, "4": 8, "8": 8, "13": 4, "15": 4}      # convs 8-bit, Linear 4-bit per row
+    budget = sk.apply(mnist_task.model, Mixed(budget_ratio=0.3), mnist_task)
+
+    def size(m, d):
+        sk.save(m, d)
+        return artifact_bytes(d)
+
+    import tempfile
+    from pathlib import Path
+
+    with tempfile.TemporaryDirectory() as tmp:
+        assert size(narrow, Path(tmp) / "n") < size(budget, Path(tmp) / "b")
+    assert narrow.slimkit_quant["weight_bytes"] < 0.16 * narrow.slimkit_quant["fp32_weight_bytes"]
+    assert mnist_task.evaluate(narrow)["score"] >= mnist_task.evaluate()["score"] - 0.02

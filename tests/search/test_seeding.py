@@ -36,8 +36,11 @@ def test_a_twentieth_of_the_bytes_prunes_width_then_int4(digits_task):
     guesses = _guesses(digits_task, max_size_mb=0.05)
     assert [g["stage.quantize"] for g in guesses] == ["weight_only", "weight_only"]
     amounts = [g["channels.amount"] for g in guesses]
-    # keep 0.05 / 0.16 * 0.8 = 0.25 of the params -> half the width; the second guess prunes more
-    assert amounts[0] == pytest.approx(0.5) and amounts[1] > amounts[0]
+    # keep 0.05 / 0.2 * 0.8 = 0.2 of the params -> 0.55 of the width off; the second guess prunes more
+    assert amounts[0] == pytest.approx(0.55) and amounts[1] > amounts[0]
+    with_mixed = initial_guesses(context_for(digits_task, sk.Target(max_size_mb=0.05, max_drop=0.01), BASE, {}),
+                                 techniques([*TECHS, "mixed"]))
+    assert [g["stage.quantize"] for g in with_mixed] == ["mixed", "mixed"]   # int4 for the convolutions too
 
 
 def test_single_technique_search_gets_single_technique_guesses(digits_task):
