@@ -74,11 +74,13 @@ def profile(task: str = typer.Option("digits", help="built-in task name or packa
 @_friendly
 def demo(task: str = typer.Option("mnist", help="task to run the demo on"),
          out: Path = typer.Option(Path("runs/demo"), help="output directory"),
-         threads: Optional[int] = typer.Option(None, help="threads to pin while timing")) -> None:
-    """The job `make demo` runs: measure the task's model and precision variants, write a report."""
+         threads: Optional[int] = typer.Option(None, help="threads to pin while timing"),
+         trials: int = typer.Option(12, help="trials of the search"),
+         time_budget: float = typer.Option(240.0, help="stop starting trials after this many seconds")) -> None:
+    """The job `make demo` runs: profile the task's model, search for the best one under a default target."""
     from slimkit.demo import run
 
-    run(task, out, threads=threads)
+    run(task, out, threads=threads, trials=trials, time_budget=time_budget)
 
 
 @app.command()

@@ -1,7 +1,9 @@
-"""The demo job: profile the default task's model, try precision casts, measure all, write a report.
+"""The demo job (`make demo`): profile the default task's model, then search for the best model under a
+default target and print the summary and the report path.
 
-Later stages (search over pipelines) plug into the same report; for now the demo shows the
-measuring half of slimkit end to end on real data.
+The default target is the one a deployment usually starts from: at most a tenth of the original
+bytes, at most one point of accuracy lost, and no slower than the original on this CPU. The
+budget (trials and seconds) keeps it to a few minutes on 2 cores.
 """
 
 from __future__ import annotations
@@ -9,52 +11,50 @@ from __future__ import annotations
 from pathlib import Path
 from typing import Any
 
-from slimkit import io, zoo
-from slimkit.candidate import ROW_HEADER, Candidate, measure_candidate
-from slimkit.config import apply
-from slimkit.quantize import BFloat16, Float16
-from slimkit.report import Report
+from slimkit import zoo
+
+#: Limits relative to the original model: bytes share, metric drop, latency share.
+DEFAULT_SIZE_SHARE = 0.10
+DEFAULT_MAX_DROP = 0.01
+DEFAULT_LATENCY_SHARE = 1.0
+DEFAULT_TRIALS = 12
+DEFAULT_TIME_BUDGET_S = 240.0
+
+
+def default_target(task: Any, threads: int | None = None) -> tuple[Any, Any]:
+    """The demo's target and the profile it comes from (``task.model``'s bytes and p50 latency)."""
+    from slimkit.measure import profile
+    from slimkit.target import Target
+
+    p = profile(task.model, task.example, threads=threads)
+    return Target(max_size_mb=p.artifact_bytes / 1e6 * DEFAULT_SIZE_SHARE, max_drop=DEFAULT_MAX_DROP,
+                  max_latency_ms=p.latency.p50_ms * DEFAULT_LATENCY_SHARE, threads=threads), p
 
 
 def run(task_name: str = "mnist", out: str | Path = "runs/demo", threads: int | None = None,
-        progress: bool = True) -> Path:
+        progress: bool = True, trials: int = DEFAULT_TRIALS, time_budget: float = DEFAULT_TIME_BUDGET_S) -> Path:
     """Run the demo and return the path of its HTML report."""
     from rich.console import Console
+
+    from slimkit.search.commands import print_summary
+    from slimkit.search.optimize import optimize
 
     console = Console()
     out = Path(out)
     task = zoo.load(task_name, progress=progress) if task_name in zoo.BUILTINS else zoo.load(task_name)
     console.print(f"[bold]task[/] {task.name}: {task.description}")
-    candidates = [measure_candidate("baseline (fp32)", task.model, [], task, threads=threads)]
-    for config in (Float16(), BFloat16()):
-        model = apply(task.model, config, task)
-        candidates.append(measure_candidate(type(config).__name__.lower(), model, [config], task, threads=threads))
-    console.print(candidates[0].profile.render())
-    io.save(task.model, out / "model", extra={"task": task.name, "metric": candidates[0].metric})
-    report = _report(task, candidates)
-    path = report.write(out)
-    console.print(f"[green]report[/] {path}")
-    return path
+    target, base = default_target(task, threads)
+    console.print(base.render())
+    console.print(f"[bold]target[/] at most {target.max_size_mb:.4g} MB (10% of the original), a metric drop of "
+                  f"at most {target.max_drop:g}, p50 latency at most {target.max_latency_ms:.3g} ms; "
+                  f"{trials} trials or {time_budget:g} s")
+    _forget_previous_run(out)
+    result = optimize(task, target, trials=trials, time_budget=time_budget, out=out, progress=progress,
+                      task_spec=task_name)
+    print_summary(result)
+    return out / "report.html"
 
 
-def _report(task: Any, candidates: list[Candidate]) -> Report:
-    base = candidates[0]
-    r = Report(title=f"slimkit report — {task.name}")
-    r.data = {"task": {"name": task.name, "metric": task.metric_name, "splits": dict(task.splits),
-                       "higher_is_better": task.higher_is_better},
-              "candidates": [c.to_dict() for c in candidates],
-              "versions": io.versions()}
-    r.heading("Candidates (measured)")
-    r.table(ROW_HEADER, [c.row(base, task.higher_is_better) for c in candidates])
-    r.note("Size is the bytes of the saved safetensors artifact; latency is measured on the CPU with "
-           f"{base.profile.threads} thread(s); quality is the task metric on held-out data.")
-    r.heading("Where the cost is (baseline, per layer)")
-    layers = base.profile.layers[:20]
-    r.bar_plot("share per layer", [row.name for row in layers],
-               {"MACs": [row.macs_share for row in layers], "params": [row.params_share for row in layers],
-                "time": [row.time_share for row in layers]}, "share of model total")
-    r.table(["layer", "type", "MACs", "params", "time ms", "MACs %", "params %", "time %"],
-            [[row.name, row.kind, row.macs, row.params, row.time_ms, 100 * row.macs_share,
-              100 * row.params_share, 100 * row.time_share] for row in layers])
-    r.note(f"Energy is an estimate: {base.profile.energy_note}")
-    return r
+def _forget_previous_run(out: Path) -> None:
+    """Each demo run starts a new search: the previous run's study file is removed, not resumed."""
+    (out / "study.db").unlink(missing_ok=True)
