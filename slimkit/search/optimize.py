@@ -24,6 +24,7 @@ from slimkit.config import BaseConfig
 from slimkit.errors import SlimkitError
 from slimkit.search.evaluate import Measurer, RuntimeMeasurer, TrialMeasurement
 from slimkit.search.pareto import TrialRecord, closest, hints, objectives, pareto_front, pick_best
+from slimkit.search.refine import step_closest
 from slimkit.search.space import STAGES, SearchContext, Technique, techniques
 from slimkit.search.study import create_study, finished, open_storage, requeue_interrupted, run_trials, storage_url
 from slimkit.target import Target
@@ -260,7 +261,12 @@ def optimize(task: Any, target: Target, *, trials: int = 30, time_budget: float 
     objective = make_objective(ctx, techs, measure, records)
     budget = None if time_budget is None else time_budget - (time.monotonic() - start)
     with TrialProgress(trials, finished(st), enabled=progress) as bar:
-        run_trials(st, objective, trials, timeout_s=budget, on_trial=bar.update)
+
+        def after_trial(trial: Any) -> None:
+            bar.update(trial)
+            step_closest(st, target, records_from_study(st))
+
+        run_trials(st, objective, trials, timeout_s=budget, on_trial=after_trial)
     wait_for_others(st)
     return finish(st, task, target, baseline, sens, name, url, out_dir, start, seed=seed, backend=backend,
                   report=report)
