@@ -13,6 +13,7 @@ import math
 from typing import Any
 
 from slimkit.search.space import SearchContext, Technique
+from slimkit.search.techniques import FINETUNE_STEPS
 
 log = logging.getLogger("slimkit.search")
 
@@ -60,7 +61,8 @@ def initial_guesses(ctx: SearchContext, techs: list[Technique]) -> list[dict[str
             p = {"stage.prune": "channels", "channels.by": "macs", "channels.macs_ratio": _grid(keep, 0.15, 0.9)}
         p["channels.importance"] = "l2"
         if "finetune" in names:
-            p.update({"stage.recover": "finetune", "finetune.steps": max(ctx.extra.get("finetune_steps", (200,)))})
+            offered = sorted(ctx.extra.get("finetune_steps", FINETUNE_STEPS))
+            p.update({"stage.recover": "finetune", "finetune.steps": offered[min(2, len(offered) - 1)]})
         return p
 
     # int8 (dynamic, on ONNX Runtime) is both the smallest safe step and the fastest CPU runtime

@@ -21,6 +21,8 @@ from slimkit.train.recover import Finetune
 
 #: Most layers accuracy control-style exclusion will keep in float.
 MAX_SKIPPED = 3
+#: Fine-tuning lengths offered (``ctx.extra["finetune_steps"]`` overrides); informed guesses take the third.
+FINETUNE_STEPS = (100, 200, 400, 800)
 
 
 def most_sensitive(ctx: SearchContext, k: int, kinds: tuple[type, ...] = (nn.Linear, nn.Conv2d)) -> tuple[str, ...]:
@@ -67,7 +69,7 @@ def suggest_magnitude(trial: Any, ctx: SearchContext) -> Magnitude:
 
 def suggest_finetune(trial: Any, ctx: SearchContext) -> Finetune:
     lr = float(ctx.extra.get("finetune_lr", 1e-3))
-    steps = ctx.extra.get("finetune_steps", (100, 200, 400))
+    steps = ctx.extra.get("finetune_steps", FINETUNE_STEPS)
     return Finetune(steps=int(trial.suggest_categorical("finetune.steps", list(steps))), lr=lr)
 
 
