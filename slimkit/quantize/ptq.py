@@ -77,7 +77,12 @@ def quantize_weight_only(model: nn.Module, config: WeightOnly, task: Any) -> nn.
 
 
 def _quantize_embeddings(model: nn.Module, config: Int8 | WeightOnly, skipped: dict[str, str]) -> list[str]:
-    """Swap every ``nn.Embedding`` not in ``exclude`` for a ``QuantEmbedding`` (int8 rows, per-row scale)."""
+    """Swap every ``nn.Embedding`` not in ``exclude`` for a ``QuantEmbedding``.
+
+    int8 rows with a scale per row, or 4-bit groups of 32 when the config has ``embedding_bits=4``
+    (configs without the field, e.g. ``QAT`` and ``Mixed``, keep int8).
+    """
+    bits = getattr(config, "embedding_bits", 8)
     if not config.embeddings:
         return []
     excluded = set(select(model, config.exclude, (), kinds=(nn.Module,))) if config.exclude else set()
@@ -88,7 +93,7 @@ def _quantize_embeddings(model: nn.Module, config: Int8 | WeightOnly, skipped: d
         if m.max_norm is not None or m.sparse:
             skipped[name] = "an Embedding with max_norm or sparse gradients stays float"
             continue
-        set_submodule(model, name, QuantEmbedding.from_float(m))
+        set_submodule(model, name, QuantEmbedding.from_float(m, bits=bits, name=name))
         done.append(name)
     return done
 
