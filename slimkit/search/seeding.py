@@ -13,7 +13,7 @@ import math
 from typing import Any
 
 from slimkit.search.space import SearchContext, Technique
-from slimkit.search.techniques import FINETUNE_STEPS
+from slimkit.search.techniques import FINETUNE_STEPS, has_embeddings
 
 log = logging.getLogger("slimkit.search")
 
@@ -35,11 +35,15 @@ def initial_guesses(ctx: SearchContext, techs: list[Technique]) -> list[dict[str
     skip = 1 if ctx.sensitivity else None
     guesses: list[dict[str, Any]] = []
 
+    embeddings = has_embeddings(ctx)
+
     def quant(kind: str) -> dict[str, Any]:
-        if kind == "int8" and "int8" in names:
+        if kind in ("int8", "int8+int4-embeddings") and "int8" in names:
             p: dict[str, Any] = {"stage.quantize": "int8", "int8.activations": "dynamic"}
             if skip is not None:
                 p["int8.skip_sensitive"] = 0
+            if embeddings:
+                p["int8.embedding_bits"] = 4 if kind == "int8+int4-embeddings" else 8
             return p
         if kind == "int4-everywhere" and "mixed" in names:  # convolutions too (8-bit): weight-only skips them
             return {"stage.quantize": "mixed", "mixed.widths": "narrowest"}
@@ -70,8 +74,10 @@ def initial_guesses(ctx: SearchContext, techs: list[Technique]) -> list[dict[str
         guesses.append(quant("int8"))
     if size_ratio >= INT4_BYTES and latency_ratio >= 0.9:  # int4 weight-only saves bytes, not CPU time
         guesses.append(quant("int4"))
-    if INT4_BYTES <= size_ratio < INT8_BYTES:               # a little pruning lets int8 fit
-        guesses.append({**pruned(size_ratio / INT8_BYTES * 0.9, "width"), **quant("int8")})
+    if INT4_BYTES <= size_ratio < INT8_BYTES:
+        if embeddings:                                      # 4-bit tables: bytes without pruning or training
+            guesses.append(quant("int8+int4-embeddings"))
+        guesses.append({**pruned(size_ratio / INT8_BYTES * 0.9, "width"), **quant("int8")})  # or prune a little
     if size_ratio < INT4_BYTES:                             # bytes bind hard: prune, then int4
         keep = min(size_ratio / INT4_BYTES, latency_ratio) * 0.8  # 20 % slack for scales and metadata
         guesses.append({**pruned(keep, "width"), **quant("int4-everywhere")})

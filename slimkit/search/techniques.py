@@ -52,6 +52,16 @@ def _skip_knob(trial: Any, ctx: SearchContext, prefix: str) -> str | tuple[str, 
     return "|".join(rf"{re.escape(n)}(\..+)?" for n in names) if names else ()
 
 
+def has_embeddings(ctx: SearchContext) -> bool:
+    """Whether the model has an embedding table (in a small transformer, half of the bytes)."""
+    return any(isinstance(m, nn.Embedding) for m in ctx.task.model.modules())
+
+
+def _embedding_bits(trial: Any, ctx: SearchContext, prefix: str) -> int:
+    """8 or 4 bits for the embedding tables; asked only when the model has one."""
+    return int(trial.suggest_categorical(f"{prefix}.embedding_bits", [8, 4])) if has_embeddings(ctx) else 8
+
+
 def suggest_channels(trial: Any, ctx: SearchContext) -> Channels:
     """By MACs (latency) or by width (bytes: a pruned layer loses params in both dimensions, while
     a MACs target may cut early convs whose params are few)."""
@@ -78,13 +88,15 @@ def suggest_int8(trial: Any, ctx: SearchContext) -> Int8:
     calibration = "minmax"
     if activations == "static":
         calibration = trial.suggest_categorical("int8.calibration", ["minmax", "percentile", "entropy", "mse"])
-    return Int8(activations=activations, calibration=calibration, exclude=_skip_knob(trial, ctx, "int8"))
+    return Int8(activations=activations, calibration=calibration, exclude=_skip_knob(trial, ctx, "int8"),
+                embedding_bits=_embedding_bits(trial, ctx, "int8"))
 
 
 def suggest_weight_only(trial: Any, ctx: SearchContext) -> WeightOnly:
     bits = trial.suggest_categorical("weight_only.bits", [8, 4])
     group = trial.suggest_categorical("weight_only.group_size", [32, 64, 128]) if bits == 4 else 0
-    return WeightOnly(bits=bits, group_size=group, targets="all", exclude=_skip_knob(trial, ctx, "weight_only"))
+    return WeightOnly(bits=bits, group_size=group, targets="all", exclude=_skip_knob(trial, ctx, "weight_only"),
+                      embedding_bits=_embedding_bits(trial, ctx, "weight_only"))
 
 
 register_technique("channels", "prune", suggest_channels)

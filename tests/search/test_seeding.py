@@ -50,3 +50,10 @@ def test_single_technique_search_gets_single_technique_guesses(digits_task):
 
     assert [g["stage.quantize"] for g in guesses(0.5)] == ["int8", "weight_only"]
     assert guesses(0.05) == []          # every informed guess there combines pruning with int4
+
+
+def test_a_model_with_an_embedding_table_tries_4bit_tables_first(minilm_task):
+    base = TrialMeasurement(size_mb=90.9, latency_ms=100.0, score=0.8, params=22_700_000)
+    ctx = context_for(minilm_task, sk.Target(max_size_mb=0.25 * 90.9, max_latency_ms=60.0, max_drop=0.02), base, {})
+    first = initial_guesses(ctx, techniques(TECHS))[0]
+    assert first["stage.quantize"] == "int8" and first["int8.embedding_bits"] == 4 and first["stage.prune"] == "none"
