@@ -30,6 +30,8 @@ STRENGTH: dict[str, tuple[float, float, float]] = {
 #: Knobs that buy quality back with training time: on a quality miss, take the longest offered.
 RECOVERY = ("finetune.steps", "distill.steps", "qat.steps", "ternary.steps")
 COSTS = ("size_mb", "latency_ms", "memory_mb")
+#: How far over a limit still counts as a near miss, relative to the limit (drop: 2x over = 3x the limit).
+NEAR = {"size_mb": 0.5, "latency_ms": 0.5, "memory_mb": 0.5, "drop": 2.0}
 
 
 def direction(record: TrialRecord, names: list[str]) -> int:
@@ -41,6 +43,15 @@ def direction(record: TrialRecord, names: list[str]) -> int:
     if over & set(COSTS) and (not quality_known or "drop" not in over):
         return 1
     return 0
+
+
+def near(record: TrialRecord, target: Any) -> bool:
+    """Whether one notch may be enough: every missed limit is missed by at most ``NEAR`` of itself.
+    A far miss (15x over the bytes) is the sampler's job, not a line search's."""
+    for name, c in zip(target.names(), record.constraints):
+        if 0 < c < 1e9 and c > NEAR[name] * float(getattr(target, f"max_{name}")):  # 1e9+: not measured
+            return False
+    return True
 
 
 def neighbour(params: dict[str, Any], step: int, longest: dict[str, Any]) -> dict[str, Any] | None:
@@ -73,7 +84,7 @@ def step_closest(study: Any, target: Any, records: list[TrialRecord]) -> dict[st
         return None
     names = target.names()
     for record in closest(records, target, k=3):
-        step = direction(record, names)
+        step = direction(record, names) if near(record, target) else 0
         proposal = neighbour(record.params, step, _longest(study)) if step else None
         if proposal is None or any(r.params == proposal for r in records):
             continue

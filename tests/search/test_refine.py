@@ -7,7 +7,7 @@ import optuna
 import slimkit as sk
 from slimkit.search.evaluate import TrialMeasurement
 from slimkit.search.pareto import TrialRecord
-from slimkit.search.refine import direction, neighbour, step_closest
+from slimkit.search.refine import direction, near, neighbour, step_closest
 
 TARGET = sk.Target(max_size_mb=0.02, max_drop=0.01)
 NAMES = TARGET.names()
@@ -45,3 +45,11 @@ def test_step_closest_queues_one_neighbour_until_something_fits():
     assert step_closest(study, TARGET, records) is None                  # one waits already: nothing more
     study.ask()                                                          # the queued one is taken
     assert step_closest(study, TARGET, records + [_record(2, 0.018, 0.004)]) is None  # a fit: stop stepping
+
+
+def test_only_near_misses_are_stepped():
+    assert near(_record(0, 0.016, 0.012), TARGET) and near(_record(1, 0.029, None), TARGET)
+    assert not near(_record(2, 0.3, None), TARGET)               # 15x over the bytes: the sampler's job
+    assert not near(_record(3, 0.016, 0.2), TARGET)              # 20x the allowed drop
+    study = optuna.create_study(directions=["minimize"])
+    assert step_closest(study, TARGET, [_record(4, 0.3, None)]) is None
