@@ -38,6 +38,8 @@ from slimkit.quantize import pack
 
 BITS = (8, 4)
 INT4_LEVELS = 15
+#: Default 4-bit group along the embedding dim: 0.75 bits of scale + zero per value at 21.9 dB.
+GROUP_SIZE = 32
 
 
 @register_module_class("QuantEmbedding")
@@ -52,7 +54,7 @@ class QuantEmbedding(nn.Module):
     fallback_reason = None
 
     def __init__(self, num_embeddings: int, embedding_dim: int, *, padding_idx: int | None = None,
-                 bits: int = 8, group_size: int = 32, name: str = "") -> None:
+                 bits: int = 8, group_size: int = GROUP_SIZE, name: str = "") -> None:
         super().__init__()
         if num_embeddings < 1 or embedding_dim < 1:
             raise SlimkitError(f"QuantEmbedding({num_embeddings}, {embedding_dim}) is empty", "use positive sizes")
@@ -76,7 +78,8 @@ class QuantEmbedding(nn.Module):
         return "int8-gather+dequant" if self.bits == 8 else "int4-gather+unpack+dequant"
 
     @classmethod
-    def from_float(cls, emb: nn.Embedding, *, bits: int = 8, group_size: int = 32, name: str = "") -> QuantEmbedding:
+    def from_float(cls, emb: nn.Embedding, *, bits: int = 8, group_size: int = GROUP_SIZE,
+                   name: str = "") -> QuantEmbedding:
         """Quantize a float ``nn.Embedding`` (the original is untouched); ``name`` is for error messages."""
         if not isinstance(emb, nn.Embedding):
             raise SlimkitError(f"QuantEmbedding.from_float needs an nn.Embedding, got {type(emb).__name__}")
@@ -101,7 +104,7 @@ class QuantEmbedding(nn.Module):
     def empty(cls, spec: dict[str, Any]) -> QuantEmbedding:
         """A module of ``spec``'s shape with placeholder buffers, to ``load_state_dict`` into."""
         return cls(spec["num_embeddings"], spec["embedding_dim"], padding_idx=spec.get("padding_idx"),
-                   bits=spec.get("bits", 8), group_size=spec.get("group_size", 32)).eval()
+                   bits=spec.get("bits", 8), group_size=spec.get("group_size", GROUP_SIZE)).eval()
 
     def spec(self) -> dict[str, Any]:
         """JSON-able description: with the state_dict it is everything needed to rebuild the table."""
@@ -191,4 +194,4 @@ def quantize_rows_int4(w: torch.Tensor, group_size: int) -> tuple[torch.Tensor, 
     return pack.pack_int4(q.reshape(v, d)), scale, zero.to(torch.uint8)
 
 
-__all__ = ["QuantEmbedding", "quantize_rows_int4"]
+__all__ = ["GROUP_SIZE", "QuantEmbedding", "quantize_rows_int4"]
