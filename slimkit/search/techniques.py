@@ -53,8 +53,10 @@ def _skip_knob(trial: Any, ctx: SearchContext, prefix: str) -> str | tuple[str, 
 
 
 def has_embeddings(ctx: SearchContext) -> bool:
-    """Whether the model has an embedding table (in a small transformer, half of the bytes)."""
-    return any(isinstance(m, nn.Embedding) for m in ctx.task.model.modules())
+    """Whether the model has embedding tables (in a small transformer, half of the bytes) that 4-bit
+    groups of 32 fit."""
+    tables = [m for m in ctx.task.model.modules() if isinstance(m, nn.Embedding)]
+    return bool(tables) and all(m.embedding_dim % 32 == 0 for m in tables)
 
 
 def _embedding_bits(trial: Any, ctx: SearchContext, prefix: str) -> int:
