@@ -38,8 +38,10 @@ def initial_guesses(ctx: SearchContext, techs: list[Technique]) -> list[dict[str
     embeddings = has_embeddings(ctx)
 
     def quant(kind: str) -> dict[str, Any]:
-        if kind in ("int8", "int8+int4-embeddings") and "int8" in names:
+        if kind in ("int8", "int8+int4-embeddings", "int8-static") and "int8" in names:
             p: dict[str, Any] = {"stage.quantize": "int8", "int8.activations": "dynamic"}
+            if kind == "int8-static":  # integer convolutions too (ORT's dynamic Conv keeps them float)
+                p.update({"int8.activations": "static", "int8.calibration": "minmax"})
             if skip is not None:
                 p["int8.skip_sensitive"] = 0
             if embeddings:
@@ -80,8 +82,12 @@ def initial_guesses(ctx: SearchContext, techs: list[Technique]) -> list[dict[str
         guesses.append({**pruned(size_ratio / INT8_BYTES * 0.9, "width"), **quant("int8")})  # or prune a little
     if size_ratio < INT4_BYTES:                             # bytes bind hard: prune, then int4
         keep = min(size_ratio / INT4_BYTES, latency_ratio) * 0.8  # 20 % slack for scales and metadata
-        guesses.append({**pruned(keep, "width"), **quant("int4-everywhere")})
-        guesses.append({**pruned(keep * 0.7, "width"), **quant("int4-everywhere")})
+        int4 = [{**pruned(keep, "width"), **quant("int4-everywhere")},
+                {**pruned(keep * 0.7, "width"), **quant("int4-everywhere")}]
+        if ctx.target.max_latency_ms and latency_ratio <= 1.0:  # int4 dequantizes on the CPU: prune more, int8
+            int8 = {**pruned(size_ratio / INT8_BYTES * 0.8, "width"), **quant("int8-static")}
+            int4 = [int8, *int4] if "channels" in names else int4
+        guesses.extend(int4)
     elif latency_ratio < 0.5:                               # latency binds beyond int8's ~2x: cut MACs too
         guesses.append({**pruned(latency_ratio * 1.6, "macs"), **quant("int8")})
     stages = {t.stage for t in techs if t.applies(ctx)}

@@ -57,3 +57,12 @@ def test_a_model_with_an_embedding_table_tries_4bit_tables_first(minilm_task):
     ctx = context_for(minilm_task, sk.Target(max_size_mb=0.25 * 90.9, max_latency_ms=60.0, max_drop=0.02), base, {})
     first = initial_guesses(ctx, techniques(TECHS))[0]
     assert first["stage.quantize"] == "int8" and first["int8.embedding_bits"] == 4 and first["stage.prune"] == "none"
+
+
+def test_bytes_and_latency_both_bound_prune_more_and_run_int8_first(digits_task):
+    guesses = _guesses(digits_task, max_size_mb=0.1, max_latency_ms=10.0)
+    first = guesses[0]
+    assert first["stage.quantize"] == "int8" and first["int8.activations"] == "static"
+    # keep 0.1 / 0.27 * 0.8 = 0.30 of the params -> 0.45 of the width off
+    assert first["channels.amount"] == pytest.approx(0.45)
+    assert [g["stage.quantize"] for g in guesses[1:]] == ["weight_only", "weight_only"]
