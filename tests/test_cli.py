@@ -36,6 +36,8 @@ def test_profile_writes_json_with_real_numbers(tmp_path, digits_task):
 @pytest.mark.parametrize("args,message", [
     (["profile", "--task", "cifar"], "unknown task 'cifar'"),
     (["profile", "--task", "nope.mod:fn"], "cannot import 'nope.mod'"),
+    (["quantize", "--task", "digits", "--config", "int8-dynamic", "--embedding-bits", "3"], "embedding_bits=3"),
+    (["quantize", "--task", "digits", "--config", "fp16", "--embedding-bits", "4"], "do not apply to fp16"),
 ])
 def test_errors_are_one_line_with_exit_code_2(args, message):
     result = runner.invoke(app, args)

@@ -87,6 +87,8 @@ class WeightOnly(BaseConfig):
         _check("backend", self.backend, BACKENDS)
         _check("embeddings", self.embeddings, (True, False))
         _check("embedding_bits", self.embedding_bits, EMBEDDING_BITS)
+        if self.max_drop is not None and self.max_drop < 0:
+            raise SlimkitError(f"max_drop={self.max_drop} is negative", "use 0 or a positive metric difference")
         if self.bits == 4 and self.group_size == 0:
             raise SlimkitError("4-bit weights need a group size", "use group_size=32, 64 or 128")
         if self.bits == 8 and self.group_size != 0:

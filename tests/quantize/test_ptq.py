@@ -182,3 +182,9 @@ def test_layer_errors_rank_the_planted_layer_worst(digits_task):
 def test_invalid_int8_options(kwargs, message):
     with pytest.raises(sk.SlimkitError, match=message):
         Int8(**kwargs)
+
+
+@pytest.mark.parametrize("config", [Int8, WeightOnly])
+def test_negative_max_drop_is_refused_by_both_quantizers(config):
+    with pytest.raises(sk.SlimkitError, match="max_drop=-0.01 is negative"):
+        config(max_drop=-0.01)
