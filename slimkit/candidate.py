@@ -50,7 +50,7 @@ def measure_candidate(name: str, model: nn.Module, configs: Sequence[BaseConfig]
     backend = resolve_backend(model, backend)
     runnable = build(model, backend, task.example, threads=threads)
     prof = profile(model, task.example, device="cpu", threads=threads)
-    latency = prof.latency if backend == "torch" else measure_latency(runnable, task.example, threads=threads)
+    latency = prof.latency if runnable is model else measure_latency(runnable, task.example, threads=threads)
     return Candidate(name=name, recipe=[c.to_dict() for c in configs], backend=backend,
                      metric=task.evaluate(runnable), profile=prof, latency=latency, model=model,
                      runnable=runnable)

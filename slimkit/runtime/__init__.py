@@ -66,10 +66,22 @@ def backend_reason(model: nn.Module, backend: str = "auto") -> str:
     return f"{chosen}: default for {mode} quantization, {BACKEND_EVIDENCE[mode]}"
 
 
-def build(model: nn.Module, backend: str = "auto", example: Any = None, *, threads: int | None = None) -> Any:
-    """A runnable for ``model`` on ``backend`` (``run(*inputs) -> outputs``)."""
+def build(model: nn.Module, backend: str = "auto", example: Any = None, *, threads: int | None = None,
+          layout: str = "auto") -> Any:
+    """A runnable for ``model`` on ``backend`` (``run(*inputs) -> outputs``).
+
+    ``layout`` (torch, float conv nets on the CPU): ``auto`` times NCHW and channels-last on
+    ``example`` and keeps the faster (``slimkit.runtime.layout``); ``contiguous`` runs as trained.
+    """
     backend = resolve_backend(model, backend)
+    if layout not in ("auto", "contiguous"):
+        raise SlimkitError(f"layout {layout!r} is not known", "use auto or contiguous")
     if backend == "torch":
+        if layout == "auto" and example is not None and quant_mode(model) == "float" and _on_cpu(model):
+            from slimkit.runtime.layout import fastest_layout
+
+            examples = (example,) if not isinstance(example, (tuple, list)) else tuple(example)
+            return fastest_layout(model, examples, threads=threads)[0]
         return model.eval()
     if backend == "cuda":
         from slimkit.runtime.cuda import build_cuda
@@ -115,6 +127,10 @@ def _quantized(model: nn.Module) -> dict[str, nn.Module]:
     from slimkit.quantize.modules import QuantConv2d, QuantLinear
 
     return {n: m for n, m in model.named_modules() if isinstance(m, (QuantLinear, QuantConv2d))}
+
+
+def _on_cpu(model: nn.Module) -> bool:
+    return all(p.device.type == "cpu" for p in model.parameters())
 
 
 __all__ = ["BACKENDS", "BACKEND_EVIDENCE", "DEFAULT_BACKEND", "backend_reason", "build", "ort_plan", "quant_mode", "resolve_backend"]
