@@ -11,7 +11,6 @@ accuracy drop against the last exit within ``max_drop`` (a fraction: 0.005 = hal
 
 from __future__ import annotations
 
-import time
 from typing import Any, Sequence
 
 import numpy as np
@@ -19,6 +18,7 @@ import torch
 import torch.nn as nn
 
 from slimkit.errors import SlimkitError
+from slimkit.measure.latency import median_call_ms
 
 Batches = Sequence[tuple[tuple[torch.Tensor, ...], torch.Tensor]]
 
@@ -124,21 +124,12 @@ def evaluate_routed(model: Routed, batches: Batches, *, per_sample: int = 0, rep
 def latency_over(fn: Any, batches: Batches, *, per_sample: int = 0, repeats: int = 3) -> dict[str, float]:
     """Latency of ``fn`` over an eval set: every batch timed ``repeats`` times (median per batch; mean
     and p95 over batches), and with ``per_sample`` > 0 that many samples one at a time (batch 1)."""
-    batch_ms = [_median_ms(lambda: fn(*inputs), repeats) for inputs, _ in batches]
+    batch_ms = [median_call_ms(lambda: fn(*inputs), repeats) for inputs, _ in batches]
     out = {"batch_mean_ms": float(np.mean(batch_ms)), "batch_p95_ms": float(np.percentile(batch_ms, 95)),
            "batches": len(batch_ms)}
     if per_sample:
         xs = torch.cat([b[0][0] for b in batches])[:per_sample]  # (N, ...) first input of every batch
-        single_ms = [_median_ms(lambda: fn(xs[i:i + 1]), 1) for i in range(xs.shape[0])]
+        single_ms = [median_call_ms(lambda: fn(xs[i:i + 1]), 1) for i in range(xs.shape[0])]
         out |= {"sample_mean_ms": float(np.mean(single_ms)), "sample_p95_ms": float(np.percentile(single_ms, 95)),
                 "samples": len(single_ms)}
     return out
-
-
-def _median_ms(fn: Any, repeats: int) -> float:
-    times = []
-    for _ in range(repeats):
-        t0 = time.perf_counter()
-        fn()
-        times.append((time.perf_counter() - t0) * 1e3)
-    return float(np.median(times))

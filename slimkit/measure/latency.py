@@ -106,3 +106,13 @@ def _cuda_run_ms(call: Callable[[], None], dev: torch.device) -> float:
         end.record()
         end.synchronize()
         return float(begin.elapsed_time(end))
+
+
+def median_call_ms(fn: Callable[[], Any], runs: int) -> float:
+    """Median wall time of ``runs`` calls of ``fn`` in ms: a quick comparison, not a full measurement."""
+    times = []
+    for _ in range(runs):
+        start = time.perf_counter()
+        fn()
+        times.append((time.perf_counter() - start) * 1e3)
+    return float(np.median(times))

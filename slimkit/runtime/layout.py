@@ -10,12 +10,12 @@ from __future__ import annotations
 
 import copy
 import logging
-import statistics
-import time
 from typing import Any, Sequence
 
 import torch
 import torch.nn as nn
+
+from slimkit.measure.latency import median_call_ms
 
 log = logging.getLogger("slimkit.runtime")
 
@@ -43,15 +43,6 @@ def has_float_convs(model: nn.Module) -> bool:
     return any(type(m) is nn.Conv2d for m in model.modules())
 
 
-def _median_ms(fn: Any, runs: int) -> float:
-    times = []
-    for _ in range(runs):
-        start = time.perf_counter()
-        fn()
-        times.append((time.perf_counter() - start) * 1e3)
-    return statistics.median(times)
-
-
 def fastest_layout(model: nn.Module, example: Sequence[torch.Tensor], *, threads: int | None = None,
                    runs: int = 5) -> tuple[nn.Module, str, dict[str, float]]:
     """``model`` or its channels-last copy, whichever is faster on ``example`` (ms per layout alongside)."""
@@ -69,7 +60,7 @@ def fastest_layout(model: nn.Module, example: Sequence[torch.Tensor], *, threads
             ms = {name: [] for name in candidates}
             for _ in range(2):  # interleaved, so a busy moment hits both
                 for name, m in candidates.items():
-                    ms[name].append(_median_ms(lambda m=m: m(*example), runs))
+                    ms[name].append(median_call_ms(lambda m=m: m(*example), runs))
     finally:
         torch.set_num_threads(previous)
     best = {name: min(v) for name, v in ms.items()}
