@@ -13,7 +13,7 @@ import math
 from typing import Any
 
 from slimkit.search.space import SearchContext, Technique
-from slimkit.search.techniques import FINETUNE_STEPS, has_embeddings
+from slimkit.search.builtin import FINETUNE_STEPS, has_embeddings
 
 log = logging.getLogger("slimkit.search")
 

@@ -23,7 +23,7 @@ STAGES = ("nas", "prune", "factorize", "recover", "quantize", "fuse")
 
 #: Modules whose import registers techniques; those not present in this install are skipped.
 TECHNIQUE_MODULES = (
-    "slimkit.search.techniques",      # prune, fine-tune, PTQ
+    "slimkit.search.builtin",         # prune, fine-tune, PTQ
     "slimkit.factorize.space",        # SVD / Tucker / CP
     "slimkit.distill.space",          # distillation as the recovery step
     "slimkit.quantize.mixed_space",   # QAT, mixed precision, ternary
