@@ -66,6 +66,17 @@ def model_latencies(models: dict[str, torch.nn.Module], inputs: tuple, *, baseli
     return {name: {**t, "speedup": base / t["median_ms"]} for name, t in times.items()}
 
 
+def previous_parts(name: str, parts: tuple[str, ...]) -> dict[str, Any]:
+    """The ``parts`` of ``results/<name>.json`` from an earlier run, each with that run's environment
+    (its date), so a run of one part keeps the other part's latest numbers."""
+    path = RESULTS / f"{name}.json"
+    if not path.is_file():
+        return {}
+    old = json.loads(path.read_text())
+    return {k: {**old[k], "environment": old[k].get("environment", old.get("environment"))}
+            for k in parts if k in old}
+
+
 def write(name: str, payload: dict[str, Any]) -> Path:
     RESULTS.mkdir(parents=True, exist_ok=True)
     path = RESULTS / f"{name}.json"

@@ -30,7 +30,7 @@ from typing import Any
 
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from _common import environment, model_latencies, write  # noqa: E402
+from _common import environment, model_latencies, previous_parts, write  # noqa: E402
 
 import slimkit as sk  # noqa: E402
 from slimkit.runtime import build  # noqa: E402
@@ -145,11 +145,8 @@ def main() -> None:
                                "time_budget_s": args.time_budget, "seed": args.seed,
                                "load_before": round(load_before, 2),
                                "contended": load_before > (os.cpu_count() or 2) - args.threads + 0.5}
-    previous = Path(__file__).resolve().parent / "results" / "optimize.json"
-    if args.part != "all" and previous.is_file():  # keep the other part's latest numbers
-        import json
-
-        payload = {**{k: v for k, v in json.loads(previous.read_text()).items() if k in PARTS}, **payload}
+    if args.part != "all":
+        payload.update(previous_parts("optimize", tuple(PARTS)))
     for part in parts:
         payload[part] = run_part(part, args.trials, args.time_budget, args.threads, args.seed)
     print(write("optimize", payload))

@@ -14,7 +14,6 @@ from __future__ import annotations
 
 import argparse
 import copy
-import json
 import logging
 import sys
 import types
@@ -26,7 +25,7 @@ import torch
 import torch.nn as nn
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from _common import environment, model_latencies, write  # noqa: E402
+from _common import environment, model_latencies, previous_parts, write  # noqa: E402
 
 import slimkit as sk  # noqa: E402
 from slimkit.runtime import build  # noqa: E402
@@ -169,11 +168,8 @@ def main() -> None:
     import torch_pruning
 
     payload: dict[str, Any] = {"environment": {**environment(args.threads), "torch_pruning": torch_pruning.__version__}}
-    previous = Path(__file__).resolve().parent / "results" / "prune_cpu.json"
-    if (args.skip_mnist or args.skip_resnet) and previous.is_file():  # keep the part not re-run, with its date
-        old = json.loads(previous.read_text())
-        payload.update({k: {**old[k], "environment": old.get("environment")} for k in ("resnet18", "mnist")
-                        if k in old})
+    if args.skip_mnist or args.skip_resnet:
+        payload.update(previous_parts("prune_cpu", ("resnet18", "mnist")))
     if not args.skip_resnet:
         payload["resnet18"] = resnet_part(args.threads, args.rounds)
         print({k: (v["macs_ratio"], v["speedup"]) for k, v in payload["resnet18"]["rows"].items()})
