@@ -21,6 +21,8 @@ log = logging.getLogger("slimkit.search")
 HEARTBEAT_S = 5
 GRACE_S = 20
 MAX_RETRY = 2
+SCHEMA_RACE_TRIES = 5
+SCHEMA_RACE_SIGNS = ("already exists", "UNIQUE constraint failed", "duplicate key")
 
 
 def storage_url(out: Path | None, storage: str | None) -> str:
@@ -48,12 +50,19 @@ def open_storage(url: str) -> Any:
     optuna.logging.set_verbosity(optuna.logging.WARNING)
     warnings.filterwarnings("ignore", category=optuna.exceptions.ExperimentalWarning)
     engine: dict[str, Any] = {"connect_args": {"timeout": 60}} if url.startswith("sqlite") else {"pool_pre_ping": True}
-    try:
-        return RDBStorage(url, engine_kwargs=engine, heartbeat_interval=HEARTBEAT_S, grace_period=GRACE_S,
-                          heartbeat_stale_trial_callback=_retry_callback())
-    except Exception as exc:  # SQLAlchemy raises many types; the user needs the URL and the reason
-        raise SlimkitError(f"cannot open study storage {_redact(url)}: {str(exc).splitlines()[0][:160]}",
-                           "check the URL, that the server runs and the database exists") from None
+    for attempt in range(SCHEMA_RACE_TRIES):
+        try:
+            return RDBStorage(url, engine_kwargs=engine, heartbeat_interval=HEARTBEAT_S, grace_period=GRACE_S,
+                              heartbeat_stale_trial_callback=_retry_callback())
+        except Exception as exc:  # SQLAlchemy raises many types; the user needs the URL and the reason
+            # Processes opening a new database at once all create the schema; the losers see a
+            # duplicate table or version row and succeed on a later try once the winner committed.
+            if any(m in str(exc) for m in SCHEMA_RACE_SIGNS) and attempt + 1 < SCHEMA_RACE_TRIES:
+                time.sleep(0.5 * (attempt + 1))
+                continue
+            raise SlimkitError(f"cannot open study storage {_redact(url)}: {str(exc).splitlines()[0][:160]}",
+                               "check the URL, that the server runs and the database exists") from None
+    raise AssertionError("unreachable")
 
 
 def _retry_callback() -> Any:
