@@ -1,9 +1,8 @@
-"""profile(): every number in one record, fast, JSON round-trip, consistent with the parts."""
+"""profile(): every number in one record (its < 5 s target is timed in bench/profile_time.py), JSON round-trip, consistent with the parts."""
 
 from __future__ import annotations
 
 import json
-import time
 
 import pytest
 import torch
@@ -20,18 +19,11 @@ def cnn_profile():
     # one-time, per-process cost of seconds that is not profile()'s own. Pay it before timing.
     count_flops(nn.Linear(2, 2), torch.ones(1, 2))
     model = SmallCNN().train()
-    start = time.perf_counter()
-    result = profile(model, torch.randn(1, 1, 28, 28))
-    return model, result, time.perf_counter() - start
-
-
-def test_profile_of_mnist_cnn_is_fast(cnn_profile):
-    _, _, seconds = cnn_profile
-    assert seconds < 5.0
+    return model, profile(model, torch.randn(1, 1, 28, 28))
 
 
 def test_profile_numbers_match_the_parts(cnn_profile):
-    model, p, _ = cnn_profile
+    model, p = cnn_profile
     params = sum(t.numel() for t in model.parameters())
     assert p.params_total == p.params_nonzero == params
     assert p.macs == sum(SmallCNN.hand_macs(1).values()) and p.flops == 2 * p.macs
@@ -46,7 +38,7 @@ def test_profile_numbers_match_the_parts(cnn_profile):
 
 
 def test_profile_leaves_model_and_threads_as_they_were(cnn_profile):
-    model, _, _ = cnn_profile
+    model, _ = cnn_profile
     assert model.training
     before = torch.get_num_threads()
     profile(nn.Linear(4, 2), torch.ones(1, 4), threads=1, min_time_s=0.01, breakdown_runs=1)
@@ -54,7 +46,7 @@ def test_profile_leaves_model_and_threads_as_they_were(cnn_profile):
 
 
 def test_json_round_trip(cnn_profile):
-    _, p, _ = cnn_profile
+    _, p = cnn_profile
     data = json.loads(p.to_json())
     assert data == p.to_dict()
     assert data["latency"]["p50_ms"] == p.latency.p50_ms
@@ -62,7 +54,7 @@ def test_json_round_trip(cnn_profile):
 
 
 def test_render_shows_summary_and_layers(cnn_profile):
-    _, p, _ = cnn_profile
+    _, p = cnn_profile
     text = str(p)
     assert "energy (estimate)" in text and "Horowitz" in text
     assert "conv3" in text and f"{p.params_total:,}" in text
