@@ -9,15 +9,12 @@ import torch
 import torch.nn as nn
 
 from slimkit.errors import SlimkitError
-from slimkit.measure import Profile, artifact_size, count_flops, estimate_energy, profile
+from slimkit.measure import Profile, artifact_size, estimate_energy, profile
 from tests.measure.models import SmallCNN
 
 
 @pytest.fixture(scope="module")
 def cnn_profile():
-    # torch imports torch._dynamo the first time any dispatch mode (FlopCounterMode) is used: a
-    # one-time, per-process cost of seconds that is not profile()'s own. Pay it before timing.
-    count_flops(nn.Linear(2, 2), torch.ones(1, 2))
     model = SmallCNN().train()
     return model, profile(model, torch.randn(1, 1, 28, 28))
 
