@@ -1,25 +1,34 @@
 """Factorization + distillation on CPU: parameters, quality before/after recovery, measured latency.
 
-(a) mnist CNN: Tucker-2 / CP / SVD at ~1/3 of the parameters (image-input conv and classifier kept
-    whole), then recovery with the same seed and step budget two ways: plain fine-tuning on the
-    labels (alpha=0) and distillation from the original (alpha=0.9, T=4). Latency ratios at batch 1
-    and 256 (2 threads, interleaved medians).
+(a) mnist CNN: Tucker-2 / CP / SVD at >= 3x fewer parameters (ratio 0.3 per layer, ranks moved to
+    multiples of 8; image-input conv and classifier kept whole). Recovery, per seed (0, 1, 2), same
+    steps, lr and batches two ways: plain fine-tuning on the labels (alpha=0) and distillation from
+    the original (alpha=0.9, T=4); accuracy on the task's whole test split (1,000 images).
+    Latency at batch 1 and 256 on torch eager and on ONNX Runtime (each runtime compared with the
+    original on that same runtime), 2 threads, interleaved medians.
 (b) MiniLM: SVD of the FFN layers at 50% of their parameters, and a 3-layer student (alternate
-    layers), each distilled on the task's training sentences (embedding cosine loss; the task has
-    no labels, so "plain fine-tuning" does not exist for it: the control is the undistilled model).
+    layers), distilled on the task's training sentences for a few step counts; plain fine-tuning of
+    the same student with the same steps/lr/batches is unsupervised SimCSE (the task has no labels).
     Similarity score, cosine to fp32, latency ratio at batch 32 x 128.
-Writes bench/results/factorize_distill.json.
 
-    .venv/bin/python bench/factorize_distill.py [--threads 2] [--mnist-steps 300] [--minilm-steps 200]
+Parts run separately (each short enough for the shared lock) and are merged into
+bench/results/factorize_distill.json, each with its own environment and load record:
+
+    .venv/bin/python bench/factorize_distill.py --part mnist-latency
+    .venv/bin/python bench/factorize_distill.py --part mnist-recovery --methods tucker --seeds 0,1,2
+    .venv/bin/python bench/factorize_distill.py --part minilm-students --students layers_3 --steps 100,300
+    .venv/bin/python bench/factorize_distill.py --part minilm-latency
 """
 
 from __future__ import annotations
 
 import argparse
 import copy
+import json
 import logging
 import os
 import re
+import statistics
 import sys
 import time
 import warnings
@@ -30,15 +39,23 @@ import torch
 import torch.nn as nn
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from _common import environment, model_latencies, write  # noqa: E402
+from _common import RESULTS, environment, interleaved_medians, model_latencies, write  # noqa: E402
 
 import slimkit as sk  # noqa: E402
-from slimkit.distill import Distill, distill, minilm_student  # noqa: E402
+from slimkit.distill import Distill, distill, minilm_student, simcse_finetune  # noqa: E402
 from slimkit.factorize import CP, SVD, Tucker  # noqa: E402
 
 warnings.filterwarnings("ignore")
 logging.getLogger("slimkit").setLevel(logging.ERROR)
+NAME = "factorize_distill"
 FFN = r"bert\.encoder\.layer\.\d+\.(intermediate|output)\.dense"
+MNIST = {"tucker": Tucker(ratio=0.3, rank_multiple=8), "cp": CP(ratio=0.3, rank_multiple=8),
+         "svd": SVD(rank_ratio=0.3, targets="all", rank_multiple=8)}
+#: The earlier ranks (no rounding), timed for comparison only.
+MNIST_UNROUNDED = {"tucker_unrounded": Tucker(ratio=0.3), "cp_unrounded": CP(ratio=0.3),
+                   "svd_unrounded": SVD(rank_ratio=0.3, targets="all")}
+RECOVERY = {"finetuned": {"alpha": 0.0}, "distilled": {"alpha": 0.9}}
+MNIST_LR, MINILM_LR = 2e-3, 1e-4
 
 
 def params(model: nn.Module) -> int:
@@ -50,98 +67,193 @@ def load_state() -> dict[str, Any]:
     return {"loadavg_1min": round(load, 2), "cores": os.cpu_count(), "contended": load > (os.cpu_count() or 1) * 0.75}
 
 
-def latency(models: dict[str, nn.Module], inputs: tuple, threads: int, rounds: int) -> dict[str, Any]:
+def ratios(times: dict[str, dict[str, float]], before: dict, note: str) -> dict[str, Any]:
+    """Median and min ms per model, and speedups over ``baseline`` by median (headline) and by min."""
+    base = times["baseline"]
+    return {"load_before": before, "load_after": load_state(), "runtime": note,
+            "median_ms": {k: round(v["median_ms"], 4) for k, v in times.items()},
+            "min_ms": {k: round(v["min_ms"], 4) for k, v in times.items()},
+            "speedup": {k: round(base["median_ms"] / v["median_ms"], 3) for k, v in times.items() if k != "baseline"},
+            "speedup_by_min": {k: round(base["min_ms"] / v["min_ms"], 3) for k, v in times.items() if k != "baseline"}}
+
+
+def torch_latency(models: dict[str, nn.Module], inputs: tuple, threads: int, rounds: int) -> dict[str, Any]:
     before = load_state()
     times = model_latencies(models, inputs, baseline="baseline", threads=threads, rounds=rounds, min_time_s=0.2)
-    return {"load_before": before, "load_after": load_state(),
-            "median_ms": {k: round(v["median_ms"], 4) for k, v in times.items()},
-            "speedup": {k: round(v["speedup"], 3) for k, v in times.items() if k != "baseline"}}
+    return ratios(times, before, "torch eager (as trained: BatchNorm separate)")
 
 
-def mnist_part(threads: int, steps: int) -> dict[str, Any]:
+def ort_latency(models: dict[str, nn.Module], inputs: tuple, threads: int, rounds: int) -> dict[str, Any]:
+    from slimkit.runtime import build
+
+    runs = {k: build(m, "onnxruntime", inputs, threads=threads) for k, m in models.items()}
+    before = load_state()
+    times = interleaved_medians({k: (lambda r=r: r(*inputs)) for k, r in runs.items()}, rounds=rounds, min_time_s=0.2)
+    del runs  # the sessions' spinning threads must not share the cores with what runs next
+    return ratios(times, before, "onnxruntime (BatchNorm folded, Conv+ReLU fused, NCHWc)")
+
+
+def factorized(task: Any, configs: dict[str, Any]) -> dict[str, nn.Module]:
+    return {name: sk.apply(task.model, config, task) for name, config in configs.items()}
+
+
+def mnist_latency(threads: int) -> dict[str, Any]:
+    """Latency of the original and each factorized model (weights do not change the time)."""
     task = sk.zoo.load("mnist")
-    torch.set_num_threads(threads)
-    base_score = task.evaluate()["score"]
-    out: dict[str, Any] = {"baseline": {"accuracy": base_score, "params": params(task.model)}, "methods": {}}
-    configs = {"tucker": Tucker(ratio=0.3), "cp": CP(ratio=0.3), "svd": SVD(rank_ratio=0.3, targets="all")}
-    finals = {"baseline": task.model}
-    for name, config in configs.items():
-        start = time.perf_counter()
-        factorized = sk.apply(task.model, config, task)
-        row: dict[str, Any] = {"config": config.to_dict(), "params": params(factorized),
-                               "params_reduction": params(task.model) / params(factorized),
-                               "skipped": factorized.slimkit_factorize["skipped"],
-                               "accuracy_factorized": task.evaluate(factorized)["score"],
-                               "decompose_s": round(time.perf_counter() - start, 2)}
-        for label, alpha in (("finetuned", 0.0), ("distilled", 0.9)):
-            student = copy.deepcopy(factorized)
-            result = distill(student, task, Distill(alpha=alpha, temperature=4.0, steps=steps, lr=2e-3), progress=False,
-                             threads=threads)
-            row[f"accuracy_{label}"] = task.evaluate(student)["score"]
-            row[f"{label}_s"] = result.seconds
-            if label == "distilled":
-                finals[name] = student
-        row["drop_after_distill_pt"] = round(100 * (base_score - row["accuracy_distilled"]), 2)
-        row["distill_minus_finetune_pt"] = round(100 * (row["accuracy_distilled"] - row["accuracy_finetuned"]), 2)
-        out["methods"][name] = row
-        print(name, {k: v for k, v in row.items() if k not in ("config", "skipped")}, flush=True)
+    models = {"baseline": task.model, **factorized(task, {**MNIST, **MNIST_UNROUNDED})}
     x = torch.cat([b[0][0] for b in task.eval])  # (1000, 1, 28, 28)
-    out["latency_batch1"] = latency(finals, (x[:1],), threads, rounds=9)
-    out["latency_batch256"] = latency(finals, (x[:256],), threads, rounds=7)
-    print("latency", out["latency_batch1"]["speedup"], out["latency_batch256"]["speedup"], flush=True)
+    out: dict[str, Any] = {"params": {k: params(m) for k, m in models.items()},
+                           "ranks": {k: {n: v["rank"] for n, v in m.slimkit_factorize["layers"].items()}
+                                     for k, m in models.items() if k != "baseline"}}
+    for batch, rounds in ((1, 9), (256, 7)):
+        inputs = (x[:batch],)
+        out[f"torch_batch{batch}"] = torch_latency(models, inputs, threads, rounds)
+        out[f"onnxruntime_batch{batch}"] = ort_latency(models, inputs, threads, rounds)
+        print(batch, "torch", out[f"torch_batch{batch}"]["speedup"], flush=True)
+        print(batch, "ort", out[f"onnxruntime_batch{batch}"]["speedup"], flush=True)
     return out
 
 
-def minilm_part(threads: int, steps: int) -> dict[str, Any]:
+def mnist_recovery(threads: int, methods: list[str], seeds: list[int], steps: int) -> dict[str, Any]:
+    """Per method and seed: accuracy after plain fine-tuning and after distillation (same steps/lr/seed)."""
+    task = sk.zoo.load("mnist")
+    torch.set_num_threads(threads)
+    base = task.evaluate()["score"]
+    out: dict[str, Any] = {"baseline": {"accuracy": base, "params": params(task.model), "test_images": 1000}}
+    for name in methods:
+        model = sk.apply(task.model, MNIST[name], task)
+        row: dict[str, Any] = {"config": MNIST[name].to_dict(), "params": params(model),
+                               "params_reduction": round(params(task.model) / params(model), 3),
+                               "ranks": {n: v["rank"] for n, v in model.slimkit_factorize["layers"].items()},
+                               "accuracy_factorized": task.evaluate(model)["score"], "steps": steps, "lr": MNIST_LR,
+                               "seeds": {}}
+        for seed in seeds:
+            per: dict[str, Any] = {}
+            for label, kw in RECOVERY.items():
+                student = copy.deepcopy(model)
+                result = distill(student, task, Distill(temperature=4.0, steps=steps, lr=MNIST_LR, seed=seed, **kw),
+                                 progress=False, threads=threads)
+                per[label] = task.evaluate(student)["score"]
+                per[f"{label}_s"] = result.seconds
+            row["seeds"][str(seed)] = per
+            print(name, seed, per, flush=True)
+        row.update(summarize(row["seeds"], base))
+        out[name] = row
+    return out
+
+
+def summarize(seeds: dict[str, dict[str, float]], base: float) -> dict[str, Any]:
+    """Mean/std (pt) of both recoveries, the drop after distillation and the paired gap."""
+    def stats(values: list[float]) -> dict[str, float]:
+        return {"mean": round(statistics.mean(values), 5),
+                "std": round(statistics.stdev(values), 5) if len(values) > 1 else 0.0}
+
+    ft = [s["finetuned"] for s in seeds.values()]
+    kd = [s["distilled"] for s in seeds.values()]
+    gap = [100 * (k - f) for k, f in zip(kd, ft)]
+    return {"finetuned": stats(ft), "distilled": stats(kd),
+            "drop_after_distill_pt": round(100 * (base - statistics.mean(kd)), 2),
+            "distill_minus_finetune_pt": {**stats(gap), "per_seed": [round(g, 2) for g in gap]},
+            "distill_wins": sum(g > 0 for g in gap), "ties": sum(g == 0 for g in gap)}
+
+
+def minilm_students(task: Any) -> dict[str, nn.Module]:
+    return {"svd_ffn_0.5": sk.apply(task.model, SVD(rank_ratio=0.5, targets=FFN, keep_output=False), task),
+            "layers_3": minilm_student(task.model, 3)}
+
+
+def minilm_row(task: Any, student: nn.Module, base: dict) -> dict[str, Any]:
+    r = task.evaluate(student)
+    return {"score": r["score"], "cosine_to_fp32": r.get("cosine_to_fp32"), "score_drop": round(base["score"] - r["score"], 4),
+            "sets": {k: v for k, v in r.items() if k not in ("score", "cosine_to_fp32")}}
+
+
+def minilm_part(threads: int, names: list[str], steps: list[int], simcse_steps: int) -> dict[str, Any]:
+    """Per student: undistilled, distilled for each of ``steps``, and SimCSE for ``simcse_steps``."""
     task = sk.zoo.load("minilm")
     torch.set_num_threads(threads)
     base = task.evaluate()
-    out: dict[str, Any] = {"baseline": {"score": base["score"], "params": params(task.model)}, "students": {}}
-    ffn = [m for n, m in task.model.named_modules() if re.fullmatch(FFN, n)]
-    students = {"svd_ffn_0.5": sk.apply(task.model, SVD(rank_ratio=0.5, targets=FFN, keep_output=False), task),
-                "layers_3": minilm_student(task.model, 3)}
-    finals = {"baseline": task.model}
-    for name, student in students.items():
-        before = task.evaluate(student)
-        result = distill(student, task, Distill(steps=steps, lr=1e-4), progress=False, threads=threads)
-        after = task.evaluate(student)
-        row = {"params": params(student), "params_reduction": params(task.model) / params(student),
-               "score_before": before["score"], "cosine_before": before.get("cosine_to_fp32"),
-               "score_distilled": after["score"], "cosine_distilled": after.get("cosine_to_fp32"),
-               "score_drop_distilled": round(base["score"] - after["score"], 4), "distill_s": result.seconds,
-               "sets_distilled": {k: v for k, v in after.items() if k not in ("score", "cosine_to_fp32")}}
+    out: dict[str, Any] = {"baseline": {"score": base["score"], "params": params(task.model)}}
+    students = minilm_students(task)
+    for name in names:
+        student = students[name]
+        row: dict[str, Any] = {"params": params(student), "params_reduction": params(task.model) / params(student),
+                               "before": minilm_row(task, student, base), "distilled": {}, "lr": MINILM_LR}
         if name.startswith("svd"):
-            kept = sum(p.numel() for n, m in student.named_modules() if re.fullmatch(FFN, n)
-                       for p in m.parameters())
+            ffn = [m for n, m in task.model.named_modules() if re.fullmatch(FFN, n)]
+            kept = sum(p.numel() for n, m in student.named_modules() if re.fullmatch(FFN, n) for p in m.parameters())
             row["ffn_params_kept"] = kept / sum(p.numel() for m in ffn for p in m.parameters())
-        out["students"][name] = row
-        finals[name] = student
-        print(name, row, flush=True)
+        for n in steps:
+            s = copy.deepcopy(student)
+            result = distill(s, task, Distill(steps=n, lr=MINILM_LR), progress=False, threads=threads)
+            row["distilled"][str(n)] = {**minilm_row(task, s, base), "seconds": result.seconds}
+            print(name, "distilled", n, row["distilled"][str(n)], flush=True)
+        if simcse_steps:
+            s = copy.deepcopy(student)
+            result = simcse_finetune(s, task, steps=simcse_steps, lr=MINILM_LR, progress=False, threads=threads)
+            row["simcse"] = {**minilm_row(task, s, base), "steps": simcse_steps, "seconds": result.seconds}
+            print(name, "simcse", row["simcse"], flush=True)
+        out[name] = row
+    return out
+
+
+def minilm_latency(threads: int) -> dict[str, Any]:
+    task = sk.zoo.load("minilm")
+    models = {"baseline": task.model, **minilm_students(task)}
     ids, mask = task.example  # (8, 128) real paragraphs
     batch = (ids.repeat(4, 1), mask.repeat(4, 1))  # (32, 128)
-    out["latency_batch32x128"] = latency(finals, batch, threads, rounds=5)
-    print("latency", out["latency_batch32x128"]["speedup"], flush=True)
+    out = torch_latency(models, batch, threads, rounds=5)
+    print("latency", out["speedup"], flush=True)
     return out
+
+
+def merge(key: str, sub: str | None, value: dict[str, Any], threads: int, args: dict) -> Path:
+    """Write ``value`` under ``payload[key][sub]`` (or ``payload[key]``), keeping every other part."""
+    path = RESULTS / f"{NAME}.json"
+    payload = json.loads(path.read_text()) if path.is_file() else {}
+    record = {**value, "environment": environment(threads), "settings": args}
+    if sub is None:
+        payload[key] = record
+    else:
+        payload.setdefault(key, {})
+        if sub in payload[key] and isinstance(payload[key][sub], dict):
+            payload[key][sub] = {**payload[key][sub], **{k: v for k, v in record.items()}}
+        else:
+            payload[key][sub] = record
+    return write(NAME, payload)
 
 
 def main() -> None:
     ap = argparse.ArgumentParser()
+    ap.add_argument("--part", required=True,
+                    choices=("mnist-latency", "mnist-recovery", "minilm-students", "minilm-latency"))
     ap.add_argument("--threads", type=int, default=2)
+    ap.add_argument("--methods", default="tucker,cp,svd")
+    ap.add_argument("--seeds", default="0,1,2")
     ap.add_argument("--mnist-steps", type=int, default=300)
-    ap.add_argument("--minilm-steps", type=int, default=200)
-    ap.add_argument("--skip-mnist", action="store_true")
-    ap.add_argument("--skip-minilm", action="store_true")
+    ap.add_argument("--students", default="layers_3,svd_ffn_0.5")
+    ap.add_argument("--steps", default="100,300")
+    ap.add_argument("--simcse-steps", type=int, default=300)
     args = ap.parse_args()
     start = time.perf_counter()
-    payload: dict[str, Any] = {"environment": environment(args.threads), "load_at_start": load_state(),
-                               "settings": vars(args)}
-    if not args.skip_mnist:
-        payload["mnist"] = mnist_part(args.threads, args.mnist_steps)
-        write("factorize_distill", payload)  # a long MiniLM part must not lose the mnist results
-    if not args.skip_minilm:
-        payload["minilm"] = minilm_part(args.threads, args.minilm_steps)
-    payload["total_s"] = round(time.perf_counter() - start, 1)
-    print(write("factorize_distill", payload))
+    settings = {**vars(args), "load_at_start": load_state()}
+    if args.part == "mnist-latency":
+        path = merge("mnist", "latency", mnist_latency(args.threads), args.threads, settings)
+    elif args.part == "mnist-recovery":
+        result = mnist_recovery(args.threads, args.methods.split(","), [int(s) for s in args.seeds.split(",")],
+                                args.mnist_steps)
+        path = None
+        for method in args.methods.split(","):
+            path = merge("mnist", f"recovery_{method}", {**result[method], "baseline": result["baseline"]},
+                         args.threads, settings)
+    elif args.part == "minilm-students":
+        result = minilm_part(args.threads, args.students.split(","), [int(s) for s in args.steps.split(",")],
+                             args.simcse_steps)
+        for name in args.students.split(","):
+            path = merge("minilm", name, {**result[name], "baseline": result["baseline"]}, args.threads, settings)
+    else:
+        path = merge("minilm", "latency_batch32x128", minilm_latency(args.threads), args.threads, settings)
+    print(path, f"{time.perf_counter() - start:.0f} s")
 
 
 if __name__ == "__main__":

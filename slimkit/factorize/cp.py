@@ -19,7 +19,7 @@ import torch.nn as nn
 
 from slimkit.config import BaseConfig, register, register_handler
 from slimkit.errors import SlimkitError
-from slimkit.factorize.layers import check_ratio, not_smaller, weight_params
+from slimkit.factorize.layers import check_multiple, check_ratio, not_smaller, round_rank, weight_params
 from slimkit.factorize.modules import CPConv2d, conv_geometry
 from slimkit.factorize.svd import factorize_kernels
 
@@ -30,7 +30,8 @@ _MODES = "abcdefgh"
 @dataclasses.dataclass(frozen=True)
 class CP(BaseConfig):
     """CP of kxk convs (+ SVD of Linear / 1x1 layers): ``rank`` for every conv, or the largest rank
-    within ``ratio`` of each layer's weights; ``iters`` ALS sweeps (stops early once converged)."""
+    within ``ratio`` of each layer's weights; ``iters`` ALS sweeps (stops early once converged);
+    ``rank_multiple`` moves every rank to the nearest multiple (see ``Tucker``)."""
 
     ratio: float = 0.3
     rank: int | None = None
@@ -38,9 +39,11 @@ class CP(BaseConfig):
     targets: str | tuple[str, ...] = "all"
     exclude: str | tuple[str, ...] = ()
     keep_output: bool = True
+    rank_multiple: int = 1
 
     def __post_init__(self) -> None:
         check_ratio("ratio", self.ratio)
+        check_multiple(self.rank_multiple)
         if self.rank is not None and (not isinstance(self.rank, int) or isinstance(self.rank, bool) or self.rank < 1):
             raise SlimkitError(f"rank={self.rank!r} is invalid", "use a positive integer CP rank")
         if not isinstance(self.iters, int) or self.iters < 1:
@@ -121,6 +124,7 @@ def _cp(model: nn.Module, config: CP, task: Any) -> nn.Module:
     def conv_plan(name: str, layer: nn.Module) -> tuple[nn.Module, dict[str, Any]] | str:
         o, i, kh, kw = layer.weight.shape
         rank = config.rank or max(1, math.floor(config.ratio * layer.weight.numel() / (o + i + kh + kw)))
+        rank = round_rank(rank, config.rank_multiple, layer.weight.numel())
         reason = not_smaller(cp_params(layer, rank), weight_params(layer))
         if reason:
             return f"CP rank {rank}: {reason}"

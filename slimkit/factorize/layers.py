@@ -31,6 +31,24 @@ def check_ratio(name: str, value: float | None, *, optional: bool = False) -> No
         raise SlimkitError(f"{name}={value!r} is out of range", "use a fraction of the parameters to keep in (0, 1]")
 
 
+def check_multiple(value: int) -> None:
+    """``rank_multiple`` must be a positive whole number (1 = ranks as computed)."""
+    if not isinstance(value, int) or isinstance(value, bool) or value < 1:
+        raise SlimkitError(f"rank_multiple={value!r} is invalid",
+                           "use a positive whole number, e.g. 8 (the CPU kernels' channel block) or 1 to keep ranks")
+
+
+def round_rank(rank: int, multiple: int, limit: int) -> int:
+    """``rank`` moved to the nearest multiple of ``multiple`` (at least one multiple, at most ``limit``).
+
+    Why: CPU conv/GEMM kernels work on channel blocks (ONNX Runtime's NCHWc uses 8 on AVX2, 16 on
+    AVX-512); a rank of 13 is padded or re-laid out on every call, so 16 can run faster than 13.
+    """
+    if multiple <= 1:
+        return min(rank, limit)
+    return min(limit, max(multiple, multiple * round(rank / multiple)))
+
+
 def chosen_layers(model: nn.Module, targets: Any, exclude: Any, technique: str) -> list[str]:
     """Linear/Conv2d names picked by ``targets`` minus ``exclude``; an empty choice is an error."""
     from slimkit.quantize.targets import select

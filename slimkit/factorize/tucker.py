@@ -18,7 +18,7 @@ import torch.nn as nn
 
 from slimkit.config import BaseConfig, register, register_handler
 from slimkit.errors import SlimkitError
-from slimkit.factorize.layers import check_ratio, not_smaller, weight_params
+from slimkit.factorize.layers import check_multiple, check_ratio, not_smaller, round_rank, weight_params
 from slimkit.factorize.modules import TuckerConv2d, conv_geometry
 from slimkit.factorize.svd import factorize_kernels
 
@@ -28,7 +28,8 @@ from slimkit.factorize.svd import factorize_kernels
 class Tucker(BaseConfig):
     """Tucker-2 of kxk convs (+ SVD of Linear / 1x1 layers) keeping ``ratio`` of each layer's weights,
     or fixed ``ranks=(r_out, r_in)`` for every conv (clipped to its channels). ``hooi_iters`` HOOI
-    sweeps refine the HOSVD start (0 = plain HOSVD)."""
+    sweeps refine the HOSVD start (0 = plain HOSVD). ``rank_multiple`` moves every rank to the nearest
+    multiple (8: ONNX Runtime's AVX2 conv block; measured on the mnist CNN in BENCHMARKS.md)."""
 
     ratio: float = 0.3
     ranks: tuple[int, int] | None = None
@@ -36,9 +37,11 @@ class Tucker(BaseConfig):
     targets: str | tuple[str, ...] = "all"
     exclude: str | tuple[str, ...] = ()
     keep_output: bool = True
+    rank_multiple: int = 1
 
     def __post_init__(self) -> None:
         check_ratio("ratio", self.ratio)
+        check_multiple(self.rank_multiple)
         if self.ranks is not None and (len(self.ranks) != 2 or not all(isinstance(r, int) and r >= 1 for r in self.ranks)):
             raise SlimkitError(f"ranks={self.ranks!r} is invalid", "give two positive integers (r_out, r_in)")
         if not isinstance(self.hooi_iters, int) or self.hooi_iters < 0:
@@ -108,6 +111,8 @@ def _tucker(model: nn.Module, config: Tucker, task: Any) -> nn.Module:
             r_out, r_in = min(config.ranks[0], layer.out_channels), min(config.ranks[1], layer.in_channels)
         else:
             r_out, r_in = ranks_for_ratio(layer, config.ratio)
+        r_out = round_rank(r_out, config.rank_multiple, layer.out_channels)
+        r_in = round_rank(r_in, config.rank_multiple, layer.in_channels)
         reason = not_smaller(tucker_params(layer, r_out, r_in), weight_params(layer))
         if reason:
             return f"Tucker ranks ({r_out}, {r_in}): {reason}"

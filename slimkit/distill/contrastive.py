@@ -1,0 +1,62 @@
+"""Plain fine-tuning for an encoder without labels: unsupervised SimCSE on the task's own text.
+
+Distillation has to beat *plain fine-tuning of the same student with the same budget*. A sentence
+encoder task like ``minilm`` has training sentences but no labels, so the label-based loss does not
+exist; the standard teacher-free training signal for sentence embeddings on raw text is
+unsupervised SimCSE (Gao et al., 2021): encode each sentence twice with dropout on, and train each
+embedding to pick its own twin out of the batch (InfoNCE over cosine similarities / ``temperature``).
+Same loop, steps, lr, batches and seed as ``Distill`` — only the teacher is missing.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+import torch
+import torch.nn as nn
+import torch.nn.functional as F
+
+from slimkit.errors import SlimkitError
+from slimkit.train.finetune import TrainResult, finetune
+
+
+def contrastive_loss(first: torch.Tensor, second: torch.Tensor, temperature: float = 0.05) -> torch.Tensor:
+    """InfoNCE: row i of ``first`` (B, D) must match row i of ``second`` (B, D) among all B rows."""
+    a, b = F.normalize(first.flatten(1), dim=-1), F.normalize(second.flatten(1), dim=-1)
+    logits = a @ b.T / temperature                                 # (B, B) cosine / τ
+    return F.cross_entropy(logits, torch.arange(a.shape[0], device=a.device))
+
+
+class SimCSELoss:
+    """``loss(model, inputs, labels)`` for ``finetune``: two dropout views of the same batch."""
+
+    def __init__(self, temperature: float = 0.05) -> None:
+        if not temperature > 0:
+            raise SlimkitError(f"temperature={temperature!r} is invalid", "use a positive temperature, e.g. 0.05")
+        self.temperature = temperature
+
+    def __call__(self, model: nn.Module, inputs: tuple[Any, ...], labels: Any) -> torch.Tensor:
+        first, second = _first(model(*inputs)), _first(model(*inputs))  # (B, D) each, different dropout masks
+        return contrastive_loss(first, second, self.temperature)
+
+
+def simcse_finetune(model: nn.Module, task: Any, *, steps: int, lr: float, seed: int = 0, temperature: float = 0.05,
+                    progress: bool = True, threads: int | None = None) -> TrainResult:
+    """Fine-tune ``model`` in place on ``task.train`` inputs with the SimCSE loss (no teacher, no labels)."""
+    from slimkit.measure._call import pinned_threads
+
+    if task is None or not task.train:
+        raise SlimkitError(f"SimCSE fine-tuning needs a task with training inputs (got {getattr(task, 'name', None)!r})",
+                           "give the Task train batches")
+    if not any(isinstance(m, nn.Dropout) and m.p > 0 for m in model.modules()):
+        raise SlimkitError("SimCSE fine-tuning needs dropout in the model: two passes would be identical",
+                           "use a model with dropout layers (e.g. a transformer encoder)")
+    with pinned_threads(threads):
+        result = finetune(model, task, steps=steps, lr=lr, seed=seed, loss=SimCSELoss(temperature),
+                          progress=progress, label=f"SimCSE fine-tuning {task.name}")
+    model.eval()
+    return result
+
+
+def _first(out: Any) -> torch.Tensor:
+    return out[0] if isinstance(out, (tuple, list)) else out
