@@ -28,6 +28,7 @@ TECHNIQUE_MODULES = (
     "slimkit.distill.space",          # distillation as the recovery step
     "slimkit.quantize.mixed_space",   # QAT, mixed precision, ternary
     "slimkit.nas.space",              # architecture search, fusion
+    "slimkit.nas.encoder_space",      # transformer-encoder NAS (layers, heads, FFN width)
 )
 
 

@@ -1,0 +1,98 @@
+"""Scoring encoder NAS members: cosine to the original on held-out text, latency measured, and a
+fitted latency model that says how far measurements can be skipped.
+
+The proxy is the mean cosine between the member's and the original's sentence embeddings: it
+needs no labels, costs one forward pass over a few batches, and is what distillation later
+optimises, so ranking members by it before distilling ranks them by their starting point.
+The searchers of :mod:`slimkit.nas.search` (TPE / NSGA-II and evolution) drive this evaluator as
+they drive the CNN ones.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from typing import Sequence
+
+import torch
+import torch.nn as nn
+import torch.nn.functional as F
+
+from slimkit.errors import SlimkitError
+from slimkit.nas.encoder import EncoderArch, Ranking, rank, subnet
+from slimkit.nas.search import Evaluation
+
+Inputs = Sequence[tuple[torch.Tensor, ...]]
+
+
+def mean_cosine(model: nn.Module, reference: Sequence[torch.Tensor], inputs: Inputs) -> float:
+    """Mean per-sentence cosine between ``model``'s outputs and the ``reference`` outputs."""
+    with torch.inference_mode():
+        sims = [F.cosine_similarity(model(*x).float(), ref.float(), dim=-1) for x, ref in zip(inputs, reference)]
+    return float(torch.cat(sims).mean())
+
+
+class EncoderEvaluator:
+    """``evaluator(arch, source)`` -> :class:`Evaluation` with ``accuracy`` = cosine proxy (each arch once)."""
+
+    def __init__(self, model: nn.Module, val: Inputs, timing_input: tuple[torch.Tensor, ...], *,
+                 rank_inputs: Inputs = (), threads: int | None = None) -> None:
+        if not val:
+            raise SlimkitError("encoder NAS needs validation inputs for its cosine proxy",
+                               "pass a few batches of held-out text (the task's calib batches)")
+        self.model, self.val, self.timing_input, self.threads = model.eval(), list(val), timing_input, threads
+        self.ranking: Ranking = rank(model, rank_inputs)
+        with torch.inference_mode():
+            self.reference = [model(*x) for x in self.val]
+        self.cache: dict[EncoderArch, Evaluation] = {}
+        self.predictor: LatencyModel | None = None
+
+    def __call__(self, arch: EncoderArch, source: str = "") -> Evaluation:
+        if arch not in self.cache:
+            from slimkit.measure import measure_latency
+
+            member = subnet(self.model, arch, self.ranking)
+            cos = mean_cosine(member, self.reference, self.val)
+            lat = measure_latency(member, self.timing_input, threads=self.threads, min_time_s=0.3).p50_ms
+            predicted = self.predictor.predict(arch) if self.predictor is not None else None
+            self.cache[arch] = Evaluation(arch, cos, lat, predicted, source)  # type: ignore[arg-type]
+        return self.cache[arch]
+
+
+@dataclasses.dataclass
+class LatencyModel:
+    """``ms = c0 + layers * (c1 + c2 * heads + c3 * ffn)``, least squares on measured members.
+
+    The form follows the cost: each kept block pays a fixed part (LayerNorms, residuals, the
+    hidden-width projections' overhead), a part linear in its heads (q/k/v, attention, output
+    projection) and a part linear in its FFN width; outside the blocks (embeddings) is constant.
+    """
+
+    coef: tuple[float, float, float, float]
+
+    @staticmethod
+    def features(arch: EncoderArch) -> list[float]:
+        return [1.0, float(arch.layers), float(arch.layers * arch.heads), float(arch.layers * arch.ffn)]
+
+    @classmethod
+    def fit(cls, evals: Sequence[Evaluation]) -> "LatencyModel":
+        if len(evals) < 4:
+            raise SlimkitError(f"the latency model needs at least 4 measured members, got {len(evals)}",
+                               "measure more members before fitting")
+        x = torch.tensor([cls.features(e.arch) for e in evals], dtype=torch.float64)  # (n, 4)
+        y = torch.tensor([e.latency_ms for e in evals], dtype=torch.float64)  # (n,)
+        # Relative error is what matters: weight each row by 1/y so small members count as much as big ones.
+        w = 1.0 / y
+        coef = torch.linalg.lstsq(x * w[:, None], y * w).solution
+        return cls(tuple(float(c) for c in coef))  # type: ignore[arg-type]
+
+    def predict(self, arch: EncoderArch) -> float:
+        return float(sum(c * f for c, f in zip(self.coef, self.features(arch))))
+
+
+def held_out_error(evals: Sequence[Evaluation]) -> dict[str, float]:
+    """Leave-one-out mean and max relative error of :class:`LatencyModel` on measured members."""
+    errors = []
+    for i, e in enumerate(evals):
+        fitted = LatencyModel.fit([o for j, o in enumerate(evals) if j != i])
+        errors.append(abs(fitted.predict(e.arch) - e.latency_ms) / e.latency_ms)
+    return {"mean_rel_error": sum(errors) / len(errors), "max_rel_error": max(errors), "members": len(errors)}
