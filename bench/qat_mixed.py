@@ -1,24 +1,34 @@
 """QAT vs PTQ, mixed vs uniform precision, binary/ternary vs int4: quality at measured artifact sizes.
 
-mnist CNN and MiniLM, side by side in one process:
-(a) PTQ int8 static vs QAT int8 static (both scored on ONNX Runtime's integer kernels);
-(b) PTQ int4 vs QAT int4 weight-only (torch int4 kernels), grouped (g32) and per channel (g0);
-(c) mixed precision {4, 8, 16} vs uniform at the same weight-byte budget: at the uniform int8 bytes,
-    and halfway between uniform int4 and int8 (where the best uniform that fits is int4);
-(d) mnist: binary / ternary (1-2 bit, packed) vs int4 at their artifact sizes.
-Sizes are the bytes of the saved artifact (``slimkit.save``); quality is the task metric, plus the
-output SQNR (mnist logits) or cosine to fp32 (MiniLM) to resolve differences the metric rounds away.
-This benchmark measures quality and size, not speed (no latency is timed).
+mnist CNN and MiniLM, side by side in one process, in parts (``--parts``; a part not run keeps its
+numbers from the previous results file, with that run's date):
 
-    .venv/bin/python bench/qat_mixed.py [--threads 1] [--mnist-steps 300] [--minilm-steps 40] [--skip-minilm]
+- ``*_qat``: PTQ vs QAT int8 static (ONNX Runtime's integer kernels) and int4 weight-only of the
+  Linear layers (grouped g32 and per channel g0, torch). mnist adds the int4 setting where PTQ
+  loses accuracy: **every** weight layer (convolutions too) at int4 with one symmetric step per
+  tensor; PTQ with the max-abs step and with the least-MSE step (QAT's start), QAT (LSQ) over
+  several seeds, paired with PTQ image by image (McNemar's exact test on the disagreements).
+- ``*_mixed``: accuracy vs bytes: mixed precision {4, 8, 16} at budgets from the uniform int4 bytes
+  to the uniform int8 bytes (one sensitivity measurement shared by every budget), against the best
+  uniform width that fits each budget; mnist lets convolutions take int4 too. Plot:
+  ``results/qat_mixed_curve.png``.
+- ``mnist_extreme``: binary / ternary (1-2 bit, packed) vs int4 at their artifact sizes.
+
+Sizes are the bytes of the saved artifact (``slimkit.save``); quality is the task metric, plus the
+output SQNR (mnist logits) or cosine to fp32 (MiniLM). Quality and size only: no latency is timed.
+
+    .venv/bin/python bench/qat_mixed.py [--threads 1] [--parts mnist_qat,mnist_mixed,...] [--seeds 3]
 """
 
 from __future__ import annotations
 
 import argparse
+import copy
+import dataclasses
 import logging
 import math
 import os
+import statistics
 import sys
 import tempfile
 import time
@@ -30,17 +40,22 @@ import torch
 import torch.nn as nn
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from _common import environment, write  # noqa: E402
+from _common import RESULTS, environment, previous_parts, write  # noqa: E402
 
 import slimkit as sk  # noqa: E402
 from slimkit.io import artifact_bytes  # noqa: E402
 from slimkit.measure.sensitivity import weight_layers  # noqa: E402
 from slimkit.quantize import Binary, Int8, Mixed, QAT, QuantLinear, Ternary, WeightOnly  # noqa: E402
-from slimkit.quantize.mixed import layer_bytes  # noqa: E402
+from slimkit.quantize.mixed import layer_bytes, measure_costs  # noqa: E402
+from slimkit.quantize.qat import fold_and_freeze, ptq_start  # noqa: E402
 from slimkit.runtime import build  # noqa: E402
 
 warnings.filterwarnings("ignore")
 logging.getLogger("slimkit").setLevel(logging.ERROR)
+
+PARTS = ("mnist_qat", "mnist_mixed", "mnist_extreme", "minilm_qat", "minilm_mixed")
+#: Budgets of the curve, as multiples of the uniform int4 bytes (then midway and at the int8 bytes).
+INT4_MULTIPLES = (1.0, 1.05, 1.1, 1.25, 1.5)
 
 
 def size_of(model: nn.Module) -> int:
@@ -49,32 +64,38 @@ def size_of(model: nn.Module) -> int:
         return artifact_bytes(Path(tmp) / "m")
 
 
-def logits_sqnr(task: Any, run: Any) -> float:
+def outputs(task: Any, run: Any) -> tuple[torch.Tensor, torch.Tensor]:
+    """(reference logits, logits of ``run``) over the mnist test split."""
     ref, got = [], []
     with torch.inference_mode():
         for (x,), _ in task.eval:
             ref.append(task.model(x))
             got.append(torch.as_tensor(run(x)))
-    r, g = torch.cat(ref), torch.cat(got)
-    noise = float((r - g).norm())
-    return math.inf if noise == 0 else round(20 * math.log10(float(r.norm()) / noise), 2)
+    return torch.cat(ref), torch.cat(got)
+
+
+def labels(task: Any) -> torch.Tensor:
+    return torch.cat([y for _, y in task.eval])
 
 
 def row(task: Any, name: str, model: nn.Module, backend: str, fp32_bytes: int, seconds: float) -> dict[str, Any]:
     run = build(model, backend, task.example)
     scores = task.evaluate(run)
-    out = {"contender": name, "score": round(scores["score"], 4), "backend": backend,
-           "artifact_bytes": size_of(model), "seconds": round(seconds, 1)}
+    out: dict[str, Any] = {"contender": name, "score": round(scores["score"], 4), "backend": backend,
+                           "artifact_bytes": size_of(model), "seconds": round(seconds, 1)}
     out["smaller_than_fp32"] = round(fp32_bytes / out["artifact_bytes"], 2)
     if "cosine_to_fp32" in scores:
         out["cosine_to_fp32"] = round(scores["cosine_to_fp32"], 5)
     elif task.name == "mnist":
-        out["logits_sqnr_db"] = logits_sqnr(task, run)
+        r, g = outputs(task, run)
+        noise = float((r - g).norm())
+        out["logits_sqnr_db"] = math.inf if noise == 0 else round(20 * math.log10(float(r.norm()) / noise), 2)
+        out["_correct"] = (g.argmax(-1) == labels(task)).tolist()
     info = getattr(model, "slimkit_quant", {})
     if "bits" in info:
         out["bits"] = info["bits"]
         out["weight_bytes"], out["budget_bytes"] = info["weight_bytes"], round(info["budget_bytes"])
-    print(f"  {name:34s} score {out['score']:.4f}  {out['smaller_than_fp32']:>6}x  "
+    print(f"  {name:44s} score {out['score']:.4f}  {out['smaller_than_fp32']:>6}x  "
           f"{out.get('cosine_to_fp32', out.get('logits_sqnr_db', ''))}  {out['seconds']}s", flush=True)
     return out
 
@@ -84,19 +105,18 @@ def timed(fn: Any) -> tuple[Any, float]:
     return fn(), time.perf_counter() - start
 
 
-def uniform_ratio(model: nn.Module, four: bool) -> float:
-    layers = [model.get_submodule(n) for n in weight_layers(model)]
-    used = 0
-    for m in layers:
-        b4 = layer_bytes(m, 4, 32) if four else None
-        used += b4 if b4 is not None else layer_bytes(m, 8, 32)
-    return used / sum(4 * m.weight.numel() for m in layers)
+def paired(a: dict[str, Any], b: dict[str, Any]) -> dict[str, Any]:
+    """McNemar's exact test of ``b`` vs ``a`` on the same test images: images only one gets right."""
+    from scipy.stats import binomtest
+
+    only_a = sum(x and not y for x, y in zip(a["_correct"], b["_correct"]))
+    only_b = sum(y and not x for x, y in zip(a["_correct"], b["_correct"]))
+    p = binomtest(only_b, only_a + only_b, 0.5).pvalue if only_a + only_b else 1.0
+    return {"only_baseline_right": only_a, "only_this_right": only_b, "mcnemar_p": round(float(p), 5)}
 
 
 def ptq_int4_per_channel(model: nn.Module) -> nn.Module:
     """Round-to-nearest int4 with one scale/zero per output row (WeightOnly only offers groups)."""
-    import copy
-
     from slimkit.io import set_submodule
 
     out = copy.deepcopy(model)
@@ -106,7 +126,22 @@ def ptq_int4_per_channel(model: nn.Module) -> nn.Module:
     return out.eval()
 
 
-def run_task(task: Any, steps: int, lr: float, extreme: bool, int8_static: dict[str, Any]) -> list[dict[str, Any]]:
+def ptq_int4_per_tensor_maxabs(model: nn.Module, config: QAT, task: Any) -> nn.Module:
+    """Per-tensor symmetric int4 with the plain max-abs step (max|w| / 7): the naive PTQ."""
+    from slimkit.io import set_submodule
+    from slimkit.quantize.extreme_modules import int4_stored
+
+    out = ptq_start(model, config, task)  # same folded float weights, then re-rounded with max-abs
+    folded, _, _ = fold_and_freeze(copy.deepcopy(model), config, task)
+    for n in weight_layers(folded):
+        layer = folded.get_submodule(n)
+        w = layer.weight.detach().flatten(1)  # (N, K)
+        step = w.abs().max() / 7
+        set_submodule(out, n, int4_stored(layer, torch.round(w / step).clamp(-8, 7), step.expand(w.shape[0])))
+    return out.eval()
+
+
+def qat_rows(task: Any, steps: int, lr: float, int8_static: dict[str, Any], seeds: int) -> dict[str, Any]:
     model = task.model
     fp32_bytes = size_of(model)
     rows = [row(task, "fp32", model, "torch", fp32_bytes, 0.0)]
@@ -124,17 +159,121 @@ def run_task(task: Any, steps: int, lr: float, extreme: bool, int8_static: dict[
         rows.append(row(task, f"PTQ int4 weight-only g{group}", q, "torch", fp32_bytes, s))
         q, s = apply(QAT(bits=4, weight_only=True, group_size=group, steps=steps, lr=lr, evaluate=False))
         rows.append(row(task, f"QAT int4 weight-only g{group}", q, "torch", fp32_bytes, s))
-    r4, r8 = uniform_ratio(model, True), uniform_ratio(model, False)
-    for label, cands, ratio in (("uniform int8", (8,), 1.0), ("mixed @ int8 bytes", (4, 8, 16), r8),
-                                ("uniform int4 (int8 where int4 cannot)", (4, 8), r4 + 1e-9),
-                                ("mixed @ midway int4..int8 bytes", (4, 8, 16), (r4 + r8) / 2)):
-        q, s = apply(Mixed(candidates=cands, budget_ratio=ratio))
-        rows.append(row(task, label, q, "torch", fp32_bytes, s))
-    if extreme:
-        for cfg in (Ternary(steps=steps), Binary(steps=steps)):
-            q, s = apply(cfg)
-            rows.append(row(task, f"{cfg.mode} (first/last int8)", q, "torch", fp32_bytes, s))
-    return rows
+    out: dict[str, Any] = {"steps": steps, "lr": lr, "rows": rows}
+    if task.name != "mnist":
+        return out
+    cfg = QAT(bits=4, weight_only=True, per_tensor=True, steps=steps, lr=lr, evaluate=False)
+    q, s = timed(lambda: ptq_int4_per_tensor_maxabs(model, cfg, task))
+    naive = row(task, "PTQ int4 per-tensor all layers (max-abs step)", q, "torch", fp32_bytes, s)
+    rows.append(naive)
+    q, s = timed(lambda: ptq_start(model, cfg, task))
+    ptq = row(task, "PTQ int4 per-tensor all layers (least-MSE step)", q, "torch", fp32_bytes, s)
+    rows.append(ptq)
+    qat_scores = []
+    for seed in range(seeds):
+        q, s = apply(dataclasses.replace(cfg, seed=seed))
+        r = row(task, f"QAT int4 per-tensor all layers, seed {seed}", q, "torch", fp32_bytes, s)
+        r["vs_ptq_least_mse"] = paired(ptq, r)
+        rows.append(r)
+        qat_scores.append(r["score"])
+    n = len(ptq["_correct"])
+    out["int4_per_tensor"] = {
+        "fp32": rows[0]["score"], "ptq_max_abs": naive["score"], "ptq_least_mse": ptq["score"],
+        "qat_seeds": qat_scores, "qat_mean": round(statistics.mean(qat_scores), 4),
+        "qat_min": min(qat_scores), "test_images": n,
+        "binomial_se_at_fp32": round(math.sqrt(rows[0]["score"] * (1 - rows[0]["score"]) / n), 4)}
+    return out
+
+
+def width_ratio(model: nn.Module, bits: int, group: int, int4_convs: bool) -> float:
+    """Bytes of every weight layer at ``bits`` (int8 where ``bits`` cannot hold it) over their fp32 bytes."""
+    layers = [model.get_submodule(n) for n in weight_layers(model)]
+    sizes = [layer_bytes(m, bits, group, int4_convs) or layer_bytes(m, 8, group) for m in layers]
+    return sum(sizes) / sum(4 * m.weight.numel() for m in layers)
+
+
+def mixed_rows(task: Any, int4_convs: bool) -> dict[str, Any]:
+    """Accuracy vs bytes: mixed {4, 8, 16} at each budget vs the best uniform width that fits it."""
+    model = task.model
+    fp32_bytes = size_of(model)
+    base = Mixed(candidates=(4, 8, 16), int4_convs=int4_convs)
+    measured, s_measure = timed(lambda: measure_costs(model, base, task))
+    r4, r8 = width_ratio(model, 4, 32, int4_convs), width_ratio(model, 8, 32, int4_convs)
+    rows = [row(task, "fp32", model, "torch", fp32_bytes, 0.0)]
+    uniform = {}
+    for bits, ratio in ((4, r4), (8, r8)):
+        q, s = timed(lambda: sk.apply(model, Mixed(candidates=(bits,), budget_ratio=ratio + 1e-9,
+                                                   int4_convs=int4_convs), task))
+        uniform[bits] = row(task, f"uniform int{bits}", q, "torch", fp32_bytes, s)
+        uniform[bits]["ratio"] = round(ratio, 5)
+    rows += [uniform[4], uniform[8]]
+    if task.name == "mnist" and int4_convs:  # the usual recipe: int4 Linear, int8 convs (itself a fixed mix)
+        q, s = timed(lambda: sk.apply(model, Mixed(candidates=(4, 8), budget_ratio=width_ratio(
+            model, 4, 32, False) + 1e-9), task))
+        rows.append(row(task, "int4 Linear + int8 convs (fixed recipe)", q, "torch", fp32_bytes, s))
+    curve = []
+    for label, ratio in [(f"{m}x int4 bytes", m * r4) for m in INT4_MULTIPLES] + \
+                        [("midway int4..int8", (r4 + r8) / 2), ("int8 bytes", r8)]:
+        q, s = timed(lambda: sk.apply(model, dataclasses.replace(base, budget_ratio=min(1.0, ratio + 1e-9),
+                                                                 measured=measured), task))
+        r = row(task, f"mixed @ {label}", q, "torch", fp32_bytes, s)
+        best = uniform[8] if ratio >= r8 - 1e-9 else uniform[4]
+        r["ratio"], r["best_uniform_that_fits"] = round(ratio, 5), best["contender"]
+        r["vs_uniform"] = round(r["score"] - best["score"], 4)
+        if "cosine_to_fp32" in r:
+            r["cosine_vs_uniform"] = round(r["cosine_to_fp32"] - best["cosine_to_fp32"], 5)
+        else:
+            r["sqnr_vs_uniform_db"] = round(r["logits_sqnr_db"] - best["logits_sqnr_db"], 2)
+            r["vs_uniform_paired"] = paired(best, r)
+        rows.append(r)
+        curve.append(r)
+    return {"int4_convs": int4_convs, "measure_seconds": round(s_measure, 1), "rows": rows,
+            "measured_costs": measured}
+
+
+def plot(results: dict[str, Any]) -> Path | None:
+    """Score vs artifact size of the mixed and uniform rows, one panel per task."""
+    try:
+        import matplotlib
+
+        matplotlib.use("Agg")
+        import matplotlib.pyplot as plt
+    except ImportError:
+        return None
+    parts = [p for p in ("mnist_mixed", "minilm_mixed") if p in results]
+    if not parts:
+        return None
+    fig, axes = plt.subplots(1, len(parts), figsize=(5.5 * len(parts), 4))
+    for ax, part in zip([axes] if len(parts) == 1 else axes, parts):
+        rows = results[part]["rows"]
+        mixed = [r for r in rows if r["contender"].startswith("mixed")]
+        ax.plot([r["artifact_bytes"] / 1e3 for r in mixed], [r["score"] for r in mixed], "o-", label="mixed {4,8,16}")
+        for r in rows:
+            if r["contender"].startswith(("uniform", "int4 Linear", "fp32")):
+                ax.plot(r["artifact_bytes"] / 1e3, r["score"], "s", label=r["contender"])
+        ax.set_xlabel("artifact kB")
+        ax.set_ylabel("accuracy" if part.startswith("mnist") else "score")
+        ax.set_title(part.split("_")[0])
+        ax.set_xscale("log")
+        ax.legend(fontsize=7)
+    fig.tight_layout()
+    path = RESULTS / "qat_mixed_curve.png"
+    fig.savefig(path, dpi=110)
+    return path
+
+
+def extreme_rows(task: Any, steps: int) -> dict[str, Any]:
+    fp32_bytes = size_of(task.model)
+    rows = [row(task, "fp32", task.model, "torch", fp32_bytes, 0.0)]
+    for cfg in (Ternary(steps=steps), Binary(steps=steps)):
+        q, s = timed(lambda: sk.apply(task.model, cfg, task))
+        rows.append(row(task, f"{cfg.mode} (first/last int8)", q, "torch", fp32_bytes, s))
+    return {"steps": steps, "rows": rows}
+
+
+def strip(part: dict[str, Any]) -> dict[str, Any]:
+    """Drop the per-image correctness lists (used for the paired tests) from the stored rows."""
+    return {**part, "rows": [{k: v for k, v in r.items() if not k.startswith("_")} for r in part["rows"]]}
 
 
 def main() -> None:
@@ -142,28 +281,40 @@ def main() -> None:
     ap.add_argument("--threads", type=int, default=1)
     ap.add_argument("--mnist-steps", type=int, default=300)
     ap.add_argument("--minilm-steps", type=int, default=40)
-    ap.add_argument("--skip-minilm", action="store_true")
+    ap.add_argument("--seeds", type=int, default=3)
+    ap.add_argument("--parts", default=",".join(PARTS))
     args = ap.parse_args()
+    parts = [p for p in args.parts.split(",") if p]
+    if any(p not in PARTS for p in parts):
+        raise SystemExit(f"--parts takes a comma list of {', '.join(PARTS)}")
     torch.set_num_threads(args.threads)
     load_before = os.getloadavg()[0]
     start = time.perf_counter()
-    results: dict[str, Any] = {"environment": environment(args.threads), "load_average_before": load_before,
-                               "contended": load_before > (os.cpu_count() or 1) - args.threads + 0.5,
-                               "note": "quality and size only; the 'seconds' column is wall time of the technique "
-                                       "(training included) on a shared machine, not a latency measurement"}
-    print("mnist", flush=True)
-    mnist = sk.zoo.load("mnist")
-    results["mnist"] = {"steps": args.mnist_steps, "lr": 5e-4,
-                        "rows": run_task(mnist, args.mnist_steps, 5e-4, True,
-                                         {"calibration": "mse", "symmetric": False})}
-    if not args.skip_minilm:
-        print("minilm", flush=True)
-        minilm = sk.zoo.load("minilm")
-        results["minilm"] = {"steps": args.minilm_steps, "lr": 2e-5,
-                             "rows": run_task(minilm, args.minilm_steps, 2e-5, False,
-                                              {"calibration": "percentile", "symmetric": False})}
+    env = environment(args.threads)
+    results: dict[str, Any] = {
+        "environment": env, "load_average_before": load_before,
+        "contended": load_before > (os.cpu_count() or 1) - args.threads + 0.5,
+        "note": "quality and size only; the 'seconds' column is wall time of the technique (training included) "
+                "on a shared machine, not a latency measurement"}
+    results.update(previous_parts("qat_mixed", tuple(p for p in PARTS if p not in parts)))
+    tasks: dict[str, Any] = {}
+    for part in parts:
+        name = part.split("_")[0]
+        print(part, flush=True)
+        task = tasks.setdefault(name, sk.zoo.load(name))
+        part_start = time.perf_counter()
+        if part == "mnist_qat":
+            out = qat_rows(task, args.mnist_steps, 5e-4, {"calibration": "mse", "symmetric": False}, args.seeds)
+        elif part == "minilm_qat":
+            out = qat_rows(task, args.minilm_steps, 2e-5, {"calibration": "percentile", "symmetric": False}, 1)
+        elif part == "mnist_extreme":
+            out = extreme_rows(task, args.mnist_steps)
+        else:
+            out = mixed_rows(task, int4_convs=name == "mnist")
+        results[part] = {**strip(out), "environment": env, "seconds": round(time.perf_counter() - part_start, 1)}
     results["seconds_total"] = round(time.perf_counter() - start, 1)
     results["load_average_after"] = os.getloadavg()[0]
+    print("plot", plot(results))
     print("wrote", write("qat_mixed", results), results["seconds_total"], "s")
 
 

@@ -9,7 +9,9 @@ Training (``ExtremeLinear`` / ``ExtremeConv2d``), per output channel:
   logarithms) and the latent weights get TTQ's gradient: ``Wp * g``, ``Wn * g`` or ``g`` by region.
 
 Storage (``BitLinear`` / ``BitConv2d``): codes packed 8 (binary) or 4 (ternary) per byte plus two
-float32 scales per output channel. There is no fast binary kernel on this CPU: ``forward``
+float32 scales per output channel. The same modules hold 4-bit signed integer weights (QAT's
+per-tensor int4, mixed precision's int4 convolutions): codes ``q + 8`` two per byte, ``scale_pos``
+the step of each row (``scale_neg`` unused). There is no fast binary kernel on this CPU: ``forward``
 unpacks the codes to a float weight and runs the ordinary float layer, so these layers are a
 size win, not a speed one.
 """
@@ -25,10 +27,31 @@ import torch.nn.functional as F
 from slimkit.errors import SlimkitError
 from slimkit.io import register_module_class
 from slimkit.quantize.bitpack import pack_bits, packed_width, unpack_bits
+from slimkit.quantize.pack import pack_int4, unpack_int4
 from slimkit.quantize.half import conv_spec, conv_weight_shape, spec_conv2d
 
 MODES = ("binary", "ternary")
 _BITS = {"binary": 1, "ternary": 2}
+STORED_BITS = (1, 2, 4)
+INT4_OFFSET = 8  # 4-bit code = signed integer + 8: levels -8..7 stored as 0..15
+
+
+def _width(k: int, bits: int) -> int:
+    return (k + 1) // 2 if bits == 4 else packed_width(k, bits)
+
+
+def _pack(codes: torch.Tensor, bits: int) -> torch.Tensor:
+    """(N, K) codes -> (N, bytes) uint8; 4-bit rows are padded to an even length with code 0."""
+    if bits != 4:
+        return pack_bits(codes, bits)
+    n, k = codes.shape
+    padded = torch.zeros(n, k + k % 2, dtype=torch.uint8, device=codes.device)  # (N, K rounded up to even)
+    padded[:, :k] = codes
+    return pack_int4(padded)
+
+
+def _unpack(packed: torch.Tensor, bits: int, k: int) -> torch.Tensor:
+    return unpack_int4(packed)[:, :k] if bits == 4 else unpack_bits(packed, bits, k)
 
 
 def _per_row(t: torch.Tensor, ndim: int) -> torch.Tensor:
@@ -122,10 +145,10 @@ class _Bits(nn.Module):
     """Bit-packed codes + per-channel scales; the weight is rebuilt in float on every call."""
 
     def _init_bits(self, n: int, k: int, bits: int, bias: bool) -> None:
-        if bits not in (1, 2):
-            raise SlimkitError(f"bits={bits} is not a binary/ternary width", "use 1 or 2")
+        if bits not in STORED_BITS:
+            raise SlimkitError(f"bits={bits} is not a stored width of BitLinear/BitConv2d", "use 1, 2 or 4")
         self.rows, self.cols, self.bits = n, k, bits
-        self.register_buffer("packed", torch.zeros(n, packed_width(k, bits), dtype=torch.uint8))  # (N, B)
+        self.register_buffer("packed", torch.zeros(n, _width(k, bits), dtype=torch.uint8))  # (N, B)
         self.register_buffer("scale_pos", torch.ones(n))  # (N,)
         self.register_buffer("scale_neg", torch.ones(n))  # (N,)
         self.register_buffer("bias", torch.zeros(n) if bias else None)
@@ -133,7 +156,7 @@ class _Bits(nn.Module):
     @torch.no_grad()
     def fill(self, codes: torch.Tensor, scale_pos: torch.Tensor, scale_neg: torch.Tensor,
              bias: torch.Tensor | None) -> Any:
-        self.packed.copy_(pack_bits(codes, self.bits))
+        self.packed.copy_(_pack(codes, self.bits))
         self.scale_pos.copy_(scale_pos)
         self.scale_neg.copy_(scale_neg)
         if self.bias is not None:
@@ -141,9 +164,12 @@ class _Bits(nn.Module):
         return self.eval()
 
     def flat_weight(self) -> torch.Tensor:
-        """The float (N, K) weight: binary code 1 -> +a, 0 -> -a; ternary 1 -> +Wp, 2 -> -Wn, 0 -> 0."""
-        codes = unpack_bits(self.packed, self.bits, self.cols)  # (N, K)
+        """The float (N, K) weight: binary code 1 -> +a, 0 -> -a; ternary 1 -> +Wp, 2 -> -Wn, 0 -> 0;
+        4-bit ``(code - 8) * step``."""
+        codes = _unpack(self.packed, self.bits, self.cols)  # (N, K)
         sp, sn = self.scale_pos[:, None], self.scale_neg[:, None]
+        if self.bits == 4:
+            return (codes.float() - INT4_OFFSET) * sp
         if self.bits == 1:
             return torch.where(codes == 1, sp, -sn)
         return torch.where(codes == 1, sp, torch.where(codes == 2, -sn, torch.zeros_like(sp)))
@@ -151,7 +177,7 @@ class _Bits(nn.Module):
 
 @register_module_class("BitLinear")
 class BitLinear(_Bits):
-    """A Linear with binary (1 bit) or ternary (2 bit) packed weights."""
+    """A Linear with binary (1 bit), ternary (2 bit) or signed 4-bit packed weights."""
 
     def __init__(self, in_features: int, out_features: int, *, bits: int, bias: bool = True) -> None:
         super().__init__()
@@ -172,7 +198,7 @@ class BitLinear(_Bits):
 
 @register_module_class("BitConv2d")
 class BitConv2d(_Bits):
-    """A Conv2d with binary (1 bit) or ternary (2 bit) packed weights (O, C/groups * kh * kw)."""
+    """A Conv2d with binary, ternary or signed 4-bit packed weights (O, C/groups * kh * kw)."""
 
     def __init__(self, spec: dict[str, Any]) -> None:
         super().__init__()
@@ -192,4 +218,14 @@ class BitConv2d(_Bits):
         return spec_conv2d(x, w, self.bias, self._spec)
 
 
-__all__ = ["BitConv2d", "BitLinear", "ExtremeConv2d", "ExtremeLinear", "MODES"]
+def int4_stored(layer: nn.Module, codes: torch.Tensor, step: torch.Tensor) -> BitLinear | BitConv2d:
+    """``layer`` (Linear / Conv2d) stored as signed 4-bit ``codes`` (N, K) in [-8, 7] times ``step`` (N,)."""
+    if isinstance(layer, nn.Conv2d):
+        out: BitLinear | BitConv2d = BitConv2d.empty({**conv_spec(layer), "bits": 4})
+    else:
+        out = BitLinear(layer.in_features, layer.out_features, bits=4, bias=layer.bias is not None)
+    step = step.detach().float().reshape(-1)
+    return out.fill((codes + INT4_OFFSET).to(torch.uint8), step, step, layer.bias)
+
+
+__all__ = ["BitConv2d", "BitLinear", "ExtremeConv2d", "ExtremeLinear", "INT4_OFFSET", "MODES", "int4_stored"]

@@ -6,11 +6,18 @@ up over layers roughly as independent noise does). Choosing one width per layer 
 summed cost with the summed bytes under the budget is a multiple-choice knapsack; it is solved
 exactly as a 0/1 integer program with ``scipy.optimize.milp`` (HiGHS). The choice is realised with
 the stored modules the other techniques use: grouped int4 and per-channel int8 weight-only
-(``QuantLinear`` / ``QuantConv2d``), float16 weights (``HalfLinear`` / ``HalfConv2d``); it runs on
+(``QuantLinear`` / ``QuantConv2d``), float16 weights (``HalfLinear`` / ``HalfConv2d``) and, with
+``int4_convs``, symmetric per-channel int4 convolutions (``BitConv2d``, 4-bit codes); it runs on
 torch (weight-only has no ONNX Runtime path in slimkit).
 
 Bytes per layer (bias excluded: it is float32 at every width): int4 ``N*K/2`` + float32 scale and
-zero per group; int8 ``N*K`` + a float32 scale per channel; 16 bits ``2*N*K``.
+zero per group; int4 conv ``N*ceil(K/2)`` + two float32 per channel; int8 ``N*K`` + a float32
+scale per channel; 16 bits ``2*N*K``.
+
+Activations stay float. Int8-activation layers are not offered: under a byte budget they cost the
+same bytes as int8 weight-only and only add error, so the solver would never pick them; they pay
+off in latency, which needs ONNX Runtime's integer kernels, and slimkit's ONNX Runtime path
+re-quantizes a whole model in one mode (weight-only layers have no path there).
 """
 
 from __future__ import annotations
@@ -20,6 +27,7 @@ import logging
 from typing import Any, Mapping, Sequence
 
 import numpy as np
+import torch
 import torch.nn as nn
 
 from slimkit.config import BaseConfig, register, register_handler
@@ -42,6 +50,9 @@ class Mixed(BaseConfig):
     ``narrowest``: no budget and no measurement; every layer takes the narrowest candidate width it
     can be stored at (Linear layers 4-bit with one scale per row, convolutions 8-bit): the smallest
     artifact.
+    ``int4_convs``: convolutions may take 4 bits too (symmetric per channel, packed ``BitConv2d``).
+    ``measured``: ``{"4": {layer: cost}, "8": {...}}`` from :func:`measure_costs` for the same model,
+    so several budgets share one measurement (a curve); layers it lacks are measured.
     """
 
     budget_ratio: float = 0.25
@@ -53,6 +64,8 @@ class Mixed(BaseConfig):
     embeddings: bool = True
     sensitivity: Mapping[str, float] | None = None
     narrowest: bool = False
+    int4_convs: bool = False
+    measured: Mapping[str, Mapping[str, float]] | None = None
 
     def __post_init__(self) -> None:
         if not self.candidates or any(b not in WIDTHS for b in self.candidates):
@@ -68,13 +81,15 @@ class Mixed(BaseConfig):
         return hash(self.to_json())
 
 
-def layer_bytes(layer: nn.Module, bits: int, group_size: int) -> int | None:
+def layer_bytes(layer: nn.Module, bits: int, group_size: int, int4_convs: bool = False) -> int | None:
     """Stored bytes of ``layer``'s weight at ``bits`` (None where that width cannot hold it)."""
     n, k = layer.weight.shape[0], layer.weight[0].numel()
     if bits == 16:
         return 2 * n * k
     if bits == 8:
         return n * k + 4 * n
+    if int4_convs and isinstance(layer, nn.Conv2d):
+        return n * ((k + 1) // 2) + 8 * n  # BitConv2d: packed codes + scale_pos/scale_neg per channel
     if not isinstance(layer, nn.Linear) or (group_size and k % group_size):
         return None  # int4 is for Linear weights whose input size the group divides (0: one group per row)
     return n * k // 2 + 8 * n * (k // group_size if group_size else 1)
@@ -147,12 +162,32 @@ def _costs(model: nn.Module, config: Mixed, task: Any, names: list[str]) -> dict
     if given:
         out[4] = {n: max(0.0, float(v)) for n, v in given.items()}
         out[8] = {n: v / 256 for n, v in out[4].items()}
-    missing = [n for n in names if n not in given]  # e.g. layers a factorization created: measured here
-    if missing:
-        for bits in (b for b in config.candidates if b != 16):
+    for key, per_layer in (config.measured or {}).items():
+        out.setdefault(int(key), {}).update({n: max(0.0, float(v)) for n, v in per_layer.items() if n in names})
+    for bits in (b for b in config.candidates if b != 16):
+        missing = [n for n in names if n not in out.get(bits, {})]  # e.g. layers a factorization created
+        if missing:
             sens = layer_sensitivity(model, task, kind="quantize", bits=bits, layers=missing, measure=config.measure)
             out.setdefault(bits, {}).update({n: max(0.0, v) for n, v in sens.items()})  # noise is not a gain
     return out
+
+
+def measure_costs(model: nn.Module, config: Mixed, task: Any) -> dict[str, dict[str, float]]:
+    """The per-layer costs ``config`` would measure, as ``Mixed(measured=...)`` takes them back."""
+    from slimkit.quantize.ptq import _targets
+
+    names, _ = _targets(model, config.targets, config.exclude, allow_conv=True)
+    costs = _costs(model, dataclasses.replace(config, measured=None), task, names)
+    return {str(b): v for b, v in costs.items() if b != 16}
+
+
+def _int4_conv(conv: nn.Conv2d) -> nn.Module:
+    """Symmetric per-channel int4 (levels -7..7, step max|w|/7): the weight ``layer_sensitivity`` scores at 4 bits."""
+    from slimkit.quantize.extreme_modules import int4_stored
+
+    w = conv.weight.detach().float().flatten(1)  # (N, K)
+    step = (w.abs().amax(1) / 7).clamp_min(1e-12)  # (N,)
+    return int4_stored(conv, torch.round(w / step[:, None]).clamp(-7, 7), step)
 
 
 def quantize_mixed(model: nn.Module, config: Mixed, task: Any) -> nn.Module:
@@ -164,7 +199,8 @@ def quantize_mixed(model: nn.Module, config: Mixed, task: Any) -> nn.Module:
     names, skipped = _targets(model, config.targets, config.exclude, allow_conv=True)
     widths = sorted(config.candidates)
     layers = {n: model.get_submodule(n) for n in names}
-    sizes = [[layer_bytes(layers[n], b, _int4_group(layers[n], config)) for b in widths] for n in names]
+    sizes = [[layer_bytes(layers[n], b, _int4_group(layers[n], config), config.int4_convs) for b in widths]
+             for n in names]
     if any(all(s is None for s in row) for row in sizes):
         bad = names[next(i for i, row in enumerate(sizes) if all(s is None for s in row))]
         raise SlimkitError(f"layer {bad!r} has no width among candidates {widths}", "add 8 or 16 to candidates")
@@ -183,7 +219,7 @@ def quantize_mixed(model: nn.Module, config: Mixed, task: Any) -> nn.Module:
         if b == 16:
             new = HalfConv2d.from_float(layer) if isinstance(layer, nn.Conv2d) else HalfLinear.from_float(layer)
         elif isinstance(layer, nn.Conv2d):
-            new = QuantConv2d.from_float(layer, activations="none")
+            new = _int4_conv(layer) if b == 4 else QuantConv2d.from_float(layer, activations="none")
         else:
             new = QuantLinear.from_float(layer, bits=b, group_size=_int4_group(layer, config) if b == 4 else 0)
         set_submodule(model, n, new)
@@ -199,4 +235,4 @@ def quantize_mixed(model: nn.Module, config: Mixed, task: Any) -> nn.Module:
 
 register_handler(Mixed, quantize_mixed)
 
-__all__ = ["Mixed", "greedy", "layer_bytes", "quantize_mixed", "solve"]
+__all__ = ["Mixed", "greedy", "layer_bytes", "measure_costs", "quantize_mixed", "solve"]

@@ -38,6 +38,9 @@ class QAT(BaseConfig):
     """Quantization-aware training to int8 (weights + static/dynamic activations) or int8/int4 weight-only.
 
     ``learn_scale``: LSQ steps (else the PTQ scales, re-derived from the weights every step).
+    ``per_tensor`` (int4 weight-only): one symmetric step per weight tensor, convolutions included,
+    stored as packed 4-bit ``BitLinear`` / ``BitConv2d``: the setting where int4 PTQ loses accuracy
+    on small CNNs and LSQ earns its keep (``group_size`` is then unused).
     ``loss``: ``"task"`` (the task's loss on labels), ``"distill"`` (output MSE to the float model:
     for tasks without labels) or ``"auto"`` (task when it has labels and a loss, else distill).
     ``evaluate``: score the converted model on ``backend`` and record it in ``model.slimkit_quant``.
@@ -49,6 +52,7 @@ class QAT(BaseConfig):
     calibration: str = "mse"
     symmetric: bool = True
     group_size: int = 32
+    per_tensor: bool = False
     steps: int = 300
     lr: float = 5e-4
     learn_scale: bool = True
@@ -71,6 +75,9 @@ class QAT(BaseConfig):
         if self.bits == 4 and not self.weight_only:
             raise SlimkitError("int4 QAT is weight-only (the int4 kernels take float activations)",
                                "set weight_only=True or bits=8")
+        if self.per_tensor and not (self.bits == 4 and self.weight_only):
+            raise SlimkitError("per_tensor steps are for int4 weight-only QAT",
+                               "set bits=4, weight_only=True, or per_tensor=False")
         if not isinstance(self.steps, int) or self.steps < 1:
             raise SlimkitError(f"QAT steps={self.steps!r} is invalid", "use a positive number of steps, e.g. 300")
         if not self.lr > 0:
@@ -86,7 +93,7 @@ def prepare(model: nn.Module, config: QAT, task: Any) -> nn.Module:
     from slimkit.quantize.calibrate import collect, compute_range
     from slimkit.quantize.ptq import MAX_ABS_RANGE, _quantize_embeddings, _targets
 
-    allow_conv = config.bits == 8
+    allow_conv = config.bits == 8 or config.per_tensor
     names, skipped = _targets(model, config.targets, config.exclude, allow_conv=allow_conv)
     tables = _quantize_embeddings(model, config, skipped)
     ranges: dict[str, tuple[float, float]] = {}
@@ -105,11 +112,11 @@ def prepare(model: nn.Module, config: QAT, task: Any) -> nn.Module:
     for name in names:
         layer = model.get_submodule(name)
         common = {"activations": config.act_mode, "act_range": ranges.get(name), "symmetric": config.symmetric,
-                  "learn": config.learn_scale}
+                  "learn": config.learn_scale, "per_tensor": config.per_tensor}
         if isinstance(layer, nn.Conv2d):
             set_submodule(model, name, QATConv2d.from_float(layer, **common))
             continue
-        group = config.group_size if config.bits == 4 else 0
+        group = config.group_size if config.bits == 4 and not config.per_tensor else 0
         if group and layer.in_features % group:
             skipped[name] = f"in_features {layer.in_features} is not a multiple of group_size {group}"
             continue
@@ -127,6 +134,17 @@ def convert(model: nn.Module) -> nn.Module:
     for name, layer in layers.items():
         set_submodule(model, name, layer.convert())
     return model.eval()
+
+
+def ptq_start(model: nn.Module, config: QAT, task: Any) -> nn.Module:
+    """The PTQ model QAT starts from: fold BN, prepare, convert with no training (same integers
+    as ``config.steps=0`` would give). The honest baseline for what the training adds."""
+    model, folded, _ = fold_and_freeze(copy.deepcopy(model), config, task)
+    prepare(model, config, task)
+    info = model.slimkit_quant
+    convert(model)
+    model.slimkit_quant = {**info, "qat": {"steps": 0, "folded_bn": folded}}
+    return model
 
 
 def _loss_fn(config: QAT, task: Any, teacher: nn.Module) -> Any:
@@ -189,4 +207,4 @@ def quantize_qat(model: nn.Module, config: QAT, task: Any, *, progress: bool = F
 
 register_handler(QAT, quantize_qat)
 
-__all__ = ["QAT", "convert", "prepare", "quantize_qat"]
+__all__ = ["QAT", "convert", "prepare", "ptq_start", "quantize_qat"]

@@ -79,3 +79,29 @@ def test_configs_round_trip_and_refuse_bad_values():
         Ternary(threshold=3.0)
     with pytest.raises(SlimkitError, match="training data"):
         sk.apply(nn.Sequential(nn.Linear(4, 4)), Binary(), None)
+
+
+@pytest.mark.parametrize("k", [9, 16])  # odd rows are padded to a whole byte
+def test_int4_codes_pack_exactly_and_reload(k):
+    from slimkit.quantize.extreme_modules import int4_stored
+
+    gen = torch.Generator().manual_seed(k)
+    lin = nn.Linear(k, 6)
+    codes = torch.randint(-8, 8, (6, k), generator=gen)
+    step = torch.rand(6, generator=gen) + 0.1
+    stored = int4_stored(lin, codes, step)
+    assert stored.packed.shape == (6, (k + 1) // 2)  # two weights per byte
+    assert torch.equal(stored.flat_weight(), codes.float() * step[:, None])
+    conv = nn.Conv2d(1, 6, 3)  # K = 9
+    stored_conv = int4_stored(conv, codes[:, :9], step)
+    assert isinstance(stored_conv, BitConv2d) and stored_conv.packed.shape == (6, 5)
+    x = torch.randn(2, 1, 5, 5)
+    with torch.no_grad():
+        ref = torch.nn.functional.conv2d(x, (codes[:, :9].float() * step[:, None]).reshape(6, 1, 3, 3), conv.bias)
+        assert torch.allclose(stored_conv(x), ref, atol=1e-6)
+    back = BitConv2d.empty(stored_conv.spec())  # what slimkit.load rebuilds from the spec + state_dict
+    back.load_state_dict(stored_conv.state_dict())
+    with torch.no_grad():
+        assert torch.equal(back(x), stored_conv(x))
+    with pytest.raises(SlimkitError, match="stored width"):
+        BitLinear(8, 2, bits=3)

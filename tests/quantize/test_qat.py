@@ -11,8 +11,9 @@ from slimkit.config import BaseConfig
 from slimkit.errors import SlimkitError
 from slimkit.quantize import QuantConv2d, QuantLinear
 from slimkit.quantize._ste import fake_quant, lsq, lsq_grad_scale
-from slimkit.quantize.qat import QAT, convert, prepare
-from slimkit.quantize.qat_modules import QATLinear
+from slimkit.quantize.extreme_modules import BitConv2d, BitLinear
+from slimkit.quantize.qat import QAT, convert, prepare, ptq_start
+from slimkit.quantize.qat_modules import QATConv2d, QATLinear, mse_step
 from slimkit.runtime import build
 from slimkit.task import Task
 from tests.conftest import sqnr_db
@@ -137,5 +138,69 @@ def test_config_round_trip_and_errors():
         QAT(bits=4)
     with pytest.raises(SlimkitError, match="steps"):
         QAT(steps=0)
+    with pytest.raises(SlimkitError, match="per_tensor"):
+        QAT(bits=8, per_tensor=True)
     with pytest.raises(SlimkitError, match="training data"):
         sk.apply(nn.Linear(4, 4), QAT(), None)
+
+
+def test_per_tensor_step_is_the_least_mse_clip_and_converts_exactly():
+    torch.manual_seed(0)
+    w = torch.randn(32, 64)
+    w[0, 0] = 12.0  # one outlier: max-abs would waste most of the 16 levels on it
+    step = float(mse_step(w))
+    err = lambda s: float(((w / s).round().clamp(-8, 7) * s - w).pow(2).sum())  # noqa: E731
+    assert err(step) < 0.5 * err(12.0 / 7)  # far better than the max-abs step
+    assert all(err(step) <= err(f * 12.0 / 7) + 1e-9 for f in torch.linspace(0.2, 1.0, 81).tolist())
+    conv = nn.Conv2d(3, 8, 3, padding=1)
+    qc = QATConv2d.from_float(conv, activations="none", act_range=None, symmetric=True, learn=True, per_tensor=True)
+    with torch.no_grad():
+        qc.wq.log_step.add_(0.2)  # a learned step
+        x = torch.randn(2, 3, 6, 6)
+        expected = qc(x)
+    stored = qc.convert()
+    assert isinstance(stored, BitConv2d) and stored.bits == 4 and stored.packed.shape == (8, 14)  # 27 codes
+    assert torch.equal(stored.scale_pos, qc.wq.log_step.exp().detach().expand(8))
+    with torch.no_grad():
+        assert torch.allclose(stored(x), expected, atol=1e-5)
+
+
+def test_per_tensor_lsq_step_gradient_matches_finite_difference():
+    gen = torch.Generator().manual_seed(1)
+    w = torch.randn(16, 8, generator=gen, dtype=torch.float64)
+    c = torch.randn(16, 8, generator=gen, dtype=torch.float64)
+    lin = QATLinear.from_float(nn.Linear(8, 16), bits=4, group_size=0, activations="none", act_range=None,
+                               symmetric=True, learn=True, per_tensor=True).double()
+    s0 = float(lin.wq.log_step.detach().exp())
+    (c * lin.wq(w)).sum().backward()
+    v = w / s0
+    offset = torch.round(v.clamp(-8, 7)) - v.clamp(-8, 7)  # rounding frozen at s0: the STE surrogate
+
+    def surrogate(s: float) -> float:
+        return float((c * (torch.clamp(w / s, -8, 7) + offset) * s).sum())
+
+    h = 1e-7
+    fd = (surrogate(s0 + h) - surrogate(s0 - h)) / (2 * h)
+    # d/dlog s = s * d/ds, times LSQ's gradient scale 1/sqrt(numel * 7)
+    assert float(lin.wq.log_step.grad) == pytest.approx(fd * s0 * lsq_grad_scale(w.numel(), 7), rel=1e-5)
+
+
+@pytest.mark.slow
+def test_qat_per_tensor_int4_recovers_what_ptq_loses_on_mnist(mnist_task, one_thread, tmp_path):
+    config = QAT(bits=4, weight_only=True, per_tensor=True, steps=300, lr=5e-4)
+    ptq = ptq_start(mnist_task.model, config, mnist_task)
+    q = sk.apply(mnist_task.model, config, mnist_task)
+    layers = [m for m in q.modules() if isinstance(m, (BitLinear, BitConv2d))]
+    assert len(layers) == 5 and all(m.bits == 4 for m in layers)  # convolutions too
+    fp32 = mnist_task.evaluate(mnist_task.model)["score"]  # 0.990
+    before = mnist_task.evaluate(ptq)["score"]  # 0.983 (least-MSE step; max-abs: 0.973)
+    after = mnist_task.evaluate(build(q, "torch"))["score"]
+    assert after == q.slimkit_quant["qat"]["score"]  # the recorded score is the runtime's
+    assert before <= fp32 - 0.005 and after >= before + 0.004 and after >= fp32 - 0.01
+    sk.save(q, tmp_path / "m")
+    from slimkit.io import artifact_bytes
+
+    assert artifact_bytes(tmp_path / "m") < 60_000  # fp32: 397,671 B
+    x = mnist_task.eval[0][0][0]
+    with torch.no_grad():
+        assert torch.equal(sk.load(tmp_path / "m")(x), q(x))
