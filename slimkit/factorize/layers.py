@@ -9,6 +9,7 @@ counts before/after, the skipped layers with their reasons, and the totals.
 from __future__ import annotations
 
 import logging
+import math
 from typing import Any, Callable
 
 import torch.nn as nn
@@ -46,7 +47,7 @@ def round_rank(rank: int, multiple: int, limit: int) -> int:
     """
     if multiple <= 1:
         return min(rank, limit)
-    return min(limit, max(multiple, multiple * round(rank / multiple)))
+    return min(limit, max(multiple, multiple * math.floor(rank / multiple + 0.5)))  # halves round up
 
 
 def chosen_layers(model: nn.Module, targets: Any, exclude: Any, technique: str) -> list[str]:

@@ -9,6 +9,7 @@ from slimkit.factorize.layers import round_rank
 
 @pytest.mark.parametrize("rank, multiple, limit, expected", [
     (13, 8, 32, 16), (6, 8, 16, 8), (26, 8, 64, 24), (31, 8, 128, 32), (3, 8, 64, 8),  # nearest, at least one block
+    (20, 8, 64, 24), (12, 8, 64, 16),  # halves round up
     (60, 8, 50, 50), (5, 8, 4, 4),  # never above the channels
     (13, 1, 32, 13), (40, 1, 32, 32),  # multiple 1: ranks as computed
 ])
