@@ -212,8 +212,9 @@ def mixed_rows(task: Any, int4_convs: bool) -> dict[str, Any]:
             model, 4, 32, False) + 1e-9), task))
         rows.append(row(task, "int4 Linear + int8 convs (fixed recipe)", q, "torch", fp32_bytes, s))
     curve = []
-    for label, ratio in [(f"{m}x int4 bytes", m * r4) for m in INT4_MULTIPLES] + \
-                        [("midway int4..int8", (r4 + r8) / 2), ("int8 bytes", r8)]:
+    budgets = [(f"{m}x int4 bytes", m * r4) for m in INT4_MULTIPLES if m * r4 < r8] + \
+              [("midway int4..int8", (r4 + r8) / 2), ("int8 bytes", r8)]
+    for label, ratio in sorted(budgets, key=lambda b: b[1]):
         q, s = timed(lambda: sk.apply(model, dataclasses.replace(base, budget_ratio=min(1.0, ratio + 1e-9),
                                                                  measured=measured), task))
         r = row(task, f"mixed @ {label}", q, "torch", fp32_bytes, s)
@@ -246,7 +247,7 @@ def plot(results: dict[str, Any]) -> Path | None:
     fig, axes = plt.subplots(1, len(parts), figsize=(5.5 * len(parts), 4))
     for ax, part in zip([axes] if len(parts) == 1 else axes, parts):
         rows = results[part]["rows"]
-        mixed = [r for r in rows if r["contender"].startswith("mixed")]
+        mixed = sorted((r for r in rows if r["contender"].startswith("mixed")), key=lambda r: r["artifact_bytes"])
         ax.plot([r["artifact_bytes"] / 1e3 for r in mixed], [r["score"] for r in mixed], "o-", label="mixed {4,8,16}")
         for r in rows:
             if r["contender"].startswith(("uniform", "int4 Linear", "fp32")):
