@@ -22,6 +22,7 @@ import torch.nn as nn
 from slimkit.distill.student import kept_layers
 from slimkit.errors import SlimkitError
 from slimkit.graph.attention import AttentionBlock, attention_blocks, sync_head_counts
+from slimkit.graph.blocks import encoder_blocks, keep_blocks
 from slimkit.io import _BUILDERS, builder_of, register_builder
 
 ROUND_TO = 8  # FFN widths the CPU GEMM kernels like
@@ -68,42 +69,6 @@ def block_parts(block: nn.Module) -> BlockParts:
         raise SlimkitError(f"{type(block).__name__}: projection shapes do not chain as attention -> FFN",
                            "encoder NAS supports BERT-style blocks")
     return BlockParts(attn, out, up, down)
-
-
-def block_list(model: nn.Module) -> tuple[nn.Module, str]:
-    """``(parent, attribute)`` of the transformer blocks: the longest ModuleList whose every item
-    holds exactly one attention block (``encoder.layer`` in BERT, ``layers`` in newer ViTs, ...)."""
-    best: tuple[nn.Module, str, int] | None = None
-    for module in model.modules():
-        for attr, child in module.named_children():
-            if (isinstance(child, nn.ModuleList) and len(child) > (best[2] if best else 0)
-                    and all(len(attention_blocks(b)) == 1 for b in child)):
-                best = (module, attr, len(child))
-    if best is None:
-        raise SlimkitError(f"{type(model).__name__} has no list of transformer encoder blocks",
-                           "encoder NAS needs a BERT-style encoder (a ModuleList of attention + FFN blocks)")
-    return best[0], best[1]
-
-
-def encoder_blocks(model: nn.Module) -> list[nn.Module]:
-    parent, attr = block_list(model)
-    return list(getattr(parent, attr))
-
-
-def keep_blocks(model: nn.Module, indices: list[int]) -> nn.Module:
-    """``model`` (in place) with only the blocks at ``indices``; block numbers and configs synced."""
-    parent, attr = block_list(model)
-    blocks = getattr(parent, attr)
-    setattr(parent, attr, nn.ModuleList([blocks[i] for i in indices]))
-    for new_idx, block in enumerate(getattr(parent, attr)):
-        for m in block.modules():  # newer transformers number attention layers for their KV cache
-            if hasattr(m, "layer_idx"):
-                m.layer_idx = new_idx
-    for m in model.modules():
-        config = getattr(m, "config", None)
-        if config is not None and hasattr(config, "num_hidden_layers"):
-            config.num_hidden_layers = len(indices)
-    return model
 
 
 @dataclasses.dataclass(frozen=True)

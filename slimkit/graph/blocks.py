@@ -1,0 +1,49 @@
+"""Find the stack of transformer blocks in any encoder, and cut it to a subset of its blocks.
+
+HF families name the stack differently (``encoder.layer`` in BERT, ``layers`` in newer ViTs,
+``transformer.layer`` in DistilBERT); what they share is a ModuleList whose every item holds one
+attention block. Students (fewer layers) and NAS members are cut from it the same way.
+"""
+
+from __future__ import annotations
+
+import torch.nn as nn
+
+from slimkit.errors import SlimkitError
+from slimkit.graph.attention import attention_blocks
+
+
+def block_list(model: nn.Module) -> tuple[nn.Module, str]:
+    """``(parent, attribute)`` of the transformer blocks: the longest ModuleList whose every item
+    holds exactly one attention block (``encoder.layer`` in BERT, ``layers`` in newer ViTs, ...)."""
+    best: tuple[nn.Module, str, int] | None = None
+    for module in model.modules():
+        for attr, child in module.named_children():
+            if (isinstance(child, nn.ModuleList) and len(child) > (best[2] if best else 0)
+                    and all(len(attention_blocks(b)) == 1 for b in child)):
+                best = (module, attr, len(child))
+    if best is None:
+        raise SlimkitError(f"{type(model).__name__} has no list of transformer encoder blocks",
+                           "this needs a transformer encoder: a ModuleList of blocks with one attention each")
+    return best[0], best[1]
+
+
+def encoder_blocks(model: nn.Module) -> list[nn.Module]:
+    parent, attr = block_list(model)
+    return list(getattr(parent, attr))
+
+
+def keep_blocks(model: nn.Module, indices: list[int]) -> nn.Module:
+    """``model`` (in place) with only the blocks at ``indices``; block numbers and configs synced."""
+    parent, attr = block_list(model)
+    blocks = getattr(parent, attr)
+    setattr(parent, attr, nn.ModuleList([blocks[i] for i in indices]))
+    for new_idx, block in enumerate(getattr(parent, attr)):
+        for m in block.modules():  # newer transformers number attention layers for their KV cache
+            if hasattr(m, "layer_idx"):
+                m.layer_idx = new_idx
+    for m in model.modules():
+        config = getattr(m, "config", None)
+        if config is not None and hasattr(config, "num_hidden_layers"):
+            config.num_hidden_layers = len(indices)
+    return model
