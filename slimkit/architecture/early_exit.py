@@ -19,6 +19,7 @@ import torch.nn.functional as F
 
 from slimkit.config import BaseConfig, register, register_handler
 from slimkit.errors import SlimkitError
+from slimkit.io import builder_of, register_builder
 from slimkit.architecture.routing import Routed, calibrate, confidence
 
 
@@ -80,17 +81,28 @@ class EarlyExit(Routed):
 
 
 def exit_head(features: torch.Tensor, classes: int, hidden: int = 64, pool: int = 4) -> nn.Module:
-    """A small head for features of shape (B, C, H, W), (B, T, C) or (B, F)."""
+    """A small head for features of shape (B, C, H, W), (B, T, C) or (B, F); ``hidden=0``: one Linear.
+
+    Image features are average-pooled with a fixed kernel (``side // pool``) rather than an adaptive
+    pool: the ONNX exporter refuses adaptive pools whose output does not divide the input (14 -> 4).
+    """
     if features.dim() == 4:
-        c = features.shape[1]
-        return nn.Sequential(nn.AdaptiveAvgPool2d(pool), nn.Flatten(), nn.Linear(c * pool * pool, hidden), nn.ReLU(),
-                             nn.Linear(hidden, classes))  # (B, C, H, W) -> (B, classes)
+        c, side = features.shape[1], min(features.shape[-2:])
+        k = max(1, side // pool)
+        flat = c * (features.shape[-2] // k) * (features.shape[-1] // k)
+        return nn.Sequential(nn.AvgPool2d(k), nn.Flatten(), *_mlp(flat, classes, hidden))  # (B, C, H, W) -> (B, classes)
     if features.dim() == 3:
-        return nn.Sequential(_MeanTokens(), nn.Linear(features.shape[-1], hidden), nn.ReLU(), nn.Linear(hidden, classes))
+        return nn.Sequential(_MeanTokens(), *_mlp(features.shape[-1], classes, hidden))
     if features.dim() == 2:
-        return nn.Sequential(nn.Linear(features.shape[-1], hidden), nn.ReLU(), nn.Linear(hidden, classes))
+        return nn.Sequential(*_mlp(features.shape[-1], classes, hidden))
     raise SlimkitError(f"cannot attach an exit to features of shape {tuple(features.shape)}",
                        "exit after a block that outputs (B, C, H, W), (B, T, C) or (B, F)")
+
+
+def _mlp(fan_in: int, classes: int, hidden: int) -> list[nn.Module]:
+    if not hidden:
+        return [nn.Linear(fan_in, classes)]
+    return [nn.Linear(fan_in, hidden), nn.ReLU(), nn.Linear(hidden, classes)]
 
 
 class _MeanTokens(nn.Module):
@@ -115,11 +127,11 @@ def attach_exits(model: nn.Module, example: tuple[torch.Tensor, ...] | torch.Ten
         raise SlimkitError(f"exit positions {list(after)} do not split a {len(model)}-module model",
                            f"give indices between 0 and {len(model) - 2}")
     example = example[0] if isinstance(example, tuple) else example
+    backbone = builder_of(model)
     model = copy.deepcopy(model)  # freezing or joint training must not touch the caller's model
     cuts = [0, *(i + 1 for i in after), len(model)]
     blocks = [nn.Sequential(*model[a:b]) for a, b in zip(cuts, cuts[1:])]
     torch.manual_seed(seed)
-    heads = []
     with torch.no_grad():
         x = example
         outputs = []
@@ -128,7 +140,38 @@ def attach_exits(model: nn.Module, example: tuple[torch.Tensor, ...] | torch.Ten
             outputs.append(x)
         classes = outputs[-1].shape[-1]
         heads = [exit_head(f, classes, hidden) for f in outputs[:-1]]
-    return EarlyExit(blocks, heads, freeze_backbone=freeze_backbone)
+    ee = EarlyExit(blocks, heads, freeze_backbone=freeze_backbone)
+    if backbone is not None:  # saved artifacts rebuild through ``build_early_exit``
+        ee.slimkit_builder = ("early_exit", {"backbone": backbone[0], "backbone_kwargs": backbone[1],
+                                             "after": list(after), "hidden": hidden, "freeze_backbone": freeze_backbone,
+                                             "input_shape": [1, *example.shape[1:]]})
+    return ee
+
+
+@register_builder("early_exit")
+def build_early_exit(backbone: str, backbone_kwargs: dict[str, Any], after: list[int], hidden: int,
+                     freeze_backbone: bool, input_shape: list[int]) -> EarlyExit:
+    """The untrained early-exit model an artifact names: its backbone's builder, then the same exits.
+
+    ``slimkit.load`` fills in the weights and the calibrated thresholds (a buffer) afterwards.
+    """
+    from slimkit.io import _BUILDERS
+
+    if backbone not in _BUILDERS:
+        import importlib
+
+        from slimkit.zoo import BUILTINS
+
+        for module, _ in BUILTINS.values():  # the zoo registers its builders on import
+            if backbone in _BUILDERS:
+                break
+            importlib.import_module(module)
+    if backbone not in _BUILDERS:
+        raise SlimkitError(f"early-exit artifact names an unknown backbone builder {backbone!r}",
+                           "import the package that registers it before loading")
+    example = torch.zeros(input_shape)  # (1, ...) only shapes matter: heads are sized from the block outputs
+    return attach_exits(_BUILDERS[backbone](**backbone_kwargs), example, after, hidden=hidden,
+                        freeze_backbone=freeze_backbone)
 
 
 def exit_loss(distill: float = 0.0, temperature: float = 2.0) -> Any:

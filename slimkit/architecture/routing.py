@@ -65,21 +65,65 @@ def simulate(conf: torch.Tensor, correct: torch.Tensor, thresholds: Sequence[flo
     return exit_idx, acc
 
 
-def choose_thresholds(conf: torch.Tensor, correct: torch.Tensor, max_drop: float, grid: int = 200) -> list[float]:
-    """Lowest threshold per exit, in exit order, whose routing loses at most ``max_drop`` accuracy."""
+def choose_thresholds(conf: torch.Tensor, correct: torch.Tensor, max_drop: float, grid: int = 200,
+                      costs: Sequence[float] | None = None) -> list[float]:
+    """Thresholds whose routing loses at most ``max_drop`` accuracy against the last exit.
+
+    Without ``costs``: the lowest threshold per exit, in exit order (the first exits take the whole
+    budget). With ``costs`` (what a sample costs when it leaves at exit ``e``, e.g. cumulative
+    measured ms): that greedy start, then coordinate descent on the mean cost per sample under the
+    same drop, chosen over ~50 budgets for the first exit (greedy after it) and polished by
+    coordinate descent, since a later exit that is cheap to reach may spend the budget better.
+    """
     if max_drop < 0:
         raise SlimkitError(f"max_drop={max_drop} is negative", "give the accuracy you may lose, e.g. 0.005")
     reference = correct[-1].float().mean().item()
-    thresholds = [1.0] * conf.shape[0]
-    for e in range(conf.shape[0]):
-        levels = torch.quantile(conf[e].double(), torch.linspace(0, 1, grid + 1, dtype=torch.float64))
-        candidates = sorted({round(float(v), 6) for v in levels} | {1.0})
-        for t in candidates:  # ascending: the first that holds exits the most samples
-            trial = thresholds.copy()
-            trial[e] = t
-            if reference - simulate(conf, correct, trial)[1] <= max_drop + 1e-12:
-                thresholds[e] = t
-                break
+    n_early = conf.shape[0]
+    levels = [sorted({round(float(v), 6) for v in torch.quantile(conf[e].double(), torch.linspace(
+        0, 1, grid + 1, dtype=torch.float64))} | {1.0}) for e in range(n_early)]
+
+    def feasible(trial: list[float]) -> bool:
+        return reference - simulate(conf, correct, trial)[1] <= max_drop + 1e-12
+
+    def greedy(first: list[float]) -> list[float]:
+        """Keep ``first``; every later exit at its lowest threshold that still holds the drop."""
+        thresholds = first + [1.0] * (n_early - len(first))
+        for e in range(len(first), n_early):
+            for t in levels[e]:  # ascending: the first that holds exits the most samples
+                trial = thresholds.copy()
+                trial[e] = t
+                if feasible(trial):
+                    thresholds[e] = t
+                    break
+        return thresholds
+
+    thresholds = greedy([])
+    if costs is None or n_early < 2:
+        return thresholds
+    if len(costs) != n_early + 1:
+        raise SlimkitError(f"{len(costs)} exit costs for {n_early + 1} exits", "give one cost per exit")
+    cost = torch.tensor([float(c) for c in costs], dtype=torch.float64)
+
+    def mean_cost(trial: list[float]) -> float:
+        return float(cost[simulate(conf, correct, trial)[0]].mean())
+
+    # how much of the budget the first exit spends decides the rest: try ~50 levels, greedy after it
+    firsts = levels[0][:: max(1, len(levels[0]) // 50)] + [thresholds[0]]
+    starts = [greedy([t]) for t in firsts]
+    thresholds = min((t for t in starts if feasible(t)), key=mean_cost, default=thresholds)
+    best = mean_cost(thresholds)
+    for _ in range(2):  # coordinate descent polish; each step keeps the drop feasible
+        improved = False
+        for e in range(n_early):
+            for t in levels[e]:
+                trial = thresholds.copy()
+                trial[e] = t
+                exits, acc = simulate(conf, correct, trial)
+                mean = float(cost[exits].mean())
+                if reference - acc <= max_drop + 1e-12 and mean < best - 1e-12:
+                    thresholds, best, improved = trial, mean, True
+        if not improved:
+            break
     return thresholds
 
 
@@ -97,18 +141,20 @@ def exit_outputs(model: Routed, batches: Batches) -> tuple[torch.Tensor, torch.T
     return torch.cat(confs, 1), torch.cat(corrects, 1)
 
 
-def calibrate(model: Routed, batches: Batches, max_drop: float, margin: float = 0.0) -> list[float]:
-    """Set and return thresholds that keep the drop within ``max_drop - margin`` on ``batches``."""
+def calibrate(model: Routed, batches: Batches, max_drop: float, margin: float = 0.0,
+              costs: Sequence[float] | None = None) -> list[float]:
+    """Set and return thresholds that keep the drop within ``max_drop - margin`` on ``batches``
+    (with ``costs``: the cheapest such routing on average, see :func:`choose_thresholds`)."""
     conf, correct = exit_outputs(model, batches)
-    thresholds = choose_thresholds(conf, correct, max(0.0, max_drop - margin))
+    thresholds = choose_thresholds(conf, correct, max(0.0, max_drop - margin), costs=costs)
     model.set_thresholds(thresholds)
     return thresholds
 
 
 @torch.inference_mode()
-def evaluate_routed(model: Routed, batches: Batches, *, per_sample: int = 0, repeats: int = 3) -> dict[str, Any]:
+def evaluate_routed(model: Any, batches: Batches, *, per_sample: int = 0, repeats: int = 3) -> dict[str, Any]:
     """Accuracy, exit distribution and latency (see :func:`latency_over`) of the routed model."""
-    model.eval()
+    model.eval()  # also an OrtEarlyExit: anything with thresholds, num_exits and last_exits
     correct = total = 0
     counts = torch.zeros(model.num_exits, dtype=torch.long)
     for inputs, labels in batches:

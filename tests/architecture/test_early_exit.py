@@ -56,6 +56,27 @@ def test_calibrated_exits_keep_accuracy_and_leave_early(trained_exits, mnist_tas
         assert torch.equal(trained_exits.exit_logits(x)[-1], mnist_task.model(x))
 
 
+def test_saved_early_exit_reloads_with_identical_outputs(trained_exits, mnist_task, tmp_path):
+    sk.save(trained_exits, tmp_path / "ee")
+    back = sk.load(tmp_path / "ee")  # rebuilt by the registered "early_exit" builder, no model= needed
+    assert isinstance(back, EarlyExit)
+    assert torch.equal(back.thresholds, trained_exits.thresholds)
+    x = mnist_task.eval[1][0][0]
+    with torch.inference_mode():
+        assert torch.equal(back(x), trained_exits(x))
+        assert torch.equal(back.last_exits, trained_exits.last_exits)
+        for a, b in zip(back.exit_logits(x), trained_exits.exit_logits(x)):
+            assert torch.equal(a, b)
+
+
+def test_heads_are_small_and_pool_to_a_fixed_grid(mnist_task):
+    ee = attach_exits(mnist_task.model, mnist_task.example, hidden=0)
+    # (B, 16, 14, 14) -> AvgPool 3 -> (B, 16, 4, 4) -> Linear(256, 10)
+    assert sum(p.numel() for p in ee.heads[0].parameters()) == 16 * 4 * 4 * 10 + 10
+    # (B, 32, 7, 7) -> AvgPool 1 -> Linear(1568, 10)
+    assert sum(p.numel() for p in ee.heads[1].parameters()) == 32 * 7 * 7 * 10 + 10
+
+
 def test_bad_exit_positions_are_one_line_errors(mnist_task):
     with pytest.raises(sk.SlimkitError, match="do not split"):
         attach_exits(mnist_task.model, mnist_task.example, after=[15])
