@@ -11,7 +11,8 @@ import torch.nn as nn
 import slimkit as sk
 from slimkit.errors import SlimkitError
 from slimkit.nas.encoder import EncoderArch, EncoderSpace, block_parts, encoder_blocks, rank, subnet
-from slimkit.nas.encoder_search import EncoderEvaluator, LatencyModel, held_out_error, mean_cosine
+from slimkit.nas.encoder_search import (EncoderEvaluator, LatencyModel, best_per_depth, held_out_error, mean_cosine,
+                                        rerank)
 from slimkit.nas.search import Evaluation, best_feasible, evolve, optuna_search
 
 
@@ -149,3 +150,20 @@ def test_minilm_member_ranked_on_text_beats_weight_ranking_and_reloads(minilm_ta
 
     applied = sk.apply(model, sk.nas.Encoder(layers=3, heads=6, ffn=768), minilm_task)
     assert applied.slimkit_nas["arch"] == {"layers": 3, "heads": 6, "ffn": 768}
+
+
+def test_best_per_depth_keeps_the_best_feasible_member_of_each_layer_count():
+    evals = [Evaluation(EncoderArch(l, h, 64), acc, lat)  # type: ignore[arg-type]
+             for l, h, acc, lat in [(2, 2, 0.5, 10), (2, 4, 0.6, 12), (2, 8, 0.9, 30), (4, 2, 0.7, 15), (6, 2, 0.8, 25)]]
+    assert best_per_depth(evals, 20) == [EncoderArch(2, 4, 64), EncoderArch(4, 2, 64)]
+
+
+@pytest.mark.slow
+def test_short_distillation_raises_the_proxy_and_reranks(minilm_task, one_thread):
+    evaluator = EncoderEvaluator(minilm_task.model, minilm_task.calib[:2], minilm_task.example,
+                                 rank_inputs=minilm_task.train[:2], threads=1)
+    archs = [EncoderArch(6, 3, 384), EncoderArch(2, 12, 1536)]
+    untrained = {a: evaluator(a).accuracy for a in archs}
+    ranked = rerank(evaluator, minilm_task, archs, steps=8, threads=1)
+    assert [a for a, _ in ranked] == sorted(archs, key=lambda a: -dict(ranked)[a])
+    assert all(cos > untrained[a] + 0.02 for a, cos in ranked)  # distillation moves every member toward fp32
