@@ -6,7 +6,7 @@ from slimkit.nas.cnn import CNNArch, CNNSpace, arch_of, build, build_cnn, param_
 from slimkit.nas.encoder import EncoderArch, EncoderSpace, subnet
 from slimkit.nas.encoder_search import EncoderEvaluator, LatencyModel
 from slimkit.nas.encoder_space import Encoder
-from slimkit.nas.predictor import LatencyTable, layer_keys, measure_arch
+from slimkit.nas.predictor import LatencyTable, layer_keys, measure_arch, measure_archs
 from slimkit.nas.search import (Evaluation, SupernetEvaluator, TrainEvaluator, best_feasible, evolve,
                                 optuna_search)
 from slimkit.nas.space import CNN
@@ -15,6 +15,6 @@ from slimkit.nas.supernet import SuperCNN, conv_slice, recalibrate_bn, train_sup
 __all__ = [
     "CNN", "CNNArch", "CNNSpace", "Encoder", "EncoderArch", "EncoderEvaluator", "EncoderSpace", "Evaluation",
     "LatencyModel", "subnet", "LatencyTable", "SuperCNN", "SupernetEvaluator", "TrainEvaluator", "arch_of",
-    "best_feasible", "build", "build_cnn", "conv_slice", "evolve", "layer_keys", "measure_arch", "optuna_search",
+    "best_feasible", "build", "build_cnn", "conv_slice", "evolve", "layer_keys", "measure_arch", "measure_archs", "optuna_search",
     "param_count", "recalibrate_bn", "train_supernet",
 ]

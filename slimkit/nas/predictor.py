@@ -2,10 +2,13 @@
 
 Measuring every candidate takes ~0.5 s; predicting it from a table takes microseconds, so the
 search can rank or discard architectures before measuring them. Each distinct layer (type and
-shape at the serving batch) is timed alone once; a model's prediction is ``a * convs + b * others + c``,
-with ``a``, ``b``, ``c`` fitted by least squares on whole models that were measured (the sum misses
-the framework's per-call overhead and the cache effects between layers). The error that matters
-is the one on architectures the fit did not see: :meth:`LatencyTable.error` reports it.
+shape at the serving batch and input size) is timed alone; a model's prediction is
+``a * convs + b * others + c``, with ``a``, ``b``, ``c`` fitted by least squares on whole models
+that were measured (the sum misses the framework's per-call overhead and the cache effects between
+layers). On a shared machine single timings drift with the load, so :meth:`LatencyTable.measure`
+and :func:`measure_archs` take medians of interleaved rounds (every layer, or every model, once
+per round). The error that matters is the one on architectures the fit did not see:
+:meth:`LatencyTable.error` reports it.
 """
 
 from __future__ import annotations
@@ -72,6 +75,16 @@ class LatencyTable:
             self.table[key] = lat.p50_ms
         return self.table[key]
 
+    def measure(self, archs: Sequence[CNNArch], rounds: int = 5, min_time_s: float = 0.02) -> "LatencyTable":
+        """Time every layer of ``archs`` not yet in the table: median of ``rounds`` interleaved rounds."""
+        keys = list(dict.fromkeys(k for a in archs for k in layer_keys(a) if k not in self.table))
+        fns = {}
+        for key in keys:
+            module, x = layer_module(key, self.batch)
+            fns[key] = (lambda m=module.eval(), x=x: m(x))
+        self.table |= _interleaved(fns, self.threads, rounds, min_time_s)
+        return self
+
     def raw_ms(self, arch: CNNArch) -> float:
         return sum(self.layer_ms(k) for k in layer_keys(arch))
 
@@ -84,12 +97,15 @@ class LatencyTable:
         return float(np.dot(self.coef, self._features(arch)))
 
     def fit(self, archs: Sequence[CNNArch], measured_ms: Sequence[float]) -> "LatencyTable":
-        """Least squares ``measured = a * conv + b * other + c`` over measured whole models (plain sum
-        scaled to the measured total when fewer than 4 are given)."""
+        """Non-negative least squares ``measured = a * conv + b * other + c`` over measured whole models,
+        each row divided by its measurement (the error that counts is relative); with fewer than 4
+        models the plain sum is scaled to the measured total."""
+        from scipy.optimize import nnls
+
         x = np.array([self._features(a) for a in archs])
         y = np.asarray(measured_ms, dtype=np.float64)
         if len(archs) >= 4:
-            self.coef = np.linalg.lstsq(x, y, rcond=None)[0]
+            self.coef = nnls(x / y[:, None], np.ones_like(y))[0]
         else:
             self.coef = np.array([1.0, 1.0, 0.0]) * float(y.sum() / x[:, :2].sum())
         return self
@@ -98,6 +114,44 @@ class LatencyTable:
         """Mean and max relative error |predicted - measured| / measured on ``archs``."""
         rel = np.array([abs(self.predict(a) - m) / m for a, m in zip(archs, measured_ms)])
         return {"mean_rel_error": float(rel.mean()), "max_rel_error": float(rel.max()), "n": int(rel.size)}
+
+
+def measure_archs(archs: Sequence[CNNArch], batch: int, threads: int | None = None, rounds: int = 5,
+                  min_time_s: float = 0.05) -> list[float]:
+    """Median ms of freshly built (random-weight) models at ``batch``, timed in ``rounds`` interleaved
+    rounds (each model once per round), so load drift spreads over all of them alike."""
+    x = {(a.in_channels, a.input_size): torch.randn(batch, a.in_channels, a.input_size, a.input_size) for a in archs}
+    fns = {i: (lambda m=build(a).eval(), x=x[a.in_channels, a.input_size]: m(x)) for i, a in enumerate(archs)}
+    times = _interleaved(fns, threads, rounds, min_time_s)
+    return [times[i] for i in range(len(archs))]
+
+
+def _interleaved(fns: dict[Any, Any], threads: int | None, rounds: int, min_time_s: float) -> dict[Any, float]:
+    """Median ms per call of every function over ``rounds`` rounds of all of them (two warm-up calls each)."""
+    import time
+
+    before = torch.get_num_threads()
+    if threads:
+        torch.set_num_threads(threads)
+    samples: dict[Any, list[float]] = {k: [] for k in fns}
+    try:
+        with torch.inference_mode():
+            for fn in fns.values():
+                fn()
+                fn()
+            for _ in range(rounds):
+                for k, fn in fns.items():
+                    n, start = 0, time.perf_counter()
+                    while True:
+                        fn()
+                        n += 1
+                        elapsed = time.perf_counter() - start
+                        if elapsed >= min_time_s:
+                            break
+                    samples[k].append(elapsed / n * 1e3)
+    finally:
+        torch.set_num_threads(before)
+    return {k: float(np.median(v)) for k, v in samples.items()}
 
 
 def measure_arch(arch: CNNArch, batch: int, threads: int | None = None, min_time_s: float = 0.2) -> float:

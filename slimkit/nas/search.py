@@ -3,7 +3,10 @@
 Candidates are scored by an evaluator (a trained supernet's slice with re-estimated BatchNorm,
 :class:`SupernetEvaluator`, or a short training from scratch, :class:`TrainEvaluator`) on a
 validation split carved from the training data, never on the test split that reports the result.
-Latency is timed on the built model at the serving batch. Two searchers share the evaluator and
+Latency is timed on the built model at the serving batch; given a ``reference`` model (the one
+being replaced) each candidate is timed in interleaved rounds with it and its latency reported
+as ``reference_ms x candidate / reference``, so a busy moment on a shared machine slows both
+alike instead of deciding feasibility. Two searchers share the evaluator and
 its cache: Optuna (TPE with the latency limit as a constraint, or NSGA-II for the
 accuracy/latency front) and a small (mu + lambda) evolution seeded with the best feasible ones.
 """
@@ -45,24 +48,42 @@ class Evaluation:
 class _Evaluator:
     """Caching base: ``evaluator(arch, source)`` -> :class:`Evaluation` (each architecture once)."""
 
-    def __init__(self, val: Batches, batch: int, threads: int | None, table: LatencyTable | None) -> None:
+    def __init__(self, val: Batches, batch: int, threads: int | None, table: LatencyTable | None,
+                 reference: nn.Module | None = None, rounds: int = 3) -> None:
         self.val, self.batch, self.threads, self.table = val, batch, threads, table
         self.cache: dict[CNNArch, Evaluation] = {}
         x = val[0][0][0]  # (B, C, H, W)
         reps = -(-batch // x.shape[0])
         self.timing_input = x.repeat(reps, 1, 1, 1)[:batch]  # (batch, C, H, W) real images
+        self.reference, self.rounds = reference, rounds
+        self.reference_ms: float | None = None
+        if reference is not None:
+            self.reference_ms = self._times({"reference": reference.eval()}, rounds=7)["reference"]
+
+    def _times(self, models: dict[str, nn.Module], rounds: int) -> dict[str, float]:
+        from slimkit.nas.predictor import _interleaved
+
+        x = self.timing_input
+        return _interleaved({k: (lambda m=m: m(x)) for k, m in models.items()}, self.threads, rounds, 0.1)
+
+    def latency(self, model: nn.Module) -> float:
+        """Measured ms at the serving batch (relative to the reference when there is one)."""
+        if self.reference is None or self.reference_ms is None:
+            from slimkit.measure import measure_latency
+
+            return measure_latency(model, (self.timing_input,), threads=self.threads, min_time_s=0.2).p50_ms
+        times = self._times({"reference": self.reference, "candidate": model}, self.rounds)
+        return self.reference_ms * times["candidate"] / times["reference"]
 
     def model(self, arch: CNNArch) -> nn.Module:
         raise NotImplementedError
 
     def __call__(self, arch: CNNArch, source: str = "") -> Evaluation:
         if arch not in self.cache:
-            from slimkit.measure import measure_latency
-
             model = self.model(arch).eval()
             with torch.inference_mode():
                 acc = accuracy(model, self.val)
-            lat = measure_latency(model, (self.timing_input,), threads=self.threads, min_time_s=0.2).p50_ms
+            lat = self.latency(model)
             predicted = self.table.predict(arch) if self.table is not None else None
             self.cache[arch] = Evaluation(arch, acc, lat, predicted, source)
         return self.cache[arch]
@@ -72,8 +93,9 @@ class SupernetEvaluator(_Evaluator):
     """A member = the supernet's slice with BatchNorm statistics re-estimated on ``calib`` inputs."""
 
     def __init__(self, supernet: SuperCNN, calib: Sequence[torch.Tensor], val: Batches, *, batch: int,
-                 threads: int | None = None, table: LatencyTable | None = None) -> None:
-        super().__init__(val, batch, threads, table)
+                 threads: int | None = None, table: LatencyTable | None = None, reference: nn.Module | None = None,
+                 rounds: int = 3) -> None:
+        super().__init__(val, batch, threads, table, reference, rounds)
         self.supernet, self.calib = supernet, calib
 
     def model(self, arch: CNNArch) -> nn.Module:
@@ -84,8 +106,8 @@ class TrainEvaluator(_Evaluator):
     """A member = the architecture trained from scratch for ``steps`` by ``train(model)``."""
 
     def __init__(self, train: Callable[[nn.Module], None], val: Batches, *, batch: int, threads: int | None = None,
-                 table: LatencyTable | None = None, seed: int = 0) -> None:
-        super().__init__(val, batch, threads, table)
+                 table: LatencyTable | None = None, seed: int = 0, reference: nn.Module | None = None) -> None:
+        super().__init__(val, batch, threads, table, reference)
         self.train, self.seed = train, seed
 
     def model(self, arch: CNNArch) -> nn.Module:

@@ -110,8 +110,9 @@ def train_supernet(supernet: SuperCNN, task: Any, *, steps: int, teacher: nn.Mod
 
     rng = random.Random(seed)
     space = supernet.space
+    grads = [p.requires_grad for p in teacher.parameters()] if teacher is not None else []
     if teacher is not None:
-        teacher.eval().requires_grad_(False)
+        teacher.eval().requires_grad_(False)  # restored below: the caller's model stays as it was
 
     def loss(model: SuperCNN, inputs: tuple[torch.Tensor, ...], labels: torch.Tensor) -> torch.Tensor:
         x = inputs[0]
@@ -130,5 +131,9 @@ def train_supernet(supernet: SuperCNN, task: Any, *, steps: int, teacher: nn.Mod
             total = total + (1 - distill) * F.cross_entropy(out, labels) + distill * kd
         return total
 
-    return finetune(supernet, task, steps=steps, lr=lr, loss=loss, seed=seed, progress=progress,
-                    label="training the supernet", warmup=0.05)
+    try:
+        return finetune(supernet, task, steps=steps, lr=lr, loss=loss, seed=seed, progress=progress,
+                        label="training the supernet", warmup=0.05)
+    finally:
+        for p, flag in zip(teacher.parameters() if teacher is not None else [], grads):
+            p.requires_grad_(flag)

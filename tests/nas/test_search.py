@@ -31,3 +31,15 @@ def test_searchers_find_feasible_members_under_a_measured_limit(mnist_task, one_
     assert best.accuracy == max(e.accuracy for e in everything if e.latency_ms <= limit)
     assert all(space.contains(e.arch) and e.predicted_ms > 0 for e in everything)
     assert len(evaluate.cache) <= len(everything)  # each architecture evaluated once
+
+
+def test_latency_relative_to_a_reference_is_timed_interleaved(mnist_task, one_thread):
+    space = CNNSpace.from_model(mnist_task.model, mnist_task.example)
+    torch.manual_seed(0)
+    evaluate = SupernetEvaluator(SuperCNN(space), [mnist_task.train[0][0][0]], mnist_task.train[-1:], batch=64,
+                                 reference=mnist_task.model, rounds=2)
+    assert evaluate.reference_ms > 0
+    base = evaluate(space.base)  # the reference's own architecture: about the reference's time
+    small = evaluate(space.smallest())
+    assert 0.6 <= base.latency_ms / evaluate.reference_ms <= 1.6
+    assert small.latency_ms < base.latency_ms / 1.5  # a quarter of the widths is clearly faster

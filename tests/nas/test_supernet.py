@@ -61,3 +61,4 @@ def test_supernet_training_teaches_small_members(mnist_task, one_thread):
     with torch.inference_mode():
         assert accuracy(member, mnist_task.train[-10:]) >= 0.7  # 80 steps; random guessing is 0.1
     assert isinstance(space.smallest(), CNNArch)
+    assert all(p.requires_grad for p in mnist_task.model.parameters())  # the teacher is lent, not frozen for good
