@@ -54,18 +54,18 @@ def test_costs_move_the_budget_to_the_cheaper_routing():
     """Below its sure range exit 0 is right 10 % of the time, exit 1 70 %: the greedy order (exit 0 first)
     spends the whole drop at exit 0, where it buys few early exits; the costed search spends it at exit 1."""
     gen = torch.Generator().manual_seed(3)
-    n = 4000
+    n = 2000
     conf = torch.rand(2, n, generator=gen)  # (E-1, N)
     luck = torch.rand(2, n, generator=gen)
     correct = torch.stack([(conf[0] > 0.8) | (luck[0] < 0.1), (conf[1] > 0.5) | (luck[1] < 0.7),
                            torch.ones(n, dtype=torch.bool)])
     costs = [1.0, 1.2, 3.0]  # exit 1 costs barely more than exit 0; the last exit is expensive
-    greedy = choose_thresholds(conf, correct, 0.02)
-    costed = choose_thresholds(conf, correct, 0.02, costs=costs)
+    greedy = choose_thresholds(conf, correct, 0.02, grid=50)
+    costed = choose_thresholds(conf, correct, 0.02, grid=50, costs=costs)
     cost = torch.tensor(costs)
     mean = {name: float(cost[simulate(conf, correct, t)[0]].mean()) for name, t in (("greedy", greedy), ("costed", costed))}
     for t in (greedy, costed):
         assert 1.0 - simulate(conf, correct, t)[1] <= 0.02 + 1e-9
     assert mean["costed"] <= mean["greedy"] - 0.05
     with pytest.raises(SlimkitError, match="costs"):
-        choose_thresholds(conf, correct, 0.02, costs=[1.0, 2.0])
+        choose_thresholds(conf, correct, 0.02, grid=50, costs=[1.0, 2.0])
