@@ -25,6 +25,7 @@ from __future__ import annotations
 import argparse
 import copy
 import dataclasses
+import json
 import logging
 import math
 import os
@@ -233,7 +234,7 @@ def mixed_rows(task: Any, int4_convs: bool) -> dict[str, Any]:
 
 
 def plot(results: dict[str, Any]) -> Path | None:
-    """Score vs artifact size of the mixed and uniform rows, one panel per task."""
+    """Quality vs artifact size of the mixed and uniform rows: mnist accuracy, MiniLM score and cosine."""
     try:
         import matplotlib
 
@@ -241,25 +242,27 @@ def plot(results: dict[str, Any]) -> Path | None:
         import matplotlib.pyplot as plt
     except ImportError:
         return None
-    parts = [p for p in ("mnist_mixed", "minilm_mixed") if p in results]
-    if not parts:
+    panels = [(p, k) for p, k in (("mnist_mixed", "score"), ("minilm_mixed", "score"),
+                                  ("minilm_mixed", "cosine_to_fp32")) if p in results]
+    if not panels:
         return None
-    fig, axes = plt.subplots(1, len(parts), figsize=(5.5 * len(parts), 4))
-    for ax, part in zip([axes] if len(parts) == 1 else axes, parts):
+    fig, axes = plt.subplots(1, len(panels), figsize=(5 * len(panels), 4), squeeze=False)
+    for ax, (part, key) in zip(axes[0], panels):
         rows = results[part]["rows"]
         mixed = sorted((r for r in rows if r["contender"].startswith("mixed")), key=lambda r: r["artifact_bytes"])
-        ax.plot([r["artifact_bytes"] / 1e3 for r in mixed], [r["score"] for r in mixed], "o-", label="mixed {4,8,16}")
+        ax.plot([r["artifact_bytes"] / 1e3 for r in mixed], [r[key] for r in mixed], "o-", label="mixed {4,8,16}")
         for r in rows:
-            if r["contender"].startswith(("uniform", "int4 Linear", "fp32")):
-                ax.plot(r["artifact_bytes"] / 1e3, r["score"], "s", label=r["contender"])
+            if r["contender"].startswith(("uniform", "int4 Linear")):
+                ax.plot(r["artifact_bytes"] / 1e3, r[key], "s", label=r["contender"])
+        fp32 = rows[0][key]
+        ax.axhline(fp32, color="gray", lw=0.8, ls="--", label=f"fp32 ({fp32:g})")
         ax.set_xlabel("artifact kB")
-        ax.set_ylabel("accuracy" if part.startswith("mnist") else "score")
+        ax.set_ylabel({"score": "accuracy" if part.startswith("mnist") else "score"}.get(key, "cosine to fp32"))
         ax.set_title(part.split("_")[0])
-        ax.set_xscale("log")
         ax.legend(fontsize=7)
     fig.tight_layout()
     path = RESULTS / "qat_mixed_curve.png"
-    fig.savefig(path, dpi=110)
+    fig.savefig(path, dpi=100)
     return path
 
 
@@ -284,7 +287,11 @@ def main() -> None:
     ap.add_argument("--minilm-steps", type=int, default=40)
     ap.add_argument("--seeds", type=int, default=3)
     ap.add_argument("--parts", default=",".join(PARTS))
+    ap.add_argument("--plot-only", action="store_true", help="redraw the plot from the results file")
     args = ap.parse_args()
+    if args.plot_only:
+        print("plot", plot(json.loads((RESULTS / "qat_mixed.json").read_text())))
+        return
     parts = [p for p in args.parts.split(",") if p]
     if any(p not in PARTS for p in parts):
         raise SystemExit(f"--parts takes a comma list of {', '.join(PARTS)}")
