@@ -53,6 +53,10 @@ class Mixed(BaseConfig):
     ``int4_convs``: convolutions may take 4 bits too (symmetric per channel, packed ``BitConv2d``).
     ``measured``: ``{"4": {layer: cost}, "8": {...}}`` from :func:`measure_costs` for the same model,
     so several budgets share one measurement (a curve); layers it lacks are measured.
+    ``activations``: ``"dynamic"`` makes the 8-bit layers int8 x int8 (inputs quantized per batch:
+    fbgemm Linear, oneDNN Conv) beside weight-only int4 layers, for speed where the kernels win;
+    ``"none"`` keeps every layer weight-only. Bytes are the same; the 8-bit cost is measured on the
+    weights, so the activations' own rounding is not in it.
     """
 
     budget_ratio: float = 0.25
@@ -66,6 +70,7 @@ class Mixed(BaseConfig):
     narrowest: bool = False
     int4_convs: bool = False
     measured: Mapping[str, Mapping[str, float]] | None = None
+    activations: str = "none"
 
     def __post_init__(self) -> None:
         if not self.candidates or any(b not in WIDTHS for b in self.candidates):
@@ -73,6 +78,7 @@ class Mixed(BaseConfig):
                                "use e.g. (4, 8, 16)")
         _check("group_size", self.group_size, (32, 64, 128))
         _check("measure", self.measure, ("output", "metric"))
+        _check("activations", self.activations, ("none", "dynamic"))
         if not 0.0 < self.budget_ratio <= 1.0:
             raise SlimkitError(f"budget_ratio={self.budget_ratio} is outside (0, 1]",
                                "use the fraction of the layers' fp32 bytes to keep, e.g. 0.25")
@@ -219,9 +225,11 @@ def quantize_mixed(model: nn.Module, config: Mixed, task: Any) -> nn.Module:
         if b == 16:
             new = HalfConv2d.from_float(layer) if isinstance(layer, nn.Conv2d) else HalfLinear.from_float(layer)
         elif isinstance(layer, nn.Conv2d):
-            new = _int4_conv(layer) if b == 4 else QuantConv2d.from_float(layer, activations="none")
+            new = _int4_conv(layer) if b == 4 else QuantConv2d.from_float(layer, activations=config.activations)
+        elif b == 4:
+            new = QuantLinear.from_float(layer, bits=4, group_size=_int4_group(layer, config))
         else:
-            new = QuantLinear.from_float(layer, bits=b, group_size=_int4_group(layer, config) if b == 4 else 0)
+            new = QuantLinear.from_float(layer, bits=8, activations=config.activations)
         set_submodule(model, n, new)
     used = sum(sizes[i][j] for i, j in enumerate(choice))
     model.slimkit_quant = {"config": config.to_dict(), "layers": [n for n, b in bits.items() if b < 16],

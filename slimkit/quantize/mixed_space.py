@@ -34,7 +34,8 @@ def suggest_mixed(trial: Any, ctx: SearchContext) -> Mixed:
     ratio = round(trial.suggest_float("mixed.budget_ratio", 0.2, 0.5, step=0.01), 2)
     names = weight_layers(ctx.task.model)
     known = dict(ctx.sensitivity) if ctx.sensitivity and all(n in ctx.sensitivity for n in names) else None
-    return Mixed(budget_ratio=ratio, sensitivity=known)
+    activations = trial.suggest_categorical("mixed.activations", ["none", "dynamic"])  # int8 x int8 8-bit layers
+    return Mixed(budget_ratio=ratio, sensitivity=known, activations=activations)
 
 
 def suggest_ternary(trial: Any, ctx: SearchContext) -> Ternary:

@@ -26,7 +26,8 @@ BACKENDS = ("torch", "onnxruntime", "cuda")
 #: Which backend ``"auto"`` picks per quantization mode: the faster one measured by bench/quant_cpu.py
 #: on this CPU class (2 AVX2 cores, no VNNI); ``bench/results/quant_cpu.json`` ("backend_choice")
 #: re-checks every choice against that run's numbers.
-DEFAULT_BACKEND = {"float": "torch", "dynamic": "onnxruntime", "static": "onnxruntime", "none": "torch"}
+DEFAULT_BACKEND = {"float": "torch", "dynamic": "onnxruntime", "static": "onnxruntime", "none": "torch",
+                   "mixed": "torch"}
 
 #: Why each default, in one line (speedups vs fp32 torch, 2 threads, bench/quant_cpu.py 2026-11-23 12:31 UTC).
 BACKEND_EVIDENCE = {
@@ -36,17 +37,17 @@ BACKEND_EVIDENCE = {
               "kernels (MiniLM batch 32x128 2.27x fp32 torch, asymmetric activations)",
     "none": "weight-only int8/int4 has no ONNX Runtime path in slimkit; torch's weight-only kernels run it",
     "float": "the float model runs as it is",
+    "mixed": "layers of several quantization modes (mixed precision: weight-only int4 beside int8 x int8 layers); "
+             "only torch runs each layer on its own kernels",
 }
 
 
 def quant_mode(model: nn.Module) -> str:
-    """``"float"``, or the single activation mode of the model's quantized layers."""
+    """``"float"``, the single activation mode of the model's quantized layers, or ``"mixed"``."""
     modes = {m.spec()["activations"] for m in _quantized(model).values()}
     if not modes:
         return "float"
-    if len(modes) > 1:
-        raise SlimkitError(f"model mixes quantization modes {sorted(modes)}", "quantize it with one config")
-    return modes.pop()
+    return modes.pop() if len(modes) == 1 else "mixed"
 
 
 def resolve_backend(model: nn.Module, backend: str = "auto") -> str:
@@ -107,6 +108,10 @@ def ort_plan(model: nn.Module) -> tuple[nn.Module, Any]:
     if mode == "none":
         raise SlimkitError("weight-only quantization has no ONNX Runtime path in slimkit yet",
                            "use backend='torch' for WeightOnly configs")
+    if mode == "mixed":
+        modes = sorted({m.spec()["activations"] for m in quantized.values()})
+        raise SlimkitError(f"the model mixes quantization modes {modes}, which ONNX Runtime cannot re-create",
+                           "use backend='torch' (or auto) for mixed-precision models")
     float_model = copy.deepcopy(model).eval()
     ranges: dict[str, tuple[float, float]] = {}
     per_channel = True

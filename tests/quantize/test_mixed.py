@@ -190,3 +190,30 @@ def test_mixed_beats_uniform_int4_a_little_above_its_bytes_on_mnist(mnist_task, 
         assert sqnr_db(ref, mixed(x)) > sqnr_db(ref, uniform(x)) + 10  # measured: 31.3 vs 17.4 dB
     acc_uniform, acc_mixed = mnist_task.evaluate(uniform)["score"], mnist_task.evaluate(mixed)["score"]
     assert acc_uniform <= 0.986 and acc_mixed >= acc_uniform + 0.004  # measured: 0.984 vs 0.990
+
+
+def test_int8_activation_layers_beside_int4_weight_only_run_on_torch(mnist_task, one_thread):
+    """``activations="dynamic"``: the 8-bit layers quantize their inputs too (int8 x int8 kernels), the
+    4-bit ones stay weight-only; the model mixes modes, so the torch runtime runs it and ORT refuses."""
+    from slimkit.runtime import build, ort_plan, quant_mode, resolve_backend
+
+    model = mnist_task.model
+    measured = {"4": {"0": 1.0, "4": 1.0, "8": 1.0, "13": 0.01, "15": 1.0},
+                "8": {"0": 0.01, "4": 0.01, "8": 0.01, "13": 0.0001, "15": 0.01}}
+    kw = dict(candidates=(4, 8), budget_ratio=0.25, measured=measured)
+    both = sk.apply(model, Mixed(activations="dynamic", **kw), mnist_task)
+    weights = sk.apply(model, Mixed(**kw), mnist_task)
+    bits = both.slimkit_quant["bits"]
+    assert bits == weights.slimkit_quant["bits"] and bits["13"] == 4 and bits["0"] == 8
+    assert both.get_submodule("13").activations == "none" and both.get_submodule("0").activations == "dynamic"
+    assert both.get_submodule("15").activations == "dynamic"
+    assert quant_mode(both) == "mixed" and resolve_backend(both) == "torch" and quant_mode(weights) == "none"
+    with pytest.raises(SlimkitError, match="mixes quantization modes"):
+        ort_plan(both)
+    x = torch.cat([b[0][0] for b in mnist_task.eval[:2]])  # (B, 1, 28, 28)
+    with torch.no_grad():
+        ref = model(x)
+        assert sqnr_db(ref, build(both)(x)) > 20 and sqnr_db(ref, weights(x)) > 20
+    assert mnist_task.evaluate(build(both))["score"] >= mnist_task.evaluate(model)["score"] - 0.005
+    with pytest.raises(SlimkitError, match="activations"):
+        Mixed(activations="static")
