@@ -21,10 +21,12 @@ from slimkit.errors import SlimkitError
 from slimkit.graph import attention, dependency
 from slimkit.measure._call import tensors
 from slimkit.measure.flops import count_flops
+from slimkit.prune.channels_allocation import macs_allocation
 
 log = logging.getLogger("slimkit.prune")
 
 IMPORTANCES = ("l1", "l2", "bn_scale", "taylor", "random")
+ALLOCATIONS = ("uniform", "macs")
 _MAX_RESTARTS = 32
 
 
@@ -38,6 +40,10 @@ class Channels(BaseConfig):
     ``round_to``: keep channel counts multiples of this (default 8: CPU conv/GEMM kernels are
     blocked by 8 or 16 channels, and odd widths waste the speedup; None for exact amounts).
     ``heads``: prune whole attention heads; ``hidden``: also prune a transformer's hidden width.
+    ``allocation``: ``uniform`` removes the same fraction of every group; ``macs`` spends the
+    budget where the MACs are (``slimkit.prune.channels_allocation``): fewest importance lost per
+    MAC saved, so cheap layers (a classifier's hidden units) keep their width. With ``macs``,
+    ``amount`` is the fraction of MACs to remove; convs and MLPs only (not attention heads).
     """
 
     version: ClassVar[int] = 1
@@ -51,6 +57,7 @@ class Channels(BaseConfig):
     ignored: tuple[str, ...] = ()
     taylor_batches: int = 8
     seed: int = 0
+    allocation: str = "uniform"
 
     def __post_init__(self) -> None:
         if not 0.0 <= self.amount < 1.0:
@@ -63,6 +70,11 @@ class Channels(BaseConfig):
             raise SlimkitError(f"unknown importance {self.importance!r}", f"use one of {', '.join(IMPORTANCES)}")
         if self.scope not in ("layer", "global"):
             raise SlimkitError(f"unknown scope {self.scope!r}", "use 'layer' or 'global'")
+        if self.allocation not in ALLOCATIONS:
+            raise SlimkitError(f"unknown allocation {self.allocation!r}", f"use one of {', '.join(ALLOCATIONS)}")
+        if self.allocation == "macs" and self.scope == "global":
+            raise SlimkitError("allocation='macs' already ranks channels across layers; scope='global' conflicts",
+                               "use scope='layer' with allocation='macs'")
         if self.round_to is not None and self.round_to < 1:
             raise SlimkitError(f"round_to={self.round_to} must be a positive integer", "use e.g. 8, or None")
 
@@ -173,6 +185,9 @@ def _attempt(model: nn.Module, config: Channels, amount: float, example: tuple, 
     with warnings.catch_warnings():  # loose parameters (ViT class token...) are sliced on their last axis, as meant
         warnings.filterwarnings("ignore", message="Unwrapped parameters")
         pruner = _pruner(model, example, importance, config, amount, ignored, num_heads)
+        if config.allocation == "macs":
+            ratios = _macs_ratios(model, example, pruner, importance, config, amount, names, frozen, num_heads)
+            pruner = _pruner(model, example, importance, config, amount, ignored, num_heads, ratios)
     result = _Attempt(blocked=heads_kept)
     for group in pruner.step(interactive=True):
         root = names.get(id(group[0].dep.target.module), "?")
@@ -192,13 +207,29 @@ def _attempt(model: nn.Module, config: Channels, amount: float, example: tuple, 
 
 
 def _pruner(model: nn.Module, example: tuple, importance: Any, config: Channels, amount: float,
-            ignored: list[nn.Module], num_heads: dict[nn.Module, int]) -> Any:
+            ignored: list[nn.Module], num_heads: dict[nn.Module, int],
+            ratios: dict[nn.Module, float] | None = None) -> Any:
     tp = dependency.torch_pruning()
     return tp.pruner.MetaPruner(
-        model, dependency.tp_inputs(example), importance=importance, pruning_ratio=amount,
+        model, dependency.tp_inputs(example), importance=importance, pruning_ratio=0.0 if ratios is not None else amount,
+        pruning_ratio_dict=ratios or None,
         global_pruning=config.scope == "global", round_to=config.round_to, ignored_layers=ignored,
         num_heads=num_heads, prune_num_heads=bool(num_heads), prune_head_dims=False,
         head_pruning_ratio=amount if num_heads else 0.0)
+
+
+def _macs_ratios(model: nn.Module, example: tuple, pruner: Any, importance: Any, config: Channels, amount: float,
+                names: dict[int, str], frozen: dict[int, str], num_heads: dict[nn.Module, int]) -> dict[nn.Module, float]:
+    """Per-group ratios of ``allocation='macs'``: keep ``1 - amount`` of the MACs where they cost least."""
+    if num_heads:
+        raise SlimkitError("allocation='macs' does not allocate attention heads",
+                           "use allocation='uniform', or heads=False to keep the heads")
+    groups = [g for g in pruner.DG.get_all_groups(ignored_layers=pruner.ignored_layers,
+                                                  root_module_types=pruner.root_module_types)
+              if dependency.blocked_reason(g, names, frozen=frozen, hidden=config.hidden) is None]
+    by_leaf = count_flops(model, example).by_leaf
+    leaf_macs = {model.get_submodule(n): macs for n, macs in by_leaf.items()}
+    return macs_allocation(groups, importance, pruner.DG, leaf_macs, 1.0 - amount, config.round_to)
 
 
 def _importance(config: Channels, model: nn.Module, task: Any) -> Any:
