@@ -45,14 +45,25 @@ class EncoderEvaluator:
             self.reference = [model(*x) for x in self.val]
         self.cache: dict[EncoderArch, Evaluation] = {}
         self.predictor: LatencyModel | None = None
+        self.reference_ms = self._times({"reference": self.model}, rounds=7)["reference"]
+
+    def _times(self, models: dict[str, nn.Module], rounds: int) -> dict[str, float]:
+        from slimkit.nas.predictor import _interleaved
+
+        x = self.timing_input
+        return _interleaved({k: (lambda m=m: m(*x)) for k, m in models.items()}, self.threads, rounds, 0.1)
+
+    def latency(self, member: nn.Module) -> float:
+        """ms at the serving shape, timed in rounds interleaved with the original and scaled by the
+        original's own median: a busy moment on a shared machine slows both and cancels out."""
+        times = self._times({"reference": self.model, "candidate": member}, rounds=3)
+        return self.reference_ms * times["candidate"] / times["reference"]
 
     def __call__(self, arch: EncoderArch, source: str = "") -> Evaluation:
         if arch not in self.cache:
-            from slimkit.measure import measure_latency
-
             member = subnet(self.model, arch, self.ranking)
             cos = mean_cosine(member, self.reference, self.val)
-            lat = measure_latency(member, self.timing_input, threads=self.threads, min_time_s=0.3).p50_ms
+            lat = self.latency(member)
             predicted = self.predictor.predict(arch) if self.predictor is not None else None
             self.cache[arch] = Evaluation(arch, cos, lat, predicted, source)  # type: ignore[arg-type]
         return self.cache[arch]
