@@ -7,7 +7,6 @@ import json
 import os
 import platform
 import statistics
-import time
 from pathlib import Path
 from typing import Any, Callable
 
@@ -31,25 +30,11 @@ def environment(threads: int) -> dict[str, Any]:
 
 def interleaved_medians(fns: dict[str, Callable[[], Any]], *, rounds: int = 7, min_time_s: float = 0.3,
                         warmup: int = 2) -> dict[str, dict[str, float]]:
-    """Median ms per call of each function, timed in alternating rounds.
+    """Median (and min, max) ms per call of each function, timed in alternating rounds
+    (``slimkit.measure.latency.interleaved_samples``), so ratios stay meaningful on a shared machine."""
+    from slimkit.measure.latency import interleaved_samples
 
-    Alternating (A B C A B C ...) instead of (A A A B B B ...) spreads the machine's noise over
-    all contenders alike, so their *ratios* stay meaningful on a shared machine.
-    """
-    for fn in fns.values():
-        for _ in range(warmup):
-            fn()
-    samples: dict[str, list[float]] = {name: [] for name in fns}
-    for _ in range(rounds):
-        for name, fn in fns.items():
-            n, start = 0, time.perf_counter()
-            while True:
-                fn()
-                n += 1
-                elapsed = time.perf_counter() - start
-                if elapsed >= min_time_s:
-                    break
-            samples[name].append(elapsed / n * 1e3)
+    samples = interleaved_samples(fns, rounds=rounds, min_time_s=min_time_s, warmup=warmup)
     return {name: {"median_ms": statistics.median(v), "min_ms": min(v), "max_ms": max(v), "rounds": len(v)}
             for name, v in samples.items()}
 

@@ -13,6 +13,7 @@ import copy
 import torch.nn as nn
 
 from slimkit.errors import SlimkitError
+from slimkit.graph.blocks import keep_blocks
 from slimkit.io import register_builder
 
 
@@ -34,17 +35,7 @@ def _encoder_layers(model: nn.Module) -> tuple[nn.Module, str]:
 
 def truncate(model: nn.Module, indices: list[int]) -> nn.Module:
     """``model`` (in place) with only the encoder blocks at ``indices``; configs and layer indices synced."""
-    encoder, _ = _encoder_layers(model)
-    encoder.layer = nn.ModuleList([encoder.layer[i] for i in indices])
-    for new_idx, block in enumerate(encoder.layer):
-        for m in block.modules():  # newer transformers number attention layers for their KV cache
-            if hasattr(m, "layer_idx"):
-                m.layer_idx = new_idx
-    for m in model.modules():
-        config = getattr(m, "config", None)
-        if config is not None and hasattr(config, "num_hidden_layers"):
-            config.num_hidden_layers = len(indices)
-    return model
+    return keep_blocks(model, indices)
 
 
 def minilm_student(model: nn.Module, keep: int = 3) -> nn.Module:

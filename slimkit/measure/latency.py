@@ -12,14 +12,16 @@ from __future__ import annotations
 
 import dataclasses
 import time
-from collections.abc import Callable
-from typing import Any
+from collections.abc import Callable, Mapping
+from typing import Any, TypeVar
 
 import numpy as np
 import torch
 
 from slimkit.errors import SlimkitError
 from slimkit.measure._call import Example, pinned_threads, prepared, resolve_device, synchronize
+
+K = TypeVar("K")
 
 
 @dataclasses.dataclass(frozen=True)
@@ -116,3 +118,28 @@ def median_call_ms(fn: Callable[[], Any], runs: int) -> float:
         fn()
         times.append((time.perf_counter() - start) * 1e3)
     return float(np.median(times))
+
+
+def interleaved_samples(fns: Mapping[K, Callable[[], Any]], *, rounds: int, min_time_s: float,
+                        warmup: int = 2) -> dict[K, list[float]]:
+    """ms per call of every function in each of ``rounds`` alternating rounds, after ``warmup`` calls each.
+
+    Alternating (A B C A B C ...) instead of (A A A B B B ...) spreads a shared machine's noise over
+    all contenders alike, so their *ratios* stay meaningful. A round repeats a function until
+    ``min_time_s`` has passed.
+    """
+    for fn in fns.values():
+        for _ in range(warmup):
+            fn()
+    samples: dict[K, list[float]] = {k: [] for k in fns}
+    for _ in range(rounds):
+        for k, fn in fns.items():
+            n, start = 0, time.perf_counter()
+            while True:
+                fn()
+                n += 1
+                elapsed = time.perf_counter() - start
+                if elapsed >= min_time_s:
+                    break
+            samples[k].append(elapsed / n * 1e3)
+    return samples

@@ -128,29 +128,11 @@ def measure_archs(archs: Sequence[CNNArch], batch: int, threads: int | None = No
 
 def _interleaved(fns: dict[Any, Any], threads: int | None, rounds: int, min_time_s: float) -> dict[Any, float]:
     """Median ms per call of every function over ``rounds`` rounds of all of them (two warm-up calls each)."""
-    import time
+    from slimkit.measure._call import pinned_threads
+    from slimkit.measure.latency import interleaved_samples
 
-    before = torch.get_num_threads()
-    if threads:
-        torch.set_num_threads(threads)
-    samples: dict[Any, list[float]] = {k: [] for k in fns}
-    try:
-        with torch.inference_mode():
-            for fn in fns.values():
-                fn()
-                fn()
-            for _ in range(rounds):
-                for k, fn in fns.items():
-                    n, start = 0, time.perf_counter()
-                    while True:
-                        fn()
-                        n += 1
-                        elapsed = time.perf_counter() - start
-                        if elapsed >= min_time_s:
-                            break
-                    samples[k].append(elapsed / n * 1e3)
-    finally:
-        torch.set_num_threads(before)
+    with pinned_threads(threads or None), torch.inference_mode():
+        samples = interleaved_samples(fns, rounds=rounds, min_time_s=min_time_s)
     return {k: float(np.median(v)) for k, v in samples.items()}
 
 
