@@ -123,10 +123,12 @@ def _prune_to_macs(model: nn.Module, config: Channels, example: tuple, task: Any
     lo, hi = 0.0, 0.95
     broken: dict[str, str] = {}
     best: tuple[nn.Module, _Attempt, float] | None = None
+    lowest = float(before_macs)  # fewest MACs any amount reached (a too-large amount can prune less: groups break)
     for _ in range(9):
         mid = (lo + hi) / 2
         candidate, attempt, broken = _prune_at(copy.deepcopy(model), config, mid, example, task, broken)
         macs = count_flops(candidate, example).macs
+        lowest = min(lowest, macs)
         if macs <= target:
             best, hi = (candidate, attempt, mid), mid
         else:
@@ -134,10 +136,11 @@ def _prune_to_macs(model: nn.Module, config: Channels, example: tuple, task: Any
     if best is None:
         candidate, attempt, broken = _prune_at(copy.deepcopy(model), config, hi, example, task, broken)
         macs = count_flops(candidate, example).macs
+        lowest = min(lowest, macs)
         if macs > target:
             raise SlimkitError(f"channel pruning cannot reach {config.macs_ratio:.2f} of the MACs "
-                               f"(at most {macs / before_macs:.2f}: the rest sits in layers that cannot be pruned)",
-                               "ask for a larger macs_ratio, or allow hidden=True / fewer ignored layers")
+                               f"(the least it reached is {lowest / before_macs:.2f}: the rest sits in layers that "
+                               f"cannot be pruned)", "ask for a larger macs_ratio, or allow hidden=True / fewer ignored layers")
         best = (candidate, attempt, hi)
     return best[0], best[1], broken, best[2]
 

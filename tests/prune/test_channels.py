@@ -227,3 +227,10 @@ def test_bn_scale_needs_batchnorm_and_unreachable_target_is_explained() -> None:
 def test_config_round_trips_json() -> None:
     cfg = Channels(macs_ratio=0.5, importance="taylor", round_to=8, ignored=("fc",))
     assert sk.BaseConfig.from_json(cfg.to_json()) == cfg
+
+
+def test_unreachable_macs_target_reports_the_least_reached(mnist_task) -> None:
+    """Too large an amount breaks groups (they are restored whole), so the last try prunes less than
+    an earlier one did; the error must quote the fewest MACs any try reached, not the last try's."""
+    with pytest.raises(SlimkitError, match=r"cannot reach 0\.15 of the MACs \(the least it reached is 0\.(1[6-9]|2\d)"):
+        sk.apply(mnist_task.model, Channels(macs_ratio=0.15), mnist_task)
