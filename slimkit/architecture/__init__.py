@@ -4,12 +4,15 @@ from __future__ import annotations
 
 from slimkit.architecture.compile import compare_runtimes, compiled, inductor_available
 from slimkit.architecture.early_exit import EarlyExit, EarlyExitConfig, attach_exits, default_exits, exit_loss
+from slimkit.architecture.encoder_exit import (EncoderClassifier, attach_encoder_exits, encoder_classifier,
+                                               exit_features, fit_heads)
 from slimkit.architecture.fuse import Fuse, find_pairs, fold_batchnorm
 from slimkit.architecture.gating import Cascade
 from slimkit.architecture.routing import Routed, calibrate, choose_thresholds, evaluate_routed, latency_over, simulate
 
 __all__ = [
-    "Cascade", "EarlyExit", "EarlyExitConfig", "Fuse", "Routed", "attach_exits", "calibrate", "choose_thresholds",
-    "compare_runtimes", "compiled", "default_exits", "evaluate_routed", "exit_loss", "find_pairs", "fold_batchnorm",
-    "inductor_available", "latency_over", "simulate",
+    "Cascade", "EarlyExit", "EarlyExitConfig", "EncoderClassifier", "Fuse", "Routed", "attach_encoder_exits",
+    "attach_exits", "calibrate", "choose_thresholds", "compare_runtimes", "compiled", "default_exits",
+    "encoder_classifier", "evaluate_routed", "exit_features", "exit_loss", "find_pairs", "fit_heads",
+    "fold_batchnorm", "inductor_available", "latency_over", "simulate",
 ]

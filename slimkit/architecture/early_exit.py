@@ -23,6 +23,20 @@ from slimkit.io import builder_of, register_builder
 from slimkit.architecture.routing import Routed, calibrate, confidence
 
 
+#: What flows between blocks: one tensor (a CNN's features) or a tuple whose every tensor has the
+#: samples on dim 0 (a transformer's hidden states and attention mask).
+State = torch.Tensor | tuple[torch.Tensor, ...]
+
+
+def _rows_of(x: State) -> int:
+    return (x[0] if isinstance(x, tuple) else x).shape[0]
+
+
+def _take(x: State, keep: torch.Tensor) -> State:
+    """The rows ``keep`` (a (B,) bool mask) of every tensor of the state."""
+    return tuple(t[keep] for t in x) if isinstance(x, tuple) else x[keep]
+
+
 class EarlyExit(Routed):
     """``blocks[i]`` then ``heads[i]`` for every early exit; the last block ends in the model's own head."""
 
@@ -43,16 +57,18 @@ class EarlyExit(Routed):
             self.blocks.eval()  # a frozen backbone keeps its BatchNorm statistics too
         return self
 
-    def exit_logits(self, x: torch.Tensor) -> list[torch.Tensor]:
+    def exit_logits(self, *inputs: torch.Tensor) -> list[torch.Tensor]:
         """Logits of every exit for every sample (training, calibration)."""
+        x: State = inputs[0] if len(inputs) == 1 else inputs
         out = []
         for i, block in enumerate(self.blocks):
             x = block(x)
             out.append(self.heads[i](x) if i < len(self.heads) else x)
         return out
 
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        batch = x.shape[0]
+    def forward(self, *inputs: torch.Tensor) -> torch.Tensor:
+        x: State = inputs[0] if len(inputs) == 1 else inputs  # a CNN's image, an encoder's (ids, mask)
+        batch = _rows_of(x)
         rows = torch.arange(batch)  # which original samples are still running
         exits = torch.full((batch,), len(self.heads), dtype=torch.long)
         out: torch.Tensor | None = None
@@ -73,7 +89,7 @@ class EarlyExit(Routed):
             out[rows[leave]] = logits[leave]
             exits[rows[leave]] = i
             stay = ~leave
-            rows, x = rows[stay], x[stay]
+            rows, x = rows[stay], _take(x, stay)
             if rows.numel() == 0:
                 break
         self.last_exits = exits
@@ -118,9 +134,15 @@ def default_exits(model: nn.Sequential) -> list[int]:
 
 def attach_exits(model: nn.Module, example: tuple[torch.Tensor, ...] | torch.Tensor, after: Sequence[int] = (),
                  *, hidden: int = 64, freeze_backbone: bool = True, seed: int = 0) -> EarlyExit:
-    """Split a ``nn.Sequential`` after the modules at ``after`` (default: every pooling but the last)."""
+    """Split a ``nn.Sequential`` after the modules at ``after`` (default: every pooling but the last),
+    or an :class:`~slimkit.architecture.encoder_exit.EncoderClassifier` after those encoder layers."""
+    from slimkit.architecture.encoder_exit import EncoderClassifier, attach_encoder_exits
+
+    if isinstance(model, EncoderClassifier):  # a transformer: exits after encoder layers, linear heads
+        inputs = example if isinstance(example, tuple) else (example,)
+        return attach_encoder_exits(model, inputs, after, seed=seed, freeze_backbone=freeze_backbone)
     if not isinstance(model, nn.Sequential):
-        raise SlimkitError(f"early exits need an nn.Sequential backbone, got {type(model).__name__}",
+        raise SlimkitError(f"early exits need an nn.Sequential CNN or an EncoderClassifier, got {type(model).__name__}",
                            "wrap the model's blocks in nn.Sequential or build EarlyExit(blocks, heads) yourself")
     after = sorted(set(after or default_exits(model)))
     if not after or after[0] < 0 or after[-1] >= len(model) - 1:
