@@ -250,6 +250,7 @@ def nas_part(task: Any, threads: int, rounds: int, quick: bool) -> dict[str, Any
                      "kernels": space.kernels, "hiddens": space.hiddens},
            "latency_batch": batch, "limit_ms": limit, "baseline_measured_ms": base_ms,
            "limit_rule": "baseline / 3.3, every candidate timed interleaved with the baseline", "load": state,
+           "load_after": load_state(threads),
            "predictor": {"fit_archs": 12, "held_out": table_err, "on_all_searched": all_err, "seconds": round(table_s, 1)},
            "supernet_seconds": round(supernet_s, 1), "search_seconds": round(search_s, 1),
            "finetune_seconds": round(finetune_s, 1), "total_seconds": round(total_s, 1),
@@ -266,6 +267,8 @@ def nas_part(task: Any, threads: int, rounds: int, quick: bool) -> dict[str, Any
            "history": [e.to_dict() for e in everything]}
     out["targets"] = {
         "nas": {"target": ">= 3x faster at <= 1 pt drop within 15 min", "speedup": round(speed, 3),
+                "judged_on": f"batch {batch} (the search's latency batch); batch 1 beside",
+                "speedup_batch1": out["found"]["speedup_batch1"],
                 "drop_pt": out["found"]["drop_pt"], "minutes": round(total_s / 60, 1),
                 "met": speed >= 3 and out["found"]["drop_pt"] <= 1 and total_s <= 900},
         "predictor": {"target": "mean relative error <= 10%", "held_out": round(table_err["mean_rel_error"], 4),
@@ -292,7 +295,9 @@ def remeasure_nas(threads: int, rounds: int) -> dict[str, Any]:
     times = interleaved_medians({"baseline": runner(task.model, xb), "found": runner(model, xb),
                                  "baseline b1": runner(task.model, xb[:1]), "found b1": runner(model, xb[:1])},
                                 rounds=rounds, min_time_s=0.3)
-    return {"date": environment(threads)["date"], "load": state, "rounds": rounds,
+    speed = times["baseline"]["median_ms"] / times["found"]["median_ms"]
+    return {"date": environment(threads)["date"], "load": state, "load_after": load_state(threads), "rounds": rounds,
+            "nas_target_met_batch256": speed >= 3 and found["drop_pt"] <= 1,
             "median_ms_batch256": round(times["found"]["median_ms"], 3),
             "baseline_median_ms_batch256": round(times["baseline"]["median_ms"], 3),
             "speedup_batch256": round(times["baseline"]["median_ms"] / times["found"]["median_ms"], 3),
