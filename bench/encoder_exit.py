@@ -37,7 +37,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 from _common import environment, write  # noqa: E402
 from slimkit.architecture.encoder_exit import (_logistic_head, encoder_classifier, exit_features,  # noqa: E402
                                                attach_encoder_exits)
-from slimkit.architecture.routing import choose_thresholds, confidence  # noqa: E402
+from slimkit.architecture.routing import choose_exit_set, choose_thresholds, confidence  # noqa: E402
 from slimkit.measure.latency import interleaved_samples  # noqa: E402
 from slimkit.zoo import minilm  # noqa: E402
 
@@ -74,7 +74,12 @@ def _load_fold(ee: Any, clf: Any, heads: list[torch.nn.Linear], thresholds: list
 
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    ap.add_argument("--after", default="1,3", help="exit after these encoder layers (0-based)")
+    ap.add_argument("--after", default="2",
+                    help="exit after these encoder layers (0-based; default: half depth), or 'auto': chosen per "
+                         "fold on its train data")
+    ap.add_argument("--alternatives", default="1,3;auto:2;auto:1",
+                    help="placements also cross-validated, accuracy only ('auto:K': auto with at most K exits)")
+    ap.add_argument("--max-exits", type=int, default=2, help="with --after auto: at most this many exits")
     ap.add_argument("--max-drop", type=float, default=0.005)
     ap.add_argument("--threads", type=int, default=2)
     ap.add_argument("--rounds", type=int, default=5)
@@ -95,24 +100,47 @@ def main() -> None:
     with torch.inference_mode():
         emb = encoder(ids, mask)
     clf = encoder_classifier(encoder, emb.numpy(), labels)
-    after = [int(a) for a in args.after.split(",")]
-    every = attach_encoder_exits(clf, (ids[:4], mask[:4]), list(range(5)))  # per-layer features, for the record
-    layer_features = exit_features(every, [(ids, mask)])
+    every = attach_encoder_exits(clf, (ids[:4], mask[:4]), list(range(5)))  # exit candidates after layers 0..4
+    layer_features = exit_features(every, [(ids, mask)])  # 6 x (200, 384), the last the classifier's own
     del every
-    ee = attach_encoder_exits(clf, (ids[:4], mask[:4]), after)
-    features = [layer_features[a] for a in after] + [layer_features[-1]]  # E x (200, 384)
+    after = None if args.after == "auto" else [int(a) for a in args.after.split(",")]
+    models: dict[tuple[int, ...], Any] = {}  # staged model per exit placement, sharing nothing with clf
+
+    def staged(positions: list[int]) -> Any:
+        if tuple(positions) not in models:
+            models[tuple(positions)] = attach_encoder_exits(clf, (ids[:4], mask[:4]), positions)
+        return models[tuple(positions)]
     from sklearn.linear_model import LogisticRegression
     from sklearn.model_selection import cross_val_score
 
     layer_acc = [float(cross_val_score(LogisticRegression(C=1.0, max_iter=2000), f.double().numpy(), labels,
                                        cv=StratifiedKFold(5)).mean()) for f in layer_features]
     lengths = mask.sum(1)
-    repeats = []
-    for r in range(args.repeats):
-        splitter = StratifiedKFold(5) if r == 0 else StratifiedKFold(5, shuffle=True, random_state=r)
-        repeats.append(_cross_validate(ee, clf, features, labels, ids, mask, lengths, splitter, args, timed=r == 0))
-        print(f"repeat {r}: full {repeats[-1]['full_accuracy']:.3f} routed {repeats[-1]['routed_accuracy']:.3f} "
-              f"exits {repeats[-1]['exit_fraction']}", flush=True)
+    if not args.accuracy_only:  # every sentence length seen once before any timing (kernel set-up per shape)
+        with torch.inference_mode():
+            for i in range(len(labels)):
+                clf(ids[i:i + 1, :int(lengths[i])], mask[i:i + 1, :int(lengths[i])])
+    def cross_validations(placement: list[int] | None, max_exits: int, timed: bool) -> list[dict[str, Any]]:
+        out = []
+        for r in range(args.repeats):
+            splitter = StratifiedKFold(5) if r == 0 else StratifiedKFold(5, shuffle=True, random_state=r)
+            out.append(_cross_validate(staged, placement, max_exits, clf, layer_features, labels, ids, mask, lengths,
+                                       splitter, args, timed=timed and r == 0))
+            print(f"repeat {r}: full {out[-1]['full_accuracy']:.3f} routed {out[-1]['routed_accuracy']:.3f} "
+                  f"layers run {out[-1]['mean_layers_run']:.2f}", flush=True)
+        return out
+
+    def summary(runs: list[dict[str, Any]]) -> dict[str, Any]:
+        full, routed = (float(np.mean([r[k] for r in runs])) for k in ("full_accuracy", "routed_accuracy"))
+        return {"full_accuracy": full, "routed_accuracy": routed, "drop_pt": round(100 * (full - routed), 2),
+                "mean_layers_run": float(np.mean([r["mean_layers_run"] for r in runs]))}
+
+    alternatives = {}
+    for alt in filter(None, args.alternatives.split(";")):
+        placement = None if alt.startswith("auto") else [int(a) for a in alt.split(",")]
+        print(f"alternative {alt}", flush=True)
+        alternatives[alt] = summary(cross_validations(placement, int(alt.split(":")[1]) if ":" in alt else 2, False))
+    repeats = cross_validations(after, args.max_exits, True)
     first = repeats[0]
     full_acc = float(np.mean([r["full_accuracy"] for r in repeats]))
     routed_acc = float(np.mean([r["routed_accuracy"] for r in repeats]))
@@ -120,37 +148,51 @@ def main() -> None:
         "model": "all-MiniLM-L6-v2 + logistic-regression polarity head (the minilm task's polarity metric)",
         "data": "gensim pang_lee_polarity.cor, 200 sentences; outer StratifiedKFold(5) (repeat 0: the task's "
                 "unshuffled folds, then shuffled), thresholds from 5-fold out-of-fold predictions inside each train fold",
-        "exits_after_layers": after, "max_drop": args.max_drop,
+        "exits_after_layers": after or f"chosen per outer fold on its train data (at most {args.max_exits} exits, "
+                                       "cost = layers run, candidates after layers 0-4)",
+        "max_drop": args.max_drop,
         "layer_cv_accuracy": {f"after_layer_{i}": round(a, 4) for i, a in enumerate(layer_acc)},
         "full_accuracy": full_acc, "routed_accuracy": routed_acc, "drop_pt": round(100 * (full_acc - routed_acc), 2),
         "drop_pt_per_repeat": [round(100 * (r["full_accuracy"] - r["routed_accuracy"]), 2) for r in repeats],
-        "exit_fraction": np.mean([r["exit_fraction"] for r in repeats], 0).round(4).tolist(),
+        "exit_layer_fraction": np.mean([r["exit_layer_fraction"] for r in repeats], 0).round(4).tolist(),
+        "mean_layers_run": float(np.mean([r["mean_layers_run"] for r in repeats])),
         "batch1": first.get("batch1"), "batch40": first.get("batch40"), "timed_repeat": 0,
+        "alternatives_accuracy_only": alternatives,
         "repeats": repeats, "runtime": "torch eager", "rounds": args.rounds,
         "load": {"loadavg_1m_start": load_start, "loadavg_1m_end": os.getloadavg()[0], "threads": args.threads,
                  "contended": max(load_start, os.getloadavg()[0]) > (os.cpu_count() or 1) - args.threads + 0.5},
         "seconds": round(time.time() - started, 1), "environment": environment(args.threads),
     }
     print(f"accuracy full {full_acc:.4f} routed {routed_acc:.4f} (drop {result['drop_pt']} pt over {args.repeats} "
-          f"cross-validations); exits {result['exit_fraction']}")
+          f"cross-validations); leaves after layer 1..6: {result['exit_layer_fraction']}")
     if not args.accuracy_only:
         path = write("encoder_exit", result)
         print(f"batch 1 {result['batch1']['speedup']:.2f}x, batch 40 {result['batch40']['speedup']:.2f}x -> {path}")
 
 
-def _cross_validate(ee: Any, clf: Any, features: list[torch.Tensor], labels: np.ndarray, ids: torch.Tensor,
-                    mask: torch.Tensor, lengths: torch.Tensor, splitter: Any, args: argparse.Namespace,
-                    timed: bool) -> dict[str, Any]:
+def _cross_validate(staged: Any, after: list[int] | None, max_exits: int, clf: Any, layer_features: list[torch.Tensor],
+                    labels: np.ndarray, ids: torch.Tensor, mask: torch.Tensor, lengths: torch.Tensor, splitter: Any,
+                    args: argparse.Namespace, timed: bool) -> dict[str, Any]:
     """One outer cross-validation: every sentence tested once by the fold that did not train on it."""
     full_pred = np.zeros(len(labels), dtype=np.int64)
     routed_pred = np.zeros(len(labels), dtype=np.int64)
-    exits = np.zeros(len(labels), dtype=np.int64)
+    exit_layer = np.zeros(len(labels), dtype=np.int64)  # layers each sentence ran (1..6)
     folds, single_ms, batch_ms = [], {"full": 0.0, "routed": 0.0}, {"full": 0.0, "routed": 0.0}
     for k, (train, test) in enumerate(splitter.split(np.zeros(len(labels)), labels)):
-        heads = _fold_heads(features, labels, train)
-        conf, correct = _oof(features, labels, train)
-        thresholds = choose_thresholds(conf, correct, args.max_drop)
-        _load_fold(ee, clf, heads, thresholds)
+        if after is None:  # placement and thresholds from out-of-fold predictions on the train fold only
+            conf, correct = _oof(layer_features, labels, train)
+            positions, thresholds, _ = choose_exit_set(conf, correct, list(range(1, 7)), args.max_drop,
+                                                       max_exits=max_exits)
+        else:
+            positions = after
+            conf, correct = _oof([layer_features[a] for a in after] + [layer_features[-1]], labels, train)
+            thresholds = choose_thresholds(conf, correct, args.max_drop)
+        if not positions:  # no exit pays on this fold: the classifier itself
+            positions, thresholds = [0], [1.0]
+        features = [layer_features[a] for a in positions] + [layer_features[-1]]
+        ee = staged(positions)
+        _load_fold(ee, clf, _fold_heads(features, labels, train), thresholds)
+        depth = positions + [5]  # the layer (0-based) each exit follows
         test_t = torch.from_numpy(test)
         width = int(lengths[test_t].max())
         batch = (ids[test_t, :width], mask[test_t, :width])  # (40, T) padded to the fold's longest
@@ -162,12 +204,12 @@ def _cross_validate(ee: Any, clf: Any, features: list[torch.Tensor], labels: np.
                 routed.append(ee(*s))
                 fold_exits.append(int(ee.last_exits[0]))
             routed_pred[test] = torch.cat(routed).argmax(-1).numpy()
-            exits[test] = fold_exits
+            exit_layer[test] = [depth[e] + 1 for e in fold_exits]
             batched = ee(*batch)  # the same sentences routed inside one padded batch
             same = int((batched.argmax(-1) == torch.cat(routed).argmax(-1)).sum())
-        fold = {"fold": k, "thresholds": thresholds, "full_accuracy": float((full_pred[test] == labels[test]).mean()),
+        fold = {"fold": k, "exits_after_layers": positions, "thresholds": thresholds, "full_accuracy": float((full_pred[test] == labels[test]).mean()),
                 "routed_accuracy": float((routed_pred[test] == labels[test]).mean()),
-                "exit_fraction": np.bincount(exits[test], minlength=len(features)).tolist(),
+                "leave_after_layer": np.bincount(exit_layer[test], minlength=7)[1:].tolist(),
                 "batch_equals_single": f"{same}/{len(test)}"}
         folds.append(fold)
         if not timed or args.accuracy_only:
@@ -182,12 +224,14 @@ def _cross_validate(ee: Any, clf: Any, features: list[torch.Tensor], labels: np.
             single_ms[key] += med[f"{key}_single"]
             batch_ms[key] += med[f"{key}_batch"]
         fold["ms"] = {name: round(v, 3) for name, v in med.items()}
-        print(f"fold {k}: thresholds {[round(t, 3) for t in thresholds]} full {fold['full_accuracy']:.3f} "
-              f"routed {fold['routed_accuracy']:.3f} exits {fold['exit_fraction']} ms {fold['ms']}", flush=True)
+        print(f"fold {k}: exits after {positions} thresholds {[round(t, 3) for t in thresholds]} full "
+              f"{fold['full_accuracy']:.3f} routed {fold['routed_accuracy']:.3f} leave {fold['leave_after_layer']} "
+              f"ms {fold['ms']}", flush=True)
     n = len(labels)
     out: dict[str, Any] = {"full_accuracy": float((full_pred == labels).mean()),
                            "routed_accuracy": float((routed_pred == labels).mean()),
-                           "exit_fraction": (np.bincount(exits, minlength=len(features)) / n).round(4).tolist(),
+                           "exit_layer_fraction": (np.bincount(exit_layer, minlength=7)[1:] / n).round(4).tolist(),
+                           "mean_layers_run": float(exit_layer.mean()),
                            "folds": folds}
     if timed and not args.accuracy_only:
         out["batch1"] = {"full_mean_ms": single_ms["full"] / n, "routed_mean_ms": single_ms["routed"] / n,

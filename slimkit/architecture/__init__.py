@@ -8,11 +8,12 @@ from slimkit.architecture.encoder_exit import (EncoderClassifier, attach_encoder
                                                exit_features, fit_heads)
 from slimkit.architecture.fuse import Fuse, find_pairs, fold_batchnorm
 from slimkit.architecture.gating import Cascade
-from slimkit.architecture.routing import Routed, calibrate, choose_thresholds, evaluate_routed, latency_over, simulate
+from slimkit.architecture.routing import (Routed, calibrate, choose_exit_set, choose_thresholds, evaluate_routed,
+                                         latency_over, simulate)
 
 __all__ = [
     "Cascade", "EarlyExit", "EarlyExitConfig", "EncoderClassifier", "Fuse", "Routed", "attach_encoder_exits",
-    "attach_exits", "calibrate", "choose_thresholds", "compare_runtimes", "compiled", "default_exits",
+    "attach_exits", "calibrate", "choose_exit_set", "choose_thresholds", "compare_runtimes", "compiled", "default_exits",
     "encoder_classifier", "evaluate_routed", "exit_features", "exit_loss", "find_pairs", "fit_heads",
     "fold_batchnorm", "inductor_available", "latency_over", "simulate",
 ]

@@ -151,7 +151,7 @@ def _base_model(encoder: nn.Module) -> nn.Module:
 
 def attach_encoder_exits(model: EncoderClassifier, example: Sequence[torch.Tensor], after: Sequence[int] = (),
                          *, seed: int = 0, freeze_backbone: bool = True, tolerance: float = 1e-4) -> EarlyExit:
-    """Exits after the encoder layers at ``after`` (default: every other layer but the last).
+    """Exits after the encoder layers at ``after`` (default: one exit, after half of the layers).
 
     The staged model is checked against ``model`` on ``example`` (``(ids, mask)``) with every exit
     closed: an encoder whose layers do not take BERT's ``(hidden, attention_mask=additive)`` call
@@ -164,7 +164,7 @@ def attach_encoder_exits(model: EncoderClassifier, example: Sequence[torch.Tenso
     base = _base_model(model.encoder)
     parent, attr = block_list(base)
     layers = list(getattr(parent, attr))
-    after = sorted(set(after or range(1, len(layers) - 1, 2)))
+    after = sorted(set(after or [len(layers) // 2 - 1]))
     if not after or after[0] < 0 or after[-1] >= len(layers) - 1:
         raise SlimkitError(f"exit positions {list(after)} do not split a {len(layers)}-layer encoder",
                            f"give layer indices between 0 and {len(layers) - 2}")

@@ -127,6 +127,34 @@ def choose_thresholds(conf: torch.Tensor, correct: torch.Tensor, max_drop: float
     return thresholds
 
 
+def choose_exit_set(conf: torch.Tensor, correct: torch.Tensor, costs: Sequence[float], max_drop: float,
+                    max_exits: int = 2) -> tuple[list[int], list[float], float]:
+    """Where to put exits: the subset of candidate positions (at most ``max_exits``) whose calibrated
+    routing has the lowest mean cost per sample while losing at most ``max_drop`` accuracy.
+
+    ``conf``: (C, N) confidences of C candidate exits on held-out samples; ``correct``: (C + 1, N),
+    the last row the final exit; ``costs``: C + 1 costs of leaving at each (e.g. layers run). Returns
+    ``(positions, thresholds, mean cost)``; no exit at all (mean cost = the final's) when none pays.
+    """
+    from itertools import combinations
+
+    n_cand = conf.shape[0]
+    if correct.shape[0] != n_cand + 1 or len(costs) != n_cand + 1:
+        raise SlimkitError(f"{n_cand} candidate exits need {n_cand + 1} correctness rows and costs, got "
+                           f"{correct.shape[0]} and {len(costs)}", "the last row and cost are the final exit's")
+    best: tuple[list[int], list[float], float] = ([], [], float(costs[-1]))
+    for k in range(1, max(1, max_exits) + 1):
+        for subset in combinations(range(n_cand), k):
+            rows = list(subset)
+            sub_costs = [float(costs[i]) for i in rows] + [float(costs[-1])]
+            thresholds = choose_thresholds(conf[rows], correct[rows + [n_cand]], max_drop, costs=sub_costs)
+            exits, _ = simulate(conf[rows], correct[rows + [n_cand]], thresholds)
+            mean = float(torch.tensor(sub_costs, dtype=torch.float64)[exits].mean())
+            if mean < best[2] - 1e-12:
+                best = (rows, thresholds, mean)
+    return best
+
+
 @torch.inference_mode()
 def exit_outputs(model: Routed, batches: Batches) -> tuple[torch.Tensor, torch.Tensor]:
     """(E-1, N) confidences and (E, N) correctness of every exit over labelled batches."""

@@ -6,7 +6,7 @@ import pytest
 import torch
 
 from slimkit import SlimkitError
-from slimkit.architecture import choose_thresholds, simulate
+from slimkit.architecture import choose_exit_set, choose_thresholds, simulate
 
 
 def planted(n: int, seed: int) -> tuple[torch.Tensor, torch.Tensor]:
@@ -69,3 +69,20 @@ def test_costs_move_the_budget_to_the_cheaper_routing():
     assert mean["costed"] <= mean["greedy"] - 0.05
     with pytest.raises(SlimkitError, match="costs"):
         choose_thresholds(conf, correct, 0.02, grid=50, costs=[1.0, 2.0])
+
+
+def test_exit_placement_picks_the_cheap_candidate_that_is_right_and_none_when_none_is():
+    """Candidates after layers 1, 2, 3 of 4: only the one after layer 2 is trustworthy (right above 0.6)."""
+    gen = torch.Generator().manual_seed(3)
+    n = 1000
+    conf = torch.rand(3, n, generator=gen)  # (C, N)
+    coin = torch.rand(3, n, generator=gen) < 0.5
+    correct = torch.cat([coin[:1], ((conf[1] > 0.6) | coin[1])[None], coin[2:], torch.ones(1, n, dtype=torch.bool)])
+    positions, thresholds, cost = choose_exit_set(conf, correct, [1, 2, 3, 4], max_drop=0.0)
+    assert positions == [1]
+    assert thresholds[0] == pytest.approx(0.6, abs=0.01)
+    assert cost == pytest.approx(0.4 * 2 + 0.6 * 4, abs=0.1)  # 40% leave after layer 2, the rest run all 4
+    useless = torch.cat([coin, torch.ones(1, n, dtype=torch.bool)])  # every candidate a coin flip
+    assert choose_exit_set(conf, useless, [1, 2, 3, 4], max_drop=0.0) == ([], [], 4.0)
+    with pytest.raises(SlimkitError, match="correctness rows and costs"):
+        choose_exit_set(conf, useless, [1, 2, 4], max_drop=0.0)
