@@ -38,11 +38,13 @@ def weight_layers(model: nn.Module) -> list[str]:
 
 
 @torch.no_grad()
-def compressed_weight(w: torch.Tensor, kind: str, bits: int = 8, ratio: float = 0.5) -> torch.Tensor:
+def compressed_weight(w: torch.Tensor, kind: str, bits: int = 8, ratio: float = 0.5,
+                      group_size: int = INT4_GROUP) -> torch.Tensor:
     """The float weight a layer would have after ``kind``: the deployed integers dequantized.
 
     bits 8: symmetric per-channel int8 (``pack.quantize_weight_int8``); bits 4 on a 2-D weight whose
-    input size the group divides: grouped asymmetric int4 (``pack.quantize_weight_int4``, group 32);
+    input size the group divides: grouped asymmetric int4 (``pack.quantize_weight_int4``, ``group_size``
+    inputs per scale/zero, 0: one per row);
     16: a float16 round trip; other bits: symmetric per-channel at that width. ``prune`` zeroes
     the ``ratio`` smallest-magnitude weights.
     """
@@ -58,21 +60,23 @@ def compressed_weight(w: torch.Tensor, kind: str, bits: int = 8, ratio: float = 
         return w.half().to(w.dtype)
     if bits == 8:
         return pack.dequantize_int8(*pack.quantize_weight_int8(w, True)).to(w.dtype)
-    if bits == 4 and w.ndim == 2 and w.shape[1] % INT4_GROUP == 0:
-        return pack.dequantize_int4(*pack.quantize_weight_int4(w, INT4_GROUP)).to(w.dtype)
+    if bits == 4 and w.ndim == 2 and w.shape[1] % (group_size or w.shape[1]) == 0:
+        return pack.dequantize_int4(*pack.quantize_weight_int4(w, group_size)).to(w.dtype)
     levels = 2 ** (bits - 1) - 1
     scale = (w.abs().flatten(1).amax(1) / levels).clamp_min(1e-12).reshape(-1, *([1] * (w.ndim - 1)))
     return (torch.round(w / scale).clamp(-levels, levels) * scale).to(w.dtype)
 
 
 def _check(model: nn.Module, kind: str, bits: int, ratio: float, measure: str,
-           layers: Sequence[str] | None) -> list[str]:
+           layers: Sequence[str] | None, group_size: int = INT4_GROUP) -> list[str]:
     if kind not in KINDS:
         raise SlimkitError(f"sensitivity kind={kind!r} is not known", f"use one of {', '.join(KINDS)}")
     if measure not in MEASURES:
         raise SlimkitError(f"sensitivity measure={measure!r} is not known", f"use one of {', '.join(MEASURES)}")
     if kind == "quantize" and not 2 <= bits <= 16:
         raise SlimkitError(f"bits={bits} is outside 2..16", "use 4, 8 or 16")
+    if group_size < 0 or group_size % 2:
+        raise SlimkitError(f"group_size={group_size} is not an even size >= 0", "use e.g. 32 or 128 (0: one per row)")
     if kind == "prune" and not 0.0 < ratio < 1.0:
         raise SlimkitError(f"prune ratio={ratio} is outside (0, 1)", "use e.g. 0.5")
     names = weight_layers(model) if layers is None else list(layers)
@@ -114,14 +118,17 @@ def _output_scorer(model: nn.Module, batches: Sequence[tuple[torch.Tensor, ...]]
 def layer_sensitivity(model: nn.Module, task: Any, kind: str = "quantize", bits: int = 8, ratio: float = 0.5,
                       layers: Sequence[str] | None = None, *, measure: str = "metric",
                       batches: Sequence[tuple[torch.Tensor, ...]] | None = None,
-                      progress: bool = False) -> dict[str, float]:
+                      progress: bool = False, group_size: int = INT4_GROUP) -> dict[str, float]:
     """``{layer: drop}`` when only that layer is quantized to ``bits`` (or pruned by ``ratio``).
+
+    4 bits on a Linear weight: grouped int4 with ``group_size`` inputs per scale/zero (0: one per row),
+    so mixed precision can rank the same layer at several group sizes.
 
     ``measure="metric"``: drop of the task metric (``task.drop``: positive = worse);
     ``"output"``: output noise-to-signal ratio on ``batches`` (default: the first 4 calibration
     batches). The model is restored exactly (weights and train/eval mode) even on error.
     """
-    names = _check(model, kind, bits, ratio, measure, layers)
+    names = _check(model, kind, bits, ratio, measure, layers, group_size)
     was_training = model.training
     model.eval()
     if measure == "metric":
@@ -149,7 +156,7 @@ def layer_sensitivity(model: nn.Module, task: Any, kind: str = "quantize", bits:
                 saved = layer.weight.detach().clone()
                 try:
                     with torch.no_grad():
-                        layer.weight.copy_(compressed_weight(saved, kind, bits, ratio))
+                        layer.weight.copy_(compressed_weight(saved, kind, bits, ratio, group_size))
                     out[name] = score()
                 finally:
                     with torch.no_grad():

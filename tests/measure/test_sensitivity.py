@@ -60,6 +60,30 @@ def test_int8_weights_are_the_deployed_integers():
     assert torch.equal(got4, QuantLinear.from_float(lin, bits=4, group_size=32).dequantized_weight())
 
 
+def test_int4_group_size_is_the_deployed_one_and_coarser_groups_are_noisier(one_thread):
+    from slimkit.quantize import QuantLinear
+
+    torch.manual_seed(0)
+    lin = nn.Linear(256, 32)
+    with torch.no_grad():
+        lin.weight.copy_(torch.randn(32, 256) * torch.randn(32, 256).abs() / 16)  # heavy tails, like trained weights
+    for g in (64, 128, 0):
+        got = compressed_weight(lin.weight.detach(), "quantize", bits=4, group_size=g)
+        assert torch.equal(got, QuantLinear.from_float(lin, bits=4, group_size=g).dequantized_weight())
+    model = nn.Sequential(lin, nn.ReLU(), nn.Linear(32, 4))
+    x = torch.randn(64, 256)
+    task = Task(name="tiny", model=model, example=(x,), metric=accuracy, eval=[((x,), torch.zeros(64).long())],
+                calib=[(x,)])
+    before = {k: v.clone() for k, v in model.state_dict().items()}
+    noise = {g: layer_sensitivity(model, task, bits=4, layers=["0"], measure="output", group_size=g)["0"]
+             for g in (32, 128)}
+    assert noise[128] > 1.3 * noise[32] > 0  # fewer scales, wider ranges per group: more rounding noise
+    assert layer_sensitivity(model, task, bits=4, layers=["0"], measure="output")["0"] == noise[32]  # default
+    assert all(torch.equal(before[k], v) for k, v in model.state_dict().items())
+    with pytest.raises(SlimkitError, match="group_size"):
+        layer_sensitivity(model, task, bits=4, measure="output", group_size=3)
+
+
 def test_hutchinson_matches_the_exact_trace(one_thread):
     torch.manual_seed(0)
     model = nn.Sequential(nn.Linear(6, 5), nn.Tanh(), nn.Linear(5, 3))
