@@ -2,8 +2,11 @@
 
 Each layer's predicted cost at ``b`` bits is its measured sensitivity (``layer_sensitivity``:
 only that layer quantized, default ``measure="output"``: output noise-to-signal ratio, which adds
-up over layers roughly as independent noise does). Choosing one width per layer to minimise the
-summed cost with the summed bytes under the budget is a multiple-choice knapsack; it is solved
+up over layers roughly as independent noise does). With ``int4_groups`` the int4 group size is a
+choice too: a Linear layer may also take int4 with e.g. 128 inputs per scale/zero (4.5 bits a
+weight instead of 6 at group 32), so robust layers free bytes that pay for int8 on sensitive ones
+at the same total. Choosing one option per layer to minimise the summed cost with the summed bytes
+under the budget is a multiple-choice knapsack; it is solved
 exactly as a 0/1 integer program with ``scipy.optimize.milp`` (HiGHS). The choice is realised with
 the stored modules the other techniques use: grouped int4 and per-channel int8 weight-only
 (``QuantLinear`` / ``QuantConv2d``), float16 weights (``HalfLinear`` / ``HalfConv2d``) and, with
@@ -11,7 +14,7 @@ the stored modules the other techniques use: grouped int4 and per-channel int8 w
 torch (weight-only has no ONNX Runtime path in slimkit).
 
 Bytes per layer (bias excluded: it is float32 at every width): int4 ``N*K/2`` + float32 scale and
-zero per group; int4 conv ``N*ceil(K/2)`` + two float32 per channel; int8 ``N*K`` + a float32
+zero per group (``8*N*K/group``); int4 conv ``N*ceil(K/2)`` + two float32 per channel; int8 ``N*K`` + a float32
 scale per channel; 16 bits ``2*N*K``.
 
 Activations stay float. Int8-activation layers are not offered: under a byte budget they cost the
@@ -38,6 +41,7 @@ from slimkit.quantize.configs import Targets, _check
 log = logging.getLogger("slimkit.quantize")
 
 WIDTHS = (4, 8, 16)
+INT4_GROUPS = (32, 64, 128)
 
 
 @register("quantize.Mixed")
@@ -53,6 +57,9 @@ class Mixed(BaseConfig):
     ``int4_convs``: convolutions may take 4 bits too (symmetric per channel, packed ``BitConv2d``).
     ``measured``: ``{"4": {layer: cost}, "8": {...}}`` from :func:`measure_costs` for the same model,
     so several budgets share one measurement (a curve); layers it lacks are measured.
+    ``int4_groups``: further int4 group sizes (from 32, 64, 128) a Linear layer may take beside
+    ``group_size``; each is measured and priced as its own option (cost key ``"4g128"``; ``"4"`` is
+    ``group_size``).
     ``activations``: ``"dynamic"`` makes the 8-bit layers int8 x int8 (inputs quantized per batch:
     fbgemm Linear, oneDNN Conv) beside weight-only int4 layers, for speed where the kernels win;
     ``"none"`` keeps every layer weight-only. Bytes are the same; the 8-bit cost is measured on the
@@ -71,6 +78,7 @@ class Mixed(BaseConfig):
     int4_convs: bool = False
     measured: Mapping[str, Mapping[str, float]] | None = None
     activations: str = "none"
+    int4_groups: tuple[int, ...] = ()
 
     def __post_init__(self) -> None:
         if not self.candidates or any(b not in WIDTHS for b in self.candidates):
@@ -79,6 +87,13 @@ class Mixed(BaseConfig):
         _check("group_size", self.group_size, (32, 64, 128))
         _check("measure", self.measure, ("output", "metric"))
         _check("activations", self.activations, ("none", "dynamic"))
+        groups = tuple(self.int4_groups)
+        if any(g not in INT4_GROUPS for g in groups) or len(set(groups)) < len(groups) or self.group_size in groups:
+            raise SlimkitError(f"int4_groups={groups!r} must be distinct sizes from {INT4_GROUPS} other than "
+                               f"group_size={self.group_size}", "use e.g. int4_groups=(128,)")
+        if groups and (4 not in self.candidates or self.narrowest):
+            raise SlimkitError("int4_groups needs 4 in candidates and narrowest=False",
+                               "add 4 to candidates, or drop int4_groups")
         if not 0.0 < self.budget_ratio <= 1.0:
             raise SlimkitError(f"budget_ratio={self.budget_ratio} is outside (0, 1]",
                                "use the fraction of the layers' fp32 bytes to keep, e.g. 0.25")
@@ -104,6 +119,26 @@ def layer_bytes(layer: nn.Module, bits: int, group_size: int, int4_convs: bool =
 def _int4_group(layer: nn.Module, config: "Mixed") -> int:
     """``config.group_size``; with ``narrowest``, one group per row (per channel): the fewest scale bytes."""
     return 0 if config.narrowest else config.group_size
+
+
+def options(config: "Mixed") -> list[tuple[str, int, int | None]]:
+    """The per-layer choices as ``(cost key, bits, extra int4 group or None)``, narrowest width first.
+
+    ``"4"`` is int4 at ``group_size`` (or the conv form), ``"4g128"`` int4 at group 128 (Linear only)."""
+    out: list[tuple[str, int, int | None]] = []
+    for b in sorted(config.candidates):
+        out.append((str(b), b, None))
+        if b == 4:
+            out += [(f"4g{g}", 4, g) for g in sorted(config.int4_groups)]
+    return out
+
+
+def option_bytes(layer: nn.Module, option: tuple[str, int, int | None], config: "Mixed") -> int | None:
+    """Stored bytes of ``layer`` at ``option`` (None: not available to it)."""
+    _, bits, group = option
+    if group is not None:
+        return layer_bytes(layer, 4, group) if isinstance(layer, nn.Linear) else None
+    return layer_bytes(layer, bits, _int4_group(layer, config), config.int4_convs)
 
 
 def solve(costs: Sequence[Sequence[float]], sizes: Sequence[Sequence[float | None]], budget: float) -> list[int]:
@@ -157,24 +192,31 @@ def greedy(costs: Sequence[Sequence[float]], sizes: Sequence[Sequence[float | No
     return chosen
 
 
-def _costs(model: nn.Module, config: Mixed, task: Any, names: list[str]) -> dict[int, dict[str, float]]:
-    """Predicted drop per width per layer (16 bits: 0)."""
+def _costs(model: nn.Module, config: Mixed, task: Any, names: list[str]) -> dict[str, dict[str, float]]:
+    """Predicted drop per option (key of :func:`options`) per layer (16 bits: 0)."""
     from slimkit.measure.sensitivity import layer_sensitivity
 
-    out: dict[int, dict[str, float]] = {16: {n: 0.0 for n in names}}
-    if len(config.candidates) == 1 or config.narrowest:  # nothing to choose: no measurement
-        return {b: {n: 0.0 for n in names} for b in WIDTHS}
+    out: dict[str, dict[str, float]] = {"16": {n: 0.0 for n in names}}
+    if len(options(config)) == 1 or config.narrowest:  # nothing to choose: no measurement
+        keys = [str(b) for b in WIDTHS] + [key for key, _, _ in options(config)]
+        return {key: {n: 0.0 for n in names} for key in keys}
     given = {n: v for n, v in (config.sensitivity or {}).items() if n in names}
     if given:
-        out[4] = {n: max(0.0, float(v)) for n, v in given.items()}
-        out[8] = {n: v / 256 for n, v in out[4].items()}
+        out["4"] = {n: max(0.0, float(v)) for n, v in given.items()}
+        out["8"] = {n: v / 256 for n, v in out["4"].items()}
     for key, per_layer in (config.measured or {}).items():
-        out.setdefault(int(key), {}).update({n: max(0.0, float(v)) for n, v in per_layer.items() if n in names})
-    for bits in (b for b in config.candidates if b != 16):
-        missing = [n for n in names if n not in out.get(bits, {})]  # e.g. layers a factorization created
+        out.setdefault(str(key), {}).update({n: max(0.0, float(v)) for n, v in per_layer.items() if n in names})
+    for option in options(config):
+        key, bits, group = option
+        if bits == 16:
+            continue
+        usable = names if group is None else [n for n in names  # only where that group can store the layer
+                                              if option_bytes(model.get_submodule(n), option, config) is not None]
+        missing = [n for n in usable if n not in out.get(key, {})]  # e.g. layers a factorization created
         if missing:
-            sens = layer_sensitivity(model, task, kind="quantize", bits=bits, layers=missing, measure=config.measure)
-            out.setdefault(bits, {}).update({n: max(0.0, v) for n, v in sens.items()})  # noise is not a gain
+            sens = layer_sensitivity(model, task, kind="quantize", bits=bits, layers=missing, measure=config.measure,
+                                     group_size=config.group_size if group is None else group)
+            out.setdefault(key, {}).update({n: max(0.0, v) for n, v in sens.items()})  # noise is not a gain
     return out
 
 
@@ -184,7 +226,7 @@ def measure_costs(model: nn.Module, config: Mixed, task: Any) -> dict[str, dict[
 
     names, _ = _targets(model, config.targets, config.exclude, allow_conv=True)
     costs = _costs(model, dataclasses.replace(config, measured=None), task, names)
-    return {str(b): v for b, v in costs.items() if b != 16}
+    return {key: v for key, v in costs.items() if key != "16"}
 
 
 def _int4_conv(conv: nn.Conv2d) -> nn.Module:
@@ -203,22 +245,24 @@ def quantize_mixed(model: nn.Module, config: Mixed, task: Any) -> nn.Module:
     from slimkit.quantize.ptq import _quantize_embeddings, _targets
 
     names, skipped = _targets(model, config.targets, config.exclude, allow_conv=True)
-    widths = sorted(config.candidates)
+    opts = options(config)
     layers = {n: model.get_submodule(n) for n in names}
-    sizes = [[layer_bytes(layers[n], b, _int4_group(layers[n], config), config.int4_convs) for b in widths]
-             for n in names]
+    sizes = [[option_bytes(layers[n], o, config) for o in opts] for n in names]
     if any(all(s is None for s in row) for row in sizes):
         bad = names[next(i for i, row in enumerate(sizes) if all(s is None for s in row))]
-        raise SlimkitError(f"layer {bad!r} has no width among candidates {widths}", "add 8 or 16 to candidates")
-    costs_by_bits = _costs(model, config, task, names)
-    costs = [[costs_by_bits[b][n] for b in widths] for n in names]
+        raise SlimkitError(f"layer {bad!r} has no width among candidates {sorted(config.candidates)}",
+                           "add 8 or 16 to candidates")
+    costs_by_key = _costs(model, config, task, names)
+    costs = [[costs_by_key.get(key, {}).get(n, 0.0) for key, _, _ in opts] for n in names]  # absent: option unavailable
     fp32 = sum(4 * layers[n].weight.numel() for n in names)
     budget = config.budget_ratio * fp32
     if config.narrowest:
         choice = [next(j for j, size in enumerate(row) if size is not None) for row in sizes]
     else:
         choice = solve(costs, sizes, budget)
-    bits = {n: widths[j] for n, j in zip(names, choice)}
+    bits = {n: opts[j][1] for n, j in zip(names, choice)}
+    groups = {n: _int4_group(layers[n], config) if opts[j][2] is None else opts[j][2]
+              for n, j in zip(names, choice) if opts[j][1] == 4 and isinstance(layers[n], nn.Linear)}
     _quantize_embeddings(model, config, skipped)
     for n, b in bits.items():
         layer = layers[n]
@@ -227,7 +271,7 @@ def quantize_mixed(model: nn.Module, config: Mixed, task: Any) -> nn.Module:
         elif isinstance(layer, nn.Conv2d):
             new = _int4_conv(layer) if b == 4 else QuantConv2d.from_float(layer, activations=config.activations)
         elif b == 4:
-            new = QuantLinear.from_float(layer, bits=4, group_size=_int4_group(layer, config))
+            new = QuantLinear.from_float(layer, bits=4, group_size=groups[n])
         else:
             new = QuantLinear.from_float(layer, bits=8, activations=config.activations)
         set_submodule(model, n, new)
@@ -236,11 +280,11 @@ def quantize_mixed(model: nn.Module, config: Mixed, task: Any) -> nn.Module:
                            "skipped": skipped, "reverted": [], "bits": bits, "budget_bytes": budget,
                            "weight_bytes": used, "fp32_weight_bytes": fp32,
                            "predicted_drop": float(sum(costs[i][j] for i, j in enumerate(choice))),
-                           "sensitivity": {str(b): v for b, v in costs_by_bits.items()}}
+                           "group_sizes": groups, "sensitivity": costs_by_key}
     log.info("mixed precision: %s", bits)
     return model.eval()
 
 
 register_handler(Mixed, quantize_mixed)
 
-__all__ = ["Mixed", "greedy", "layer_bytes", "measure_costs", "quantize_mixed", "solve"]
+__all__ = ["Mixed", "greedy", "layer_bytes", "measure_costs", "option_bytes", "options", "quantize_mixed", "solve"]

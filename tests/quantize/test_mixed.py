@@ -217,3 +217,71 @@ def test_int8_activation_layers_beside_int4_weight_only_run_on_torch(mnist_task,
     assert mnist_task.evaluate(build(both))["score"] >= mnist_task.evaluate(model)["score"] - 0.005
     with pytest.raises(SlimkitError, match="activations"):
         Mixed(activations="static")
+
+
+def test_group_128_bytes_and_options():
+    from slimkit.quantize.mixed import option_bytes, options
+
+    lin = torch.nn.Linear(256, 64)
+    assert layer_bytes(lin, 4, 128) == 64 * 128 + 8 * 64 * 2  # 4.5 bits a weight
+    assert layer_bytes(lin, 4, 32) == 64 * 128 + 8 * 64 * 8  # 6 bits a weight
+    assert layer_bytes(torch.nn.Linear(576, 8), 4, 128) is None  # 128 does not divide K
+    config = Mixed(int4_groups=(128, 64))
+    assert [k for k, _, _ in options(config)] == ["4", "4g64", "4g128", "8", "16"]
+    assert option_bytes(torch.nn.Conv2d(3, 8, 3), ("4g128", 4, 128), Mixed(int4_convs=True)) is None  # Linear only
+    assert BaseConfig.from_json(config.to_json()) == config
+    for bad in (dict(int4_groups=(96,)), dict(int4_groups=(32,)), dict(int4_groups=(128, 128)),
+                dict(candidates=(8, 16), int4_groups=(128,)), dict(narrowest=True, int4_groups=(128,))):
+        with pytest.raises(SlimkitError, match="int4_groups"):
+            Mixed(**bad)
+
+
+def test_coarser_int4_groups_buy_int8_layers_at_exactly_the_uniform_int4_bytes(digits_task, one_thread, tmp_path):
+    """Every layer int4 at group 32 (convolutions per channel) vs the same bytes spent per layer: the big
+    Linear drops to group 128 (6 -> 4.5 bits a weight) and the freed bytes keep a convolution 8-bit."""
+    from slimkit.measure.sensitivity import weight_layers
+    from slimkit.quantize.mixed import measure_costs
+
+    model = digits_task.model
+    layers = {n: model.get_submodule(n) for n in weight_layers(model)}
+    fp32 = sum(4 * m.weight.numel() for m in layers.values())
+    r4 = sum(layer_bytes(m, 4, 32, int4_convs=True) for m in layers.values()) / fp32 + 1e-9
+    uniform = sk.apply(model, Mixed(candidates=(4,), int4_convs=True, budget_ratio=r4), digits_task)
+    assert set(uniform.slimkit_quant["bits"].values()) == {4}
+    config = Mixed(int4_convs=True, budget_ratio=r4, int4_groups=(128,))
+    measured = measure_costs(model, config, digits_task)
+    assert set(measured) == {"4", "4g128", "8"} and set(measured["4g128"]) == {"12"}  # 128 divides only K=256
+    assert measured["4g128"]["12"] > measured["4"]["12"] > measured["8"]["12"]
+    mixed = sk.apply(model, dataclasses.replace(config, measured=measured), digits_task)
+    info = mixed.slimkit_quant
+    assert info["weight_bytes"] <= info["budget_bytes"] == pytest.approx(uniform.slimkit_quant["weight_bytes"])
+    assert info["group_sizes"]["12"] == 128 and mixed.get_submodule("12").group_size == 128
+    assert any(info["bits"][n] >= 8 for n in ("3", "7", "12", "14"))  # freed bytes bought a wider layer
+    x = torch.cat([b[0][0] for b in digits_task.eval])  # (N, 1, 8, 8)
+    with torch.no_grad():
+        ref = model(x)
+        assert sqnr_db(ref, mixed(x)) > sqnr_db(ref, uniform(x)) + 6  # measured: 29.4 vs 17.8 dB
+    assert digits_task.evaluate(mixed)["score"] >= digits_task.evaluate(uniform)["score"]
+    sk.save(mixed, tmp_path / "m")
+    back = sk.load(tmp_path / "m")
+    assert back.get_submodule("12").group_size == 128
+    with torch.no_grad():
+        assert torch.equal(back(x), mixed(x))
+
+
+def test_without_int4_groups_the_choice_is_unchanged(digits_task, one_thread):
+    """No extra groups: every int4 Linear keeps ``group_size`` and costs given in the older shape
+    (integer keys, no ``4g`` entries) give the same choice as measuring."""
+    from slimkit.quantize.mixed import measure_costs
+
+    config = Mixed(budget_ratio=0.235)
+    assert config.int4_groups == ()
+    measured = measure_costs(digits_task.model, config, digits_task)
+    assert set(measured) == {"4", "8"}
+    fresh = sk.apply(digits_task.model, config, digits_task)
+    old = sk.apply(digits_task.model, dataclasses.replace(config, measured={int(k): v for k, v in measured.items()}),
+                   digits_task)
+    assert fresh.slimkit_quant["bits"] == old.slimkit_quant["bits"]
+    assert 4 in fresh.slimkit_quant["bits"].values()
+    assert set(fresh.slimkit_quant["group_sizes"].values()) == {32}
+    assert set(fresh.slimkit_quant["sensitivity"]) == {"4", "8", "16"}
