@@ -12,6 +12,10 @@ numbers from the previous results file, with that run's date):
   to the uniform int8 bytes (one sensitivity measurement shared by every budget), against the best
   uniform width that fits each budget; mnist lets convolutions take int4 too. Plot:
   ``results/qat_mixed_curve.png``.
+- ``*_groups``: the int4 group size as a mixed-precision choice (``Mixed(int4_groups=...)``): at
+  exactly the uniform int4-g32 weight bytes and at 1.05x / 1.1x, mixed {int4 g32, int4 g128, 8, 16}
+  vs mixed {4, 8, 16} at g32 only, uniform int4 g32 and uniform int4 at the coarse group (smaller).
+  MiniLM offers group 128; mnist 64 and 128 (its big Linear has K=576, which 128 does not divide).
 - ``mnist_extreme``: binary / ternary (1-2 bit, packed) vs int4 at their artifact sizes.
 
 Sizes are the bytes of the saved artifact (``slimkit.save``); quality is the task metric, plus the
@@ -54,7 +58,11 @@ from slimkit.runtime import build  # noqa: E402
 warnings.filterwarnings("ignore")
 logging.getLogger("slimkit").setLevel(logging.ERROR)
 
-PARTS = ("mnist_qat", "mnist_mixed", "mnist_extreme", "minilm_qat", "minilm_mixed")
+PARTS = ("mnist_qat", "mnist_mixed", "mnist_extreme", "minilm_qat", "minilm_mixed", "mnist_groups", "minilm_groups")
+#: Extra int4 group sizes the ``*_groups`` parts offer, per task.
+EXTRA_GROUPS = {"mnist": (64, 128), "minilm": (128,)}
+#: Budgets of the ``*_groups`` parts, as multiples of the uniform int4-g32 bytes.
+GROUP_MULTIPLES = (1.0, 1.05, 1.1)
 #: Budgets of the curve, as multiples of the uniform int4 bytes (then midway and at the int8 bytes).
 INT4_MULTIPLES = (1.0, 1.05, 1.1, 1.25, 1.5)
 
@@ -87,6 +95,7 @@ def row(task: Any, name: str, model: nn.Module, backend: str, fp32_bytes: int, s
     out["smaller_than_fp32"] = round(fp32_bytes / out["artifact_bytes"], 2)
     if "cosine_to_fp32" in scores:
         out["cosine_to_fp32"] = round(scores["cosine_to_fp32"], 5)
+        out["sets"] = {k: round(v, 4) for k, v in scores.items() if k not in ("score", "cosine_to_fp32")}
     elif task.name == "mnist":
         r, g = outputs(task, run)
         noise = float((r - g).norm())
@@ -96,6 +105,8 @@ def row(task: Any, name: str, model: nn.Module, backend: str, fp32_bytes: int, s
     if "bits" in info:
         out["bits"] = info["bits"]
         out["weight_bytes"], out["budget_bytes"] = info["weight_bytes"], round(info["budget_bytes"])
+        if "group_sizes" in info:
+            out["group_sizes"] = info["group_sizes"]
     print(f"  {name:44s} score {out['score']:.4f}  {out['smaller_than_fp32']:>6}x  "
           f"{out.get('cosine_to_fp32', out.get('logits_sqnr_db', ''))}  {out['seconds']}s", flush=True)
     return out
@@ -233,6 +244,49 @@ def mixed_rows(task: Any, int4_convs: bool) -> dict[str, Any]:
             "measured_costs": measured}
 
 
+def group_rows(task: Any, int4_convs: bool, extra: tuple[int, ...]) -> dict[str, Any]:
+    """Mixed with the group size as a choice vs g32-only mixed and uniform int4 at g32 / the coarse group."""
+    from slimkit.quantize.mixed import option_bytes, options
+
+    model = task.model
+    fp32_bytes = size_of(model)
+    grouped = Mixed(candidates=(4, 8, 16), int4_convs=int4_convs, int4_groups=extra)
+    measured, s_measure = timed(lambda: measure_costs(model, grouped, task))  # "4" (g32), "4g<extra>", "8"
+    plain = {k: v for k, v in measured.items() if not k.startswith("4g")}
+    layers = [model.get_submodule(n) for n in weight_layers(model)]
+    fp32_weights = sum(4 * m.weight.numel() for m in layers)
+    r4 = width_ratio(model, 4, 32, int4_convs)
+    coarse = min(sum(min(s for s in (option_bytes(m, o, grouped) for o in options(grouped)) if s is not None)
+                     for m in layers) / fp32_weights, r4)
+    rows = [row(task, "fp32", model, "torch", fp32_bytes, 0.0)]
+    contenders = [("uniform int4 g32", Mixed(candidates=(4,), int4_convs=int4_convs, budget_ratio=r4 + 1e-9,
+                                             measured=plain)),
+                  (f"uniform int4 coarsest of g{'|'.join(map(str, extra))}",
+                   Mixed(candidates=(4,), int4_convs=int4_convs, int4_groups=extra, budget_ratio=coarse + 1e-9,
+                         measured=measured))]
+    for m in GROUP_MULTIPLES:
+        contenders.append((f"mixed g32 only @ {m}x int4-g32 bytes",
+                           Mixed(int4_convs=int4_convs, budget_ratio=m * r4 + 1e-9, measured=plain)))
+        contenders.append((f"mixed g32|{'|'.join(map(str, extra))} @ {m}x int4-g32 bytes",
+                           dataclasses.replace(grouped, budget_ratio=m * r4 + 1e-9, measured=measured)))
+    base = None
+    for name, cfg in contenders:
+        q, s = timed(lambda: sk.apply(model, cfg, task))
+        r = row(task, name, q, "torch", fp32_bytes, s)
+        r["ratio"] = round(cfg.budget_ratio, 5)
+        base = base or r
+        if r is not base:
+            r["vs_uniform_g32"] = round(r["score"] - base["score"], 4)
+            if "cosine_to_fp32" in r:
+                r["cosine_vs_uniform_g32"] = round(r["cosine_to_fp32"] - base["cosine_to_fp32"], 5)
+            else:
+                r["sqnr_vs_uniform_g32_db"] = round(r["logits_sqnr_db"] - base["logits_sqnr_db"], 2)
+                r["vs_uniform_g32_paired"] = paired(base, r)
+        rows.append(r)
+    return {"int4_convs": int4_convs, "int4_groups": list(extra), "measure_seconds": round(s_measure, 1),
+            "rows": rows, "measured_costs": measured}
+
+
 def plot(results: dict[str, Any]) -> Path | None:
     """Quality vs artifact size of the mixed and uniform rows: mnist accuracy, MiniLM score and cosine."""
     try:
@@ -254,6 +308,14 @@ def plot(results: dict[str, Any]) -> Path | None:
         for r in rows:
             if r["contender"].startswith(("uniform", "int4 Linear")):
                 ax.plot(r["artifact_bytes"] / 1e3, r[key], "s", label=r["contender"])
+        extra = results.get(part.replace("_mixed", "_groups"), {}).get("rows", [])
+        grouped = [r for r in extra if r["contender"].startswith("mixed g32|")]
+        if grouped:
+            ax.plot([r["artifact_bytes"] / 1e3 for r in grouped], [r[key] for r in grouped], "^-",
+                    label=grouped[0]["contender"].split(" @")[0])
+        for r in extra:
+            if r["contender"].startswith("uniform int4 coarsest"):
+                ax.plot(r["artifact_bytes"] / 1e3, r[key], "D", label=r["contender"])
         fp32 = rows[0][key]
         ax.axhline(fp32, color="gray", lw=0.8, ls="--", label=f"fp32 ({fp32:g})")
         ax.set_xlabel("artifact kB")
@@ -317,6 +379,8 @@ def main() -> None:
             out = qat_rows(task, args.minilm_steps, 2e-5, {"calibration": "percentile", "symmetric": False}, 1)
         elif part == "mnist_extreme":
             out = extreme_rows(task, args.mnist_steps)
+        elif part.endswith("_groups"):
+            out = group_rows(task, int4_convs=name == "mnist", extra=EXTRA_GROUPS[name])
         else:
             out = mixed_rows(task, int4_convs=name == "mnist")
         results[part] = {**strip(out), "environment": env, "seconds": round(time.perf_counter() - part_start, 1)}
