@@ -285,3 +285,8 @@ def test_without_int4_groups_the_choice_is_unchanged(digits_task, one_thread):
     assert 4 in fresh.slimkit_quant["bits"].values()
     assert set(fresh.slimkit_quant["group_sizes"].values()) == {32}
     assert set(fresh.slimkit_quant["sensitivity"]) == {"4", "8", "16"}
+    from slimkit.measure.sensitivity import layer_sensitivity
+
+    g64 = measure_costs(digits_task.model, dataclasses.replace(config, group_size=64), digits_task)  # "4": its group
+    at64 = layer_sensitivity(digits_task.model, digits_task, bits=4, layers=["12"], measure="output", group_size=64)
+    assert g64["4"]["12"] == at64["12"] != measured["4"]["12"]
