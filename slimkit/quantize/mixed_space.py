@@ -1,9 +1,10 @@
 """QAT, mixed precision and ternary weights, offered to the optimizer (``slimkit.search.space``).
 
 All three run in the "quantize" stage. QAT and ternary train, so they apply only when the task can
-be fine-tuned (``ctx.trainable``). Mixed precision's knob is the byte budget; when the optimizer
-has measured per-layer sensitivity for every weight layer, the integer program uses it instead of
-measuring again (its 4-bit drops; 8 bits is taken as 1/256 of that).
+be fine-tuned (``ctx.trainable``). Mixed precision's knobs are the byte budget, int8 x int8 or
+weight-only 8-bit layers, and whether int4 layers may also take group 128; when the optimizer has
+measured per-layer sensitivity for every weight layer, the integer program uses it instead of
+measuring again (its 4-bit drops at group 32; 8 bits is taken as 1/256 of that; group 128 is measured).
 """
 
 from __future__ import annotations
@@ -35,7 +36,10 @@ def suggest_mixed(trial: Any, ctx: SearchContext) -> Mixed:
     names = weight_layers(ctx.task.model)
     known = dict(ctx.sensitivity) if ctx.sensitivity and all(n in ctx.sensitivity for n in names) else None
     activations = trial.suggest_categorical("mixed.activations", ["none", "dynamic"])  # int8 x int8 8-bit layers
-    return Mixed(budget_ratio=ratio, sensitivity=known, activations=activations)
+    # int4 at group 128 as well as 32: 4.5 instead of 6 bits a weight, bytes the solver can spend on 8-bit layers
+    groups = trial.suggest_categorical("mixed.int4_groups", ["32", "32+128"])
+    return Mixed(budget_ratio=ratio, sensitivity=known, activations=activations,
+                 int4_groups=(128,) if groups == "32+128" else ())
 
 
 def suggest_ternary(trial: Any, ctx: SearchContext) -> Ternary:

@@ -114,14 +114,17 @@ def test_optimizer_offers_qat_mixed_and_ternary(digits_task):
                                                         "qat.group_size": 64}), ctx)
     assert qat == QAT(bits=4, weight_only=True, group_size=64, steps=100)
     mixed = found["mixed"].suggest(optuna.trial.FixedTrial({"mixed.widths": "budget", "mixed.budget_ratio": 0.31,
-                                                            "mixed.activations": "dynamic"}), ctx)
+                                                            "mixed.activations": "dynamic",
+                                                            "mixed.int4_groups": "32+128"}), ctx)
     assert mixed.budget_ratio == 0.31 and mixed.sensitivity == ctx.sensitivity and mixed.activations == "dynamic"
+    assert mixed.int4_groups == (128,)
     tern = found["ternary"].suggest(optuna.trial.FixedTrial({"ternary.steps": 300}), ctx)
     assert tern == Ternary(steps=300)
     assert BaseConfig.from_json(mixed.to_json()) == mixed
     ctx.sensitivity = {names[0]: 0.1}  # not every layer measured: the handler measures them itself
-    assert found["mixed"].suggest(optuna.trial.FixedTrial({"mixed.widths": "budget", "mixed.budget_ratio": 0.3,
-                                                           "mixed.activations": "none"}), ctx).sensitivity is None
+    plain = found["mixed"].suggest(optuna.trial.FixedTrial({"mixed.widths": "budget", "mixed.budget_ratio": 0.3,
+                                                            "mixed.activations": "none", "mixed.int4_groups": "32"}), ctx)
+    assert plain.sensitivity is None and plain.int4_groups == ()
     assert found["mixed"].suggest(optuna.trial.FixedTrial({"mixed.widths": "narrowest"}), ctx) == Mixed(narrowest=True)
 
 
