@@ -232,12 +232,7 @@ def mixed_rows(task: Any, int4_convs: bool) -> dict[str, Any]:
         r = row(task, f"mixed @ {label}", q, "torch", fp32_bytes, s)
         best = uniform[8] if ratio >= r8 - 1e-9 else uniform[4]
         r["ratio"], r["best_uniform_that_fits"] = round(ratio, 5), best["contender"]
-        r["vs_uniform"] = round(r["score"] - best["score"], 4)
-        if "cosine_to_fp32" in r:
-            r["cosine_vs_uniform"] = round(r["cosine_to_fp32"] - best["cosine_to_fp32"], 5)
-        else:
-            r["sqnr_vs_uniform_db"] = round(r["logits_sqnr_db"] - best["logits_sqnr_db"], 2)
-            r["vs_uniform_paired"] = paired(best, r)
+        versus(r, best, "uniform")
         rows.append(r)
         curve.append(r)
     return {"int4_convs": int4_convs, "measure_seconds": round(s_measure, 1), "rows": rows,
@@ -276,15 +271,20 @@ def group_rows(task: Any, int4_convs: bool, extra: tuple[int, ...]) -> dict[str,
         r["ratio"] = round(cfg.budget_ratio, 5)
         base = base or r
         if r is not base:
-            r["vs_uniform_g32"] = round(r["score"] - base["score"], 4)
-            if "cosine_to_fp32" in r:
-                r["cosine_vs_uniform_g32"] = round(r["cosine_to_fp32"] - base["cosine_to_fp32"], 5)
-            else:
-                r["sqnr_vs_uniform_g32_db"] = round(r["logits_sqnr_db"] - base["logits_sqnr_db"], 2)
-                r["vs_uniform_g32_paired"] = paired(base, r)
+            versus(r, base, "uniform_g32")
         rows.append(r)
     return {"int4_convs": int4_convs, "int4_groups": list(extra), "measure_seconds": round(s_measure, 1),
             "rows": rows, "measured_costs": measured}
+
+
+def versus(r: dict[str, Any], other: dict[str, Any], tag: str) -> None:
+    """Add ``r``'s margins over the row ``other``: score, then cosine (MiniLM) or SQNR and paired images (mnist)."""
+    r[f"vs_{tag}"] = round(r["score"] - other["score"], 4)
+    if "cosine_to_fp32" in r:
+        r[f"cosine_vs_{tag}"] = round(r["cosine_to_fp32"] - other["cosine_to_fp32"], 5)
+    else:
+        r[f"sqnr_vs_{tag}_db"] = round(r["logits_sqnr_db"] - other["logits_sqnr_db"], 2)
+        r[f"vs_{tag}_paired"] = paired(other, r)
 
 
 def plot(results: dict[str, Any]) -> Path | None:
