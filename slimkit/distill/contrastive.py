@@ -16,6 +16,7 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
+from slimkit.distill.distiller import _first
 from slimkit.errors import SlimkitError
 from slimkit.train.finetune import TrainResult, finetune
 
@@ -56,7 +57,3 @@ def simcse_finetune(model: nn.Module, task: Any, *, steps: int, lr: float, seed:
                           progress=progress, label=f"SimCSE fine-tuning {task.name}")
     model.eval()
     return result
-
-
-def _first(out: Any) -> torch.Tensor:
-    return out[0] if isinstance(out, (tuple, list)) else out
