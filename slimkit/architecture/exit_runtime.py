@@ -90,15 +90,15 @@ class OrtEarlyExit:
     def exit_costs(self, x: torch.Tensor, rounds: int = 5) -> list[float]:
         """Measured ms per sample to leave at each exit (every stage up to it, heads included):
         the medians over ``rounds`` alternating passes of every stage on the batch ``x``."""
-        from slimkit.measure.latency import median_call_ms
+        from slimkit.measure.latency import interleaved_samples
 
         inputs, h = [], x.detach().cpu().contiguous().numpy()
         for i in range(len(self.stages)):
             inputs.append(h)
             h = self._run(i, h)[0]
-        per_round = [[median_call_ms(lambda i=i: self._run(i, inputs[i]), 1) for i in range(len(self.stages))]
-                     for _ in range(rounds)]
-        stage_ms = np.median(np.array(per_round), axis=0) / x.shape[0]
+        samples = interleaved_samples({i: (lambda i=i: self._run(i, inputs[i])) for i in range(len(self.stages))},
+                                      rounds=rounds, min_time_s=0.0, warmup=1)  # one call per stage per round
+        stage_ms = np.array([np.median(samples[i]) for i in range(len(self.stages))]) / x.shape[0]
         return np.cumsum(stage_ms).tolist()
 
     def __call__(self, x: torch.Tensor) -> torch.Tensor:
