@@ -238,12 +238,9 @@ def nas_part(task: Any, threads: int, rounds: int, quick: bool) -> dict[str, Any
         with torch.inference_mode():
             reload_equal = bool(torch.equal(back(x), found(x)))
     base_acc, found_acc = task.evaluate()["score"], task.evaluate(found)["score"]
-    xb = task.eval[0][0][0]
     state = load_state(threads)
-    times = interleaved_medians({"baseline": runner(task.model, xb), "found": runner(found, xb),
-                                 "baseline b1": runner(task.model, xb[:1]), "found b1": runner(found, xb[:1])},
-                                rounds=rounds, min_time_s=0.3)
-    speed = times["baseline"]["median_ms"] / times["found"]["median_ms"]
+    timing = found_vs_baseline(task.model, found, task.eval[0][0][0], rounds)
+    speed = timing["speedup_batch256"]
     all_err = table.error([e.arch for e in everything], [e.latency_ms for e in everything])
     total_s = time.perf_counter() - start
     out = {"space": {"widths": [space.widths(s) for s in range(space.stages)], "depths": space.depths,
@@ -258,11 +255,7 @@ def nas_part(task: Any, threads: int, rounds: int, quick: bool) -> dict[str, Any
            "best_by_search": best.to_dict(),
            "found": {"arch": best.arch.to_dict(), "params": sum(p.numel() for p in found.parameters()),
                      "test_accuracy": found_acc, "baseline_accuracy": base_acc,
-                     "drop_pt": round(100 * (base_acc - found_acc), 2),
-                     "median_ms_batch256": round(times["found"]["median_ms"], 3),
-                     "baseline_median_ms_batch256": round(times["baseline"]["median_ms"], 3),
-                     "speedup_batch256": round(speed, 3),
-                     "speedup_batch1": round(times["baseline b1"]["median_ms"] / times["found b1"]["median_ms"], 3),
+                     "drop_pt": round(100 * (base_acc - found_acc), 2), **timing,
                      "reload_equal": reload_equal},
            "history": [e.to_dict() for e in everything]}
     out["targets"] = {
@@ -290,15 +283,18 @@ def remeasure_nas(threads: int, rounds: int) -> dict[str, Any]:
     arch = CNNArch(**{k: tuple(v) if isinstance(v, list) else v for k, v in found["arch"].items()})
     task = sk.zoo.load("mnist")
     model = build(arch).eval()
-    xb = task.eval[0][0][0]
     state = load_state(threads)
-    times = interleaved_medians({"baseline": runner(task.model, xb), "found": runner(model, xb),
-                                 "baseline b1": runner(task.model, xb[:1]), "found b1": runner(model, xb[:1])},
-                                rounds=rounds, min_time_s=0.3)
-    speed = times["baseline"]["median_ms"] / times["found"]["median_ms"]
+    timing = found_vs_baseline(task.model, model, task.eval[0][0][0], rounds)
     return {"date": environment(threads)["date"], "load": state, "load_after": load_state(threads), "rounds": rounds,
-            "nas_target_met_batch256": speed >= 3 and found["drop_pt"] <= 1,
-            "median_ms_batch256": round(times["found"]["median_ms"], 3),
+            "nas_target_met_batch256": timing["speedup_batch256"] >= 3 and found["drop_pt"] <= 1, **timing}
+
+
+def found_vs_baseline(baseline: nn.Module, found: nn.Module, xb: torch.Tensor, rounds: int) -> dict[str, float]:
+    """Found model against the baseline at the batch ``xb`` (256) and at batch 1, interleaved rounds."""
+    times = interleaved_medians({"baseline": runner(baseline, xb), "found": runner(found, xb),
+                                 "baseline b1": runner(baseline, xb[:1]), "found b1": runner(found, xb[:1])},
+                                rounds=rounds, min_time_s=0.3)
+    return {"median_ms_batch256": round(times["found"]["median_ms"], 3),
             "baseline_median_ms_batch256": round(times["baseline"]["median_ms"], 3),
             "speedup_batch256": round(times["baseline"]["median_ms"] / times["found"]["median_ms"], 3),
             "speedup_batch1": round(times["baseline b1"]["median_ms"] / times["found b1"]["median_ms"], 3)}
