@@ -239,13 +239,7 @@ def load(path: str | os.PathLike[str], model: nn.Module | None = None) -> nn.Mod
         if not builder:
             raise SlimkitError(f"{path} does not say how to rebuild its model",
                                "pass model=YourModule() to slimkit.load")
-        name = builder.get("name")
-        if name not in _BUILDERS:
-            _import_zoo()
-        if name not in _BUILDERS:
-            raise SlimkitError(f"{path} names an unknown model builder {name!r}",
-                               "register it with slimkit.io.register_builder or pass model=")
-        model = _BUILDERS[name](**builder.get("kwargs", {}))
+        model = build_registered(builder.get("name"), builder.get("kwargs", {}), what=str(path))
     if meta.get("structure") == "resized":
         from slimkit.graph.resize import conform
 
@@ -306,8 +300,28 @@ def read_torch_file(path: str | os.PathLike[str]) -> dict[str, torch.Tensor]:
     return obj
 
 
+def build_registered(name: str, kwargs: Mapping[str, Any], *, what: str = "artifact") -> nn.Module:
+    """The module the builder registered as ``name`` makes from ``kwargs``.
+
+    Builders that wrap another (early exits, encoder subnets) name their inner builder the same
+    way, so every lookup goes through here: unknown names first import the built-in zoo's task
+    modules (each registers its builder on import), then fail with a one-line error.
+    """
+    if name not in _BUILDERS:
+        _import_zoo()
+    if name not in _BUILDERS:
+        raise SlimkitError(f"{what} names an unknown model builder {name!r}",
+                           "register it with slimkit.io.register_builder (import its package) or pass model=")
+    return _BUILDERS[name](**kwargs)
+
+
 def _import_zoo() -> None:
-    import slimkit.zoo  # noqa: F401  (registers the built-in builders)
+    import importlib
+
+    from slimkit.zoo import BUILTINS
+
+    for module, _ in BUILTINS.values():  # a task module registers its builder on import
+        importlib.import_module(module)
 
 
 def _import_techniques() -> None:

@@ -19,7 +19,7 @@ import torch.nn.functional as F
 
 from slimkit.config import BaseConfig, register, register_handler
 from slimkit.errors import SlimkitError
-from slimkit.io import builder_of, register_builder
+from slimkit.io import build_registered, builder_of, register_builder
 from slimkit.architecture.routing import Routed, calibrate, confidence
 
 
@@ -177,23 +177,9 @@ def build_early_exit(backbone: str, backbone_kwargs: dict[str, Any], after: list
 
     ``slimkit.load`` fills in the weights and the calibrated thresholds (a buffer) afterwards.
     """
-    from slimkit.io import _BUILDERS
-
-    if backbone not in _BUILDERS:
-        import importlib
-
-        from slimkit.zoo import BUILTINS
-
-        for module, _ in BUILTINS.values():  # the zoo registers its builders on import
-            if backbone in _BUILDERS:
-                break
-            importlib.import_module(module)
-    if backbone not in _BUILDERS:
-        raise SlimkitError(f"early-exit artifact names an unknown backbone builder {backbone!r}",
-                           "import the package that registers it before loading")
     example = torch.zeros(input_shape)  # (1, ...) only shapes matter: heads are sized from the block outputs
-    return attach_exits(_BUILDERS[backbone](**backbone_kwargs), example, after, hidden=hidden,
-                        freeze_backbone=freeze_backbone)
+    return attach_exits(build_registered(backbone, backbone_kwargs, what="early-exit artifact"), example, after,
+                        hidden=hidden, freeze_backbone=freeze_backbone)
 
 
 def exit_loss(distill: float = 0.0, temperature: float = 2.0) -> Any:

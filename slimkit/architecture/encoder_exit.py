@@ -25,7 +25,7 @@ import torch.nn.functional as F
 from slimkit.architecture.early_exit import EarlyExit
 from slimkit.errors import SlimkitError
 from slimkit.graph.blocks import block_list
-from slimkit.io import _BUILDERS, builder_of, register_builder
+from slimkit.io import build_registered, builder_of, register_builder
 
 
 class EncoderClassifier(nn.Module):
@@ -53,21 +53,7 @@ def encoder_classifier(encoder: nn.Module, features: np.ndarray | torch.Tensor, 
 
 @register_builder("encoder_classifier")
 def build_encoder_classifier(encoder: str, encoder_kwargs: dict[str, Any], dim: int, classes: int) -> EncoderClassifier:
-    return EncoderClassifier(_build(encoder, encoder_kwargs), nn.Linear(dim, classes)).eval()
-
-
-def _build(name: str, kwargs: dict[str, Any]) -> nn.Module:
-    if name not in _BUILDERS:
-        import importlib
-
-        from slimkit.zoo import BUILTINS
-
-        for module, _ in BUILTINS.values():  # the zoo registers its builders on import
-            importlib.import_module(module)
-    if name not in _BUILDERS:
-        raise SlimkitError(f"artifact names an unknown encoder builder {name!r}",
-                           "import the package that registers it before loading")
-    return _BUILDERS[name](**kwargs)
+    return EncoderClassifier(build_registered(encoder, encoder_kwargs, what="encoder classifier artifact"), nn.Linear(dim, classes)).eval()
 
 
 def _logistic_head(x: np.ndarray, y: np.ndarray, c: float) -> nn.Linear:
@@ -192,7 +178,7 @@ def attach_encoder_exits(model: EncoderClassifier, example: Sequence[torch.Tenso
 @register_builder("encoder_early_exit")
 def build_encoder_early_exit(classifier: str, classifier_kwargs: dict[str, Any], after: list[int]) -> EarlyExit:
     """The untrained staged model an artifact names; ``slimkit.load`` fills weights and thresholds."""
-    model = _build(classifier, classifier_kwargs)
+    model = build_registered(classifier, classifier_kwargs, what="encoder early-exit artifact")
     ids = torch.ones(1, 4, dtype=torch.long)  # (1, T): only shapes matter here
     return attach_encoder_exits(model, (ids, torch.ones_like(ids)), after, tolerance=float("inf"))
 

@@ -23,7 +23,7 @@ from slimkit.distill.student import kept_layers
 from slimkit.errors import SlimkitError
 from slimkit.graph.attention import AttentionBlock, attention_blocks, sync_head_counts
 from slimkit.graph.blocks import encoder_blocks, keep_blocks
-from slimkit.io import _BUILDERS, builder_of, register_builder
+from slimkit.io import build_registered, builder_of, register_builder
 
 ROUND_TO = 8  # FFN widths the CPU GEMM kernels like
 
@@ -250,9 +250,6 @@ def _sync_config(model: nn.Module, arch: EncoderArch) -> None:
 @register_builder("encoder_subnet")
 def build_encoder_subnet(base: str, base_kwargs: dict[str, Any], layers: int) -> nn.Module:
     """The base architecture cut to ``layers`` blocks; loading resizes its layers to the saved tensors."""
-    if base not in _BUILDERS:
-        raise SlimkitError(f"encoder subnet names an unknown base builder {base!r}",
-                           "import the package that registers it before loading")
-    model = keep_blocks(_BUILDERS[base](**base_kwargs), list(range(layers)))
+    model = keep_blocks(build_registered(base, base_kwargs, what="encoder subnet"), list(range(layers)))
     model.slimkit_builder = ("encoder_subnet", {"base": base, "base_kwargs": base_kwargs, "layers": layers})
     return model
