@@ -44,6 +44,10 @@ class Channels(BaseConfig):
     budget where the MACs are (``slimkit.prune.channels_allocation``): fewest importance lost per
     MAC saved, so cheap layers (a classifier's hidden units) keep their width. With ``macs``,
     ``amount`` is the fraction of MACs to remove; convs and MLPs only (not attention heads).
+    ``reconstruct``: after pruning, refit every Conv2d/Linear that lost input channels so its
+    output on the task's calibration inputs matches the unpruned layer's
+    (``slimkit.prune.reconstruct``: least squares, no gradient steps); a better start for
+    fine-tuning, and the difference between a usable and a broken model without one.
     """
 
     version: ClassVar[int] = 1
@@ -58,6 +62,7 @@ class Channels(BaseConfig):
     taylor_batches: int = 8
     seed: int = 0
     allocation: str = "uniform"
+    reconstruct: bool = False
 
     def __post_init__(self) -> None:
         if not 0.0 <= self.amount < 1.0:
@@ -85,6 +90,7 @@ class _Attempt:
     error: str = ""
     pruned_groups: int = 0
     blocked: dict[str, str] = dataclasses.field(default_factory=dict)
+    kept_out: dict[str, list[int]] = dataclasses.field(default_factory=dict)  # layer -> original output channels kept
 
 
 def prune_channels(model: nn.Module, config: Channels, task: Any) -> nn.Module:
@@ -94,13 +100,16 @@ def prune_channels(model: nn.Module, config: Channels, task: Any) -> nn.Module:
     before_macs = count_flops(model, example).macs
     before_params = sum(p.numel() for p in model.parameters())
     before_widths = _widths(model)
+    original = copy.deepcopy(model) if config.reconstruct else None
     if config.macs_ratio is None:
         amount = config.amount
         model, attempt, broken = _prune_at(model, config, amount, example, task, {})
     else:
         model, attempt, broken, amount = _prune_to_macs(model, config, example, task, before_macs)
     after_macs = count_flops(model, example).macs
-    skipped = {**dependency.custom_layers(model), **attempt.blocked, **broken}
+    fits = _reconstruct(original, model, attempt.kept_out, task) if original is not None else {}
+    skipped = {**dependency.custom_layers(model), **attempt.blocked, **broken,
+               **{n: f for n, f in fits.items() if isinstance(f, str)}}
     for name, reason in skipped.items():
         log.info("prune: left %s intact: %s", name, reason)
     model.slimkit_prune = {
@@ -109,6 +118,7 @@ def prune_channels(model: nn.Module, config: Channels, task: Any) -> nn.Module:
         "layers": {n: [before_widths[n], w] for n, w in _widths(model).items() if before_widths.get(n) != w},
         "heads": {n: list(v) for n, v in getattr(model, "_slimkit_heads", {}).items()},
         "groups_pruned": attempt.pruned_groups, "skipped": skipped,
+        "reconstruction": {n: dataclasses.asdict(f) for n, f in fits.items() if not isinstance(f, str)},
         "resized": after_macs != before_macs or bool(attempt.pruned_groups),
     }
     if hasattr(model, "_slimkit_heads"):
@@ -198,6 +208,7 @@ def _attempt(model: nn.Module, config: Channels, amount: float, example: tuple, 
         if reason is not None:
             result.blocked[root] = reason
             continue
+        _record_kept(result.kept_out, group, names, pruner.DG)
         group.prune()
         error = _check(model, example, reference)
         if error:
@@ -207,6 +218,27 @@ def _attempt(model: nn.Module, config: Channels, amount: float, example: tuple, 
     model.zero_grad(set_to_none=True)
     model._slimkit_heads = attention.sync_head_counts(blocks)
     return result
+
+
+def _record_kept(kept_out: dict[str, list[int]], group: Any, names: dict[int, str], graph: Any) -> None:
+    """Note which original output channels of each Conv/Linear survive ``group`` (for reconstruction)."""
+    for dep, idxs in group:
+        module = dep.target.module
+        if isinstance(module, (nn.modules.conv._ConvNd, nn.Linear)) and graph.is_out_channel_pruning_fn(dep.handler):
+            name = names.get(id(module), "?")
+            current = kept_out.get(name, list(range(module.weight.shape[0])))
+            drop = {int(i) for i in idxs}
+            kept_out[name] = [c for j, c in enumerate(current) if j not in drop]
+
+
+def _reconstruct(original: nn.Module, pruned: nn.Module, kept_out: dict[str, list[int]], task: Any) -> dict[str, Any]:
+    from slimkit.prune.reconstruct import reconstruct
+
+    calib = list(getattr(task, "calib", ()) or ())
+    if not calib:
+        raise SlimkitError("prune.Channels reconstruct=True needs calibration inputs and the task has none",
+                           "give the Task calib=[(inputs,), ...] batches, or set reconstruct=False")
+    return reconstruct(original, pruned, kept_out, calib)
 
 
 def _pruner(model: nn.Module, example: tuple, importance: Any, config: Channels, amount: float,

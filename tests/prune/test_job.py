@@ -42,6 +42,16 @@ def test_channels_to_half_the_macs_keeps_accuracy_and_reloads(tmp_path, one_thre
     assert "Output width per layer" in (tmp_path / "report.html").read_text()
 
 
+def test_reconstruct_makes_channels_usable_without_finetuning(tmp_path, one_thread):
+    report = _prune(tmp_path, "--method", "channels", "--macs-ratio", "0.25", "--reconstruct")
+    base, pruned = report["candidates"]
+    assert pruned["profile"]["macs"] / base["profile"]["macs"] <= 0.25
+    assert pruned["metric"]["score"] >= base["metric"]["score"] - 0.03  # plain pruning here scores 0.10
+    fits = report["pruning"]["reconstruction"]
+    assert fits and all(f["after"] < f["before"] for f in fits.values())
+    assert report["pruning"]["config"]["reconstruct"] is True
+
+
 def test_gradual_magnitude_reaches_the_sparsity_and_draws_it(tmp_path, one_thread, digits_task):
     report = _prune(tmp_path, "--method", "magnitude", "--amount", "0.8", "--schedule", "gradual",
                     "--finetune-steps", "110")
@@ -64,6 +74,7 @@ def test_gradual_magnitude_reaches_the_sparsity_and_draws_it(tmp_path, one_threa
     (["--method", "magnitude", "--amount", "1.5"], "amount=1.5 is not a fraction"),
     (["--method", "channels", "--amount", "1.5"], "amount=1.5 is outside [0, 1)"),
     (["--method", "channels", "--n", "2"], "option(s) n do not apply to channels"),
+    (["--method", "magnitude", "--reconstruct"], "option(s) reconstruct do not apply to magnitude"),
     (["--method", "prune-all"], "unknown pruning method 'prune-all'"),
     (["--method", "channels", "--schedule", "gradual", "--finetune-steps", "300"], "gradual schedule applies"),
     (["--method", "magnitude", "--schedule", "gradual"], "needs fine-tuning"),

@@ -1,0 +1,197 @@
+"""Least-squares reconstruction after channel pruning: refit the layers that lost input channels.
+
+Removing channels throws away what they fed the next layer; one-shot pruning at a low MACs ratio
+leaves a model that classifies barely above chance, and fine-tuning must first undo that damage
+(ThiNet, Luo et al. 2017; channel pruning with reconstruction, He et al. 2017). Here every
+Conv2d / Linear whose inputs were pruned is refitted, in execution order, so that on calibration
+inputs its output (the channels it kept) matches the unpruned layer's output as closely as a
+ridge least-squares fit allows: ``min ||P W - Y||^2 + lam ||W - W0||^2``, with ``P`` the pruned
+model's inputs to the layer (im2col patches for a conv), ``Y`` the original layer's outputs and
+``W0`` the weights pruning left (the shrinkage target, so few samples cannot run away).
+Layers are done one after the other on the already refitted model, so each also absorbs the
+error the layers before it left. No gradient steps: one forward pass per refitted layer.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import logging
+from typing import Any, Iterable
+
+import torch
+import torch.nn as nn
+import torch.nn.functional as F
+
+from slimkit.errors import SlimkitError
+from slimkit.train._progress import progress_bar
+
+log = logging.getLogger("slimkit.prune")
+
+
+@dataclasses.dataclass
+class LayerFit:
+    """Relative output error of one refitted layer on the calibration inputs, before and after."""
+
+    before: float
+    after: float
+
+
+class _Captured(Exception):
+    """Raised by a hook once the wanted tensor is captured: the rest of the forward is not needed."""
+
+
+def reconstruct(original: nn.Module, pruned: nn.Module, kept_out: dict[str, list[int]],
+                inputs: Iterable[tuple[torch.Tensor, ...]], ridge: float = 1e-2,
+                progress: bool = False) -> dict[str, Any]:
+    """Refit ``pruned``'s input-pruned Conv2d/Linear layers in place; ``{name: LayerFit | skip reason}``.
+
+    ``kept_out[name]``: the original indices of the output channels layer ``name`` kept (layers
+    missing from it kept all). ``inputs``: calibration input tuples. ``ridge``: shrinkage towards
+    the pruned weights, relative to the mean diagonal of the layer's Gram matrix.
+    """
+    batches = [tuple(b) for b in inputs]
+    if not batches:
+        raise SlimkitError("reconstruction needs calibration inputs and got none",
+                           "give the task calib batches, or set reconstruct=False")
+    if ridge <= 0:
+        raise SlimkitError(f"reconstruction ridge={ridge} must be positive", "use e.g. 1e-2")
+    before = dict(original.named_modules())
+    todo, report = [], {}
+    for name in _execution_order(pruned, batches[0]):
+        layer, ref = pruned.get_submodule(name), before.get(name)
+        if ref is None or type(ref) is not type(layer) or _in_width(layer) == _in_width(ref):
+            continue
+        reason = _unsupported(layer)
+        if reason:
+            report[name] = f"not refitted: {reason}"
+            log.info("prune: %s not refitted: %s", name, reason)
+        else:
+            todo.append(name)
+    original.eval(), pruned.eval()
+    with progress_bar(progress) as bar:
+        task_id = bar.add_task("reconstruct", total=len(todo), info="") if bar is not None else None
+        for name in todo:
+            report[name] = _refit(original, pruned, name, kept_out.get(name), batches, ridge)
+            if bar is not None:
+                bar.advance(task_id)
+    return report
+
+
+def _refit(original: nn.Module, pruned: nn.Module, name: str, kept: list[int] | None,
+           batches: list[tuple], ridge: float) -> LayerFit:
+    layer, ref = pruned.get_submodule(name), original.get_submodule(name)
+    w0 = _as_matrix(layer)  # (d, out): d = in * kh * kw (+1 for the bias)
+    gram = torch.zeros(w0.shape[0], w0.shape[0], dtype=torch.float64)
+    cross = torch.zeros_like(w0)
+    target_sq = 0.0
+    for batch in batches:
+        x = _capture(pruned, layer, batch)
+        y = _capture(original, ref, batch, output=True)
+        p = _patches(layer, x)                   # (rows, d)
+        t = _rows(layer, y)                       # (rows, out_original)
+        if kept is not None:
+            t = t[:, kept]                        # (rows, out)
+        gram += p.T @ p
+        cross += p.T @ t
+        target_sq += float((t * t).sum())
+    lam = ridge * float(gram.diagonal().mean())
+    system = gram + lam * torch.eye(gram.shape[0], dtype=gram.dtype)
+    w = torch.linalg.solve(system, cross + lam * w0)
+
+    def residual(m: torch.Tensor) -> float:  # ||P m - T||^2 from the accumulated statistics
+        return float((m * (gram @ m)).sum() - 2 * (m * cross).sum()) + target_sq
+
+    fit = LayerFit(before=(max(residual(w0), 0.0) / max(target_sq, 1e-30)) ** 0.5,
+                   after=(max(residual(w), 0.0) / max(target_sq, 1e-30)) ** 0.5)
+    if not torch.isfinite(w).all() or fit.after > fit.before:
+        log.info("prune: %s kept its pruned weights (refit error %.3g >= %.3g)", name, fit.after, fit.before)
+        return LayerFit(fit.before, fit.before)
+    _write(layer, w)
+    return fit
+
+
+def _execution_order(model: nn.Module, example: tuple) -> list[str]:
+    """Names of the Conv2d/Linear leaves in the order one forward pass calls them."""
+    order: list[str] = []
+    names = {m: n for n, m in model.named_modules()}
+    hooks = [m.register_forward_pre_hook(lambda mod, _a: order.append(names[mod]))
+             for m in model.modules() if isinstance(m, (nn.Conv2d, nn.Linear))]
+    try:
+        with torch.no_grad():
+            model(*example)
+    finally:
+        for h in hooks:
+            h.remove()
+    return list(dict.fromkeys(order))
+
+
+def _capture(model: nn.Module, layer: nn.Module, batch: tuple, output: bool = False) -> torch.Tensor:
+    """The first input (or the output) of ``layer`` when ``model`` runs on ``batch``."""
+    seen: list[torch.Tensor] = []
+
+    def hook(_m: nn.Module, args: tuple, out: Any = None) -> None:
+        seen.append((out if output else args[0]).detach())
+        raise _Captured
+
+    handle = layer.register_forward_hook(hook) if output else layer.register_forward_pre_hook(hook)
+    try:
+        with torch.no_grad():
+            model(*batch)
+    except _Captured:
+        pass
+    finally:
+        handle.remove()
+    if not seen:
+        raise SlimkitError("a pruned layer did not run on the calibration inputs",
+                           "check that the calibration batches exercise the whole model")
+    return seen[0]
+
+
+def _patches(layer: nn.Module, x: torch.Tensor) -> torch.Tensor:
+    """Rows the layer multiplies by its weight matrix, plus a ones column for the bias."""
+    if isinstance(layer, nn.Conv2d):
+        cols = F.unfold(x, layer.kernel_size, dilation=layer.dilation, padding=layer.padding,
+                        stride=layer.stride)      # (B, in * kh * kw, L)
+        rows = cols.transpose(1, 2).reshape(-1, cols.shape[1])
+    else:
+        rows = x.reshape(-1, x.shape[-1])         # (tokens, in)
+    rows = rows.double()
+    if layer.bias is not None:
+        rows = torch.cat([rows, rows.new_ones(rows.shape[0], 1)], dim=1)
+    return rows
+
+
+def _rows(layer: nn.Module, y: torch.Tensor) -> torch.Tensor:
+    if isinstance(layer, nn.Conv2d):
+        return y.permute(0, 2, 3, 1).reshape(-1, y.shape[1]).double()  # (B * H * W, out)
+    return y.reshape(-1, y.shape[-1]).double()
+
+
+def _as_matrix(layer: nn.Module) -> torch.Tensor:
+    w = layer.weight.detach().reshape(layer.weight.shape[0], -1).T.double()  # (in * kh * kw, out)
+    if layer.bias is not None:
+        w = torch.cat([w, layer.bias.detach().double()[None]], dim=0)
+    return w
+
+
+def _write(layer: nn.Module, w: torch.Tensor) -> None:
+    with torch.no_grad():
+        d = layer.weight[0].numel()
+        layer.weight.copy_(w[:d].T.reshape(layer.weight.shape).to(layer.weight.dtype))
+        if layer.bias is not None:
+            layer.bias.copy_(w[d].to(layer.bias.dtype))
+
+
+def _in_width(layer: nn.Module) -> int:
+    return layer.in_channels if isinstance(layer, nn.Conv2d) else layer.in_features
+
+
+def _unsupported(layer: nn.Module) -> str:
+    if isinstance(layer, nn.Conv2d):
+        if layer.groups != 1:
+            return "grouped/depthwise conv (each output sees only its own inputs: nothing to refit)"
+        if layer.padding_mode != "zeros" or isinstance(layer.padding, str):
+            return f"padding {layer.padding!r} / {layer.padding_mode} is not unfolded here"
+    if layer.weight.dtype not in (torch.float32, torch.float64, torch.float16, torch.bfloat16):
+        return f"weights of dtype {layer.weight.dtype}"
+    return ""
