@@ -27,6 +27,10 @@ from slimkit.train._progress import progress_bar
 
 log = logging.getLogger("slimkit.prune")
 
+DEFAULT_RIDGE = 1e-2  # with a single calibration batch there is nothing to hold out
+RIDGES = (1e-4, 1e-3, 1e-2, 1e-1, 1.0, 10.0)  # relative shrinkages tried when none is given
+_CHUNK = 1 << 23  # patch-matrix elements formed at once (64 MiB of float64): big convs go in slices
+
 
 @dataclasses.dataclass
 class LayerFit:
@@ -34,6 +38,7 @@ class LayerFit:
 
     before: float
     after: float
+    ridge: float  # the shrinkage used, relative to the mean diagonal of the layer's Gram matrix
 
 
 class _Captured(Exception):
@@ -41,19 +46,21 @@ class _Captured(Exception):
 
 
 def reconstruct(original: nn.Module, pruned: nn.Module, kept_out: dict[str, list[int]],
-                inputs: Iterable[tuple[torch.Tensor, ...]], ridge: float = 1e-2,
+                inputs: Iterable[tuple[torch.Tensor, ...]], ridge: float | None = None,
                 progress: bool = False) -> dict[str, Any]:
     """Refit ``pruned``'s input-pruned Conv2d/Linear layers in place; ``{name: LayerFit | skip reason}``.
 
     ``kept_out[name]``: the original indices of the output channels layer ``name`` kept (layers
     missing from it kept all). ``inputs``: calibration input tuples. ``ridge``: shrinkage towards
-    the pruned weights, relative to the mean diagonal of the layer's Gram matrix.
+    the pruned weights, relative to the mean diagonal of the layer's Gram matrix; by default each
+    layer takes the one of ``RIDGES`` that best predicts one half of the calibration batches
+    from the other (two-fold), so a Linear with nearly as many inputs as samples is not overfitted.
     """
     batches = [tuple(b) for b in inputs]
     if not batches:
         raise SlimkitError("reconstruction needs calibration inputs and got none",
                            "give the task calib batches, or set reconstruct=False")
-    if ridge <= 0:
+    if ridge is not None and ridge <= 0:
         raise SlimkitError(f"reconstruction ridge={ridge} must be positive", "use e.g. 1e-2")
     before = dict(original.named_modules())
     todo, report = [], {}
@@ -77,37 +84,63 @@ def reconstruct(original: nn.Module, pruned: nn.Module, kept_out: dict[str, list
     return report
 
 
+@dataclasses.dataclass
+class _Stats:
+    """Sufficient statistics of ``||P W - T||^2``: ``P^T P``, ``P^T T`` and ``||T||^2``."""
+
+    gram: torch.Tensor   # (d, d) float64
+    cross: torch.Tensor  # (d, out) float64
+    target_sq: float = 0.0
+
+    def residual(self, w: torch.Tensor) -> float:
+        return float((w * (self.gram @ w)).sum() - 2 * (w * self.cross).sum()) + self.target_sq
+
+    def __add__(self, other: "_Stats") -> "_Stats":
+        return _Stats(self.gram + other.gram, self.cross + other.cross, self.target_sq + other.target_sq)
+
+
 def _refit(original: nn.Module, pruned: nn.Module, name: str, kept: list[int] | None,
-           batches: list[tuple], ridge: float) -> LayerFit:
+           batches: list[tuple], ridge: float | None) -> LayerFit:
     layer, ref = pruned.get_submodule(name), original.get_submodule(name)
     w0 = _as_matrix(layer)  # (d, out): d = in * kh * kw (+1 for the bias)
-    gram = torch.zeros(w0.shape[0], w0.shape[0], dtype=torch.float64)
-    cross = torch.zeros_like(w0)
-    target_sq = 0.0
-    for batch in batches:
+    halves = [_Stats(w0.new_zeros(w0.shape[0], w0.shape[0]), torch.zeros_like(w0)) for _ in range(2)]
+    for i, batch in enumerate(batches):
         x = _capture(pruned, layer, batch)
         y = _capture(original, ref, batch, output=True)
-        p = _patches(layer, x)                   # (rows, d)
-        t = _rows(layer, y)                       # (rows, out_original)
-        if kept is not None:
-            t = t[:, kept]                        # (rows, out)
-        gram += p.T @ p
-        cross += p.T @ t
-        target_sq += float((t * t).sum())
-    lam = ridge * float(gram.diagonal().mean())
-    system = gram + lam * torch.eye(gram.shape[0], dtype=gram.dtype)
-    w = torch.linalg.solve(system, cross + lam * w0)
-
-    def residual(m: torch.Tensor) -> float:  # ||P m - T||^2 from the accumulated statistics
-        return float((m * (gram @ m)).sum() - 2 * (m * cross).sum()) + target_sq
-
-    fit = LayerFit(before=(max(residual(w0), 0.0) / max(target_sq, 1e-30)) ** 0.5,
-                   after=(max(residual(w), 0.0) / max(target_sq, 1e-30)) ** 0.5)
+        outputs = y.shape[1] if isinstance(layer, nn.Conv2d) else y.shape[-1]
+        step = max(1, _CHUNK // (y[0].numel() // outputs * w0.shape[0]))  # samples per slice
+        half = halves[i % 2]
+        for xs, ys in zip(x.split(step), y.split(step)):
+            p = _patches(layer, xs)               # (rows, d)
+            t = _rows(layer, ys)                  # (rows, out_original)
+            if kept is not None:
+                t = t[:, kept]                    # (rows, out)
+            half.gram += p.T @ p
+            half.cross += p.T @ t
+            half.target_sq += float((t * t).sum())
+    total = halves[0] + halves[1]
+    scale = float(total.gram.diagonal().mean())
+    if ridge is None and len(batches) < 2:
+        ridge = DEFAULT_RIDGE
+    elif ridge is None:  # the shrinkage that predicts held-out outputs best: fit on one half, score the other
+        folds = ((halves[0], halves[1]), (halves[1], halves[0]))
+        ridge = min(RIDGES, key=lambda r: sum(b.residual(_solve(a, w0, r * float(a.gram.diagonal().mean())))
+                                              for a, b in folds))
+    w = _solve(total, w0, ridge * scale)
+    norm = max(total.target_sq, 1e-30)
+    fit = LayerFit(before=(max(total.residual(w0), 0.0) / norm) ** 0.5,
+                   after=(max(total.residual(w), 0.0) / norm) ** 0.5, ridge=ridge)
     if not torch.isfinite(w).all() or fit.after > fit.before:
         log.info("prune: %s kept its pruned weights (refit error %.3g >= %.3g)", name, fit.after, fit.before)
-        return LayerFit(fit.before, fit.before)
+        return LayerFit(fit.before, fit.before, ridge)
     _write(layer, w)
     return fit
+
+
+def _solve(stats: _Stats, w0: torch.Tensor, lam: float) -> torch.Tensor:
+    """argmin ||P W - T||^2 + lam ||W - W0||^2 = (P^T P + lam I)^-1 (P^T T + lam W0)."""
+    system = stats.gram + lam * torch.eye(stats.gram.shape[0], dtype=stats.gram.dtype, device=stats.gram.device)
+    return torch.linalg.solve(system, stats.cross + lam * w0)
 
 
 def _execution_order(model: nn.Module, example: tuple) -> list[str]:
