@@ -66,13 +66,16 @@ def _embedding_bits(trial: Any, ctx: SearchContext, prefix: str) -> int:
 
 def suggest_channels(trial: Any, ctx: SearchContext) -> Channels:
     """By MACs (latency) or by width (bytes: a pruned layer loses params in both dimensions, while
-    a MACs target may cut early convs whose params are few)."""
+    a MACs target may cut early convs whose params are few). Reconstruction whenever the task has
+    calibration inputs: it turns a broken pruned model into a usable one before any fine-tuning."""
     importances = ["l2", "taylor"] if ctx.trainable else ["l2", "l1"]
+    reconstruct = bool(getattr(ctx.task, "calib", None))
     if trial.suggest_categorical("channels.by", ["macs", "width"]) == "width":
         amount = round(trial.suggest_float("channels.amount", 0.1, 0.8, step=0.05), 2)
-        return Channels(amount=amount, importance=trial.suggest_categorical("channels.importance", importances))
+        return Channels(amount=amount, importance=trial.suggest_categorical("channels.importance", importances),
+                        reconstruct=reconstruct)
     return Channels(macs_ratio=round(trial.suggest_float("channels.macs_ratio", 0.15, 0.9, step=0.05), 2),
-                    importance=trial.suggest_categorical("channels.importance", importances))
+                    importance=trial.suggest_categorical("channels.importance", importances), reconstruct=reconstruct)
 
 
 def suggest_magnitude(trial: Any, ctx: SearchContext) -> Magnitude:
