@@ -4,19 +4,24 @@
     slimkit and with Torch-Pruning (same magnitude importance), measure wall-clock speedups
     (interleaved medians) and speedup / MACs reduction.
 (b) mnist CNN: accuracy after pruning + the same fine-tuning (recipe and steps) at 0.5 and 0.25
-    MACs, over several fine-tuning seeds, on the task's whole 1,000-image test split: slimkit's
-    MACs-aware allocation vs Torch-Pruning (uniform and global) with the same L2 group importance
-    (slimkit's uniform allocation gives bit-identical weights to Torch-Pruning's, checked), and vs
+    MACs, over several fine-tuning seeds, on the task's whole 1,000-image test split: slimkit
+    (L2 importance, uniform widths, least-squares reconstruction) vs Torch-Pruning (uniform and
+    global) with the same L2 group importance (slimkit's uniform widths are bit-identical to
+    Torch-Pruning's before reconstruction, checked), slimkit's MACs-aware allocation, and
     unstructured magnitude at slimkit's parameter count.
+(c) --select: how slimkit's configuration for (b) was chosen, without the test split: the CNN
+    retrained without 480 held-out training images, every candidate pruned from it, fine-tuned on
+    the other training images and scored on those 480.
 Writes bench/results/prune_cpu.json.
 
-    .venv/bin/python bench/prune_cpu.py [--threads 2] [--steps 300] [--seeds 5] [--skip-mnist] [--skip-resnet]
+    .venv/bin/python bench/prune_cpu.py [--threads 2] [--steps 300] [--seeds 12] [--select] [--skip-mnist] [--skip-resnet]
 """
 
 from __future__ import annotations
 
 import argparse
 import copy
+import dataclasses
 import logging
 import statistics
 import sys
@@ -30,7 +35,7 @@ import torch.nn as nn
 import torch.nn.functional as F
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from _common import environment, model_latencies, previous_parts, write  # noqa: E402
+from _common import RESULTS, environment, model_latencies, previous_parts, write  # noqa: E402
 
 import slimkit as sk  # noqa: E402
 from slimkit.runtime import build  # noqa: E402
@@ -159,10 +164,76 @@ def spread(values: list[float], digits: int = 4) -> dict[str, Any]:
             "per_seed": [round(v, digits) for v in values]}
 
 
-def mnist_part(threads: int, steps: int, seeds: int) -> dict[str, Any]:
+# slimkit's configuration in (b) is the candidate with the best mean validation accuracy over both
+# ratios in (c); this one stands in only when (c) was never run
+DEFAULT_CHOICE = "uniform + reconstruct"
+CANDIDATES = {"uniform": {}, "global": {"scope": "global"}, "macs": {"allocation": "macs"},
+              "uniform + reconstruct": {"reconstruct": True},
+              "global + reconstruct": {"scope": "global", "reconstruct": True},
+              "macs + reconstruct": {"allocation": "macs", "reconstruct": True}}
+
+
+def selection_part(threads: int, steps: int, seeds: int) -> dict[str, Any]:
+    """Choose slimkit's (b) configuration on a validation split: the last 480 training images are
+    held out, the CNN is retrained without them (the task's recipe), and every candidate is pruned
+    from that model, fine-tuned on the rest and scored on them."""
+    from slimkit.task import accuracy
+    from slimkit.zoo import mnist
+    from slimkit.zoo._vision import trained_model
+
+    torch.set_num_threads(threads)
+    task = sk.zoo.load("mnist")
+    train = list(task.train)
+    val = train[-8:]
+    x_dev = torch.cat([x for (x,), _ in train[:-8]])  # (3520, 1, 28, 28)
+    y_dev = torch.cat([y for _, y in train[:-8]])
+    model, _ = trained_model("mnist", mnist.build_model, x_dev, y_dev, mnist.TRAIN, progress=False)
+    dev = dataclasses.replace(task, model=model.eval(), train=train[:-8], eval=val)
+    task = dev
+    base_macs = count_flops(task.model, task.example).macs
+    rows: dict[str, Any] = {}
+    for ratio in (0.5, 0.25):
+        budget = count_flops(tp_to_macs(task.model, task.example, ratio, None), task.example).macs / base_macs
+        for name, options in CANDIDATES.items():
+            pruned = sk.apply(task.model, Channels(macs_ratio=budget, round_to=None, **options), dev)
+            accs = []
+            for seed in range(seeds):
+                m = copy.deepcopy(pruned)
+                finetune(m, dev, steps=steps, progress=False, seed=seed)
+                accs.append(accuracy(m, val))
+            rows.setdefault(name, {})[str(ratio)] = spread(accs)
+            print(f"select {name} @ {ratio}: {statistics.mean(accs):.4f}", flush=True)
+    mean = {name: round(statistics.mean(r[k]["mean"] for k in r), 4) for name, r in rows.items()}
+    chosen = max(mean, key=mean.get)
+    return {"validation_images": sum(int(y.numel()) for _, y in val), "fine_tune_images": int(y_dev.numel()),
+            "unpruned_validation_accuracy": accuracy(dev.model, val),
+            "seeds": seeds, "rows": rows, "mean_over_ratios": mean, "chosen": chosen,
+            "note": "(b) prunes with this candidate's options"}
+
+
+SHORT_BUDGETS = (0, 25, 100)
+
+
+def short_budgets(models: dict[str, nn.Module], task: Any, seeds: int) -> dict[str, dict[str, float]]:
+    """Mean test accuracy after 0, 25 and 100 fine-tuning steps: where a better start still shows."""
+    out: dict[str, dict[str, float]] = {}
+    for name, model in models.items():
+        for steps in SHORT_BUDGETS:
+            accs = []
+            for seed in range(seeds if steps else 1):
+                m = copy.deepcopy(model)
+                if steps:
+                    finetune(m, task, steps=steps, progress=False, seed=seed)
+                accs.append(task.evaluate(m)["score"])
+            out.setdefault(name, {})[str(steps)] = round(statistics.mean(accs), 4)
+    return out
+
+
+def mnist_part(threads: int, steps: int, seeds: int, choice: str) -> dict[str, Any]:
     """Every contender fine-tuned with the same recipe and budget once per seed (the seed drives the
     data order; pruning is deterministic), scored on the task's whole test split."""
     torch.set_num_threads(threads)
+    mine = f"slimkit l2, {choice}"
     task = sk.zoo.load("mnist")
     base = task.evaluate()["score"]
     base_params = params(task.model)
@@ -171,7 +242,7 @@ def mnist_part(threads: int, steps: int, seeds: int) -> dict[str, Any]:
         "baseline_accuracy": base, "baseline_test_nll": round(test_nll(task.model, task), 4),
         "test_images": task.splits["test"], "finetune": {"steps": steps, "recipe": "slimkit.train.finetune defaults "
                                                           "(AdamW lr 1e-3, 5% warmup, cosine), same for every row"},
-        "seeds": list(range(seeds)), "rows": {}}
+        "seeds": list(range(seeds)), "slimkit_row": mine, "slimkit_options": CANDIDATES[choice], "rows": {}}
     ft_seconds = 0.0
 
     def scored(model: nn.Module, *, keep_zeros: bool = False) -> dict[str, Any]:
@@ -202,21 +273,26 @@ def mnist_part(threads: int, steps: int, seeds: int) -> dict[str, Any]:
         budget = count_flops(uniform_tp, task.example).macs / base_macs
         uniform_sk = sk.apply(task.model, Channels(macs_ratio=ratio, round_to=None), task)
         same = all(torch.equal(a, b) for a, b in zip(uniform_sk.state_dict().values(), uniform_tp.state_dict().values()))
-        ours = sk.apply(task.model, Channels(macs_ratio=budget, round_to=None, allocation="macs"), task)
+        ours = sk.apply(task.model, Channels(macs_ratio=budget, round_to=None, **CANDIDATES[choice]), task)
+        macs_sk = sk.apply(task.model, Channels(macs_ratio=budget, round_to=None, allocation="macs"), task)
         global_tp = tp_global_to_macs(task.model, task.example, 1.01 * budget)
         unstructured = sk.apply(task.model, Magnitude(amount=1 - params(ours) / base_params), task)
         rows = {
-            "slimkit l2, allocation=macs": scored(ours),
+            mine: scored(ours),
+            "slimkit l2, allocation=macs": scored(macs_sk),
             "torch-pruning l2, uniform (= slimkit l2, uniform)": scored(uniform_tp),
             "torch-pruning l2, global": scored(global_tp),
             "unstructured magnitude (slimkit's params)": scored(unstructured, keep_zeros=True),
         }
         rows["torch-pruning l2, uniform (= slimkit l2, uniform)"]["slimkit_uniform_weights_identical"] = same
+        result.setdefault("short_budgets", {})[str(ratio)] = short_budgets(
+            {mine: ours, "torch-pruning l2, uniform": uniform_tp, "torch-pruning l2, global": global_tp},
+            task, min(seeds, 4))
         for name, row in rows.items():
             result["rows"][f"{name} @ {ratio} MACs"] = row
             print(f"{name} @ {ratio}: macs {row['macs_ratio']} acc {row['accuracy']['mean']} "
                   f"+- {row['accuracy']['std']} nll {row['test_nll']['mean']}", flush=True)
-        ours_row = rows["slimkit l2, allocation=macs"]
+        ours_row = rows[mine]
         tp_rows = {k: v for k, v in rows.items() if k.startswith("torch-pruning")}
         best_tp = max(tp_rows, key=lambda k: tp_rows[k]["accuracy"]["mean"])
         diffs = [100 * (a - b) for a, b in zip(ours_row["accuracy"]["per_seed"], tp_rows[best_tp]["accuracy"]["per_seed"])]
@@ -224,20 +300,53 @@ def mnist_part(threads: int, steps: int, seeds: int) -> dict[str, Any]:
             "target": ">= 0", "best_torch_pruning": best_tp, "measured": round(statistics.mean(diffs), 2),
             "per_seed_pt": [round(d, 1) for d in diffs],
             "std_pt": round(statistics.stdev(diffs), 2) if len(diffs) > 1 else 0.0,
+            "standard_error_pt": round(statistics.stdev(diffs) / len(diffs) ** 0.5, 3) if len(diffs) > 1 else 0.0,
             "macs_ratio": [ours_row["macs_ratio"], tp_rows[best_tp]["macs_ratio"]]}
     r = result["rows"]
     result["targets"] = {
-        "slimkit_0.5_within_1pt": {"target": "<= 1.0 pt", "measured": r["slimkit l2, allocation=macs @ 0.5 MACs"]["drop_pt"]},
+        "slimkit_0.5_within_1pt": {"target": "<= 1.0 pt", "measured": r[f"{mine} @ 0.5 MACs"]["drop_pt"]},
         **targets}
     result["finetune_seconds_total"] = round(ft_seconds, 1)
     return result
+
+
+def plot_budgets(mnist: dict[str, Any]) -> Path | None:
+    """Test accuracy against fine-tuning steps, one panel per MACs ratio: reconstruction's head start."""
+    try:
+        import matplotlib
+
+        matplotlib.use("Agg")
+        import matplotlib.pyplot as plt
+    except ImportError:
+        return None
+    full = mnist["finetune"]["steps"]
+    names = {mnist["slimkit_row"]: mnist["slimkit_row"], "torch-pruning l2, uniform":
+             "torch-pruning l2, uniform (= slimkit l2, uniform)", "torch-pruning l2, global": "torch-pruning l2, global"}
+    fig, axes = plt.subplots(1, len(mnist["short_budgets"]), figsize=(10, 4), squeeze=False)
+    for ax, (ratio, curves) in zip(axes[0], mnist["short_budgets"].items()):
+        for name, points in curves.items():
+            steps = [int(k) for k in points] + [full]
+            accs = list(points.values()) + [mnist["rows"][f"{names[name]} @ {ratio} MACs"]["accuracy"]["mean"]]
+            ax.plot(steps, accs, "o-", label=name)
+        ax.axhline(mnist["baseline_accuracy"], color="gray", lw=0.8, ls="--", label="unpruned")
+        ax.set_xscale("symlog", linthresh=25)
+        ax.set_xlabel("fine-tuning steps")
+        ax.set_ylabel("test accuracy")
+        ax.set_title(f"mnist CNN at {ratio} MACs")
+        ax.legend(fontsize=7)
+    fig.tight_layout()
+    path = RESULTS / "prune_cpu_budgets.png"
+    fig.savefig(path, dpi=100)
+    return path
 
 
 def main() -> None:
     ap = argparse.ArgumentParser()
     ap.add_argument("--threads", type=int, default=2)
     ap.add_argument("--steps", type=int, default=300)
-    ap.add_argument("--seeds", type=int, default=5)
+    ap.add_argument("--seeds", type=int, default=12)
+    ap.add_argument("--select", action="store_true", help="also run (c), the validation-split choice")
+    ap.add_argument("--select-seeds", type=int, default=4)
     ap.add_argument("--rounds", type=int, default=7)
     ap.add_argument("--skip-mnist", action="store_true")
     ap.add_argument("--skip-resnet", action="store_true")
@@ -245,14 +354,18 @@ def main() -> None:
     import torch_pruning
 
     payload: dict[str, Any] = {"environment": {**environment(args.threads), "torch_pruning": torch_pruning.__version__}}
-    if args.skip_mnist or args.skip_resnet:
-        payload.update(previous_parts("prune_cpu", ("resnet18", "mnist")))
+    payload.update(previous_parts("prune_cpu", ("resnet18", "mnist", "selection")))
+    if args.select:
+        payload["selection"] = {**selection_part(args.threads, args.steps, args.select_seeds),
+                                "environment": payload["environment"]}
+        print(payload["selection"]["mean_over_ratios"], payload["selection"]["chosen"])
     if not args.skip_resnet:
         payload["resnet18"] = resnet_part(args.threads, args.rounds)
         print({k: (v["macs_ratio"], v["speedup"]) for k, v in payload["resnet18"]["rows"].items()})
     if not args.skip_mnist:
-        payload["mnist"] = {**mnist_part(args.threads, args.steps, args.seeds), "environment": payload["environment"]}
-        print(payload["mnist"]["targets"])
+        choice = payload.get("selection", {}).get("chosen", DEFAULT_CHOICE)
+        payload["mnist"] = {**mnist_part(args.threads, args.steps, args.seeds, choice), "environment": payload["environment"]}
+        print(payload["mnist"]["targets"], plot_budgets(payload["mnist"]))
     print(write("prune_cpu", payload))
 
 
