@@ -78,8 +78,8 @@ def custom_layers(model: nn.Module) -> dict[str, str]:
     return found
 
 
-def output_layer(model: nn.Module, example: tuple[Any, ...]) -> str | None:
-    """Name of the last Conv/Linear that runs: its output width is the model's output width."""
+def execution_order(model: nn.Module, example: tuple[Any, ...]) -> list[str]:
+    """Names of the Conv/Linear layers in the order one forward pass on ``example`` calls them."""
     order: list[str] = []
     hooks = [m.register_forward_hook(lambda mod, i, o, n=n: order.append(n))
              for n, m in model.named_modules() if isinstance(m, (nn.modules.conv._ConvNd, nn.Linear))]
@@ -89,6 +89,12 @@ def output_layer(model: nn.Module, example: tuple[Any, ...]) -> str | None:
     finally:
         for h in hooks:
             h.remove()
+    return list(dict.fromkeys(order))
+
+
+def output_layer(model: nn.Module, example: tuple[Any, ...]) -> str | None:
+    """Name of the last Conv/Linear that runs: its output width is the model's output width."""
+    order = execution_order(model, example)
     return order[-1] if order else None
 
 

@@ -23,6 +23,7 @@ import torch.nn as nn
 import torch.nn.functional as F
 
 from slimkit.errors import SlimkitError
+from slimkit.graph.dependency import execution_order
 from slimkit.train._progress import progress_bar
 
 log = logging.getLogger("slimkit.prune")
@@ -64,7 +65,7 @@ def reconstruct(original: nn.Module, pruned: nn.Module, kept_out: dict[str, list
         raise SlimkitError(f"reconstruction ridge={ridge} must be positive", "use e.g. 1e-2")
     before = dict(original.named_modules())
     todo, report = [], {}
-    for name in _execution_order(pruned, batches[0]):
+    for name in execution_order(pruned, batches[0]):
         layer, ref = pruned.get_submodule(name), before.get(name)
         if ref is None or type(ref) is not type(layer) or _in_width(layer) == _in_width(ref):
             continue
@@ -143,21 +144,6 @@ def _solve(stats: _Stats, w0: torch.Tensor, lam: float) -> torch.Tensor:
     return torch.linalg.solve(system, stats.cross + lam * w0)
 
 
-def _execution_order(model: nn.Module, example: tuple) -> list[str]:
-    """Names of the Conv2d/Linear leaves in the order one forward pass calls them."""
-    order: list[str] = []
-    names = {m: n for n, m in model.named_modules()}
-    hooks = [m.register_forward_pre_hook(lambda mod, _a: order.append(names[mod]))
-             for m in model.modules() if isinstance(m, (nn.Conv2d, nn.Linear))]
-    try:
-        with torch.no_grad():
-            model(*example)
-    finally:
-        for h in hooks:
-            h.remove()
-    return list(dict.fromkeys(order))
-
-
 def _capture(model: nn.Module, layer: nn.Module, batch: tuple, output: bool = False) -> torch.Tensor:
     """The first input (or the output) of ``layer`` when ``model`` runs on ``batch``."""
     seen: list[torch.Tensor] = []
@@ -216,10 +202,12 @@ def _write(layer: nn.Module, w: torch.Tensor) -> None:
 
 
 def _in_width(layer: nn.Module) -> int:
-    return layer.in_channels if isinstance(layer, nn.Conv2d) else layer.in_features
+    return layer.in_channels if isinstance(layer, nn.modules.conv._ConvNd) else layer.in_features
 
 
 def _unsupported(layer: nn.Module) -> str:
+    if isinstance(layer, nn.modules.conv._ConvNd) and not isinstance(layer, nn.Conv2d):
+        return f"{type(layer).__name__} is not unfolded here (Conv2d and Linear are)"
     if isinstance(layer, nn.Conv2d):
         if layer.groups != 1:
             return "grouped/depthwise conv (each output sees only its own inputs: nothing to refit)"

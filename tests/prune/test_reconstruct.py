@@ -112,3 +112,14 @@ def test_bad_requests_are_refused() -> None:
         sk.apply(model, Channels(amount=0.5, reconstruct=True), types.SimpleNamespace(example=example))
     with pytest.raises(SlimkitError, match="ridge"):
         reconstruct(model, copy.deepcopy(model), {}, [example], ridge=0.0)
+
+
+def test_conv1d_layers_are_listed_not_refitted() -> None:
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Conv1d(3, 16, 3), nn.ReLU(), nn.Conv1d(16, 8, 3), nn.Flatten(), nn.Linear(8 * 4, 4)).eval()
+    calib = [(torch.randn(4, 3, 8),)]
+    pruned = sk.apply(model, Channels(amount=0.5, round_to=None, reconstruct=True),
+                      types.SimpleNamespace(example=calib[0], calib=calib))
+    assert pruned[2].in_channels == 8
+    assert "Conv1d is not unfolded" in pruned.slimkit_prune["skipped"]["2"]
+    assert pruned.slimkit_prune["reconstruction"]["4"]["after"] <= pruned.slimkit_prune["reconstruction"]["4"]["before"]
