@@ -66,3 +66,10 @@ def test_bytes_and_latency_both_bound_prune_more_and_run_int8_first(digits_task)
     # keep 0.1 / 0.27 * 0.8 = 0.30 of the params -> 0.45 of the width off
     assert first["channels.amount"] == pytest.approx(0.45)
     assert [g["stage.quantize"] for g in guesses[1:]] == ["weight_only", "weight_only"]
+
+
+@pytest.mark.parametrize("latency_ms", [8.0, 13.0, 15.5])  # the original's latency re-measured: 0.8x-1.55x
+def test_a_latency_limit_near_the_original_runs_int8_first_either_side_of_noise(digits_task, latency_ms):
+    assert _guesses(digits_task, max_size_mb=0.1, max_latency_ms=latency_ms)[0]["int8.activations"] == "static"
+    loose = _guesses(digits_task, max_size_mb=0.1, max_latency_ms=20.0)[0]   # 2x: int4 may be slow enough
+    assert loose["stage.quantize"] == "weight_only"
