@@ -22,6 +22,7 @@ from slimkit.graph import attention, dependency
 from slimkit.measure._call import tensors
 from slimkit.measure.flops import count_flops
 from slimkit.prune.channels_allocation import macs_allocation
+from slimkit.prune.reconstruct import reconstruct
 
 log = logging.getLogger("slimkit.prune")
 
@@ -100,6 +101,10 @@ def prune_channels(model: nn.Module, config: Channels, task: Any) -> nn.Module:
     before_macs = count_flops(model, example).macs
     before_params = sum(p.numel() for p in model.parameters())
     before_widths = _widths(model)
+    calib = list(getattr(task, "calib", ()) or ())
+    if config.reconstruct and not calib:  # before any work: pruning without it would be thrown away
+        raise SlimkitError("prune.Channels reconstruct=True needs calibration inputs and the task has none",
+                           "give the Task calib=[(inputs,), ...] batches, or set reconstruct=False")
     original = copy.deepcopy(model) if config.reconstruct else None
     if config.macs_ratio is None:
         amount = config.amount
@@ -107,9 +112,8 @@ def prune_channels(model: nn.Module, config: Channels, task: Any) -> nn.Module:
     else:
         model, attempt, broken, amount = _prune_to_macs(model, config, example, task, before_macs)
     after_macs = count_flops(model, example).macs
-    fits = _reconstruct(original, model, attempt.kept_out, task) if original is not None else {}
-    skipped = {**dependency.custom_layers(model), **attempt.blocked, **broken,
-               **{n: f for n, f in fits.items() if isinstance(f, str)}}
+    fits, not_refitted = reconstruct(original, model, attempt.kept_out, calib) if original is not None else ({}, {})
+    skipped = {**dependency.custom_layers(model), **attempt.blocked, **broken, **not_refitted}
     for name, reason in skipped.items():
         log.info("prune: left %s intact: %s", name, reason)
     model.slimkit_prune = {
@@ -118,7 +122,7 @@ def prune_channels(model: nn.Module, config: Channels, task: Any) -> nn.Module:
         "layers": {n: [before_widths[n], w] for n, w in _widths(model).items() if before_widths.get(n) != w},
         "heads": {n: list(v) for n, v in getattr(model, "_slimkit_heads", {}).items()},
         "groups_pruned": attempt.pruned_groups, "skipped": skipped,
-        "reconstruction": {n: dataclasses.asdict(f) for n, f in fits.items() if not isinstance(f, str)},
+        "reconstruction": {n: dataclasses.asdict(f) for n, f in fits.items()},
         "resized": after_macs != before_macs or bool(attempt.pruned_groups),
     }
     if hasattr(model, "_slimkit_heads"):
@@ -229,16 +233,6 @@ def _record_kept(kept_out: dict[str, list[int]], group: Any, names: dict[int, st
             current = kept_out.get(name, list(range(module.weight.shape[0])))
             drop = {int(i) for i in idxs}
             kept_out[name] = [c for j, c in enumerate(current) if j not in drop]
-
-
-def _reconstruct(original: nn.Module, pruned: nn.Module, kept_out: dict[str, list[int]], task: Any) -> dict[str, Any]:
-    from slimkit.prune.reconstruct import reconstruct
-
-    calib = list(getattr(task, "calib", ()) or ())
-    if not calib:
-        raise SlimkitError("prune.Channels reconstruct=True needs calibration inputs and the task has none",
-                           "give the Task calib=[(inputs,), ...] batches, or set reconstruct=False")
-    return reconstruct(original, pruned, kept_out, calib)
 
 
 def _pruner(model: nn.Module, example: tuple, importance: Any, config: Channels, amount: float,

@@ -48,8 +48,8 @@ class _Captured(Exception):
 
 def reconstruct(original: nn.Module, pruned: nn.Module, kept_out: dict[str, list[int]],
                 inputs: Iterable[tuple[torch.Tensor, ...]], ridge: float | None = None,
-                progress: bool = False) -> dict[str, Any]:
-    """Refit ``pruned``'s input-pruned Conv2d/Linear layers in place; ``{name: LayerFit | skip reason}``.
+                progress: bool = False) -> tuple[dict[str, LayerFit], dict[str, str]]:
+    """Refit ``pruned``'s input-pruned Conv2d/Linear layers in place: (fits, layers left as they were with why).
 
     ``kept_out[name]``: the original indices of the output channels layer ``name`` kept (layers
     missing from it kept all). ``inputs``: calibration input tuples. ``ridge``: shrinkage towards
@@ -64,14 +64,14 @@ def reconstruct(original: nn.Module, pruned: nn.Module, kept_out: dict[str, list
     if ridge is not None and ridge <= 0:
         raise SlimkitError(f"reconstruction ridge={ridge} must be positive", "use e.g. 1e-2")
     before = dict(original.named_modules())
-    todo, report = [], {}
+    todo, fits, skipped = [], {}, {}
     for name in execution_order(pruned, batches[0]):
         layer, ref = pruned.get_submodule(name), before.get(name)
         if ref is None or type(ref) is not type(layer) or _in_width(layer) == _in_width(ref):
             continue
         reason = _unsupported(layer)
         if reason:
-            report[name] = f"not refitted: {reason}"
+            skipped[name] = f"not refitted: {reason}"
             log.info("prune: %s not refitted: %s", name, reason)
         else:
             todo.append(name)
@@ -79,10 +79,10 @@ def reconstruct(original: nn.Module, pruned: nn.Module, kept_out: dict[str, list
     with progress_bar(progress) as bar:
         task_id = bar.add_task("reconstruct", total=len(todo), info="") if bar is not None else None
         for name in todo:
-            report[name] = _refit(original, pruned, name, kept_out.get(name), batches, ridge)
+            fits[name] = _refit(original, pruned, name, kept_out.get(name), batches, ridge)
             if bar is not None:
                 bar.advance(task_id)
-    return report
+    return fits, skipped
 
 
 @dataclasses.dataclass
