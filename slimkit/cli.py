@@ -113,7 +113,9 @@ def prune(task: str = typer.Option("digits", help="built-in task name or package
           importance: Optional[str] = typer.Option(None, help="channels: l1, l2, bn_scale, taylor, random"),
           round_to: Optional[int] = typer.Option(None, help="channels: keep widths multiples of this, e.g. 8"),
           scope: Optional[str] = typer.Option(None, help="channels: layer or global; magnitude: global or layer"),
-          allocation: Optional[str] = typer.Option(None, help="channels: uniform, or macs (widths where MACs are cheap)"),
+          allocation: Optional[str] = typer.Option(
+              None, help="channels: uniform, macs (widths where MACs are cheap) or latency (per-layer times measured here)"),
+          latency_batch: Optional[int] = typer.Option(None, help="channels, allocation latency: batch to time layers at"),
           reconstruct: Optional[bool] = typer.Option(None, "--reconstruct/--no-reconstruct",
                                                      help="channels: refit layers that lost inputs on calibration data"),
           n: Optional[int] = typer.Option(None, help="nm: weights kept per group (default 2)"),
@@ -127,7 +129,8 @@ def prune(task: str = typer.Option("digits", help="built-in task name or package
     from slimkit.prune.job import make_config, run
 
     cfg = make_config(method, amount=amount, macs_ratio=macs_ratio, importance=importance, round_to=round_to,
-                      scope=scope, allocation=allocation, reconstruct=reconstruct, n=n, m=m)
+                      scope=scope, allocation=allocation, latency_batch=latency_batch, reconstruct=reconstruct,
+                      n=n, m=m)
     run(task, cfg, out, finetune_steps=finetune_steps, lr=lr, schedule=schedule, threads=threads)
 
 

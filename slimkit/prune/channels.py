@@ -21,13 +21,14 @@ from slimkit.errors import SlimkitError
 from slimkit.graph import attention, dependency
 from slimkit.measure._call import tensors
 from slimkit.measure.flops import count_flops
-from slimkit.prune.channels_allocation import macs_allocation
+from slimkit.prune.channels_allocation import allocate
+from slimkit.prune.latency_table import LatencyTable, measure_table
 from slimkit.prune.reconstruct import reconstruct
 
 log = logging.getLogger("slimkit.prune")
 
 IMPORTANCES = ("l1", "l2", "bn_scale", "taylor", "random")
-ALLOCATIONS = ("uniform", "macs")
+ALLOCATIONS = ("uniform", "macs", "latency")
 _MAX_RESTARTS = 32
 
 
@@ -43,8 +44,12 @@ class Channels(BaseConfig):
     ``heads``: prune whole attention heads; ``hidden``: also prune a transformer's hidden width.
     ``allocation``: ``uniform`` removes the same fraction of every group; ``macs`` spends the
     budget where the MACs are (``slimkit.prune.channels_allocation``): fewest importance lost per
-    MAC saved, so cheap layers (a classifier's hidden units) keep their width. With ``macs``,
-    ``amount`` is the fraction of MACs to remove; convs and MLPs only (not attention heads).
+    MAC saved, so cheap layers (a classifier's hidden units) keep their width. ``latency`` times
+    every layer on this machine at a grid of widths first (``slimkit.prune.latency_table``, at
+    ``latency_batch``, the example repeated; None keeps the example's batch) and spends the
+    budget per millisecond saved instead, so the model at the MACs target is faster. With
+    ``macs`` or ``latency``, ``amount`` is the fraction of MACs to remove; convs and MLPs only
+    (not attention heads).
     ``reconstruct``: after pruning, refit every Conv2d/Linear that lost input channels so its
     output on the task's calibration inputs matches the unpruned layer's
     (``slimkit.prune.reconstruct``: least squares, no gradient steps); a better start for
@@ -64,6 +69,7 @@ class Channels(BaseConfig):
     seed: int = 0
     allocation: str = "uniform"
     reconstruct: bool = False
+    latency_batch: int | None = None
 
     def __post_init__(self) -> None:
         if not 0.0 <= self.amount < 1.0:
@@ -78,9 +84,12 @@ class Channels(BaseConfig):
             raise SlimkitError(f"unknown scope {self.scope!r}", "use 'layer' or 'global'")
         if self.allocation not in ALLOCATIONS:
             raise SlimkitError(f"unknown allocation {self.allocation!r}", f"use one of {', '.join(ALLOCATIONS)}")
-        if self.allocation == "macs" and self.scope == "global":
-            raise SlimkitError("allocation='macs' already ranks channels across layers; scope='global' conflicts",
-                               "use scope='layer' with allocation='macs'")
+        if self.allocation != "uniform" and self.scope == "global":
+            raise SlimkitError(f"allocation={self.allocation!r} already ranks channels across layers; "
+                               "scope='global' conflicts", f"use scope='layer' with allocation={self.allocation!r}")
+        if self.latency_batch is not None and self.latency_batch < 1:
+            raise SlimkitError(f"latency_batch={self.latency_batch} must be a positive batch size",
+                               "use e.g. 8, or None for the example's own batch")
         if self.round_to is not None and self.round_to < 1:
             raise SlimkitError(f"round_to={self.round_to} must be a positive integer", "use e.g. 8, or None")
 
@@ -106,11 +115,12 @@ def prune_channels(model: nn.Module, config: Channels, task: Any) -> nn.Module:
         raise SlimkitError("prune.Channels reconstruct=True needs calibration inputs and the task has none",
                            "give the Task calib=[(inputs,), ...] batches, or set reconstruct=False")
     original = copy.deepcopy(model) if config.reconstruct else None
+    table = measure_table(model, example, batch=config.latency_batch) if config.allocation == "latency" else None
     if config.macs_ratio is None:
         amount = config.amount
-        model, attempt, broken = _prune_at(model, config, amount, example, task, {})
+        model, attempt, broken = _prune_at(model, config, amount, example, task, {}, table)
     else:
-        model, attempt, broken, amount = _prune_to_macs(model, config, example, task, before_macs)
+        model, attempt, broken, amount = _prune_to_macs(model, config, example, task, before_macs, table)
     after_macs = count_flops(model, example).macs
     fits, not_refitted = reconstruct(original, model, attempt.kept_out, calib) if original is not None else ({}, {})
     skipped = {**dependency.custom_layers(model), **attempt.blocked, **broken, **not_refitted}
@@ -123,6 +133,7 @@ def prune_channels(model: nn.Module, config: Channels, task: Any) -> nn.Module:
         "heads": {n: list(v) for n, v in getattr(model, "_slimkit_heads", {}).items()},
         "groups_pruned": attempt.pruned_groups, "skipped": skipped,
         "reconstruction": {n: dataclasses.asdict(f) for n, f in fits.items()},
+        "latency_table": table.to_dict() if table is not None else None,
         "resized": after_macs != before_macs or bool(attempt.pruned_groups),
     }
     if hasattr(model, "_slimkit_heads"):
@@ -131,7 +142,7 @@ def prune_channels(model: nn.Module, config: Channels, task: Any) -> nn.Module:
 
 
 def _prune_to_macs(model: nn.Module, config: Channels, example: tuple, task: Any,
-                   before_macs: int) -> tuple[nn.Module, _Attempt, dict[str, str], float]:
+                   before_macs: int, table: LatencyTable | None) -> tuple[nn.Module, _Attempt, dict[str, str], float]:
     """Bisect the per-group amount until the pruned model's MACs are at most ``macs_ratio`` of the original."""
     target = config.macs_ratio * before_macs
     lo, hi = 0.0, 0.95
@@ -140,7 +151,7 @@ def _prune_to_macs(model: nn.Module, config: Channels, example: tuple, task: Any
     lowest = float(before_macs)  # fewest MACs any amount reached (a too-large amount can prune less: groups break)
     for _ in range(9):
         mid = (lo + hi) / 2
-        candidate, attempt, broken = _prune_at(copy.deepcopy(model), config, mid, example, task, broken)
+        candidate, attempt, broken = _prune_at(copy.deepcopy(model), config, mid, example, task, broken, table)
         macs = count_flops(candidate, example).macs
         lowest = min(lowest, macs)
         if macs <= target:
@@ -148,7 +159,7 @@ def _prune_to_macs(model: nn.Module, config: Channels, example: tuple, task: Any
         else:
             lo = mid
     if best is None:
-        candidate, attempt, broken = _prune_at(copy.deepcopy(model), config, hi, example, task, broken)
+        candidate, attempt, broken = _prune_at(copy.deepcopy(model), config, hi, example, task, broken, table)
         macs = count_flops(candidate, example).macs
         lowest = min(lowest, macs)
         if macs > target:
@@ -160,12 +171,12 @@ def _prune_to_macs(model: nn.Module, config: Channels, example: tuple, task: Any
 
 
 def _prune_at(model: nn.Module, config: Channels, amount: float, example: tuple, task: Any,
-              broken: dict[str, str]) -> tuple[nn.Module, _Attempt, dict[str, str]]:
+              broken: dict[str, str], table: LatencyTable | None = None) -> tuple[nn.Module, _Attempt, dict[str, str]]:
     """Prune at ``amount``; restart without a group whenever removing it breaks the forward pass."""
     broken = dict(broken)
     pristine = copy.deepcopy(model)
     for _ in range(_MAX_RESTARTS):
-        attempt = _attempt(model, config, amount, example, task, broken)
+        attempt = _attempt(model, config, amount, example, task, broken, table)
         if attempt.failed_root is None:
             return model, attempt, broken
         broken[attempt.failed_root] = f"pruning this group breaks the forward pass ({attempt.error})"
@@ -176,7 +187,7 @@ def _prune_at(model: nn.Module, config: Channels, amount: float, example: tuple,
 
 
 def _attempt(model: nn.Module, config: Channels, amount: float, example: tuple, task: Any,
-             broken: dict[str, str]) -> _Attempt:
+             broken: dict[str, str], table: LatencyTable | None = None) -> _Attempt:
     with torch.no_grad():
         reference = _shapes(model(*example))
     names = dependency.module_names(model)
@@ -202,8 +213,9 @@ def _attempt(model: nn.Module, config: Channels, amount: float, example: tuple, 
     with warnings.catch_warnings():  # loose parameters (ViT class token...) are sliced on their last axis, as meant
         warnings.filterwarnings("ignore", message="Unwrapped parameters")
         pruner = _pruner(model, example, importance, config, amount, ignored, num_heads)
-        if config.allocation == "macs":
-            ratios = _macs_ratios(model, example, pruner, importance, config, amount, names, frozen, num_heads)
+        if config.allocation != "uniform":
+            ratios = _allocated_ratios(model, example, pruner, importance, config, amount, names, frozen, num_heads,
+                                       table)
             pruner = _pruner(model, example, importance, config, amount, ignored, num_heads, ratios)
     result = _Attempt(blocked=heads_kept)
     for group in pruner.step(interactive=True):
@@ -247,18 +259,19 @@ def _pruner(model: nn.Module, example: tuple, importance: Any, config: Channels,
         head_pruning_ratio=amount if num_heads else 0.0)
 
 
-def _macs_ratios(model: nn.Module, example: tuple, pruner: Any, importance: Any, config: Channels, amount: float,
-                names: dict[int, str], frozen: dict[int, str], num_heads: dict[nn.Module, int]) -> dict[nn.Module, float]:
-    """Per-group ratios of ``allocation='macs'``: keep ``1 - amount`` of the MACs where they cost least."""
+def _allocated_ratios(model: nn.Module, example: tuple, pruner: Any, importance: Any, config: Channels,
+                      amount: float, names: dict[int, str], frozen: dict[int, str], num_heads: dict[nn.Module, int],
+                      table: LatencyTable | None) -> dict[nn.Module, float]:
+    """Per-group ratios of ``allocation='macs'`` / ``'latency'``: keep ``1 - amount`` of the MACs where they cost least."""
     if num_heads:
-        raise SlimkitError("allocation='macs' does not allocate attention heads",
+        raise SlimkitError(f"allocation={config.allocation!r} does not allocate attention heads",
                            "use allocation='uniform', or heads=False to keep the heads")
     groups = [g for g in pruner.DG.get_all_groups(ignored_layers=pruner.ignored_layers,
                                                   root_module_types=pruner.root_module_types)
               if dependency.blocked_reason(g, names, frozen=frozen, hidden=config.hidden) is None]
     by_leaf = count_flops(model, example).by_leaf
     leaf_macs = {model.get_submodule(n): macs for n, macs in by_leaf.items()}
-    return macs_allocation(groups, importance, pruner.DG, leaf_macs, 1.0 - amount, config.round_to)
+    return allocate(groups, importance, pruner.DG, leaf_macs, 1.0 - amount, config.round_to, table, names)
 
 
 def _importance(config: Channels, model: nn.Module, task: Any) -> Any:

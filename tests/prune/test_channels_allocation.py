@@ -1,4 +1,4 @@
-"""allocation='macs': channels are removed where they cost the most MACs per importance lost."""
+"""allocation='macs' / 'latency': channels are removed where they cost the most MACs (or ms) per importance lost."""
 
 from __future__ import annotations
 
@@ -10,8 +10,11 @@ import torch.nn as nn
 
 import slimkit as sk
 from slimkit.errors import SlimkitError
+from slimkit.graph import dependency
 from slimkit.measure.flops import count_flops
 from slimkit.prune import Channels
+from slimkit.prune.channels_allocation import allocate
+from slimkit.prune.latency_table import LatencyTable, LeafCost
 from slimkit.train import finetune
 from tests.prune.hf_tiny import tiny
 
@@ -71,7 +74,8 @@ def test_depthwise_conv_follows_its_group() -> None:
 
 
 @pytest.mark.parametrize("kwargs, message", [
-    ({"allocation": "flops"}, "unknown allocation"), ({"allocation": "macs", "scope": "global"}, "conflicts")])
+    ({"allocation": "flops"}, "unknown allocation"), ({"allocation": "macs", "scope": "global"}, "conflicts"),
+    ({"allocation": "latency", "scope": "global"}, "conflicts"), ({"latency_batch": 0}, "positive batch")])
 def test_invalid_allocations_are_refused(kwargs: dict, message: str) -> None:
     with pytest.raises(SlimkitError, match=message):
         Channels(**kwargs)
@@ -81,3 +85,63 @@ def test_attention_heads_are_refused_with_a_way_out() -> None:
     model, example = tiny("bert")
     with pytest.raises(SlimkitError, match="does not allocate attention heads"):
         sk.apply(model, Channels(macs_ratio=0.7, allocation="macs"), _task(example))
+
+
+def _chain() -> nn.Sequential:
+    # group A: conv0's outputs (BN, relu, conv3's inputs); group B: conv3's outputs (conv5's inputs);
+    # group C: conv5's outputs (the classifier's inputs); the classifier is the output layer
+    torch.manual_seed(0)
+    return nn.Sequential(nn.Conv2d(3, 32, 3, padding=1), nn.BatchNorm2d(32), nn.ReLU(),
+                         nn.Conv2d(32, 32, 3, padding=1), nn.ReLU(), nn.Conv2d(32, 32, 3, padding=1),
+                         nn.AdaptiveAvgPool2d(1), nn.Flatten(), nn.Linear(32, 10)).eval()
+
+
+def _ratios(model: nn.Module, example: tuple, table: LatencyTable | None) -> dict[nn.Module, float]:
+    tp = dependency.torch_pruning()
+    graph = tp.DependencyGraph().build_dependency(model, example_inputs=example[0])
+    groups = list(graph.get_all_groups(ignored_layers=[model[8]], root_module_types=[nn.Conv2d, nn.Linear]))
+    leaf_macs = {model.get_submodule(n): m for n, m in count_flops(model, example).by_leaf.items()}
+    return allocate(groups, tp.importance.GroupMagnitudeImportance(p=2), graph, leaf_macs, 0.5, None,
+                    table, dependency.module_names(model))
+
+
+def test_latency_table_moves_the_budget_to_the_slow_group() -> None:
+    # a table where every conv costs its MACs (1 ms per MMAC) but the relu behind group A is slow
+    # (a stand-in for a stem's pooling on large maps): by ms, A's channels are the ones to remove
+    model, example = _chain(), (torch.randn(1, 3, 16, 16),)
+    grid = (0.25, 0.5, 0.75, 1.0)
+    macs = {n: m / 1e6 for n, m in count_flops(model, example).by_leaf.items()}
+
+    def bilinear(ms: float) -> LeafCost:
+        return LeafCost(grid, tuple(tuple(ms * i * o for o in grid) for i in grid))
+
+    def by_output(ms: float) -> LeafCost:
+        return LeafCost(grid, (tuple(ms * o for o in grid),))
+
+    table = LatencyTable({"0": bilinear(macs["0"]), "3": bilinear(macs["3"]), "5": bilinear(macs["5"]),
+                          "2": by_output(20.0 * macs["3"])}, feeds={"2": "1"}, batch=1, threads=1)
+    by_macs, by_ms = _ratios(model, example, None), _ratios(model, example, table)
+    conv_a, conv_b = model[0], model[3]
+    assert by_ms[conv_a] > by_macs.get(conv_a, 0.0) + 0.2  # group A gives up far more channels by ms
+    assert by_ms[conv_a] >= 0.7  # ... down to (nearly) its quarter-width floor
+    assert by_ms.get(conv_b, 0.0) < by_macs[conv_b]  # and group B keeps more for the same MACs
+
+
+def test_latency_allocation_end_to_end_on_measured_times(one_thread: None) -> None:
+    # three max-pools on group A's 64x64 maps cost far more time than their zero MACs suggest;
+    # measured on this machine, the allocation must see it and thin group A first
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Conv2d(3, 32, 3, padding=1), nn.ReLU(), nn.MaxPool2d(7, 1, 3), nn.MaxPool2d(7, 1, 3),
+                          nn.MaxPool2d(7, 1, 3), nn.Conv2d(32, 32, 1), nn.ReLU(), nn.Conv2d(32, 32, 1),
+                          nn.AdaptiveAvgPool2d(1), nn.Flatten(), nn.Linear(32, 10)).eval()
+    example = (torch.randn(1, 3, 64, 64),)
+    base = count_flops(model, example).macs
+    by_macs = sk.apply(model, Channels(macs_ratio=0.6, round_to=None, allocation="macs"), _task(example))
+    by_ms = sk.apply(model, Channels(macs_ratio=0.6, round_to=None, allocation="latency", latency_batch=2),
+                     _task(example))
+    for pruned in (by_macs, by_ms):
+        assert 0.5 * base <= count_flops(pruned, example).macs <= 0.6 * base
+        assert pruned(*example).shape == (1, 10)
+    assert by_ms[0].out_channels < by_macs[0].out_channels
+    table = by_ms.slimkit_prune["latency_table"]
+    assert table["batch"] == 2 and table["full_ms"]["2"] > 5 * table["full_ms"]["5"]  # the pools are the cost
