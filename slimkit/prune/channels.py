@@ -149,6 +149,11 @@ def _prune_to_macs(model: nn.Module, config: Channels, example: tuple, task: Any
     broken: dict[str, str] = {}
     best: tuple[nn.Module, _Attempt, float] | None = None
     lowest = float(before_macs)  # fewest MACs any amount reached (a too-large amount can prune less: groups break)
+    if config.allocation != "uniform":  # the allocation aims at the MACs budget itself: take it when it is met
+        amount = 1.0 - config.macs_ratio
+        candidate, attempt, broken = _prune_at(copy.deepcopy(model), config, amount, example, task, broken, table)
+        if count_flops(candidate, example).macs <= target:
+            return candidate, attempt, broken, amount
     for _ in range(9):
         mid = (lo + hi) / 2
         candidate, attempt, broken = _prune_at(copy.deepcopy(model), config, mid, example, task, broken, table)

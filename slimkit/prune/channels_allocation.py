@@ -109,8 +109,12 @@ def allocate(groups: list[Any], importance: Callable[[Any], torch.Tensor | None]
 
     fractions = [1.0] * len(state)
     current = fixed + sum(layer.macs_at(fractions) for layer in layers.values())
-    while current > keep * total:
+    budget = keep * total
+    while current > budget:
         best, best_cost, best_macs = None, float("inf"), current
+        # a step that reaches the budget ends the greedy: among those, the one landing closest to it
+        # (a coarse chunk of a narrow group can overshoot far; the model should use its budget)
+        last, last_macs = None, -1.0
         for g, grp in enumerate(state):
             if grp.kept - grp.chunk < max(step, math.ceil(_MIN_KEPT * grp.channels)):
                 continue
@@ -126,12 +130,16 @@ def allocate(groups: list[Any], importance: Callable[[Any], torch.Tensor | None]
             cost = lost / saved if saved > 0 else float("inf")
             if cost < best_cost and macs_saved > 0:
                 best, best_cost, best_macs = g, cost, current - macs_saved
+            if macs_saved > 0 and last_macs < current - macs_saved <= budget:
+                last, last_macs = g, current - macs_saved
+        if last is not None:
+            best, best_macs = last, last_macs
         if best is None:
             break
         state[best].kept -= state[best].chunk
         fractions[best] = state[best].kept / state[best].channels
         current = best_macs
-    _fill_back(state, touching, fractions, current, keep * total, by_ms=table is not None)
+    _fill_back(state, touching, fractions, current, budget, by_ms=table is not None)
     # MetaPruner keeps int(channels * (1 - ratio)) channels: aim half a channel above ``kept``
     return {grp.root: (grp.channels - grp.kept - 0.5) / grp.channels
             for grp in state if grp.kept < grp.channels}

@@ -52,6 +52,22 @@ def test_reconstruct_makes_channels_usable_without_finetuning(tmp_path, one_thre
     assert report["pruning"]["config"]["reconstruct"] is True
 
 
+def test_latency_allocation_times_the_layers_at_the_given_batch(tmp_path, one_thread):
+    report = _prune(tmp_path, "--method", "channels", "--macs-ratio", "0.5", "--allocation", "latency",
+                    "--latency-batch", "16", "--reconstruct")
+    base, pruned = report["candidates"]
+    # digits' 16/32-channel groups move in chunks of 8 (an eighth to a quarter of the MACs each), so
+    # which chunk the measured times favour first decides whether it lands at 0.49 or 0.39
+    assert 0.35 <= pruned["profile"]["macs"] / base["profile"]["macs"] <= 0.5
+    info = report["pruning"]
+    assert info["config"]["allocation"] == "latency" and info["config"]["latency_batch"] == 16
+    table = info["latency_table"]
+    assert table["batch"] == 16 and table["threads"] == 1
+    convs = [n for n in info["layers"] if n in table["full_ms"]]
+    assert convs and all(table["full_ms"][n] > 0 for n in convs)  # every resized layer was timed
+    assert pruned["metric"]["score"] >= base["metric"]["score"] - 0.05
+
+
 def test_gradual_magnitude_reaches_the_sparsity_and_draws_it(tmp_path, one_thread, digits_task):
     report = _prune(tmp_path, "--method", "magnitude", "--amount", "0.8", "--schedule", "gradual",
                     "--finetune-steps", "110")
@@ -75,6 +91,7 @@ def test_gradual_magnitude_reaches_the_sparsity_and_draws_it(tmp_path, one_threa
     (["--method", "channels", "--amount", "1.5"], "amount=1.5 is outside [0, 1)"),
     (["--method", "channels", "--n", "2"], "option(s) n do not apply to channels"),
     (["--method", "magnitude", "--reconstruct"], "option(s) reconstruct do not apply to magnitude"),
+    (["--method", "channels", "--allocation", "latency", "--latency-batch", "0"], "must be a positive batch size"),
     (["--method", "prune-all"], "unknown pruning method 'prune-all'"),
     (["--method", "channels", "--schedule", "gradual", "--finetune-steps", "300"], "gradual schedule applies"),
     (["--method", "magnitude", "--schedule", "gradual"], "needs fine-tuning"),
