@@ -282,11 +282,15 @@ def mnist_part(threads: int, steps: int, seeds: int, choice: str) -> dict[str, A
         same = all(torch.equal(a, b) for a, b in zip(uniform_sk.state_dict().values(), uniform_tp.state_dict().values()))
         ours = sk.apply(task.model, Channels(macs_ratio=budget, round_to=None, **CANDIDATES[choice]), task)
         macs_sk = sk.apply(task.model, Channels(macs_ratio=budget, round_to=None, allocation="macs"), task)
+        # what the speed configuration costs in accuracy: widths from times measured at batch 256
+        latency_sk = sk.apply(task.model, Channels(macs_ratio=budget, round_to=None, allocation="latency",
+                                                   latency_batch=256, reconstruct=True), task)
         global_tp = tp_global_to_macs(task.model, task.example, 1.01 * budget)
         unstructured = sk.apply(task.model, Magnitude(amount=1 - params(ours) / base_params), task)
         rows = {
             mine: scored(ours),
             "slimkit l2, allocation=macs": scored(macs_sk),
+            "slimkit l2, allocation=latency + reconstruct": scored(latency_sk),
             "torch-pruning l2, uniform (= slimkit l2, uniform)": scored(uniform_tp),
             "torch-pruning l2, global": scored(global_tp),
             "unstructured magnitude (slimkit's params)": scored(unstructured, keep_zeros=True),
