@@ -26,6 +26,7 @@ import torch.nn as nn
 from slimkit.prune.latency_table import LatencyTable, LeafCost
 
 _MIN_KEPT = 0.25  # no group drops below a quarter of its channels: a thin bottleneck starves every layer after it
+_LAST_RESORT = 1e9  # cost offset of chunks that save MACs but no measured time: taken only when nothing else is left
 _CHUNKS_PER_GROUP = 64  # granularity of the greedy for wide groups (speed; narrow groups go one by one)
 
 
@@ -127,7 +128,12 @@ def allocate(groups: list[Any], importance: Callable[[Any], torch.Tensor | None]
             trial[g] = (grp.kept - grp.chunk) / grp.channels
             macs_saved = sum(l.macs_at(fractions) - l.macs_at(trial) for l in touching[g])
             saved = macs_saved if table is None else sum(l.ms_at(fractions) - l.ms_at(trial) for l in touching[g])
-            cost = lost / saved if saved > 0 else float("inf")
+            if saved > 0:
+                cost = lost / saved
+            elif macs_saved > 0:  # the table sees no time saved (noise on a tiny layer): a last resort, by MACs
+                cost = _LAST_RESORT + lost / macs_saved
+            else:
+                cost = float("inf")
             if cost < best_cost and macs_saved > 0:
                 best, best_cost, best_macs = g, cost, current - macs_saved
             if macs_saved > 0 and last_macs < current - macs_saved <= budget:

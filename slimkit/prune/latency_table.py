@@ -16,14 +16,17 @@ can change (embeddings, LayerNorm over an unpruned hidden size) are not timed.
 from __future__ import annotations
 
 import dataclasses
+import logging
 import math
 import time
-from typing import Any
+from typing import Any, Callable
 
 import torch
 import torch.nn as nn
 
 from slimkit.measure._call import pinned_threads
+
+log = logging.getLogger("slimkit.prune")
 
 GRID = (0.25, 0.5, 0.75, 1.0)  # kept fractions timed; costs between them are interpolated (conv time is ~bilinear)
 _WIDTH_FREE = (nn.ReLU, nn.ReLU6, nn.GELU, nn.SiLU, nn.Hardswish, nn.Hardsigmoid, nn.Sigmoid, nn.Tanh,
@@ -67,10 +70,11 @@ class LatencyTable:
     feeds: dict[str, str]
     batch: int
     threads: int
+    untimed: dict[str, str] = dataclasses.field(default_factory=dict)  # layer -> why its time is taken as fixed
 
     def to_dict(self) -> dict[str, Any]:
         return {"batch": self.batch, "threads": self.threads,
-                "full_ms": {n: round(c.full_ms, 4) for n, c in self.costs.items()}}
+                "full_ms": {n: round(c.full_ms, 4) for n, c in self.costs.items()}, "untimed": dict(self.untimed)}
 
 
 def measure_table(model: nn.Module, example: tuple, batch: int | None = None, threads: int | None = None,
@@ -83,15 +87,22 @@ def measure_table(model: nn.Module, example: tuple, batch: int | None = None, th
     inputs = tuple(_batched(x, batch) for x in example)
     calls, feeds = _record_calls(model, inputs)
     costs: dict[str, LeafCost] = {}
+    untimed: dict[str, str] = {}
     seen: dict[tuple, LeafCost] = {}
     with pinned_threads(threads), torch.inference_mode():
         for name, (module, x, axis) in calls.items():
             key = (repr(module), tuple(x.shape), axis)  # identical layers on identical inputs are timed once
             if key not in seen:
-                seen[key] = _time_leaf(module, x, axis, grid, runs)
+                try:
+                    seen[key] = _time_leaf(module, x, axis, grid, runs)
+                except Exception as exc:  # noqa: BLE001 - a layer we cannot rebuild narrower counts as fixed cost
+                    untimed[name] = f"not timed ({type(exc).__name__}: {str(exc).splitlines()[0][:120] if str(exc) else ''})"
+                    log.info("latency table: %s %s", name, untimed[name])
+                    continue
             costs[name] = seen[key]
-    return LatencyTable(costs, feeds, batch=int(inputs[0].shape[0]) if inputs else 0, threads=torch.get_num_threads()
-                        if threads is None else threads)
+    feeds = {n: s for n, s in feeds.items() if n in costs and s in costs}
+    return LatencyTable(costs, feeds, batch=int(inputs[0].shape[0]) if inputs else 0,
+                        threads=torch.get_num_threads() if threads is None else threads, untimed=untimed)
 
 
 def _batched(x: Any, batch: int | None) -> Any:
@@ -151,19 +162,29 @@ def _timed(module: nn.Module) -> bool:
 
 
 def _time_leaf(module: nn.Module, x: torch.Tensor, axis: int, grid: tuple[float, ...], runs: int) -> LeafCost:
+    """All grid points of one layer, timed in interleaved rounds: a burst of load on a shared machine
+    then slows every width alike instead of making one width look slower than a wider one."""
     two_sided = isinstance(module, nn.Linear) or (isinstance(module, nn.modules.conv._ConvNd) and module.groups == 1)
     rows = grid if two_sided else (1.0,)
-    ms = tuple(tuple(_time_at(module, x, axis, fi, fo, runs) for fo in grid) for fi in rows)
-    return LeafCost(tuple(grid), ms)
+    points = [_narrowed(module, x, axis, fi, fo) for fi in rows for fo in grid]
+    for fn in points:
+        for _ in range(2):  # first calls pick and cache kernels
+            fn()
+    best = [float("inf")] * len(points)
+    for _ in range(runs):  # fastest of ``runs``: load only ever adds time
+        for k, fn in enumerate(points):
+            start = time.perf_counter()
+            fn()
+            best[k] = min(best[k], time.perf_counter() - start)
+    ms = [b * 1e3 for b in best]
+    return LeafCost(tuple(grid), tuple(tuple(ms[r * len(grid):(r + 1) * len(grid)]) for r in range(len(rows))))
 
 
-def _time_at(module: nn.Module, x: torch.Tensor, axis: int, kept_in: float, kept_out: float, runs: int) -> float:
-    """ms of a copy of ``module`` with the kept widths, on ``x`` cut to its input width."""
+def _narrowed(module: nn.Module, x: torch.Tensor, axis: int, kept_in: float, kept_out: float) -> Callable[[], Any]:
+    """A call of ``module`` at the kept widths: a narrower copy on ``x`` cut to its input width."""
     if not _timed(module):  # width-free: the module itself on fewer channels
         inp = x.narrow(axis, 0, _width(x.shape[axis], kept_out)).contiguous(memory_format=_format(x))
-        for _ in range(2):
-            module(inp)
-        return _fastest_ms(lambda: module(inp), runs)
+        return lambda: module(inp)
     if isinstance(module, nn.Linear):
         i, o = _width(module.in_features, kept_in), _width(module.out_features, kept_out)
         layer: nn.Module = nn.Linear(i, o, bias=module.bias is not None)
@@ -171,29 +192,17 @@ def _time_at(module: nn.Module, x: torch.Tensor, axis: int, kept_in: float, kept
     elif isinstance(module, nn.modules.conv._ConvNd):
         o = _width(module.out_channels, kept_out)
         i = o if module.groups > 1 else _width(module.in_channels, kept_in)
-        layer = type(module)(i, o, module.kernel_size, stride=module.stride, padding=module.padding,
-                             dilation=module.dilation, groups=o if module.groups > 1 else 1,
-                             bias=module.bias is not None, padding_mode=module.padding_mode)
+        conv = {1: nn.Conv1d, 2: nn.Conv2d, 3: nn.Conv3d}[len(module.kernel_size)]  # subclasses may take other args
+        layer = conv(i, o, module.kernel_size, stride=module.stride, padding=module.padding, dilation=module.dilation,
+                     groups=o if module.groups > 1 else 1, bias=module.bias is not None,
+                     padding_mode=module.padding_mode)
         inp = x[:, :i].contiguous(memory_format=_format(x))
     else:  # BatchNorm: the width is its output's
         o = _width(module.num_features, kept_out)
-        layer = type(module)(o).eval()
+        layer = {2: nn.BatchNorm1d, 3: nn.BatchNorm1d, 4: nn.BatchNorm2d, 5: nn.BatchNorm3d}[x.dim()](o)
         inp = x[:, :o].contiguous(memory_format=_format(x))
     layer = layer.to(x.dtype).eval()
-    for _ in range(2):  # first calls pick and cache kernels
-        layer(inp)
-    return _fastest_ms(lambda: layer(inp), runs)
-
-
-def _fastest_ms(fn: Any, runs: int) -> float:
-    """Fastest of ``runs`` calls in ms: load on a shared machine only ever adds time, and the
-    allocation needs each layer's own cost, steady from one measurement to the next."""
-    best = float("inf")
-    for _ in range(runs):
-        start = time.perf_counter()
-        fn()
-        best = min(best, time.perf_counter() - start)
-    return best * 1e3
+    return lambda: layer(inp)
 
 
 def _format(x: torch.Tensor) -> torch.memory_format:
