@@ -16,7 +16,7 @@ from slimkit.prune import Channels
 from slimkit.prune.channels_allocation import allocate
 from slimkit.prune.latency_table import LatencyTable, LeafCost
 from slimkit.train import finetune
-from tests.prune.hf_tiny import tiny
+from tests.prune.hf_tiny import FAMILIES, tiny
 
 
 def _task(example: tuple) -> types.SimpleNamespace:
@@ -159,3 +159,17 @@ def test_a_table_that_sees_no_time_saved_still_reaches_the_budget() -> None:
     modelled = (by_leaf["0"] * kept["a"] + by_leaf["3"] * kept["a"] * kept["b"] + by_leaf["5"] * kept["b"] * kept["c"]
                 + by_leaf["8"] * kept["c"])
     assert ratios and modelled <= 0.5 * sum(by_leaf.values()) + 1e-6
+
+
+@pytest.mark.parametrize("family", FAMILIES)
+def test_latency_allocation_prunes_every_family(family: str, one_thread: None) -> None:
+    model, example = tiny(family)
+    example = example if isinstance(example, tuple) else (example,)
+    base = count_flops(model, example).macs
+    pruned = sk.apply(model, Channels(macs_ratio=0.7, round_to=None, allocation="latency", heads=False),
+                      _task(example))
+    assert 0.5 * base <= count_flops(pruned, example).macs <= 0.7 * base
+    with torch.no_grad():
+        assert pruned(*example).logits.shape == model(*example).logits.shape
+    table = pruned.slimkit_prune["latency_table"]
+    assert table["full_ms"] and not table["untimed"]  # every width-dependent layer was rebuilt and timed
