@@ -143,7 +143,10 @@ def prune_channels(model: nn.Module, config: Channels, task: Any) -> nn.Module:
 
 def _prune_to_macs(model: nn.Module, config: Channels, example: tuple, task: Any,
                    before_macs: int, table: LatencyTable | None) -> tuple[nn.Module, _Attempt, dict[str, str], float]:
-    """Bisect the per-group amount until the pruned model's MACs are at most ``macs_ratio`` of the original."""
+    """Bisect the per-group amount until the pruned model's MACs are at most ``macs_ratio`` of the original.
+
+    An allocation (``macs``/``latency``) aims at the budget itself, so its one pass at that budget is
+    kept when the counted MACs agree; the bisection remains for what its model of MACs misses."""
     target = config.macs_ratio * before_macs
     lo, hi = 0.0, 0.95
     broken: dict[str, str] = {}

@@ -38,6 +38,20 @@ class _Group:
     importance: torch.Tensor  # (channels,) ascending: the order channels would be removed in
     kept: int = 0
 
+    # layers act in series, so what counts is the fraction of a group's remaining importance lost
+    # (log utility): the last channels of a layer get ever dearer, none is emptied
+    def loss_of_removing(self) -> float:
+        """Log of the importance left now over what is left once the next chunk is gone."""
+        removed = self.channels - self.kept
+        left = float(self.importance[removed:].sum())
+        return math.log(left / max(left - float(self.importance[removed:removed + self.chunk].sum()), 1e-12))
+
+    def gain_of_restoring(self) -> float:
+        """Log of the importance left once the last removed chunk is back over what is left now."""
+        removed = self.channels - self.kept
+        left = float(self.importance[removed:].sum())
+        return math.log((left + float(self.importance[removed - self.chunk:removed].sum())) / max(left, 1e-12))
+
 
 @dataclasses.dataclass
 class _Layer:
@@ -46,16 +60,25 @@ class _Layer:
     out_group: int | None
     cost: LeafCost | None = None  # measured ms by kept fractions (allocation by latency)
 
-    def kept(self, fractions: list[float]) -> tuple[float, float]:
+    def widths(self, fractions: list[float]) -> tuple[float, float]:
+        """Kept (input, output) fractions under the groups' ``fractions``."""
         return (1.0 if self.in_group is None else fractions[self.in_group],
                 1.0 if self.out_group is None else fractions[self.out_group])
 
     def macs_at(self, fractions: list[float]) -> float:
-        kin, kout = self.kept(fractions)
+        kin, kout = self.widths(fractions)
         return self.macs * kin * kout
 
     def ms_at(self, fractions: list[float]) -> float:
-        return self.cost.at(*self.kept(fractions)) if self.cost is not None else 0.0
+        return self.cost.at(*self.widths(fractions)) if self.cost is not None else 0.0
+
+
+def _change(layers: list[_Layer], fractions: list[float], g: int, fraction: float) -> tuple[float, float]:
+    """(MACs, ms) the ``layers`` touching group ``g`` would gain with ``g`` at ``fraction`` (negative: saved)."""
+    trial = fractions.copy()
+    trial[g] = fraction
+    return (sum(l.macs_at(trial) - l.macs_at(fractions) for l in layers),
+            sum(l.ms_at(trial) - l.ms_at(fractions) for l in layers))
 
 
 def allocate(groups: list[Any], importance: Callable[[Any], torch.Tensor | None], graph: Any,
@@ -119,15 +142,10 @@ def allocate(groups: list[Any], importance: Callable[[Any], torch.Tensor | None]
         for g, grp in enumerate(state):
             if grp.kept - grp.chunk < max(step, math.ceil(_MIN_KEPT * grp.channels)):
                 continue
-            removed = grp.channels - grp.kept
-            # layers act in series, so what counts is the fraction of a group's remaining importance
-            # lost (log utility): the last channels of a layer get ever dearer, none is emptied
-            left = float(grp.importance[removed:].sum())
-            lost = math.log(left / max(left - float(grp.importance[removed:removed + grp.chunk].sum()), 1e-12))
-            trial = fractions.copy()
-            trial[g] = (grp.kept - grp.chunk) / grp.channels
-            macs_saved = sum(l.macs_at(fractions) - l.macs_at(trial) for l in touching[g])
-            saved = macs_saved if table is None else sum(l.ms_at(fractions) - l.ms_at(trial) for l in touching[g])
+            lost = grp.loss_of_removing()
+            macs_change, ms_change = _change(touching[g], fractions, g, (grp.kept - grp.chunk) / grp.channels)
+            macs_saved = -macs_change
+            saved = macs_saved if table is None else -ms_change
             if saved > 0:
                 cost = lost / saved
             elif macs_saved > 0:  # the table sees no time saved (noise on a tiny layer): a last resort, by MACs
@@ -161,18 +179,12 @@ def _fill_back(state: list[_Group], touching: list[list[_Layer]], fractions: lis
     while True:
         best, best_value, best_macs = None, -1.0, current
         for g, grp in enumerate(state):
-            removed = grp.channels - grp.kept
-            if removed < grp.chunk:
+            if grp.channels - grp.kept < grp.chunk:
                 continue
-            trial = fractions.copy()
-            trial[g] = (grp.kept + grp.chunk) / grp.channels
-            macs_added = sum(l.macs_at(trial) - l.macs_at(fractions) for l in touching[g])
+            macs_added, ms_added = _change(touching[g], fractions, g, (grp.kept + grp.chunk) / grp.channels)
             if current + macs_added > budget:
                 continue
-            left = float(grp.importance[removed:].sum())
-            gained = math.log((left + float(grp.importance[removed - grp.chunk:removed].sum())) / max(left, 1e-12))
-            added = sum(l.ms_at(trial) - l.ms_at(fractions) for l in touching[g]) if by_ms else macs_added
-            value = gained / max(added, 1e-12)
+            value = grp.gain_of_restoring() / max(ms_added if by_ms else macs_added, 1e-12)
             if value > best_value:
                 best, best_value, best_macs = g, value, current + macs_added
         if best is None:
