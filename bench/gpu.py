@@ -25,6 +25,7 @@ from __future__ import annotations
 import argparse
 import copy
 import gc
+import json
 import logging
 import os
 import sys
@@ -37,7 +38,7 @@ import torch.nn.functional as F
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
-from _common import write  # noqa: E402
+from _common import RESULTS, write  # noqa: E402
 
 DEVICE = "cuda"  # one name for the device every part runs on
 PARTS = ("peaks", "kernels", "decode", "prefill", "quality")
@@ -342,6 +343,22 @@ def quality() -> dict[str, Any]:
     return rows
 
 
+def merge_earlier(res: dict[str, Any], path: Path) -> None:
+    """Copy into ``res`` the parts of an earlier result file that this run did not measure, each with the
+    date and GPU it was measured on, so the target table covers both runs."""
+    if not path.exists():
+        return
+    earlier = json.loads(path.read_text())
+    kept, before = {}, earlier.get("kept_from_earlier_run", {})
+    env = earlier.get("environment", {})
+    for part in ("kernels", "decoder", "quality"):
+        if part not in res and part in earlier:
+            res[part] = earlier[part]
+            kept[part] = before.get(part) or {"date": env.get("date"), "gpu": env.get("gpu"), "torch": env.get("torch")}
+    if kept:
+        res["kept_from_earlier_run"] = kept
+
+
 # -- targets ----------------------------------------------------------------------------------------
 
 def targets(res: dict[str, Any]) -> list[dict[str, Any]]:
@@ -382,6 +399,9 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--layers", type=int, default=32, help="decoder layers (32 = the 8B shape; fewer for a smoke run)")
     ap.add_argument("--no-compile", action="store_true", help="decode with eager layers (still one CUDA graph)")
     ap.add_argument("--no-write", action="store_true", help="print only; do not write bench/results/gpu.json")
+    ap.add_argument("--merge", action="store_true",
+                    help="keep the parts of the existing bench/results/gpu.json that this run does not measure "
+                         "(a full run is longer than one sitting on a lent GPU)")
     args = ap.parse_args(argv)
     if not torch.cuda.is_available():
         print("skipped: no CUDA device (bench/gpu.py measures GPU kernels; nothing written)")
@@ -411,6 +431,8 @@ def main(argv: list[str] | None = None) -> int:
                 res[name] = {"error": f"{type(exc).__name__}: {str(exc).splitlines()[0][:300] if str(exc) else ''}"}
             res["seconds"][name] = round(time.perf_counter() - t0, 1)
             torch.cuda.empty_cache()
+    if args.merge:
+        merge_earlier(res, RESULTS / "gpu.json")
     res["targets"] = targets(res)
     res["seconds"]["total"] = round(time.perf_counter() - start, 1)
     for row in res["targets"]:
