@@ -78,15 +78,19 @@ class QuantLinear(_QuantBase):
     @classmethod
     def from_float(cls, linear: nn.Linear, *, bits: int = 8, group_size: int = 0, activations: str = "none",
                    act_range: tuple[float, float] | None = None, per_channel: bool = True,
-                   symmetric_act: bool = True) -> QuantLinear:
-        """Quantize a float ``nn.Linear`` (its weight and bias are copied, the original is untouched)."""
+                   symmetric_act: bool = True,
+                   int4: tuple[torch.Tensor, torch.Tensor, torch.Tensor] | None = None) -> QuantLinear:
+        """Quantize a float ``nn.Linear`` (its weight and bias are copied, the original is untouched).
+
+        ``int4``: the weight's int4 ``(packed, scale, zero)`` already computed (e.g. by GPTQ)
+        instead of rounded here."""
         if not isinstance(linear, nn.Linear):
             raise SlimkitError(f"QuantLinear.from_float needs an nn.Linear, got {type(linear).__name__}")
         m = cls(linear.in_features, linear.out_features, bias=linear.bias is not None, bits=bits,
                 group_size=group_size, activations=activations, per_channel=per_channel, symmetric_act=symmetric_act)
         if bits == 8:
             return m._fill(*pack.quantize_weight_int8(linear.weight, per_channel), linear.bias, act_range)
-        q, scale, zero = pack.quantize_weight_int4(linear.weight, m.group_size)
+        q, scale, zero = int4 if int4 is not None else pack.quantize_weight_int4(linear.weight, m.group_size)
         return m._fill(q, scale, linear.bias, act_range, zero)
 
     @classmethod

@@ -32,7 +32,7 @@ def _per_row(t: torch.Tensor, ndim: int) -> torch.Tensor:
     return t.reshape(-1, *([1] * (ndim - 1)))
 
 
-def _safe_scale(amax: torch.Tensor, levels: int) -> torch.Tensor:
+def safe_scale(amax: torch.Tensor, levels: int) -> torch.Tensor:
     # An all-zero row gets scale 1 (dequantizes to exact zeros); tiny ranges stay representable.
     scale = (amax / levels).clamp_min(torch.finfo(torch.float32).tiny)
     return torch.where(amax > 0, scale, torch.ones_like(scale))
@@ -47,7 +47,7 @@ def quantize_weight_int8(w: torch.Tensor, per_channel: bool = True) -> tuple[tor
     if not torch.isfinite(w).all():
         raise SlimkitError("weight contains NaN or Inf", "fix the model before quantizing it")
     amax = w.abs().flatten(1).amax(1) if per_channel else w.abs().amax().reshape(1)  # (N,) or (1,)
-    scale = _safe_scale(amax, INT8_MAX)
+    scale = safe_scale(amax, INT8_MAX)
     q = torch.round(w / _per_row(scale, w.ndim)).clamp(-INT8_MAX, INT8_MAX).to(torch.int8)
     return q, scale
 
@@ -77,7 +77,7 @@ def quantize_weight_int4(w: torch.Tensor, group_size: int) -> tuple[torch.Tensor
     if not torch.isfinite(wg).all():
         raise SlimkitError("weight contains NaN or Inf", "fix the model before quantizing it")
     lo, hi = wg.amin(-1), wg.amax(-1)  # (N, K/g)
-    scale = _safe_scale(hi - lo, INT4_LEVELS)
+    scale = safe_scale(hi - lo, INT4_LEVELS)
     zero = -lo / scale
     q = torch.round((wg - lo[..., None]) / scale[..., None]).clamp(0, INT4_LEVELS).to(torch.uint8)
     return pack_int4(q.reshape(n, k)), scale, zero

@@ -18,7 +18,7 @@ class Scratch(nn.Module):
         self.scale = nn.Parameter(torch.ones(1))
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        big = torch.ones(self.n)  # (n,) float32: n * 4 bytes
+        big = torch.ones(self.n, device=x.device)  # (n,) float32: n * 4 bytes, where the model runs
         return x * self.scale + big.sum()
 
 

@@ -186,3 +186,16 @@ def test_minilm_quality_on_gpu_for_every_scheme(minilm_task):
         assert built.skips == []
         result = minilm_task.evaluate(built)
         assert result["cosine_to_fp32"] > floor - 0.005, scheme  # the whole eval set, not 8 paragraphs
+
+
+@cuda_only
+@pytest.mark.slow
+def test_gptq_int4_minilm_runs_on_tinygemm_and_meets_the_int4_floor(minilm_task):
+    """GPTQ's integers go to the GPU unchanged ("auto" keeps each QuantLinear's own int4 weights)."""
+    from slimkit.quantize import WeightOnly
+
+    q = sk.apply(copy.deepcopy(minilm_task.model), WeightOnly(bits=4, group_size=32, embeddings=False, method="gptq"),
+                 minilm_task)
+    built = rc.build_cuda(q, "auto")
+    assert built.skips == [] and built.summary()["layers_per_scheme"] == {"int4": 36}
+    assert minilm_task.evaluate(built)["cosine_to_fp32"] >= 0.98

@@ -117,6 +117,12 @@ def test_semi_structured_module_equals_the_dense_pruned_layer():
     x = torch.randn(64, 256, device=dev, dtype=torch.bfloat16)
     dense = torch.nn.functional.linear(x, w.to(dev, torch.bfloat16), b.to(dev, torch.bfloat16))
     assert sqnr_db(dense.float(), module(x).float()) > 40
+    if module._cslt:  # the searched algorithm is kept per row count; odd row counts take F.linear
+        assert set(module.algorithms) == {64}
+        assert sqnr_db(dense.float(), module(x).float()) > 40  # second call: the kept algorithm
+    odd = x[:5]
+    assert sqnr_db(dense[:5].float(), module(odd).float()) > 40
+    assert 5 not in module.algorithms
     from slimkit.runtime.cuda_profile import state_nbytes
 
     assert state_nbytes(module) < 0.7 * 128 * 256 * 2 + 128 * 2  # compressed: half the values plus metadata
