@@ -94,13 +94,15 @@ def quantize(task: str = typer.Option("mnist", help="built-in task name or packa
              backend: Optional[str] = typer.Option(None, help="auto, onnxruntime or torch"),
              max_drop: Optional[float] = typer.Option(None, help="accuracy control: largest metric drop allowed"),
              embedding_bits: Optional[int] = typer.Option(None, help="embedding tables: 8 (default) or 4"),
+             method: Optional[str] = typer.Option(None, help="w4 rounding: rtn (default) or gptq (calibrated)"),
              threads: Optional[int] = typer.Option(None, help="threads to pin while timing"),
              out: Path = typer.Option(Path("runs/quantize"), help="output directory")) -> None:
     """Quantize a task's model, run it on real integer kernels, measure it and write a report."""
     from slimkit.quantize.job import make_config, run
 
     cfg = make_config(config, calibration=calibration, percentile=percentile, granularity=granularity,
-                      group_size=group_size, backend=backend, max_drop=max_drop, embedding_bits=embedding_bits)
+                      group_size=group_size, backend=backend, max_drop=max_drop, embedding_bits=embedding_bits,
+                      method=method)
     run(task, cfg, out, threads=threads, name=config)
 
 
