@@ -7,8 +7,10 @@ reads each weight with one kernel; every projection is an ``nn.Linear`` for ``bu
 
 Shapes are static so a decode step can be compiled and captured in a CUDA graph: the cache holds
 ``max_len`` positions, new keys/values are written at ``pos`` with ``index_copy_``, and attention
-always spans the whole cache with a mask ``key position <= query position``. RoPE follows the
-Hugging Face Llama convention (rotate the two halves of each head).
+always spans the whole cache with a mask ``key position <= query position``, built once per step as
+the additive float mask attention takes (not once per layer: at batch 1 every small kernel a layer
+launches is time the weights' bytes do not account for). RoPE follows the Hugging Face Llama
+convention (rotate the two halves of each head).
 """
 
 from __future__ import annotations
@@ -82,8 +84,7 @@ class Attention(nn.Module):
         self.v_cache.index_copy_(2, pos, v.to(self.v_cache.dtype))
         # GQA without copying the cache per query head: each KV head's g query heads become g*T query rows.
         q = q.view(b, t, kv, g, d).permute(0, 2, 3, 1, 4).reshape(b, kv, g * t, d)  # (B, KV, G*T, D)
-        y = F.scaled_dot_product_attention(q, self.k_cache, self.v_cache,
-                                           attn_mask=mask.repeat(g, 1)[None, None])  # (B, KV, G*T, D)
+        y = F.scaled_dot_product_attention(q, self.k_cache, self.v_cache, attn_mask=mask)  # (B, KV, G*T, D)
         y = y.view(b, kv, g, t, d).permute(0, 3, 1, 2, 4).reshape(b, t, self.heads * d)  # (B, T, H*D)
         return self.wo(y)  # (B, T, C)
 
@@ -143,10 +144,18 @@ class Decoder(nn.Module):
             raise RuntimeError("call setup_cache(batch, max_len) before running the decoder")
         x = self.embed(tokens)  # (B, T, C)
         cos, sin = self.cos[pos], self.sin[pos]  # (T, D/2)
-        mask = self.key_pos[None, :] <= pos[:, None]  # (T, Tmax)
+        mask = attention_mask(self.key_pos, pos, self.cfg.heads // self.cfg.kv_heads, x.dtype)  # (1, 1, G*T, Tmax)
         for blk in self.layers:
             x = self.block_fn(blk, x, cos, sin, pos, mask)
         return self.output(self.norm(x))  # (B, T, V)
+
+
+def attention_mask(key_pos: torch.Tensor, pos: torch.Tensor, group: int, dtype: torch.dtype) -> torch.Tensor:
+    """Additive (1, 1, G*T, Tmax) mask: 0 where ``key position <= query position``, -inf elsewhere; rows
+    repeat per query head of a KV group (the attention's G*T query rows)."""
+    allowed = key_pos[None, :] <= pos[:, None]  # (T, Tmax)
+    zero = torch.zeros((), dtype=dtype, device=pos.device)
+    return torch.where(allowed, zero, float("-inf")).to(dtype).repeat(group, 1)[None, None]
 
 
 def count_params(cfg: DecoderConfig) -> int:
@@ -155,4 +164,4 @@ def count_params(cfg: DecoderConfig) -> int:
         return sum(p.numel() for p in Decoder(cfg).parameters())
 
 
-__all__ = ["LLAMA3_8B", "Decoder", "DecoderConfig", "count_params", "run_block"]
+__all__ = ["LLAMA3_8B", "Decoder", "DecoderConfig", "attention_mask", "count_params", "run_block"]

@@ -142,3 +142,14 @@ def test_graph_captured_decode_step_equals_eager_on_gpu():
         step = graphed(lambda: model(tokens, pos))
         assert step is not None
         assert sqnr_db(eager.float(), step().float()) > 40  # the same kernels, replayed
+
+
+def test_attention_mask_is_built_once_per_step_as_an_additive_gqa_mask():
+    from slimkit.runtime.cuda_decoder import attention_mask
+
+    key_pos, pos = torch.arange(6), torch.tensor([2, 3])  # two query positions, cache of 6
+    mask = attention_mask(key_pos, pos, group=4, dtype=torch.bfloat16)
+    assert mask.shape == (1, 1, 8, 6) and mask.dtype == torch.bfloat16
+    allowed = (mask[0, 0] == 0).to(torch.int64)  # (G*T, Tmax): rows repeat every T queries
+    assert allowed.sum(1).tolist() == [3, 4] * 4  # keys 0..pos for each query row
+    assert torch.isinf(mask[0, 0, 0, 3:]).all()
