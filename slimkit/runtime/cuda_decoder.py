@@ -84,9 +84,23 @@ class Attention(nn.Module):
         self.v_cache.index_copy_(2, pos, v.to(self.v_cache.dtype))
         # GQA without copying the cache per query head: each KV head's g query heads become g*T query rows.
         q = q.view(b, t, kv, g, d).permute(0, 2, 3, 1, 4).reshape(b, kv, g * t, d)  # (B, KV, G*T, D)
-        y = F.scaled_dot_product_attention(q, self.k_cache, self.v_cache, attn_mask=mask)  # (B, KV, G*T, D)
+        y = attend(q, self.k_cache, self.v_cache, mask)  # (B, KV, G*T, D)
         y = y.view(b, kv, g, t, d).permute(0, 3, 1, 2, 4).reshape(b, t, self.heads * d)  # (B, T, H*D)
         return self.wo(y)  # (B, T, C)
+
+
+#: Up to this many query rows per KV head (decode), attention is written out as softmax(QK^T)V, which
+#: torch.compile fuses; torch's SDPA kernel at 4 rows x 512 keys x 8 heads leaves most of an H100 idle
+#: (8B shape, batch 1: bf16 150 -> 157 tok/s, int4 297 -> 325). Prefill keeps SDPA (flash/efficient).
+DECODE_ROWS = 64
+
+
+def attend(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
+    """Masked attention of q (B, KV, R, D) over k, v (B, KV, Tmax, D) with an additive (.., R, Tmax) mask."""
+    if q.shape[-2] > DECODE_ROWS:
+        return F.scaled_dot_product_attention(q, k, v, attn_mask=mask)
+    scores = (q @ k.transpose(-2, -1)).float() * q.shape[-1] ** -0.5 + mask  # (B, KV, R, Tmax) fp32
+    return torch.softmax(scores, dim=-1).to(q.dtype) @ v  # (B, KV, R, D)
 
 
 class Block(nn.Module):
@@ -164,4 +178,4 @@ def count_params(cfg: DecoderConfig) -> int:
         return sum(p.numel() for p in Decoder(cfg).parameters())
 
 
-__all__ = ["LLAMA3_8B", "Decoder", "DecoderConfig", "attention_mask", "count_params", "run_block"]
+__all__ = ["LLAMA3_8B", "Decoder", "DecoderConfig", "attend", "attention_mask", "count_params", "run_block"]

@@ -153,3 +153,14 @@ def test_attention_mask_is_built_once_per_step_as_an_additive_gqa_mask():
     allowed = (mask[0, 0] == 0).to(torch.int64)  # (G*T, Tmax): rows repeat every T queries
     assert allowed.sum(1).tolist() == [3, 4] * 4  # keys 0..pos for each query row
     assert torch.isinf(mask[0, 0, 0, 3:]).all()
+
+
+def test_written_out_decode_attention_equals_sdpa():
+    from slimkit.runtime.cuda_decoder import DECODE_ROWS, attend, attention_mask
+
+    torch.manual_seed(0)
+    q, k, v = torch.randn(2, 2, 8, 16), torch.randn(2, 2, 10, 16), torch.randn(2, 2, 10, 16)  # 4 query heads / KV head
+    mask = attention_mask(torch.arange(10), torch.tensor([4, 7]), group=4, dtype=torch.float32)  # (1, 1, 8, 10)
+    assert q.shape[-2] <= DECODE_ROWS  # the written-out path
+    reference = torch.nn.functional.scaled_dot_product_attention(q, k, v, attn_mask=mask)
+    assert (attend(q, k, v, mask) - reference).abs().max() < 1e-5
