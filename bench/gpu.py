@@ -1,6 +1,6 @@
 """GPU runtime benchmark: real kernels on one GPU, a Llama-3-8B-shaped decoder end to end, MiniLM quality.
 
-    .venv/bin/python bench/gpu.py                           # all parts, ~10 min on one H100 -> bench/results/gpu.json
+    .venv/bin/python bench/gpu.py                           # all parts, ~2 min on one H100 -> bench/results/gpu.json
     .venv/bin/python bench/gpu.py --parts kernels,quality   # a subset (the JSON then holds only those parts)
     .venv/bin/python bench/gpu.py --layers 2 --no-write     # a quick smoke run of every code path
     .venv/bin/python bench/gpu.py --parts decode,prefill --merge   # re-measure some parts, keep the others

@@ -122,6 +122,7 @@ def prune(task: str = typer.Option("digits", help="built-in task name or package
                                                      help="channels: refit layers that lost inputs on calibration data"),
           n: Optional[int] = typer.Option(None, help="nm: weights kept per group (default 2)"),
           m: Optional[int] = typer.Option(None, help="nm: group size (default 4)"),
+          nm_method: Optional[str] = typer.Option(None, help="nm: magnitude (default) or sparsegpt (calibrated)"),
           schedule: str = typer.Option("one-shot", help="one-shot, or gradual (magnitude, cubic over fine-tuning)"),
           finetune_steps: int = typer.Option(0, help="fine-tuning steps after pruning, pruned weights kept out"),
           lr: Optional[float] = typer.Option(None, help="peak fine-tuning learning rate (default 1e-3)"),
@@ -132,7 +133,7 @@ def prune(task: str = typer.Option("digits", help="built-in task name or package
 
     cfg = make_config(method, amount=amount, macs_ratio=macs_ratio, importance=importance, round_to=round_to,
                       scope=scope, allocation=allocation, latency_batch=latency_batch, reconstruct=reconstruct,
-                      n=n, m=m)
+                      n=n, m=m, nm_method=nm_method)
     run(task, cfg, out, finetune_steps=finetune_steps, lr=lr, schedule=schedule, threads=threads)
 
 

@@ -31,6 +31,11 @@ def make_config(method: str, **options: Any) -> BaseConfig:
     """The method's config with the options the user set; options of another method are an error."""
     if method not in METHODS:
         raise SlimkitError(f"unknown pruning method {method!r}", f"use one of {', '.join(METHODS)}")
+    if options.get("nm_method") is not None:  # the CLI's --nm-method is the NM config's own ``method``
+        if method != "nm":
+            raise SlimkitError(f"--nm-method does not apply to {method}", "use it with --method nm")
+        options["method"] = options.pop("nm_method")
+    options.pop("nm_method", None)
     return with_options(METHODS[method], method, **options)
 
 

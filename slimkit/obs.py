@@ -1,0 +1,97 @@
+"""Optimal Brain Surgeon's column sweep, shared by GPTQ (rounding) and SparseGPT (N:M pruning).
+
+Both change a Linear's weight one input column at a time and push each column's change onto the
+columns not yet visited, weighted by the inverse Hessian of the layer's inputs ``H = X^T X``, so the
+layer's output on calibration data moves as little as possible. Only what a column becomes differs:
+its rounded values (GPTQ) or the same values with the pruned ones set to zero (SparseGPT). This module
+holds the common part: the inputs' Hessians from one calibration pass, the damped inverse Cholesky
+factor, and the blocked sweep with the paper's lazy batch updates.
+"""
+
+from __future__ import annotations
+
+from typing import Any, Callable, Iterable
+
+import torch
+import torch.nn as nn
+
+from slimkit.errors import SlimkitError
+
+BLOCK = 128  # columns updated together before the lazy update of the rest (the papers' batching)
+#: ``column(block, i, col) -> new column``: ``block`` (N, B) holds the block's weights as updated so far,
+#: ``i`` the column's index in it and ``col`` in the whole weight; returns the (N,) values to keep.
+Column = Callable[[torch.Tensor, int, int], torch.Tensor]
+
+
+def input_hessians(model: nn.Module, names: list[str], batches: Iterable[tuple[Any, ...]]) -> dict[str, torch.Tensor]:
+    """``X^T X / rows`` (K, K) float32 of each named Linear's input over all calibration batches."""
+    modules = dict(model.named_modules())
+    sums: dict[str, torch.Tensor] = {}
+    rows: dict[str, int] = {}
+
+    def hook(name: str):
+        def observe(_module: nn.Module, args: tuple) -> None:
+            x = args[0].detach().reshape(-1, args[0].shape[-1]).double()  # (rows, K)
+            sums[name] = sums.get(name, 0) + x.T @ x
+            rows[name] = rows.get(name, 0) + x.shape[0]
+        return observe
+
+    handles = [modules[name].register_forward_pre_hook(hook(name)) for name in names]
+    was_training = model.training
+    try:
+        model.eval()
+        device = next(iter(model.parameters()), torch.empty(0)).device
+        with torch.inference_mode():
+            for batch in batches:
+                model(*(t.to(device) if isinstance(t, torch.Tensor) else t for t in batch))
+    finally:
+        for h in handles:
+            h.remove()
+        model.train(was_training)
+    unseen = [n for n in names if n not in sums]
+    if unseen:
+        raise SlimkitError(f"calibration never reached {unseen[0]!r}",
+                           "give calibration batches that run through every layer being compressed")
+    return {n: (sums[n] / rows[n]).float() for n in names}
+
+
+def prepare(weight: torch.Tensor, hessian: torch.Tensor, damp: float) -> tuple[torch.Tensor, torch.Tensor]:
+    """A float32 copy of ``weight`` (N, K) and the upper Cholesky factor of ``(H + damp·mean(diag H)·I)^-1``.
+
+    Inputs that were always zero get unit curvature and zero weights (they cannot matter). ``damp``
+    keeps the factorisation stable when inputs are nearly collinear.
+    """
+    n, k = weight.shape
+    if hessian.shape != (k, k):
+        raise SlimkitError(f"Hessian {tuple(hessian.shape)} does not fit a weight with K={k}",
+                           "compute it from this layer's inputs")
+    w = weight.detach().float().clone()
+    if not torch.isfinite(w).all() or not torch.isfinite(hessian).all():
+        raise SlimkitError("weight or calibration statistics contain NaN or Inf",
+                           "fix the model or the calibration data before compressing")
+    h = hessian.detach().float().clone()
+    dead = torch.diag(h) == 0
+    h[dead, dead] = 1.0
+    w[:, dead] = 0.0
+    h += damp * torch.diag(h).mean() * torch.eye(k)
+    return w, torch.linalg.cholesky(torch.cholesky_inverse(torch.linalg.cholesky(h)), upper=True)
+
+
+def sweep(w: torch.Tensor, h_inv: torch.Tensor, column: Column, block: int = BLOCK) -> torch.Tensor:
+    """Visit the columns of ``w`` (N, K, changed in place and returned) left to right, replacing each
+    by ``column(...)`` and spreading its change over the columns to its right."""
+    k = w.shape[1]
+    for start in range(0, k, block):
+        end = min(start + block, k)
+        part = w[:, start:end].clone()  # (N, B)
+        errors = torch.zeros_like(part)
+        hb = h_inv[start:end, start:end]  # (B, B)
+        for i in range(end - start):
+            new = column(part, i, start + i)  # (N,)
+            err = (part[:, i] - new) / hb[i, i]
+            part[:, i:] -= err[:, None] * hb[i, i:][None, :]
+            part[:, i] = new
+            errors[:, i] = err
+        w[:, start:end] = part
+        w[:, end:] -= errors @ h_inv[start:end, end:]
+    return w
