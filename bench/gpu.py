@@ -19,8 +19,9 @@ Parts (every time from CUDA events; small calls are replayed from a captured CUD
            included, is replayed as one CUDA graph; KV cache of 512 positions; peak memory per scheme.
 - prefill: 2,048 tokens at batch 1 per scheme (eager: large GEMMs, launch cost is negligible).
 - quality: MiniLM on the GPU per scheme: similarity score and mean cosine to the fp32 embeddings; int4 both
-           round-to-nearest and GPTQ (quantize.gptq, calibrated on the task's 128 sentences); 2:4 is magnitude
-           pruning without fine-tuning, so its row also gives the cosine to the same pruned model in dense bf16.
+           round-to-nearest and GPTQ (quantize.gptq, calibrated on the task's 128 sentences); 2:4 both magnitude
+           and SparseGPT (prune.NM(method="sparsegpt")), neither fine-tuned; the magnitude row also gives the
+           cosine to the same pruned model in dense bf16 (the kernel's own error, apart from the pruning's).
 """
 
 from __future__ import annotations
@@ -361,6 +362,9 @@ def quality() -> dict[str, Any]:
         same = float((embed(dense, task.eval) * embed(sparse, task.eval)).sum(-1).mean())
     rows["2:4"] = {**task.evaluate(sparse), "cosine_to_dense_pruned_bf16": same,
                    "skips": [s._asdict() for s in sparse.skips], "note": "magnitude 2:4 pruning, no fine-tuning"}
+    sgpt = build_cuda(sk.apply(copy.deepcopy(task.model), NM(n=2, m=4, method="sparsegpt"), task), "2:4", device=DEVICE)
+    rows["2:4-sparsegpt"] = {**task.evaluate(sgpt), "skips": [s._asdict() for s in sgpt.skips],
+                             "note": "SparseGPT 2:4 pruning (calibrated on the task's 128 sentences), no fine-tuning"}
     return rows
 
 
