@@ -16,7 +16,8 @@ from slimkit.quantize.half import HalfConv2d, HalfLinear
 from slimkit.quantize.mixed import Mixed
 from slimkit.quantize.modules import QuantConv2d, QuantLinear
 from slimkit.quantize.extreme import Binary, Ternary
+from slimkit.quantize.gptq import gptq_int4
 from slimkit.quantize.qat import QAT
 
 __all__ = ["Binary", "HalfConv2d", "HalfLinear", "Mixed", "QAT", "Ternary", "BFloat16", "Float16", "Int8", "LayerError", "QuantConv2d", "QuantEmbedding", "QuantLinear", "WeightOnly", "collect",
-           "compute_range", "layer_errors"]
+           "compute_range", "gptq_int4", "layer_errors"]
