@@ -14,6 +14,7 @@ from typing import Any, Callable, Iterable
 
 import torch
 import torch.nn as nn
+import torch.nn.functional as F
 
 from slimkit.errors import SlimkitError
 
@@ -23,15 +24,39 @@ BLOCK = 128  # columns updated together before the lazy update of the rest (the 
 Column = Callable[[torch.Tensor, int, int], torch.Tensor]
 
 
+def unsupported(layer: nn.Module) -> str | None:
+    """Why the sweep cannot treat ``layer`` as a GEMM over its inputs, or None when it can."""
+    if isinstance(layer, nn.Linear):
+        return None
+    if isinstance(layer, nn.Conv2d):
+        if layer.groups != 1:
+            return "grouped/depthwise conv (its weight is not one GEMM over the unfolded input)"
+        if isinstance(layer.padding, str) or layer.padding_mode != "zeros":
+            return f"conv padding {layer.padding!r}/{layer.padding_mode} (unfold needs explicit zero padding)"
+        return None
+    return f"{type(layer).__name__} is neither Linear nor Conv2d"
+
+
+def gemm_rows(layer: nn.Module, x: torch.Tensor) -> torch.Tensor:
+    """The rows the layer's weight (N, K) multiplies: (rows, K). A Conv2d's are its unfolded input
+    patches, in the order of ``weight.reshape(out, in * kh * kw)``."""
+    if isinstance(layer, nn.Conv2d):
+        cols = F.unfold(x, layer.kernel_size, dilation=layer.dilation, padding=layer.padding,
+                        stride=layer.stride)  # (B, C*kh*kw, L)
+        return cols.transpose(1, 2).reshape(-1, cols.shape[1])
+    return x.reshape(-1, x.shape[-1])
+
+
 def input_hessians(model: nn.Module, names: list[str], batches: Iterable[tuple[Any, ...]]) -> dict[str, torch.Tensor]:
-    """``X^T X / rows`` (K, K) float32 of each named Linear's input over all calibration batches."""
+    """``X^T X / rows`` (K, K) float32 of each named Linear's (or Conv2d's unfolded) input over all
+    calibration batches."""
     modules = dict(model.named_modules())
     sums: dict[str, torch.Tensor] = {}
     rows: dict[str, int] = {}
 
     def hook(name: str):
-        def observe(_module: nn.Module, args: tuple) -> None:
-            x = args[0].detach().reshape(-1, args[0].shape[-1]).double()  # (rows, K)
+        def observe(module: nn.Module, args: tuple) -> None:
+            x = gemm_rows(module, args[0].detach()).double()  # (rows, K)
             sums[name] = sums.get(name, 0) + x.T @ x
             rows[name] = rows.get(name, 0) + x.shape[0]
         return observe
@@ -58,8 +83,9 @@ def input_hessians(model: nn.Module, names: list[str], batches: Iterable[tuple[A
 def prepare(weight: torch.Tensor, hessian: torch.Tensor, damp: float) -> tuple[torch.Tensor, torch.Tensor]:
     """A float32 copy of ``weight`` (N, K) and the upper Cholesky factor of ``(H + damp·mean(diag H)·I)^-1``.
 
-    Inputs that were always zero get unit curvature and zero weights (they cannot matter). ``damp``
-    keeps the factorisation stable when inputs are nearly collinear.
+    Inputs that were always zero get unit curvature and zero weights (on the calibration data they
+    never matter; the reference implementations do the same). ``damp`` keeps the factorisation
+    stable when inputs are nearly collinear.
     """
     n, k = weight.shape
     if hessian.shape != (k, k):

@@ -6,8 +6,9 @@ Linear weights (out, in) are grouped along ``in``; Conv weights (out, in, *k) ar
 
 ``method="sparsegpt"`` (Frantar & Alistarh 2023) chooses each group's pruned weights by
 ``w^2 / [H^-1]_jj^2`` from the task's calibration inputs and updates the surviving weights to
-absorb the loss (``slimkit.obs``), instead of dropping the smallest |w|. On all-MiniLM-L6-v2 at
-2:4 without fine-tuning it raises the mean cosine to the dense embeddings from 0.72 to 0.82.
+absorb the loss (``slimkit.obs``; a conv's inputs are its unfolded patches), instead of dropping
+the smallest |w|. At 2:4 without fine-tuning it raises all-MiniLM-L6-v2's mean cosine to the dense
+embeddings from 0.72 to 0.82, and the mnist CNN's accuracy from 0.940 to 0.989 (unpruned 0.990).
 """
 
 from __future__ import annotations
@@ -37,7 +38,8 @@ class NM(BaseConfig):
 
     Layers whose input size (times kernel size for convs) is not a multiple of ``m`` are left
     dense and listed in ``model.slimkit_prune["skipped"]``. ``method``: ``"magnitude"``, or
-    ``"sparsegpt"`` (needs the task's calibration batches; Linear layers, convs keep magnitude).
+    ``"sparsegpt"`` (needs the task's calibration batches; Linear and ungrouped Conv2d layers,
+    others keep magnitude masks).
     """
 
     n: int = 2
@@ -133,20 +135,26 @@ def sparsegpt_nm(weight: torch.Tensor, hessian: torch.Tensor, n: int = 2, m: int
 
 
 def _sparsegpt(model: nn.Module, masks: Masks, config: NM, task: Any) -> Masks:
-    """SparseGPT's weights and masks for the Linear layers (written into the model); convs keep magnitude."""
+    """SparseGPT's weights and masks (written into the model) for the layers the sweep supports;
+    the others keep their magnitude masks, with the reason logged."""
     calib = getattr(task, "calib", None) if task is not None else None
     if not calib:
         raise SlimkitError("method='sparsegpt' needs calibration data and the task has none",
                            "pass a task with calib batches, or use method='magnitude'")
-    linears = [name for name in masks if isinstance(model.get_submodule(name), nn.Linear)]
-    for name in set(masks) - set(linears):
-        log.info("%s keeps magnitude N:M (SparseGPT here covers Linear layers)", name)
-    hessians = input_hessians(model, linears, calib) if linears else {}
+    chosen = []
+    for name in masks:
+        why = obs.unsupported(model.get_submodule(name))
+        if why:
+            log.info("%s keeps magnitude N:M: %s", name, why)
+        else:
+            chosen.append(name)
+    hessians = input_hessians(model, chosen, calib) if chosen else {}
     with torch.no_grad():
-        for name in linears:
-            layer = model.get_submodule(name)
-            new, masks[name] = sparsegpt_nm(layer.weight, hessians[name], config.n, config.m)
-            layer.weight.copy_(new)
+        for name in chosen:
+            w = model.get_submodule(name).weight  # (out, in) or (out, in, kh, kw)
+            new, keep = sparsegpt_nm(w.reshape(w.shape[0], -1), hessians[name], config.n, config.m)
+            w.copy_(new.view(w.shape))
+            masks[name] = keep.view(w.shape)
     return masks
 
 
