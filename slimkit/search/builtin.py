@@ -98,10 +98,15 @@ def suggest_int8(trial: Any, ctx: SearchContext) -> Int8:
 
 
 def suggest_weight_only(trial: Any, ctx: SearchContext) -> WeightOnly:
+    """int8 or grouped int4 weights; int4 rounds with GPTQ or to nearest when the task has
+    calibration inputs (GPTQ costs a calibration pass, and buys accuracy at the same bytes)."""
     bits = trial.suggest_categorical("weight_only.bits", [8, 4])
     group = trial.suggest_categorical("weight_only.group_size", [32, 64, 128]) if bits == 4 else 0
+    method = "rtn"
+    if bits == 4 and getattr(ctx.task, "calib", None):
+        method = trial.suggest_categorical("weight_only.method", ["gptq", "rtn"])
     return WeightOnly(bits=bits, group_size=group, targets="all", exclude=_skip_knob(trial, ctx, "weight_only"),
-                      embedding_bits=_embedding_bits(trial, ctx, "weight_only"))
+                      embedding_bits=_embedding_bits(trial, ctx, "weight_only"), method=method)
 
 
 register_technique("channels", "prune", suggest_channels)

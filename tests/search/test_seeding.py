@@ -38,6 +38,24 @@ def test_a_twentieth_of_the_bytes_prunes_width_then_int4(digits_task):
     amounts = [g["channels.amount"] for g in guesses]
     # keep 0.05 / 0.2 * 0.8 = 0.2 of the params -> 0.55 of the width off; the second guess prunes more
     assert amounts[0] == pytest.approx(0.55) and amounts[1] > amounts[0]
+    assert all(g["weight_only.method"] == "gptq" for g in guesses)  # digits has calibration data
+
+
+def test_int4_offers_gptq_only_where_the_task_can_calibrate(digits_task):
+    import dataclasses
+
+    import optuna
+
+    from slimkit.search.builtin import suggest_weight_only
+
+    def config(task, method):
+        ctx = context_for(task, sk.Target(max_drop=0.01, max_size_mb=0.05), BASE, {})
+        trial = optuna.trial.FixedTrial({"weight_only.bits": 4, "weight_only.group_size": 32,
+                                         "weight_only.method": method})
+        return suggest_weight_only(trial, ctx)
+
+    assert config(digits_task, "gptq").method == "gptq" and config(digits_task, "rtn").method == "rtn"
+    assert config(dataclasses.replace(digits_task, calib=None), "gptq").method == "rtn"  # not asked without data
     with_mixed = initial_guesses(context_for(digits_task, sk.Target(max_size_mb=0.05, max_drop=0.01), BASE, {}),
                                  techniques([*TECHS, "mixed"]))
     assert [g["stage.quantize"] for g in with_mixed] == ["mixed", "mixed"]   # int4 for the convolutions too
