@@ -17,7 +17,8 @@ Parts (every time from CUDA events; small calls are replayed from a captured CUD
 - decode:  the 8B-shaped decoder (random weights: speed only) per scheme bf16/int8/int4/fp8: tokens/s at batch 1
            and 8. One layer is compiled (torch.compile, reused by all 32 layers) and the whole step, sampling
            included, is replayed as one CUDA graph; KV cache of 512 positions; peak memory per scheme.
-- prefill: 2,048 tokens at batch 1 per scheme (eager: large GEMMs, launch cost is negligible).
+- prefill: 2,048 tokens at batch 1 per scheme (eager: large GEMMs, launch cost is negligible); int4 also with
+           its prefill on per-call dequantized bf16 weights (``build_cuda(..., int4_prefill_rows=16)``).
 - quality: MiniLM on the GPU per scheme: similarity score and mean cosine to the fp32 embeddings; int4 both
            round-to-nearest and GPTQ (quantize.gptq, calibrated on the task's 128 sentences); 2:4 both magnitude
            and SparseGPT (prune.NM(method="sparsegpt")), neither fine-tuned; the magnitude row also gives the
@@ -52,6 +53,7 @@ DECODE_CACHE = 512
 PREFILL = 2048
 INT4_GROUP = {"decoder": 128, "minilm": 32}  # MiniLM loses the most to int4 and keeps the smallest group
 N = 8192
+INT4_PREFILL_ROWS = 16  # tinygemm is level with bf16 at 8 rows and 3x slower at 32
 AUTOTUNE = "max-autotune-no-cudagraphs"  # inductor times Triton GEMM configs against ATen's and keeps the fastest
 FFN_SHAPE = (14336, 4096)  # Llama-3-8B's gate/up projection (N, K)
 #: The issue's targets: the least ratio (speed) or cosine (quality) that meets each.
@@ -324,7 +326,30 @@ def decoder_part(parts: set[str], layers: int, compile_layer: bool, peaks: dict[
         gc.collect()
         torch.cuda.empty_cache()
         torch._dynamo.reset()
+    if "prefill" in parts:  # tinygemm is a decode kernel: the same int4 model with prefill on dequantized weights
+        results["int4_dequantized_prefill"] = _int4_dequantized_prefill(layers, peaks)
+        print(f"  int4, prefill dequantized: {_decode_line(results['int4_dequantized_prefill'])}", flush=True)
     return results
+
+
+def _int4_dequantized_prefill(layers: int, peaks: dict[str, Any]) -> dict[str, Any]:
+    from slimkit.runtime.cuda import build_cuda
+    from slimkit.runtime.cuda_profile import state_nbytes
+
+    try:
+        built = build_cuda(make_decoder(layers), "int4", device=DEVICE, inplace=True, group_size=INT4_GROUP["decoder"],
+                           int4_prefill_rows=INT4_PREFILL_ROWS)
+        gc.collect()
+        torch.cuda.empty_cache()
+        row = {"prefill_rows": INT4_PREFILL_ROWS, "weights_gb": state_nbytes(built.model) / 1e9,
+               "prefill_2048": prefill_speed(built.model, peaks)}
+        row["peak_memory_gb"] = row["prefill_2048"]["peak_memory_gb"]
+    except Exception as exc:  # noqa: BLE001 - keep the other rows
+        row = {"error": f"{type(exc).__name__}: {str(exc).splitlines()[0][:300] if str(exc) else ''}"}
+    built = None
+    gc.collect()
+    torch.cuda.empty_cache()
+    return row
 
 
 def _decode_line(row: dict[str, Any]) -> str:

@@ -87,10 +87,12 @@ def _to(value: Any, device: torch.device) -> Any:
 
 def build_cuda(model: nn.Module, scheme: str = "auto", *, device: str | torch.device = "cuda",
                group_size: int = 128, exclude: tuple[str, ...] | str = (), check: bool = True,
-               inplace: bool = False) -> CudaModel:
+               inplace: bool = False, int4_prefill_rows: int | None = None) -> CudaModel:
     """``model`` rebuilt on ``device`` with ``scheme``'s kernels (see the module docstring).
 
     ``group_size``: int4 group for float Linears. ``exclude``: Linear names, or a regex, run in bf16.
+    ``int4_prefill_rows``: int4 layers also keep their plain nibbles and run calls of more rows than
+    this on a per-call dequantized bf16 weight (tinygemm is a decode kernel; see ``Int4Linear``).
     ``check``: run the per-layer SQNR check. ``inplace``: convert ``model`` itself (for models too
     large to copy). ``device="cpu"`` runs torch's CPU kernels for the same math (tests).
     """
@@ -109,7 +111,7 @@ def build_cuda(model: nn.Module, scheme: str = "auto", *, device: str | torch.de
             skips.append(Skip(name, "int8", "no int8 convolution kernel on the cuda backend; runs bf16"))
             log.warning("cuda backend: %s stays bf16 instead of int8: %s", name, skips[-1].reason)
             continue
-        plan = _plan(name, layer, scheme, exclude)
+        plan = _plan(name, layer, scheme, exclude, int4_prefill_rows)
         if plan is None:
             continue
         wanted, float_weight, make = plan
@@ -118,7 +120,7 @@ def build_cuda(model: nn.Module, scheme: str = "auto", *, device: str | torch.de
             if wanted in ck.SCHEMES else None
         if wanted == "2:4" and why is None and not _is_24(float_weight):
             why = "weight is not 2:4 sparse (prune it with prune.NM(2, 4) first)"
-        new, why = _build_layer(wanted, float_weight, layer, make, dev, group_size, why, check)
+        new, why = _build_layer(wanted, float_weight, layer, make, dev, group_size, why, check, int4_prefill_rows)
         if why is not None:
             skips.append(Skip(name, wanted, why))
             log.warning("cuda backend: %s stays bf16 instead of %s: %s", name, wanted, why)
@@ -153,8 +155,8 @@ def _excluded(name: str, exclude: tuple[str, ...] | str) -> bool:
     return name in exclude
 
 
-def _plan(name: str, layer: nn.Module, scheme: str,
-          exclude: tuple[str, ...] | str) -> tuple[str, torch.Tensor, Any] | None:
+def _plan(name: str, layer: nn.Module, scheme: str, exclude: tuple[str, ...] | str,
+          int4_prefill_rows: int | None = None) -> tuple[str, torch.Tensor, Any] | None:
     """(scheme wanted, the float (N, K) weight it stands for, a builder or None) for a layer to convert."""
     from slimkit.quantize.modules import QuantLinear
 
@@ -162,7 +164,7 @@ def _plan(name: str, layer: nn.Module, scheme: str,
         w = layer.dequantized_weight()
         if layer.bits == 4:
             return "int4", w, lambda dev: ck.Int4Linear(layer.qweight, layer.weight_scale, layer.weight_zero,
-                                                         layer.bias, dev)
+                                                         layer.bias, dev, int4_prefill_rows)
         if layer.activations == "none":
             return "int8-weight-only", w, None
         return "int8", w, lambda dev: ck.Int8Linear(layer.qweight, layer.weight_scale, layer.bias, dev)
@@ -185,7 +187,8 @@ def _is_24(w: torch.Tensor) -> bool:
 
 
 def _build_layer(wanted: str, weight: torch.Tensor, layer: nn.Module, make: Any, dev: torch.device,
-                 group_size: int, why: str | None, check: bool) -> tuple[ck._KernelLinear, str | None]:
+                 group_size: int, why: str | None, check: bool,
+                 int4_prefill_rows: int | None = None) -> tuple[ck._KernelLinear, str | None]:
     """The scheme's module, or a bf16 one and the reason; with ``sqnr_db`` set when checked."""
     bias = getattr(layer, "bias", None)
     if wanted == "int8-weight-only":
@@ -194,7 +197,8 @@ def _build_layer(wanted: str, weight: torch.Tensor, layer: nn.Module, make: Any,
         why = "nn.MultiheadAttention reads this weight directly, not through a kernel module; it runs bf16"
     if why is None:
         try:
-            new = make(dev) if make is not None else ck.make_linear(wanted, weight, bias, dev, group_size)
+            new = make(dev) if make is not None else ck.make_linear(wanted, weight, bias, dev, group_size,
+                                                                     int4_prefill_rows)
             if check:
                 new.sqnr_db = _sqnr(new, weight, bias, dev)
                 floor = SQNR_FLOOR_DB[wanted]
@@ -212,11 +216,19 @@ def _build_layer(wanted: str, weight: torch.Tensor, layer: nn.Module, make: Any,
 
 @torch.no_grad()
 def _sqnr(module: nn.Module, weight: torch.Tensor, bias: torch.Tensor | None, dev: torch.device) -> float:
+    """Output SQNR on a random probe; a module with a second path for many rows (int4 prefill) is
+    probed on both, and the worse counts."""
     gen = torch.Generator().manual_seed(0)
     x = torch.randn(PROBE_ROWS, weight.shape[1], generator=gen).to(dev, ck.OUT_DTYPE)  # (32, K)
     ref = F.linear(x.float(), weight.to(dev).float(), None if bias is None else bias.to(dev).float())  # (32, N)
-    noise = (ref - module(x).float()).norm()
-    return float("inf") if noise == 0 else float(20 * torch.log10(ref.norm() / noise))
+    rows = getattr(module, "prefill_rows", None)
+    probes = [PROBE_ROWS] if rows is None or rows >= PROBE_ROWS else [PROBE_ROWS, max(1, rows)]
+    worst = float("inf")
+    for m in probes:
+        noise = (ref[:m] - module(x[:m]).float()).norm()
+        if noise > 0:
+            worst = min(worst, float(20 * torch.log10(ref[:m].norm() / noise)))
+    return worst
 
 
 def _cast_rest(model: nn.Module, dev: torch.device, dtype: torch.dtype) -> None:

@@ -50,6 +50,18 @@ def test_cpu_build_runs_each_scheme_and_records_layer_sqnr(scheme, floor):
     assert isinstance(model[0], nn.Linear)  # the caller's model is untouched
 
 
+def test_int4_prefill_rows_keep_decode_on_the_kernel_and_prefill_on_a_dequantized_gemm():
+    model = mlp()
+    plain = rc.build_cuda(model, "int4", device="cpu", group_size=64)
+    both = rc.build_cuda(model, "int4", device="cpu", group_size=64, int4_prefill_rows=8)
+    assert "dequantized" in both.layers["0"]["kernel"] and both.layers["0"]["sqnr_db"] >= rc.SQNR_FLOOR_DB["int4"]
+    tokens = torch.randn(1, 5, 256)  # 5 rows: the int4 kernel, bit for bit
+    assert torch.equal(both(tokens), plain(tokens))
+    prompt = torch.randn(2, 40, 256)  # 80 rows: the dequantized weight
+    assert sqnr_db(plain(prompt).float(), both(prompt).float()) > 35
+    assert sqnr_db(model(prompt), both(prompt).float()) > 17
+
+
 def test_shapes_the_kernel_cannot_take_stay_bf16_with_one_logged_line(caplog):
     model = mlp()
     with caplog.at_level(logging.WARNING, logger="slimkit.runtime"):

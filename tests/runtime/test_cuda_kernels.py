@@ -126,3 +126,20 @@ def test_semi_structured_module_equals_the_dense_pruned_layer():
     from slimkit.runtime.cuda_profile import state_nbytes
 
     assert state_nbytes(module) < 0.7 * 128 * 256 * 2 + 128 * 2  # compressed: half the values plus metadata
+
+
+@pytest.mark.parametrize("device", [CPU, pytest.param(torch.device("cuda"), marks=[
+    pytest.mark.cuda, pytest.mark.skipif(not torch.cuda.is_available(), reason="no CUDA device")])])
+def test_int4_prefill_rows_run_a_dequantized_gemm_that_matches_the_kernel(device):
+    from slimkit.runtime.cuda_profile import state_nbytes
+
+    w, b = _layer(64, 128)
+    plain = ck.Int4Linear.from_float(w, b, device, group_size=32)
+    both = ck.Int4Linear.from_float(w, b, device, group_size=32, prefill_rows=4)
+    assert state_nbytes(both) - state_nbytes(plain) == 64 * 128 // 2  # the plain nibbles, half a byte a weight
+    x = torch.randn(8, 128, generator=torch.Generator().manual_seed(1)).to(device, torch.bfloat16)
+    assert torch.equal(both(x[:4]), plain(x[:4]))  # up to prefill_rows: the int4 kernel itself
+    many = both(x)  # (8, 64): the dequantized weight through a bf16 GEMM
+    assert sqnr_db(plain(x).float(), many.float()) > 40  # the same weight the kernel computes with
+    wq = cp.dequantize_int4_bf16(both.packed, both.scales_and_zeros, 32)
+    assert sqnr_db(w.to(device), wq.float()) > 17  # int4 g32 on Gaussian weights (about 20 dB)
