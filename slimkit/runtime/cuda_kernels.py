@@ -13,16 +13,12 @@ scale and packing code is tested without a GPU; speed claims come from CUDA only
 from __future__ import annotations
 
 import functools
-import logging
-from typing import Any
 
 import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
 from slimkit.runtime import cuda_pack as cp
-
-log = logging.getLogger("slimkit.runtime")
 
 OUT_DTYPE = torch.bfloat16
 SCHEMES = ("bf16", "int8", "int4", "fp8", "2:4")
@@ -186,27 +182,8 @@ class Int4Linear(_KernelLinear):
 
     def _mm(self, x: torch.Tensor) -> torch.Tensor:
         if self.packed is not None and x.shape[0] > self.prefill_rows:
-            return F.linear(x.to(OUT_DTYPE), _dequantize_int4(self.packed, self.scales_and_zeros, self.group_size))
+            return F.linear(x.to(OUT_DTYPE), cp.dequantize_int4_bf16(self.packed, self.scales_and_zeros, self.group_size))
         return cp.int4_matmul(x, self.qweight, self.group_size, self.scales_and_zeros)
-
-
-_FUSED_DEQUANT: list[Any] = []  # [compiled function], or [None] once compiling failed
-
-
-def _dequantize_int4(packed: torch.Tensor, scales_and_zeros: torch.Tensor, group_size: int) -> torch.Tensor:
-    """``cuda_pack.dequantize_int4_bf16``; on CUDA compiled into one fused kernel (unpack, scale, shift: the
-    eager ops each write a full (N, K) tensor), eager where compiling is not possible."""
-    if packed.is_cuda and not torch.compiler.is_compiling():
-        if not _FUSED_DEQUANT:
-            _FUSED_DEQUANT.append(torch.compile(cp.dequantize_int4_bf16, dynamic=False))
-        if _FUSED_DEQUANT[0] is not None:
-            try:
-                return _FUSED_DEQUANT[0](packed, scales_and_zeros, group_size)
-            except Exception as exc:  # noqa: BLE001 - any compiler failure: the eager ops give the same weight
-                log.warning("int4 prefill: fused dequantization unavailable (%s); using eager ops",
-                            str(exc).splitlines()[0][:120] if str(exc) else type(exc).__name__)
-                _FUSED_DEQUANT[0] = None
-    return cp.dequantize_int4_bf16(packed, scales_and_zeros, group_size)
 
 
 class Fp8Linear(_KernelLinear):
