@@ -91,15 +91,15 @@ def prepare(weight: torch.Tensor, hessian: torch.Tensor, damp: float) -> tuple[t
     if hessian.shape != (k, k):
         raise SlimkitError(f"Hessian {tuple(hessian.shape)} does not fit a weight with K={k}",
                            "compute it from this layer's inputs")
-    w = weight.detach().float().clone()
+    w = weight.detach().float().clone()  # on the weight's device; the Hessian joins it there
     if not torch.isfinite(w).all() or not torch.isfinite(hessian).all():
         raise SlimkitError("weight or calibration statistics contain NaN or Inf",
                            "fix the model or the calibration data before compressing")
-    h = hessian.detach().float().clone()
+    h = hessian.detach().to(w.device, torch.float32).clone()
     dead = torch.diag(h) == 0
     h[dead, dead] = 1.0
     w[:, dead] = 0.0
-    h += damp * torch.diag(h).mean() * torch.eye(k)
+    h += damp * torch.diag(h).mean() * torch.eye(k, device=h.device)
     return w, torch.linalg.cholesky(torch.cholesky_inverse(torch.linalg.cholesky(h)), upper=True)
 
 

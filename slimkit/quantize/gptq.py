@@ -33,8 +33,8 @@ def gptq_int4(weight: torch.Tensor, hessian: torch.Tensor, group_size: int, *, d
     n, k = weight.shape
     g = pack.check_int4_shape(k, group_size)
     w, h_inv = obs.prepare(weight, hessian, damp)
-    q = torch.zeros(n, k, dtype=torch.uint8)
-    scale, lo = torch.zeros(n, k // g), torch.zeros(n, k // g)
+    q = torch.zeros(n, k, dtype=torch.uint8, device=w.device)
+    scale, lo = torch.zeros(n, k // g, device=w.device), torch.zeros(n, k // g, device=w.device)
 
     def round_column(block: torch.Tensor, i: int, col: int) -> torch.Tensor:
         gi = col // g
