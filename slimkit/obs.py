@@ -80,6 +80,16 @@ def input_hessians(model: nn.Module, names: list[str], batches: Iterable[tuple[A
     return {n: (sums[n] / rows[n]).float() for n in names}
 
 
+def task_hessians(model: nn.Module, names: list[str], task: Any, method: str, instead: str) -> dict[str, torch.Tensor]:
+    """``input_hessians`` over the task's calibration batches, for ``method``; a one-line error naming
+    ``instead`` (the uncalibrated alternative) when the task has none."""
+    calib = getattr(task, "calib", None) if task is not None else None
+    if not calib:
+        raise SlimkitError(f"method={method!r} needs calibration data and the task has none",
+                           f"pass a task with calib batches, or use method={instead!r}")
+    return input_hessians(model, names, calib) if names else {}
+
+
 def prepare(weight: torch.Tensor, hessian: torch.Tensor, damp: float) -> tuple[torch.Tensor, torch.Tensor]:
     """A float32 copy of ``weight`` (N, K) and the upper Cholesky factor of ``(H + damp·mean(diag H)·I)^-1``.
 

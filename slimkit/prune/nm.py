@@ -23,7 +23,6 @@ import torch.nn as nn
 from slimkit import obs
 from slimkit.config import BaseConfig, register, register_handler
 from slimkit.errors import SlimkitError
-from slimkit.obs import input_hessians
 from slimkit.prune.masks import Masks, apply_masks, prunable, record, weight
 
 log = logging.getLogger("slimkit.prune")
@@ -137,10 +136,6 @@ def sparsegpt_nm(weight: torch.Tensor, hessian: torch.Tensor, n: int = 2, m: int
 def _sparsegpt(model: nn.Module, masks: Masks, config: NM, task: Any) -> Masks:
     """SparseGPT's weights and masks (written into the model) for the layers the sweep supports;
     the others keep their magnitude masks, with the reason logged."""
-    calib = getattr(task, "calib", None) if task is not None else None
-    if not calib:
-        raise SlimkitError("method='sparsegpt' needs calibration data and the task has none",
-                           "pass a task with calib batches, or use method='magnitude'")
     chosen = []
     for name in masks:
         why = obs.unsupported(model.get_submodule(name))
@@ -148,7 +143,7 @@ def _sparsegpt(model: nn.Module, masks: Masks, config: NM, task: Any) -> Masks:
             log.info("%s keeps magnitude N:M: %s", name, why)
         else:
             chosen.append(name)
-    hessians = input_hessians(model, chosen, calib) if chosen else {}
+    hessians = obs.task_hessians(model, chosen, task, "sparsegpt", "magnitude")
     with torch.no_grad():
         for name in chosen:
             w = model.get_submodule(name).weight  # (out, in) or (out, in, kh, kw)

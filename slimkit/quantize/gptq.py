@@ -18,7 +18,6 @@ from __future__ import annotations
 import torch
 
 from slimkit import obs
-from slimkit.obs import input_hessians
 from slimkit.quantize import pack
 
 LEVELS = pack.INT4_LEVELS  # q in [0, 15]
@@ -50,4 +49,4 @@ def gptq_int4(weight: torch.Tensor, hessian: torch.Tensor, group_size: int, *, d
     return pack.pack_int4(q), scale, -lo / scale
 
 
-__all__ = ["gptq_int4", "input_hessians"]
+__all__ = ["gptq_int4"]

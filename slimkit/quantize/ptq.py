@@ -19,7 +19,8 @@ from slimkit.io import set_submodule
 from slimkit.quantize.calibrate import collect, compute_range
 from slimkit.quantize.configs import Int8, WeightOnly
 from slimkit.quantize.embedding import QuantEmbedding
-from slimkit.quantize.gptq import gptq_int4, input_hessians
+from slimkit.obs import task_hessians
+from slimkit.quantize.gptq import gptq_int4
 from slimkit.quantize.modules import QuantConv2d, QuantLinear
 from slimkit.quantize.targets import select
 
@@ -72,21 +73,12 @@ def quantize_weight_only(model: nn.Module, config: WeightOnly, task: Any) -> nn.
             skipped[name] = f"in_features {layer.in_features} is not a multiple of group_size {config.group_size}"
             continue
         originals[name] = layer
-    hessians = _gptq_hessians(model, list(originals), task) if config.method == "gptq" else {}
+    hessians = task_hessians(model, list(originals), task, "gptq", "rtn") if config.method == "gptq" else {}
     for name, layer in originals.items():
         int4 = gptq_int4(layer.weight, hessians[name], config.group_size) if name in hessians else None
         set_submodule(model, name, QuantLinear.from_float(layer, bits=config.bits, group_size=config.group_size,
                                                           activations="none", int4=int4))
     return _finish(model, config, originals, skipped, task, tables)
-
-
-def _gptq_hessians(model: nn.Module, names: list[str], task: Any) -> dict[str, Any]:
-    """Every target's input Hessian from the float model (all layers at once: one calibration pass)."""
-    calib = getattr(task, "calib", None) if task is not None else None
-    if not calib:
-        raise SlimkitError("method='gptq' needs calibration data and the task has none",
-                           "pass a task with calib batches, or use method='rtn'")
-    return input_hessians(model, names, calib) if names else {}
 
 
 def _quantize_embeddings(model: nn.Module, config: Int8 | WeightOnly, skipped: dict[str, str]) -> list[str]:

@@ -18,6 +18,7 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
+from slimkit.quantize import pack
 from slimkit.runtime import cuda_pack as cp
 
 OUT_DTYPE = torch.bfloat16
@@ -182,7 +183,9 @@ class Int4Linear(_KernelLinear):
 
     def _mm(self, x: torch.Tensor) -> torch.Tensor:
         if self.packed is not None and x.shape[0] > self.prefill_rows:
-            return F.linear(x.to(OUT_DTYPE), cp.dequantize_int4_bf16(self.packed, self.scales_and_zeros, self.group_size))
+            w = cp.dequantize_int4_kernel_form(pack.unpack_int4(self.packed), self.scales_and_zeros, self.group_size,
+                                               OUT_DTYPE)  # (N, K)
+            return F.linear(x.to(OUT_DTYPE), w)
         return cp.int4_matmul(x, self.qweight, self.group_size, self.scales_and_zeros)
 
 

@@ -118,20 +118,11 @@ def int4_matmul(x: torch.Tensor, weight: torch.Tensor, group_size: int, scales_a
     return torch.ops.aten._weight_int4pack_mm_for_cpu(x, weight, group_size, scales_and_zeros)
 
 
-def dequantize_int4_bf16(packed: torch.Tensor, scales_and_zeros: torch.Tensor, group_size: int) -> torch.Tensor:
-    """slimkit's (N, K/2) nibbles and the kernels' (K/g, N, 2) pairs -> the bf16 (N, K) weight the int4
-    kernels compute with, ``(q - 8) * s + z``, in bf16 arithmetic (a prefill's per-call weight)."""
-    n = packed.shape[0]
-    q = torch.stack((packed & 0x0F, packed >> 4), dim=-1).view(n, -1, group_size)  # (N, K/g, g), slimkit order
-    s = scales_and_zeros[..., 0].t().unsqueeze(-1)  # (N, K/g, 1) bf16
-    z = scales_and_zeros[..., 1].t().unsqueeze(-1)
-    return ((q.to(torch.bfloat16) - 8) * s + z).view(n, -1)  # (N, K)
-
-
-def dequantize_int4_kernel_form(q: torch.Tensor, scales_and_zeros: torch.Tensor, group_size: int) -> torch.Tensor:
-    """What the kernels compute from unpacked q (N, K) in [0, 15] and (K/g, N, 2): ``(q - 8) * s + z``."""
-    n, k = q.shape
-    sz = scales_and_zeros.float()
-    s = sz[..., 0].t().repeat_interleave(group_size, dim=1)  # (N, K)
-    z = sz[..., 1].t().repeat_interleave(group_size, dim=1)  # (N, K)
-    return (q.float() - 8) * s + z
+def dequantize_int4_kernel_form(q: torch.Tensor, scales_and_zeros: torch.Tensor, group_size: int,
+                                dtype: torch.dtype = torch.float32) -> torch.Tensor:
+    """What the kernels compute from unpacked q (N, K) in [0, 15] and (K/g, N, 2): ``(q - 8) * s + z``,
+    in ``dtype`` arithmetic (bf16: a prefill's per-call weight, as the int4 kernels see it)."""
+    n = q.shape[0]
+    sz = scales_and_zeros.to(dtype)
+    s, z = sz[..., 0].t().unsqueeze(-1), sz[..., 1].t().unsqueeze(-1)  # (N, K/g, 1) each
+    return ((q.view(n, -1, group_size).to(dtype) - 8) * s + z).view(n, -1)  # (N, K)

@@ -12,7 +12,8 @@ import torch.nn as nn
 import slimkit as sk
 from slimkit.errors import SlimkitError
 from slimkit.quantize import WeightOnly, pack
-from slimkit.quantize.gptq import gptq_int4, input_hessians
+from slimkit.obs import input_hessians
+from slimkit.quantize.gptq import gptq_int4
 
 
 def correlated_inputs(rows: int = 4096, k: int = 128, rank: int = 16, seed: int = 0) -> torch.Tensor:

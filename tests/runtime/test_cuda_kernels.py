@@ -5,6 +5,7 @@ from __future__ import annotations
 import pytest
 import torch
 
+from slimkit.quantize import pack
 from slimkit.runtime import cuda_kernels as ck
 from slimkit.runtime import cuda_pack as cp
 from tests.conftest import sqnr_db
@@ -141,5 +142,5 @@ def test_int4_prefill_rows_run_a_dequantized_gemm_that_matches_the_kernel(device
     assert torch.equal(both(x[:4]), plain(x[:4]))  # up to prefill_rows: the int4 kernel itself
     many = both(x)  # (8, 64): the dequantized weight through a bf16 GEMM
     assert sqnr_db(plain(x).float(), many.float()) > 40  # the same weight the kernel computes with
-    wq = cp.dequantize_int4_bf16(both.packed, both.scales_and_zeros, 32)
+    wq = cp.dequantize_int4_kernel_form(pack.unpack_int4(both.packed), both.scales_and_zeros, 32, torch.bfloat16)
     assert sqnr_db(w.to(device), wq.float()) > 17  # int4 g32 on Gaussian weights (about 20 dB)
