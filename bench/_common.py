@@ -19,7 +19,7 @@ def environment(threads: int) -> dict[str, Any]:
     import numpy
     import onnxruntime
 
-    from slimkit.search.report import cpu_name
+    from slimkit.search.result_report import cpu_name
 
     cpu = cpu_name()
     return {"date": _dt.datetime.now(_dt.timezone.utc).strftime("%Y-%m-%d %H:%M UTC"), "device": cpu,

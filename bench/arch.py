@@ -40,7 +40,7 @@ from slimkit.architecture import (Cascade, EarlyExitConfig, calibrate, compiled,
                                   fold_batchnorm, inductor_available, latency_over)
 from slimkit.nas import (CNNSpace, LatencyTable, SuperCNN, SupernetEvaluator, best_feasible, evolve,  # noqa: E402
                          measure_archs, optuna_search, recalibrate_bn, train_supernet)
-from slimkit.task import accuracy  # noqa: E402
+from slimkit.core.task import accuracy  # noqa: E402
 from slimkit.train import finetune  # noqa: E402
 from slimkit.zoo.mnist import build_model  # noqa: E402
 

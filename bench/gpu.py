@@ -85,7 +85,7 @@ def environment() -> dict[str, Any]:
 
 def _timed(fn: Callable[[], Any], graph: bool = True, min_round_ms: float = 50.0) -> float:
     """Median ms per call; replayed from a CUDA graph when ``graph`` (and capture works)."""
-    from slimkit.runtime.cuda_profile import graphed, time_ms
+    from slimkit.measure.cuda_profile import graphed, time_ms
 
     with torch.inference_mode():
         run = (graphed(fn) or fn) if graph else fn
@@ -93,7 +93,7 @@ def _timed(fn: Callable[[], Any], graph: bool = True, min_round_ms: float = 50.0
 
 
 def _roof(flops: float, nbytes: float, ms: float, peaks: dict[str, Any], key: str) -> dict[str, float | str]:
-    from slimkit.runtime.cuda_profile import roofline
+    from slimkit.measure.cuda_profile import roofline
 
     r = roofline(flops, nbytes, ms, peaks.get(key, peaks["bf16_tflops"]), peaks["hbm_gbps"])
     return {"achieved_tflops": r["achieved_tflops"], "achieved_gbps": r["achieved_gbps"], "bound": r["bound"],
@@ -129,7 +129,7 @@ def kernels(peaks: dict[str, Any]) -> dict[str, Any]:
     from slimkit.prune.nm import nm_mask
     from slimkit.runtime import cuda_kernels as ck
     from slimkit.runtime import cuda_pack as cp
-    from slimkit.runtime.cuda_profile import state_nbytes
+    from slimkit.measure.cuda_profile import state_nbytes
 
     dev, bf16 = torch.device(DEVICE), torch.bfloat16
     gen = torch.Generator(device=dev).manual_seed(0)
@@ -240,7 +240,7 @@ def linear_weights(model: torch.nn.Module) -> int:
 
 def decode_speed(model: torch.nn.Module, batch: int, compile_layer: bool, peaks: dict[str, Any]) -> dict[str, Any]:
     from slimkit.runtime.cuda_decoder import run_block
-    from slimkit.runtime.cuda_profile import graphed, state_nbytes, time_ms
+    from slimkit.measure.cuda_profile import graphed, state_nbytes, time_ms
 
     dev, cfg = torch.device(DEVICE), model.cfg
     torch.cuda.reset_peak_memory_stats()
@@ -279,7 +279,7 @@ def decode_speed(model: torch.nn.Module, batch: int, compile_layer: bool, peaks:
 
 def prefill_speed(model: torch.nn.Module, peaks: dict[str, Any]) -> dict[str, Any]:
     from slimkit.runtime.cuda_decoder import run_block
-    from slimkit.runtime.cuda_profile import time_ms
+    from slimkit.measure.cuda_profile import time_ms
 
     cfg = model.cfg
     torch.cuda.reset_peak_memory_stats()
@@ -296,7 +296,7 @@ def prefill_speed(model: torch.nn.Module, peaks: dict[str, Any]) -> dict[str, An
 
 def decoder_part(parts: set[str], layers: int, compile_layer: bool, peaks: dict[str, Any]) -> dict[str, Any]:
     from slimkit.runtime.cuda import build_cuda
-    from slimkit.runtime.cuda_profile import state_nbytes
+    from slimkit.measure.cuda_profile import state_nbytes
 
     results: dict[str, Any] = {"config": {"layers": layers, "kv_cache_positions": DECODE_CACHE,
                                           "int4_group": INT4_GROUP["decoder"], "batches": list(BATCHES)}}
@@ -334,7 +334,7 @@ def decoder_part(parts: set[str], layers: int, compile_layer: bool, peaks: dict[
 
 def _int4_dequantized_prefill(layers: int, peaks: dict[str, Any]) -> dict[str, Any]:
     from slimkit.runtime.cuda import build_cuda
-    from slimkit.runtime.cuda_profile import state_nbytes
+    from slimkit.measure.cuda_profile import state_nbytes
 
     try:
         built = build_cuda(make_decoder(layers), "int4", device=DEVICE, inplace=True, group_size=INT4_GROUP["decoder"],
@@ -462,7 +462,7 @@ def main(argv: list[str] | None = None) -> int:
         ap.error(f"unknown parts {sorted(unknown)}; use {', '.join(PARTS)}")
     logging.getLogger("slimkit").setLevel(logging.ERROR)
     torch._dynamo.config.cache_size_limit = max(torch._dynamo.config.cache_size_limit, 16)
-    from slimkit.runtime.cuda_profile import device_peaks
+    from slimkit.measure.cuda_profile import device_peaks
 
     start = time.perf_counter()
     res: dict[str, Any] = {"environment": environment(), "reference_h100": REFERENCE_H100, "seconds": {}}

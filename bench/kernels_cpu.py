@@ -19,7 +19,7 @@ import torch.nn.functional as F
 from _common import environment, interleaved_medians, write  # bench/ is on sys.path when run as a script
 from torch import nn
 
-from slimkit.quantize import pack
+from slimkit.formats import pack
 from slimkit.quantize._kernels import cpu_has_vnni
 from slimkit.quantize.modules import QuantConv2d, QuantLinear
 

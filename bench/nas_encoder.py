@@ -41,7 +41,7 @@ def main() -> None:
     from slimkit.distill import Distill, distill
     from slimkit.nas.encoder import EncoderArch, EncoderSpace, subnet
     from slimkit.nas.encoder_search import EncoderEvaluator, LatencyModel, best_per_depth, held_out_error, rerank
-    from slimkit.nas.search import best_feasible, evolve, optuna_search
+    from slimkit.nas.arch_search import best_feasible, evolve, optuna_search
 
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--threads", type=int, default=2)

@@ -184,7 +184,7 @@ def selection_part(threads: int, steps: int, seeds: int) -> dict[str, Any]:
     """Choose slimkit's (b) configuration on a validation split: the last 480 training images are
     held out, the CNN is retrained without them (the task's recipe), and every candidate is pruned
     from that model, fine-tuned on the rest and scored on them."""
-    from slimkit.task import accuracy
+    from slimkit.core.task import accuracy
     from slimkit.zoo import mnist
     from slimkit.zoo._vision import trained_model
 

@@ -129,7 +129,7 @@ def paired(a: dict[str, Any], b: dict[str, Any]) -> dict[str, Any]:
 
 def ptq_int4_per_channel(model: nn.Module) -> nn.Module:
     """Round-to-nearest int4 with one scale/zero per output row (WeightOnly only offers groups)."""
-    from slimkit.io import set_submodule
+    from slimkit.core.editing import set_submodule
 
     out = copy.deepcopy(model)
     for n, m in list(out.named_modules()):
@@ -140,7 +140,7 @@ def ptq_int4_per_channel(model: nn.Module) -> nn.Module:
 
 def ptq_int4_per_tensor_maxabs(model: nn.Module, config: QAT, task: Any) -> nn.Module:
     """Per-tensor symmetric int4 with the plain max-abs step (max|w| / 7): the naive PTQ."""
-    from slimkit.io import set_submodule
+    from slimkit.core.editing import set_submodule
     from slimkit.quantize.extreme_modules import int4_stored
 
     out = ptq_start(model, config, task)  # same folded float weights, then re-rounded with max-abs

@@ -4,7 +4,7 @@ import pytest
 from typer.testing import CliRunner
 
 from slimkit import io
-from slimkit.cli import app
+from slimkit.cli.app import app
 
 runner = CliRunner()
 

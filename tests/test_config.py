@@ -7,7 +7,7 @@ import torch.nn as nn
 import yaml
 
 import slimkit as sk
-from slimkit.config import BaseConfig, register, register_handler, registered_configs
+from slimkit.core.config import BaseConfig, register, register_handler, registered_configs
 
 ALL_CONFIGS = sorted(registered_configs().items())
 

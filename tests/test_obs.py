@@ -6,8 +6,8 @@ import pytest
 import torch
 import torch.nn as nn
 
-from slimkit import obs
-from slimkit.errors import SlimkitError
+from slimkit.calibrate import obs
+from slimkit.core.errors import SlimkitError
 
 
 def test_conv_gemm_rows_times_the_flattened_weight_is_the_convolution():

@@ -3,7 +3,7 @@ import torch
 import torch.nn as nn
 
 from slimkit import SlimkitError, Task
-from slimkit.task import accuracy
+from slimkit.core.task import accuracy
 
 
 def _batches():

@@ -4,7 +4,7 @@ Sentence-level labels such as polarity are often readable from the middle layers
 sentence the exit after layer 2 is sure about need not run layers 3-6. The encoder is cut into
 stages that pass ``(hidden, mask)`` along: the stem embeds the tokens, every stage runs some of
 the layers, each early exit mean-pools (masked, L2-normalised, as the classifier itself pools)
-and applies a linear head. :class:`~slimkit.architecture.early_exit.EarlyExit` routes per
+and applies a linear head. :class:`~slimkit.architecture.exit_model.EarlyExit` routes per
 sample, and every stage first drops the padding columns no remaining sentence needs: after the
 confident short sentences leave, the rest of the batch gets narrower as well as shorter.
 
@@ -22,10 +22,10 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
-from slimkit.architecture.early_exit import EarlyExit
-from slimkit.errors import SlimkitError
+from slimkit.architecture.exit_model import EarlyExit
+from slimkit.core.errors import SlimkitError
+from slimkit.core.registry import build_registered, builder, builder_of
 from slimkit.graph.blocks import block_list
-from slimkit.io import build_registered, builder_of, register_builder
 
 
 class EncoderClassifier(nn.Module):
@@ -51,7 +51,7 @@ def encoder_classifier(encoder: nn.Module, features: np.ndarray | torch.Tensor, 
     return model
 
 
-@register_builder("encoder_classifier")
+@builder("encoder_classifier")
 def build_encoder_classifier(encoder: str, encoder_kwargs: dict[str, Any], dim: int, classes: int) -> EncoderClassifier:
     return EncoderClassifier(build_registered(encoder, encoder_kwargs, what="encoder classifier artifact"), nn.Linear(dim, classes)).eval()
 
@@ -175,7 +175,7 @@ def attach_encoder_exits(model: EncoderClassifier, example: Sequence[torch.Tenso
     return ee
 
 
-@register_builder("encoder_early_exit")
+@builder("encoder_early_exit")
 def build_encoder_early_exit(classifier: str, classifier_kwargs: dict[str, Any], after: list[int]) -> EarlyExit:
     """The untrained staged model an artifact names; ``slimkit.load`` fills weights and thresholds."""
     model = build_registered(classifier, classifier_kwargs, what="encoder early-exit artifact")

@@ -20,8 +20,10 @@ import numpy as np
 import torch
 import torch.nn as nn
 
-from slimkit.architecture.early_exit import EarlyExit
-from slimkit.errors import SlimkitError
+from slimkit.architecture.exit_model import EarlyExit
+from slimkit.core.errors import SlimkitError
+from slimkit.measure.latency import interleaved_samples
+from slimkit.runtime.ort import build_ort
 
 
 class _Stage(nn.Module):
@@ -45,7 +47,6 @@ class OrtEarlyExit:
     """
 
     def __init__(self, model: EarlyExit, example: torch.Tensor, *, threads: int | None = None) -> None:
-        from slimkit.runtime.ort import build_ort
 
         model = model.eval()
         self.num_exits = model.num_exits
@@ -90,7 +91,6 @@ class OrtEarlyExit:
     def exit_costs(self, x: torch.Tensor, rounds: int = 5) -> list[float]:
         """Measured ms per sample to leave at each exit (every stage up to it, heads included):
         the medians over ``rounds`` alternating passes of every stage on the batch ``x``."""
-        from slimkit.measure.latency import interleaved_samples
 
         inputs, h = [], x.detach().cpu().contiguous().numpy()
         for i in range(len(self.stages)):

@@ -1,40 +1,33 @@
-"""Operator fusion: fold BatchNorm into the Conv/Linear before it, then optionally compile.
+"""``architecture.Fuse``: fold BatchNorm into the Conv/Linear before it (``slimkit.graph.batchnorm``),
+then optionally compile.
 
-At inference a BatchNorm is a per-channel affine map, so ``bn(conv(x))`` equals one conv with
-scaled weights and a shifted bias: the fold removes a full pass over the activation tensor and
-changes no output beyond float rounding (checked to 1e-5 after every fold).
-
-Pairs are found with ``torch.fx`` when the model traces (a conv whose *only* user is the BN), and
-otherwise by module order (a BN registered right after a conv of the same width, e.g. HF ResNet,
-which fx cannot trace) confirmed by a forward pass that the BN really consumes that conv's output;
-either way the folded model is compared with the original and any pair that changes the output is
-put back. Eager PyTorch on CPU has no conv+activation kernel, so the activation is fused by the
-compile step: inductor fuses it into the conv epilogue, ONNX Runtime into ``FusedConv``.
+Eager PyTorch on CPU has no conv+activation kernel, so the activation is fused by the compile
+step: inductor fuses it into the conv epilogue, ONNX Runtime into ``FusedConv``. The stage runs
+before quantization, so the quantizer sees the folded layers.
 """
 
 from __future__ import annotations
 
-import copy
 import dataclasses
-import logging
-from typing import Any, ClassVar
+import shutil
+from typing import Any, Callable, ClassVar
 
 import torch
 import torch.nn as nn
 
-from slimkit.config import BaseConfig, register, register_handler
-from slimkit.errors import SlimkitError
-from slimkit.io import register_module_class, set_submodule
-
-log = logging.getLogger("slimkit.architecture")
+from slimkit.core.config import BaseConfig, technique
+from slimkit.core.errors import SlimkitError
+from slimkit.core.record import ReportSection, StepRecord, StepView, add_record, last_record
+from slimkit.core.registry import SearchContext
+from slimkit.core.task import Task
+from slimkit.graph.batchnorm import find_pairs, fold_batchnorm
+from slimkit.measure import measure_latency
+from slimkit.runtime import build
 
 COMPILERS = (None, "inductor", "onnxruntime")
-_BN = (nn.BatchNorm1d, nn.BatchNorm2d, nn.BatchNorm3d)
-_FOLDABLE = (nn.Conv1d, nn.Conv2d, nn.Conv3d, nn.Linear)
-TOLERANCE = 1e-5
 
 
-@register("architecture.Fuse")
+@technique("architecture.Fuse", stage="fuse", search="fuse")
 @dataclasses.dataclass(frozen=True)
 class Fuse(BaseConfig):
     """Fold every BatchNorm into its conv/linear; ``compile`` names the runtime that fuses the rest.
@@ -52,166 +45,108 @@ class Fuse(BaseConfig):
             raise SlimkitError(f"architecture.Fuse compile={self.compile!r} is not known",
                                "use None, 'inductor' or 'onnxruntime'")
 
-
-@register_module_class("architecture.FoldedNorm")
-class FoldedNorm(nn.Identity):
-    """Where a BatchNorm was: its scale and shift now live in the conv/linear before it."""
-
-    def spec(self) -> dict[str, Any]:
-        return {}
+    def apply_to(self, model: nn.Module, task: Task | None) -> nn.Module:
+        return fuse(model, self, task)
 
     @classmethod
-    def empty(cls, spec: dict[str, Any]) -> "FoldedNorm":
-        return cls()
+    def suggest(cls, trial: Any, ctx: SearchContext) -> Fuse:
+        """One knob: the compiler (``fuse.compile``); inductor is offered only where it can build."""
+        choices = ["none", "onnxruntime"] + (["inductor"] if inductor_available()[0] else [])
+        choice = trial.suggest_categorical("fuse.compile", choices)
+        return cls(compile=None if choice == "none" else choice)
+
+    @classmethod
+    def applies(cls, ctx: SearchContext) -> bool:
+        """Only models with a BatchNorm that follows a conv/linear have anything to fold."""
+        model: nn.Module = ctx.task.model
+        if not any(isinstance(m, (nn.BatchNorm1d, nn.BatchNorm2d, nn.BatchNorm3d)) for m in model.modules()):
+            return False
+        try:
+            return bool(find_pairs(model.eval(), tuple(ctx.task.example)))
+        except Exception:  # noqa: BLE001 - a model that cannot even run its example is not ours to judge here
+            return False
+
+    @classmethod
+    def report_section(cls, report: ReportSection, record: StepRecord, view: StepView) -> None:
+        if isinstance(record, FuseRecord):
+            report.note(f"{record.technique}: folded {len(record.folded)} BatchNorm(s) "
+                        f"({', '.join(record.folded) or 'none'}); compiler {record.compile or 'none (eager)'}")
 
 
-def _folded_class(base: type[nn.Module], name: str) -> type[nn.Module]:
-    """A subclass of ``base`` that always has a bias (the folded shift), rebuildable from its spec."""
+@dataclasses.dataclass
+class FuseRecord(StepRecord):
+    """BatchNorms folded away, and the compiler the deployed runnable is built with."""
 
-    def spec(self: nn.Module) -> dict[str, Any]:
-        if isinstance(self, nn.Linear):
-            return {"in_features": self.in_features, "out_features": self.out_features}
-        return {"in_channels": self.in_channels, "out_channels": self.out_channels, "kernel_size": list(self.kernel_size),
-                "stride": list(self.stride), "padding": self.padding if isinstance(self.padding, str) else list(self.padding),
-                "dilation": list(self.dilation), "groups": self.groups, "padding_mode": self.padding_mode}
-
-    def empty(cls: type[nn.Module], spec: dict[str, Any]) -> nn.Module:
-        args = {k: tuple(v) if isinstance(v, list) else v for k, v in spec.items()}
-        return cls(**args, bias=True)
-
-    cls = type(name, (base,), {"spec": spec, "empty": classmethod(empty), "__doc__": f"{base.__name__} with a folded BatchNorm."})
-    return register_module_class(f"architecture.{name}")(cls)
+    folded: list[str] = dataclasses.field(default_factory=list)
+    compile: str | None = None
 
 
-FoldedConv1d = _folded_class(nn.Conv1d, "FoldedConv1d")
-FoldedConv2d = _folded_class(nn.Conv2d, "FoldedConv2d")
-FoldedConv3d = _folded_class(nn.Conv3d, "FoldedConv3d")
-FoldedLinear = _folded_class(nn.Linear, "FoldedLinear")
-_FOLDED = {nn.Conv1d: FoldedConv1d, nn.Conv2d: FoldedConv2d, nn.Conv3d: FoldedConv3d, nn.Linear: FoldedLinear}
-
-
-@torch.no_grad()
-def folded_layer(layer: nn.Module, bn: nn.Module) -> nn.Module:
-    """A new conv/linear computing ``bn(layer(x))`` in eval mode."""
-    scale = bn.weight / torch.sqrt(bn.running_var + bn.eps) if bn.affine else 1.0 / torch.sqrt(bn.running_var + bn.eps)
-    shift = (bn.bias if bn.affine else 0.0) - bn.running_mean * scale
-    cls = _FOLDED[type(layer)]
-    out = cls.empty(cls.spec(layer)).to(layer.weight.device, layer.weight.dtype)  # type: ignore[attr-defined]
-    shape = (-1,) + (1,) * (layer.weight.dim() - 1)  # per output channel
-    out.weight.copy_(layer.weight * scale.reshape(shape))
-    bias = layer.bias if layer.bias is not None else torch.zeros_like(bn.running_mean)
-    out.bias.copy_(bias * scale + shift)
-    return out
-
-
-def find_pairs(model: nn.Module, example: tuple[torch.Tensor, ...]) -> list[tuple[str, str]]:
-    """``(layer name, bn name)`` pairs where the BN reads the layer's output."""
-    try:
-        return _fx_pairs(model)
-    except Exception as exc:  # fx cannot trace data-dependent Python (HF models check shapes)
-        log.info("fuse: torch.fx could not trace the model (%s); pairing by module order", type(exc).__name__)
-        return _order_pairs(model, example)
-
-
-def _fx_pairs(model: nn.Module) -> list[tuple[str, str]]:
-    import torch.fx
-
-    graph = torch.fx.symbolic_trace(model).graph
-    modules = dict(model.named_modules())
-    pairs = []
-    for node in graph.nodes:
-        if node.op != "call_module" or not isinstance(modules.get(node.target), _BN):
-            continue
-        src = node.args[0] if node.args else None
-        if (isinstance(src, torch.fx.Node) and src.op == "call_module" and type(modules.get(src.target)) in _FOLDED
-                and len(src.users) == 1):
-            pairs.append((src.target, node.target))
-    return pairs
-
-
-def _order_pairs(model: nn.Module, example: tuple[torch.Tensor, ...]) -> list[tuple[str, str]]:
-    named = [(n, m) for n, m in model.named_modules() if n]
-    guesses = [(a, b) for (a, la), (b, lb) in zip(named, named[1:])
-               if type(la) in _FOLDED and isinstance(lb, _BN)
-               and (la.out_features if isinstance(la, nn.Linear) else la.out_channels) == lb.num_features]
-    outputs: dict[str, int] = {}
-    inputs: dict[str, int] = {}
-    hooks = []
-    for a, b in guesses:
-        hooks.append(model.get_submodule(a).register_forward_hook(
-            lambda m, i, o, a=a: outputs.__setitem__(a, o.data_ptr())))
-        hooks.append(model.get_submodule(b).register_forward_pre_hook(
-            lambda m, i, b=b: inputs.__setitem__(b, i[0].data_ptr())))
-    try:
-        with torch.inference_mode():
-            model.eval()(*example)
-    finally:
-        for h in hooks:
-            h.remove()
-    return [(a, b) for a, b in guesses if a in outputs and outputs[a] == inputs.get(b)]
-
-
-def fold_batchnorm(model: nn.Module, example: tuple[torch.Tensor, ...] | torch.Tensor) -> tuple[nn.Module, list[str]]:
-    """A copy of ``model`` with every foldable BatchNorm folded; returns it and the folded BN names.
-
-    The result is checked against ``model`` on ``example``; a pair whose fold changes the output by
-    more than :data:`TOLERANCE` (relative to the output's scale) is left unfolded.
-    """
-    example = (example,) if isinstance(example, torch.Tensor) else tuple(example)
-    model = model.eval()
-    with torch.inference_mode():
-        reference = _first(model(*example))
-    pairs = find_pairs(model, example)
-    out = copy.deepcopy(model)
-    for layer, bn in pairs:
-        _fold_pair(out, layer, bn)
-    if pairs and not _close(reference, out, example):  # find the culprit(s) one pair at a time
-        out, kept = copy.deepcopy(model), []
-        for layer, bn in pairs:
-            trial = copy.deepcopy(out)
-            _fold_pair(trial, layer, bn)
-            if _close(reference, trial, example):
-                out = trial
-                kept.append((layer, bn))
-            else:
-                log.warning("fuse: folding %s into %s changes the output; left as is", bn, layer)
-        pairs = kept
-    out.slimkit_fuse = {"folded": [bn for _, bn in pairs]}
-    return out.eval(), [bn for _, bn in pairs]
-
-
-def _fold_pair(model: nn.Module, layer: str, bn: str) -> None:
-    set_submodule(model, layer, folded_layer(model.get_submodule(layer), model.get_submodule(bn)))
-    set_submodule(model, bn, FoldedNorm())
-
-
-def _close(reference: torch.Tensor, model: nn.Module, example: tuple[torch.Tensor, ...]) -> bool:
-    with torch.inference_mode():
-        got = _first(model(*example))
-    scale = max(1.0, float(reference.abs().max()))
-    return bool((got - reference).abs().max() <= TOLERANCE * scale)
-
-
-def _first(output: Any) -> torch.Tensor:
-    """The main output tensor of a module (HF models return ModelOutput objects)."""
-    if isinstance(output, torch.Tensor):
-        return output
-    if hasattr(output, "logits"):
-        return output.logits
-    if isinstance(output, (tuple, list)):
-        return _first(output[0])
-    raise SlimkitError(f"cannot compare outputs of type {type(output).__name__}", "return a tensor from forward")
-
-
-def fuse(model: nn.Module, config: Fuse, task: Any) -> nn.Module:
+def fuse(model: nn.Module, config: Fuse, task: Task | None) -> nn.Module:
     """Handler of :class:`Fuse`: fold BatchNorms (checked on ``task.example``), record the compile choice."""
     example = getattr(task, "example", None)
     if example is None:
         raise SlimkitError("architecture.Fuse needs example inputs to find and check the folds",
                            "pass a task (or an object with .example)")
     folded, names = fold_batchnorm(model, example)
-    folded.slimkit_fuse = {"folded": names, "compile": config.compile}
+    add_record(folded, FuseRecord(config.type_name, config.to_dict(), folded=names, compile=config.compile))
     return folded
 
 
-register_handler(Fuse, fuse)
+def inductor_available() -> tuple[bool, str]:
+    """Whether torch.compile can build CPU kernels here, and why not when it cannot."""
+    if not any(shutil.which(c) for c in ("c++", "g++", "clang++")):
+        return False, "no C++ compiler on PATH (inductor generates C++ for CPU)"
+    return True, "ok"
+
+
+def compiled(model: nn.Module, example: tuple[torch.Tensor, ...] | torch.Tensor, backend: str | None = None, *,
+             threads: int | None = None) -> Callable[..., Any]:
+    """A runnable for ``model``: eager (None), ``torch.compile`` (``"inductor"``) or ONNX Runtime.
+
+    ``backend=None`` uses the choice a :class:`Fuse` step recorded.
+    The compiled runnable is called once on ``example`` here, so compilation cost is paid now.
+    """
+    example = (example,) if isinstance(example, torch.Tensor) else tuple(example)
+    if backend is None:
+        record = last_record(model, FuseRecord)
+        backend = record.compile if record is not None else None
+    model = model.eval()
+    if backend is None:
+        return model
+    if backend == "onnxruntime":
+        return build(model, "onnxruntime", example, threads=threads)
+    if backend != "inductor":
+        raise SlimkitError(f"compile backend {backend!r} is not known", "use None, 'inductor' or 'onnxruntime'")
+    ok, why = inductor_available()
+    if not ok:
+        raise SlimkitError(f"torch.compile (inductor) cannot run here: {why}", "use compile='onnxruntime' or None")
+    fn = torch.compile(model, backend="inductor", dynamic=False)
+    try:
+        with torch.inference_mode():
+            fn(*example)
+    except Exception as exc:  # compiler missing or failing: a one-line reason, not its log
+        first = (str(exc).strip().splitlines() or [type(exc).__name__])[0][:200]
+        raise SlimkitError(f"torch.compile (inductor) failed: {first}", "use compile='onnxruntime' or None") from None
+    return fn
+
+
+def compare_runtimes(models: dict[str, nn.Module], example: tuple[torch.Tensor, ...] | torch.Tensor,
+                     backends: tuple[str | None, ...] = (None, "inductor", "onnxruntime"), *,
+                     threads: int | None = None, min_time_s: float = 0.5) -> dict[str, dict[str, Any]]:
+    """p50/mean ms of every model on every backend; a backend that cannot build is reported, not raised."""
+    example = (example,) if isinstance(example, torch.Tensor) else tuple(example)
+    rows: dict[str, dict[str, Any]] = {}
+    for name, model in models.items():
+        for backend in backends:
+            key = f"{name} / {backend or 'eager'}"
+            try:
+                run = compiled(model, example, backend, threads=threads)
+            except SlimkitError as exc:
+                rows[key] = {"error": exc.problem if hasattr(exc, "problem") else str(exc)}
+                continue
+            lat = measure_latency(run, example, threads=threads, min_time_s=min_time_s)
+            rows[key] = {"p50_ms": lat.p50_ms, "mean_ms": lat.mean_ms, "p95_ms": lat.p95_ms, "runs": lat.runs}
+    return rows
+
+
+

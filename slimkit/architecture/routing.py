@@ -17,7 +17,7 @@ import numpy as np
 import torch
 import torch.nn as nn
 
-from slimkit.errors import SlimkitError
+from slimkit.core.errors import SlimkitError
 from slimkit.measure.latency import median_call_ms
 
 Batches = Sequence[tuple[tuple[torch.Tensor, ...], torch.Tensor]]

@@ -16,8 +16,9 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
+from slimkit.core.errors import SlimkitError
 from slimkit.distill.distiller import _first
-from slimkit.errors import SlimkitError
+from slimkit.measure._call import pinned_threads
 from slimkit.train.finetune import TrainResult, finetune
 
 
@@ -44,7 +45,6 @@ class SimCSELoss:
 def simcse_finetune(model: nn.Module, task: Any, *, steps: int, lr: float, seed: int = 0, temperature: float = 0.05,
                     progress: bool = True, threads: int | None = None) -> TrainResult:
     """Fine-tune ``model`` in place on ``task.train`` inputs with the SimCSE loss (no teacher, no labels)."""
-    from slimkit.measure._call import pinned_threads
 
     if task is None or not task.train:
         raise SlimkitError(f"SimCSE fine-tuning needs a task with training inputs (got {getattr(task, 'name', None)!r})",

@@ -23,16 +23,24 @@ from typing import Any
 import torch
 import torch.nn as nn
 
-from slimkit.config import BaseConfig, register, register_handler
+from slimkit.core.config import BaseConfig, technique
+from slimkit.core.errors import SlimkitError
+from slimkit.core.registry import SearchContext
+from slimkit.core.task import Task
 from slimkit.distill.features import FeatureTaps, projection
 from slimkit.distill.losses import embedding_kd, feature_kd, logit_kd, relational_kd
-from slimkit.errors import SlimkitError
+from slimkit.io import load
+from slimkit.measure._call import pinned_threads
 from slimkit.train.finetune import TrainResult, finetune
+from slimkit.train.masks import PRUNABLE, masked
+from slimkit.train.recover import SPARSE_ENOUGH
 
 OUTPUTS = ("auto", "logits", "embedding")
+#: Step budgets the search chooses between; short, since every trial pays for them.
+SEARCH_STEPS = (100, 200, 400)
 
 
-@register("distill.Distill")
+@technique("distill.Distill", stage="recover", search="distill")
 @dataclasses.dataclass(frozen=True)
 class Distill(BaseConfig):
     """Knowledge distillation from ``teacher`` for ``steps`` AdamW steps at peak ``lr``."""
@@ -65,16 +73,31 @@ class Distill(BaseConfig):
             raise SlimkitError(f"features={self.features!r} is invalid",
                                "give (student layer, teacher layer) name pairs, e.g. (('4', '4'),)")
 
+    def apply_to(self, model: nn.Module, task: Task | None) -> nn.Module:
+        distill(model, task, self, progress=False)
+        return model
 
-def teacher_model(config: Distill, task: Any, student: nn.Module) -> nn.Module:
+    @classmethod
+    def suggest(cls, trial: Any, ctx: SearchContext) -> Distill:
+        """A step budget, the temperature and the KD weight; a small rate for large pre-trained models."""
+        steps = trial.suggest_categorical("distill.steps", list(SEARCH_STEPS))
+        temperature = trial.suggest_float("distill.temperature", 1.0, 8.0, log=True)
+        alpha = trial.suggest_float("distill.alpha", 0.3, 1.0)
+        big = sum(p.numel() for p in ctx.task.model.parameters()) > 5_000_000
+        return cls(steps=int(steps), temperature=temperature, alpha=alpha, lr=3e-5 if big else 1e-3)
+
+    @classmethod
+    def applies(cls, ctx: SearchContext) -> bool:
+        return bool(ctx.trainable)
+
+
+def teacher_model(config: Distill, task: Task | None, student: nn.Module) -> nn.Module:
     """The frozen teacher: the task's model (a copy if it is the student itself) or a saved artifact."""
     if config.teacher == "task":
         if task is None:
             raise SlimkitError("Distill(teacher='task') needs the task", "pass the task to sk.apply")
         teacher = task.model if task.model is not student else copy.deepcopy(task.model)
     else:
-        from slimkit.io import load
-
         teacher = load(config.teacher)
     device = next(student.parameters()).device
     return teacher.to(device).eval()  # frozen by running it under no_grad; its flags stay as the caller set them
@@ -140,13 +163,9 @@ def _first(out: Any) -> torch.Tensor:
     return out[0] if isinstance(out, (tuple, list)) else out
 
 
-def distill(student: nn.Module, task: Any, config: Distill, *, progress: bool = True, eval_every: int = 0,
+def distill(student: nn.Module, task: Task | None, config: Distill, *, progress: bool = True, eval_every: int = 0,
             patience: int = 0, threads: int | None = None) -> TrainResult:
     """Distill into ``student`` in place; exact zeros in its weights (a pruned student) stay zero."""
-    from slimkit.measure._call import pinned_threads
-    from slimkit.prune.masks import PRUNABLE, masked
-    from slimkit.train.recover import SPARSE_ENOUGH
-
     if task is None or not task.train:
         raise SlimkitError(f"distillation needs a task with training inputs (got {getattr(task, 'name', None)!r})",
                            "give the Task train batches (labels are optional)")
@@ -162,11 +181,3 @@ def distill(student: nn.Module, task: Any, config: Distill, *, progress: bool = 
                           patience=patience, label=f"distilling {task.name}")
     student.eval()
     return result
-
-
-def _distill(model: nn.Module, config: Distill, task: Any) -> nn.Module:
-    distill(model, task, config, progress=False)
-    return model
-
-
-register_handler(Distill, _distill)

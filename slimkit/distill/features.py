@@ -14,7 +14,7 @@ from typing import Any
 import torch
 import torch.nn as nn
 
-from slimkit.errors import SlimkitError
+from slimkit.core.errors import SlimkitError
 
 
 class FeatureTaps:

@@ -9,12 +9,15 @@ output space starts close to the teacher's.
 from __future__ import annotations
 
 import copy
+import dataclasses
 
 import torch.nn as nn
 
-from slimkit.errors import SlimkitError
+from slimkit.core.config import BaseConfig, technique
+from slimkit.core.errors import SlimkitError
+from slimkit.core.registry import build_registered, builder
+from slimkit.core.task import Task
 from slimkit.graph.blocks import keep_blocks
-from slimkit.io import register_builder
 
 
 def kept_layers(total: int, keep: int) -> list[int]:
@@ -47,15 +50,28 @@ def minilm_student(model: nn.Module, keep: int = 3) -> nn.Module:
     indices = kept_layers(len(encoder.layer), keep)
     student = truncate(copy.deepcopy(model), indices)
     student.slimkit_builder = ("minilm_student", {"layers": keep})
-    student.slimkit_student = {"kept_layers": indices, "of": len(encoder.layer)}
     return student.eval()
 
 
-@register_builder("minilm_student")
+@builder("minilm_student")
 def build_minilm_student(layers: int = 3) -> nn.Module:
     """The minilm architecture with ``layers`` encoder blocks (weights come from the artifact)."""
-    from slimkit.zoo.minilm import build_minilm
-
-    model = truncate(build_minilm(pretrained=False), list(range(layers)))
+    model = truncate(build_registered("minilm", {"pretrained": False}, what="minilm student"), list(range(layers)))
     model.slimkit_builder = ("minilm_student", {"layers": layers})
     return model
+
+
+@technique("distill.Student", stage="nas")
+@dataclasses.dataclass(frozen=True)
+class Student(BaseConfig):
+    """The student a distillation starts from: the encoder with ``layers`` of its blocks, taken at a stride."""
+
+    layers: int = 3
+
+    def __post_init__(self) -> None:
+        if not isinstance(self.layers, int) or isinstance(self.layers, bool) or self.layers < 1:
+            raise SlimkitError(f"distill.Student layers={self.layers!r} is invalid", "use a positive number of blocks")
+
+    def apply_to(self, model: nn.Module, task: Task | None) -> nn.Module:
+        return minilm_student(model, self.layers)
+

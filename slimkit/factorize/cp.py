@@ -17,23 +17,36 @@ from typing import Any
 import torch
 import torch.nn as nn
 
-from slimkit.config import BaseConfig, register, register_handler
-from slimkit.errors import SlimkitError
-from slimkit.factorize.layers import check_multiple, check_ratio, not_smaller, round_rank, weight_params
+from slimkit.core.config import BaseConfig, technique
+from slimkit.core.errors import SlimkitError
+from slimkit.core.record import ReportSection, StepRecord, StepView
+from slimkit.core.registry import SearchContext
+from slimkit.core.task import Task
+from slimkit.factorize.layers import (
+    check_allocation,
+    check_multiple,
+    check_ratio,
+    factorize_report_section,
+    has_layers,
+    not_smaller,
+    round_rank,
+    weight_params,
+)
 from slimkit.factorize.modules import CPConv2d, conv_geometry
 from slimkit.factorize.svd import factorize_kernels
 
 _MODES = "abcdefgh"
 
 
-@register("factorize.CP")
+@technique("factorize.CP", stage="factorize", search="cp")
 @dataclasses.dataclass(frozen=True)
 class CP(BaseConfig):
     """CP of kxk convs (+ SVD of Linear / 1x1 layers): ``rank`` for every conv, or the largest rank
     within ``ratio`` of each layer's weights; ``iters`` ALS sweeps (stops early once converged);
-    ``rank_multiple`` moves every rank to the nearest multiple (see ``Tucker``)."""
+    ``rank_multiple`` moves every rank to the nearest multiple; ``allocation`` as in ``Tucker``."""
 
     ratio: float = 0.3
+    allocation: str = "uniform"
     rank: int | None = None
     iters: int = 100
     targets: str | tuple[str, ...] = "all"
@@ -44,10 +57,26 @@ class CP(BaseConfig):
     def __post_init__(self) -> None:
         check_ratio("ratio", self.ratio)
         check_multiple(self.rank_multiple)
+        check_allocation(self.allocation, self.rank is not None)
         if self.rank is not None and (not isinstance(self.rank, int) or isinstance(self.rank, bool) or self.rank < 1):
             raise SlimkitError(f"rank={self.rank!r} is invalid", "use a positive integer CP rank")
         if not isinstance(self.iters, int) or self.iters < 1:
             raise SlimkitError(f"iters={self.iters!r} is invalid", "use at least 1 ALS sweep")
+
+    def apply_to(self, model: nn.Module, task: Task | None) -> nn.Module:
+        return factorize_with_cp(model, self, task)
+
+    @classmethod
+    def suggest(cls, trial: Any, ctx: SearchContext) -> CP:
+        return cls(ratio=trial.suggest_float("cp.ratio", 0.1, 0.6))
+
+    @classmethod
+    def applies(cls, ctx: SearchContext) -> bool:
+        return has_layers(ctx, spatial=True)
+
+    @classmethod
+    def report_section(cls, report: ReportSection, record: StepRecord, view: StepView) -> None:
+        factorize_report_section(report, record, view)
 
 
 def cp_reconstruct(factors: list[torch.Tensor]) -> torch.Tensor:
@@ -120,17 +149,29 @@ def cp_conv(conv: nn.Conv2d, rank: int, iters: int = 100) -> CPConv2d:
     return new
 
 
-def _cp(model: nn.Module, config: CP, task: Any) -> nn.Module:
-    def conv_plan(name: str, layer: nn.Module) -> tuple[nn.Module, dict[str, Any]] | str:
-        o, i, kh, kw = layer.weight.shape
-        rank = config.rank or max(1, math.floor(config.ratio * layer.weight.numel() / (o + i + kh + kw)))
+def rank_for_ratio(conv: nn.Conv2d, ratio: float) -> int:
+    """The largest CP rank whose four factors hold at most ``ratio`` of the kernel's weights."""
+    o, i, kh, kw = conv.weight.shape
+    return max(1, math.floor(ratio * conv.weight.numel() / (o + i + kh + kw)))
+
+
+#: ALS sweeps per candidate when ranking layers by sensitivity (the chosen rank is then fitted with ``iters``).
+RANKING_ITERS = 15
+
+
+def factorize_with_cp(model: nn.Module, config: CP, task: Task | None) -> nn.Module:
+    def candidate(conv: nn.Conv2d, fraction: float) -> tuple[int, int, torch.Tensor]:
+        rank = rank_for_ratio(conv, fraction)
+        factors = cp_als(conv.weight.detach(), rank, iters=min(config.iters, RANKING_ITERS))
+        return rank, cp_params(conv, rank), cp_reconstruct(factors)
+
+    def conv_plan(name: str, layer: nn.Module, allocated: int | None) -> tuple[nn.Module, dict[str, Any]] | str:
+        rank = allocated or config.rank or rank_for_ratio(layer, config.ratio)
         rank = round_rank(rank, config.rank_multiple, layer.weight.numel())
         reason = not_smaller(cp_params(layer, rank), weight_params(layer))
         if reason:
             return f"CP rank {rank}: {reason}"
         return cp_conv(layer, rank, config.iters), {"method": "cp", "rank": rank}
 
-    return factorize_kernels(model, config, task, conv_plan)
+    return factorize_kernels(model, config, task, conv_plan, candidate)
 
-
-register_handler(CP, _cp)

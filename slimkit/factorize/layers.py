@@ -2,21 +2,25 @@
 
 Every handler walks the chosen Linear/Conv2d layers, decides a factorized replacement or a
 reason to leave the layer alone (a factorized form that is not smaller, a grouped conv...), swaps
-the module in place and writes ``model.slimkit_factorize``: per layer the ranks and parameter
-counts before/after, the skipped layers with their reasons, and the totals.
+the module in place and adds a :class:`FactorizeRecord`: per layer the ranks and parameter counts
+before/after, the skipped layers with their reasons, and the totals.
 """
 
 from __future__ import annotations
 
+import dataclasses
 import logging
 import math
 from typing import Any, Callable
 
 import torch.nn as nn
 
-from slimkit.config import BaseConfig
-from slimkit.errors import SlimkitError
-from slimkit.io import set_submodule
+from slimkit.core.config import BaseConfig
+from slimkit.core.editing import select, set_submodule
+from slimkit.core.errors import SlimkitError
+from slimkit.core.record import ReportSection, StepRecord, StepView, add_record
+from slimkit.core.registry import SearchContext
+from slimkit.graph.dependency import output_layer
 
 log = logging.getLogger("slimkit.factorize")
 
@@ -39,6 +43,17 @@ def check_multiple(value: int) -> None:
                            "use a positive whole number, e.g. 8 (the CPU kernels' channel block) or 1 to keep ranks")
 
 
+ALLOCATIONS = ("uniform", "sensitivity")
+
+
+def check_allocation(allocation: str, fixed_ranks: bool) -> None:
+    if allocation not in ALLOCATIONS:
+        raise SlimkitError(f"allocation={allocation!r} is not supported", f"use one of {ALLOCATIONS}")
+    if allocation == "sensitivity" and fixed_ranks:
+        raise SlimkitError("fixed ranks and allocation='sensitivity' both choose the ranks",
+                           "give one: the ranks, or a ratio with allocation='sensitivity'")
+
+
 def round_rank(rank: int, multiple: int, limit: int) -> int:
     """``rank`` moved to the nearest multiple of ``multiple`` (at least one multiple, at most ``limit``).
 
@@ -52,7 +67,6 @@ def round_rank(rank: int, multiple: int, limit: int) -> int:
 
 def chosen_layers(model: nn.Module, targets: Any, exclude: Any, technique: str) -> list[str]:
     """Linear/Conv2d names picked by ``targets`` minus ``exclude``; an empty choice is an error."""
-    from slimkit.quantize.targets import select
 
     names = select(model, targets, exclude)
     if not names:
@@ -85,14 +99,12 @@ def output_layer_name(model: nn.Module, task: Any) -> str | None:
     """The last Linear/Conv that runs on the task's example (a classifier head), or None without a task."""
     if task is None or not getattr(task, "example", None):
         return None
-    from slimkit.graph.dependency import output_layer
-
     return output_layer(model, tuple(task.example))
 
 
 def factorize_layers(model: nn.Module, config: BaseConfig, names: list[str], plan: Plan,
                      task: Any = None) -> nn.Module:
-    """Swap each named layer for ``plan``'s module (or record why not) and write ``slimkit_factorize``.
+    """Swap each named layer for ``plan``'s module (or record why not) and add the step's record.
 
     With ``config.keep_output`` the model's output layer stays whole: a rank-2 classifier over ten
     classes cannot separate them, and the head holds few of a model's weights.
@@ -116,12 +128,8 @@ def factorize_layers(model: nn.Module, config: BaseConfig, names: list[str], pla
         set_submodule(model, name, module)
         layers[name] = {**info, "params_before": weight_params(layer),
                         "params_after": sum(p.numel() for p in module.parameters())}
-    previous = getattr(model, "slimkit_factorize", None)
-    model.slimkit_factorize = {
-        "config": config.to_dict(), "layers": layers, "skipped": skipped,
-        "params": [before_total, sum(p.numel() for p in model.parameters())],
-        **({"previous": previous} if previous else {}),
-    }
+    add_record(model, FactorizeRecord(config.type_name, config.to_dict(), skipped, layers=layers,
+                                      params=[before_total, sum(p.numel() for p in model.parameters())]))
     return model
 
 
@@ -146,3 +154,37 @@ def not_smaller(after: int, before: int) -> str | None:
     if after >= before:
         return f"factorized form has {after} params, not fewer than the layer's {before}"
     return None
+
+
+@dataclasses.dataclass
+class FactorizeRecord(StepRecord):
+    """Per factorized layer: method, rank(s), parameters before and after; and the model's totals."""
+
+    layers: dict[str, dict[str, Any]] = dataclasses.field(default_factory=dict)
+    params: list[int] = dataclasses.field(default_factory=list)  # [before, after] for the whole model
+
+
+def factorize_report_section(report: ReportSection, record: StepRecord, view: StepView) -> None:
+    if not isinstance(record, FactorizeRecord):
+        return
+    before, after = record.params
+    report.heading(f"{record.technique}: factorized layers")
+    report.note(f"parameters {before} -> {after} ({before / max(after, 1):.2f}x fewer)")
+    rows = [[n, v["method"], str(v["rank"]), v["params_before"], v["params_after"],
+             v["params_after"] / v["params_before"]] for n, v in record.layers.items()]
+    report.table(["layer", "method", "rank", "params before", "params after", "kept"], rows)
+    if record.layers:
+        names = list(record.layers)
+        report.bar_plot("parameters per layer", names, {"before": [record.layers[n]["params_before"] for n in names],
+                                                        "after": [record.layers[n]["params_after"] for n in names]},
+                        "parameters")
+    if record.skipped:
+        report.heading("Layers left intact")
+        report.table(["layer", "reason"], [[n, why] for n, why in record.skipped.items()])
+
+
+def has_layers(ctx: SearchContext, spatial: bool) -> bool:
+    """Whether the task's model has layers a method decomposes (kxk convs for Tucker/CP)."""
+    layers = [m for m in ctx.task.model.modules() if isinstance(m, (nn.Linear, nn.Conv2d))]
+    return any(is_spatial(m) for m in layers) if spatial else bool(layers)
+

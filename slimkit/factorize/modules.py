@@ -14,7 +14,7 @@ from typing import Any
 import torch
 import torch.nn as nn
 
-from slimkit.io import register_module_class
+from slimkit.core.registry import layer_class
 
 
 def _pair(v: Any) -> tuple[int, int]:
@@ -44,7 +44,7 @@ class _Factorized(nn.Module):
         return cls(**{k: v for k, v in spec.items() if k != "kind"})
 
 
-@register_module_class("LowRankLinear")
+@layer_class("LowRankLinear")
 class LowRankLinear(_Factorized):
     """``y = second(first(x))``: (..., in) -> (..., rank) -> (..., out); rank*(in+out) weights."""
 
@@ -58,7 +58,7 @@ class LowRankLinear(_Factorized):
         return self.second(self.first(x))
 
 
-@register_module_class("LowRankConv2d")
+@layer_class("LowRankConv2d")
 class LowRankConv2d(_Factorized):
     """A kxk conv to ``rank`` channels, then a 1x1 conv to ``out``: the SVD of the (out, in*kh*kw) kernel."""
 
@@ -76,7 +76,7 @@ class LowRankConv2d(_Factorized):
         return self.second(self.first(x))
 
 
-@register_module_class("TuckerConv2d")
+@layer_class("TuckerConv2d")
 class TuckerConv2d(_Factorized):
     """Tucker-2: 1x1 ``in -> r_in``, kxk core ``r_in -> r_out`` (the original stride/padding), 1x1 ``r_out -> out``."""
 
@@ -95,7 +95,7 @@ class TuckerConv2d(_Factorized):
         return self.last(self.core(self.first(x)))
 
 
-@register_module_class("CPConv2d")
+@layer_class("CPConv2d")
 class CPConv2d(_Factorized):
     """CP rank R: 1x1 ``in -> R``, (kh x 1) depthwise, (1 x kw) depthwise, 1x1 ``R -> out``.
 

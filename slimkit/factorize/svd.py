@@ -13,21 +13,35 @@ from __future__ import annotations
 
 import dataclasses
 import math
-from typing import Any
+from typing import Any, Callable
 
 import torch
 import torch.nn as nn
 
-from slimkit.config import BaseConfig, register, register_handler
-from slimkit.errors import SlimkitError
-from slimkit.factorize.layers import (Plan, check_multiple, check_ratio, chosen_layers, factorize_layers, is_spatial,
-                                      not_smaller, round_rank, too_few_inputs, weight_params)
+from slimkit.core.config import BaseConfig, technique
+from slimkit.core.errors import SlimkitError
+from slimkit.core.record import ReportSection, StepRecord, StepView
+from slimkit.core.registry import SearchContext
+from slimkit.core.task import Task
+from slimkit.factorize.allocation import allocate_ranks
+from slimkit.factorize.layers import (
+    ALLOCATIONS,
+    check_multiple,
+    check_ratio,
+    chosen_layers,
+    factorize_layers,
+    factorize_report_section,
+    has_layers,
+    is_spatial,
+    not_smaller,
+    round_rank,
+    too_few_inputs,
+    weight_params,
+)
 from slimkit.factorize.modules import LowRankConv2d, LowRankLinear, conv_geometry
 
-ALLOCATIONS = ("uniform", "sensitivity")
 
-
-@register("factorize.SVD")
+@technique("factorize.SVD", stage="factorize", search="svd")
 @dataclasses.dataclass(frozen=True)
 class SVD(BaseConfig):
     """Truncated SVD of Linear (and Conv2d) weights.
@@ -59,6 +73,22 @@ class SVD(BaseConfig):
         if self.energy is not None and self.allocation != "uniform":
             raise SlimkitError("energy= and allocation='sensitivity' both choose the ranks",
                                "give one: energy=0.9, or rank_ratio with allocation='sensitivity'")
+
+    def apply_to(self, model: nn.Module, task: Task | None) -> nn.Module:
+        return factorize_with_svd(model, self, task)
+
+    @classmethod
+    def suggest(cls, trial: Any, ctx: SearchContext) -> SVD:
+        return cls(rank_ratio=trial.suggest_float("svd.rank_ratio", 0.1, 0.7),
+                   allocation=trial.suggest_categorical("svd.allocation", ["uniform", "sensitivity"]))
+
+    @classmethod
+    def applies(cls, ctx: SearchContext) -> bool:
+        return has_layers(ctx, spatial=False)
+
+    @classmethod
+    def report_section(cls, report: ReportSection, record: StepRecord, view: StepView) -> None:
+        factorize_report_section(report, record, view)
 
 
 def as_matrix(layer: nn.Module) -> torch.Tensor:
@@ -132,31 +162,61 @@ def svd_plan(rank_of: Any, multiple: int = 1) -> Any:
     return plan
 
 
-def factorize_kernels(model: nn.Module, config: BaseConfig, task: Any, conv_plan: Plan) -> nn.Module:
+def svd_candidate(layer: nn.Module, fraction: float) -> tuple[int, int, torch.Tensor]:
+    """The rank keeping ``fraction`` of the layer's weights, its parameter count and the rank-r weight."""
+    matrix = as_matrix(layer)
+    m, n = matrix.shape
+    rank = rank_for_ratio(m, n, fraction)
+    left, right = truncated_svd(matrix, rank)
+    return rank, rank * (m + n) + weight_params(layer) - m * n, left @ right
+
+
+#: ``conv_candidate(conv, fraction) -> (rank, params, weight)``: a method's form of a kxk conv at a budget.
+ConvCandidate = Callable[[nn.Conv2d, float], "tuple[Any, int, torch.Tensor]"]
+#: ``conv_plan(name, conv, rank)``: the factorized conv at ``rank`` (None: the config's own rule).
+ConvPlan = Callable[[str, nn.Conv2d, Any], "tuple[nn.Module, dict[str, Any]] | str"]
+
+
+def factorize_kernels(model: nn.Module, config: BaseConfig, task: Task | None, conv_plan: ConvPlan,
+                      conv_candidate: ConvCandidate) -> nn.Module:
     """The Tucker/CP handler body: kxk convs with enough input channels go to ``conv_plan``; Linear
-    and 1x1 layers get the truncated SVD keeping ``config.ratio`` of their weights."""
+    and 1x1 layers get the truncated SVD. Ranks keep ``config.ratio`` of each layer's weights, or
+    (``allocation="sensitivity"``) of all the layers' weights together, spread by measured sensitivity."""
     names = chosen_layers(model, config.targets, config.exclude, config.type_name)
-    matrix_plan = svd_plan(lambda name, layer: rank_for_ratio(layer.weight.shape[0], layer.weight[0].numel(),
-                                                              config.ratio), config.rank_multiple)
+    kernels = lambda layer: is_spatial(layer) and too_few_inputs(layer) is None  # noqa: E731
+    ranks: dict[str, Any] | None = None
+    if config.allocation == "sensitivity":
+        ranks = allocate_ranks(model, names, config.ratio, task,
+                               lambda layer, frac: conv_candidate(layer, frac) if kernels(layer)
+                               else svd_candidate(layer, frac), config.type_name)
+
+    def rank_of(name: str, layer: nn.Module) -> int:
+        if ranks is not None:
+            return ranks.get(name, min(as_matrix(layer).shape))  # a layer kept whole gets a "full" rank: skipped
+        return rank_for_ratio(layer.weight.shape[0], layer.weight[0].numel(), config.ratio)
+
+    matrix_plan = svd_plan(rank_of, config.rank_multiple)
 
     def plan(name: str, layer: nn.Module) -> tuple[nn.Module, dict[str, Any]] | str:
         if not is_spatial(layer):
             return matrix_plan(name, layer)
-        return too_few_inputs(layer) or conv_plan(name, layer)
+        if too_few_inputs(layer):
+            return too_few_inputs(layer)
+        if ranks is not None and name not in ranks:
+            return "kept whole by the sensitivity allocation (factorizing it costs the most output error)"
+        return conv_plan(name, layer, None if ranks is None else ranks[name])
 
     with torch.no_grad():
         return factorize_layers(model, config, names, plan, task)
 
 
-def _svd(model: nn.Module, config: SVD, task: Any) -> nn.Module:
+def factorize_with_svd(model: nn.Module, config: SVD, task: Task | None) -> nn.Module:
     names = chosen_layers(model, config.targets, config.exclude, "factorize.SVD")
     if config.energy is not None:
         def rank_of(name: str, layer: nn.Module) -> int:
             return rank_for_energy(singular_values(layer), config.energy)
     elif config.allocation == "sensitivity":
-        from slimkit.factorize.sensitivity import allocate_ranks
-
-        ranks = allocate_ranks(model, names, config.rank_ratio, task)
+        ranks = allocate_ranks(model, names, config.rank_ratio, task, svd_candidate, config.type_name)
 
         def rank_of(name: str, layer: nn.Module) -> int:
             return ranks.get(name, min(as_matrix(layer).shape))  # a layer kept whole gets a "full" rank: skipped
@@ -166,5 +226,3 @@ def _svd(model: nn.Module, config: SVD, task: Any) -> nn.Module:
     with torch.no_grad():
         return factorize_layers(model, config, names, svd_plan(rank_of, config.rank_multiple), task)
 
-
-register_handler(SVD, _svd)

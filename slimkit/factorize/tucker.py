@@ -16,22 +16,36 @@ from typing import Any
 import torch
 import torch.nn as nn
 
-from slimkit.config import BaseConfig, register, register_handler
-from slimkit.errors import SlimkitError
-from slimkit.factorize.layers import check_multiple, check_ratio, not_smaller, round_rank, weight_params
+from slimkit.core.config import BaseConfig, technique
+from slimkit.core.errors import SlimkitError
+from slimkit.core.record import ReportSection, StepRecord, StepView
+from slimkit.core.registry import SearchContext
+from slimkit.core.task import Task
+from slimkit.factorize.layers import (
+    check_allocation,
+    check_multiple,
+    check_ratio,
+    factorize_report_section,
+    has_layers,
+    not_smaller,
+    round_rank,
+    weight_params,
+)
 from slimkit.factorize.modules import TuckerConv2d, conv_geometry
 from slimkit.factorize.svd import factorize_kernels
 
 
-@register("factorize.Tucker")
+@technique("factorize.Tucker", stage="factorize", search="tucker")
 @dataclasses.dataclass(frozen=True)
 class Tucker(BaseConfig):
     """Tucker-2 of kxk convs (+ SVD of Linear / 1x1 layers) keeping ``ratio`` of each layer's weights,
-    or fixed ``ranks=(r_out, r_in)`` for every conv (clipped to its channels). ``hooi_iters`` HOOI
+    or fixed ``ranks=(r_out, r_in)`` for every conv (clipped to its channels). ``allocation="sensitivity"``
+    keeps ``ratio`` of all targeted layers' weights together, spread by measured output sensitivity. ``hooi_iters`` HOOI
     sweeps refine the HOSVD start (0 = plain HOSVD). ``rank_multiple`` moves every rank to the nearest
     multiple (8: ONNX Runtime's AVX2 conv block; measured on the mnist CNN in BENCHMARKS.md)."""
 
     ratio: float = 0.3
+    allocation: str = "uniform"
     ranks: tuple[int, int] | None = None
     hooi_iters: int = 5
     targets: str | tuple[str, ...] = "all"
@@ -42,10 +56,26 @@ class Tucker(BaseConfig):
     def __post_init__(self) -> None:
         check_ratio("ratio", self.ratio)
         check_multiple(self.rank_multiple)
+        check_allocation(self.allocation, self.ranks is not None)
         if self.ranks is not None and (len(self.ranks) != 2 or not all(isinstance(r, int) and r >= 1 for r in self.ranks)):
             raise SlimkitError(f"ranks={self.ranks!r} is invalid", "give two positive integers (r_out, r_in)")
         if not isinstance(self.hooi_iters, int) or self.hooi_iters < 0:
             raise SlimkitError(f"hooi_iters={self.hooi_iters!r} is invalid", "use 0 (HOSVD only) or more sweeps")
+
+    def apply_to(self, model: nn.Module, task: Task | None) -> nn.Module:
+        return factorize_with_tucker(model, self, task)
+
+    @classmethod
+    def suggest(cls, trial: Any, ctx: SearchContext) -> Tucker:
+        return cls(ratio=trial.suggest_float("tucker.ratio", 0.1, 0.6))
+
+    @classmethod
+    def applies(cls, ctx: SearchContext) -> bool:
+        return has_layers(ctx, spatial=True)
+
+    @classmethod
+    def report_section(cls, report: ReportSection, record: StepRecord, view: StepView) -> None:
+        factorize_report_section(report, record, view)
 
 
 def _leading(matrix: torch.Tensor, rank: int) -> torch.Tensor:
@@ -105,9 +135,16 @@ def tucker_conv(conv: nn.Conv2d, rank_out: int, rank_in: int, hooi_iters: int = 
     return new
 
 
-def _tucker(model: nn.Module, config: Tucker, task: Any) -> nn.Module:
-    def conv_plan(name: str, layer: nn.Module) -> tuple[nn.Module, dict[str, Any]] | str:
-        if config.ranks is not None:
+def factorize_with_tucker(model: nn.Module, config: Tucker, task: Task | None) -> nn.Module:
+    def candidate(conv: nn.Conv2d, fraction: float) -> tuple[tuple[int, int], int, torch.Tensor]:
+        r_out, r_in = ranks_for_ratio(conv, fraction)
+        core, u_out, u_in = tucker2(conv.weight.detach(), r_out, r_in, config.hooi_iters)
+        return (r_out, r_in), tucker_params(conv, r_out, r_in), tucker2_reconstruct(core, u_out, u_in)
+
+    def conv_plan(name: str, layer: nn.Module, allocated: tuple[int, int] | None) -> tuple[nn.Module, dict[str, Any]] | str:
+        if allocated is not None:
+            r_out, r_in = allocated
+        elif config.ranks is not None:
             r_out, r_in = min(config.ranks[0], layer.out_channels), min(config.ranks[1], layer.in_channels)
         else:
             r_out, r_in = ranks_for_ratio(layer, config.ratio)
@@ -118,7 +155,5 @@ def _tucker(model: nn.Module, config: Tucker, task: Any) -> nn.Module:
             return f"Tucker ranks ({r_out}, {r_in}): {reason}"
         return tucker_conv(layer, r_out, r_in, config.hooi_iters), {"method": "tucker", "rank": [r_out, r_in]}
 
-    return factorize_kernels(model, config, task, conv_plan)
+    return factorize_kernels(model, config, task, conv_plan, candidate)
 
-
-register_handler(Tucker, _tucker)

@@ -9,7 +9,7 @@ from __future__ import annotations
 
 import torch.nn as nn
 
-from slimkit.errors import SlimkitError
+from slimkit.core.errors import SlimkitError
 from slimkit.graph.attention import attention_blocks
 
 

@@ -17,7 +17,7 @@ from typing import Any, Iterable
 import torch
 import torch.nn as nn
 
-from slimkit.errors import SlimkitError
+from slimkit.core.errors import SlimkitError
 
 #: Layer types whose parameters the dependency graph knows how to slice.
 KNOWN_TYPES: tuple[type[nn.Module], ...] = (

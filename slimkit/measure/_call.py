@@ -14,7 +14,7 @@ from typing import Any, Union
 import torch
 import torch.nn as nn
 
-from slimkit.errors import SlimkitError
+from slimkit.core.errors import SlimkitError
 
 #: What a model is called with: one tensor, a tuple of positional inputs, or a dict of keyword inputs.
 Example = Union[torch.Tensor, tuple, list, Mapping[str, Any]]

@@ -17,7 +17,7 @@ from typing import Any
 import torch
 import torch.nn as nn
 
-from slimkit.errors import SlimkitError
+from slimkit.core.errors import SlimkitError
 from slimkit.measure._call import Example, device_for, pinned_threads, prepared, require_module, synchronize
 from slimkit.measure._trace import Tracer
 from slimkit.measure.flops import FlopCount, count_flops

@@ -18,7 +18,7 @@ from typing import Any, TypeVar
 import numpy as np
 import torch
 
-from slimkit.errors import SlimkitError
+from slimkit.core.errors import SlimkitError
 from slimkit.measure._call import Example, pinned_threads, prepared, resolve_device, synchronize
 
 K = TypeVar("K")

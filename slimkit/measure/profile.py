@@ -14,9 +14,20 @@ from typing import Any
 import torch
 import torch.nn as nn
 
-from slimkit.errors import SlimkitError
-from slimkit.measure._call import Example, describe, pinned_threads, prepared, require_module, resolve_device
+from slimkit.core.errors import SlimkitError
+from slimkit.measure._call import (
+    Example,
+    as_call,
+    describe,
+    pinned_threads,
+    prepared,
+    require_module,
+    resolve_device,
+    tensor_bytes,
+)
+from slimkit.measure._render import render_profile
 from slimkit.measure.breakdown import SORT_KEYS, LayerRow, layer_breakdown
+from slimkit.measure.cuda_profile import cuda_latency, model_roofline, state_nbytes
 from slimkit.measure.energy import estimate_energy
 from slimkit.measure.flops import count_flops
 from slimkit.measure.latency import Latency, measure_latency
@@ -61,7 +72,6 @@ class Profile:
 
     def render(self, top: int = 10) -> Any:
         """A rich renderable: the summary table and the ``top`` layers (in stored order)."""
-        from slimkit.measure._render import render_profile
 
         return render_profile(self, top)
 
@@ -109,8 +119,6 @@ def profile(model: nn.Module, example: Example, device: str | torch.device = "cp
 
 def _cuda_roofline(model: nn.Module, example: Example, dev: torch.device, flops: int, min_time_s: float) -> dict:
     """CUDA-event latency (graph replay where the model can be captured) and its roofline fractions."""
-    from slimkit.measure._call import as_call, tensor_bytes
-    from slimkit.runtime.cuda_profile import cuda_latency, model_roofline, state_nbytes
 
     args, kwargs = as_call(example)
     with torch.inference_mode():

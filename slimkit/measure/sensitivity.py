@@ -18,13 +18,18 @@ which layers can take 4 bits (or losing half their weights) and which cannot. Tw
 from __future__ import annotations
 
 import math
-from typing import Any, Callable, Mapping, Sequence
+from typing import Any, Callable, Hashable, Iterable, Mapping, Sequence
 
 import torch
 import torch.nn as nn
 import torch.nn.functional as F
+from rich.markup import escape
+from rich.table import Table
 
-from slimkit.errors import SlimkitError
+from slimkit.core.errors import SlimkitError
+from slimkit.core.progress import progress_bar
+from slimkit.core.task import split_item
+from slimkit.formats import pack
 
 KINDS = ("quantize", "prune")
 MEASURES = ("metric", "output")
@@ -48,8 +53,6 @@ def compressed_weight(w: torch.Tensor, kind: str, bits: int = 8, ratio: float = 
     16: a float16 round trip; other bits: symmetric per-channel at that width. ``prune`` zeroes
     the ``ratio`` smallest-magnitude weights.
     """
-    from slimkit.quantize import pack
-
     if kind == "prune":
         k = int(round(ratio * w.numel()))
         if k <= 0:
@@ -145,27 +148,51 @@ def layer_sensitivity(model: nn.Module, task: Any, kind: str = "quantize", bits:
                                "pass batches=[(inputs,), ...]")
         data = [tuple(b) if isinstance(b, (tuple, list)) else (b,) for b in data]
         score = _output_scorer(model, data)
-    out: dict[str, float] = {}
-    from slimkit.train._progress import progress_bar
-
     try:
-        with progress_bar(progress) as bar:
-            bar_id = bar.add_task(f"sensitivity ({kind})", total=len(names), info="") if bar else None
-            for name in names:
-                layer = model.get_submodule(name)
-                saved = layer.weight.detach().clone()
-                try:
-                    with torch.no_grad():
-                        layer.weight.copy_(compressed_weight(saved, kind, bits, ratio, group_size))
-                    out[name] = score()
-                finally:
-                    with torch.no_grad():
-                        layer.weight.copy_(saved)
-                if bar:
-                    bar.update(bar_id, advance=1, info=name)
+        scores = scored_variants(model, score, names,
+                                 lambda name, layer: [(None, compressed_weight(layer.weight.detach(), kind, bits,
+                                                                               ratio, group_size))],
+                                 label=f"sensitivity ({kind})", progress=progress)
     finally:
         model.train(was_training)
+    return {name: by_key[None] for name, by_key in scores.items()}
+
+
+#: ``variants(name, layer) -> [(key, weight), ...]``: the weights a layer is tried with, one at a time.
+Variants = Callable[[str, nn.Module], Iterable[tuple[Hashable, torch.Tensor]]]
+
+
+def scored_variants(model: nn.Module, score: Callable[[], float], names: Sequence[str], variants: Variants, *,
+                    label: str = "sensitivity", progress: bool = False) -> dict[str, dict[Hashable, float]]:
+    """``{layer: {key: score()}}`` with only that layer's weight replaced by each variant in turn.
+
+    The one loop behind every per-layer sensitivity in slimkit (quantization widths, pruning
+    ratios, factorization ranks): the weight is put back exactly after each variant, even on error.
+    """
+    out: dict[str, dict[Hashable, float]] = {}
+    with progress_bar(progress) as bar:
+        bar_id = bar.add_task(label, total=len(names), info="") if bar else None
+        for name in names:
+            layer = model.get_submodule(name)
+            saved = layer.weight.detach().clone()
+            out[name] = {}
+            try:
+                for key, weight in variants(name, layer):
+                    with torch.no_grad():
+                        layer.weight.copy_(weight.reshape(saved.shape))
+                    out[name][key] = score()
+            finally:
+                with torch.no_grad():
+                    layer.weight.copy_(saved)
+            if bar:
+                bar.update(bar_id, advance=1, info=name)
     return out
+
+
+def output_scorer(model: nn.Module, batches: Sequence[tuple[torch.Tensor, ...]]) -> Callable[[], float]:
+    """A function giving the output noise-to-signal ratio ``|y - y_ref|^2 / |y_ref|^2`` on ``batches``
+    against the outputs the model gives right now (label-free: logits and embeddings alike)."""
+    return _output_scorer(model, batches)
 
 
 def _default_loss(model: nn.Module, task: Any) -> Callable[[tuple, Any], torch.Tensor]:
@@ -190,7 +217,6 @@ def hessian_trace(model: nn.Module, task: Any, *, layers: Sequence[str] | None =
     (calibration batches when the task has no training data). Costs ``samples * batches``
     double-backward passes in all, whatever the number of layers.
     """
-    from slimkit.train._batches import split_item
 
     names = _check(model, "quantize", 8, 0.5, "metric", layers)
     if samples < 1 or batches < 1:
@@ -227,9 +253,6 @@ def ranked(sensitivity: Mapping[str, float]) -> list[tuple[str, float]]:
 
 def render_sensitivity(sensitivity: Mapping[str, float], title: str = "layer sensitivity", top: int = 20) -> Any:
     """A rich table of the ``top`` most sensitive layers."""
-    from rich.markup import escape
-    from rich.table import Table
-
     table = Table(title=title, title_justify="left")
     table.add_column("layer", overflow="fold")
     table.add_column("drop", justify="right")
@@ -248,5 +271,5 @@ def report_sensitivity(report: Any, sensitivity: Mapping[str, float], title: str
     report.data.setdefault("sensitivity", {})[title] = dict(sensitivity)
 
 
-__all__ = ["compressed_weight", "hessian_trace", "layer_sensitivity", "ranked", "render_sensitivity",
-           "report_sensitivity", "weight_layers"]
+__all__ = ["compressed_weight", "hessian_trace", "layer_sensitivity", "output_scorer", "ranked", "render_sensitivity",
+           "report_sensitivity", "scored_variants", "weight_layers"]

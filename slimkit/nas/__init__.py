@@ -2,18 +2,15 @@
 
 from __future__ import annotations
 
-from slimkit.nas.cnn import CNNArch, CNNSpace, arch_of, build, build_cnn, param_count
-from slimkit.nas.encoder import EncoderArch, EncoderSpace, subnet
+from slimkit.nas.arch_search import Evaluation, SupernetEvaluator, TrainEvaluator, best_feasible, evolve, optuna_search
+from slimkit.nas.cnn import CNN, CNNArch, CNNSpace, arch_of, build, build_cnn, param_count
+from slimkit.nas.encoder import ArchRecord, Encoder, EncoderArch, EncoderSpace, subnet
 from slimkit.nas.encoder_search import EncoderEvaluator, LatencyModel
-from slimkit.nas.encoder_space import Encoder
 from slimkit.nas.predictor import LatencyTable, layer_keys, measure_arch, measure_archs
-from slimkit.nas.search import (Evaluation, SupernetEvaluator, TrainEvaluator, best_feasible, evolve,
-                                optuna_search)
-from slimkit.nas.space import CNN
 from slimkit.nas.supernet import SuperCNN, conv_slice, recalibrate_bn, train_supernet
 
 __all__ = [
-    "CNN", "CNNArch", "CNNSpace", "Encoder", "EncoderArch", "EncoderEvaluator", "EncoderSpace", "Evaluation",
+    "ArchRecord", "CNN", "CNNArch", "CNNSpace", "Encoder", "EncoderArch", "EncoderEvaluator", "EncoderSpace", "Evaluation",
     "LatencyModel", "subnet", "LatencyTable", "SuperCNN", "SupernetEvaluator", "TrainEvaluator", "arch_of",
     "best_feasible", "build", "build_cnn", "conv_slice", "evolve", "layer_keys", "measure_arch", "measure_archs", "optuna_search",
     "param_count", "recalibrate_bn", "train_supernet",

@@ -11,13 +11,17 @@ from __future__ import annotations
 
 import dataclasses
 import random
-from typing import Any
+from typing import Any, ClassVar
 
 import torch
 import torch.nn as nn
+import torch.nn.functional as F
 
-from slimkit.errors import SlimkitError
-from slimkit.io import register_builder
+from slimkit.core.config import BaseConfig, technique
+from slimkit.core.errors import SlimkitError
+from slimkit.core.registry import SearchContext, builder
+from slimkit.core.task import Task
+from slimkit.train.finetune import finetune
 
 
 @dataclasses.dataclass(frozen=True)
@@ -55,7 +59,7 @@ class CNNArch:
         return self.widths[-1] * self.side * self.side
 
 
-@register_builder("nas_cnn")
+@builder("nas_cnn")
 def build_cnn(**kwargs: Any) -> nn.Sequential:
     """The ``nn.Sequential`` of an architecture (kwargs as in :meth:`CNNArch.to_dict`)."""
     arch = CNNArch(**{k: tuple(v) if isinstance(v, list) else v for k, v in kwargs.items()})
@@ -185,3 +189,75 @@ class CNNSpace:
     def contains(self, arch: CNNArch) -> bool:
         return (all(w in self.widths(s) for s, w in enumerate(arch.widths)) and set(arch.depths) <= set(self.depths)
                 and set(arch.kernels) <= set(self.kernels) and arch.hidden in self.hiddens)
+
+
+@technique("nas.CNN", stage="nas", search="nas")
+@dataclasses.dataclass(frozen=True)
+class CNN(BaseConfig):
+    """Replace the model by the CNN with these stages, trained ``steps`` steps (KD weight ``distill``)."""
+
+    version: ClassVar[int] = 1
+    widths: tuple[int, ...] = (8, 16, 32)  # defaults: half the zoo mnist CNN's widths
+    depths: tuple[int, ...] = (1, 1, 1)
+    kernels: tuple[int, ...] = (3, 3, 3)
+    hidden: int = 64
+    steps: int = 500
+    lr: float = 3e-3
+    distill: float = 0.5
+    seed: int = 0
+
+    def __post_init__(self) -> None:
+        if not self.widths or not len(self.widths) == len(self.depths) == len(self.kernels):
+            raise SlimkitError(f"nas.CNN needs one width, depth and kernel per stage, got {self.widths}, "
+                               f"{self.depths}, {self.kernels}", "give e.g. widths=[8, 16, 32], depths=[1, 1, 1], kernels=[3, 3, 3]")
+        if self.steps < 1 or not 0.0 <= self.distill <= 1.0:
+            raise SlimkitError(f"nas.CNN steps={self.steps}, distill={self.distill}", "steps >= 1, distill in [0, 1]")
+
+    def arch(self, like: CNNArch) -> CNNArch:
+        """This architecture with the input/output shape of ``like``."""
+        return dataclasses.replace(like, widths=self.widths, depths=self.depths, kernels=self.kernels, hidden=self.hidden)
+
+    def apply_to(self, model: nn.Module, task: Task | None) -> nn.Module:
+        return build_and_train(model, self, task)
+
+    @classmethod
+    def suggest(cls, trial: Any, ctx: SearchContext) -> CNN:
+        """Width, depth and kernel per stage and the head width, around the task model's own stages."""
+        space = CNNSpace.from_model(ctx.task.model, ctx.task.example)
+        arch = space.suggest(trial, prefix="nas")
+        return cls(widths=arch.widths, depths=arch.depths, kernels=arch.kernels, hidden=arch.hidden,
+                   steps=int(ctx.extra.get("nas_steps", 500)))
+
+    @classmethod
+    def applies(cls, ctx: SearchContext) -> bool:
+        """Needs training data and a model of the supported CNN family."""
+        if not ctx.trainable:
+            return False
+        try:
+            arch_of(ctx.task.model, ctx.task.example)
+        except SlimkitError:
+            return False
+        return True
+
+
+def build_and_train(model: nn.Module, config: CNN, task: Task | None) -> nn.Module:
+    """Handler of :class:`CNN`: the new architecture, trained on ``task.train`` with KD from ``model``."""
+    if task is None or not task.train:
+        raise SlimkitError("nas.CNN trains the new architecture and needs a task with training data",
+                           "give the Task train batches")
+    arch = config.arch(arch_of(model, task.example))
+    torch.manual_seed(config.seed)
+    student = build(arch)
+    teacher = model.eval().requires_grad_(False)
+
+    def loss(m: nn.Module, inputs: tuple[torch.Tensor, ...], labels: torch.Tensor) -> torch.Tensor:
+        out = m(*inputs)
+        with torch.no_grad():
+            soft = F.softmax(teacher(*inputs), -1)
+        kd = F.kl_div(F.log_softmax(out, -1), soft, reduction="batchmean")
+        return (1 - config.distill) * F.cross_entropy(out, labels) + config.distill * kd
+
+    finetune(student, task, steps=config.steps, lr=config.lr, loss=loss, seed=config.seed, progress=False,
+             label=f"training NAS candidate {arch.widths}")
+    return student.eval()
+

@@ -14,16 +14,19 @@ import copy
 import dataclasses
 import itertools
 import random
-from typing import Any, Iterable, Sequence
+from typing import Any, ClassVar, Iterable, Sequence
 
 import torch
 import torch.nn as nn
 
+from slimkit.core.config import BaseConfig, technique
+from slimkit.core.errors import SlimkitError
+from slimkit.core.record import StepRecord, add_record
+from slimkit.core.registry import SearchContext, build_registered, builder, builder_of
+from slimkit.core.task import Task
 from slimkit.distill.student import kept_layers
-from slimkit.errors import SlimkitError
 from slimkit.graph.attention import AttentionBlock, attention_blocks, sync_head_counts
 from slimkit.graph.blocks import encoder_blocks, keep_blocks
-from slimkit.io import build_registered, builder_of, register_builder
 
 ROUND_TO = 8  # FFN widths the CPU GEMM kernels like
 
@@ -219,8 +222,8 @@ def subnet(model: nn.Module, arch: EncoderArch, ranking: Ranking | None = None) 
     base = builder_of(model)
     if base is not None:  # reloads as: base architecture, cut to `layers` blocks, resized to the saved tensors
         student.slimkit_builder = ("encoder_subnet", {"base": base[0], "base_kwargs": base[1], "layers": arch.layers})
-    student.slimkit_prune = {"resized": True}
-    student.slimkit_nas = {"arch": arch.to_dict(), "kept_layers": keep}
+    student.slimkit_resized = True
+    add_record(student, ArchRecord("nas.Encoder", arch.to_dict(), arch=arch.to_dict(), kept_layers=keep))
     return student.eval()
 
 
@@ -247,9 +250,58 @@ def _sync_config(model: nn.Module, arch: EncoderArch) -> None:
                 setattr(config, attr, value)
 
 
-@register_builder("encoder_subnet")
+@builder("encoder_subnet")
 def build_encoder_subnet(base: str, base_kwargs: dict[str, Any], layers: int) -> nn.Module:
     """The base architecture cut to ``layers`` blocks; loading resizes its layers to the saved tensors."""
     model = keep_blocks(build_registered(base, base_kwargs, what="encoder subnet"), list(range(layers)))
     model.slimkit_builder = ("encoder_subnet", {"base": base, "base_kwargs": base_kwargs, "layers": layers})
     return model
+
+
+@dataclasses.dataclass
+class ArchRecord(StepRecord):
+    """The encoder member a model was cut to, and which of the original blocks it kept."""
+
+    arch: dict[str, int] = dataclasses.field(default_factory=dict)
+    kept_layers: list[int] = dataclasses.field(default_factory=list)
+
+
+@technique("nas.Encoder", stage="nas", search="nas_encoder")
+@dataclasses.dataclass(frozen=True)
+class Encoder(BaseConfig):
+    """Keep ``layers`` blocks with ``heads`` heads and ``ffn`` FFN units each; rank on ``rank_batches``."""
+
+    version: ClassVar[int] = 1
+    layers: int = 3
+    heads: int = 12
+    ffn: int = 1536
+    rank_batches: int = 4
+
+    def __post_init__(self) -> None:
+        if min(self.layers, self.heads, self.ffn) < 1 or self.rank_batches < 0:
+            raise SlimkitError(f"nas.Encoder layers={self.layers}, heads={self.heads}, ffn={self.ffn}, "
+                               f"rank_batches={self.rank_batches}", "layers, heads, ffn >= 1; rank_batches >= 0")
+
+    def apply_to(self, model: nn.Module, task: Task | None) -> nn.Module:
+        return slice_encoder(model, self, task)
+
+    @classmethod
+    def suggest(cls, trial: Any, ctx: SearchContext) -> Encoder:
+        arch = EncoderSpace.from_model(ctx.task.model).suggest(trial, prefix="nas_encoder")
+        return cls(layers=arch.layers, heads=arch.heads, ffn=arch.ffn)
+
+    @classmethod
+    def applies(cls, ctx: SearchContext) -> bool:
+        """A BERT-style encoder (blocks with q/k/v, output projection, FFN pair)."""
+        try:
+            EncoderSpace.from_model(ctx.task.model)
+        except SlimkitError:
+            return False
+        return True
+
+
+def slice_encoder(model: nn.Module, config: Encoder, task: Task | None) -> nn.Module:
+    """Handler of :class:`Encoder`: the member, ranked on the task's calibration inputs when it has them."""
+    inputs = list(getattr(task, "calib", ()) or ())[:config.rank_batches]
+    return subnet(model, EncoderArch(config.layers, config.heads, config.ffn), rank(model, inputs))
+

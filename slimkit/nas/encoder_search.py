@@ -4,7 +4,7 @@ fitted latency model that says how far measurements can be skipped.
 The proxy is the mean cosine between the member's and the original's sentence embeddings: it
 needs no labels, costs one forward pass over a few batches, and is what distillation later
 optimises, so ranking members by it before distilling ranks them by their starting point.
-The searchers of :mod:`slimkit.nas.search` (TPE / NSGA-II and evolution) drive this evaluator as
+The searchers of :mod:`slimkit.nas.arch_search` (TPE / NSGA-II and evolution) drive this evaluator as
 they drive the CNN ones.
 """
 
@@ -17,9 +17,11 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
-from slimkit.errors import SlimkitError
+from slimkit.core.errors import SlimkitError
+from slimkit.distill import Distill, distill
+from slimkit.nas.arch_search import Evaluation
 from slimkit.nas.encoder import EncoderArch, Ranking, rank, subnet
-from slimkit.nas.search import Evaluation
+from slimkit.nas.predictor import _interleaved
 
 Inputs = Sequence[tuple[torch.Tensor, ...]]
 
@@ -48,7 +50,6 @@ class EncoderEvaluator:
         self.reference_ms = self._times({"reference": self.model}, rounds=7)["reference"]
 
     def _times(self, models: dict[str, nn.Module], rounds: int) -> dict[str, float]:
-        from slimkit.nas.predictor import _interleaved
 
         x = self.timing_input
         return _interleaved({k: (lambda m=m: m(*x)) for k, m in models.items()}, self.threads, rounds, 0.1)
@@ -117,7 +118,6 @@ def rerank(evaluator: EncoderEvaluator, task: Any, candidates: Sequence[EncoderA
     on MiniLM a thin 6-layer member and a wide 3-layer one start equal and end 0.02 apart in score.
     A short distillation of a few finalists (one per depth, say) ranks them by where they head.
     """
-    from slimkit.distill import Distill, distill
 
     scored = []
     for arch in candidates:

@@ -20,6 +20,8 @@ import torch
 import torch.nn as nn
 
 from slimkit.measure import measure_latency
+from slimkit.measure._call import pinned_threads
+from slimkit.measure.latency import interleaved_samples
 from slimkit.nas.cnn import CNNArch, build
 
 Key = tuple[Any, ...]
@@ -128,8 +130,6 @@ def measure_archs(archs: Sequence[CNNArch], batch: int, threads: int | None = No
 
 def _interleaved(fns: dict[Any, Any], threads: int | None, rounds: int, min_time_s: float) -> dict[Any, float]:
     """Median ms per call of every function over ``rounds`` rounds of all of them (two warm-up calls each)."""
-    from slimkit.measure._call import pinned_threads
-    from slimkit.measure.latency import interleaved_samples
 
     with pinned_threads(threads or None), torch.inference_mode():
         samples = interleaved_samples(fns, rounds=rounds, min_time_s=min_time_s)

@@ -18,6 +18,7 @@ import torch.nn as nn
 import torch.nn.functional as F
 
 from slimkit.nas.cnn import CNNArch, CNNSpace, build
+from slimkit.train import finetune
 
 
 class SuperCNN(nn.Module):
@@ -106,7 +107,6 @@ def train_supernet(supernet: SuperCNN, task: Any, *, steps: int, teacher: nn.Mod
     The teacher defaults to the supernet's largest member (trained on the labels in the same step);
     passing the user's trained model instead is cheaper and starts every member from good targets.
     """
-    from slimkit.train import finetune
 
     rng = random.Random(seed)
     space = supernet.space

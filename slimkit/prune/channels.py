@@ -16,14 +16,18 @@ from typing import Any, ClassVar
 import torch
 import torch.nn as nn
 
-from slimkit.config import BaseConfig, register, register_handler
-from slimkit.errors import SlimkitError
+from slimkit.core.config import BaseConfig, technique
+from slimkit.core.errors import SlimkitError
+from slimkit.core.record import ReportSection, StepRecord, StepView, add_record
+from slimkit.core.registry import SearchContext
+from slimkit.core.task import Task
 from slimkit.graph import attention, dependency
 from slimkit.measure._call import tensors
 from slimkit.measure.flops import count_flops
+from slimkit.measure.latency_table import LatencyTable, measure_table
 from slimkit.prune.channels_allocation import allocate
-from slimkit.prune.latency_table import LatencyTable, measure_table
 from slimkit.prune.reconstruct import reconstruct
+from slimkit.prune.record import ChannelRecord, prune_report_section
 
 log = logging.getLogger("slimkit.prune")
 
@@ -32,7 +36,7 @@ ALLOCATIONS = ("uniform", "macs", "latency")
 _MAX_RESTARTS = 32
 
 
-@register("prune.Channels")
+@technique("prune.Channels", stage="prune", search="channels")
 @dataclasses.dataclass(frozen=True)
 class Channels(BaseConfig):
     """Remove ``amount`` of the channels of every prunable group (or reach ``macs_ratio``).
@@ -45,7 +49,7 @@ class Channels(BaseConfig):
     ``allocation``: ``uniform`` removes the same fraction of every group; ``macs`` spends the
     budget where the MACs are (``slimkit.prune.channels_allocation``): fewest importance lost per
     MAC saved, so cheap layers (a classifier's hidden units) keep their width. ``latency`` times
-    every layer on this machine at a grid of widths first (``slimkit.prune.latency_table``, at
+    every layer on this machine at a grid of widths first (``slimkit.measure.latency_table``, at
     ``latency_batch``, the example repeated; None keeps the example's batch) and spends the
     budget per millisecond saved instead, so the model at the MACs target is faster. With
     ``macs`` or ``latency``, ``amount`` is the fraction of MACs to remove; convs and MLPs only
@@ -93,6 +97,27 @@ class Channels(BaseConfig):
         if self.round_to is not None and self.round_to < 1:
             raise SlimkitError(f"round_to={self.round_to} must be a positive integer", "use e.g. 8, or None")
 
+    def apply_to(self, model: nn.Module, task: Task | None) -> nn.Module:
+        return prune_channels(model, self, task)
+
+    @classmethod
+    def suggest(cls, trial: Any, ctx: SearchContext) -> Channels:
+        """By MACs (latency) or by width (bytes: a pruned layer loses params in both dimensions, while
+        a MACs target may cut early convs whose params are few). Reconstruction whenever the task has
+        calibration inputs: it turns a broken pruned model into a usable one before any fine-tuning."""
+        importances = ["l2", "taylor"] if ctx.trainable else ["l2", "l1"]
+        reconstruct = ctx.has_calibration()
+        if trial.suggest_categorical("channels.by", ["macs", "width"]) == "width":
+            amount = round(trial.suggest_float("channels.amount", 0.1, 0.8, step=0.05), 2)
+            return cls(amount=amount, importance=trial.suggest_categorical("channels.importance", importances),
+                       reconstruct=reconstruct)
+        return cls(macs_ratio=round(trial.suggest_float("channels.macs_ratio", 0.15, 0.9, step=0.05), 2),
+                   importance=trial.suggest_categorical("channels.importance", importances), reconstruct=reconstruct)
+
+    @classmethod
+    def report_section(cls, report: ReportSection, record: StepRecord, view: StepView) -> None:
+        prune_report_section(report, record, view)
+
 
 @dataclasses.dataclass
 class _Attempt:
@@ -101,9 +126,10 @@ class _Attempt:
     pruned_groups: int = 0
     blocked: dict[str, str] = dataclasses.field(default_factory=dict)
     kept_out: dict[str, list[int]] = dataclasses.field(default_factory=dict)  # layer -> original output channels kept
+    heads: dict[str, list[int]] = dataclasses.field(default_factory=dict)  # attention block -> heads removed
 
 
-def prune_channels(model: nn.Module, config: Channels, task: Any) -> nn.Module:
+def prune_channels(model: nn.Module, config: Channels, task: Task | None) -> nn.Module:
     """Handler of :class:`Channels`: prune ``model`` (a copy made by ``apply``) and record what was done."""
     example = _example(task)
     model.eval()
@@ -126,18 +152,15 @@ def prune_channels(model: nn.Module, config: Channels, task: Any) -> nn.Module:
     skipped = {**dependency.custom_layers(model), **attempt.blocked, **broken, **not_refitted}
     for name, reason in skipped.items():
         log.info("prune: left %s intact: %s", name, reason)
-    model.slimkit_prune = {
-        "config": config.to_dict(), "amount": amount,
-        "macs": [before_macs, after_macs], "params": [before_params, sum(p.numel() for p in model.parameters())],
-        "layers": {n: [before_widths[n], w] for n, w in _widths(model).items() if before_widths.get(n) != w},
-        "heads": {n: list(v) for n, v in getattr(model, "_slimkit_heads", {}).items()},
-        "groups_pruned": attempt.pruned_groups, "skipped": skipped,
-        "reconstruction": {n: dataclasses.asdict(f) for n, f in fits.items()},
-        "latency_table": table.to_dict() if table is not None else None,
-        "resized": after_macs != before_macs or bool(attempt.pruned_groups),
-    }
-    if hasattr(model, "_slimkit_heads"):
-        del model._slimkit_heads
+    add_record(model, ChannelRecord(
+        config.type_name, config.to_dict(), skipped, amount=amount, macs=[before_macs, after_macs],
+        params=[before_params, sum(p.numel() for p in model.parameters())],
+        layers={n: [before_widths[n], w] for n, w in _widths(model).items() if before_widths.get(n) != w},
+        heads={n: list(v) for n, v in attempt.heads.items()}, groups_pruned=attempt.pruned_groups,
+        reconstruction={n: dataclasses.asdict(f) for n, f in fits.items()},
+        latency_table=table.to_dict() if table is not None else None))
+    if after_macs != before_macs or attempt.pruned_groups:  # widths now differ from the builder's
+        model.slimkit_resized = True
     return model
 
 
@@ -240,7 +263,7 @@ def _attempt(model: nn.Module, config: Channels, amount: float, example: tuple, 
             return result
         result.pruned_groups += 1
     model.zero_grad(set_to_none=True)
-    model._slimkit_heads = attention.sync_head_counts(blocks)
+    result.heads = {n: list(v) for n, v in attention.sync_head_counts(blocks).items()}
     return result
 
 
@@ -345,5 +368,3 @@ def _example(task: Any) -> tuple:
                            "pass a Task (or any object with .example)")
     return example if isinstance(example, tuple) else (example,)
 
-
-register_handler(Channels, prune_channels)

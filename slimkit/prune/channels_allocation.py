@@ -8,7 +8,7 @@ per MAC saved: a greedy knapsack. Each Conv/Linear is modelled as ``MACs0 * kept
 (the kept fractions of the groups that own its input and output channels; a depthwise conv
 follows its output only), so the cost of a channel falls as its neighbours shrink.
 
-With a measured latency table (``slimkit.prune.latency_table``) the same greedy pays for the MACs
+With a measured latency table (``slimkit.measure.latency_table``) the same greedy pays for the MACs
 budget in milliseconds instead: each step removes the chunk that loses the least importance per
 ms saved, so layers that are slow for their MACs (a stem on large feature maps, pooling, wide
 late convs) give up channels first and the model at the MACs target runs faster.
@@ -23,7 +23,7 @@ from typing import Any, Callable
 import torch
 import torch.nn as nn
 
-from slimkit.prune.latency_table import LatencyTable, LeafCost
+from slimkit.measure.latency_table import LatencyTable, LeafCost
 
 _MIN_KEPT = 0.25  # no group drops below a quarter of its channels: a thin bottleneck starves every layer after it
 _LAST_RESORT = 1e9  # cost offset of chunks that save MACs but no measured time: taken only when nothing else is left

@@ -5,7 +5,8 @@ final ones, and not to fresh random values), and the sparse network is retrained
 budget. :func:`reinit_like` builds the control: same mask, fresh random weights.
 
 Training is any callable ``train(model, after_step)`` that runs the whole budget and calls
-``after_step(model, step)`` after each optimizer step (``slimkit.train.finetune`` does).
+``after_step(model, step)`` after each optimizer step (``slimkit.train.finetune`` does); the
+``prune.Lottery`` step trains with ``finetune`` on the task for ``steps`` steps each time.
 """
 
 from __future__ import annotations
@@ -17,9 +18,14 @@ from typing import Any, Callable
 import torch
 import torch.nn as nn
 
-from slimkit.errors import SlimkitError
-from slimkit.prune.magnitude import check_amount, magnitude_masks
-from slimkit.prune.masks import AfterStep, Masks, apply_masks, global_sparsity, masked, prunable
+from slimkit.core.config import BaseConfig, technique
+from slimkit.core.errors import SlimkitError
+from slimkit.core.record import ReportSection, StepRecord, StepView
+from slimkit.core.task import Task
+from slimkit.prune.magnitude import SCOPES, Targets, check_amount, magnitude_masks
+from slimkit.prune.record import prune_report_section, record_sparsity
+from slimkit.train.finetune import finetune
+from slimkit.train.masks import AfterStep, Masks, apply_masks, global_sparsity, masked, prunable
 
 Train = Callable[[nn.Module, AfterStep], Any]
 
@@ -40,6 +46,15 @@ class Snapshot:
     def __init__(self, step: int, then: AfterStep | None = None) -> None:
         self.step, self.then = step, then
         self.state: dict[str, torch.Tensor] | None = None
+
+    def state_dict(self) -> dict[str, Any]:
+        """Kept in fine-tuning checkpoints: a resumed run still knows the weights to rewind to."""
+        return {"state": self.state, "then": self.then.state_dict() if hasattr(self.then, "state_dict") else None}
+
+    def load_state_dict(self, state: dict[str, Any]) -> None:
+        self.state = state["state"]
+        if state.get("then") is not None and hasattr(self.then, "load_state_dict"):
+            self.then.load_state_dict(state["then"])
 
     def __call__(self, model: nn.Module, step: int) -> None:
         if step == self.step:
@@ -88,3 +103,51 @@ def reinit_like(model: nn.Module, masks: Masks, seed: int = 0) -> nn.Module:
             m.reset_parameters()
     apply_masks(fresh, masks)
     return fresh
+
+
+@technique("prune.Lottery", stage="prune")
+@dataclasses.dataclass(frozen=True)
+class Lottery(BaseConfig):
+    """Iterative magnitude pruning with rewinding: train ``steps``, prune, rewind to ``rewind_step``, retrain."""
+
+    amount: float = 0.8
+    steps: int = 200
+    rewind_step: int = 0
+    rounds: int = 1
+    lr: float = 1e-3
+    scope: str = "global"
+    targets: Targets = "all"
+    exclude: Targets = ()
+    seed: int = 0
+
+    def __post_init__(self) -> None:
+        check_amount(self.amount)
+        if self.scope not in SCOPES:
+            raise SlimkitError(f"scope={self.scope!r} is not supported", "use 'global' or 'layer'")
+        if not isinstance(self.steps, int) or self.steps < 1 or not 0 <= self.rewind_step < self.steps:
+            raise SlimkitError(f"prune.Lottery steps={self.steps!r}, rewind_step={self.rewind_step!r}",
+                               "use steps >= 1 and 0 <= rewind_step < steps")
+        if not isinstance(self.rounds, int) or self.rounds < 1:
+            raise SlimkitError(f"prune.Lottery rounds={self.rounds!r} is invalid", "use 1 or more rounds")
+
+    def apply_to(self, model: nn.Module, task: Task | None) -> nn.Module:
+        if task is None or not task.train or task.loss is None:
+            raise SlimkitError("prune.Lottery trains and needs a task with training data and a loss",
+                               "give the Task train batches and a loss, or use prune.Magnitude")
+
+        def train(m: nn.Module, after_step: AfterStep) -> None:
+            finetune(m, task, steps=self.steps, lr=self.lr, seed=self.seed, after_step=after_step,
+                     restore_best=False, progress=False,
+                     label=f"lottery ticket {task.name}")
+
+        ticket = find_ticket(model, train, amount=self.amount, rewind_step=self.rewind_step, rounds=self.rounds,
+                             scope=self.scope, targets=self.targets, exclude=self.exclude)
+        names, skipped = prunable(ticket.model, self.targets, self.exclude)
+        record_sparsity(ticket.model, self, names, skipped,
+                        history=[(self.steps * (r + 1), s) for r, s in enumerate(ticket.rounds)])
+        return ticket.model.eval()
+
+    @classmethod
+    def report_section(cls, report: ReportSection, record: StepRecord, view: StepView) -> None:
+        prune_report_section(report, record, view)
+

@@ -13,9 +13,13 @@ from typing import Any
 import torch
 import torch.nn as nn
 
-from slimkit.config import BaseConfig, register, register_handler
-from slimkit.errors import SlimkitError
-from slimkit.prune.masks import Masks, apply_masks, prunable, record, weight
+from slimkit.core.config import BaseConfig, technique
+from slimkit.core.errors import SlimkitError
+from slimkit.core.record import ReportSection, StepRecord, StepView
+from slimkit.core.registry import SearchContext
+from slimkit.core.task import Task
+from slimkit.prune.record import prune_report_section, record_sparsity
+from slimkit.train.masks import Masks, apply_masks, prunable, weight
 
 Targets = str | tuple[str, ...]
 SCOPES = ("global", "layer")
@@ -27,7 +31,7 @@ def check_amount(amount: object) -> None:
                            "use a number in [0, 1), e.g. 0.5 to zero half of the weights")
 
 
-@register("prune.Magnitude")
+@technique("prune.Magnitude", stage="prune", search="magnitude")
 @dataclasses.dataclass(frozen=True)
 class Magnitude(BaseConfig):
     """Zero ``amount`` of the weights with the smallest magnitude.
@@ -46,6 +50,17 @@ class Magnitude(BaseConfig):
         check_amount(self.amount)
         if self.scope not in SCOPES:
             raise SlimkitError(f"scope={self.scope!r} is not supported", "use 'global' or 'layer'")
+
+    def apply_to(self, model: nn.Module, task: Task | None) -> nn.Module:
+        return prune_magnitude(model, self, task)
+
+    @classmethod
+    def suggest(cls, trial: Any, ctx: SearchContext) -> Magnitude:
+        return cls(amount=round(trial.suggest_float("magnitude.amount", 0.3, 0.95, step=0.05), 2))
+
+    @classmethod
+    def report_section(cls, report: ReportSection, record: StepRecord, view: StepView) -> None:
+        prune_report_section(report, record, view)
 
 
 def smallest(scores: torch.Tensor, k: int) -> torch.Tensor:
@@ -80,11 +95,8 @@ def magnitude_masks(model: nn.Module, names: list[str], amount: float, scope: st
     return masks
 
 
-def prune_magnitude(model: nn.Module, config: Magnitude, task: Any = None) -> nn.Module:
+def prune_magnitude(model: nn.Module, config: Magnitude, task: Task | None = None) -> nn.Module:
     names, skipped = prunable(model, config.targets, config.exclude)
     apply_masks(model, magnitude_masks(model, names, config.amount, config.scope))
-    record(model, config, names, skipped)
+    record_sparsity(model, config, names, skipped)
     return model
-
-
-register_handler(Magnitude, prune_magnitude)

@@ -6,7 +6,7 @@ Linear weights (out, in) are grouped along ``in``; Conv weights (out, in, *k) ar
 
 ``method="sparsegpt"`` (Frantar & Alistarh 2023) chooses each group's pruned weights by
 ``w^2 / [H^-1]_jj^2`` from the task's calibration inputs and updates the surviving weights to
-absorb the loss (``slimkit.obs``; a conv's inputs are its unfolded patches), instead of dropping
+absorb the loss (``slimkit.calibrate.obs``; a conv's inputs are its unfolded patches), instead of dropping
 the smallest |w|. At 2:4 without fine-tuning it raises all-MiniLM-L6-v2's mean cosine to the dense
 embeddings from 0.72 to 0.82, and the mnist CNN's accuracy from 0.940 to 0.989 (unpruned 0.990).
 """
@@ -20,23 +20,26 @@ from typing import Any
 import torch
 import torch.nn as nn
 
-from slimkit import obs
-from slimkit.config import BaseConfig, register, register_handler
-from slimkit.errors import SlimkitError
-from slimkit.prune.masks import Masks, apply_masks, prunable, record, weight
+from slimkit.calibrate import obs
+from slimkit.core.config import BaseConfig, technique
+from slimkit.core.errors import SlimkitError
+from slimkit.core.record import ReportSection, StepRecord, StepView
+from slimkit.core.task import Task
+from slimkit.prune.record import prune_report_section, record_sparsity
+from slimkit.train.masks import Masks, apply_masks, prunable, weight
 
 log = logging.getLogger("slimkit.prune")
 Targets = str | tuple[str, ...]
 METHODS = ("magnitude", "sparsegpt")
 
 
-@register("prune.NM")
+@technique("prune.NM", stage="prune")
 @dataclasses.dataclass(frozen=True)
 class NM(BaseConfig):
     """Keep the ``n`` largest-|w| of every ``m`` consecutive input weights (2:4 by default).
 
     Layers whose input size (times kernel size for convs) is not a multiple of ``m`` are left
-    dense and listed in ``model.slimkit_prune["skipped"]``. ``method``: ``"magnitude"``, or
+    dense and listed in the step record's ``skipped``. ``method``: ``"magnitude"``, or
     ``"sparsegpt"`` (needs the task's calibration batches; Linear and ungrouped Conv2d layers,
     others keep magnitude masks).
     """
@@ -51,6 +54,17 @@ class NM(BaseConfig):
         check_nm(self.n, self.m)
         if self.method not in METHODS:
             raise SlimkitError(f"method={self.method!r} is not an N:M method", f"use one of {', '.join(METHODS)}")
+
+    def apply_to(self, model: nn.Module, task: Task | None) -> nn.Module:
+        return prune_nm(model, self, task)
+
+    @classmethod
+    def presets(cls) -> dict[str, BaseConfig]:
+        return {"2:4": cls(), "2:4-sparsegpt": cls(method="sparsegpt")}
+
+    @classmethod
+    def report_section(cls, report: ReportSection, record: StepRecord, view: StepView) -> None:
+        prune_report_section(report, record, view)
 
 
 def check_nm(n: object, m: object) -> None:
@@ -108,7 +122,7 @@ def prune_nm(model: nn.Module, config: NM, task: Any = None) -> nn.Module:
     if config.method == "sparsegpt":
         masks = _sparsegpt(model, masks, config, task)
     apply_masks(model, masks)
-    record(model, config, list(masks), {**skipped, **misfits})
+    record_sparsity(model, config, list(masks), {**skipped, **misfits})
     return model
 
 
@@ -183,5 +197,3 @@ def to_semi_structured(model: nn.Module, targets: Targets = "all-linear", exclud
         converted.append(name)
     return converted
 
-
-register_handler(NM, prune_nm)

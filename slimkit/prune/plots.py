@@ -13,9 +13,9 @@ from typing import Any, Iterable, Mapping, Sequence
 
 import torch
 
-from slimkit._atomic import atomic_write
-from slimkit.errors import SlimkitError
-from slimkit.prune.masks import layer_sparsity  # noqa: F401  (the snapshots the heatmap draws; kept importable here)
+from slimkit.core.atomic import atomic_write
+from slimkit.core.errors import SlimkitError
+from slimkit.train.masks import layer_sparsity  # noqa: F401  (the snapshots the heatmap draws; kept importable here)
 
 #: layer -> {column (e.g. step or weight kind) -> fraction of zero weights}
 Grid = Mapping[str, Mapping[str, float]]

@@ -22,9 +22,9 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
-from slimkit.errors import SlimkitError
+from slimkit.core.errors import SlimkitError
+from slimkit.core.progress import progress_bar
 from slimkit.graph.dependency import execution_order
-from slimkit.train._progress import progress_bar
 
 log = logging.getLogger("slimkit.prune")
 

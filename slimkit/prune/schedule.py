@@ -17,9 +17,9 @@ from typing import Any, Callable
 
 import torch.nn as nn
 
-from slimkit.errors import SlimkitError
+from slimkit.core.errors import SlimkitError
 from slimkit.prune.magnitude import check_amount, magnitude_masks
-from slimkit.prune.masks import AfterStep, Masks, apply_masks, global_sparsity, masked, prunable
+from slimkit.train.masks import AfterStep, Masks, apply_masks, global_sparsity, masked, prunable
 
 FineTune = Callable[[nn.Module, int, AfterStep], Any]
 History = list[tuple[int, float]]
@@ -76,6 +76,14 @@ class CubicPruner:
         reached = global_sparsity(model, self.names)
         self.history.append((step, reached))
         return reached
+
+    def state_dict(self) -> dict[str, Any]:
+        """What a fine-tuning checkpoint keeps so a resumed schedule continues exactly."""
+        return {"masks": dict(self.masks), "history": [list(h) for h in self.history]}
+
+    def load_state_dict(self, state: dict[str, Any]) -> None:
+        self.masks = dict(state["masks"])
+        self.history = [(int(s), float(v)) for s, v in state["history"]]
 
     def __call__(self, model: nn.Module, step: int) -> None:
         if self.is_pruning_step(step):

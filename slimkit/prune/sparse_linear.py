@@ -18,9 +18,10 @@ from typing import Any
 import torch
 import torch.nn as nn
 
-from slimkit.errors import SlimkitError
-from slimkit.io import register_module_class, set_submodule
-from slimkit.prune.masks import log, prunable
+from slimkit.core.editing import set_submodule
+from slimkit.core.errors import SlimkitError
+from slimkit.core.registry import layer_class
+from slimkit.train.masks import log, prunable
 
 #: Measured crossover sparsity per thread count, then per batch (tokens per call), from
 #: bench/results/sparse_cpu.json (2026-11-23). The 1-thread rows are clean. Every 2-thread row of
@@ -38,7 +39,7 @@ def _csr(dense: torch.Tensor) -> torch.Tensor:
         return dense.to_sparse_csr()
 
 
-@register_module_class("prune.SparseLinear")
+@layer_class("prune.SparseLinear")
 class SparseLinear(nn.Module):
     """``nn.Linear`` for inference with a CSR weight: ``y = x W^T + b`` via ``torch.addmm``.
 

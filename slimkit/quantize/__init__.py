@@ -1,23 +1,24 @@
-"""Numerical precision techniques. Import a config and pass it to ``slimkit.apply``.
+"""Numerical precision: post-training int8 / weight-only int8 and int4 (GPTQ), fp16 / bf16 casts,
+quantization-aware training, sensitivity-driven mixed precision, binary and ternary weights.
 
-``Int8`` (dynamic or static activations) and ``WeightOnly`` (int8 / int4) turn layers into
-``QuantLinear`` / ``QuantConv2d`` holding packed integer weights (and embedding tables into
-int8-row ``QuantEmbedding``); ``Float16`` / ``BFloat16``
-cast the whole model.
+Each technique is one module (``int8``, ``weight_only``, ``cast``, ``qat``, ``mixed``, ``extreme``);
+the layers they produce (``QuantLinear`` / ``QuantConv2d`` / ``QuantEmbedding``, half and bit-packed
+layers) are stored with packed integer weights and run on real integer kernels.
 """
 
-from slimkit.quantize import ptq  # noqa: F401  (registers the PTQ handlers)
-from slimkit.quantize.calibrate import collect, compute_range
 from slimkit.quantize.cast import BFloat16, Float16
-from slimkit.quantize.configs import Int8, WeightOnly
 from slimkit.quantize.embedding import QuantEmbedding
-from slimkit.quantize.layer_error import LayerError, layer_errors
-from slimkit.quantize.half import HalfConv2d, HalfLinear
-from slimkit.quantize.mixed import Mixed
-from slimkit.quantize.modules import QuantConv2d, QuantLinear
 from slimkit.quantize.extreme import Binary, Ternary
 from slimkit.quantize.gptq import gptq_int4
+from slimkit.quantize.half import HalfConv2d, HalfLinear
+from slimkit.quantize.int8 import Int8
+from slimkit.quantize.layer_error import LayerError, layer_errors
+from slimkit.quantize.mixed import Mixed
+from slimkit.quantize.modules import QuantConv2d, QuantLinear
 from slimkit.quantize.qat import QAT
+from slimkit.quantize.record import MixedRecord, QuantRecord, TrainedQuantRecord
+from slimkit.quantize.weight_only import WeightOnly
 
-__all__ = ["Binary", "HalfConv2d", "HalfLinear", "Mixed", "QAT", "Ternary", "BFloat16", "Float16", "Int8", "LayerError", "QuantConv2d", "QuantEmbedding", "QuantLinear", "WeightOnly", "collect",
-           "compute_range", "gptq_int4", "layer_errors"]
+__all__ = ["BFloat16", "Binary", "Float16", "HalfConv2d", "HalfLinear", "Int8", "LayerError", "Mixed", "MixedRecord",
+           "QAT", "QuantConv2d", "QuantEmbedding", "QuantLinear", "QuantRecord", "Ternary", "TrainedQuantRecord",
+           "WeightOnly", "gptq_int4", "layer_errors"]

@@ -8,8 +8,10 @@ from typing import Any
 import torch
 from torch import nn
 
-from slimkit.errors import SlimkitError
-from slimkit.quantize import _kernels, pack
+from slimkit.core.errors import SlimkitError
+from slimkit.core.runtime_needs import LayerNeeds
+from slimkit.formats import pack
+from slimkit.quantize import _kernels
 
 ACTIVATIONS = ("none", "dynamic", "static")
 
@@ -54,6 +56,19 @@ class _QuantBase(nn.Module):
             scale, zero = pack.act_qparams(*act_range, symmetric=self.symmetric_act)
             self.act_scale.copy_(scale)
             self.act_zero.copy_(zero)
+
+    def runtime_needs(self) -> LayerNeeds:
+        """What a runtime must provide to run this layer (``slimkit.core.runtime_needs``)."""
+        unsupported: dict[str, str] = {}
+        if self.activations == "none":
+            unsupported["onnxruntime"] = ("weight-only int8/int4 has no ONNX Runtime path in slimkit; torch's "
+                                          "weight-only kernels run it")
+        op = "conv2d" if isinstance(self, nn.Conv2d) or hasattr(self, "kernel_size") else "linear"
+        if op == "conv2d":
+            unsupported["cuda"] = "quantized convolutions have no CUDA kernel in slimkit (Linear layers only)"
+        return LayerNeeds(op=op, weight_bits=int(getattr(self, "bits", 8)), group_size=int(getattr(self, "group_size", 0)),
+                          activations=self.activations, per_channel=bool(getattr(self, "per_channel", True)),
+                          symmetric_activations=self.symmetric_act, unsupported=unsupported)
 
     def act_range(self) -> tuple[float, float]:
         """The static activation range, as ``(lo, hi)`` that reproduces ``act_scale``/``act_zero`` exactly."""

@@ -30,7 +30,7 @@ from typing import Any
 
 import torch
 
-from slimkit.quantize import pack
+from slimkit.formats import pack
 
 #: Rows (tokens) above which the weight-only kernels lose to dequantize + fp32 GEMM. Two 1-thread runs
 #: (K=384 N=1536 / K=1536 N=384, median ms, kernel vs dequant+fp32): int8 M=16 0.73/0.85 and 1.59/1.64,

@@ -13,16 +13,18 @@ from typing import Any
 
 import torch.nn as nn
 
-from slimkit.errors import SlimkitError
-from slimkit.io import set_submodule
+from slimkit.core.editing import set_submodule
+from slimkit.core.errors import SlimkitError
+from slimkit.core.record import last_record
+from slimkit.core.task import Task
+from slimkit.quantize.record import QuantRecord
+from slimkit.runtime import build
 
 log = logging.getLogger("slimkit.quantize")
 
 
-def control(model: nn.Module, originals: dict[str, nn.Module], config: Any, task: Any) -> nn.Module:
+def control(model: nn.Module, originals: dict[str, nn.Module], config: Any, task: Task | None) -> nn.Module:
     """Revert layers of ``model`` (in place) until the task metric drop is within ``config.max_drop``."""
-    from slimkit.runtime import build
-
     if task is None:
         raise SlimkitError("max_drop needs a task to measure the metric on", "pass the task to slimkit.apply")
     quantized = {name: model.get_submodule(name) for name in originals}
@@ -40,8 +42,8 @@ def control(model: nn.Module, originals: dict[str, nn.Module], config: Any, task
         swap(name, False)
     current = score(config.backend)
     history = [{"reverted": None, "score": current, "drop": task.drop(baseline, current)}]
-    info = model.slimkit_quant
-    info.update(baseline=baseline, history=history)
+    info = last_record(model, QuantRecord)
+    info.baseline, info.history = baseline, history
     if task.drop(baseline, current) <= config.max_drop:
         return model
     quantized_score = score("torch")
@@ -50,11 +52,11 @@ def control(model: nn.Module, originals: dict[str, nn.Module], config: Any, task
         swap(name, True)
         gains[name] = task.drop(baseline, quantized_score) - task.drop(baseline, score("torch"))
         swap(name, False)
-    info["sensitivity"] = dict(sorted(gains.items(), key=lambda kv: -kv[1]))
-    for name in info["sensitivity"]:
+    info.sensitivity = dict(sorted(gains.items(), key=lambda kv: -kv[1]))
+    for name in info.sensitivity:
         swap(name, True)
-        info["reverted"].append(name)
-        info["layers"].remove(name)
+        info.reverted.append(name)
+        info.layers.remove(name)
         current = score(config.backend)
         drop = task.drop(baseline, current)
         history.append({"reverted": name, "score": current, "drop": drop})

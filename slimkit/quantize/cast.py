@@ -14,30 +14,44 @@ from typing import Any
 import torch
 import torch.nn as nn
 
-from slimkit.config import BaseConfig, register, register_handler
+from slimkit.core.config import BaseConfig, technique
+from slimkit.core.task import Task
 
 
-@register("quantize.Float16")
+@technique("quantize.Float16", stage="quantize")
 @dataclasses.dataclass(frozen=True)
 class Float16(BaseConfig):
     """Store and run weights and activations in IEEE half precision."""
 
     keep_norms_fp32: bool = False
 
+    def apply_to(self, model: nn.Module, task: Task | None) -> nn.Module:
+        return cast_model(model, self, torch.float16)
 
-@register("quantize.BFloat16")
+    @classmethod
+    def presets(cls) -> dict[str, BaseConfig]:
+        return {"fp16": cls()}
+
+
+@technique("quantize.BFloat16", stage="quantize")
 @dataclasses.dataclass(frozen=True)
 class BFloat16(BaseConfig):
     """Store and run weights and activations in bfloat16 (fp32's range, 8-bit mantissa)."""
 
     keep_norms_fp32: bool = False
 
+    def apply_to(self, model: nn.Module, task: Task | None) -> nn.Module:
+        return cast_model(model, self, torch.bfloat16)
+
+    @classmethod
+    def presets(cls) -> dict[str, BaseConfig]:
+        return {"bf16": cls()}
+
 
 _NORMS = (nn.BatchNorm1d, nn.BatchNorm2d, nn.BatchNorm3d, nn.LayerNorm, nn.GroupNorm)
 
 
-def _cast(model: nn.Module, config: Float16 | BFloat16, task: Any) -> nn.Module:
-    dtype = torch.float16 if isinstance(config, Float16) else torch.bfloat16
+def cast_model(model: nn.Module, config: Float16 | BFloat16, dtype: torch.dtype) -> nn.Module:
     model.to(dtype)
     if config.keep_norms_fp32:
         for m in model.modules():
@@ -54,7 +68,3 @@ def _to(value: Any, dtype: torch.dtype) -> Any:
     if isinstance(value, torch.Tensor) and value.is_floating_point():
         return value.to(dtype)
     return value
-
-
-register_handler(Float16, _cast)
-register_handler(BFloat16, _cast)

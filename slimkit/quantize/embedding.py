@@ -32,9 +32,9 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from slimkit.errors import SlimkitError
-from slimkit.io import register_module_class
-from slimkit.quantize import pack
+from slimkit.core.errors import SlimkitError
+from slimkit.core.registry import layer_class
+from slimkit.formats import pack
 
 BITS = (8, 4)
 INT4_LEVELS = 15
@@ -42,7 +42,7 @@ INT4_LEVELS = 15
 GROUP_SIZE = 32
 
 
-@register_module_class("QuantEmbedding")
+@layer_class("QuantEmbedding")
 class QuantEmbedding(nn.Module):
     """An ``nn.Embedding`` with quantized rows.
 

@@ -16,12 +16,19 @@ from typing import Any
 
 import torch.nn as nn
 
-from slimkit.config import BaseConfig, register, register_handler
-from slimkit.errors import SlimkitError
-from slimkit.io import set_submodule
-from slimkit.quantize.configs import Targets, _check
+from slimkit.core.config import BaseConfig, technique
+from slimkit.core.editing import set_submodule
+from slimkit.core.errors import SlimkitError
+from slimkit.core.record import ReportSection, StepRecord, StepView, add_record
+from slimkit.core.registry import SearchContext
+from slimkit.core.task import Task
 from slimkit.quantize.extreme_modules import ExtremeConv2d, ExtremeLinear
 from slimkit.quantize.modules import QuantConv2d, QuantLinear
+from slimkit.quantize.options import Targets, check_choice
+from slimkit.quantize.ptq import target_layers
+from slimkit.quantize.qat import fold_and_freeze, training_loss
+from slimkit.quantize.record import TrainedQuantRecord, Training, quant_report_section
+from slimkit.train.finetune import finetune
 
 
 @dataclasses.dataclass(frozen=True)
@@ -37,15 +44,26 @@ class _ExtremeConfig(BaseConfig):
     seed: int = 0
 
     def __post_init__(self) -> None:
-        _check("loss", self.loss, ("auto", "task", "distill"))
+        check_choice("loss", self.loss, ("auto", "task", "distill"))
         if not isinstance(self.steps, int) or self.steps < 1:
             raise SlimkitError(f"{self.type_name} steps={self.steps!r} is invalid",
                                "use a positive number of steps, e.g. 500")
         if not self.lr > 0:
             raise SlimkitError(f"{self.type_name} lr={self.lr!r} is invalid", "use a positive learning rate")
 
+    def apply_to(self, model: nn.Module, task: Task | None) -> nn.Module:
+        return quantize_extreme(model, self, task)
 
-@register("quantize.Binary")
+    @classmethod
+    def applies(cls, ctx: SearchContext) -> bool:
+        return ctx.trainable
+
+    @classmethod
+    def report_section(cls, report: ReportSection, record: StepRecord, view: StepView) -> None:
+        quant_report_section(report, record, view)
+
+
+@technique("quantize.Binary", stage="quantize")
 @dataclasses.dataclass(frozen=True)
 class Binary(_ExtremeConfig):
     """1-bit weights ``alpha * sign(w)`` per output channel (XNOR-Net weights; activations stay float)."""
@@ -53,7 +71,7 @@ class Binary(_ExtremeConfig):
     mode = "binary"
 
 
-@register("quantize.Ternary")
+@technique("quantize.Ternary", stage="quantize", search="ternary")
 @dataclasses.dataclass(frozen=True)
 class Ternary(_ExtremeConfig):
     """2-bit weights in {-Wn, 0, +Wp} per output channel; ``threshold`` x mean|w| is the zero band."""
@@ -66,6 +84,11 @@ class Ternary(_ExtremeConfig):
         if not 0.0 < self.threshold < 2.0:
             raise SlimkitError(f"Ternary threshold={self.threshold} is outside (0, 2)", "use about 0.7")
 
+    @classmethod
+    def suggest(cls, trial: Any, ctx: SearchContext) -> Ternary:
+        steps = trial.suggest_categorical("ternary.steps", list(ctx.extra.get("ternary_steps", (300, 600))))
+        return cls(steps=int(steps))
+
 
 def _int8_weights(layer: nn.Module) -> nn.Module:
     if isinstance(layer, nn.Conv2d):
@@ -73,17 +96,13 @@ def _int8_weights(layer: nn.Module) -> nn.Module:
     return QuantLinear.from_float(layer, bits=8, activations="none")
 
 
-def quantize_extreme(model: nn.Module, config: _ExtremeConfig, task: Any, *, progress: bool = False) -> nn.Module:
+def quantize_extreme(model: nn.Module, config: _ExtremeConfig, task: Task | None, *, progress: bool = False) -> nn.Module:
     """Fold BN, binarize / ternarize the targets, fine-tune, store bit-packed; score on torch."""
-    from slimkit.quantize.ptq import _targets
-    from slimkit.quantize.qat import _loss_fn, fold_and_freeze
-    from slimkit.train.finetune import finetune
-
     if task is None or not getattr(task, "train", None):
         raise SlimkitError(f"{config.type_name} needs a task with training data (1-2 bit weights must be trained)",
                            "pass a task with train batches")
     model, folded, teacher = fold_and_freeze(model, config, task)
-    names, skipped = _targets(model, config.targets, config.exclude, allow_conv=True)
+    names, skipped = target_layers(model, config.targets, config.exclude, allow_conv=True)
     order = [n for n, m in model.named_modules() if isinstance(m, (nn.Linear, nn.Conv2d))]
     edges = {order[0], order[-1]} if config.keep_first_last and len(order) > 2 else set()
     kept = [n for n in names if n in edges]
@@ -95,7 +114,7 @@ def quantize_extreme(model: nn.Module, config: _ExtremeConfig, task: Any, *, pro
         layer = model.get_submodule(name)
         cls = ExtremeConv2d if isinstance(layer, nn.Conv2d) else ExtremeLinear
         set_submodule(model, name, cls.from_float(layer, config.mode, getattr(config, "threshold", 0.7)))
-    loss, kind = _loss_fn(config, task, teacher)
+    loss, kind = training_loss(config, task, teacher)
     start = time.perf_counter()
     result = finetune(model, task, steps=config.steps, lr=config.lr, seed=config.seed, loss=loss,
                       progress=progress, label=f"{config.mode} {task.name}")
@@ -104,19 +123,13 @@ def quantize_extreme(model: nn.Module, config: _ExtremeConfig, task: Any, *, pro
     for name in kept:
         set_submodule(model, name, _int8_weights(model.get_submodule(name)))
     model.eval()
-    info = {"config": config.to_dict(), "layers": trained, "int8_layers": kept, "skipped": skipped,
-            "reverted": [], "embeddings": [],
-            "extreme": {"mode": config.mode, "steps": result.steps, "loss": kind, "first_loss": result.losses[0],
-                        "last_loss": result.losses[-1], "seconds": round(time.perf_counter() - start, 2),
-                        "folded_bn": folded}}
+    training = Training(steps=result.steps, loss=kind, first_loss=result.losses[0], last_loss=result.losses[-1],
+                        seconds=round(time.perf_counter() - start, 2), folded_bn=folded, mode=config.mode)
     if config.evaluate:
-        info["extreme"]["score"] = task.evaluate(model)["score"]
-        info["extreme"]["backend"] = "torch (packed weights unpacked to float per call: no binary kernel on this CPU)"
-    model.slimkit_quant = info
+        training.score = task.evaluate(model)["score"]
+        training.backend = "torch (packed weights unpacked to float per call: no binary kernel on this CPU)"
+    add_record(model, TrainedQuantRecord(config.type_name, config.to_dict(), skipped, layers=trained,
+                                         training=training, int8_layers=kept))
     return model
-
-
-register_handler(Binary, quantize_extreme)
-register_handler(Ternary, quantize_extreme)
 
 __all__ = ["Binary", "Ternary", "quantize_extreme"]

@@ -24,10 +24,10 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
-from slimkit.errors import SlimkitError
-from slimkit.io import register_module_class
-from slimkit.quantize.bitpack import pack_bits, packed_width, unpack_bits
-from slimkit.quantize.pack import pack_int4, unpack_int4
+from slimkit.core.errors import SlimkitError
+from slimkit.core.registry import layer_class
+from slimkit.formats.bitpack import pack_bits, packed_width, unpack_bits
+from slimkit.formats.pack import pack_int4, unpack_int4
 from slimkit.quantize.half import conv_spec, conv_weight_shape, spec_conv2d
 
 MODES = ("binary", "ternary")
@@ -175,7 +175,7 @@ class _Bits(nn.Module):
         return torch.where(codes == 1, sp, torch.where(codes == 2, -sn, torch.zeros_like(sp)))
 
 
-@register_module_class("BitLinear")
+@layer_class("BitLinear")
 class BitLinear(_Bits):
     """A Linear with binary (1 bit), ternary (2 bit) or signed 4-bit packed weights."""
 
@@ -196,7 +196,7 @@ class BitLinear(_Bits):
         return F.linear(x, self.flat_weight().to(x.dtype), self.bias)
 
 
-@register_module_class("BitConv2d")
+@layer_class("BitConv2d")
 class BitConv2d(_Bits):
     """A Conv2d with binary, ternary or signed 4-bit packed weights (O, C/groups * kh * kw)."""
 

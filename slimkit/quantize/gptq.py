@@ -10,15 +10,15 @@ The result is slimkit's int4 format (``quantize.pack``): asymmetric per group of
 inputs, ``w ≈ (q - zero) * scale`` with q in [0, 15], so every runtime that runs int4 runs it.
 Each group's scale and zero come from the group's weights *as updated so far*; columns are taken in
 their natural order (no act-order), which keeps groups contiguous for the kernels. The sweep itself
-is ``slimkit.obs`` (shared with SparseGPT's N:M pruning).
+is ``slimkit.calibrate.obs`` (shared with SparseGPT's N:M pruning).
 """
 
 from __future__ import annotations
 
 import torch
 
-from slimkit import obs
-from slimkit.quantize import pack
+from slimkit.calibrate import obs
+from slimkit.formats import pack
 
 LEVELS = pack.INT4_LEVELS  # q in [0, 15]
 

@@ -9,7 +9,7 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
-from slimkit.io import register_module_class
+from slimkit.core.registry import layer_class
 
 
 def _tuple(v: Any) -> Any:
@@ -50,7 +50,7 @@ class _Half(nn.Module):
         return self.eval()
 
 
-@register_module_class("HalfLinear")
+@layer_class("HalfLinear")
 class HalfLinear(_Half):
     """An ``nn.Linear`` with a float16 weight (N, K) and a float32 bias."""
 
@@ -75,7 +75,7 @@ class HalfLinear(_Half):
         return F.linear(x, self.weight.to(x.dtype), self.bias)
 
 
-@register_module_class("HalfConv2d")
+@layer_class("HalfConv2d")
 class HalfConv2d(_Half):
     """An ``nn.Conv2d`` (zero padding) with a float16 weight and a float32 bias."""
 

@@ -13,6 +13,8 @@ from typing import Iterable
 import torch
 import torch.nn as nn
 
+from slimkit.core.runtime_needs import quantized_layers
+
 
 @dataclasses.dataclass
 class LayerError:
@@ -40,9 +42,7 @@ def layer_errors(float_model: nn.Module, quant_model: nn.Module, batches: Iterab
 
     Sorted worst first by worst-channel SQNR, the number that exposes a destroyed channel.
     """
-    from slimkit.runtime import _quantized
-
-    quantized = _quantized(quant_model)
+    quantized = quantized_layers(quant_model)
     inputs: dict[str, list[torch.Tensor]] = {n: [] for n in quantized}
     hooks = [float_model.get_submodule(n).register_forward_pre_hook(
         lambda _m, args, n=n: inputs[n].append(args[0].detach())) for n in quantized]

@@ -33,10 +33,19 @@ import numpy as np
 import torch
 import torch.nn as nn
 
-from slimkit.config import BaseConfig, register, register_handler
-from slimkit.errors import SlimkitError
-from slimkit.io import set_submodule
-from slimkit.quantize.configs import Targets, _check
+from slimkit.core.config import BaseConfig, technique
+from slimkit.core.editing import set_submodule
+from slimkit.core.errors import SlimkitError
+from slimkit.core.record import ReportSection, StepRecord, StepView, add_record
+from slimkit.core.registry import SearchContext
+from slimkit.core.task import Task
+from slimkit.measure.sensitivity import layer_sensitivity, weight_layers
+from slimkit.quantize.extreme_modules import int4_stored
+from slimkit.quantize.half import HalfConv2d, HalfLinear
+from slimkit.quantize.modules import QuantConv2d, QuantLinear
+from slimkit.quantize.options import Targets, check_choice
+from slimkit.quantize.ptq import quantize_embeddings, target_layers
+from slimkit.quantize.record import MixedRecord, quant_report_section
 
 log = logging.getLogger("slimkit.quantize")
 
@@ -44,7 +53,7 @@ WIDTHS = (4, 8, 16)
 INT4_GROUPS = (32, 64, 128)
 
 
-@register("quantize.Mixed")
+@technique("quantize.Mixed", stage="quantize", search="mixed")
 @dataclasses.dataclass(frozen=True)
 class Mixed(BaseConfig):
     """Per-layer bits minimising predicted damage with the layers' bytes <= ``budget_ratio`` x their fp32 bytes.
@@ -84,9 +93,9 @@ class Mixed(BaseConfig):
         if not self.candidates or any(b not in WIDTHS for b in self.candidates):
             raise SlimkitError(f"candidates={self.candidates!r} must be a non-empty subset of {WIDTHS}",
                                "use e.g. (4, 8, 16)")
-        _check("group_size", self.group_size, (32, 64, 128))
-        _check("measure", self.measure, ("output", "metric"))
-        _check("activations", self.activations, ("none", "dynamic"))
+        check_choice("group_size", self.group_size, (32, 64, 128))
+        check_choice("measure", self.measure, ("output", "metric"))
+        check_choice("activations", self.activations, ("none", "dynamic"))
         groups = tuple(self.int4_groups)
         if any(g not in INT4_GROUPS for g in groups) or len(set(groups)) < len(groups) or self.group_size in groups:
             raise SlimkitError(f"int4_groups={groups!r} must be distinct sizes from {INT4_GROUPS} other than "
@@ -97,6 +106,30 @@ class Mixed(BaseConfig):
         if not 0.0 < self.budget_ratio <= 1.0:
             raise SlimkitError(f"budget_ratio={self.budget_ratio} is outside (0, 1]",
                                "use the fraction of the layers' fp32 bytes to keep, e.g. 0.25")
+
+    def apply_to(self, model: nn.Module, task: Task | None) -> nn.Module:
+        return quantize_mixed(model, self, task)
+
+    @classmethod
+    def suggest(cls, trial: Any, ctx: SearchContext) -> Mixed:
+        """Per-layer widths under a byte budget, or every layer at its narrowest width (the smallest artifact).
+
+        When the search measured per-layer sensitivity for every weight layer, the integer program
+        uses it instead of measuring again (its 4-bit drops at group 32; 8 bits is taken as 1/256 of that)."""
+        if trial.suggest_categorical("mixed.widths", ["budget", "narrowest"]) == "narrowest":
+            return cls(narrowest=True)
+        ratio = round(trial.suggest_float("mixed.budget_ratio", 0.2, 0.5, step=0.01), 2)
+        names = weight_layers(ctx.task.model)
+        known = dict(ctx.sensitivity) if ctx.sensitivity and all(n in ctx.sensitivity for n in names) else None
+        activations = trial.suggest_categorical("mixed.activations", ["none", "dynamic"])  # int8 x int8 8-bit layers
+        # int4 at group 128 as well as 32: 4.5 instead of 6 bits a weight, bytes the solver can spend on 8-bit layers
+        groups = trial.suggest_categorical("mixed.int4_groups", ["32", "32+128"])
+        return cls(budget_ratio=ratio, sensitivity=known, activations=activations,
+                   int4_groups=(128,) if groups == "32+128" else ())
+
+    @classmethod
+    def report_section(cls, report: ReportSection, record: StepRecord, view: StepView) -> None:
+        quant_report_section(report, record, view)
 
     def __hash__(self) -> int:
         return hash(self.to_json())
@@ -194,8 +227,6 @@ def greedy(costs: Sequence[Sequence[float]], sizes: Sequence[Sequence[float | No
 
 def _costs(model: nn.Module, config: Mixed, task: Any, names: list[str]) -> dict[str, dict[str, float]]:
     """Predicted drop per option (key of :func:`options`) per layer (16 bits: 0)."""
-    from slimkit.measure.sensitivity import layer_sensitivity
-
     out: dict[str, dict[str, float]] = {"16": {n: 0.0 for n in names}}
     if len(options(config)) == 1 or config.narrowest:  # nothing to choose: no measurement
         keys = [str(b) for b in WIDTHS] + [key for key, _, _ in options(config)]
@@ -222,17 +253,13 @@ def _costs(model: nn.Module, config: Mixed, task: Any, names: list[str]) -> dict
 
 def measure_costs(model: nn.Module, config: Mixed, task: Any) -> dict[str, dict[str, float]]:
     """The per-layer costs ``config`` would measure, as ``Mixed(measured=...)`` takes them back."""
-    from slimkit.quantize.ptq import _targets
-
-    names, _ = _targets(model, config.targets, config.exclude, allow_conv=True)
+    names, _ = target_layers(model, config.targets, config.exclude, allow_conv=True)
     costs = _costs(model, dataclasses.replace(config, measured=None), task, names)
     return {key: v for key, v in costs.items() if key != "16"}
 
 
 def _int4_conv(conv: nn.Conv2d) -> nn.Module:
     """Symmetric per-channel int4 (levels -7..7, step max|w|/7): the weight ``layer_sensitivity`` scores at 4 bits."""
-    from slimkit.quantize.extreme_modules import int4_stored
-
     w = conv.weight.detach().float().flatten(1)  # (N, K)
     step = (w.abs().amax(1) / 7).clamp_min(1e-12)  # (N,)
     return int4_stored(conv, torch.round(w / step[:, None]).clamp(-7, 7), step)
@@ -240,11 +267,7 @@ def _int4_conv(conv: nn.Conv2d) -> nn.Module:
 
 def quantize_mixed(model: nn.Module, config: Mixed, task: Any) -> nn.Module:
     """The registered handler: measure, solve, swap each layer for its chosen stored form."""
-    from slimkit.quantize.half import HalfConv2d, HalfLinear
-    from slimkit.quantize.modules import QuantConv2d, QuantLinear
-    from slimkit.quantize.ptq import _quantize_embeddings, _targets
-
-    names, skipped = _targets(model, config.targets, config.exclude, allow_conv=True)
+    names, skipped = target_layers(model, config.targets, config.exclude, allow_conv=True)
     opts = options(config)
     layers = {n: model.get_submodule(n) for n in names}
     sizes = [[option_bytes(layers[n], o, config) for o in opts] for n in names]
@@ -263,7 +286,7 @@ def quantize_mixed(model: nn.Module, config: Mixed, task: Any) -> nn.Module:
     bits = {n: opts[j][1] for n, j in zip(names, choice)}
     groups = {n: _int4_group(layers[n], config) if opts[j][2] is None else opts[j][2]
               for n, j in zip(names, choice) if opts[j][1] == 4 and isinstance(layers[n], nn.Linear)}
-    _quantize_embeddings(model, config, skipped)
+    quantize_embeddings(model, config, skipped)
     for n, b in bits.items():
         layer = layers[n]
         if b == 16:
@@ -276,15 +299,12 @@ def quantize_mixed(model: nn.Module, config: Mixed, task: Any) -> nn.Module:
             new = QuantLinear.from_float(layer, bits=8, activations=config.activations)
         set_submodule(model, n, new)
     used = sum(sizes[i][j] for i, j in enumerate(choice))
-    model.slimkit_quant = {"config": config.to_dict(), "layers": [n for n, b in bits.items() if b < 16],
-                           "skipped": skipped, "reverted": [], "bits": bits, "budget_bytes": budget,
-                           "weight_bytes": used, "fp32_weight_bytes": fp32,
-                           "predicted_drop": float(sum(costs[i][j] for i, j in enumerate(choice))),
-                           "group_sizes": groups, "sensitivity": costs_by_key}
+    add_record(model, MixedRecord(config.type_name, config.to_dict(), skipped,
+                                  layers=[n for n, b in bits.items() if b < 16], sensitivity=costs_by_key, bits=bits,
+                                  group_sizes=groups, budget_bytes=budget, weight_bytes=used, fp32_weight_bytes=fp32,
+                                  predicted_drop=float(sum(costs[i][j] for i, j in enumerate(choice)))))
     log.info("mixed precision: %s", bits)
     return model.eval()
 
-
-register_handler(Mixed, quantize_mixed)
 
 __all__ = ["Mixed", "greedy", "layer_bytes", "measure_costs", "option_bytes", "options", "quantize_mixed", "solve"]

@@ -29,9 +29,10 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from slimkit.errors import SlimkitError
-from slimkit.io import register_module_class
-from slimkit.quantize import _kernels, pack
+from slimkit.core.errors import SlimkitError
+from slimkit.core.registry import layer_class
+from slimkit.formats import pack
+from slimkit.quantize import _kernels
 from slimkit.quantize._base import _QuantBase
 from slimkit.quantize._kernels import DEQUANT_ABOVE_M, INT4_KERNEL_GROUPS
 
@@ -41,7 +42,7 @@ NO_VNNI = ("int8 GEMM sums saturate int16 on this CPU (no VNNI) with full-range 
            "emulated by fake-quantized activations (integer static path: ONNX Runtime)")
 
 
-@register_module_class("QuantLinear")
+@layer_class("QuantLinear")
 class QuantLinear(_QuantBase):
     """A Linear with int8 (per-channel / per-tensor) or int4 (grouped) weights.
 
@@ -186,7 +187,7 @@ def _explicit_padding(conv: nn.Conv2d) -> tuple[int, int]:
     return (total[0] // 2, total[1] // 2)
 
 
-@register_module_class("QuantConv2d")
+@layer_class("QuantConv2d")
 class QuantConv2d(_QuantBase):
     """A Conv2d with symmetric int8 weights (O, C/groups, kh, kw), per output channel or per tensor.
 

@@ -21,18 +21,27 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
-from slimkit.config import BaseConfig, register, register_handler
-from slimkit.errors import SlimkitError
-from slimkit.io import set_submodule
-from slimkit.quantize.configs import BACKENDS, CALIBRATIONS, Targets, _check
+from slimkit.calibrate.ranges import collect, compute_range
+from slimkit.core.config import BaseConfig, technique
+from slimkit.core.editing import set_submodule
+from slimkit.core.errors import SlimkitError
+from slimkit.core.record import ReportSection, StepRecord, StepView, add_record, last_record, replace_last
+from slimkit.core.registry import SearchContext
+from slimkit.core.task import Task
+from slimkit.graph.batchnorm import fold_batchnorm
+from slimkit.quantize.options import BACKENDS, CALIBRATIONS, Targets, check_choice
+from slimkit.quantize.ptq import MAX_ABS_RANGE, quantize_embeddings, target_layers
 from slimkit.quantize.qat_modules import QATConv2d, QATLinear, qat_layers
+from slimkit.quantize.record import TrainedQuantRecord, Training, quant_report_section
+from slimkit.runtime import backend_reason, build
+from slimkit.train.finetune import finetune
 
 log = logging.getLogger("slimkit.quantize")
 
 LOSSES = ("auto", "task", "distill")
 
 
-@register("quantize.QAT")
+@technique("quantize.QAT", stage="quantize", search="qat")
 @dataclasses.dataclass(frozen=True)
 class QAT(BaseConfig):
     """Quantization-aware training to int8 (weights + static/dynamic activations) or int8/int4 weight-only.
@@ -43,7 +52,7 @@ class QAT(BaseConfig):
     on small CNNs and LSQ earns its keep (``group_size`` is then unused).
     ``loss``: ``"task"`` (the task's loss on labels), ``"distill"`` (output MSE to the float model:
     for tasks without labels) or ``"auto"`` (task when it has labels and a loss, else distill).
-    ``evaluate``: score the converted model on ``backend`` and record it in ``model.slimkit_quant``.
+    ``evaluate``: score the converted model on ``backend`` and record it in the step's record.
     """
 
     bits: int = 8
@@ -66,12 +75,12 @@ class QAT(BaseConfig):
     seed: int = 0
 
     def __post_init__(self) -> None:
-        _check("bits", self.bits, (8, 4))
-        _check("activations", self.activations, ("static", "dynamic"))
-        _check("calibration", self.calibration, CALIBRATIONS)
-        _check("loss", self.loss, LOSSES)
-        _check("backend", self.backend, BACKENDS)
-        _check("group_size", self.group_size, (0, 32, 64, 128, 256))
+        check_choice("bits", self.bits, (8, 4))
+        check_choice("activations", self.activations, ("static", "dynamic"))
+        check_choice("calibration", self.calibration, CALIBRATIONS)
+        check_choice("loss", self.loss, LOSSES)
+        check_choice("backend", self.backend, BACKENDS)
+        check_choice("group_size", self.group_size, (0, 32, 64, 128, 256))
         if self.bits == 4 and not self.weight_only:
             raise SlimkitError("int4 QAT is weight-only (the int4 kernels take float activations)",
                                "set weight_only=True or bits=8")
@@ -87,15 +96,33 @@ class QAT(BaseConfig):
     def act_mode(self) -> str:
         return "none" if self.weight_only else self.activations
 
+    def apply_to(self, model: nn.Module, task: Task | None) -> nn.Module:
+        return quantize_qat(model, self, task)
+
+    @classmethod
+    def suggest(cls, trial: Any, ctx: SearchContext) -> QAT:
+        bits = trial.suggest_categorical("qat.bits", [8, 4])
+        steps = trial.suggest_categorical("qat.steps", list(ctx.extra.get("qat_steps", (100, 300))))
+        learn = trial.suggest_categorical("qat.learn_scale", [True, False])
+        if bits == 4:
+            group = trial.suggest_categorical("qat.group_size", [32, 64, 128])
+            return cls(bits=4, weight_only=True, group_size=group, steps=int(steps), learn_scale=learn)
+        return cls(bits=8, steps=int(steps), learn_scale=learn)
+
+    @classmethod
+    def applies(cls, ctx: SearchContext) -> bool:
+        return ctx.trainable
+
+    @classmethod
+    def report_section(cls, report: ReportSection, record: StepRecord, view: StepView) -> None:
+        quant_report_section(report, record, view)
+
 
 def prepare(model: nn.Module, config: QAT, task: Any) -> nn.Module:
     """Swap target layers (in place) for fake-quantized ones; embeddings become int8 tables as in PTQ."""
-    from slimkit.quantize.calibrate import collect, compute_range
-    from slimkit.quantize.ptq import MAX_ABS_RANGE, _quantize_embeddings, _targets
-
     allow_conv = config.bits == 8 or config.per_tensor
-    names, skipped = _targets(model, config.targets, config.exclude, allow_conv=allow_conv)
-    tables = _quantize_embeddings(model, config, skipped)
+    names, skipped = target_layers(model, config.targets, config.exclude, allow_conv=allow_conv)
+    tables = quantize_embeddings(model, config, skipped)
     ranges: dict[str, tuple[float, float]] = {}
     if config.act_mode == "static":
         if not getattr(task, "calib", None):
@@ -121,8 +148,8 @@ def prepare(model: nn.Module, config: QAT, task: Any) -> nn.Module:
             skipped[name] = f"in_features {layer.in_features} is not a multiple of group_size {group}"
             continue
         set_submodule(model, name, QATLinear.from_float(layer, bits=config.bits, group_size=group, **common))
-    model.slimkit_quant = {"config": config.to_dict(), "layers": list(qat_layers(model)), "skipped": skipped,
-                           "reverted": [], "embeddings": tables}
+    add_record(model, TrainedQuantRecord(config.type_name, config.to_dict(), skipped, layers=list(qat_layers(model)),
+                                         embeddings=tables))
     return model
 
 
@@ -141,13 +168,13 @@ def ptq_start(model: nn.Module, config: QAT, task: Any) -> nn.Module:
     as ``config.steps=0`` would give). The honest baseline for what the training adds."""
     model, folded, _ = fold_and_freeze(copy.deepcopy(model), config, task)
     prepare(model, config, task)
-    info = model.slimkit_quant
     convert(model)
-    model.slimkit_quant = {**info, "qat": {"steps": 0, "folded_bn": folded}}
+    record = last_record(model, TrainedQuantRecord)
+    record.training = Training(steps=0, loss="none", first_loss=0.0, last_loss=0.0, seconds=0.0, folded_bn=folded)
     return model
 
 
-def _loss_fn(config: QAT, task: Any, teacher: nn.Module) -> Any:
+def training_loss(config: QAT, task: Any, teacher: nn.Module) -> Any:
     has_labels = task.loss is not None and task.train and isinstance(task.train[0], (tuple, list)) \
         and len(task.train[0]) == 2 and isinstance(task.train[0][0], (tuple, list))
     kind = config.loss if config.loss != "auto" else ("task" if has_labels else "distill")
@@ -170,8 +197,6 @@ def fold_and_freeze(model: nn.Module, config: Any, task: Any) -> tuple[nn.Module
     folded float model as the distillation teacher. Returns (model, folded BN names, teacher)."""
     folded: list[str] = []
     if config.fold_bn and any(isinstance(m, nn.modules.batchnorm._BatchNorm) for m in model.modules()):
-        from slimkit.architecture.fuse import fold_batchnorm
-
         model, folded = fold_batchnorm(model, task.example)
     teacher = copy.deepcopy(model).eval()
     for p in teacher.parameters():
@@ -179,32 +204,25 @@ def fold_and_freeze(model: nn.Module, config: Any, task: Any) -> tuple[nn.Module
     return model, folded, teacher
 
 
-def quantize_qat(model: nn.Module, config: QAT, task: Any, *, progress: bool = False) -> nn.Module:
+def quantize_qat(model: nn.Module, config: QAT, task: Task | None, *, progress: bool = False) -> nn.Module:
     """The registered handler: fold BN, prepare, fine-tune ``config.steps`` steps, convert, score."""
-    from slimkit.train.finetune import finetune
-
     if task is None or not getattr(task, "train", None):
         raise SlimkitError("QAT needs a task with training data", "pass a task with train batches, or use PTQ")
     model, folded, teacher = fold_and_freeze(model, config, task)
     prepare(model, config, task)
-    loss, kind = _loss_fn(config, task, teacher)
+    loss, kind = training_loss(config, task, teacher)
     start = time.perf_counter()
     result = finetune(model, task, steps=config.steps, lr=config.lr, seed=config.seed, loss=loss,
                       progress=progress, label=f"QAT {task.name}")
-    info = model.slimkit_quant
     convert(model)
-    info["qat"] = {"steps": result.steps, "loss": kind, "first_loss": result.losses[0],
-                   "last_loss": result.losses[-1], "seconds": round(time.perf_counter() - start, 2),
-                   "folded_bn": folded}
+    record = last_record(model, TrainedQuantRecord)
+    record.training = Training(steps=result.steps, loss=kind, first_loss=result.losses[0], last_loss=result.losses[-1],
+                               seconds=round(time.perf_counter() - start, 2), folded_bn=folded)
     if config.evaluate:
-        from slimkit.runtime import backend_reason, build
-
         run = build(model, config.backend, task.example)
-        info["qat"].update(score=task.evaluate(run)["score"], backend=backend_reason(model, config.backend))
-    model.slimkit_quant = info
+        record.training.score = task.evaluate(run)["score"]
+        record.training.backend = backend_reason(model, config.backend)
+    replace_last(model, record)
     return model
-
-
-register_handler(QAT, quantize_qat)
 
 __all__ = ["QAT", "convert", "prepare", "ptq_start", "quantize_qat"]

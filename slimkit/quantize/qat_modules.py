@@ -19,11 +19,11 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
-from slimkit.errors import SlimkitError
-from slimkit.quantize import pack
+from slimkit.core.errors import SlimkitError
+from slimkit.formats import pack
 from slimkit.quantize._ste import fake_quant, lsq
 from slimkit.quantize.extreme_modules import BitConv2d, BitLinear, int4_stored
-from slimkit.quantize.modules import QuantConv2d, QuantLinear
+from slimkit.quantize.modules import QuantConv2d, QuantLinear, _explicit_padding
 
 _TINY = torch.finfo(torch.float32).tiny
 INT4_SYM = (-8, 7)  # per-tensor symmetric int4 levels
@@ -193,7 +193,6 @@ class QATConv2d(nn.Conv2d):
     @classmethod
     def from_float(cls, conv: nn.Conv2d, *, activations: str, act_range: tuple[float, float] | None,
                    symmetric: bool, learn: bool, per_tensor: bool = False) -> QATConv2d:
-        from slimkit.quantize.modules import _explicit_padding
 
         m = cls(conv.in_channels, conv.out_channels, conv.kernel_size, stride=conv.stride,
                 padding=_explicit_padding(conv), dilation=conv.dilation, groups=conv.groups,

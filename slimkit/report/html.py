@@ -11,7 +11,7 @@ import os
 from pathlib import Path
 from typing import Any, Sequence
 
-from slimkit._atomic import atomic_write
+from slimkit.core.atomic import atomic_write
 
 _STYLE = """body{font:14px/1.45 system-ui,sans-serif;max-width:1000px;margin:2em auto;color:#222}
 table{border-collapse:collapse;margin:1em 0}td,th{border:1px solid #ccc;padding:4px 8px;text-align:right}
@@ -39,7 +39,7 @@ class Report:
 
     def histogram(self, title: str, series: dict[str, Sequence[float]], xlabel: str, bins: int = 80) -> None:
         """Overlaid histograms (log counts), e.g. quantization error of the worst layers."""
-        plt = _pyplot()
+        plt = pyplot_or_none()
         if plt is None:
             self.note(f"[plot '{title}' skipped: matplotlib is not installed; pip install 'slimkit[report]']")
             return
@@ -54,7 +54,7 @@ class Report:
 
     def bar_plot(self, title: str, labels: Sequence[str], series: dict[str, Sequence[float]], xlabel: str) -> None:
         """Horizontal grouped bars, one group per label (e.g. per-layer share of MACs/params/time)."""
-        plt = _pyplot()
+        plt = pyplot_or_none()
         if plt is None:
             self.note(f"[plot '{title}' skipped: matplotlib is not installed; pip install 'slimkit[report]']")
             return
@@ -106,7 +106,8 @@ class Report:
         return out / "report.html"
 
 
-def _pyplot() -> Any:
+def pyplot_or_none() -> Any:
+    """matplotlib's pyplot on the Agg canvas, or None where matplotlib (the ``report`` extra) is missing."""
     try:
         import matplotlib
 

@@ -16,8 +16,12 @@ from typing import Any
 
 import torch.nn as nn
 
-from slimkit.errors import SlimkitError
-from slimkit.io import set_submodule
+from slimkit.core.editing import set_submodule
+from slimkit.core.errors import SlimkitError
+from slimkit.core.runtime_needs import quantized_layers
+from slimkit.runtime.cuda import build_cuda
+from slimkit.runtime.layout import fastest_layout
+from slimkit.runtime.ort import OrtQuantPlan, build_ort
 
 log = logging.getLogger("slimkit.runtime")
 
@@ -44,7 +48,7 @@ BACKEND_EVIDENCE = {
 
 def quant_mode(model: nn.Module) -> str:
     """``"float"``, the single activation mode of the model's quantized layers, or ``"mixed"``."""
-    modes = {m.spec()["activations"] for m in _quantized(model).values()}
+    modes = {m.runtime_needs().activations for m in quantized_layers(model).values()}
     if not modes:
         return "float"
     return modes.pop() if len(modes) == 1 else "mixed"
@@ -79,19 +83,15 @@ def build(model: nn.Module, backend: str = "auto", example: Any = None, *, threa
         raise SlimkitError(f"layout {layout!r} is not known", "use auto or contiguous")
     if backend == "torch":
         if layout == "auto" and example is not None and quant_mode(model) == "float" and _on_cpu(model):
-            from slimkit.runtime.layout import fastest_layout
-
             examples = (example,) if not isinstance(example, (tuple, list)) else tuple(example)
             return fastest_layout(model, examples, threads=threads)[0]
         return model.eval()
+    refuse_unsupported(model, backend)
     if backend == "cuda":
-        from slimkit.runtime.cuda import build_cuda
-
         return build_cuda(model)
     if example is None:
         raise SlimkitError("the onnxruntime backend needs example inputs to export the model",
                            "pass example=task.example")
-    from slimkit.runtime.ort import build_ort
 
     float_model, plan = ort_plan(model)
     return build_ort(float_model, example, plan=plan, threads=threads)
@@ -99,9 +99,8 @@ def build(model: nn.Module, backend: str = "auto", example: Any = None, *, threa
 
 def ort_plan(model: nn.Module) -> tuple[nn.Module, Any]:
     """The float model to export and the plan that re-quantizes its layers in ONNX Runtime."""
-    from slimkit.runtime.ort import OrtQuantPlan
 
-    quantized = _quantized(model)
+    quantized = quantized_layers(model)
     mode = quant_mode(model)
     if mode == "float":
         return model.eval(), None
@@ -109,7 +108,7 @@ def ort_plan(model: nn.Module) -> tuple[nn.Module, Any]:
         raise SlimkitError("weight-only quantization has no ONNX Runtime path in slimkit yet",
                            "use backend='torch' for WeightOnly configs")
     if mode == "mixed":
-        modes = sorted({m.spec()["activations"] for m in quantized.values()})
+        modes = sorted({m.runtime_needs().activations for m in quantized.values()})
         raise SlimkitError(f"the model mixes quantization modes {modes}, which ONNX Runtime cannot re-create",
                            "use backend='torch' (or auto) for mixed-precision models")
     float_model = copy.deepcopy(model).eval()
@@ -118,24 +117,28 @@ def ort_plan(model: nn.Module) -> tuple[nn.Module, Any]:
     symmetric = True
     for name, m in quantized.items():
         set_submodule(float_model, name, m.to_float())
-        spec = m.spec()
-        per_channel = per_channel and spec.get("per_channel", True)
+        needs = m.runtime_needs()
+        per_channel = per_channel and needs.per_channel
         if mode == "static":
             ranges[name] = m.act_range()
-            symmetric = symmetric and spec.get("symmetric_act", True)
+            symmetric = symmetric and needs.symmetric_activations
     plan = OrtQuantPlan(mode=mode, modules=list(quantized), per_channel=per_channel, act_ranges=ranges,
                         symmetric_activations=symmetric)
     return float_model, plan
 
 
-def _quantized(model: nn.Module) -> dict[str, nn.Module]:
-    from slimkit.quantize.modules import QuantConv2d, QuantLinear
-
-    return {n: m for n, m in model.named_modules() if isinstance(m, (QuantLinear, QuantConv2d))}
+def refuse_unsupported(model: nn.Module, backend: str) -> None:
+    """A one-line error naming the first layer that says it cannot run on ``backend``, and why."""
+    for name, layer in quantized_layers(model).items():
+        reason = layer.runtime_needs().unsupported.get(backend)
+        if reason:
+            raise SlimkitError(f"layer {name!r} ({type(layer).__name__}) cannot run on {backend}: {reason}",
+                               "use backend='torch' (or auto)")
 
 
 def _on_cpu(model: nn.Module) -> bool:
     return all(p.device.type == "cpu" for p in model.parameters())
 
 
-__all__ = ["BACKENDS", "BACKEND_EVIDENCE", "DEFAULT_BACKEND", "backend_reason", "build", "ort_plan", "quant_mode", "resolve_backend"]
+__all__ = ["BACKENDS", "BACKEND_EVIDENCE", "DEFAULT_BACKEND", "backend_reason", "build", "ort_plan", "quant_mode",
+           "refuse_unsupported", "resolve_backend"]

@@ -14,6 +14,8 @@ from collections import defaultdict
 from pathlib import Path
 from typing import Any
 
+from slimkit.runtime._qdq import replace_nodes
+
 #: MatMulIntegerToFloat inputs: A, B, a_scale, b_scale, a_zero_point, b_zero_point, bias.
 _BIAS_INPUT = 6
 
@@ -71,7 +73,6 @@ def _fold(graph: Any) -> int:
         dropped.add(add.output[0])
     if dropped:
         keep = [n for n in graph.node if not (n.op_type == "Add" and n.output[0] in dropped)]
-        from slimkit.runtime._qdq import replace_nodes
 
         replace_nodes(graph, keep)
     return len(dropped)

@@ -13,6 +13,9 @@ from typing import Any
 import numpy as np
 import torch
 
+from slimkit.calibrate.ranges import scale_zero_point
+from slimkit.formats.pack import quantize_weight_int8
+
 #: Ops a value passes through in order, so the next layer's input range also bounds it.
 _PASS_OPS = {"Relu", "MaxPool", "Flatten", "Reshape", "Transpose", "Identity", "Squeeze", "Unsqueeze"}
 
@@ -77,7 +80,6 @@ def _act_qparams(lo_hi: tuple[float, float], symmetric: bool) -> tuple[float, in
     """(scale, zero point, ONNX dtype) of slimkit's activation format for the range."""
     from onnx import TensorProto
 
-    from slimkit.quantize.calibrate import scale_zero_point
 
     scale, zero = scale_zero_point(float(lo_hi[0]), float(lo_hi[1]), 8, symmetric)
     return scale, zero, TensorProto.INT8 if symmetric else TensorProto.UINT8
@@ -107,7 +109,6 @@ def _quantize_weight(graph: Any, node: Any, per_channel: bool, unsigned: bool, o
     """
     from onnx import helper, numpy_helper
 
-    from slimkit.quantize.pack import quantize_weight_int8
 
     w = numpy_helper.to_array(next(t for t in graph.initializer if t.name == node.input[1]))
     attrs = {a.name: helper.get_attribute_value(a) for a in node.attribute}

@@ -27,8 +27,9 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
-from slimkit.errors import SlimkitError
-from slimkit.io import set_submodule
+from slimkit.core.editing import set_submodule
+from slimkit.core.errors import SlimkitError
+from slimkit.core.runtime_needs import QuantizedLayer
 from slimkit.runtime import cuda_kernels as ck
 
 log = logging.getLogger("slimkit.runtime")
@@ -144,9 +145,7 @@ def _device(device: str | torch.device) -> torch.device:
 
 
 def _is_quant_conv(layer: nn.Module) -> bool:
-    from slimkit.quantize.modules import QuantConv2d
-
-    return isinstance(layer, QuantConv2d)
+    return isinstance(layer, QuantizedLayer) and layer.runtime_needs().op == "conv2d"
 
 
 def _excluded(name: str, exclude: tuple[str, ...] | str) -> bool:
@@ -158,14 +157,13 @@ def _excluded(name: str, exclude: tuple[str, ...] | str) -> bool:
 def _plan(name: str, layer: nn.Module, scheme: str, exclude: tuple[str, ...] | str,
           int4_prefill_rows: int | None = None) -> tuple[str, torch.Tensor, Any] | None:
     """(scheme wanted, the float (N, K) weight it stands for, a builder or None) for a layer to convert."""
-    from slimkit.quantize.modules import QuantLinear
-
-    if isinstance(layer, QuantLinear):
+    if isinstance(layer, QuantizedLayer) and layer.runtime_needs().op == "linear":
+        needs = layer.runtime_needs()
         w = layer.dequantized_weight()
-        if layer.bits == 4:
+        if needs.weight_bits == 4:
             return "int4", w, lambda dev: ck.Int4Linear(layer.qweight, layer.weight_scale, layer.weight_zero,
                                                          layer.bias, dev, int4_prefill_rows)
-        if layer.activations == "none":
+        if needs.activations == "none":
             return "int8-weight-only", w, None
         return "int8", w, lambda dev: ck.Int8Linear(layer.qweight, layer.weight_scale, layer.bias, dev)
     if not isinstance(layer, nn.Linear):

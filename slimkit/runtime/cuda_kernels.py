@@ -18,7 +18,7 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
-from slimkit.quantize import pack
+from slimkit.formats import pack
 from slimkit.runtime import cuda_pack as cp
 
 OUT_DTYPE = torch.bfloat16

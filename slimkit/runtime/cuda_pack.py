@@ -3,7 +3,7 @@
 What each kernel wants (checked against the torch sources of the versions slimkit supports):
 
 * int8 (``torch._int_mm``): int8 (M, K) @ int8 (K, N) -> int32. Weights symmetric per output row
-  (``slimkit.quantize.pack`` int8), activations symmetric per token row, both in [-127, 127];
+  (``slimkit.formats.pack`` int8), activations symmetric per token row, both in [-127, 127];
   ``y = acc * x_scale (M, 1) * w_scale (1, N)``. CUDA needs M > 16 and K, N multiples of 8.
 * fp8 e4m3 (``torch._scaled_mm``): fp8 (M, K) row-major @ fp8 (K, N) column-major with float32
   row-wise scales ``scale_a`` (M, 1) and ``scale_b`` (1, N); ``x ≈ q * scale``, ``scale = amax / 448``.
@@ -22,7 +22,7 @@ from __future__ import annotations
 
 import torch
 
-from slimkit.quantize import pack
+from slimkit.formats import pack
 
 FP8_MAX = 448.0  # largest finite float8_e4m3fn
 INT8_MAX = 127

@@ -23,7 +23,7 @@ from typing import Any, Iterator, Sequence
 import torch
 import torch.nn as nn
 
-from slimkit.errors import SlimkitError
+from slimkit.core.errors import SlimkitError
 
 OPSET = 17
 #: Node types that carry a module's weight: Linear -> Gemm (2-D input) or MatMul (3-D+), Conv -> Conv.

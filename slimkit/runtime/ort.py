@@ -51,7 +51,7 @@ import numpy as np
 import torch
 import torch.nn as nn
 
-from slimkit.errors import SlimkitError
+from slimkit.core.errors import SlimkitError
 from slimkit.runtime._fold import fold_bias
 from slimkit.runtime._qdq import insert_qdq, replace_nodes
 from slimkit.runtime.onnx_export import COMPUTE_OPS, export_onnx, flat_outputs, module_nodes

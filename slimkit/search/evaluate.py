@@ -15,9 +15,11 @@ from typing import Any, Callable, Sequence
 import torch
 import torch.nn as nn
 
-from slimkit.config import BaseConfig, apply
-from slimkit.errors import SlimkitError
-from slimkit.target import Measurement, Target
+from slimkit.core.config import BaseConfig, apply
+from slimkit.core.errors import SlimkitError
+from slimkit.core.target import Measurement, Target
+from slimkit.measure import artifact_size, count_params, measure_latency, peak_memory
+from slimkit.runtime import build, resolve_backend
 
 log = logging.getLogger("slimkit.search")
 
@@ -62,8 +64,6 @@ class RuntimeMeasurer:
 
     def __call__(self, configs: Sequence[BaseConfig], early_stop: bool = True,
                  ) -> tuple[TrialMeasurement, nn.Module | None]:
-        from slimkit.measure import artifact_size, count_params, measure_latency, peak_memory
-        from slimkit.runtime import build, resolve_backend
 
         start = time.perf_counter()
         m = TrialMeasurement()

@@ -10,7 +10,6 @@ when nothing fits, the result carries the closest candidates, each limit's margi
 
 from __future__ import annotations
 
-import dataclasses
 import logging
 import os
 import socket
@@ -18,52 +17,24 @@ import time
 from pathlib import Path
 from typing import Any, Callable, Sequence
 
-import torch.nn as nn
-
-from slimkit.config import BaseConfig
-from slimkit.errors import SlimkitError
+from slimkit import io, zoo
+from slimkit.core.config import BaseConfig
+from slimkit.core.errors import SlimkitError
+from slimkit.core.registry import CHANGES_WEIGHTS, STAGES, SearchContext, Technique, searchable
+from slimkit.core.target import Target
+from slimkit.pipeline.recipe import Recipe
 from slimkit.search.evaluate import Measurer, RuntimeMeasurer, TrialMeasurement
 from slimkit.search.pareto import TrialRecord, closest, hints, objectives, pareto_front, pick_best
+from slimkit.search.progress import TrialProgress
 from slimkit.search.refine import step_closest
-from slimkit.search.space import STAGES, SearchContext, Technique, techniques
+from slimkit.search.result import OptimizeResult
+from slimkit.search.result_report import write_report
+from slimkit.search.seeding import initial_guesses, layer_sensitivity_for
 from slimkit.search.study import create_study, finished, open_storage, requeue_interrupted, run_trials, storage_url
-from slimkit.target import Target
 
 log = logging.getLogger("slimkit.search")
 
 STRATEGIES = ("auto", "tpe", "nsga2")
-#: Stages after which a recovery step (fine-tuning, distillation) makes sense.
-CHANGES_WEIGHTS = ("nas", "prune", "factorize")
-
-
-@dataclasses.dataclass
-class OptimizeResult:
-    """Everything a finished (or stopped) search knows; ``best`` is None when nothing fit."""
-
-    task: str
-    target: Target
-    baseline: TrialMeasurement
-    trials: list[TrialRecord]
-    best: TrialRecord | None
-    pareto: list[TrialRecord]
-    closest: list[TrialRecord]
-    hints: list[str]
-    sensitivity: dict[str, float]
-    study: str
-    storage: str
-    seconds: float
-    first_feasible: dict[str, float] | None = None   # trial count and seconds until the first fit
-    best_model: nn.Module | None = dataclasses.field(default=None, repr=False)
-    before_quantize: nn.Module | None = dataclasses.field(default=None, repr=False)  # the float model it quantized
-    out: Path | None = None
-
-    def to_dict(self) -> dict[str, Any]:
-        return {"task": self.task, "target": self.target.to_dict(), "baseline": self.baseline.to_dict(),
-                "best": None if self.best is None else self.best.to_dict(),
-                "pareto": [r.number for r in self.pareto], "closest": [r.to_dict() for r in self.closest],
-                "hints": self.hints, "sensitivity": self.sensitivity, "study": self.study,
-                "storage": self.storage, "seconds": self.seconds, "first_feasible": self.first_feasible,
-                "trials": [r.to_dict() for r in self.trials]}
 
 
 def suggest_pipeline(trial: Any, ctx: SearchContext, techs: Sequence[Technique]) -> list[BaseConfig]:
@@ -77,10 +48,10 @@ def suggest_pipeline(trial: Any, ctx: SearchContext, techs: Sequence[Technique])
             continue
         if stage != "recover" and ctx.max_techniques is not None and picked >= ctx.max_techniques:
             break
-        choice = trial.suggest_categorical(f"stage.{stage}", ["none"] + [t.name for t in options])
+        choice = trial.suggest_categorical(f"stage.{stage}", ["none"] + [t.search for t in options])
         if choice == "none":
             continue
-        config = next(t for t in options if t.name == choice).suggest(trial, ctx)
+        config = next(t for t in options if t.search == choice).suggest(trial, ctx)
         if config is not None:
             configs.append(config)
             changed = changed or stage in CHANGES_WEIGHTS
@@ -203,8 +174,6 @@ def optimize(task: Any, target: Target, *, trials: int = 30, time_budget: float 
     trials), before the informed guesses and the sampler. ``max_techniques=1`` searches single
     techniques only (each with its own knobs and, where it changes weights, recovery training).
     """
-    from slimkit import zoo
-    from slimkit.search.progress import TrialProgress
 
     if isinstance(task, str):
         task_spec, task = task, zoo.load(task)
@@ -220,7 +189,7 @@ def optimize(task: Any, target: Target, *, trials: int = 30, time_budget: float 
     out_dir = Path(out) if out is not None else Path("runs") / f"optimize-{task.name}"
     url = storage_url(out_dir, storage)
     name = study or f"slimkit-{task.name}"
-    techs = techniques(list(technique_names) if technique_names else None)
+    techs = searchable(list(technique_names) if technique_names else None)
     measure = measurer or RuntimeMeasurer(task, target, backend=backend, seed=seed)
 
     db = open_storage(url)
@@ -243,7 +212,7 @@ def optimize(task: Any, target: Target, *, trials: int = 30, time_budget: float 
         measure.baseline_score = baseline.score
     ctx = context_for(task, target, baseline, sens, extra, max_techniques)
     sampler = make_sampler(strategy, seed, trials)
-    attrs = {"task": task_spec or task.name, "target": target.to_dict(), "techniques": [t.name for t in techs],
+    attrs = {"task": task_spec or task.name, "target": target.to_dict(), "techniques": [t.search for t in techs],
              "trials": trials, "seed": seed, "backend": backend, "baseline": baseline.to_dict(),
              "sensitivity": sens, "extra": dict(extra or {}), "strategy": strategy,
              "max_techniques": max_techniques}
@@ -251,7 +220,6 @@ def optimize(task: Any, target: Target, *, trials: int = 30, time_budget: float 
     if resume:
         requeue_interrupted(st)
     elif not st.trials:
-        from slimkit.search.seeding import initial_guesses
 
         for params in enqueue:  # the caller's list, repeats included
             st.enqueue_trial(dict(params))
@@ -282,7 +250,6 @@ def wait_for_others(study: Any, timeout_s: float = 3600.0) -> None:
 
 
 def _sensitivity(task: Any) -> dict[str, float]:
-    from slimkit.search.seeding import layer_sensitivity_for
 
     try:
         return layer_sensitivity_for(task)
@@ -294,7 +261,6 @@ def _sensitivity(task: Any) -> dict[str, float]:
 def finish(study: Any, task: Any, target: Target, baseline: TrialMeasurement, sens: dict[str, float], name: str,
            url: str, out_dir: Path, start: float, *, seed: int, backend: str, report: bool) -> OptimizeResult:
     """Read the study, rebuild the best pipeline (the recipe replayed), save artifact + recipe + report."""
-    from slimkit.recipe import Recipe
 
     records = records_from_study(study)
     best = pick_best(records)
@@ -311,44 +277,9 @@ def finish(study: Any, task: Any, target: Target, baseline: TrialMeasurement, se
         result.before_quantize = steps[-2] if len(steps) > 1 and recipe.steps[-1].type_name.startswith(
             "quantize.") else None
         recipe.save(out_dir / "recipe.yaml")
-        from slimkit import io
 
         io.save(result.best_model, out_dir / "best", recipe=best.recipe,
                 extra={"task": task.name, "trial": best.number})
     if report:
-        from slimkit.search.report import write_report
-
         write_report(result, task)
-    return result
-
-
-def read_result(run_dir: str | Path, task: Any) -> OptimizeResult:
-    """A finished run rebuilt from its ``result.json`` and ``best/`` artifact (for ``slimkit report``)."""
-    import json
-
-    from slimkit import io
-    from slimkit.search.report import RESULT_FILE
-
-    run_dir = Path(run_dir)
-    path = run_dir / RESULT_FILE
-    if not path.is_file():
-        raise SlimkitError(f"{run_dir} holds no {RESULT_FILE}", "give the --out directory of a finished slimkit optimize")
-    try:
-        data = json.loads(path.read_text())
-        records = [TrialRecord(t["number"], t["recipe"], TrialMeasurement(**t["measured"]), t["constraints"],
-                               t.get("params", {})) for t in data["trials"]]
-        target = Target(**data["target"])
-        baseline = TrialMeasurement(**data["baseline"])
-    except (json.JSONDecodeError, KeyError, TypeError) as exc:
-        raise SlimkitError(f"{path} is not a slimkit result file ({exc})", "re-run slimkit optimize") from None
-    by_number = {r.number: r for r in records}
-    best = by_number.get(data["best"]["number"]) if data.get("best") else None
-    result = OptimizeResult(task=data["task"], target=target, baseline=baseline, trials=records, best=best,
-                            pareto=[by_number[n] for n in data["pareto"] if n in by_number],
-                            closest=[by_number[c["number"]] for c in data["closest"] if c["number"] in by_number],
-                            hints=data["hints"], sensitivity=data["sensitivity"], study=data["study"],
-                            storage=data["storage"], seconds=data["seconds"], first_feasible=data["first_feasible"],
-                            out=run_dir)
-    if best is not None:
-        result.best_model = io.load(run_dir / "best")
     return result

@@ -9,8 +9,8 @@ from typing import Any, Sequence
 
 import numpy as np
 
+from slimkit.core.target import Target
 from slimkit.search.evaluate import TrialMeasurement
-from slimkit.target import Target
 
 
 @dataclasses.dataclass

@@ -12,8 +12,9 @@ import logging
 import math
 from typing import Any
 
-from slimkit.search.space import SearchContext, Technique
-from slimkit.search.builtin import FINETUNE_STEPS, has_embeddings
+from slimkit.core.registry import SearchContext, Technique
+from slimkit.measure.sensitivity import layer_sensitivity
+from slimkit.train.recover import FINETUNE_STEPS
 
 log = logging.getLogger("slimkit.search")
 
@@ -32,14 +33,14 @@ def _grid(x: float, lo: float, hi: float, step: float = 0.05) -> float:
 
 def initial_guesses(ctx: SearchContext, techs: list[Technique]) -> list[dict[str, Any]]:
     """Parameter sets to enqueue before the sampler takes over (only knobs of techniques on offer)."""
-    names = {t.name for t in techs if t.applies(ctx)}
+    names = {t.search for t in techs if t.applies(ctx)}
     base = ctx.baseline
     size_ratio = ctx.target.max_size_mb / base["size_mb"] if ctx.target.max_size_mb else 1.0
     latency_ratio = ctx.target.max_latency_ms / base["latency_ms"] if ctx.target.max_latency_ms else 1.0
     skip = 1 if ctx.sensitivity else None
     guesses: list[dict[str, Any]] = []
 
-    embeddings = has_embeddings(ctx)
+    embeddings = ctx.has_embeddings()
 
     def quant(kind: str) -> dict[str, Any]:
         if kind in ("int8", "int8+int4-embeddings", "int8-static") and "int8" in names:
@@ -114,8 +115,6 @@ def initial_guesses(ctx: SearchContext, techs: list[Technique]) -> list[dict[str
 def layer_sensitivity_for(task: Any, max_layers: int = 12) -> dict[str, float]:
     """Metric drop per layer when only that layer's weights go to int4 (the largest ``max_layers`` layers)."""
     import torch.nn as nn
-
-    from slimkit.measure.sensitivity import layer_sensitivity
 
     sized = sorted(((n, m.weight.numel()) for n, m in task.model.named_modules()
                     if isinstance(m, (nn.Linear, nn.Conv2d))), key=lambda kv: -kv[1])

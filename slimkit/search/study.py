@@ -14,7 +14,7 @@ import time
 from pathlib import Path
 from typing import Any, Callable
 
-from slimkit.errors import SlimkitError
+from slimkit.core.errors import SlimkitError
 
 log = logging.getLogger("slimkit.search")
 

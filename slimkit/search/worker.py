@@ -12,13 +12,14 @@ import os
 import time
 from typing import Any
 
-from slimkit.errors import SlimkitError
+from slimkit import zoo
+from slimkit.core.errors import SlimkitError
+from slimkit.core.registry import searchable
+from slimkit.core.target import Target
 from slimkit.search.evaluate import RuntimeMeasurer, TrialMeasurement
 from slimkit.search.optimize import context_for, make_objective, make_sampler
 from slimkit.search.progress import TrialProgress
-from slimkit.search.space import techniques
 from slimkit.search.study import finished, load_study, open_storage, run_trials, storage_url
-from slimkit.target import Target
 
 
 def study_attrs(storage: Any, name: str, wait_s: float) -> dict[str, Any]:
@@ -39,14 +40,13 @@ def study_attrs(storage: Any, name: str, wait_s: float) -> dict[str, Any]:
 def work(study: str, storage: str, *, trials: int | None = None, time_budget: float | None = None,
          wait_s: float = 120.0, progress: bool = True) -> int:
     """Take trials until the study has ``trials`` finished (default: what its creator asked); returns that count."""
-    from slimkit import zoo
 
     db = open_storage(storage_url(None, storage))
     attrs = study_attrs(db, study, wait_s)
     task = zoo.load(attrs["task"])
     target = Target(**attrs["target"])
     baseline = TrialMeasurement(**attrs["baseline"])
-    techs = techniques(list(attrs["techniques"]))
+    techs = searchable(list(attrs["techniques"]))
     total = int(trials or attrs["trials"])
     ctx = context_for(task, target, baseline, dict(attrs.get("sensitivity", {})), attrs.get("extra"),
                       attrs.get("max_techniques"))

@@ -3,7 +3,8 @@ recovers quality after compression (checkpoints, resume, early stopping) and is 
 technique that trains."""
 
 from slimkit.train.checkpoint import load_checkpoint, save_checkpoint
-from slimkit.train.finetune import TrainResult, WarmupCosine, finetune
+from slimkit.train.finetune import TrainResult, WarmupCosine, checkpointing, finetune
 from slimkit.train.loop import FitResult, fit
+from slimkit.train.recover import Finetune
 
-__all__ = ["FitResult", "TrainResult", "WarmupCosine", "finetune", "fit", "load_checkpoint", "save_checkpoint"]
+__all__ = ["Finetune", "FitResult", "TrainResult", "WarmupCosine", "checkpointing", "finetune", "fit", "load_checkpoint", "save_checkpoint"]

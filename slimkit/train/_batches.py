@@ -14,18 +14,8 @@ from typing import Any, Iterable
 
 import torch
 
-from slimkit.errors import SlimkitError
-
-Inputs = tuple[Any, ...]
-
-
-def split_item(item: Any) -> tuple[Inputs, Any]:
-    """``((x, ...), y)`` -> (inputs, labels); a bare input tuple or tensor -> (inputs, None)."""
-    if isinstance(item, (tuple, list)) and len(item) == 2 and isinstance(item[0], (tuple, list)):
-        return tuple(item[0]), item[1]
-    if isinstance(item, (tuple, list)):
-        return tuple(item), None
-    return (item,), None
+from slimkit.core.errors import SlimkitError
+from slimkit.core.task import Inputs, split_item
 
 
 class BatchStream:

@@ -14,9 +14,8 @@ from typing import Any
 
 import torch
 
-from slimkit._atomic import atomic_write
-
-from slimkit.errors import SlimkitError
+from slimkit.core.atomic import atomic_write
+from slimkit.core.errors import SlimkitError
 
 CHECKPOINT = "finetune.pt"
 

@@ -10,6 +10,8 @@ position, torch RNG, best weights so far).
 
 from __future__ import annotations
 
+import contextlib
+import contextvars
 import dataclasses
 import math
 import os
@@ -20,16 +22,37 @@ from typing import Any, Callable, Iterable
 import torch
 import torch.nn as nn
 
-from slimkit.errors import SlimkitError
-from slimkit.task import Task
-from slimkit.train._batches import BatchStream, Inputs
-from slimkit.train._progress import progress_bar
+from slimkit.core.errors import SlimkitError
+from slimkit.core.progress import progress_bar
+from slimkit.core.task import Inputs, Task
+from slimkit.train._batches import BatchStream
 from slimkit.train.checkpoint import CHECKPOINT, load_checkpoint, save_checkpoint
 
 #: ``loss(model, inputs, labels) -> scalar tensor``; replaces ``task.loss(model(*inputs), labels)``.
 LossFn = Callable[[nn.Module, Inputs, Any], torch.Tensor]
-#: ``after_step(model, step)`` runs after every optimizer step (``step`` counts from 1).
+#: ``after_step(model, step)`` runs after every optimizer step (``step`` counts from 1). When it also
+#: has ``state_dict()`` / ``load_state_dict(state)`` (a pruning schedule's masks), checkpoints hold
+#: that state too, so a resumed run continues exactly.
 AfterStep = Callable[[nn.Module, int], None]
+
+#: Where training applied by a recipe checkpoints (set by :func:`checkpointing`): directory, steps
+#: between checkpoints, and how many runs have started in it (each run gets its own subdirectory).
+_CHECKPOINTS: contextvars.ContextVar[list[Any] | None] = contextvars.ContextVar("slimkit_checkpoints", default=None)
+#: Optimizer steps between checkpoints inside :func:`checkpointing` when a run sets none.
+CHECKPOINT_EVERY = 25
+
+
+@contextlib.contextmanager
+def checkpointing(directory: str | os.PathLike[str], every: int = CHECKPOINT_EVERY) -> Any:
+    """Training inside this block (a recipe's fine-tuning, distillation, QAT steps) checkpoints into
+    ``directory`` every ``every`` steps and resumes from a checkpoint already there; a killed run,
+    started again the same way, continues where it stopped. The n-th training run in the block uses
+    ``directory/run<n>``, so a step that trains several times (lottery rounds) keeps them apart."""
+    token = _CHECKPOINTS.set([Path(directory), int(every), 0])
+    try:
+        yield Path(directory)
+    finally:
+        _CHECKPOINTS.reset(token)
 
 
 @dataclasses.dataclass
@@ -87,6 +110,10 @@ def finetune(model: nn.Module, task: Task, *, steps: int, lr: float = 1e-3, weig
         raise SlimkitError(f"task {task.name!r} has no training loss",
                            "pass loss=fn(model, inputs, labels) or give the Task a loss")
     label = label or f"fine-tuning {task.name}"
+    scoped = _CHECKPOINTS.get()
+    if checkpoint_dir is None and scoped is not None:
+        checkpoint_dir, checkpoint_every = scoped[0] / f"run{scoped[2]}", checkpoint_every or scoped[1]
+        scoped[2] += 1
     path = Path(checkpoint_dir) / CHECKPOINT if checkpoint_dir is not None else None
     if resume and (path is None or not path.is_file()):
         raise SlimkitError(f"{label}: resume=True but there is no checkpoint"
@@ -211,6 +238,7 @@ class _Run:
             "losses": self.losses, "evals": [list(e) for e in self.evals], "best_step": self.best_step,
             "best_score": self.best_score, "best_state": self.best_state, "bad_evals": self.bad_evals,
             "stopped_early": self.stopped_early,
+            "after_step": self.after_step.state_dict() if hasattr(self.after_step, "state_dict") else None,
         }
         save_checkpoint(state, self.path)
         self.saved_step = self.step
@@ -239,6 +267,8 @@ class _Run:
         self.best_step, self.best_score = state["best_step"], state["best_score"]
         self.best_state = state["best_state"]
         self.bad_evals, self.stopped_early = int(state["bad_evals"]), bool(state["stopped_early"])
+        if state.get("after_step") is not None and hasattr(self.after_step, "load_state_dict"):
+            self.after_step.load_state_dict(state["after_step"])
 
 
 def _to(x: Any, device: torch.device) -> Any:

@@ -8,14 +8,14 @@ from __future__ import annotations
 
 import dataclasses
 import math
-from typing import Callable, Sequence
+from typing import Callable
 
 import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
-from slimkit.errors import SlimkitError
-from slimkit.train._progress import progress_bar
+from slimkit.core.errors import SlimkitError
+from slimkit.core.progress import progress_bar
 
 Augment = Callable[[torch.Tensor, torch.Generator], torch.Tensor]
 

@@ -13,34 +13,58 @@ from typing import Any
 
 import torch.nn as nn
 
-from slimkit.config import BaseConfig, register, register_handler
-from slimkit.errors import SlimkitError
+from slimkit.core.config import BaseConfig, technique
+from slimkit.core.errors import SlimkitError
+from slimkit.core.registry import SearchContext
+from slimkit.core.task import Task
+from slimkit.train.finetune import finetune
+from slimkit.train.masks import PRUNABLE, masked
 
 #: Fraction of exact zeros above which a model counts as sparse and its zeros are kept while training.
 SPARSE_ENOUGH = 0.01
+#: Fine-tuning lengths the search offers (``ctx.extra["finetune_steps"]`` overrides); informed guesses take the third.
+FINETUNE_STEPS = (100, 200, 400, 800)
 
 
-@register("train.Finetune")
+@technique("train.Finetune", stage="recover", search="finetune")
 @dataclasses.dataclass(frozen=True)
 class Finetune(BaseConfig):
-    """Fine-tune on the task's training data for ``steps`` AdamW steps (warmup + cosine)."""
+    """Fine-tune on the task's training data for ``steps`` AdamW steps (warmup + cosine).
+
+    ``evals``: score the model this many times along the way and end with the best-scoring weights
+    (0: no evaluation, the last weights).
+    """
 
     steps: int = 200
     lr: float = 1e-3
     weight_decay: float = 0.01
     seed: int = 0
+    evals: int = 0
 
     def __post_init__(self) -> None:
         if not isinstance(self.steps, int) or self.steps < 1:
             raise SlimkitError(f"Finetune steps={self.steps!r} is invalid", "use a positive whole number of steps")
         if not self.lr > 0:
             raise SlimkitError(f"Finetune lr={self.lr!r} is invalid", "use a positive learning rate, e.g. 1e-3")
+        if not isinstance(self.evals, int) or self.evals < 0:
+            raise SlimkitError(f"Finetune evals={self.evals!r} is invalid", "use 0 (no evaluation) or more")
+
+    def apply_to(self, model: nn.Module, task: Task | None) -> nn.Module:
+        return recover(model, self, task)
+
+    @classmethod
+    def suggest(cls, trial: Any, ctx: SearchContext) -> Finetune:
+        lr = float(ctx.extra.get("finetune_lr", 1e-3))
+        steps = ctx.extra.get("finetune_steps", FINETUNE_STEPS)
+        return cls(steps=int(trial.suggest_categorical("finetune.steps", list(steps))), lr=lr)
+
+    @classmethod
+    def applies(cls, ctx: SearchContext) -> bool:
+        return ctx.trainable
 
 
-def _finetune(model: nn.Module, config: Finetune, task: Any) -> nn.Module:
-    from slimkit.prune.masks import PRUNABLE, masked
-    from slimkit.train.finetune import finetune
-
+def recover(model: nn.Module, config: Finetune, task: Task | None) -> nn.Module:
+    """Handler of :class:`Finetune`: train in place, zeros kept when the model is sparse."""
     if task is None or not task.train or task.loss is None:
         raise SlimkitError(f"Finetune needs a task with training data and a loss (got {getattr(task, 'name', None)!r})",
                            "give the Task train batches and a loss, or drop the Finetune step")
@@ -49,9 +73,8 @@ def _finetune(model: nn.Module, config: Finetune, task: Any) -> nn.Module:
     keep_zeros = masked(model) if zeros > SPARSE_ENOUGH else contextlib.nullcontext(None)
     with keep_zeros as after_step:
         finetune(model, task, steps=config.steps, lr=config.lr, weight_decay=config.weight_decay,
-                 seed=config.seed, after_step=after_step, progress=False)
+                 seed=config.seed, after_step=after_step, eval_every=max(1, config.steps // config.evals)
+                 if config.evals else 0, restore_best=bool(config.evals), progress=False)
     model.eval()
     return model
 
-
-register_handler(Finetune, _finetune)

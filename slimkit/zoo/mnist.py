@@ -9,8 +9,8 @@ from __future__ import annotations
 import torch
 import torch.nn as nn
 
-from slimkit.io import register_builder
-from slimkit.task import Task
+from slimkit.core.registry import builder
+from slimkit.core.task import Task
 from slimkit.zoo._vision import image_task
 
 SEED = 0
@@ -21,7 +21,7 @@ MEAN, STD = 0.1307, 0.3081  # the usual MNIST normalisation
 TRAIN = {"epochs": 8, "lr": 3e-3, "batch_size": 64, "weight_decay": 1e-4, "seed": SEED, "shift": 2}
 
 
-@register_builder("mnist_cnn")
+@builder("mnist_cnn")
 def build_model(width: int = 16, hidden: int = 128, classes: int = 10) -> nn.Module:
     """Three Conv-BN-ReLU-MaxPool stages and a two-layer head on (B, 1, 28, 28) inputs."""
     w = width

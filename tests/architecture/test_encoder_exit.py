@@ -10,7 +10,7 @@ import torch.nn as nn
 import slimkit as sk
 from slimkit.architecture import EncoderClassifier, attach_exits, encoder_classifier, exit_features, fit_heads
 from slimkit.architecture.encoder_exit import _logistic_head
-from slimkit.errors import SlimkitError
+from slimkit.core.errors import SlimkitError
 
 pytest.importorskip("transformers")
 
@@ -111,7 +111,7 @@ def test_config_trains_encoder_exits_with_the_finetuning_loop(polarity):
     import torch.nn.functional as F
 
     from slimkit.architecture import EarlyExitConfig
-    from slimkit.task import Task, accuracy
+    from slimkit.core.task import Task, accuracy
 
     encoder, ids, mask, labels, _ = polarity
     y = torch.from_numpy(labels)

@@ -7,8 +7,8 @@ import torch
 import torch.nn as nn
 
 from slimkit.distill import SimCSELoss, contrastive_loss, simcse_finetune
-from slimkit.errors import SlimkitError
-from slimkit.task import Task
+from slimkit.core.errors import SlimkitError
+from slimkit.core.task import Task
 
 
 def test_contrastive_loss_matches_the_closed_form():

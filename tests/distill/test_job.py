@@ -6,7 +6,7 @@ import pytest
 from typer.testing import CliRunner
 
 import slimkit as sk
-from slimkit.cli import app
+from slimkit.cli.app import app
 from slimkit.factorize import Tucker
 
 runner = CliRunner()

@@ -2,7 +2,7 @@
 
 import pytest
 
-from slimkit.errors import SlimkitError
+from slimkit.core.errors import SlimkitError
 from slimkit.factorize import CP, SVD, Tucker
 from slimkit.factorize.layers import round_rank
 

@@ -6,7 +6,7 @@ import pytest
 import torch
 import torch.nn as nn
 
-from slimkit.errors import SlimkitError
+from slimkit.core.errors import SlimkitError
 from slimkit.graph.blocks import block_list, encoder_blocks, keep_blocks
 from tests.prune.hf_tiny import tiny
 

@@ -6,7 +6,7 @@ import pytest
 import torch
 import torch.nn as nn
 
-from slimkit.errors import SlimkitError
+from slimkit.core.errors import SlimkitError
 from slimkit.measure import layer_breakdown
 from tests.measure.models import SmallCNN
 

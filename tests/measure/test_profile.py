@@ -8,7 +8,7 @@ import pytest
 import torch
 import torch.nn as nn
 
-from slimkit.errors import SlimkitError
+from slimkit.core.errors import SlimkitError
 from slimkit.measure import Profile, artifact_size, estimate_energy, profile
 from tests.measure.models import SmallCNN
 

@@ -5,10 +5,10 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
-from slimkit.errors import SlimkitError
+from slimkit.core.errors import SlimkitError
 from slimkit.measure.sensitivity import (compressed_weight, hessian_trace, layer_sensitivity, ranked,
                                          render_sensitivity, report_sensitivity)
-from slimkit.task import Task, accuracy
+from slimkit.core.task import Task, accuracy
 
 
 def _planted() -> tuple[nn.Module, Task]:

@@ -9,11 +9,11 @@ import torch
 import torch.nn as nn
 
 import slimkit as sk
-from slimkit.errors import SlimkitError
+from slimkit.core.errors import SlimkitError
 from slimkit.nas.encoder import EncoderArch, EncoderSpace, block_parts, encoder_blocks, rank, subnet
 from slimkit.nas.encoder_search import (EncoderEvaluator, LatencyModel, best_per_depth, held_out_error, mean_cosine,
                                         rerank)
-from slimkit.nas.search import Evaluation, best_feasible, evolve, optuna_search
+from slimkit.nas.arch_search import Evaluation, best_feasible, evolve, optuna_search
 
 
 class Logits(nn.Module):

@@ -8,7 +8,7 @@ import slimkit as sk
 from slimkit.architecture import Fuse
 from slimkit.nas.space import CNN
 from slimkit.search import SearchContext, techniques
-from slimkit.target import Target
+from slimkit.core.target import Target
 
 
 def _ctx(task) -> SearchContext:

@@ -9,7 +9,7 @@ import torch
 import torch.nn as nn
 
 from slimkit.nas import CNNArch, CNNSpace, SuperCNN, recalibrate_bn, train_supernet
-from slimkit.task import accuracy
+from slimkit.core.task import accuracy
 
 
 def _space(mnist_task) -> CNNSpace:

@@ -10,7 +10,7 @@ import torch
 import torch.nn as nn
 
 import slimkit as sk
-from slimkit.errors import SlimkitError
+from slimkit.core.errors import SlimkitError
 from slimkit.measure.flops import count_flops
 from slimkit.prune import Channels
 from tests.prune.hf_tiny import FAMILIES, tiny

@@ -9,12 +9,12 @@ import torch
 import torch.nn as nn
 
 import slimkit as sk
-from slimkit.errors import SlimkitError
+from slimkit.core.errors import SlimkitError
 from slimkit.graph import dependency
 from slimkit.measure.flops import count_flops
 from slimkit.prune import Channels
 from slimkit.prune.channels_allocation import allocate
-from slimkit.prune.latency_table import LatencyTable, LeafCost
+from slimkit.measure.latency_table import LatencyTable, LeafCost
 from slimkit.train import finetune
 from tests.prune.hf_tiny import FAMILIES, tiny
 

@@ -7,8 +7,9 @@ import pytest
 import torch
 from typer.testing import CliRunner
 
-from slimkit import io, zoo
-from slimkit.cli import app
+from slimkit import zoo
+from slimkit import io
+from slimkit.cli.app import app
 from slimkit.prune import global_sparsity
 
 runner = CliRunner()

@@ -6,7 +6,7 @@ import pytest
 import torch
 import torch.nn as nn
 
-from slimkit.prune.latency_table import GRID, LeafCost, measure_table
+from slimkit.measure.latency_table import GRID, LeafCost, measure_table
 
 
 def _net() -> nn.Module:

@@ -6,7 +6,7 @@ import torch.nn as nn
 
 import slimkit as sk
 from slimkit import prune
-from slimkit.errors import SlimkitError
+from slimkit.core.errors import SlimkitError
 from slimkit.prune.nm import NM, is_nm, nm_mask
 
 

@@ -12,7 +12,7 @@ import torch
 import torch.nn as nn
 
 import slimkit as sk
-from slimkit.errors import SlimkitError
+from slimkit.core.errors import SlimkitError
 from slimkit.prune import Channels
 from slimkit.prune.reconstruct import reconstruct
 from tests.prune.hf_tiny import tiny

@@ -6,8 +6,9 @@ import torch.nn as nn
 from safetensors.torch import load_file, save_file
 
 import slimkit as sk
-from slimkit import io, prune
-from slimkit.prune import sparse_format as sf
+from slimkit import prune
+from slimkit import io
+from slimkit.formats import sparse as sf
 from slimkit.prune import sparse_linear
 from slimkit.prune.sparse_linear import MIN_WEIGHTS, SparseLinear, crossover_for, sparse_is_faster
 

@@ -8,9 +8,10 @@ import torch
 import torch.nn as nn
 
 import slimkit as sk
-from slimkit.errors import SlimkitError
+from slimkit.core.errors import SlimkitError
 from slimkit.io import artifact_bytes
-from slimkit.quantize import Int8, QuantEmbedding, WeightOnly, pack
+from slimkit.quantize import Int8, QuantEmbedding, WeightOnly
+from slimkit.formats import pack
 from tests.conftest import sqnr_db
 from tests.runtime.test_onnx_export import TinyEncoder, tokens
 

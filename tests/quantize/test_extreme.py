@@ -5,10 +5,10 @@ import torch
 import torch.nn as nn
 
 import slimkit as sk
-from slimkit.config import BaseConfig
-from slimkit.errors import SlimkitError
+from slimkit.core.config import BaseConfig
+from slimkit.core.errors import SlimkitError
 from slimkit.io import artifact_bytes
-from slimkit.quantize.bitpack import pack_bits, unpack_bits
+from slimkit.formats.bitpack import pack_bits, unpack_bits
 from slimkit.quantize.extreme import Binary, Ternary
 from slimkit.quantize.extreme_modules import BitConv2d, BitLinear, ExtremeConv2d, ExtremeLinear
 

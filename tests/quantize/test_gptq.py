@@ -10,9 +10,10 @@ import torch
 import torch.nn as nn
 
 import slimkit as sk
-from slimkit.errors import SlimkitError
-from slimkit.quantize import WeightOnly, pack
-from slimkit.obs import input_hessians
+from slimkit.core.errors import SlimkitError
+from slimkit.quantize import WeightOnly
+from slimkit.formats import pack
+from slimkit.calibrate.obs import input_hessians
 from slimkit.quantize.gptq import gptq_int4
 
 

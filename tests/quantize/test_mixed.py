@@ -6,8 +6,8 @@ import pytest
 import torch
 
 import slimkit as sk
-from slimkit.config import BaseConfig
-from slimkit.errors import SlimkitError
+from slimkit.core.config import BaseConfig
+from slimkit.core.errors import SlimkitError
 from slimkit.quantize import QuantConv2d, QuantLinear
 from slimkit.quantize.half import HalfConv2d, HalfLinear
 from slimkit.quantize.mixed import Mixed, greedy, layer_bytes, solve

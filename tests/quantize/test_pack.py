@@ -5,8 +5,8 @@ from __future__ import annotations
 import pytest
 import torch
 
-from slimkit.errors import SlimkitError
-from slimkit.quantize import pack
+from slimkit.core.errors import SlimkitError
+from slimkit.formats import pack
 
 
 def _gauss(*shape: int, seed: int = 0) -> torch.Tensor:
@@ -111,7 +111,7 @@ def test_activation_params() -> None:
 @pytest.mark.parametrize("lo, hi", [(-2.3, 4.1), (0.0, 6.0), (-0.7, 0.0), (1e-3, 2.5), (0.0, 0.0)])
 @pytest.mark.parametrize("symmetric", [True, False])
 def test_activation_params_agree_with_the_exporter_and_round_trip(lo: float, hi: float, symmetric: bool) -> None:
-    from slimkit.quantize.calibrate import scale_zero_point  # what the ONNX Runtime exporter uses
+    from slimkit.calibrate.ranges import scale_zero_point  # what the ONNX Runtime exporter uses
 
     scale, zero = pack.act_qparams(lo, hi, symmetric)
     ref_scale, ref_zero = scale_zero_point(lo, hi, 8, symmetric)

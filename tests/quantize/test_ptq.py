@@ -9,7 +9,7 @@ import torch.nn as nn
 
 import slimkit as sk
 from slimkit.quantize import Int8, QuantConv2d, QuantLinear, WeightOnly, layer_errors
-from slimkit.task import Task
+from slimkit.core.task import Task
 from tests.conftest import sqnr_db
 
 

@@ -7,15 +7,15 @@ import torch
 import torch.nn as nn
 
 import slimkit as sk
-from slimkit.config import BaseConfig
-from slimkit.errors import SlimkitError
+from slimkit.core.config import BaseConfig
+from slimkit.core.errors import SlimkitError
 from slimkit.quantize import QuantConv2d, QuantLinear
 from slimkit.quantize._ste import fake_quant, lsq, lsq_grad_scale
 from slimkit.quantize.extreme_modules import BitConv2d, BitLinear
 from slimkit.quantize.qat import QAT, convert, prepare, ptq_start
 from slimkit.quantize.qat_modules import QATConv2d, QATLinear, mse_step
 from slimkit.runtime import build
-from slimkit.task import Task
+from slimkit.core.task import Task
 from tests.conftest import sqnr_db
 
 
@@ -85,7 +85,7 @@ def _tiny_task() -> Task:
     x = torch.randn(256, 32)
     y = (x[:, :8] * 3).argmax(-1)
     batches = [((x[i:i + 64],), y[i:i + 64]) for i in range(0, 256, 64)]
-    from slimkit.task import accuracy
+    from slimkit.core.task import accuracy
     import torch.nn.functional as F
 
     return Task(name="tiny", model=model.eval(), example=(x[:4],), metric=accuracy, eval=batches,

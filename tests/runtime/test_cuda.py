@@ -15,7 +15,7 @@ import torch.nn as nn
 import torch.nn.functional as F
 
 import slimkit as sk
-from slimkit.errors import SlimkitError
+from slimkit.core.errors import SlimkitError
 from slimkit.runtime import cuda as rc
 from slimkit.runtime.cuda_kernels import _cpu_fp8_blocker
 from tests.conftest import sqnr_db

@@ -129,7 +129,7 @@ def test_one_compiled_layer_serves_every_layer_and_keeps_the_cache_writes(scheme
 
 @cuda_only
 def test_graph_captured_decode_step_equals_eager_on_gpu():
-    from slimkit.runtime.cuda_profile import graphed
+    from slimkit.measure.cuda_profile import graphed
 
     dev = torch.device("cuda")
     built = rc.build_cuda(tiny(), "int4", group_size=32)

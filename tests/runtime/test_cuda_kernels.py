@@ -5,7 +5,7 @@ from __future__ import annotations
 import pytest
 import torch
 
-from slimkit.quantize import pack
+from slimkit.formats import pack
 from slimkit.runtime import cuda_kernels as ck
 from slimkit.runtime import cuda_pack as cp
 from tests.conftest import sqnr_db
@@ -124,7 +124,7 @@ def test_semi_structured_module_equals_the_dense_pruned_layer():
     odd = x[:5]
     assert sqnr_db(dense[:5].float(), module(odd).float()) > 40
     assert 5 not in module.algorithms
-    from slimkit.runtime.cuda_profile import state_nbytes
+    from slimkit.measure.cuda_profile import state_nbytes
 
     assert state_nbytes(module) < 0.7 * 128 * 256 * 2 + 128 * 2  # compressed: half the values plus metadata
 
@@ -132,7 +132,7 @@ def test_semi_structured_module_equals_the_dense_pruned_layer():
 @pytest.mark.parametrize("device", [CPU, pytest.param(torch.device("cuda"), marks=[
     pytest.mark.cuda, pytest.mark.skipif(not torch.cuda.is_available(), reason="no CUDA device")])])
 def test_int4_prefill_rows_run_a_dequantized_gemm_that_matches_the_kernel(device):
-    from slimkit.runtime.cuda_profile import state_nbytes
+    from slimkit.measure.cuda_profile import state_nbytes
 
     w, b = _layer(64, 128)
     plain = ck.Int4Linear.from_float(w, b, device, group_size=32)

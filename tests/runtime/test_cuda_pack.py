@@ -6,7 +6,7 @@ from __future__ import annotations
 import pytest
 import torch
 
-from slimkit.quantize import pack
+from slimkit.formats import pack
 from slimkit.runtime import cuda_pack as cp
 from tests.conftest import sqnr_db
 

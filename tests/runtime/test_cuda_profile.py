@@ -8,7 +8,7 @@ import torch
 import torch.nn as nn
 
 from slimkit.runtime import cuda as rc
-from slimkit.runtime.cuda_profile import peak_key, roofline, state_nbytes
+from slimkit.measure.cuda_profile import peak_key, roofline, state_nbytes
 
 H100_BF16_TFLOPS, H100_GBPS = 761.0, 3000.0
 
@@ -70,7 +70,7 @@ def test_peak_follows_the_dominant_scheme():
 
 @cuda_only
 def test_gpu_peaks_and_event_timing_are_consistent():
-    from slimkit.runtime.cuda_profile import device_peaks, time_ms
+    from slimkit.measure.cuda_profile import device_peaks, time_ms
 
     peaks = device_peaks(torch.cuda.current_device())
     assert peaks["bf16_tflops"] > 10 and peaks["hbm_gbps"] > 100

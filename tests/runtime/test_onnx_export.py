@@ -10,7 +10,7 @@ import torch.nn as nn
 onnx = pytest.importorskip("onnx")
 ort = pytest.importorskip("onnxruntime")
 
-from slimkit.errors import SlimkitError  # noqa: E402
+from slimkit.core.errors import SlimkitError  # noqa: E402
 from slimkit.runtime.onnx_export import export_onnx, module_nodes, module_of  # noqa: E402
 
 

@@ -12,8 +12,8 @@ import torch.nn as nn
 onnx = pytest.importorskip("onnx")
 pytest.importorskip("onnxruntime")
 
-from slimkit.errors import SlimkitError  # noqa: E402
-from slimkit.quantize.pack import quantize_weight_int8  # noqa: E402
+from slimkit.core.errors import SlimkitError  # noqa: E402
+from slimkit.formats.pack import quantize_weight_int8  # noqa: E402
 from slimkit.runtime.onnx_export import module_nodes  # noqa: E402
 from slimkit.runtime.ort import OrtQuantPlan, build_ort  # noqa: E402
 from tests.conftest import sqnr_db  # noqa: E402

@@ -9,8 +9,8 @@ import torch
 from typer.testing import CliRunner
 
 import slimkit as sk
-from slimkit.cli import app
-from slimkit.recipe import Recipe
+from slimkit.cli.app import app
+from slimkit.pipeline.recipe import Recipe
 from slimkit.search.optimize import optimize
 
 

@@ -16,7 +16,7 @@ ARGS = ["--task", "digits", "--max-drop", "0.05", "--techniques", "magnitude,int
 
 
 def _cli(out: Path, *extra: str) -> list[str]:
-    return [sys.executable, "-c", "from slimkit.cli import app; app()", "optimize", *ARGS, "--out", str(out), *extra]
+    return [sys.executable, "-c", "from slimkit.cli.app import app; app()", "optimize", *ARGS, "--out", str(out), *extra]
 
 
 def _states(db: Path) -> dict[str, int]:

@@ -60,7 +60,7 @@ def postgres():
 
 
 def _cli(*args: str) -> list[str]:
-    return [sys.executable, "-c", "from slimkit.cli import app; app()", *args]
+    return [sys.executable, "-c", "from slimkit.cli.app import app; app()", *args]
 
 
 @pytest.mark.slow

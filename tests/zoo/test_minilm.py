@@ -12,7 +12,7 @@ import numpy as np
 import pytest
 import torch
 
-from slimkit.errors import SlimkitError
+from slimkit.core.errors import SlimkitError
 from slimkit.zoo import minilm
 
 REFERENCE = {"wordsim353": 0.729, "simlex999": 0.446, "lee50": 0.656, "polarity": 0.730}

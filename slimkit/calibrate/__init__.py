@@ -1,0 +1,1 @@
+"""Calibration statistics gathered once and shared: activation ranges, input Hessians."""

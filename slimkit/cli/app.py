@@ -1,0 +1,86 @@
+"""The ``slimkit`` command. Every user-facing error is one line with a hint, exit code 2."""
+
+from __future__ import annotations
+
+import functools
+import json
+from pathlib import Path
+from typing import Any, Callable, Optional
+
+import typer
+
+from slimkit import zoo
+from slimkit.core.errors import SlimkitError
+from slimkit.core.registry import all_techniques
+from slimkit.measure import profile as run_profile
+from slimkit.zoo import BUILTINS, describe
+
+app = typer.Typer(add_completion=False, no_args_is_help=True,
+                  help="Make trained PyTorch models smaller and faster, with measurements.")
+
+
+def _friendly(fn: Callable[..., Any]) -> Callable[..., Any]:
+    @functools.wraps(fn)
+    def wrapper(*args: Any, **kwargs: Any) -> Any:
+        try:
+            return fn(*args, **kwargs)
+        except SlimkitError as exc:
+            typer.echo(f"error: {exc}", err=True)
+            raise typer.Exit(2) from None
+
+    return wrapper
+
+
+@app.command()
+@_friendly
+def tasks() -> None:
+    """List the built-in tasks with their data splits and metrics."""
+    from rich.console import Console
+    from rich.table import Table
+
+
+    table = Table(title="built-in tasks (or --task package.module:function)")
+    for col in ("task", "what", "splits", "metric"):
+        table.add_column(col)
+    for name in BUILTINS:
+        info = describe(name)
+        table.add_row(name, info["summary"], ", ".join(f"{k} {v}" for k, v in info["splits"].items()), info["metric"])
+    Console().print(table)
+
+
+@app.command()
+@_friendly
+def profile(task: str = typer.Option("digits", help="built-in task name or package.module:function"),
+            device: str = typer.Option("cpu", help="cpu or cuda"),
+            threads: Optional[int] = typer.Option(None, help="threads to pin while timing (default: torch's)"),
+            json_out: Optional[Path] = typer.Option(None, "--json", help="also write the profile as JSON")) -> None:
+    """Profile a task's model: params, artifact bytes, MACs, latency, memory, energy, per layer."""
+    from rich.console import Console
+
+
+    t = zoo.load(task)
+    if device.startswith("cuda"):
+        import torch
+
+        if not torch.cuda.is_available():
+            raise SlimkitError("device cuda requested but CUDA is not available here", "use --device cpu")
+    p = run_profile(t.model, t.example, device=device, threads=threads)
+    Console().print(p.render())
+    if json_out is not None:
+        json_out.parent.mkdir(parents=True, exist_ok=True)
+        json_out.write_text(json.dumps(p.to_dict(), indent=2))
+
+
+@app.command()
+@_friendly
+def techniques() -> None:
+    """List every registered technique: its recipe type, stage, search name, presets and summary."""
+    from rich.console import Console
+    from rich.table import Table
+
+    table = Table(title="techniques (use with: slimkit apply --step 'TYPE key=value ...')")
+    for col in ("type", "stage", "search", "presets", "what"):
+        table.add_column(col)
+    for tech in all_techniques():
+        table.add_row(tech.name, tech.stage, tech.search or "", ", ".join(tech.presets()), tech.summary)
+    Console().print(table)

@@ -1,0 +1,89 @@
+"""CLI commands of the search: ``optimize``, ``worker``, ``report`` (registered on ``slimkit.cli.app``)."""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Optional
+
+import typer
+
+from slimkit import zoo
+from slimkit.cli.app import _friendly, app
+from slimkit.cli.demo import run as run_demo
+from slimkit.core.errors import SlimkitError
+from slimkit.core.target import Target
+from slimkit.search.optimize import optimize as run
+from slimkit.search.result import RESULT_FILE, read_result
+from slimkit.search.result_report import print_summary, write_report
+from slimkit.search.worker import work
+
+
+@app.command()
+@_friendly
+def optimize(task: str = typer.Option("digits", help="built-in task name or package.module:function"),
+             max_size_mb: Optional[float] = typer.Option(None, help="largest artifact allowed, MB"),
+             max_latency_ms: Optional[float] = typer.Option(None, help="slowest p50 latency allowed, ms"),
+             max_memory_mb: Optional[float] = typer.Option(None, help="largest peak memory allowed, MB"),
+             max_drop: Optional[float] = typer.Option(None, help="largest metric drop allowed (0.01 = 1 point)"),
+             device: str = typer.Option("cpu", help="cpu or cuda"),
+             threads: Optional[int] = typer.Option(None, help="threads the target runs with"),
+             trials: int = typer.Option(30, help="trials to finish (infeasible ones count)"),
+             time_budget: Optional[float] = typer.Option(None, help="stop starting trials after this many seconds"),
+             strategy: str = typer.Option("auto", help="auto, tpe or nsga2"),
+             techniques: Optional[str] = typer.Option(None, help="comma list to search over (default: all)"),
+             seed: int = typer.Option(0, help="seed of the sampler and of every technique"),
+             out: Path = typer.Option(Path("runs/optimize"), help="run directory: study.db, best/, recipe, report"),
+             storage: Optional[str] = typer.Option(None, help="database URL (default sqlite in --out)"),
+             study: Optional[str] = typer.Option(None, help="study name in the storage"),
+             resume: bool = typer.Option(False, "--resume", help="continue a killed run of the same study")) -> None:
+    """Search technique pipelines for the best model that fits the target; write best/, recipe.yaml, report."""
+
+    target = Target(max_size_mb=max_size_mb, max_latency_ms=max_latency_ms, max_memory_mb=max_memory_mb,
+                    max_drop=max_drop, device=device, threads=threads)
+    if not target.names():
+        raise SlimkitError("no limit given", "set at least one of --max-size-mb, --max-latency-ms, --max-drop")
+    names = [n.strip() for n in techniques.split(",") if n.strip()] if techniques else None
+    result = run(task, target, trials=trials, time_budget=time_budget, strategy=strategy, storage=storage,
+                 study=study, seed=seed, out=out, resume=resume, technique_names=names, task_spec=task)
+    print_summary(result)
+
+
+@app.command()
+@_friendly
+def worker(study: str = typer.Option(..., help="study name, as given to slimkit optimize --study"),
+           storage: str = typer.Option(..., help="database URL shared by the workers"),
+           trials: Optional[int] = typer.Option(None, help="finish when the study has this many trials"),
+           time_budget: Optional[float] = typer.Option(None, help="stop starting trials after this many seconds"),
+           wait: float = typer.Option(120.0, help="seconds to wait for the study to be created")) -> None:
+    """Take trials from a shared study (one worker per machine)."""
+
+    done = work(study, storage, trials=trials, time_budget=time_budget, wait_s=wait)
+    typer.echo(f"study {study}: {done} trials finished")
+
+
+@app.command()
+@_friendly
+def report(run_dir: Path = typer.Argument(..., help="--out directory of a finished slimkit optimize"),
+           task: Optional[str] = typer.Option(None, help="task (default: the one the run used)")) -> None:
+    """Re-render a run's report.html / report.json from its result.json and best model."""
+    import json
+
+
+    path = run_dir / RESULT_FILE
+    name = task or (json.loads(path.read_text()).get("task") if path.is_file() else None)
+    if name is None:
+        raise SlimkitError(f"{run_dir} holds no {RESULT_FILE}", "give the --out directory of a finished run")
+    t = zoo.load(name)
+    result = read_result(run_dir, t)
+    typer.echo(f"report {write_report(result, t)}")
+
+
+@app.command()
+@_friendly
+def demo(task: str = typer.Option("mnist", help="task to run the demo on"),
+         out: Path = typer.Option(Path("runs/demo"), help="output directory"),
+         threads: Optional[int] = typer.Option(None, help="threads to pin while timing"),
+         trials: int = typer.Option(12, help="trials of the search"),
+         time_budget: float = typer.Option(240.0, help="stop starting trials after this many seconds")) -> None:
+    """The job `make demo` runs: profile the task's model, search for the best one under a default target."""
+    run_demo(task, out, threads=threads, trials=trials, time_budget=time_budget)

@@ -1,0 +1,278 @@
+"""The technique commands: ``quantize``, ``prune``, ``distill``, ``factorize`` and ``apply``.
+
+Each turns its options into a recipe (presets and configs come from the technique registry) and
+runs it through :func:`slimkit.pipeline.run.run_recipe`: the saved artifact's recipe always
+replays to the saved model. ``apply`` reaches every registered technique:
+``slimkit apply --step "quantize.QAT bits=4 weight_only=true" --task mnist``.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import shlex
+from pathlib import Path
+from typing import Any, Optional
+
+import typer
+import yaml
+
+from slimkit import io, zoo
+from slimkit.cli.app import _friendly, app
+from slimkit.core.config import BaseConfig
+from slimkit.core.errors import SlimkitError
+from slimkit.core.registry import all_presets, technique_named
+from slimkit.core.task import Task
+from slimkit.distill.distiller import Distill
+from slimkit.distill.student import Student
+from slimkit.factorize import CP, SVD, Tucker
+from slimkit.pipeline.comparison import with_options
+from slimkit.pipeline.recipe import Recipe
+from slimkit.pipeline.run import run_recipe
+from slimkit.prune import NM, Channels, Gradual, Magnitude
+from slimkit.train.recover import Finetune
+
+TASK_HELP = "built-in task name or package.module:function"
+PRUNE_METHODS: dict[str, BaseConfig] = {"channels": Channels(), "magnitude": Magnitude(), "nm": NM()}
+FACTORIZE_METHODS = ("svd", "tucker", "cp")
+SCHEDULES = ("one-shot", "gradual")
+#: Evaluations during a command's recovery fine-tuning (the best-scoring weights are kept).
+RECOVERY_EVALS = 5
+
+
+def family_presets(family: str) -> dict[str, BaseConfig]:
+    return {name: config for name, (tech, config) in all_presets().items() if tech.family == family}
+
+
+def parse_step(text: str) -> BaseConfig:
+    """``"quantize.QAT bits=4 weight_only=true"`` (or a preset name such as ``int8-dynamic``) -> a config.
+
+    Values are read as YAML (``4``, ``true``, ``null``, ``[a, b]``); unknown types and options are
+    the registry's one-line errors.
+    """
+    parts = shlex.split(text)
+    if not parts:
+        raise SlimkitError("an empty --step", "write --step 'family.Name key=value ...'")
+    head, options = parts[0], {}
+    for part in parts[1:]:
+        key, sep, value = part.partition("=")
+        if not sep or not key:
+            raise SlimkitError(f"--step option {part!r} is not key=value", "write e.g. --step 'prune.Magnitude amount=0.5'")
+        try:
+            options[key] = yaml.safe_load(value)
+        except yaml.YAMLError:
+            raise SlimkitError(f"--step option {part!r} has a value that cannot be read", "quote it, e.g. key='a b'") \
+                from None
+    presets = all_presets()
+    if head in presets:
+        return with_options(presets[head][1], head, **options)
+    return BaseConfig.from_dict({"type": technique_named(head).name, **options})
+
+
+def _run(task: Task, steps: list[BaseConfig], out: Path, title: str, *, spec: str, seed: int = 0,
+         threads: int | None = None, **kwargs: Any) -> Path:
+    recipe = Recipe(steps=steps, task=spec, seed=seed)
+    return run_recipe(task, recipe, out, title=title, threads=threads, **kwargs).report
+
+
+def _needs_training(task: Task, what: str, labels: bool = True) -> None:
+    if not task.train or (labels and task.loss is None):
+        raise SlimkitError(f"task {task.name!r} has no training data{' (train and loss)' if labels else ''} "
+                           f"to {what} on", "give the Task train batches and a loss, or leave out the training step")
+
+
+@app.command()
+@_friendly
+def quantize(task: str = typer.Option("mnist", help=TASK_HELP),
+             config: str = typer.Option("int8-dynamic", help="a quantization preset (slimkit techniques lists them)"),
+             calibration: Optional[str] = typer.Option(None, help="static int8: minmax, percentile, entropy, mse"),
+             percentile: Optional[float] = typer.Option(None, help="percentile for --calibration percentile"),
+             granularity: Optional[str] = typer.Option(None, help="int8 weights: per_channel or per_tensor"),
+             group_size: Optional[int] = typer.Option(None, help="weight-only: 0 (per channel), 32, 64, 128"),
+             backend: Optional[str] = typer.Option(None, help="auto, onnxruntime or torch"),
+             max_drop: Optional[float] = typer.Option(None, help="accuracy control: largest metric drop allowed"),
+             embedding_bits: Optional[int] = typer.Option(None, help="embedding tables: 8 (default) or 4"),
+             method: Optional[str] = typer.Option(None, help="w4 rounding: rtn (default) or gptq (calibrated)"),
+             threads: Optional[int] = typer.Option(None, help="threads to pin while timing"),
+             out: Path = typer.Option(Path("runs/quantize"), help="output directory")) -> None:
+    """Quantize a task's model, run it on real integer kernels, measure it and write a report."""
+    presets = family_presets("quantize")
+    if config not in presets:
+        raise SlimkitError(f"unknown quantization config {config!r}", f"use one of {', '.join(presets)}")
+    cfg = with_options(presets[config], config, calibration=calibration, percentile=percentile,
+                       granularity=granularity, group_size=group_size, backend=backend, max_drop=max_drop,
+                       embedding_bits=embedding_bits, method=method)
+    t = zoo.load(task)
+    _run(t, [cfg], out, f"slimkit quantization — {t.name}", spec=task, threads=threads, label=config, compute=False)
+
+
+@app.command()
+@_friendly
+def prune(task: str = typer.Option("digits", help=TASK_HELP),
+          method: str = typer.Option("channels", help="channels (structured), magnitude (unstructured), nm"),
+          amount: Optional[float] = typer.Option(None, help="fraction to remove: channels per group, or weights"),
+          macs_ratio: Optional[float] = typer.Option(None, help="channels: MACs to keep, e.g. 0.5 (overrides amount)"),
+          importance: Optional[str] = typer.Option(None, help="channels: l1, l2, bn_scale, taylor, random"),
+          round_to: Optional[int] = typer.Option(None, help="channels: keep widths multiples of this, e.g. 8"),
+          scope: Optional[str] = typer.Option(None, help="channels: layer or global; magnitude: global or layer"),
+          allocation: Optional[str] = typer.Option(
+              None, help="channels: uniform, macs (widths where MACs are cheap) or latency (per-layer times measured here)"),
+          latency_batch: Optional[int] = typer.Option(None, help="channels, allocation latency: batch to time layers at"),
+          reconstruct: Optional[bool] = typer.Option(None, "--reconstruct/--no-reconstruct",
+                                                     help="channels: refit layers that lost inputs on calibration data"),
+          n: Optional[int] = typer.Option(None, help="nm: weights kept per group (default 2)"),
+          m: Optional[int] = typer.Option(None, help="nm: group size (default 4)"),
+          nm_method: Optional[str] = typer.Option(None, help="nm: magnitude (default) or sparsegpt (calibrated)"),
+          schedule: str = typer.Option("one-shot", help="one-shot, or gradual (magnitude, cubic over fine-tuning)"),
+          finetune_steps: int = typer.Option(0, help="fine-tuning steps after pruning, pruned weights kept out"),
+          lr: Optional[float] = typer.Option(None, help="peak fine-tuning learning rate (default 1e-3)"),
+          threads: Optional[int] = typer.Option(None, help="threads to pin while fine-tuning and timing"),
+          out: Path = typer.Option(Path("runs/prune"), help="output directory")) -> None:
+    """Prune a task's model, fine-tune it, measure it against the original and write a report."""
+    if method not in PRUNE_METHODS:
+        raise SlimkitError(f"unknown pruning method {method!r}", f"use one of {', '.join(PRUNE_METHODS)}")
+    if nm_method is not None and method != "nm":
+        raise SlimkitError(f"--nm-method does not apply to {method}", "use it with --method nm")
+    if schedule not in SCHEDULES:
+        raise SlimkitError(f"unknown schedule {schedule!r}", f"use one of {', '.join(SCHEDULES)}")
+    if finetune_steps < 0:
+        raise SlimkitError(f"finetune_steps={finetune_steps} is negative", "use 0 (no fine-tuning) or more")
+    cfg = with_options(PRUNE_METHODS[method], method, amount=amount, macs_ratio=macs_ratio, importance=importance,
+                       round_to=round_to, scope=scope, allocation=allocation, latency_batch=latency_batch,
+                       reconstruct=reconstruct, n=n, m=m, method=nm_method)
+    if schedule == "gradual":
+        if not isinstance(cfg, Magnitude):
+            raise SlimkitError(f"the gradual schedule applies to magnitude pruning, not {cfg.type_name}",
+                               "use --method magnitude, or --schedule one-shot")
+        steps: list[BaseConfig] = [Gradual(amount=cfg.amount, steps=finetune_steps, lr=lr or 1e-3, scope=cfg.scope,
+                                           targets=cfg.targets, exclude=cfg.exclude)]
+    else:
+        steps = [cfg] + ([Finetune(steps=finetune_steps, lr=lr or 1e-3, evals=RECOVERY_EVALS)] if finetune_steps else [])
+    t = zoo.load(task)
+    if finetune_steps:
+        _needs_training(t, "fine-tune")
+    _run(t, steps, out, f"slimkit pruning — {t.name}", spec=task, threads=threads, label=f"pruned ({cfg.type_name})")
+
+
+def student_steps(spec: str, task: Task) -> list[BaseConfig]:
+    """``self`` (the model itself), ``layers:N`` (an encoder keeping N blocks) or an artifact directory
+    written by slimkit, whose recipe replays to the student."""
+    if spec == "self":
+        return []
+    if spec.startswith("layers:"):
+        try:
+            return [Student(layers=int(spec.split(":", 1)[1]))]
+        except ValueError:
+            raise SlimkitError(f"--student {spec!r}: N is not a number", "use e.g. --student layers:3") from None
+    if not Path(spec).is_dir():
+        raise SlimkitError(f"--student {spec!r} is not 'self', 'layers:N' or an artifact directory",
+                           "pass a directory written by slimkit (e.g. runs/prune/model)")
+    steps = [BaseConfig.from_dict(s) for s in io.read_meta(spec).get("recipe") or []]
+    if not steps:
+        raise SlimkitError(f"artifact {spec} has no recipe to rebuild the student from the task's model",
+                           "use a student written by a slimkit command (its recipe replays to it)")
+    return steps
+
+
+def parse_features(text: str | None) -> tuple[tuple[str, str], ...]:
+    """``"s1:t1,s2:t2"`` -> ``(("s1", "t1"), ("s2", "t2"))``; ``"4"`` pairs a layer with itself."""
+    if not text:
+        return ()
+    pairs = []
+    for part in text.split(","):
+        s, _, t = part.strip().partition(":")
+        if not s:
+            raise SlimkitError(f"--features entry {part!r} is empty", "write student_layer:teacher_layer,...")
+        pairs.append((s, t or s))
+    return tuple(pairs)
+
+
+@app.command()
+@_friendly
+def distill(task: str = typer.Option("mnist", help=TASK_HELP),
+            student: str = typer.Option("self", help="self, layers:N (encoder keeping N blocks) or an artifact dir"),
+            steps: int = typer.Option(200, help="distillation steps"),
+            lr: float = typer.Option(1e-3, help="peak learning rate (about 3e-5 for pre-trained transformers)"),
+            temperature: float = typer.Option(4.0, help="softmax temperature of the logit KD loss"),
+            alpha: float = typer.Option(0.5, help="weight of the KD loss against the hard-label loss"),
+            features: Optional[str] = typer.Option(None, help="feature KD pairs student:teacher,... (module names)"),
+            relational: float = typer.Option(0.0, help="weight of the relational (Gram matrix) loss"),
+            compare: bool = typer.Option(True, help="also fine-tune the student on labels alone, same budget"),
+            threads: Optional[int] = typer.Option(None, help="threads to pin while training and timing"),
+            out: Path = typer.Option(Path("runs/distill"), help="output directory")) -> None:
+    """Distill a task's model into a student, compare with plain fine-tuning, write a report."""
+    cfg = Distill(steps=steps, lr=lr, temperature=temperature, alpha=alpha, features=parse_features(features),
+                  relational=relational)
+    t = zoo.load(task)
+    before = student_steps(student, t)
+    controls = {}
+    if compare and t.loss is not None:  # the same student, seed and budget on the hard labels alone
+        plain = dataclasses.replace(cfg, alpha=0.0, features=(), relational=0.0, output="logits")
+        controls[f"fine-tuned {steps} steps"] = Recipe(steps=before + [plain], task=task)
+    _run(t, before + [cfg], out, f"slimkit distillation — {t.name}", spec=task, threads=threads,
+         label=f"distilled {steps} steps", controls=controls, intermediate=bool(before))
+
+
+@app.command()
+@_friendly
+def factorize(task: str = typer.Option("mnist", help=TASK_HELP),
+              method: str = typer.Option("tucker", help="svd, tucker or cp (Linear/1x1 layers always get SVD)"),
+              ratio: float = typer.Option(0.3, help="fraction of each factorized layer's parameters kept"),
+              energy: Optional[float] = typer.Option(None, help="svd: keep this fraction of singular-value energy"),
+              sensitivity: bool = typer.Option(False, help="spread ranks by measured sensitivity"),
+              targets: Optional[str] = typer.Option(None, help="all, all-linear or a regex of layer names"),
+              exclude: Optional[str] = typer.Option(None, help="comma-separated layer names to leave whole"),
+              finetune_steps: int = typer.Option(0, help="recovery steps after factorizing"),
+              distill: bool = typer.Option(False, "--distill", help="recover by distilling from the original"),
+              lr: Optional[float] = typer.Option(None, help="peak recovery learning rate (default 1e-3)"),
+              threads: Optional[int] = typer.Option(None, help="threads to pin while training and timing"),
+              out: Path = typer.Option(Path("runs/factorize"), help="output directory")) -> None:
+    """Factorize a task's model (SVD, Tucker-2, CP), recover, measure against the original, report."""
+    if method not in FACTORIZE_METHODS:
+        raise SlimkitError(f"unknown factorization method {method!r}", f"use one of {', '.join(FACTORIZE_METHODS)}")
+    if method != "svd" and energy is not None:
+        raise SlimkitError(f"--energy chooses SVD ranks, not {method} ranks", "use --method svd")
+    if finetune_steps < 0:
+        raise SlimkitError(f"finetune_steps={finetune_steps} is negative", "use 0 (no recovery) or more")
+    names = tuple(n.strip() for n in exclude.split(",") if n.strip()) if exclude else ()
+    allocation = "sensitivity" if sensitivity else "uniform"
+    if method == "svd":
+        cfg: BaseConfig = SVD(rank_ratio=ratio, energy=energy, allocation=allocation, targets=targets or "all",
+                              exclude=names)
+    else:
+        cfg = (Tucker if method == "tucker" else CP)(ratio=ratio, allocation=allocation, targets=targets or "all",
+                                                      exclude=names)
+    t = zoo.load(task)
+    steps = [cfg]
+    if finetune_steps:
+        _needs_training(t, "recover", labels=not distill)
+        if not distill and t.loss is None:
+            raise SlimkitError(f"task {t.name!r} has no labels to fine-tune on", "add --distill (needs no labels)")
+        steps.append(Distill(steps=finetune_steps, lr=lr or 1e-3, alpha=0.5) if distill
+                     else Finetune(steps=finetune_steps, lr=lr or 1e-3))
+    _run(t, steps, out, f"slimkit factorization — {t.name}", spec=task, threads=threads,
+         label=f"factorized ({cfg.type_name})", intermediate=len(steps) > 1)
+
+
+@app.command("apply")
+@_friendly
+def apply_steps(recipe: Optional[Path] = typer.Argument(None, help="recipe.yaml written by slimkit (or give --step)"),
+                step: Optional[list[str]] = typer.Option(None, "--step",
+                                                         help="a step 'family.Name key=value ...' or a preset; repeat"),
+                task: Optional[str] = typer.Option(None, help="task (default: the one named in the recipe)"),
+                seed: int = typer.Option(0, help="seed of a recipe given by --step"),
+                threads: Optional[int] = typer.Option(None, help="threads to pin while training and timing"),
+                out: Path = typer.Option(Path("runs/apply"), help="output directory")) -> None:
+    """Apply a recipe file, or steps of any registered technique, to a task's model; measure, save, report."""
+    if (recipe is None) == (not step):
+        raise SlimkitError("give either a recipe file or --step options", "e.g. slimkit apply --step int8-dynamic")
+    if recipe is not None:
+        r = Recipe.load(recipe)
+    else:
+        r = Recipe(steps=[parse_step(s) for s in step or []], task=task or "", seed=seed)
+    name = task or r.task
+    if not name:
+        raise SlimkitError("the recipe names no task", "pass --task")
+    t = zoo.load(name)
+    r = dataclasses.replace(r, task=name)
+    run_recipe(t, r, out, title=f"slimkit apply — {t.name}", threads=threads)
+

@@ -1,0 +1,1 @@
+"""Integer, bit and sparse packing formats shared by techniques, runtimes and measurement."""

@@ -1,0 +1,1 @@
+"""Recipes and the one path that applies them, measures the result and writes it."""
