@@ -20,6 +20,7 @@ demo: $(VENV)/.installed
 	$(BIN)/slimkit demo --task mnist --out runs/demo
 
 test: $(VENV)/.installed-dev
+	$(BIN)/lint-imports
 	$(BIN)/python -m pytest -q
 
 clean:

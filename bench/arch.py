@@ -38,7 +38,7 @@ from _common import environment, interleaved_medians, write  # noqa: E402
 import slimkit as sk  # noqa: E402
 from slimkit.architecture import (Cascade, EarlyExitConfig, calibrate, compiled, evaluate_routed,  # noqa: E402
                                   fold_batchnorm, inductor_available, latency_over)
-from slimkit.nas import (CNNSpace, LatencyTable, SuperCNN, SupernetEvaluator, best_feasible, evolve,  # noqa: E402
+from slimkit.nas import (CNNSpace, LatencyPredictor, SuperCNN, SupernetEvaluator, best_feasible, evolve,  # noqa: E402
                          measure_archs, optuna_search, recalibrate_bn, train_supernet)
 from slimkit.core.task import accuracy  # noqa: E402
 from slimkit.train import finetune  # noqa: E402
@@ -198,7 +198,7 @@ def nas_part(task: Any, threads: int, rounds: int, quick: bool) -> dict[str, Any
     rng = random.Random(1)
     archs = list(dict.fromkeys(space.sample(rng) for _ in range(40)))[:24]
     t0 = time.perf_counter()
-    table = LatencyTable(batch, threads=threads).measure(archs)
+    table = LatencyPredictor(batch, threads=threads).measure(archs)
     measured = measure_archs(archs, batch, threads=threads)
     table.fit(archs[:12], measured[:12])
     table_err = table.error(archs[12:], measured[12:])

@@ -82,7 +82,7 @@ def test_quantize_command_runs_int8_on_onnxruntime_and_reports_layers(tmp_path, 
     assert abs(q["metric"]["score"] - base["metric"]["score"]) <= 0.01
     assert base["profile"]["artifact_bytes"] / q["profile"]["artifact_bytes"] >= 3.3
     assert len(report["layer_errors"]) == 5 and all(e["sqnr_db"] > 20 for e in report["layer_errors"])
-    assert any(op.startswith("QLinear") or op == "QGemm" for op in report["quantization"]["runtime_ops"])
+    assert any(op.startswith("QLinear") or op == "QGemm" for op in report["runtime_ops"])
     loaded = io.load(tmp_path / "model")
     assert sum(1 for m in loaded.modules() if hasattr(m, "qweight")) == 5
 
@@ -100,6 +100,6 @@ def test_quantize_w4_gptq_writes_a_gptq_model_with_less_output_error_than_rtn(tm
         result = runner.invoke(app, [*args, "--method", method, "--out", str(tmp_path / method)])
         assert result.exit_code == 0, result.output
     reports = {m: json.loads((tmp_path / m / "report.json").read_text()) for m in ("rtn", "gptq")}
-    assert reports["gptq"]["quantization"]["config"]["method"] == "gptq"
+    assert reports["gptq"]["recipe"]["steps"][0]["method"] == "gptq"
     sqnr = {m: sum(e["sqnr_db"] for e in r["layer_errors"]) / len(r["layer_errors"]) for m, r in reports.items()}
     assert sqnr["gptq"] > sqnr["rtn"] + 3.0  # per-layer output SQNR, dB (measured: ~42 vs ~32)

@@ -7,7 +7,7 @@ import torch.nn as nn
 import yaml
 
 import slimkit as sk
-from slimkit.core.config import BaseConfig, register, register_handler, registered_configs
+from slimkit.core.config import BaseConfig, registered_configs, technique
 
 ALL_CONFIGS = sorted(registered_configs().items())
 
@@ -28,21 +28,17 @@ def test_at_least_the_cast_configs_are_registered():
     assert {"quantize.Float16", "quantize.BFloat16"} <= set(registered_configs())
 
 
-@register("test.Scale")
+@technique("test.Scale", stage="prune")
 @dataclasses.dataclass(frozen=True)
 class Scale(BaseConfig):
     factor: float = 2.0
     layers: tuple[str, ...] = ()
 
-
-def _scale(model: nn.Module, config: Scale, task) -> nn.Module:
-    with torch.no_grad():
-        for p in model.parameters():
-            p.mul_(config.factor)
-    return model
-
-
-register_handler(Scale, _scale)
+    def apply_to(self, model: nn.Module, task) -> nn.Module:
+        with torch.no_grad():
+            for p in model.parameters():
+                p.mul_(self.factor)
+        return model
 
 
 def test_tuple_fields_survive_the_round_trip():

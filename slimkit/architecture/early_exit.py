@@ -22,6 +22,7 @@ from slimkit.architecture.exit_model import EarlyExit, default_exits, exit_head
 from slimkit.architecture.routing import calibrate
 from slimkit.core.config import BaseConfig, technique
 from slimkit.core.errors import SlimkitError
+from slimkit.core.record import StepRecord, add_record
 from slimkit.core.registry import build_registered, builder, builder_of
 from slimkit.core.task import Task
 from slimkit.train.finetune import finetune
@@ -136,5 +137,15 @@ def early_exit(model: nn.Module, config: EarlyExitConfig, task: Task | None) -> 
     finetune(ee, fit_task, steps=config.steps, lr=config.lr, loss=exit_loss(config.distill), params=params,
              progress=False, label="training exit heads")
     calibrate(ee, train[-config.holdout:], config.max_drop, config.margin)
+    add_record(ee, ExitRecord(config.type_name, config.to_dict(), after=list(config.after),
+                              thresholds=[float(t) for t in ee.thresholds]))
     return ee.eval()
+
+
+@dataclasses.dataclass
+class ExitRecord(StepRecord):
+    """Where the exits sit and the confidence each needs to answer (calibrated on held-out batches)."""
+
+    after: list[int] = dataclasses.field(default_factory=list)
+    thresholds: list[float] = dataclasses.field(default_factory=list)
 

@@ -25,6 +25,7 @@ from slimkit.core.task import Task
 from slimkit.distill.distiller import Distill
 from slimkit.distill.student import Student
 from slimkit.factorize import CP, SVD, Tucker
+from slimkit.factorize.layers import chosen_layers
 from slimkit.pipeline.comparison import with_options
 from slimkit.pipeline.recipe import Recipe
 from slimkit.pipeline.run import run_recipe
@@ -242,6 +243,7 @@ def factorize(task: str = typer.Option("mnist", help=TASK_HELP),
         cfg = (Tucker if method == "tucker" else CP)(ratio=ratio, allocation=allocation, targets=targets or "all",
                                                       exclude=names)
     t = zoo.load(task)
+    chosen_layers(t.model, cfg.targets, cfg.exclude, cfg.type_name)  # bad names fail before any work
     steps = [cfg]
     if finetune_steps:
         _needs_training(t, "recover", labels=not distill)

@@ -18,7 +18,7 @@ import torch.nn as nn
 
 from slimkit.core import registry
 from slimkit.core.errors import SlimkitError
-from slimkit.core.record import ReportSection, StepRecord, StepView
+from slimkit.core.record import ReportSection, StepRecord, StepView, records_of, set_records
 from slimkit.core.registry import SearchContext, Technique
 from slimkit.core.task import Task
 
@@ -161,5 +161,9 @@ def apply(model: nn.Module, config: BaseConfig | Iterable[BaseConfig], task: Tas
         registry.technique_of(type(c))  # unregistered configs fail before any work
     out = model if inplace else copy.deepcopy(model)
     for c in configs:
-        out = c.apply_to(out, task)
+        earlier = records_of(out)
+        result = c.apply_to(out, task)
+        if result is not out and records_of(result)[:len(earlier)] != earlier:  # a new module: keep the history
+            set_records(result, earlier + records_of(result))
+        out = result
     return out

@@ -41,7 +41,10 @@ class StepView:
 
 
 class ReportSection(Protocol):
-    """The part of a report a technique writes into (``slimkit.report.Report`` implements it)."""
+    """The part of a report a technique writes into (``slimkit.report.Report`` implements it);
+    ``data`` is the report's JSON twin, for numbers a program should read back."""
+
+    data: dict[str, Any]
 
     def heading(self, text: str) -> None: ...
     def note(self, text: str) -> None: ...
@@ -53,9 +56,11 @@ class ReportSection(Protocol):
 
 def add_record(model: nn.Module, record: StepRecord) -> None:
     """Append ``record`` to the model's history of applied techniques."""
-    history = list(getattr(model, _ATTR, []))
-    history.append(record)
-    object.__setattr__(model, _ATTR, history)  # a plain attribute, not a submodule or buffer
+    set_records(model, records_of(model) + [record])  # a plain attribute, not a submodule or buffer
+
+
+def set_records(model: nn.Module, records: list[StepRecord]) -> None:
+    object.__setattr__(model, _ATTR, list(records))
 
 
 def records_of(model: nn.Module) -> list[StepRecord]:
@@ -63,8 +68,8 @@ def records_of(model: nn.Module) -> list[StepRecord]:
     return list(getattr(model, _ATTR, []))
 
 
-def last_record(model: nn.Module, kind: type[R]) -> R | None:
-    """The newest record of ``kind`` (e.g. the last quantization step), or None."""
+def last_record(model: nn.Module, kind: type[R] = StepRecord) -> R | None:  # type: ignore[assignment]
+    """The newest record of ``kind`` (e.g. the last quantization step; default: any), or None."""
     for record in reversed(records_of(model)):
         if isinstance(record, kind):
             return record
@@ -77,7 +82,7 @@ def replace_last(model: nn.Module, record: StepRecord) -> None:
     for i in range(len(history) - 1, -1, -1):
         if type(history[i]) is type(record):
             history[i] = record
-            object.__setattr__(model, _ATTR, history)
+            set_records(model, history)
             return
     add_record(model, record)
 

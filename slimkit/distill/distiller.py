@@ -25,6 +25,7 @@ import torch.nn as nn
 
 from slimkit.core.config import BaseConfig, technique
 from slimkit.core.errors import SlimkitError
+from slimkit.core.record import ReportSection, StepRecord, StepView, add_record
 from slimkit.core.registry import SearchContext
 from slimkit.core.task import Task
 from slimkit.distill.features import FeatureTaps, projection
@@ -33,7 +34,7 @@ from slimkit.io import load
 from slimkit.measure._call import pinned_threads
 from slimkit.train.finetune import TrainResult, finetune
 from slimkit.train.masks import PRUNABLE, masked
-from slimkit.train.recover import SPARSE_ENOUGH
+from slimkit.train.recover import SPARSE_ENOUGH, TrainRecord, training_report_section
 
 OUTPUTS = ("auto", "logits", "embedding")
 #: Step budgets the search chooses between; short, since every trial pays for them.
@@ -74,8 +75,12 @@ class Distill(BaseConfig):
                                "give (student layer, teacher layer) name pairs, e.g. (('4', '4'),)")
 
     def apply_to(self, model: nn.Module, task: Task | None) -> nn.Module:
-        distill(model, task, self, progress=False)
+        add_record(model, TrainRecord.of(self, distill(model, task, self, progress=False)))
         return model
+
+    @classmethod
+    def report_section(cls, report: ReportSection, record: StepRecord, view: StepView) -> None:
+        training_report_section(report, record)
 
     @classmethod
     def suggest(cls, trial: Any, ctx: SearchContext) -> Distill:

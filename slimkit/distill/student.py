@@ -15,9 +15,10 @@ import torch.nn as nn
 
 from slimkit.core.config import BaseConfig, technique
 from slimkit.core.errors import SlimkitError
+from slimkit.core.record import StepRecord, add_record
 from slimkit.core.registry import build_registered, builder
 from slimkit.core.task import Task
-from slimkit.graph.blocks import keep_blocks
+from slimkit.graph.blocks import keep_blocks, name_subnet
 
 
 def kept_layers(total: int, keep: int) -> list[int]:
@@ -42,14 +43,15 @@ def truncate(model: nn.Module, indices: list[int]) -> nn.Module:
 
 
 def minilm_student(model: nn.Module, keep: int = 3) -> nn.Module:
-    """A copy of a BERT-style sentence encoder with ``keep`` of its layers (from alternate layers).
+    """A copy of a BERT-style encoder with ``keep`` of its layers (from alternate layers).
 
-    The copy saves and reloads through ``slimkit.load`` (builder ``minilm_student``).
+    The copy saves and reloads through ``slimkit.load`` when the model has a builder (the base
+    architecture cut to ``keep`` blocks).
     """
     encoder, _ = _encoder_layers(model)
     indices = kept_layers(len(encoder.layer), keep)
     student = truncate(copy.deepcopy(model), indices)
-    student.slimkit_builder = ("minilm_student", {"layers": keep})
+    name_subnet(student, model, keep)
     return student.eval()
 
 
@@ -73,5 +75,17 @@ class Student(BaseConfig):
             raise SlimkitError(f"distill.Student layers={self.layers!r} is invalid", "use a positive number of blocks")
 
     def apply_to(self, model: nn.Module, task: Task | None) -> nn.Module:
-        return minilm_student(model, self.layers)
+        encoder, _ = _encoder_layers(model)
+        student = minilm_student(model, self.layers)
+        add_record(student, StudentRecord(self.type_name, self.to_dict(),
+                                          kept_layers=kept_layers(len(encoder.layer), self.layers), of=len(encoder.layer)))
+        return student
+
+
+@dataclasses.dataclass
+class StudentRecord(StepRecord):
+    """Which of the teacher's blocks the student kept."""
+
+    kept_layers: list[int] = dataclasses.field(default_factory=list)
+    of: int = 0
 

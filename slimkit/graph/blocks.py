@@ -7,9 +7,12 @@ attention block. Students (fewer layers) and NAS members are cut from it the sam
 
 from __future__ import annotations
 
+from typing import Any
+
 import torch.nn as nn
 
 from slimkit.core.errors import SlimkitError
+from slimkit.core.registry import build_registered, builder, builder_of
 from slimkit.graph.attention import attention_blocks
 
 
@@ -47,3 +50,19 @@ def keep_blocks(model: nn.Module, indices: list[int]) -> nn.Module:
         if config is not None and hasattr(config, "num_hidden_layers"):
             config.num_hidden_layers = len(indices)
     return model
+
+
+def name_subnet(student: nn.Module, base_of: nn.Module, layers: int) -> None:
+    """Let ``student`` (``base_of`` cut to ``layers`` blocks) reload as such when ``base_of`` has a builder."""
+    base = builder_of(base_of)
+    if base is not None:
+        student.slimkit_builder = ("encoder_subnet", {"base": base[0], "base_kwargs": base[1], "layers": layers})
+
+
+@builder("encoder_subnet")
+def build_encoder_subnet(base: str, base_kwargs: dict[str, Any], layers: int) -> nn.Module:
+    """The base architecture cut to ``layers`` blocks; loading resizes its layers to the saved tensors."""
+    model = keep_blocks(build_registered(base, base_kwargs, what="encoder subnet"), list(range(layers)))
+    model.slimkit_builder = ("encoder_subnet", {"base": base, "base_kwargs": base_kwargs, "layers": layers})
+    return model
+

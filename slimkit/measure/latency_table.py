@@ -1,4 +1,8 @@
-"""Measured latency lookup tables: how long each layer takes at a fraction of its channels.
+"""Measured latency lookup tables: how long each layer takes (at a fraction of its channels).
+
+One table type serves both users: channel pruning keys layers of one model by name and times each
+at a grid of widths (below); NAS keys layers by their type and shape (``slimkit.nas.predictor``)
+and times each once. Timing is always interleaved rounds (``measure.latency.interleaved_samples``).
 
 MACs are a poor guide to where time goes on a CPU. In a ResNet-18 at batch 8 the 7x7 stem, its
 BatchNorm and the max-pool take a quarter of the time for 7% of the MACs (they stream 112x112
@@ -18,13 +22,14 @@ from __future__ import annotations
 import dataclasses
 import logging
 import math
-import time
-from typing import Any, Callable
+import statistics
+from typing import Any, Callable, Hashable, Mapping
 
 import torch
 import torch.nn as nn
 
 from slimkit.measure._call import pinned_threads
+from slimkit.measure.latency import interleaved_samples
 
 log = logging.getLogger("slimkit.prune")
 
@@ -66,15 +71,36 @@ class LatencyTable:
     groups; it runs at the width of the module named here, the nearest upstream module that does.
     """
 
-    costs: dict[str, LeafCost]
+    costs: dict[Hashable, LeafCost]
     feeds: dict[str, str]
     batch: int
-    threads: int
+    threads: int | None
     untimed: dict[str, str] = dataclasses.field(default_factory=dict)  # layer -> why its time is taken as fixed
+
+    def ms(self, key: Hashable) -> float:
+        """Full-width ms of one layer."""
+        return self.costs[key].full_ms
+
+    def time_layers(self, calls: Mapping[Hashable, Callable[[], Any]], *, rounds: int = 5,
+                    min_time_s: float = 0.02) -> LatencyTable:
+        """Add the median ms of each call not yet in the table (interleaved rounds, full width only)."""
+        new = {k: fn for k, fn in calls.items() if k not in self.costs}
+        for key, ms in time_calls(new, self.threads, rounds, min_time_s).items():
+            self.costs[key] = LeafCost((1.0,), ((ms,),))
+        return self
 
     def to_dict(self) -> dict[str, Any]:
         return {"batch": self.batch, "threads": self.threads,
                 "full_ms": {n: round(c.full_ms, 4) for n, c in self.costs.items()}, "untimed": dict(self.untimed)}
+
+
+def time_calls(calls: Mapping[Hashable, Callable[[], Any]], threads: int | None, rounds: int, min_time_s: float,
+               reduce: Callable[[list[float]], float] = statistics.median) -> dict[Hashable, float]:
+    """ms per call of every function over ``rounds`` interleaved rounds (two warm-up calls each), reduced
+    by ``reduce`` (the median; ``min`` where only load can add time)."""
+    with pinned_threads(threads or None), torch.inference_mode():
+        samples = interleaved_samples(calls, rounds=rounds, min_time_s=min_time_s)
+    return {k: float(reduce(v)) for k, v in samples.items()}
 
 
 def measure_table(model: nn.Module, example: tuple, batch: int | None = None, threads: int | None = None,
@@ -167,16 +193,8 @@ def _time_leaf(module: nn.Module, x: torch.Tensor, axis: int, grid: tuple[float,
     two_sided = isinstance(module, nn.Linear) or (isinstance(module, nn.modules.conv._ConvNd) and module.groups == 1)
     rows = grid if two_sided else (1.0,)
     points = [_narrowed(module, x, axis, fi, fo) for fi in rows for fo in grid]
-    for fn in points:
-        for _ in range(2):  # first calls pick and cache kernels
-            fn()
-    best = [float("inf")] * len(points)
-    for _ in range(runs):  # fastest of ``runs``: load only ever adds time
-        for k, fn in enumerate(points):
-            start = time.perf_counter()
-            fn()
-            best[k] = min(best[k], time.perf_counter() - start)
-    ms = [b * 1e3 for b in best]
+    fastest = time_calls(dict(enumerate(points)), None, runs, 0.0, reduce=min)  # load only ever adds time
+    ms = [fastest[k] for k in range(len(points))]
     return LeafCost(tuple(grid), tuple(tuple(ms[r * len(grid):(r + 1) * len(grid)]) for r in range(len(rows))))
 
 

@@ -26,6 +26,7 @@ import torch.nn.functional as F
 from rich.markup import escape
 from rich.table import Table
 
+from slimkit.core.editing import set_submodule
 from slimkit.core.errors import SlimkitError
 from slimkit.core.progress import progress_bar
 from slimkit.core.task import split_item
@@ -189,6 +190,25 @@ def scored_variants(model: nn.Module, score: Callable[[], float], names: Sequenc
     return out
 
 
+def scored_swaps(model: nn.Module, score: Callable[[], float], swaps: Mapping[str, nn.Module], *,
+                 label: str = "sensitivity", progress: bool = False) -> dict[str, float]:
+    """``{name: score()}`` with only that submodule replaced by ``swaps[name]`` (e.g. a quantized layer
+    back to float): the module-level twin of :func:`scored_variants`, restored after each swap."""
+    out: dict[str, float] = {}
+    with progress_bar(progress) as bar:
+        bar_id = bar.add_task(label, total=len(swaps), info="") if bar else None
+        for name, replacement in swaps.items():
+            current = model.get_submodule(name)
+            set_submodule(model, name, replacement)
+            try:
+                out[name] = score()
+            finally:
+                set_submodule(model, name, current)
+            if bar:
+                bar.update(bar_id, advance=1, info=name)
+    return out
+
+
 def output_scorer(model: nn.Module, batches: Sequence[tuple[torch.Tensor, ...]]) -> Callable[[], float]:
     """A function giving the output noise-to-signal ratio ``|y - y_ref|^2 / |y_ref|^2`` on ``batches``
     against the outputs the model gives right now (label-free: logits and embeddings alike)."""
@@ -272,4 +292,4 @@ def report_sensitivity(report: Any, sensitivity: Mapping[str, float], title: str
 
 
 __all__ = ["compressed_weight", "hessian_trace", "layer_sensitivity", "output_scorer", "ranked", "render_sensitivity",
-           "report_sensitivity", "scored_variants", "weight_layers"]
+           "report_sensitivity", "scored_swaps", "scored_variants", "weight_layers"]

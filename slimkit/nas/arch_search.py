@@ -26,8 +26,9 @@ from slimkit.core.errors import SlimkitError
 from slimkit.core.progress import progress_bar
 from slimkit.core.task import accuracy
 from slimkit.measure import measure_latency
+from slimkit.measure.latency_table import time_calls
 from slimkit.nas.cnn import CNNArch, CNNSpace, build
-from slimkit.nas.predictor import LatencyTable, _interleaved
+from slimkit.nas.predictor import LatencyPredictor
 from slimkit.nas.supernet import SuperCNN, recalibrate_bn
 
 Batches = Sequence[tuple[tuple[torch.Tensor, ...], torch.Tensor]]
@@ -49,7 +50,7 @@ class Evaluation:
 class _Evaluator:
     """Caching base: ``evaluator(arch, source)`` -> :class:`Evaluation` (each architecture once)."""
 
-    def __init__(self, val: Batches, batch: int, threads: int | None, table: LatencyTable | None,
+    def __init__(self, val: Batches, batch: int, threads: int | None, table: LatencyPredictor | None,
                  reference: nn.Module | None = None, rounds: int = 3) -> None:
         self.val, self.batch, self.threads, self.table = val, batch, threads, table
         self.cache: dict[CNNArch, Evaluation] = {}
@@ -64,7 +65,7 @@ class _Evaluator:
     def _times(self, models: dict[str, nn.Module], rounds: int) -> dict[str, float]:
 
         x = self.timing_input
-        return _interleaved({k: (lambda m=m: m(x)) for k, m in models.items()}, self.threads, rounds, 0.1)
+        return time_calls({k: (lambda m=m: m(x)) for k, m in models.items()}, self.threads, rounds, 0.1)
 
     def latency(self, model: nn.Module) -> float:
         """Measured ms at the serving batch (relative to the reference when there is one)."""
@@ -92,7 +93,7 @@ class SupernetEvaluator(_Evaluator):
     """A member = the supernet's slice with BatchNorm statistics re-estimated on ``calib`` inputs."""
 
     def __init__(self, supernet: SuperCNN, calib: Sequence[torch.Tensor], val: Batches, *, batch: int,
-                 threads: int | None = None, table: LatencyTable | None = None, reference: nn.Module | None = None,
+                 threads: int | None = None, table: LatencyPredictor | None = None, reference: nn.Module | None = None,
                  rounds: int = 3) -> None:
         super().__init__(val, batch, threads, table, reference, rounds)
         self.supernet, self.calib = supernet, calib
@@ -105,7 +106,7 @@ class TrainEvaluator(_Evaluator):
     """A member = the architecture trained from scratch for ``steps`` by ``train(model)``."""
 
     def __init__(self, train: Callable[[nn.Module], None], val: Batches, *, batch: int, threads: int | None = None,
-                 table: LatencyTable | None = None, seed: int = 0, reference: nn.Module | None = None) -> None:
+                 table: LatencyPredictor | None = None, seed: int = 0, reference: nn.Module | None = None) -> None:
         super().__init__(val, batch, threads, table, reference)
         self.train, self.seed = train, seed
 

@@ -22,11 +22,11 @@ import torch.nn as nn
 from slimkit.core.config import BaseConfig, technique
 from slimkit.core.errors import SlimkitError
 from slimkit.core.record import StepRecord, add_record
-from slimkit.core.registry import SearchContext, build_registered, builder, builder_of
+from slimkit.core.registry import SearchContext
 from slimkit.core.task import Task
 from slimkit.distill.student import kept_layers
 from slimkit.graph.attention import AttentionBlock, attention_blocks, sync_head_counts
-from slimkit.graph.blocks import encoder_blocks, keep_blocks
+from slimkit.graph.blocks import encoder_blocks, keep_blocks, name_subnet
 
 ROUND_TO = 8  # FFN widths the CPU GEMM kernels like
 
@@ -219,9 +219,7 @@ def subnet(model: nn.Module, arch: EncoderArch, ranking: Ranking | None = None) 
         _keep_cols(p.down, units)
         sync_head_counts([p.attention])
     _sync_config(student, arch)
-    base = builder_of(model)
-    if base is not None:  # reloads as: base architecture, cut to `layers` blocks, resized to the saved tensors
-        student.slimkit_builder = ("encoder_subnet", {"base": base[0], "base_kwargs": base[1], "layers": arch.layers})
+    name_subnet(student, model, arch.layers)  # reloads as: base architecture, cut, resized to the saved tensors
     student.slimkit_resized = True
     add_record(student, ArchRecord("nas.Encoder", arch.to_dict(), arch=arch.to_dict(), kept_layers=keep))
     return student.eval()
@@ -250,12 +248,6 @@ def _sync_config(model: nn.Module, arch: EncoderArch) -> None:
                 setattr(config, attr, value)
 
 
-@builder("encoder_subnet")
-def build_encoder_subnet(base: str, base_kwargs: dict[str, Any], layers: int) -> nn.Module:
-    """The base architecture cut to ``layers`` blocks; loading resizes its layers to the saved tensors."""
-    model = keep_blocks(build_registered(base, base_kwargs, what="encoder subnet"), list(range(layers)))
-    model.slimkit_builder = ("encoder_subnet", {"base": base, "base_kwargs": base_kwargs, "layers": layers})
-    return model
 
 
 @dataclasses.dataclass

@@ -19,9 +19,9 @@ import torch.nn.functional as F
 
 from slimkit.core.errors import SlimkitError
 from slimkit.distill import Distill, distill
+from slimkit.measure.latency_table import time_calls
 from slimkit.nas.arch_search import Evaluation
 from slimkit.nas.encoder import EncoderArch, Ranking, rank, subnet
-from slimkit.nas.predictor import _interleaved
 
 Inputs = Sequence[tuple[torch.Tensor, ...]]
 
@@ -52,7 +52,7 @@ class EncoderEvaluator:
     def _times(self, models: dict[str, nn.Module], rounds: int) -> dict[str, float]:
 
         x = self.timing_input
-        return _interleaved({k: (lambda m=m: m(*x)) for k, m in models.items()}, self.threads, rounds, 0.1)
+        return time_calls({k: (lambda m=m: m(*x)) for k, m in models.items()}, self.threads, rounds, 0.1)
 
     def latency(self, member: nn.Module) -> float:
         """ms at the serving shape, timed in rounds interleaved with the original and scaled by the

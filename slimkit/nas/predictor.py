@@ -1,4 +1,5 @@
-"""Latency lookup table: per-layer latencies measured once, summed and fitted to whole-model timings.
+"""Latency predictor: per-layer latencies measured once (``measure.latency_table``), summed and fitted
+to whole-model timings.
 
 Measuring every candidate takes ~0.5 s; predicting it from a table takes microseconds, so the
 search can rank or discard architectures before measuring them. Each distinct layer (type and
@@ -8,7 +9,7 @@ that were measured (the sum misses the framework's per-call overhead and the cac
 layers). On a shared machine single timings drift with the load, so :meth:`LatencyTable.measure`
 and :func:`measure_archs` take medians of interleaved rounds (every layer, or every model, once
 per round). The error that matters is the one on architectures the fit did not see:
-:meth:`LatencyTable.error` reports it.
+:meth:`LatencyPredictor.error` reports it.
 """
 
 from __future__ import annotations
@@ -20,8 +21,7 @@ import torch
 import torch.nn as nn
 
 from slimkit.measure import measure_latency
-from slimkit.measure._call import pinned_threads
-from slimkit.measure.latency import interleaved_samples
+from slimkit.measure.latency_table import LatencyTable, LeafCost, time_calls
 from slimkit.nas.cnn import CNNArch, build
 
 Key = tuple[Any, ...]
@@ -62,29 +62,28 @@ def layer_module(key: Key, batch: int) -> tuple[nn.Module, torch.Tensor]:
     raise ValueError(f"unknown layer key {key}")
 
 
-class LatencyTable:
-    """Per-layer latency table for one batch size and thread count."""
+class LatencyPredictor:
+    """Whole-model latency of CNN architectures from a per-layer table, for one batch size and thread count."""
 
     def __init__(self, batch: int, threads: int | None = None, min_time_s: float = 0.05) -> None:
         self.batch, self.threads, self.min_time_s = batch, threads, min_time_s
-        self.table: dict[Key, float] = {}
+        self.table = LatencyTable(costs={}, feeds={}, batch=batch, threads=threads)
         self.coef = np.array([1.0, 1.0, 0.0])  # predict = coef . (conv ms, other ms, 1)
 
     def layer_ms(self, key: Key) -> float:
-        if key not in self.table:
+        if key not in self.table.costs:
             module, x = layer_module(key, self.batch)
             lat = measure_latency(module.eval(), (x,), threads=self.threads, min_time_s=self.min_time_s, warmup=2)
-            self.table[key] = lat.p50_ms
-        return self.table[key]
+            self.table.costs[key] = LeafCost((1.0,), ((lat.p50_ms,),))
+        return self.table.ms(key)
 
-    def measure(self, archs: Sequence[CNNArch], rounds: int = 5, min_time_s: float = 0.02) -> "LatencyTable":
+    def measure(self, archs: Sequence[CNNArch], rounds: int = 5, min_time_s: float = 0.02) -> LatencyPredictor:
         """Time every layer of ``archs`` not yet in the table: median of ``rounds`` interleaved rounds."""
-        keys = list(dict.fromkeys(k for a in archs for k in layer_keys(a) if k not in self.table))
         fns = {}
-        for key in keys:
+        for key in dict.fromkeys(k for a in archs for k in layer_keys(a)):
             module, x = layer_module(key, self.batch)
             fns[key] = (lambda m=module.eval(), x=x: m(x))
-        self.table |= _interleaved(fns, self.threads, rounds, min_time_s)
+        self.table.time_layers(fns, rounds=rounds, min_time_s=min_time_s)
         return self
 
     def raw_ms(self, arch: CNNArch) -> float:
@@ -98,7 +97,7 @@ class LatencyTable:
     def predict(self, arch: CNNArch) -> float:
         return float(np.dot(self.coef, self._features(arch)))
 
-    def fit(self, archs: Sequence[CNNArch], measured_ms: Sequence[float]) -> "LatencyTable":
+    def fit(self, archs: Sequence[CNNArch], measured_ms: Sequence[float]) -> LatencyPredictor:
         """Non-negative least squares ``measured = a * conv + b * other + c`` over measured whole models,
         each row divided by its measurement (the error that counts is relative); with fewer than 4
         models the plain sum is scaled to the measured total."""
@@ -124,16 +123,8 @@ def measure_archs(archs: Sequence[CNNArch], batch: int, threads: int | None = No
     rounds (each model once per round), so load drift spreads over all of them alike."""
     x = {(a.in_channels, a.input_size): torch.randn(batch, a.in_channels, a.input_size, a.input_size) for a in archs}
     fns = {i: (lambda m=build(a).eval(), x=x[a.in_channels, a.input_size]: m(x)) for i, a in enumerate(archs)}
-    times = _interleaved(fns, threads, rounds, min_time_s)
+    times = time_calls(fns, threads, rounds, min_time_s)
     return [times[i] for i in range(len(archs))]
-
-
-def _interleaved(fns: dict[Any, Any], threads: int | None, rounds: int, min_time_s: float) -> dict[Any, float]:
-    """Median ms per call of every function over ``rounds`` rounds of all of them (two warm-up calls each)."""
-
-    with pinned_threads(threads or None), torch.inference_mode():
-        samples = interleaved_samples(fns, rounds=rounds, min_time_s=min_time_s)
-    return {k: float(np.median(v)) for k, v in samples.items()}
 
 
 def measure_arch(arch: CNNArch, batch: int, threads: int | None = None, min_time_s: float = 0.2) -> float:

@@ -8,26 +8,45 @@ speed are never taken from a float or fake-quantized stand-in.
 from __future__ import annotations
 
 import dataclasses
+import logging
+import time
 from typing import Any, Sequence
 
 import torch.nn as nn
 
 from slimkit.core.config import BaseConfig
+from slimkit.core.target import Target
 from slimkit.core.task import Task
-from slimkit.measure import Latency, Profile, measure_latency, profile
+from slimkit.measure import Latency, Profile, artifact_size, count_params, measure_latency, peak_memory, profile
 from slimkit.runtime import build, resolve_backend
+
+log = logging.getLogger("slimkit.pipeline")
 
 
 @dataclasses.dataclass
 class Candidate:
+    """What was measured of one model; ``None`` = not measured (a limit broke first, or not asked for)."""
+
     name: str
     recipe: list[dict[str, Any]]
     backend: str
-    metric: dict[str, float]
-    profile: Profile          # torch model: artifact bytes, params, MACs, per-layer breakdown
-    latency: Latency          # the deployed runnable
+    metric: dict[str, float] | None = None
+    profile: Profile | None = None    # torch model: artifact bytes, params, MACs, per-layer breakdown
+    latency: Latency | None = None    # the deployed runnable
+    size_mb: float | None = None
+    params: int | None = None
+    memory_mb: float | None = None
+    stopped_at: str | None = None     # the limit that ended measuring early ("size", "memory", "latency")
+    runtime_skipped: dict[str, str] | None = None  # layers the runtime kept in float, with its reason
+    seconds: float = 0.0
     model: nn.Module = dataclasses.field(repr=False, default=None)  # type: ignore[assignment]
     runnable: Any = dataclasses.field(repr=False, default=None)
+
+    def stop(self, limit: str, start: float) -> Candidate:
+        self.stopped_at = limit
+        self.seconds = time.perf_counter() - start
+        log.info("candidate breaks the %s limit; not measured further", limit)
+        return self
 
     def to_dict(self) -> dict[str, Any]:
         return {"name": self.name, "recipe": self.recipe, "backend": self.backend, "metric": self.metric,
@@ -48,10 +67,53 @@ ROW_HEADER = ["candidate", "runtime", "metric", "quality delta", "artifact MB", 
 
 def measure_candidate(name: str, model: nn.Module, configs: Sequence[BaseConfig], task: Task, *,
                       backend: str = "auto", threads: int | None = None) -> Candidate:
-    backend = resolve_backend(model, backend)
-    runnable = build(model, backend, task.example, threads=threads)
-    prof = profile(model, task.example, device="cpu", threads=threads)
-    latency = prof.latency if runnable is model else measure_latency(runnable, task.example, threads=threads)
-    return Candidate(name=name, recipe=[c.to_dict() for c in configs], backend=backend,
-                     metric=task.evaluate(runnable), profile=prof, latency=latency, model=model,
-                     runnable=runnable)
+    """Everything a report compares: the full profile of the torch model, latency and metric on its runtime."""
+    return measure(name, model, configs, task, backend=backend, threads=threads, full=True)
+
+
+def measure(name: str, model: nn.Module, configs: Sequence[BaseConfig], task: Task, *, backend: str = "auto",
+            threads: int | None = None, target: Target | None = None, early_stop: bool = False,
+            full: bool = False) -> Candidate:
+    """The one measurer (commands, reports and the search all use it), cheapest measurement first:
+    artifact bytes -> (peak memory) -> build on the runtime and time it -> the task metric.
+
+    ``early_stop``: stop at the first of ``target``'s limits the candidate already breaks (the
+    metric, usually the slow part, is then not run; ``stopped_at`` names the limit). ``full``: also
+    the per-layer profile of the torch model (MACs, breakdown) that reports show.
+    """
+    start = time.perf_counter()
+    target = target or Target(threads=threads)
+    c = Candidate(name=name, recipe=[cfg.to_dict() for cfg in configs], backend="", model=model)
+    model.eval()
+    if full:
+        c.profile = profile(model, task.example, device="cpu", threads=threads)
+        c.size_mb = c.profile.artifact_bytes / 1e6
+        c.params = c.profile.params_total
+    else:
+        c.size_mb = artifact_size(model) / 1e6
+        c.params = count_params(model)[0]
+    if early_stop and _over(c.size_mb, target.max_size_mb):
+        return c.stop("size", start)
+    if target.max_memory_mb is not None:
+        c.memory_mb = peak_memory(model, task.example, device=target.device) / 1e6
+        if early_stop and _over(c.memory_mb, target.max_memory_mb):
+            return c.stop("memory", start)
+    elif c.profile is not None:
+        c.memory_mb = c.profile.peak_memory_bytes / 1e6
+    c.backend = resolve_backend(model, backend)
+    c.runnable = build(model, c.backend, task.example, threads=threads)
+    c.runtime_skipped = dict(getattr(c.runnable, "skipped", {})) or None
+    if c.profile is not None and c.runnable is model:
+        c.latency = c.profile.latency
+    else:
+        device = target.device if c.backend == "torch" else "cpu"
+        c.latency = measure_latency(c.runnable, task.example, device=device, threads=threads)
+    if early_stop and _over(c.latency.p50_ms, target.max_latency_ms):
+        return c.stop("latency", start)
+    c.metric = task.evaluate(c.runnable)
+    c.seconds = time.perf_counter() - start
+    return c
+
+
+def _over(value: float | None, limit: float | None) -> bool:
+    return limit is not None and value is not None and value > limit

@@ -121,7 +121,11 @@ def _report(title: str, task: Task, recipe: Recipe, models: list[nn.Module], can
     r.note("Size: bytes of the saved artifact. Latency and metric: the model running on the runtime named in "
            f"the runtime column ({backend_reason(models[-1], backend)}). The saved artifact reloads with outputs "
            f"within {reload_diff:.2e} of the model's; OUT/recipe.yaml replays to it (slimkit apply).")
-    kept = getattr(candidates[-1].runnable, "skipped", {}) or {}
+    runnable = candidates[-1].runnable
+    if hasattr(runnable, "kernels"):  # what the runtime really runs (ONNX Runtime op types, GPU kernels)
+        r.data["runtime_ops"] = dict(runnable.kernels)
+    r.data["kernels"] = {n: m.kernel for n, m in models[-1].named_modules() if isinstance(getattr(m, "kernel", None), str)}
+    kept = getattr(runnable, "skipped", {}) or {}
     if kept:
         r.heading("Layers the runtime kept in float")
         r.table(["layer", "reason"], [[n, why] for n, why in kept.items()])

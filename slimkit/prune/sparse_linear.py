@@ -11,6 +11,8 @@ as large as the smallest measured shape; everything else stays dense, with the r
 
 from __future__ import annotations
 
+import dataclasses
+
 import math
 import warnings
 from typing import Any
@@ -20,6 +22,7 @@ import torch.nn as nn
 
 from slimkit.core.editing import set_submodule
 from slimkit.core.errors import SlimkitError
+from slimkit.core.record import StepRecord, add_record
 from slimkit.core.registry import layer_class
 from slimkit.train.masks import log, prunable
 
@@ -132,7 +135,7 @@ def sparsify(model: nn.Module, batch: int = 1, *, targets: str | tuple[str, ...]
     """Swap Linear layers for :class:`SparseLinear` where the measured rule says CSR is faster (in place).
 
     ``batch`` is the number of tokens (rows) per call you will run. ``force=True`` converts
-    every targeted Linear regardless (for testing). The decisions are in ``model.slimkit_sparse``.
+    every targeted Linear regardless (for testing). The decisions are in the model's :class:`SparsifyRecord`.
     """
     names, _ = prunable(model, targets, exclude)
     decisions: dict[str, str] = {}
@@ -148,5 +151,16 @@ def sparsify(model: nn.Module, batch: int = 1, *, targets: str | tuple[str, ...]
             converted.append(name)
         else:
             log.info("kept dense: %s (%s)", name, why)
-    model.slimkit_sparse = {"batch": batch, "converted": converted, "decisions": decisions}
+    add_record(model, SparsifyRecord("prune.sparsify", {"batch": batch, "force": force}, batch=batch,
+                                     converted=converted, decisions=decisions))
     return model
+
+
+@dataclasses.dataclass
+class SparsifyRecord(StepRecord):
+    """Which Linear layers run on CSR kernels, and the measured rule's reason for each layer."""
+
+    batch: int = 1
+    converted: list[str] = dataclasses.field(default_factory=list)
+    decisions: dict[str, str] = dataclasses.field(default_factory=dict)
+

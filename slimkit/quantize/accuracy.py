@@ -17,6 +17,7 @@ from slimkit.core.editing import set_submodule
 from slimkit.core.errors import SlimkitError
 from slimkit.core.record import last_record
 from slimkit.core.task import Task
+from slimkit.measure.sensitivity import scored_swaps
 from slimkit.quantize.record import QuantRecord
 from slimkit.runtime import build
 
@@ -47,11 +48,8 @@ def control(model: nn.Module, originals: dict[str, nn.Module], config: Any, task
     if task.drop(baseline, current) <= config.max_drop:
         return model
     quantized_score = score("torch")
-    gains: dict[str, float] = {}
-    for name in originals:
-        swap(name, True)
-        gains[name] = task.drop(baseline, quantized_score) - task.drop(baseline, score("torch"))
-        swap(name, False)
+    float_scores = scored_swaps(model, lambda: score("torch"), originals, label="accuracy control")
+    gains = {name: task.drop(baseline, quantized_score) - task.drop(baseline, s) for name, s in float_scores.items()}
     info.sensitivity = dict(sorted(gains.items(), key=lambda kv: -kv[1]))
     for name in info.sensitivity:
         swap(name, True)

@@ -15,6 +15,7 @@ import torch
 import torch.nn as nn
 
 from slimkit.core.config import BaseConfig, technique
+from slimkit.core.record import StepRecord, add_record
 from slimkit.core.task import Task
 
 
@@ -52,6 +53,9 @@ _NORMS = (nn.BatchNorm1d, nn.BatchNorm2d, nn.BatchNorm3d, nn.LayerNorm, nn.Group
 
 
 def cast_model(model: nn.Module, config: Float16 | BFloat16, dtype: torch.dtype) -> nn.Module:
+    kept = {n: "normalization kept in float32 (keep_norms_fp32)" for n, m in model.named_modules()
+            if config.keep_norms_fp32 and isinstance(m, _NORMS)}
+    add_record(model, StepRecord(config.type_name, config.to_dict(), kept))
     model.to(dtype)
     if config.keep_norms_fp32:
         for m in model.modules():

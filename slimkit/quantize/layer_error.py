@@ -14,6 +14,7 @@ import torch
 import torch.nn as nn
 
 from slimkit.core.runtime_needs import quantized_layers
+from slimkit.measure.closeness import sqnr_from_powers
 
 
 @dataclasses.dataclass
@@ -79,7 +80,7 @@ def layer_errors(float_model: nn.Module, quant_model: nn.Module, batches: Iterab
                 abs_sum += float(err.abs().sum())
                 count += err.numel()
                 errs.append(err[torch.randperm(err.numel(), generator=gen)[:sample]])
-            sqnr = math.inf if noise == 0 else 10 * math.log10(signal / noise)
+            sqnr = sqnr_from_powers(signal, noise)
             worst = _worst_channel_db(ch_signal, ch_noise)
             rows.append(LayerError(name=name, kind=type(ref_layer).__name__, kernel=getattr(q, "kernel", "?"),
                                    sqnr_db=sqnr, worst_channel_sqnr_db=worst, max_abs=max_abs, mean_abs=abs_sum / max(count, 1),
@@ -93,5 +94,4 @@ def _worst_channel_db(signal: torch.Tensor | float, noise: torch.Tensor | float)
     live = signal > 0  # an output channel that is always 0 in float carries no signal to lose
     if not live.any():
         return math.inf
-    ratio = signal[live] / noise[live].clamp_min(1e-30)
-    return float(10 * torch.log10(ratio.min()))
+    return float(sqnr_from_powers(signal[live], noise[live]).min())  # the worst live channel

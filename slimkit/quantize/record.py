@@ -65,6 +65,7 @@ def quant_report_section(report: ReportSection, record: StepRecord, view: StepVi
               if view.before is not None and view.after is not None and view.task is not None and view.task.calib
               else [])
     if errors:
+        report.data.setdefault("layer_errors", []).extend(e.to_dict() for e in errors)
         report.heading("Per-layer quantization error (each layer alone, float input), worst first")
         report.table(["layer", "type", "kernel", "SQNR dB", "worst-channel SQNR dB", "max abs error", "mean abs error"],
                      [[e.name, e.kind, e.kernel, e.sqnr_db, e.worst_channel_sqnr_db, e.max_abs, e.mean_abs]

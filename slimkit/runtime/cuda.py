@@ -30,6 +30,7 @@ import torch.nn.functional as F
 from slimkit.core.editing import set_submodule
 from slimkit.core.errors import SlimkitError
 from slimkit.core.runtime_needs import QuantizedLayer
+from slimkit.measure.closeness import sqnr_db
 from slimkit.runtime import cuda_kernels as ck
 
 log = logging.getLogger("slimkit.runtime")
@@ -223,9 +224,7 @@ def _sqnr(module: nn.Module, weight: torch.Tensor, bias: torch.Tensor | None, de
     probes = [PROBE_ROWS] if rows is None or rows >= PROBE_ROWS else [PROBE_ROWS, max(1, rows)]
     worst = float("inf")
     for m in probes:
-        noise = (ref[:m] - module(x[:m]).float()).norm()
-        if noise > 0:
-            worst = min(worst, float(20 * torch.log10(ref[:m].norm() / noise)))
+        worst = min(worst, sqnr_db(ref[:m], module(x[:m])))
     return worst
 
 

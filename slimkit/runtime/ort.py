@@ -52,6 +52,7 @@ import torch
 import torch.nn as nn
 
 from slimkit.core.errors import SlimkitError
+from slimkit.measure.closeness import sqnr_db
 from slimkit.runtime._fold import fold_bias
 from slimkit.runtime._qdq import insert_qdq, replace_nodes
 from slimkit.runtime.onnx_export import COMPUTE_OPS, export_onnx, flat_outputs, module_nodes
@@ -169,8 +170,8 @@ def _avoid_saturation(model: nn.Module, example: tuple[torch.Tensor, ...], graph
     feeds = {i.name: x.detach().cpu().numpy() for i, x in zip(session.get_inputs(), example)}
     with torch.no_grad():
         ref = flat_outputs(model(*example))[0].float()
-    db = _sqnr(ref, torch.from_numpy(session.run(None, feeds)[0]))
-    alt_db = _sqnr(ref, torch.from_numpy(alt_session.run(None, feeds)[0]))
+    db = sqnr_db(ref, torch.from_numpy(session.run(None, feeds)[0]))
+    alt_db = sqnr_db(ref, torch.from_numpy(alt_session.run(None, feeds)[0]))
     if db >= alt_db - _SATURATION_DB:
         alt.unlink()
         return session, kernels
@@ -178,11 +179,6 @@ def _avoid_saturation(model: nn.Module, example: tuple[torch.Tensor, ...], graph
              "in the u8s8 kernels): keeping uint8", db, alt_db)
     alt.replace(path)
     return alt_session, alt_kernels
-
-
-def _sqnr(ref: torch.Tensor, x: torch.Tensor) -> float:
-    noise = float((ref - x.float()).norm())
-    return math.inf if noise == 0 else 20 * math.log10(max(float(ref.norm()), 1e-30) / noise)
 
 
 def _session(path: Path, threads: int, optimize: bool) -> tuple[Any, Counter]:

@@ -1,4 +1,4 @@
-"""Measure one pipeline the way the target judges it, cheapest measurement first.
+"""What the search records of one pipeline, measured by the one measurer (``slimkit.pipeline.candidate``).
 
 Order: apply the techniques -> artifact bytes -> (memory) -> build on the runtime and time it ->
 the task metric. A candidate that already breaks a hard size / memory / latency limit is
@@ -18,8 +18,8 @@ import torch.nn as nn
 from slimkit.core.config import BaseConfig, apply
 from slimkit.core.errors import SlimkitError
 from slimkit.core.target import Measurement, Target
-from slimkit.measure import artifact_size, count_params, measure_latency, peak_memory
-from slimkit.runtime import build, resolve_backend
+from slimkit.core.task import Task
+from slimkit.pipeline.candidate import measure
 
 log = logging.getLogger("slimkit.search")
 
@@ -55,56 +55,31 @@ Measurer = Callable[..., "tuple[TrialMeasurement, nn.Module | None]"]
 
 
 class RuntimeMeasurer:
-    """The real measurer: techniques applied to the task's model, timed on the target's runtime."""
+    """The search's view of :func:`slimkit.pipeline.candidate.measure`: techniques applied to the
+    task's model, measured on the target's runtime, stopping at the first broken limit."""
 
-    def __init__(self, task: Any, target: Target, baseline_score: float | None = None, *, backend: str = "auto",
+    def __init__(self, task: Task, target: Target, baseline_score: float | None = None, *, backend: str = "auto",
                  seed: int = 0) -> None:
         self.task, self.target, self.backend, self.seed = task, target, backend, seed
         self.baseline_score = baseline_score
 
     def __call__(self, configs: Sequence[BaseConfig], early_stop: bool = True,
                  ) -> tuple[TrialMeasurement, nn.Module | None]:
-
         start = time.perf_counter()
-        m = TrialMeasurement()
-        target, task = self.target, self.task
         try:
             torch.manual_seed(self.seed)
-            model = apply(task.model, list(configs), task)
+            model = apply(self.task.model, list(configs), self.task)
         except SlimkitError as exc:
-            m.error = str(exc)
-            m.seconds = time.perf_counter() - start
-            return m, None
-        model.eval()
-        m.size_mb = artifact_size(model) / 1e6
-        m.params = count_params(model)[0]
-        if early_stop and _over(m.size_mb, target.max_size_mb):
-            return self._stop(m, "size", start), model
-        if target.max_memory_mb is not None:
-            m.memory_mb = peak_memory(model, task.example, device=target.device) / 1e6
-            if early_stop and _over(m.memory_mb, target.max_memory_mb):
-                return self._stop(m, "memory", start), model
-        m.backend = resolve_backend(model, self.backend)
-        runnable = build(model, m.backend, task.example, threads=target.threads)
-        m.runtime_skipped = dict(getattr(runnable, "skipped", {})) or None
-        device = target.device if m.backend == "torch" else "cpu"
-        latency = measure_latency(runnable, task.example, device=device, threads=target.threads)
-        m.latency_ms, m.latency_p95_ms = latency.p50_ms, latency.p95_ms
-        if early_stop and _over(m.latency_ms, target.max_latency_ms):
-            return self._stop(m, "latency", start), model
-        m.score = task.evaluate(runnable)["score"]
-        if self.baseline_score is not None:
-            m.drop = task.drop(self.baseline_score, m.score)
-        m.seconds = time.perf_counter() - start
+            return TrialMeasurement(error=str(exc), seconds=time.perf_counter() - start), None
+        c = measure("trial", model, configs, self.task, backend=self.backend, threads=self.target.threads,
+                    target=self.target, early_stop=early_stop)
+        m = TrialMeasurement(size_mb=c.size_mb, params=c.params, memory_mb=c.memory_mb, backend=c.backend or None,
+                             stopped_at=c.stopped_at, runtime_skipped=c.runtime_skipped,
+                             seconds=time.perf_counter() - start)
+        if c.latency is not None:
+            m.latency_ms, m.latency_p95_ms = c.latency.p50_ms, c.latency.p95_ms
+        if c.metric is not None:
+            m.score = c.metric["score"]
+            if self.baseline_score is not None:
+                m.drop = self.task.drop(self.baseline_score, m.score)
         return m, model
-
-    @staticmethod
-    def _stop(m: TrialMeasurement, limit: str, start: float) -> TrialMeasurement:
-        m.stopped_at = limit
-        m.seconds = time.perf_counter() - start
-        log.info("candidate breaks the %s limit; metric not evaluated", limit)
-        return m
-
-
-def _over(value: float | None, limit: float | None) -> bool:
-    return limit is not None and value is not None and value > limit

@@ -25,12 +25,12 @@ from slimkit.core.target import Target
 from slimkit.pipeline.recipe import Recipe
 from slimkit.search.evaluate import Measurer, RuntimeMeasurer, TrialMeasurement
 from slimkit.search.pareto import TrialRecord, closest, hints, objectives, pareto_front, pick_best
-from slimkit.search.progress import TrialProgress
 from slimkit.search.refine import step_closest
 from slimkit.search.result import OptimizeResult
 from slimkit.search.result_report import write_report
 from slimkit.search.seeding import initial_guesses, layer_sensitivity_for
 from slimkit.search.study import create_study, finished, open_storage, requeue_interrupted, run_trials, storage_url
+from slimkit.search.trial_progress import TrialProgress
 
 log = logging.getLogger("slimkit.search")
 

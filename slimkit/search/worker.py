@@ -18,8 +18,8 @@ from slimkit.core.registry import searchable
 from slimkit.core.target import Target
 from slimkit.search.evaluate import RuntimeMeasurer, TrialMeasurement
 from slimkit.search.optimize import context_for, make_objective, make_sampler
-from slimkit.search.progress import TrialProgress
 from slimkit.search.study import finished, load_study, open_storage, run_trials, storage_url
+from slimkit.search.trial_progress import TrialProgress
 
 
 def study_attrs(storage: Any, name: str, wait_s: float) -> dict[str, Any]:

@@ -15,9 +15,10 @@ import torch.nn as nn
 
 from slimkit.core.config import BaseConfig, technique
 from slimkit.core.errors import SlimkitError
+from slimkit.core.record import ReportSection, StepRecord, StepView, add_record
 from slimkit.core.registry import SearchContext
 from slimkit.core.task import Task
-from slimkit.train.finetune import finetune
+from slimkit.train.finetune import TrainResult, finetune
 from slimkit.train.masks import PRUNABLE, masked
 
 #: Fraction of exact zeros above which a model counts as sparse and its zeros are kept while training.
@@ -62,6 +63,36 @@ class Finetune(BaseConfig):
     def applies(cls, ctx: SearchContext) -> bool:
         return ctx.trainable
 
+    @classmethod
+    def report_section(cls, report: ReportSection, record: StepRecord, view: StepView) -> None:
+        training_report_section(report, record)
+
+
+@dataclasses.dataclass
+class TrainRecord(StepRecord):
+    """A training step (fine-tuning, distillation): its length, losses, evaluations and time."""
+
+    steps: int = 0
+    first_loss: float = 0.0
+    last_loss: float = 0.0
+    evals: list[tuple[int, float]] = dataclasses.field(default_factory=list)
+    best_step: int | None = None
+    seconds: float = 0.0
+
+    @classmethod
+    def of(cls, config: BaseConfig, result: TrainResult) -> TrainRecord:
+        return cls(config.type_name, config.to_dict(), steps=result.steps,
+                   first_loss=result.losses[0] if result.losses else 0.0,
+                   last_loss=result.losses[-1] if result.losses else 0.0, evals=list(result.evals),
+                   best_step=result.best_step, seconds=result.seconds)
+
+
+def training_report_section(report: ReportSection, record: StepRecord) -> None:
+    if isinstance(record, TrainRecord):
+        best = f", best weights from step {record.best_step}" if record.best_step is not None else ""
+        report.note(f"{record.technique}: {record.steps} steps, loss {record.first_loss:.4g} -> {record.last_loss:.4g}"
+                    f"{best}, {record.seconds:.1f} s")
+
 
 def recover(model: nn.Module, config: Finetune, task: Task | None) -> nn.Module:
     """Handler of :class:`Finetune`: train in place, zeros kept when the model is sparse."""
@@ -72,9 +103,10 @@ def recover(model: nn.Module, config: Finetune, task: Task | None) -> nn.Module:
     zeros = sum(int((w == 0).sum()) for w in weights) / max(sum(w.numel() for w in weights), 1)
     keep_zeros = masked(model) if zeros > SPARSE_ENOUGH else contextlib.nullcontext(None)
     with keep_zeros as after_step:
-        finetune(model, task, steps=config.steps, lr=config.lr, weight_decay=config.weight_decay,
+        result = finetune(model, task, steps=config.steps, lr=config.lr, weight_decay=config.weight_decay,
                  seed=config.seed, after_step=after_step, eval_every=max(1, config.steps // config.evals)
                  if config.evals else 0, restore_best=bool(config.evals), progress=False)
+    add_record(model, TrainRecord.of(config, result))
     model.eval()
     return model
 

@@ -34,7 +34,6 @@ Parsing choices (each checked against the fp32 reference numbers in ASSETS.md):
 
 from __future__ import annotations
 
-import dataclasses
 import functools
 import hashlib
 import importlib.util
@@ -54,6 +53,7 @@ from slimkit.core.cache import cache_dir
 from slimkit.core.errors import SlimkitError
 from slimkit.core.registry import builder
 from slimkit.core.task import Runnable, Task
+from slimkit.zoo.similarity_sets import SimilarityEval, lines_of, scores, word_pairs
 
 NAME = "minilm"
 DIM = 384
@@ -175,49 +175,13 @@ def tokenize(texts: list[str], max_length: int, pad_to: int | None = None) -> tu
 
 # --------------------------------------------------------------------------- data
 
-def _word_pairs(file: Path) -> tuple[list[str], list[str], np.ndarray]:
-    a, b, human = [], [], []
-    for line in file.read_text(encoding="utf-8").splitlines():
-        if not line.strip() or line.startswith("#"):
-            continue
-        w1, w2, score = line.split("\t")[:3]
-        a.append(w1)
-        b.append(w2)
-        human.append(float(score))
-    return a, b, np.asarray(human)
-
-
-def _lines(file: Path, encoding: str) -> list[str]:
-    return [line.strip() for line in file.read_bytes().decode(encoding).splitlines() if line.strip()]
-
 
 def background_sentences() -> list[str]:
     """Sentences (3+ words) of gensim's ``lee_background.cor`` (300 news documents): 2,614 of them."""
     sentences = []
-    for doc in _lines(data_dir() / "lee_background.cor", "utf-8"):
+    for doc in lines_of(data_dir() / "lee_background.cor", "utf-8"):
         sentences += [s.strip() for s in re.split(r"(?<=[.!?])\s+(?=[\"'A-Z0-9])", doc) if len(s.split()) >= 3]
     return sentences
-
-
-@dataclasses.dataclass
-class SimilarityEval:
-    """Every eval text tokenized once, deduplicated, in length-sorted batches, plus where each set's
-    items live in the ``(N, 384)`` matrix of all embeddings."""
-
-    texts: list[str]
-    batches: list[tuple[torch.Tensor, torch.Tensor, torch.Tensor]]  # (input_ids, attention_mask, row index)
-    wordsim: tuple[np.ndarray, np.ndarray, np.ndarray]  # rows of word1, rows of word2, human scores
-    simlex: tuple[np.ndarray, np.ndarray, np.ndarray]
-    lee: tuple[np.ndarray, np.ndarray]  # rows of the 50 docs, human scores of the 1,225 upper-triangle pairs
-    polarity: tuple[np.ndarray, np.ndarray]  # rows of the 200 sentences, labels (0 neg, 1 pos)
-    reference: torch.Tensor | None = None  # (N, 384) fp32 embeddings of the original model
-
-    def __len__(self) -> int:
-        return len(self.texts)
-
-    @property
-    def tokens(self) -> int:
-        return int(sum(int(mask.sum()) for _, mask, _ in self.batches))
 
 
 def build_eval() -> SimilarityEval:
@@ -228,17 +192,17 @@ def build_eval() -> SimilarityEval:
         return np.asarray([rows.setdefault(t, len(rows)) for t in texts], dtype=np.int64)
 
     def pairs(file: str) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
-        a, b, human = _word_pairs(d / file)
+        a, b, human = word_pairs(d / file)
         return index(a), index(b), human
 
     wordsim, simlex = pairs("wordsim353.tsv"), pairs("simlex999.txt")
-    docs = _lines(d / "lee.cor", "latin-1")
+    docs = lines_of(d / "lee.cor", "latin-1")
     human = np.loadtxt(d / "similarities0-1.txt")
     if len(docs) != 50 or human.shape != (50, 50):
         raise SlimkitError(f"gensim's Lee corpus looks different than expected ({len(docs)} docs, {human.shape})",
                            "reinstall gensim")
     lee = (index(docs), human[np.triu_indices(50, 1)])
-    labelled = [line.split(" ", 1) for line in _lines(d / "pang_lee_polarity.cor", "latin-1")]
+    labelled = [line.split(" ", 1) for line in lines_of(d / "pang_lee_polarity.cor", "latin-1")]
     polarity = (index([text.strip() for _, text in labelled]),
                 np.asarray([1 if label == "__label__pos" else 0 for label, _ in labelled]))
     texts = list(rows)
@@ -282,36 +246,6 @@ def embed(run: Runnable, data: SimilarityEval) -> torch.Tensor:
         raise SlimkitError(f"{NAME}: the model produced NaN or Inf embeddings",
                            "check the model for NaN weights or an overflowing precision")
     return F.normalize(out, dim=-1)
-
-
-def _correlation(x: np.ndarray, y: np.ndarray, rank: bool) -> float:
-    """Pearson (or Spearman, ``rank=True``) r; 0.0 when ``x`` is constant (a collapsed model's
-    embeddings carry no information: score it as such rather than as an undefined NaN)."""
-    if np.ptp(x) < 1e-6:  # cosines are in [-1, 1]; this is float rounding, not a ranking
-        return 0.0
-    if rank:
-        from scipy.stats import rankdata
-
-        x, y = rankdata(x), rankdata(y)  # average ranks for ties, as scipy.stats.spearmanr
-    return float(np.corrcoef(x, y)[0, 1])
-
-
-def scores(emb: torch.Tensor, data: SimilarityEval) -> dict[str, float]:
-    """The four set scores from ``(N, 384)`` normalised embeddings (no model needed)."""
-    from sklearn.linear_model import LogisticRegression
-    from sklearn.model_selection import StratifiedKFold, cross_val_score
-
-    e = emb.numpy().astype(np.float64)
-    out = {}
-    for key, (a, b, human) in (("wordsim353", data.wordsim), ("simlex999", data.simlex)):
-        out[key] = _correlation((e[a] * e[b]).sum(1), human, rank=True)
-    docs, human = data.lee
-    i, j = np.triu_indices(len(docs), 1)  # the 1,225 pairs above the diagonal, row-major like ``human``
-    out["lee50"] = _correlation((e[docs[i]] * e[docs[j]]).sum(1), human, rank=False)
-    rows, labels = data.polarity
-    acc = cross_val_score(LogisticRegression(C=1.0, max_iter=1000), e[rows], labels, cv=StratifiedKFold(5))
-    out["polarity"] = float(acc.mean())
-    return out
 
 
 def similarity_metric(run: Runnable, data: SimilarityEval) -> dict[str, float]:
@@ -388,7 +322,7 @@ def make_task(progress: bool = False) -> Task:
     calib = [tokenize(calib_text[i:i + BATCH], CALIB_MAX_LENGTH) for i in range(0, len(calib_text), BATCH)]
     train = [tokenize(train_text[i:i + BATCH], CALIB_MAX_LENGTH) for i in range(0, len(train_text), BATCH)]
     # Latency example: 8 news paragraphs cut to 128 tokens, every position real (no padding).
-    docs = _lines(data_dir() / "lee_background.cor", "utf-8")
+    docs = lines_of(data_dir() / "lee_background.cor", "utf-8")
     lengths = tokenizer()(docs, truncation=True, max_length=CALIB_MAX_LENGTH, return_length=True)["length"]
     paragraphs = [doc for doc, n in zip(docs, lengths) if n >= CALIB_MAX_LENGTH][:EXAMPLE_BATCH]
     example = tokenize(paragraphs, CALIB_MAX_LENGTH, pad_to=CALIB_MAX_LENGTH)

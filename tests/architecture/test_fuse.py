@@ -8,7 +8,7 @@ import torch.nn as nn
 
 import slimkit as sk
 from slimkit.architecture import Fuse, compiled, find_pairs, fold_batchnorm
-from slimkit.architecture.fuse import FoldedNorm
+from slimkit.graph.batchnorm import FoldedNorm
 from tests.prune.hf_tiny import tiny
 
 

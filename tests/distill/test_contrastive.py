@@ -6,9 +6,9 @@ import pytest
 import torch
 import torch.nn as nn
 
-from slimkit.distill import SimCSELoss, contrastive_loss, simcse_finetune
 from slimkit.core.errors import SlimkitError
 from slimkit.core.task import Task
+from slimkit.distill import SimCSELoss, contrastive_loss, simcse_finetune
 
 
 def test_contrastive_loss_matches_the_closed_form():

@@ -2,8 +2,9 @@
 
 import optuna
 
+from slimkit.core.registry import SearchContext
+from slimkit.core.registry import searchable as techniques
 from slimkit.distill import Distill
-from slimkit.search.space import SearchContext, techniques
 
 
 def test_distill_is_a_recover_technique_with_valid_configs(digits_task):

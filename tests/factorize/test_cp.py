@@ -5,6 +5,7 @@ import torch
 import torch.nn as nn
 
 import slimkit as sk
+from slimkit.core.record import last_record
 from slimkit.factorize import CP, CPConv2d, cp_als, cp_conv, cp_reconstruct
 from slimkit.factorize.cp import cp_params
 
@@ -44,13 +45,13 @@ def test_cp_conv_computes_the_reconstructed_kernel(stride, padding, dilation):
 
 def test_param_counts_and_skips(mnist_task):
     model = sk.apply(mnist_task.model, CP(ratio=0.3))
-    info = model.slimkit_factorize
+    info = last_record(model)
     conv = mnist_task.model[4]  # 16 -> 32, 3x3
-    rank = info["layers"]["4"]["rank"]
+    rank = info.layers["4"]["rank"]
     assert rank == int(0.3 * 16 * 32 * 9 / (16 + 32 + 3 + 3))
-    assert info["layers"]["4"]["params_after"] == cp_params(conv, rank) == rank * (16 + 32 + 6) + 32
+    assert info.layers["4"]["params_after"] == cp_params(conv, rank) == rank * (16 + 32 + 6) + 32
     assert isinstance(model[4], CPConv2d)
-    assert "input channel" in info["skipped"]["0"]
+    assert "input channel" in info.skipped["0"]
     assert CP(rank=7).rank == 7
     for kwargs in ({"ratio": -0.1}, {"ratio": 2.0}, {"rank": 0}, {"iters": 0}):
         with pytest.raises(sk.SlimkitError) as e:

@@ -3,6 +3,7 @@
 import pytest
 
 from slimkit.core.errors import SlimkitError
+from slimkit.core.record import last_record
 from slimkit.factorize import CP, SVD, Tucker
 from slimkit.factorize.layers import round_rank
 
@@ -39,8 +40,8 @@ def test_mnist_ranks_on_multiples_of_8_stay_3x_smaller(mnist_task, config, ranks
     import slimkit as sk
 
     model = sk.apply(mnist_task.model, config, mnist_task)
-    info = model.slimkit_factorize
-    assert {n: v["rank"] for n, v in info["layers"].items()} == ranks
-    assert info["params"] == [98666, total] and 98666 / total >= 3.0
-    assert "output layer" in info["skipped"]["15"]
+    info = last_record(model)
+    assert {n: v["rank"] for n, v in info.layers.items()} == ranks
+    assert info.params == [98666, total] and 98666 / total >= 3.0
+    assert "output layer" in info.skipped["15"]
     assert mnist_task.evaluate(model)["score"] >= accuracy

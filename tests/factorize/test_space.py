@@ -5,8 +5,10 @@ import pytest
 import torch.nn as nn
 
 import slimkit as sk
+from slimkit.core.record import last_record
+from slimkit.core.registry import SearchContext
+from slimkit.core.registry import searchable as techniques
 from slimkit.factorize import CP, SVD, Tucker
-from slimkit.search.space import SearchContext, techniques
 
 
 def context(task):
@@ -14,7 +16,7 @@ def context(task):
 
 
 def test_factorize_techniques_are_listed_in_their_stage():
-    found = {t.name: t.stage for t in techniques(["svd", "tucker", "cp"])}
+    found = {t.search: t.stage for t in techniques(["svd", "tucker", "cp"])}
     assert found == {"svd": "factorize", "tucker": "factorize", "cp": "factorize"}
 
 
@@ -26,7 +28,7 @@ def test_fixed_trials_give_valid_configs(digits_task):
     assert tucker.suggest(optuna.trial.FixedTrial({"tucker.ratio": 0.4}), ctx) == Tucker(ratio=0.4)
     assert cp.suggest(optuna.trial.FixedTrial({"cp.ratio": 0.2}), ctx) == CP(ratio=0.2)
     model = sk.apply(digits_task.model, c)
-    assert model.slimkit_factorize["params"][1] < model.slimkit_factorize["params"][0]
+    assert last_record(model).params[1] < last_record(model).params[0]
     for t in (svd, tucker, cp):
         assert t.applies(ctx)
 

@@ -5,6 +5,7 @@ import torch
 import torch.nn as nn
 
 import slimkit as sk
+from slimkit.core.record import last_record
 from slimkit.factorize import SVD, LowRankConv2d, LowRankLinear, low_rank, rank_for_energy, rank_for_ratio
 from slimkit.factorize.svd import truncated_svd
 
@@ -48,31 +49,31 @@ def test_param_counts_follow_the_formula():
     torch.manual_seed(0)
     model = nn.Sequential(nn.Linear(64, 256), nn.ReLU(), nn.Linear(256, 32), nn.ReLU(), nn.Linear(32, 10))
     out = sk.apply(model, SVD(rank_ratio=0.25))
-    info = out.slimkit_factorize
+    info = last_record(out)
     for name, (m, n) in {"0": (256, 64), "2": (32, 256)}.items():
         r = int(0.25 * m * n / (m + n))
-        assert info["layers"][name]["rank"] == r
-        assert info["layers"][name]["params_after"] == r * (m + n) + m
+        assert info.layers[name]["rank"] == r
+        assert info.layers[name]["params_after"] == r * (m + n) + m
         assert sum(p.numel() for p in out.get_submodule(name).parameters()) == r * (m + n) + m
     # 32 -> 10 at a quarter: rank 1 stores 42 + 10 params < 330, so it is factorized too
-    assert info["layers"]["4"]["rank"] == 1
-    assert info["params"] == [sum(p.numel() for p in model.parameters()), sum(p.numel() for p in out.parameters())]
+    assert info.layers["4"]["rank"] == 1
+    assert info.params == [sum(p.numel() for p in model.parameters()), sum(p.numel() for p in out.parameters())]
 
 
 def test_layers_that_would_not_shrink_are_skipped_with_the_reason(caplog):
     model = nn.Sequential(nn.Linear(4, 300), nn.Linear(300, 4))
     with caplog.at_level("INFO", logger="slimkit.factorize"):
         out = sk.apply(model, SVD(energy=1.0))  # energy 1.0 needs the full rank 4 > 4*300/304
-    assert out.slimkit_factorize["layers"] == {}
-    assert set(out.slimkit_factorize["skipped"]) == {"0", "1"}
-    assert "mn/(m+n)" in out.slimkit_factorize["skipped"]["0"]
+    assert last_record(out).layers == {}
+    assert set(last_record(out).skipped) == {"0", "1"}
+    assert "mn/(m+n)" in last_record(out).skipped["0"]
     assert "left as it is" in caplog.text
     assert isinstance(out[0], nn.Linear)
 
 
 def test_sensitivity_allocation_respects_the_budget_and_protects_the_sensitive_layer(digits_task):
     model = sk.apply(digits_task.model, SVD(rank_ratio=0.3, allocation="sensitivity", targets="all"), digits_task)
-    info = model.slimkit_factorize
+    info = last_record(model)
     chosen = [n for n, m in digits_task.model.named_modules() if isinstance(m, (nn.Linear, nn.Conv2d))]
     original = sum(sum(p.numel() for p in digits_task.model.get_submodule(n).parameters()) for n in chosen)
     after = sum(sum(p.numel() for p in model.get_submodule(n).parameters()) for n in chosen)
@@ -81,7 +82,7 @@ def test_sensitivity_allocation_respects_the_budget_and_protects_the_sensitive_l
     base = digits_task.evaluate()["score"]
     assert digits_task.evaluate(model)["score"] >= digits_task.evaluate(uniform)["score"] - 0.01
     assert digits_task.evaluate(model)["score"] > base - 0.3
-    assert len(info["layers"]) >= 2
+    assert len(info.layers) >= 2
 
 
 @pytest.mark.parametrize("kwargs, fragment", [

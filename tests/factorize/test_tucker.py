@@ -5,6 +5,7 @@ import torch
 import torch.nn as nn
 
 import slimkit as sk
+from slimkit.core.record import last_record
 from slimkit.factorize import Tucker, TuckerConv2d, tucker2, tucker2_reconstruct, tucker_conv
 from slimkit.factorize.tucker import ranks_for_ratio, tucker_params
 
@@ -48,23 +49,23 @@ def test_full_rank_tucker_conv_matches_the_conv(stride, padding, dilation):
 
 def test_param_counts_follow_the_formula(mnist_task):
     model = sk.apply(mnist_task.model, Tucker(ratio=0.3))
-    info = model.slimkit_factorize
+    info = last_record(model)
     conv = mnist_task.model[8]  # 32 -> 64, 3x3
-    r_out, r_in = info["layers"]["8"]["rank"]
+    r_out, r_in = info.layers["8"]["rank"]
     assert (r_out, r_in) == ranks_for_ratio(conv, 0.3)
     expected = 32 * r_in + r_in * r_out * 9 + r_out * 64 + 64
-    assert tucker_params(conv, r_out, r_in) == expected == info["layers"]["8"]["params_after"]
+    assert tucker_params(conv, r_out, r_in) == expected == info.layers["8"]["params_after"]
     assert expected <= 0.3 * (32 * 64 * 9 + 64)
     assert isinstance(model[8], TuckerConv2d)
-    assert "input channel" in info["skipped"]["0"]  # an image-input conv stays whole
-    assert info["layers"]["13"]["method"] == "svd"  # Tucker-2 of a matrix is its SVD
-    assert info["params"][1] == sum(p.numel() for p in model.parameters())
+    assert "input channel" in info.skipped["0"]  # an image-input conv stays whole
+    assert info.layers["13"]["method"] == "svd"  # Tucker-2 of a matrix is its SVD
+    assert info.params[1] == sum(p.numel() for p in model.parameters())
 
 
 def test_fixed_ranks_and_invalid_configs():
     conv = nn.Sequential(nn.Conv2d(8, 16, 3, padding=1))
     out = sk.apply(conv, Tucker(ranks=(4, 3), hooi_iters=0))
-    assert out.slimkit_factorize["layers"]["0"]["rank"] == [4, 3]
+    assert last_record(out).layers["0"]["rank"] == [4, 3]
     for kwargs, fragment in (({"ratio": 0}, "ratio=0"), ({"ratio": 1.01}, "ratio=1.01"),
                              ({"ranks": (0, 2)}, "ranks=(0, 2)"), ({"hooi_iters": -1}, "hooi_iters=-1")):
         with pytest.raises(sk.SlimkitError) as e:

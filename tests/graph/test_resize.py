@@ -8,6 +8,7 @@ import pytest
 import torch
 
 import slimkit as sk
+from slimkit.core.record import last_record
 from slimkit.prune import Channels
 from tests.prune.hf_tiny import tiny
 
@@ -20,7 +21,7 @@ def test_pruned_digits_artifact_reloads_identically(digits_task: sk.Task, tmp_pa
     x = digits_task.example[0].repeat(8, 1, 1, 1)
     with torch.no_grad():
         assert torch.equal(loaded(x), pruned(x))
-    assert sum(p.numel() for p in loaded.parameters()) == pruned.slimkit_prune["params"][1]
+    assert sum(p.numel() for p in loaded.parameters()) == last_record(pruned).params[1]
 
 
 @pytest.mark.parametrize("family", ["mobilenet_v2", "regnet", "distilbert"])

@@ -6,9 +6,15 @@ import torch.nn as nn
 import torch.nn.functional as F
 
 from slimkit.core.errors import SlimkitError
-from slimkit.measure.sensitivity import (compressed_weight, hessian_trace, layer_sensitivity, ranked,
-                                         render_sensitivity, report_sensitivity)
 from slimkit.core.task import Task, accuracy
+from slimkit.measure.sensitivity import (
+    compressed_weight,
+    hessian_trace,
+    layer_sensitivity,
+    ranked,
+    render_sensitivity,
+    report_sensitivity,
+)
 
 
 def _planted() -> tuple[nn.Module, Task]:

@@ -10,10 +10,17 @@ import torch.nn as nn
 
 import slimkit as sk
 from slimkit.core.errors import SlimkitError
-from slimkit.nas.encoder import EncoderArch, EncoderSpace, block_parts, encoder_blocks, rank, subnet
-from slimkit.nas.encoder_search import (EncoderEvaluator, LatencyModel, best_per_depth, held_out_error, mean_cosine,
-                                        rerank)
+from slimkit.core.record import last_record
 from slimkit.nas.arch_search import Evaluation, best_feasible, evolve, optuna_search
+from slimkit.nas.encoder import EncoderArch, EncoderSpace, block_parts, encoder_blocks, rank, subnet
+from slimkit.nas.encoder_search import (
+    EncoderEvaluator,
+    LatencyModel,
+    best_per_depth,
+    held_out_error,
+    mean_cosine,
+    rerank,
+)
 
 
 class Logits(nn.Module):
@@ -73,7 +80,7 @@ def test_member_weights_are_slices_of_the_model_and_members_are_nested():
     ranking = rank(model, [x])
     arch = EncoderArch(layers=3, heads=4, ffn=128)
     member = subnet(model, arch, ranking)
-    kept = member.slimkit_nas["kept_layers"]
+    kept = last_record(member).kept_layers
     assert kept == [1, 3, 5]
     originals = encoder_blocks(model)
     for block, i in zip(encoder_blocks(member), kept):
@@ -149,7 +156,7 @@ def test_minilm_member_ranked_on_text_beats_weight_ranking_and_reloads(minilm_ta
         assert torch.equal(loaded(*calib[0]), by_text(*calib[0]))
 
     applied = sk.apply(model, sk.nas.Encoder(layers=3, heads=6, ffn=768), minilm_task)
-    assert applied.slimkit_nas["arch"] == {"layers": 3, "heads": 6, "ffn": 768}
+    assert last_record(applied).arch == {"layers": 3, "heads": 6, "ffn": 768}
 
 
 def test_best_per_depth_keeps_the_best_feasible_member_of_each_layer_count():

@@ -6,7 +6,7 @@ import random
 
 import pytest
 
-from slimkit.nas import CNNSpace, LatencyTable, layer_keys, measure_archs
+from slimkit.nas import CNNSpace, LatencyPredictor, layer_keys, measure_archs
 
 
 def test_layer_keys_cover_every_layer(mnist_task):
@@ -21,7 +21,7 @@ def test_predictor_error_on_held_out_architectures(mnist_task, one_thread):
     space = CNNSpace.from_model(mnist_task.model, mnist_task.example)
     rng = random.Random(0)
     archs = list(dict.fromkeys(space.sample(rng) for _ in range(20)))[:12]
-    table = LatencyTable(batch=64).measure(archs, rounds=3, min_time_s=0.01)
+    table = LatencyPredictor(batch=64).measure(archs, rounds=3, min_time_s=0.01)
     assert all(layer in table.table for a in archs for layer in layer_keys(a))  # one timing per distinct layer
     measured = measure_archs(archs, batch=64, rounds=3, min_time_s=0.03)
     table.fit(archs[:6], measured[:6])

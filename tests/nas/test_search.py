@@ -6,8 +6,7 @@ import dataclasses
 
 import torch
 
-from slimkit.nas import (CNNSpace, LatencyTable, SuperCNN, SupernetEvaluator, best_feasible, evolve,
-                         optuna_search)
+from slimkit.nas import CNNSpace, LatencyPredictor, SuperCNN, SupernetEvaluator, best_feasible, evolve, optuna_search
 
 
 def test_searchers_find_feasible_members_under_a_measured_limit(mnist_task, one_thread):
@@ -17,7 +16,7 @@ def test_searchers_find_feasible_members_under_a_measured_limit(mnist_task, one_
     supernet = SuperCNN(space)
     val = mnist_task.train[-2:]
     evaluate = SupernetEvaluator(supernet, [b[0][0] for b in mnist_task.train[:2]], val, batch=32,
-                                 table=LatencyTable(batch=32))
+                                 table=LatencyPredictor(batch=32))
     small = evaluate(space.smallest())
     big = evaluate(space.largest())
     assert big.latency_ms > small.latency_ms  # measured, not assumed

@@ -6,9 +6,10 @@ import optuna
 
 import slimkit as sk
 from slimkit.architecture import Fuse
-from slimkit.nas.space import CNN
-from slimkit.search import SearchContext, techniques
+from slimkit.core.registry import SearchContext
+from slimkit.core.registry import searchable as techniques
 from slimkit.core.target import Target
+from slimkit.nas import CNN
 
 
 def _ctx(task) -> SearchContext:
@@ -17,9 +18,9 @@ def _ctx(task) -> SearchContext:
 
 
 def test_techniques_list_nas_and_fuse_in_their_stages():
-    found = {t.name: t.stage for t in techniques()}
+    found = {t.search: t.stage for t in techniques()}
     assert found["nas"] == "nas" and found["fuse"] == "fuse"
-    names = [t.name for t in techniques(["fuse", "nas"])]
+    names = [t.search for t in techniques(["fuse", "nas"])]
     assert names == ["nas", "fuse"]  # stage order: nas first, fuse last
 
 

@@ -8,8 +8,8 @@ import random
 import torch
 import torch.nn as nn
 
-from slimkit.nas import CNNArch, CNNSpace, SuperCNN, recalibrate_bn, train_supernet
 from slimkit.core.task import accuracy
+from slimkit.nas import CNNArch, CNNSpace, SuperCNN, recalibrate_bn, train_supernet
 
 
 def _space(mnist_task) -> CNNSpace:

@@ -11,6 +11,7 @@ import torch.nn as nn
 
 import slimkit as sk
 from slimkit.core.errors import SlimkitError
+from slimkit.core.record import last_record
 from slimkit.measure.flops import count_flops
 from slimkit.prune import Channels
 from tests.prune.hf_tiny import FAMILIES, tiny
@@ -77,9 +78,9 @@ def test_plain_cnn_counts_are_exact() -> None:
     assert sum(p.numel() for p in pruned.parameters()) == expected_params
     expected_macs = 8 * 3 * 9 * 64 + 16 * 8 * 9 * 64 + 16 * 10
     assert count_flops(pruned, (x,)).macs == expected_macs
-    info = pruned.slimkit_prune
-    assert info["macs"][1] == expected_macs and info["params"][1] == expected_params
-    assert info["layers"]["conv1"] == [16, 8] and info["groups_pruned"] == 2
+    info = last_record(pruned)
+    assert info.macs[1] == expected_macs and info.params[1] == expected_params
+    assert info.layers["conv1"] == [16, 8] and info.groups_pruned == 2
     assert model.conv1.out_channels == 16  # apply() leaves the caller's model alone
 
 
@@ -125,7 +126,7 @@ def test_zeroed_bert_heads_prune_to_identical_outputs() -> None:
     for i in dead:
         self_att = pruned.bert.encoder.layer[i].attention.self
         assert self_att.query.out_features == 32 and self_att.num_attention_heads == 2
-    assert pruned.slimkit_prune["heads"] == {f"bert.encoder.layer.{i}.attention.self": [4, 2] for i in dead}
+    assert last_record(pruned).heads == {f"bert.encoder.layer.{i}.attention.self": [4, 2] for i in dead}
     with torch.no_grad():
         torch.testing.assert_close(pruned(ids).logits, model(ids).logits, rtol=0, atol=1e-5)
 
@@ -136,31 +137,31 @@ def test_every_hf_family_prunes_and_runs(family: str) -> None:
     with torch.no_grad():
         ref = model(*example).logits
     pruned = sk.apply(model, Channels(amount=0.5), _task(example))
-    info = pruned.slimkit_prune
+    info = last_record(pruned)
     with torch.no_grad():
         out = pruned(*example).logits
     assert out.shape == ref.shape and torch.isfinite(out).all()
-    assert info["groups_pruned"] >= 2
-    assert info["params"][1] < 0.8 * info["params"][0]
-    assert info["macs"][1] < 0.8 * info["macs"][0]
+    assert info.groups_pruned >= 2
+    assert info.params[1] < 0.8 * info.params[0]
+    assert info.macs[1] < 0.8 * info.macs[0]
     if family == "swin":  # heads share a per-head bias table; patch merging confuses the tracer
-        assert any("heads kept" in r for r in info["skipped"].values())
-        assert any("breaks the forward pass" in r for r in info["skipped"].values())
+        assert any("heads kept" in r for r in info.skipped.values())
+        assert any("breaks the forward pass" in r for r in info.skipped.values())
     if family in ("bert", "distilbert", "vit"):
-        assert all(after == 2 for _, after in info["heads"].values()) and len(info["heads"]) == 2
+        assert all(after == 2 for _, after in info.heads.values()) and len(info.heads) == 2
 
 
 def test_minilm_heads_and_mlp_prune_keeping_embedding_width(minilm_task: sk.Task) -> None:
     pruned = sk.apply(minilm_task.model, Channels(amount=0.25), minilm_task)
-    info = pruned.slimkit_prune
-    assert len(info["heads"]) == 6 and all(v == [12, 9] for v in info["heads"].values())
-    intermediate = [w for n, w in info["layers"].items() if n.endswith("intermediate.dense")]
+    info = last_record(pruned)
+    assert len(info.heads) == 6 and all(v == [12, 9] for v in info.heads.values())
+    intermediate = [w for n, w in info.layers.items() if n.endswith("intermediate.dense")]
     assert intermediate == [[1536, 1152]] * 6
     with torch.no_grad():
         out = pruned(*minilm_task.example)
         ref = minilm_task.model(*minilm_task.example)
     assert out.shape == ref.shape  # embedding width (384) untouched
-    params = info["params"]
+    params = info.params
     removed = 6 * (3 * 384 * 96 + 3 * 96 + 96 * 384 + 2 * 384 * 384)  # 3 heads of q/k/v/o + 384 MLP neurons
     assert params[0] - params[1] == removed + 6 * 384
 
@@ -174,7 +175,7 @@ def test_custom_layer_is_left_intact_and_listed(caplog: pytest.LogCaptureFixture
         pruned = sk.apply(model, Channels(amount=0.5), _task((x,)))
     assert pruned[0].out_channels == 16 and pruned[1].gain.shape == (16, 1, 1)  # group through Scale kept
     assert pruned[3].out_channels == 16  # the other group is pruned
-    assert "1" in pruned.slimkit_prune["skipped"] and "Scale" in pruned.slimkit_prune["skipped"]["1"]
+    assert "1" in last_record(pruned).skipped and "Scale" in last_record(pruned).skipped["1"]
     assert "Scale" in caplog.text
     assert pruned(x).shape == (2, 10)
 
@@ -183,7 +184,7 @@ def test_macs_ratio_is_reached_and_round_to_respected() -> None:
     torch.manual_seed(0)
     model, x = Plain(64).eval(), torch.randn(1, 3, 16, 16)
     pruned = sk.apply(model, Channels(macs_ratio=0.5, round_to=8), _task((x,)))
-    before, after = pruned.slimkit_prune["macs"]
+    before, after = last_record(pruned).macs
     assert 0.35 <= after / before <= 0.5
     assert pruned.conv1.out_channels % 8 == 0 and pruned.conv2.out_channels % 8 == 0
 
@@ -200,7 +201,7 @@ def test_global_scope_prunes_unevenly() -> None:
 
 def test_taylor_uses_task_gradients(digits_task: sk.Task) -> None:
     pruned = sk.apply(digits_task.model, Channels(amount=0.25, importance="taylor"), digits_task)
-    before, after = pruned.slimkit_prune["params"]
+    before, after = last_record(pruned).params
     assert after < 0.8 * before
     assert all(p.grad is None for p in pruned.parameters())
     with pytest.raises(SlimkitError, match="labelled training batches"):

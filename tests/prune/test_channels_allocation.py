@@ -10,11 +10,12 @@ import torch.nn as nn
 
 import slimkit as sk
 from slimkit.core.errors import SlimkitError
+from slimkit.core.record import last_record
 from slimkit.graph import dependency
 from slimkit.measure.flops import count_flops
+from slimkit.measure.latency_table import LatencyTable, LeafCost
 from slimkit.prune import Channels
 from slimkit.prune.channels_allocation import allocate
-from slimkit.measure.latency_table import LatencyTable, LeafCost
 from slimkit.train import finetune
 from tests.prune.hf_tiny import FAMILIES, tiny
 
@@ -143,7 +144,7 @@ def test_latency_allocation_end_to_end_on_measured_times(one_thread: None) -> No
         assert 0.5 * base <= count_flops(pruned, example).macs <= 0.6 * base
         assert pruned(*example).shape == (1, 10)
     assert by_ms[0].out_channels < by_macs[0].out_channels
-    table = by_ms.slimkit_prune["latency_table"]
+    table = last_record(by_ms).latency_table
     assert table["batch"] == 2 and table["full_ms"]["2"] > 5 * table["full_ms"]["5"]  # the pools are the cost
 
 
@@ -171,5 +172,5 @@ def test_latency_allocation_prunes_every_family(family: str, one_thread: None) -
     assert 0.5 * base <= count_flops(pruned, example).macs <= 0.7 * base
     with torch.no_grad():
         assert pruned(*example).logits.shape == model(*example).logits.shape
-    table = pruned.slimkit_prune["latency_table"]
+    table = last_record(pruned).latency_table
     assert table["full_ms"] and not table["untimed"]  # every width-dependent layer was rebuilt and timed

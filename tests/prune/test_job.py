@@ -4,11 +4,9 @@ import dataclasses
 import json
 
 import pytest
-import torch
 from typer.testing import CliRunner
 
-from slimkit import zoo
-from slimkit import io
+from slimkit import io, zoo
 from slimkit.cli.app import app
 from slimkit.prune import global_sparsity
 
@@ -31,12 +29,13 @@ def test_channels_to_half_the_macs_keeps_accuracy_and_reloads(tmp_path, one_thre
     base, pruned = report["candidates"]
     assert base["metric"]["score"] >= 0.99
     assert pruned["profile"]["macs"] / base["profile"]["macs"] <= 0.5
-    assert report["pruning"]["macs_ratio"] == pruned["profile"]["macs"] / base["profile"]["macs"]
-    assert report["pruning"]["macs"] == [base["profile"]["macs"], pruned["profile"]["macs"]]
+    pruning, finetune = report["steps"]
+    assert pruning["record"] == "ChannelRecord" and finetune["record"] == "TrainRecord"
+    assert pruning["macs"] == [base["profile"]["macs"], pruned["profile"]["macs"]]
     assert pruned["profile"]["params_total"] < 0.6 * base["profile"]["params_total"]
     assert pruned["metric"]["score"] >= base["metric"]["score"] - 0.02
-    assert report["finetune"]["steps"] == 100 and len(report["finetune"]["evals"]) == 5
-    widths = report["pruning"]["layers"]
+    assert finetune["steps"] == 100 and len(finetune["evals"]) == 5
+    widths = pruning["layers"]
     assert widths and all(after < before for before, after in widths.values())
     loaded = io.load(tmp_path / "model")
     assert digits_task.evaluate(loaded)["score"] == pruned["metric"]["score"]
@@ -48,9 +47,9 @@ def test_reconstruct_makes_channels_usable_without_finetuning(tmp_path, one_thre
     base, pruned = report["candidates"]
     assert pruned["profile"]["macs"] / base["profile"]["macs"] <= 0.25
     assert pruned["metric"]["score"] >= base["metric"]["score"] - 0.03  # plain pruning here scores 0.10
-    fits = report["pruning"]["reconstruction"]
+    fits = report["steps"][0]["reconstruction"]
     assert fits and all(f["after"] < f["before"] for f in fits.values())
-    assert report["pruning"]["config"]["reconstruct"] is True
+    assert report["steps"][0]["config"]["reconstruct"] is True
 
 
 def test_latency_allocation_times_the_layers_at_the_given_batch(tmp_path, one_thread):
@@ -60,7 +59,7 @@ def test_latency_allocation_times_the_layers_at_the_given_batch(tmp_path, one_th
     # digits' 16/32-channel groups move in chunks of 8 (an eighth to a quarter of the MACs each), so
     # which chunk the measured times favour first decides whether it lands at 0.49 or 0.39
     assert 0.35 <= pruned["profile"]["macs"] / base["profile"]["macs"] <= 0.5
-    info = report["pruning"]
+    info = report["steps"][0]
     assert info["config"]["allocation"] == "latency" and info["config"]["latency_batch"] == 16
     table = info["latency_table"]
     assert table["batch"] == 16 and table["threads"] == 1
@@ -73,7 +72,7 @@ def test_sparsegpt_two_of_four_keeps_digits_accuracy_where_magnitude_loses_it(tm
     scores = {}
     for method in ("magnitude", "sparsegpt"):
         report = _prune(tmp_path / method, "--method", "nm", "--nm-method", method)
-        assert report["pruning"]["config"]["method"] == method
+        assert report["steps"][0]["config"]["method"] == method
         base, pruned = (c["metric"]["score"] for c in report["candidates"])
         scores[method] = pruned
     # no fine-tuning: measured 0.875 (magnitude) vs 0.967 (SparseGPT), unpruned 0.997
@@ -83,13 +82,15 @@ def test_sparsegpt_two_of_four_keeps_digits_accuracy_where_magnitude_loses_it(tm
 def test_gradual_magnitude_reaches_the_sparsity_and_draws_it(tmp_path, one_thread, digits_task):
     report = _prune(tmp_path, "--method", "magnitude", "--amount", "0.8", "--schedule", "gradual",
                     "--finetune-steps", "110")
-    info = report["pruning"]
+    (info,) = report["steps"]
+    assert info["record"] == "SparsityRecord" and info["technique"] == "prune.Gradual"
     assert abs(info["sparsity"] - 0.8) <= 0.01
     steps, sparsity = zip(*info["history"])
     assert steps[0] == 0 and sparsity[0] == 0.0 and steps[-1] == 110
     assert list(sparsity) == sorted(sparsity) and abs(sparsity[-1] - 0.8) <= 0.01
-    for name in ("sparsity_heatmap.png", "sparsity_trend.png"):
-        assert (tmp_path / name).read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+    html = (tmp_path / "report.html").read_text()
+    for picture in ("sparsity per layer", "sparsity over the schedule"):  # PNGs embedded in the page
+        assert f"<img alt='{picture}' src='data:image/png;base64," in html
     base, pruned = report["candidates"]
     assert pruned["profile"]["artifact_bytes"] < 0.5 * base["profile"]["artifact_bytes"]  # zeros stored sparsely
     assert pruned["metric"]["score"] >= base["metric"]["score"] - 0.03

@@ -6,6 +6,7 @@ import torch.nn as nn
 
 import slimkit as sk
 from slimkit import prune
+from slimkit.core.record import last_record
 from slimkit.train import fit
 
 
@@ -30,14 +31,14 @@ def test_global_sparsity_is_exact_and_prunes_the_smallest_weights():
     dropped = torch.cat([originals[n][weights[n] == 0].abs() for n in weights])
     assert dropped.max() <= kept.min()  # nothing kept is smaller than anything pruned
     assert _zeros(model[3].weight) == 0  # apply() left the caller's model alone
-    assert pruned.slimkit_prune["sparsity"] == pytest.approx(round(0.37 * total) / total)
+    assert last_record(pruned).sparsity == pytest.approx(round(0.37 * total) / total)
 
 
 def test_layer_scope_prunes_every_layer_exactly():
     pruned = sk.apply(_model(), prune.Magnitude(amount=0.25, scope="layer"))
     for name, n in (("0", 216), ("3", 11520), ("5", 400)):
         assert _zeros(pruned.get_submodule(name).weight) == round(0.25 * n)
-    assert pruned.slimkit_prune["layers"] == {"0": 54 / 216, "3": 0.25, "5": 0.25}
+    assert last_record(pruned).layers == {"0": 54 / 216, "3": 0.25, "5": 0.25}
 
 
 def test_masks_are_permanent_zeros_not_parametrizations():
@@ -65,7 +66,7 @@ def test_unsupported_layers_are_skipped_with_a_logged_reason(caplog):
     with caplog.at_level(logging.INFO, logger="slimkit.prune"):
         pruned = sk.apply(model, prune.Magnitude(amount=0.5, targets=("0", "1", "2")))
     assert _zeros(pruned[1].weight) == 32 and _zeros(pruned[0].weight) == 0
-    assert set(pruned.slimkit_prune["skipped"]) == {"0", "2"}
+    assert set(last_record(pruned).skipped) == {"0", "2"}
     assert "not pruned: 0 (Embedding has no float Linear/Conv weight to prune)" in caplog.text
     with pytest.raises(sk.SlimkitError, match="no layer to prune"):
         sk.apply(model, prune.Magnitude(targets=("0",)))

@@ -7,6 +7,7 @@ import torch.nn as nn
 import slimkit as sk
 from slimkit import prune
 from slimkit.core.errors import SlimkitError
+from slimkit.core.record import last_record
 from slimkit.prune.nm import NM, is_nm, nm_mask
 
 
@@ -33,13 +34,13 @@ def test_nm_config_prunes_linear_and_conv_and_skips_misfits_with_a_reason(caplog
     with caplog.at_level(logging.INFO, logger="slimkit.prune"):
         pruned = sk.apply(_model(), prune.NM())
     assert "not pruned: 0 (27 inputs per output is not a multiple of 4)" in caplog.text
-    assert pruned.slimkit_prune["skipped"] == {"0": "27 inputs per output is not a multiple of 4"}
+    assert last_record(pruned).skipped == {"0": "27 inputs per output is not a multiple of 4"}
     assert int((pruned[0].weight == 0).sum()) == 0
     for name in ("1", "3", "4"):
         w = pruned.get_submodule(name).weight  # conv (16, 8, 3, 3) is checked as (16, 72)
         assert prune.is_nm(w, 2, 4)
         assert int((w == 0).sum()) == w.numel() // 2
-    assert pruned.slimkit_prune["layers"] == {"1": 0.5, "3": 0.5, "4": 0.5}
+    assert last_record(pruned).layers == {"1": 0.5, "3": 0.5, "4": 0.5}
     four_eight = sk.apply(_model(), prune.NM(n=4, m=8, targets="all-linear"))
     assert prune.is_nm(four_eight[3].weight, 4, 8) and not prune.is_nm(four_eight[3].weight, 2, 4)
 
@@ -105,7 +106,7 @@ def test_sparsegpt_two_of_four_keeps_minilm_far_closer_than_magnitude(minilm_tas
     sgpt = sk.apply(copy.deepcopy(dense), NM(n=2, m=4, method="sparsegpt"), minilm_task)
     for pruned in (mag, sgpt):
         assert all(is_nm(m.weight, 2, 4) for m in pruned.modules() if isinstance(m, nn.Linear))
-    assert sgpt.slimkit_prune["sparsity"] == pytest.approx(0.5, abs=1e-6)
+    assert last_record(sgpt).sparsity == pytest.approx(0.5, abs=1e-6)
     cos = {name: minilm_task.evaluate(m)["cosine_to_fp32"] for name, m in (("magnitude", mag), ("sparsegpt", sgpt))}
     assert cos["sparsegpt"] >= 0.80 and cos["sparsegpt"] > cos["magnitude"] + 0.07  # measured 0.82 vs 0.72
 

@@ -13,6 +13,7 @@ import torch.nn as nn
 
 import slimkit as sk
 from slimkit.core.errors import SlimkitError
+from slimkit.core.record import last_record
 from slimkit.prune import Channels
 from slimkit.prune.reconstruct import reconstruct
 from tests.prune.hf_tiny import tiny
@@ -68,7 +69,7 @@ def test_mnist_is_usable_straight_after_pruning(mnist_task: sk.Task) -> None:
     assert [p.shape for p in plain.parameters()] == [p.shape for p in rebuilt.parameters()]
     assert mnist_task.evaluate(plain)["score"] < 0.5  # a quarter of the MACs leaves a broken classifier
     assert mnist_task.evaluate(rebuilt)["score"] >= 0.97  # fp32 scores 0.990
-    fits = rebuilt.slimkit_prune["reconstruction"]
+    fits = last_record(rebuilt).reconstruction
     assert set(fits) == {"4", "8", "13", "15"}  # conv2, conv3, fc1, fc2: every layer that lost inputs
     assert all(f["after"] < 0.6 * f["before"] for f in fits.values())
 
@@ -85,7 +86,7 @@ def test_residual_and_attention_graphs_get_closer_to_the_original(family: str) -
     config = Channels(amount=0.25, round_to=None, heads=family == "bert")
     plain = sk.apply(model, config, task)
     rebuilt = sk.apply(model, dataclasses.replace(config, reconstruct=True), task)
-    fits = rebuilt.slimkit_prune["reconstruction"]
+    fits = last_record(rebuilt).reconstruction
     assert len(fits) >= 4 and all(f["after"] <= f["before"] for f in fits.values())
     x = calib[0][0]
     with torch.no_grad():
@@ -101,8 +102,8 @@ def test_depthwise_layers_are_listed_not_refitted() -> None:
     calib = [(torch.randn(4, 3, 6, 6),)]
     pruned = sk.apply(model, Channels(amount=0.5, round_to=None, reconstruct=True),
                       types.SimpleNamespace(example=calib[0], calib=calib))
-    assert "depthwise" in pruned.slimkit_prune["skipped"]["2"]
-    assert "4" in pruned.slimkit_prune["reconstruction"]
+    assert "depthwise" in last_record(pruned).skipped["2"]
+    assert "4" in last_record(pruned).reconstruction
 
 
 def test_bad_requests_are_refused() -> None:
@@ -121,5 +122,5 @@ def test_conv1d_layers_are_listed_not_refitted() -> None:
     pruned = sk.apply(model, Channels(amount=0.5, round_to=None, reconstruct=True),
                       types.SimpleNamespace(example=calib[0], calib=calib))
     assert pruned[2].in_channels == 8
-    assert "Conv1d is not unfolded" in pruned.slimkit_prune["skipped"]["2"]
-    assert pruned.slimkit_prune["reconstruction"]["4"]["after"] <= pruned.slimkit_prune["reconstruction"]["4"]["before"]
+    assert "Conv1d is not unfolded" in last_record(pruned).skipped["2"]
+    assert last_record(pruned).reconstruction["4"]["after"] <= last_record(pruned).reconstruction["4"]["before"]

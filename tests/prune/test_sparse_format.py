@@ -6,8 +6,9 @@ import torch.nn as nn
 from safetensors.torch import load_file, save_file
 
 import slimkit as sk
-from slimkit import prune
-from slimkit import io
+from slimkit import io, prune
+from slimkit.io import artifact
+from slimkit.core.record import last_record
 from slimkit.formats import sparse as sf
 from slimkit.prune import sparse_linear
 from slimkit.prune.sparse_linear import MIN_WEIGHTS, SparseLinear, crossover_for, sparse_is_faster
@@ -80,10 +81,10 @@ def test_corrupt_or_mismatched_sparse_tensors_get_clear_errors(tmp_path):
     path = sk.save(_pruned(0.99), tmp_path / "m")
     file = path / io.WEIGHTS
     stored = load_file(str(file))
-    table = json.loads(io._header_metadata(file)[io.SPARSE_KEY])
+    table = json.loads(artifact._header_metadata(file)[artifact.SPARSE_KEY])
 
     def rewrite(parts: dict, meta: dict | None) -> None:
-        save_file(parts, str(file), metadata=None if meta is None else {io.SPARSE_KEY: json.dumps(meta)})
+        save_file(parts, str(file), metadata=None if meta is None else {artifact.SPARSE_KEY: json.dumps(meta)})
 
     bad_col = dict(stored, **{"0.weight::col": stored["0.weight::col"] + 600})
     rewrite(bad_col, table)
@@ -107,8 +108,8 @@ def test_corrupt_or_mismatched_sparse_tensors_get_clear_errors(tmp_path):
     bitmask = sk.save(_pruned(0.9), tmp_path / "b")
     parts = load_file(str(bitmask / io.WEIGHTS))
     parts["0.weight::mask"] = parts["0.weight::mask"] ^ 1  # flip one bit per byte: counts disagree
-    save_file(parts, str(bitmask / io.WEIGHTS), metadata=io._header_metadata(path / io.WEIGHTS) and
-              {io.SPARSE_KEY: json.dumps(io.read_meta(bitmask)["sparse"])})
+    save_file(parts, str(bitmask / io.WEIGHTS), metadata=artifact._header_metadata(path / io.WEIGHTS) and
+              {artifact.SPARSE_KEY: json.dumps(io.read_meta(bitmask)["sparse"])})
     with pytest.raises(sk.SlimkitError, match="bitmask marks"):
         io.load_state(bitmask)
 
@@ -132,8 +133,8 @@ def test_sparsify_follows_the_measured_rule_and_the_artifact_round_trips(tmp_pat
     x = torch.randn(32, 1024)
     ref = model(x)
     fast = prune.sparsify(sk.apply(model, []), batch=32)
-    assert fast.slimkit_sparse["converted"] == ["0"]  # "2" is dense, "4" is too small to have been measured
-    assert "below the smallest measured layer" in fast.slimkit_sparse["decisions"]["4"]
+    assert last_record(fast).converted == ["0"]  # "2" is dense, "4" is too small to have been measured
+    assert "below the smallest measured layer" in last_record(fast).decisions["4"]
     assert (fast(x) - ref).abs().max().item() < 1e-5
     assert sparse_is_faster(model[0], 32)[0] and not sparse_is_faster(model[2], 32)[0]
     assert crossover_for(32, threads=2) <= 0.99  # the measured rule this test relies on

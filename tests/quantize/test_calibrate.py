@@ -5,8 +5,8 @@ import pytest
 import torch
 from torch import nn
 
-from slimkit.core.errors import SlimkitError
 from slimkit.calibrate.ranges import METHODS, Observer, collect, compute_range, scale_zero_point
+from slimkit.core.errors import SlimkitError
 
 
 def _observe(x: torch.Tensor, bins: int = 2048, batches: int = 10) -> Observer:

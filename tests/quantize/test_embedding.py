@@ -9,9 +9,10 @@ import torch.nn as nn
 
 import slimkit as sk
 from slimkit.core.errors import SlimkitError
+from slimkit.core.record import last_record
+from slimkit.formats import pack
 from slimkit.io import artifact_bytes
 from slimkit.quantize import Int8, QuantEmbedding, WeightOnly
-from slimkit.formats import pack
 from tests.conftest import sqnr_db
 from tests.runtime.test_onnx_export import TinyEncoder, tokens
 
@@ -39,7 +40,7 @@ def test_transformer_tables_are_int8_bytes_drop_and_reload_is_identical(config, 
     model = TinyEncoder().eval()
     q = sk.apply(model, config)
     tables = [n for n, m in q.named_modules() if isinstance(m, QuantEmbedding)]
-    assert len(tables) == 3 and q.slimkit_quant["embeddings"] == tables
+    assert len(tables) == 3 and last_record(q).embeddings == tables
     float_tables = sk.apply(model, dataclasses.replace(config, embeddings=False))
     int8 = artifact_bytes(sk.save(q, tmp_path / "q"))
     saved = artifact_bytes(sk.save(float_tables, tmp_path / "f")) - int8
@@ -60,7 +61,7 @@ def _reloaded_min_cosine(model: torch.nn.Module, q: torch.nn.Module, saved: Path
 
 def test_embeddings_false_and_exclude_keep_tables_float():
     model = TinyEncoder().eval()
-    assert sk.apply(model, Int8(embeddings=False)).slimkit_quant["embeddings"] == []
+    assert last_record(sk.apply(model, Int8(embeddings=False))).embeddings == []
     kept = sk.apply(model, Int8(exclude=("bert.embeddings.word_embeddings",)))
     assert isinstance(kept.bert.embeddings.word_embeddings, nn.Embedding)
     assert Int8.from_dict(Int8(embeddings=False).to_dict()) == Int8(embeddings=False)

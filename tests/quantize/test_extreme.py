@@ -7,8 +7,9 @@ import torch.nn as nn
 import slimkit as sk
 from slimkit.core.config import BaseConfig
 from slimkit.core.errors import SlimkitError
-from slimkit.io import artifact_bytes
+from slimkit.core.record import last_record
 from slimkit.formats.bitpack import pack_bits, unpack_bits
+from slimkit.io import artifact_bytes
 from slimkit.quantize.extreme import Binary, Ternary
 from slimkit.quantize.extreme_modules import BitConv2d, BitLinear, ExtremeConv2d, ExtremeLinear
 
@@ -59,9 +60,9 @@ def test_binary_conv_stores_one_bit_and_matches_training_forward():
 @pytest.mark.slow
 def test_ternary_mnist_accuracy_size_and_reload(mnist_task, one_thread, tmp_path):
     m = sk.apply(mnist_task.model, Ternary(steps=300), mnist_task)
-    info = m.slimkit_quant
-    assert info["layers"] == ["4", "8", "13"] and info["int8_layers"] == ["0", "15"]
-    assert info["extreme"]["score"] >= 0.97  # fp32 0.990; the benchmark's 300-step run: 0.987
+    info = last_record(m)
+    assert info.layers == ["4", "8", "13"] and info.int8_layers == ["0", "15"]
+    assert info.training.score >= 0.97  # fp32 0.990; the benchmark's 300-step run: 0.987
     sk.save(mnist_task.model, tmp_path / "fp32")
     sk.save(m, tmp_path / "t")
     assert artifact_bytes(tmp_path / "fp32") / artifact_bytes(tmp_path / "t") >= 12.0
@@ -69,7 +70,7 @@ def test_ternary_mnist_accuracy_size_and_reload(mnist_task, one_thread, tmp_path
     x = mnist_task.eval[0][0][0]
     with torch.no_grad():
         assert torch.equal(back(x), m(x))
-    assert mnist_task.evaluate(back)["score"] == info["extreme"]["score"]
+    assert mnist_task.evaluate(back)["score"] == info.training.score
 
 
 def test_configs_round_trip_and_refuse_bad_values():

@@ -10,10 +10,11 @@ import torch
 import torch.nn as nn
 
 import slimkit as sk
-from slimkit.core.errors import SlimkitError
-from slimkit.quantize import WeightOnly
-from slimkit.formats import pack
 from slimkit.calibrate.obs import input_hessians
+from slimkit.core.errors import SlimkitError
+from slimkit.core.record import last_record
+from slimkit.formats import pack
+from slimkit.quantize import WeightOnly
 from slimkit.quantize.gptq import gptq_int4
 
 
@@ -103,4 +104,4 @@ def test_gptq_keeps_minilm_close_to_fp32_where_round_to_nearest_does_not(minilm_
     rtn_cos = minilm_task.evaluate(rtn)["cosine_to_fp32"]
     gptq_cos = minilm_task.evaluate(gptq)["cosine_to_fp32"]
     assert gptq_cos >= 0.98 > rtn_cos
-    assert gptq.slimkit_quant["config"]["method"] == "gptq"
+    assert last_record(gptq).config["method"] == "gptq"

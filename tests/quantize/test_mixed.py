@@ -8,6 +8,7 @@ import torch
 import slimkit as sk
 from slimkit.core.config import BaseConfig
 from slimkit.core.errors import SlimkitError
+from slimkit.core.record import last_record
 from slimkit.quantize import QuantConv2d, QuantLinear
 from slimkit.quantize.half import HalfConv2d, HalfLinear
 from slimkit.quantize.mixed import Mixed, greedy, layer_bytes, solve
@@ -68,12 +69,12 @@ def test_mixed_mnist_fits_the_budget_reloads_and_beats_uniform_int4(mnist_task, 
     r4 = _uniform_ratio(model, lambda m: 4 if isinstance(m, torch.nn.Linear) else 8)  # int4 where it fits
     r8 = _uniform_ratio(model, lambda m: 8)
     uniform = sk.apply(model, Mixed(candidates=(4, 8), budget_ratio=r4 + 1e-9), mnist_task)
-    assert set(uniform.slimkit_quant["bits"].values()) == {4, 8}
+    assert set(last_record(uniform).bits.values()) == {4, 8}
     mixed = sk.apply(model, Mixed(budget_ratio=(r4 + r8) / 2), mnist_task)
-    info = mixed.slimkit_quant
-    assert info["weight_bytes"] <= info["budget_bytes"] < r8 * info["fp32_weight_bytes"]
+    info = last_record(mixed)
+    assert info.weight_bytes <= info.budget_bytes < r8 * info.fp32_weight_bytes
     kinds = {QuantLinear, QuantConv2d, HalfLinear, HalfConv2d}
-    assert all(type(mixed.get_submodule(n)) in kinds for n in info["bits"])
+    assert all(type(mixed.get_submodule(n)) in kinds for n in info.bits)
     x = mnist_task.eval[0][0][0]
     with torch.no_grad():
         ref = model(x)
@@ -97,11 +98,12 @@ def test_config_round_trip_and_errors():
 def test_optimizer_offers_qat_mixed_and_ternary(digits_task):
     import optuna
 
+    from slimkit.core.registry import SearchContext
+    from slimkit.core.registry import searchable as techniques
     from slimkit.quantize.extreme import Ternary
     from slimkit.quantize.qat import QAT
-    from slimkit.search.space import SearchContext, techniques
 
-    found = {t.name: t for t in techniques(["qat", "mixed", "ternary"])}
+    found = {t.search: t for t in techniques(["qat", "mixed", "ternary"])}
     assert {t.stage for t in found.values()} == {"quantize"}
     from slimkit.measure.sensitivity import weight_layers
 
@@ -132,7 +134,7 @@ def test_narrowest_is_the_smallest_artifact_without_measuring(mnist_task):
     from slimkit.io import artifact_bytes
 
     narrow = sk.apply(mnist_task.model, Mixed(narrowest=True), mnist_task)
-    bits = narrow.slimkit_quant["bits"]
+    bits = last_record(narrow).bits
     assert bits == {"0": 8, "4": 8, "8": 8, "13": 4, "15": 4}      # convs 8-bit, Linear 4-bit per row
     budget = sk.apply(mnist_task.model, Mixed(budget_ratio=0.3), mnist_task)
 
@@ -145,7 +147,7 @@ def test_narrowest_is_the_smallest_artifact_without_measuring(mnist_task):
 
     with tempfile.TemporaryDirectory() as tmp:
         assert size(narrow, Path(tmp) / "n") < size(budget, Path(tmp) / "b")
-    assert narrow.slimkit_quant["weight_bytes"] < 0.16 * narrow.slimkit_quant["fp32_weight_bytes"]
+    assert last_record(narrow).weight_bytes < 0.16 * last_record(narrow).fp32_weight_bytes
     assert mnist_task.evaluate(narrow)["score"] >= mnist_task.evaluate()["score"] - 0.02
 
 
@@ -165,10 +167,10 @@ def test_measured_costs_are_used_as_given(mnist_task, one_thread):
     assert all(measured["4"][n] > measured["8"][n] > 0 for n in measured["4"])  # 4 bits is noisier everywhere
     again = sk.apply(model, dataclasses.replace(base, measured=measured), mnist_task)
     fresh = sk.apply(model, base, mnist_task)
-    assert again.slimkit_quant["bits"] == fresh.slimkit_quant["bits"] and fresh.slimkit_quant["bits"]["13"] == 4
+    assert last_record(again).bits == last_record(fresh).bits and last_record(fresh).bits["13"] == 4
     planted = {"4": {**measured["4"], "13": 1e3}, "8": measured["8"]}  # the big Linear must not take 4 bits
     forced = sk.apply(model, dataclasses.replace(base, measured=planted), mnist_task)
-    assert forced.slimkit_quant["bits"]["13"] == 8
+    assert last_record(forced).bits["13"] == 8
     assert BaseConfig.from_json(dataclasses.replace(base, measured=measured).to_json()).measured == measured
 
 
@@ -186,7 +188,7 @@ def test_mixed_beats_uniform_int4_a_little_above_its_bytes_on_mnist(mnist_task, 
     uniform = sk.apply(model, Mixed(candidates=(4,), int4_convs=True, budget_ratio=r4 + 1e-9), mnist_task)
     assert sum(isinstance(m, BitConv2d) for m in uniform.modules()) == 3
     mixed = sk.apply(model, Mixed(int4_convs=True, budget_ratio=1.1 * r4), mnist_task)
-    assert mixed.slimkit_quant["weight_bytes"] <= 1.1 * r4 * fp32
+    assert last_record(mixed).weight_bytes <= 1.1 * r4 * fp32
     x = torch.cat([b[0][0] for b in mnist_task.eval])  # (1000, 1, 28, 28)
     with torch.no_grad():
         ref = model(x)
@@ -206,8 +208,8 @@ def test_int8_activation_layers_beside_int4_weight_only_run_on_torch(mnist_task,
     kw = dict(candidates=(4, 8), budget_ratio=0.25, measured=measured)
     both = sk.apply(model, Mixed(activations="dynamic", **kw), mnist_task)
     weights = sk.apply(model, Mixed(**kw), mnist_task)
-    bits = both.slimkit_quant["bits"]
-    assert bits == weights.slimkit_quant["bits"] and bits["13"] == 4 and bits["0"] == 8
+    bits = last_record(both).bits
+    assert bits == last_record(weights).bits and bits["13"] == 4 and bits["0"] == 8
     assert both.get_submodule("13").activations == "none" and both.get_submodule("0").activations == "dynamic"
     assert both.get_submodule("15").activations == "dynamic"
     assert quant_mode(both) == "mixed" and resolve_backend(both) == "torch" and quant_mode(weights) == "none"
@@ -250,16 +252,16 @@ def test_coarser_int4_groups_buy_int8_layers_at_exactly_the_uniform_int4_bytes(d
     fp32 = sum(4 * m.weight.numel() for m in layers.values())
     r4 = sum(layer_bytes(m, 4, 32, int4_convs=True) for m in layers.values()) / fp32 + 1e-9
     uniform = sk.apply(model, Mixed(candidates=(4,), int4_convs=True, budget_ratio=r4), digits_task)
-    assert set(uniform.slimkit_quant["bits"].values()) == {4}
+    assert set(last_record(uniform).bits.values()) == {4}
     config = Mixed(int4_convs=True, budget_ratio=r4, int4_groups=(128,))
     measured = measure_costs(model, config, digits_task)
     assert set(measured) == {"4", "4g128", "8"} and set(measured["4g128"]) == {"12"}  # 128 divides only K=256
     assert measured["4g128"]["12"] > measured["4"]["12"] > measured["8"]["12"]
     mixed = sk.apply(model, dataclasses.replace(config, measured=measured), digits_task)
-    info = mixed.slimkit_quant
-    assert info["weight_bytes"] <= info["budget_bytes"] == pytest.approx(uniform.slimkit_quant["weight_bytes"])
-    assert info["group_sizes"]["12"] == 128 and mixed.get_submodule("12").group_size == 128
-    assert any(info["bits"][n] >= 8 for n in ("3", "7", "12", "14"))  # freed bytes bought a wider layer
+    info = last_record(mixed)
+    assert info.weight_bytes <= info.budget_bytes == pytest.approx(last_record(uniform).weight_bytes)
+    assert info.group_sizes["12"] == 128 and mixed.get_submodule("12").group_size == 128
+    assert any(info.bits[n] >= 8 for n in ("3", "7", "12", "14"))  # freed bytes bought a wider layer
     x = torch.cat([b[0][0] for b in digits_task.eval])  # (N, 1, 8, 8)
     with torch.no_grad():
         ref = model(x)
@@ -284,10 +286,10 @@ def test_without_int4_groups_the_choice_is_unchanged(digits_task, one_thread):
     fresh = sk.apply(digits_task.model, config, digits_task)
     old = sk.apply(digits_task.model, dataclasses.replace(config, measured={int(k): v for k, v in measured.items()}),
                    digits_task)
-    assert fresh.slimkit_quant["bits"] == old.slimkit_quant["bits"]
-    assert 4 in fresh.slimkit_quant["bits"].values()
-    assert set(fresh.slimkit_quant["group_sizes"].values()) == {32}
-    assert set(fresh.slimkit_quant["sensitivity"]) == {"4", "8", "16"}
+    assert last_record(fresh).bits == last_record(old).bits
+    assert 4 in last_record(fresh).bits.values()
+    assert set(last_record(fresh).group_sizes.values()) == {32}
+    assert set(last_record(fresh).sensitivity) == {"4", "8", "16"}
     from slimkit.measure.sensitivity import layer_sensitivity
 
     g64 = measure_costs(digits_task.model, dataclasses.replace(config, group_size=64), digits_task)  # "4": its group

@@ -15,8 +15,8 @@ from torch import nn
 
 import slimkit.io as skio
 from slimkit.core.errors import SlimkitError
-from slimkit.quantize import _kernels
 from slimkit.formats import pack
+from slimkit.quantize import _kernels
 from slimkit.quantize.modules import DEQUANT_ABOVE_M, QuantConv2d, QuantLinear, build_quant_module
 from tests.conftest import sqnr_db
 

@@ -8,8 +8,9 @@ import torch
 import torch.nn as nn
 
 import slimkit as sk
-from slimkit.quantize import Int8, QuantConv2d, QuantLinear, WeightOnly, layer_errors
+from slimkit.core.record import last_record
 from slimkit.core.task import Task
+from slimkit.quantize import Int8, QuantConv2d, QuantLinear, WeightOnly, layer_errors
 from tests.conftest import sqnr_db
 
 
@@ -73,8 +74,8 @@ def test_quantized_output_sqnr(model_name, config_name):
     n_quant = sum(isinstance(m, (QuantLinear, QuantConv2d)) for m in q.modules())
     expected = sum(isinstance(m, nn.Linear) or (isinstance(m, nn.Conv2d) and isinstance(config, Int8))
                    for m in model.modules())
-    skipped = q.slimkit_quant["skipped"]
-    assert n_quant == len(q.slimkit_quant["layers"]) and n_quant + len(skipped) == expected
+    skipped = last_record(q).skipped
+    assert n_quant == len(last_record(q).layers) and n_quant + len(skipped) == expected
     assert all("not a multiple of group_size" in why for why in skipped.values())
     x = torch.randn(32, *shape, generator=torch.Generator().manual_seed(2))
     with torch.inference_mode():
@@ -126,19 +127,19 @@ def test_accuracy_control_reverts_the_planted_sensitive_layer(digits_task):
     plain = sk.apply(planted, Int8(granularity="per_tensor", backend="torch"), task)
     assert task.drop(base, task.evaluate(plain)["score"]) > 0.1  # the plant really breaks per-tensor int8
     controlled = sk.apply(planted, Int8(granularity="per_tensor", backend="torch", max_drop=0.01), task)
-    info = controlled.slimkit_quant
-    assert info["reverted"][0] == "0"
+    info = last_record(controlled)
+    assert info.reverted[0] == "0"
     assert isinstance(controlled[0], nn.Conv2d) and isinstance(controlled[3], QuantConv2d)
     assert task.drop(base, task.evaluate(controlled)["score"]) <= 0.01
-    assert info["history"][-1]["drop"] <= 0.01
-    assert max(info["sensitivity"], key=info["sensitivity"].get) == "0"
+    assert info.history[-1]["drop"] <= 0.01
+    assert max(info.sensitivity, key=info.sensitivity.get) == "0"
 
 
 def test_unsupported_layer_is_skipped_with_a_logged_reason(caplog):
     model = nn.Sequential(nn.Conv1d(4, 4, 3), nn.Flatten(), nn.Linear(8, 2))
     with caplog.at_level(logging.INFO, logger="slimkit.quantize"):
         q = sk.apply(model, Int8(targets=("0", "2"), backend="torch"))
-    assert q.slimkit_quant["skipped"] == {"0": "Conv1d is not supported by this technique"}
+    assert last_record(q).skipped == {"0": "Conv1d is not supported by this technique"}
     assert "kept in float: 0" in caplog.text
     assert isinstance(q[0], nn.Conv1d) and isinstance(q[2], QuantLinear)
 
@@ -148,7 +149,7 @@ def test_mask_like_activation_ranges_stay_float():
     calib = [(torch.tensor([[0.0, -1e9, 1.0, 2.0]]),)]  # an additive-mask-like input
     task = Task(name="m", model=model, example=calib[0], metric=lambda r, d: 0.0, eval=None, calib=calib)
     q = sk.apply(model, Int8(activations="static", backend="torch"), task)
-    assert "0" in q.slimkit_quant["skipped"] and "mask-like" in q.slimkit_quant["skipped"]["0"]
+    assert "0" in last_record(q).skipped and "mask-like" in last_record(q).skipped["0"]
     assert isinstance(q[0], nn.Linear) and isinstance(q[2], QuantLinear)
 
 

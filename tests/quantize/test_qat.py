@@ -9,13 +9,14 @@ import torch.nn as nn
 import slimkit as sk
 from slimkit.core.config import BaseConfig
 from slimkit.core.errors import SlimkitError
+from slimkit.core.record import last_record
+from slimkit.core.task import Task
 from slimkit.quantize import QuantConv2d, QuantLinear
 from slimkit.quantize._ste import fake_quant, lsq, lsq_grad_scale
 from slimkit.quantize.extreme_modules import BitConv2d, BitLinear
 from slimkit.quantize.qat import QAT, convert, prepare, ptq_start
 from slimkit.quantize.qat_modules import QATConv2d, QATLinear, mse_step
 from slimkit.runtime import build
-from slimkit.core.task import Task
 from tests.conftest import sqnr_db
 
 
@@ -85,8 +86,9 @@ def _tiny_task() -> Task:
     x = torch.randn(256, 32)
     y = (x[:, :8] * 3).argmax(-1)
     batches = [((x[i:i + 64],), y[i:i + 64]) for i in range(0, 256, 64)]
-    from slimkit.core.task import accuracy
     import torch.nn.functional as F
+
+    from slimkit.core.task import accuracy
 
     return Task(name="tiny", model=model.eval(), example=(x[:4],), metric=accuracy, eval=batches,
                 calib=[b[0] for b in batches], train=batches, loss=F.cross_entropy)
@@ -96,7 +98,7 @@ def test_prepare_convert_replace_every_target_layer():
     task = _tiny_task()
     model = copy.deepcopy(task.model)
     prepare(model, QAT(bits=8), task)
-    assert sorted(model.slimkit_quant["layers"]) == ["0", "3"]
+    assert sorted(last_record(model).layers) == ["0", "3"]
     convert(model)
     assert isinstance(model[0], QuantLinear) and model[0].activations == "static"
     with pytest.raises(SlimkitError, match="no QAT layers"):
@@ -106,13 +108,13 @@ def test_prepare_convert_replace_every_target_layer():
 @pytest.mark.slow
 def test_qat_int8_runs_on_onnxruntime_and_records_its_accuracy(mnist_task, one_thread):
     q = sk.apply(mnist_task.model, QAT(bits=8, steps=30, symmetric=False, backend="onnxruntime"), mnist_task)
-    info = q.slimkit_quant["qat"]
-    assert info["folded_bn"] == ["1", "5", "9"] and info["steps"] == 30
+    info = last_record(q).training
+    assert info.folded_bn == ["1", "5", "9"] and info.steps == 30
     assert sum(isinstance(m, QuantConv2d) for m in q.modules()) == 3
     run = build(q, "onnxruntime", mnist_task.example)
     assert run.kernels["QLinearConv"] == 3
     score = mnist_task.evaluate(run)["score"]
-    assert score == info["score"]  # the recorded accuracy is the deployed runtime's
+    assert score == info.score  # the recorded accuracy is the deployed runtime's
     assert score >= 0.985  # fp32: 0.990
     x = mnist_task.eval[0][0][0]
     with torch.no_grad():
@@ -122,8 +124,8 @@ def test_qat_int8_runs_on_onnxruntime_and_records_its_accuracy(mnist_task, one_t
 @pytest.mark.slow
 def test_qat_int4_weight_only_reloads_identically(mnist_task, one_thread, tmp_path):
     q = sk.apply(mnist_task.model, QAT(bits=4, weight_only=True, steps=30, group_size=32), mnist_task)
-    assert q.slimkit_quant["layers"] == ["13", "15"]  # the two Linear layers; convs stay float at int4
-    assert q.slimkit_quant["qat"]["score"] == mnist_task.evaluate(build(q, "torch"))["score"] >= 0.985
+    assert last_record(q).layers == ["13", "15"]  # the two Linear layers; convs stay float at int4
+    assert last_record(q).training.score == mnist_task.evaluate(build(q, "torch"))["score"] >= 0.985
     sk.save(q, tmp_path / "m")
     back = sk.load(tmp_path / "m")
     x = mnist_task.eval[0][0][0]
@@ -195,7 +197,7 @@ def test_qat_per_tensor_int4_recovers_what_ptq_loses_on_mnist(mnist_task, one_th
     fp32 = mnist_task.evaluate(mnist_task.model)["score"]  # 0.990
     before = mnist_task.evaluate(ptq)["score"]  # 0.983 (least-MSE step; max-abs: 0.973)
     after = mnist_task.evaluate(build(q, "torch"))["score"]
-    assert after == q.slimkit_quant["qat"]["score"]  # the recorded score is the runtime's
+    assert after == last_record(q).training.score  # the recorded score is the runtime's
     assert before <= fp32 - 0.005 and after >= before + 0.004 and after >= fp32 - 0.01
     sk.save(q, tmp_path / "m")
     from slimkit.io import artifact_bytes

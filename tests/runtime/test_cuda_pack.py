@@ -11,7 +11,6 @@ from slimkit.runtime import cuda_pack as cp
 from tests.conftest import sqnr_db
 
 
-
 def cuda_only(test):
     """Marked ``cuda`` and skipped where no CUDA device is present."""
     return pytest.mark.cuda(pytest.mark.skipif(not torch.cuda.is_available(), reason="no CUDA device")(test))

@@ -7,8 +7,8 @@ import pytest
 import torch
 import torch.nn as nn
 
-from slimkit.runtime import cuda as rc
 from slimkit.measure.cuda_profile import peak_key, roofline, state_nbytes
+from slimkit.runtime import cuda as rc
 
 H100_BF16_TFLOPS, H100_GBPS = 761.0, 3000.0
 

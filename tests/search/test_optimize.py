@@ -7,9 +7,9 @@ from typing import Any, Sequence
 import pytest
 
 import slimkit as sk
+from slimkit.core.registry import searchable as techniques
 from slimkit.search.evaluate import TrialMeasurement
 from slimkit.search.optimize import context_for, optimize
-from slimkit.search.space import techniques
 from slimkit.search.pareto import TrialRecord, pareto_front, pick_best
 
 BASE_MB, BASE_MS, BASE_SCORE = 1.0, 10.0, 0.95

@@ -5,10 +5,10 @@ from __future__ import annotations
 import pytest
 
 import slimkit as sk
+from slimkit.core.registry import searchable as techniques
 from slimkit.search.evaluate import TrialMeasurement
 from slimkit.search.optimize import context_for
 from slimkit.search.seeding import initial_guesses
-from slimkit.search.space import techniques
 
 BASE = TrialMeasurement(size_mb=1.0, latency_ms=10.0, score=0.9, params=250_000)
 TECHS = ["channels", "finetune", "int8", "weight_only"]
@@ -45,14 +45,13 @@ def test_int4_offers_gptq_only_where_the_task_can_calibrate(digits_task):
     import dataclasses
 
     import optuna
-
-    from slimkit.search.builtin import suggest_weight_only
+    from slimkit.quantize import WeightOnly
 
     def config(task, method):
         ctx = context_for(task, sk.Target(max_drop=0.01, max_size_mb=0.05), BASE, {})
         trial = optuna.trial.FixedTrial({"weight_only.bits": 4, "weight_only.group_size": 32,
                                          "weight_only.method": method})
-        return suggest_weight_only(trial, ctx)
+        return WeightOnly.suggest(trial, ctx)
 
     assert config(digits_task, "gptq").method == "gptq" and config(digits_task, "rtn").method == "rtn"
     assert config(dataclasses.replace(digits_task, calib=None), "gptq").method == "rtn"  # not asked without data

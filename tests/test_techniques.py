@@ -1,0 +1,161 @@
+"""Every technique through the same generic tests, as a table over tiny models (``tests/models.py``).
+
+A row is (config, model, checks). Each row gets: the config's JSON and YAML round trip; apply
+(shapes kept, the output's closeness to the original at least ``min_cosine``, the artifact at
+most ``max_size`` of the original's bytes); save -> load giving identical outputs; every runtime
+the row claims giving the torch model's outputs; and the recipe replaying to bit-identical
+outputs. Adding a technique adds rows here, not a test file.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+from typing import Callable
+
+import pytest
+import torch
+import torch.nn as nn
+import yaml
+
+import slimkit as sk
+from slimkit.core.config import BaseConfig
+from slimkit.core.record import records_of
+from slimkit.core.registry import all_techniques
+from slimkit.measure import artifact_size
+from slimkit.measure.closeness import cosine
+from slimkit.pipeline.recipe import Recipe
+from slimkit.runtime import build
+from tests.models import cnn, depthwise_cnn, encoder, mlp, residual_cnn, sequence, tiny_task
+
+
+@dataclasses.dataclass(frozen=True)
+class Case:
+    config: BaseConfig
+    model: Callable[[], nn.Module]
+    min_cosine: float                        # output of the result vs the original, on the example
+    max_size: float | None = None            # artifact bytes of the result / the original's
+    runtimes: tuple[str, ...] = ("torch",)   # each must reproduce the torch model's outputs
+    runtime_cosine: float = 0.999
+    #: A known gap, named: the reason save -> load is not yet exact for this row (the test is then a strict xfail).
+    reload_gap: str | None = None
+
+    @property
+    def id(self) -> str:
+        """Type, model and the options that differ from the defaults: unique per row."""
+        default = type(self.config)()
+        changed = [f"{f.name}={getattr(self.config, f.name)}" for f in dataclasses.fields(self.config)
+                   if getattr(self.config, f.name) != getattr(default, f.name)]
+        return "-".join([self.config.type_name, self.model.__name__, *changed])
+
+
+Q, P, F, D, A, T = sk.quantize, sk.prune, sk.factorize, sk.distill, sk.architecture, sk.train
+HALF_RELOAD = "a half-precision artifact reloads as an fp32 model (the cast's input/output casts are not stored)"
+CASES = [
+    Case(Q.Int8(), mlp, 0.999, 0.4, ("torch", "onnxruntime"), 0.995),
+    Case(Q.Int8(), cnn, 0.999, 0.35, ("torch", "onnxruntime"), 0.99),
+    Case(Q.Int8(activations="static", calibration="entropy"), cnn, 0.995, 0.35, ("torch", "onnxruntime"), 0.99),
+    Case(Q.Int8(), encoder, 0.999, 0.45),
+    Case(Q.Int8(), sequence, 0.999),  # only the Linear head: the Conv1d and the LSTM stay float (listed as skipped)
+    Case(Q.WeightOnly(bits=8), mlp, 0.999, 0.4),
+    Case(Q.WeightOnly(bits=4, group_size=32), mlp, 0.99, 0.32),
+    Case(Q.WeightOnly(bits=4, group_size=32, method="gptq"), mlp, 0.995, 0.32),
+    Case(Q.Float16(), mlp, 0.9999, 0.55, reload_gap=HALF_RELOAD),
+    Case(Q.BFloat16(), cnn, 0.999, 0.55, reload_gap=HALF_RELOAD),
+    Case(Q.Mixed(budget_ratio=0.3), mlp, 0.999, 0.45),
+    Case(Q.QAT(bits=8, steps=4, lr=1e-5), cnn, 0.999, 0.35),
+    Case(Q.Ternary(steps=4, lr=1e-5), cnn, 0.99, 0.15),
+    Case(Q.Binary(steps=4, lr=1e-5), mlp, 0.95, 0.3),
+    Case(P.Magnitude(amount=0.3), mlp, 0.98, 0.9),
+    Case(P.NM(), mlp, 0.95, 0.65),
+    Case(P.NM(method="sparsegpt"), mlp, 0.99, 0.65),
+    Case(P.Channels(amount=0.5, round_to=None), cnn, 0.95, 0.32),
+    Case(P.Channels(amount=0.5, round_to=None), residual_cnn, 0.95, 0.42),
+    Case(P.Channels(amount=0.5, round_to=None), depthwise_cnn, 0.93, 0.7),
+    Case(P.Channels(amount=0.5, round_to=None), encoder, 0.99, 0.65),
+    Case(P.Channels(amount=0.5, round_to=None, reconstruct=True), cnn, 0.999, 0.32),
+    Case(P.Gradual(amount=0.5, steps=20, prunings=2, lr=1e-4), mlp, 0.95, 0.7),
+    Case(P.Lottery(amount=0.5, steps=6, lr=1e-4), mlp, 0.95, 0.7),
+    Case(F.SVD(rank_ratio=0.5, keep_output=False), mlp, 0.9, 0.6),
+    Case(F.SVD(rank_ratio=0.5, allocation="sensitivity", keep_output=False), mlp, 0.995, 0.6),
+    Case(F.Tucker(ratio=0.5), cnn, 0.999, 0.6),
+    Case(F.Tucker(ratio=0.5, allocation="sensitivity"), cnn, 0.97, 0.6),
+    Case(F.CP(ratio=0.5), cnn, 0.999, 0.6),
+    Case(F.CP(ratio=0.5, allocation="sensitivity"), cnn, 0.999, 0.6),
+    Case(T.Finetune(steps=4, lr=1e-5), mlp, 0.999),
+    Case(D.Distill(steps=4, lr=1e-5), mlp, 0.999),
+    Case(D.Student(layers=1), encoder, 0.9, 0.6),
+    Case(A.Fuse(), cnn, 0.9999, 1.0, ("torch", "onnxruntime")),
+    Case(A.EarlyExitConfig(steps=4, holdout=4), cnn, 0.8),
+]
+IDS = [c.id for c in CASES]
+assert len(set(IDS)) == len(IDS), "two rows of the table are the same"
+
+
+@pytest.fixture(scope="module")
+def tasks() -> dict[str, sk.Task]:
+    return {f.__name__: tiny_task(f) for f in (mlp, cnn, residual_cnn, depthwise_cnn, encoder, sequence)}
+
+
+@pytest.fixture(scope="module")
+def applied(tasks: dict[str, sk.Task]) -> dict[str, nn.Module]:
+    """Each row applied once (seeded as a recipe replays it), shared by the tests below."""
+    out = {}
+    for case in CASES:
+        torch.manual_seed(0)
+        out[case.id] = sk.apply(tasks[case.model.__name__].model, case.config, tasks[case.model.__name__])
+    return out
+
+
+def _out(model: nn.Module | Callable, example: tuple) -> torch.Tensor:
+    with torch.inference_mode():
+        y = model(*example)
+    return torch.as_tensor(y[0] if isinstance(y, (tuple, list)) else y).float()
+
+
+def test_every_registered_technique_has_a_row():
+    covered = {c.config.type_name for c in CASES}
+    untested = {t.name for t in all_techniques() if not t.name.startswith("test.")} - covered
+    assert untested == {"nas.CNN", "nas.Encoder"}  # need their own model families: tests/nas
+
+
+@pytest.mark.parametrize("case", CASES, ids=IDS)
+def test_config_round_trips_json_and_yaml(case: Case):
+    data = case.config.to_dict()
+    assert BaseConfig.from_dict(json.loads(json.dumps(data))) == case.config
+    assert BaseConfig.from_dict(yaml.safe_load(yaml.safe_dump(data))) == case.config
+
+
+@pytest.mark.parametrize("case", CASES, ids=IDS)
+def test_apply_keeps_shapes_and_stays_close(case: Case, tasks, applied):
+    task, out = tasks[case.model.__name__], applied[case.id]
+    ref, got = _out(task.model, task.example), _out(out, task.example)
+    assert got.shape == ref.shape and torch.isfinite(got).all()
+    assert cosine(ref, got) >= case.min_cosine
+    assert records_of(out) and records_of(out)[-1].technique == case.config.type_name
+    if case.max_size is not None:
+        assert artifact_size(out) <= case.max_size * artifact_size(task.model)
+
+
+@pytest.mark.parametrize("case", [pytest.param(c, marks=pytest.mark.xfail(reason=c.reload_gap, strict=True))
+                                  if c.reload_gap else c for c in CASES], ids=IDS)
+def test_save_then_load_gives_the_same_outputs(case: Case, tasks, applied, tmp_path):
+    task, out = tasks[case.model.__name__], applied[case.id]
+    sk.save(out, tmp_path / "model", recipe=[case.config.to_dict()])
+    back = sk.load(tmp_path / "model")
+    assert torch.equal(_out(back, task.example), _out(out, task.example))
+
+
+@pytest.mark.parametrize("case", CASES, ids=IDS)
+def test_every_claimed_runtime_reproduces_the_torch_outputs(case: Case, tasks, applied):
+    task, out = tasks[case.model.__name__], applied[case.id]
+    reference = _out(out, task.example)
+    for runtime in case.runtimes:
+        assert cosine(reference, _out(build(out, runtime, task.example), task.example)) >= case.runtime_cosine
+
+
+@pytest.mark.parametrize("case", CASES, ids=IDS)
+def test_recipe_replays_to_identical_outputs(case: Case, tasks, applied):
+    task = tasks[case.model.__name__]
+    recipe = Recipe.from_yaml(Recipe(steps=[case.config], task=task.name).to_yaml())
+    assert torch.equal(_out(recipe.replay(task), task.example), _out(applied[case.id], task.example))
