@@ -45,6 +45,7 @@ from _common import RESULTS, environment, interleaved_medians, model_latencies, 
 import slimkit as sk  # noqa: E402
 from slimkit.distill import Distill, distill, minilm_student, simcse_finetune  # noqa: E402
 from slimkit.factorize import CP, SVD, Tucker  # noqa: E402
+from slimkit.core.record import last_record  # noqa: E402
 
 warnings.filterwarnings("ignore")
 logging.getLogger("slimkit").setLevel(logging.ERROR)
@@ -112,7 +113,7 @@ def mnist_latency(thread_counts: list[int]) -> dict[str, Any]:
     models = {"baseline": task.model, **factorized(task, {**MNIST, **MNIST_UNROUNDED})}
     x = torch.cat([b[0][0] for b in task.eval])  # (1000, 1, 28, 28)
     out: dict[str, Any] = {"params": {k: params(m) for k, m in models.items()},
-                           "ranks": {k: {n: v["rank"] for n, v in m.slimkit_factorize["layers"].items()}
+                           "ranks": {k: {n: v["rank"] for n, v in last_record(m).layers.items()}
                                      for k, m in models.items() if k != "baseline"}}
     for threads in thread_counts:
         suffix = "" if threads == thread_counts[0] else f"_{threads}thread"
@@ -151,7 +152,7 @@ def mnist_recovery(threads: int, methods: list[str], seeds: list[int], steps: in
         model = sk.apply(task.model, MNIST[name], task)
         row: dict[str, Any] = {"config": MNIST[name].to_dict(), "params": params(model),
                                "params_reduction": round(params(task.model) / params(model), 3),
-                               "ranks": {n: v["rank"] for n, v in model.slimkit_factorize["layers"].items()},
+                               "ranks": {n: v["rank"] for n, v in last_record(model).layers.items()},
                                "accuracy_factorized": task.evaluate(model)["score"], "steps": steps, "lr": MNIST_LR,
                                "train_threads": TRAIN_THREADS,
                                "seeds": {}}

@@ -20,6 +20,7 @@ import torch
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from bench._common import environment, model_latencies, write  # noqa: E402
+from slimkit.core.record import last_record  # noqa: E402
 
 #: Budget between uniform int4 and int8 bytes, where the solver mixes widths (per task).
 BUDGET = {"mnist": 0.22, "minilm": 0.2}
@@ -37,8 +38,8 @@ def part(name: str, threads: int) -> dict[str, Any]:
     for act in ("none", "dynamic"):
         q = sk.apply(model, Mixed(budget_ratio=BUDGET[name], measured=costs, activations=act), task)
         models[f"mixed {act}"] = q
-        rows[f"mixed {act}"] = {**task.evaluate(q), "bits": q.slimkit_quant["bits"],
-                                "weight_bytes": q.slimkit_quant["weight_bytes"]}
+        rows[f"mixed {act}"] = {**task.evaluate(q), "bits": last_record(q).bits,
+                                "weight_bytes": last_record(q).weight_bytes}
     x = task.example if name == "minilm" else (torch.cat([b[0][0] for b in task.eval])[:256],)
     la = os.getloadavg()[0]
     times = model_latencies(models, tuple(x), baseline="fp32", threads=threads, rounds=7)

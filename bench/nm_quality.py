@@ -27,6 +27,7 @@ from _common import environment, write  # noqa: E402
 import slimkit as sk  # noqa: E402
 from slimkit.distill import Distill, distill  # noqa: E402
 from slimkit.prune.nm import NM, is_nm  # noqa: E402
+from slimkit.core.record import last_record  # noqa: E402
 
 #: task -> (distillation steps, peak learning rate, the quality key reported beside the score)
 RECOVERY = {"mnist": (100, 1e-3, None), "minilm": (200, 1e-4, "cosine_to_fp32")}
@@ -50,7 +51,7 @@ def run_task(name: str) -> dict[str, Any]:
         layers = [m for m in pruned.modules() if isinstance(m, (nn.Linear, nn.Conv2d))]
         kept = all(is_nm(m.weight, 2, 4) for m in layers if m.weight[0].numel() % 4 == 0)
         rows[method] = {"one_shot": one_shot, "after_distill": quality(task, pruned, key),
-                        "sparsity": round(pruned.slimkit_prune["sparsity"], 4), "prune_s": round(prune_s, 1),
+                        "sparsity": round(last_record(pruned).sparsity, 4), "prune_s": round(prune_s, 1),
                         "pattern_kept_after_distill": kept}
         print(f"{name} {method}: one-shot {one_shot}, after {steps} distillation steps {rows[method]['after_distill']}",
               flush=True)

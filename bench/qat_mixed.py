@@ -54,6 +54,7 @@ from slimkit.quantize import Binary, Int8, Mixed, QAT, QuantLinear, Ternary, Wei
 from slimkit.quantize.mixed import layer_bytes, measure_costs  # noqa: E402
 from slimkit.quantize.qat import fold_and_freeze, ptq_start  # noqa: E402
 from slimkit.runtime import build  # noqa: E402
+from slimkit.core.record import last_record  # noqa: E402
 
 warnings.filterwarnings("ignore")
 logging.getLogger("slimkit").setLevel(logging.ERROR)
@@ -101,7 +102,7 @@ def row(task: Any, name: str, model: nn.Module, backend: str, fp32_bytes: int, s
         noise = float((r - g).norm())
         out["logits_sqnr_db"] = math.inf if noise == 0 else round(20 * math.log10(float(r.norm()) / noise), 2)
         out["_correct"] = (g.argmax(-1) == labels(task)).tolist()
-    info = getattr(model, "slimkit_quant", {})
+    info = dataclasses.asdict(last_record(model)) if last_record(model) else {}
     if "bits" in info:
         out["bits"] = info["bits"]
         out["weight_bytes"], out["budget_bytes"] = info["weight_bytes"], round(info["budget_bytes"])

@@ -34,6 +34,7 @@ from slimkit.quantize import Int8, WeightOnly, layer_errors  # noqa: E402
 from slimkit.runtime import build  # noqa: E402
 from slimkit.runtime.onnx_export import export_onnx  # noqa: E402
 from slimkit.runtime.ort import build_ort  # noqa: E402
+from slimkit.core.record import last_record  # noqa: E402
 
 warnings.filterwarnings("ignore")
 logging.getLogger("slimkit").setLevel(logging.ERROR)
@@ -118,7 +119,7 @@ def slimkit_candidates(task: Any, work: Path, threads: int) -> dict[str, tuple[C
         q = sk.apply(task.model, config, task)
         path = sk.save(q, work / f"sk{i}", recipe=[config.to_dict()])
         runnable = build(q, config.backend, task.example, threads=threads)
-        info = {"config": config.to_dict(), "kept_float": {**q.slimkit_quant["skipped"],
+        info = {"config": config.to_dict(), "kept_float": {**last_record(q).skipped,
                                                             **getattr(runnable, "skipped", {})}}
         if hasattr(runnable, "kernels"):
             info["onnxruntime_ops"] = dict(runnable.kernels)

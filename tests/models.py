@@ -106,9 +106,10 @@ class Block(nn.Module):
         self.output = nn.Linear(dim, dim)
         self.norm1, self.norm2 = nn.LayerNorm(dim), nn.LayerNorm(dim)
         self.intermediate, self.out = nn.Linear(dim, ffn), nn.Linear(ffn, dim)
+        self.dropout = nn.Dropout(0.1)  # as trained encoders have (SimCSE's two views need it)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        x = self.norm1(x + self.output(self.attention(x)))             # (B, T, C)
+        x = self.norm1(x + self.dropout(self.output(self.attention(x))))  # (B, T, C)
         return self.norm2(x + self.out(F.gelu(self.intermediate(x))))  # (B, T, C)
 
 

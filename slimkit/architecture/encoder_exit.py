@@ -59,7 +59,7 @@ def build_encoder_classifier(encoder: str, encoder_kwargs: dict[str, Any], dim: 
 def _logistic_head(x: np.ndarray, y: np.ndarray, c: float) -> nn.Linear:
     """``nn.Linear`` with the weights of ``LogisticRegression(C=c)`` on (N, C) features; two classes
     become two logits (0, w·x+b), which give the same softmax as the regression's sigmoid."""
-    from sklearn.linear_model import LogisticRegression
+    from sklearn.linear_model import LogisticRegression  # optional (sklearn, extra 'zoo'): imported when used
 
     classes = int(y.max()) + 1
     if classes < 2 or len(np.unique(y)) < 2:

@@ -138,7 +138,7 @@ def _quiet_session(path: Path, threads: int) -> Any:
     the next stage's for the same cores: on 2 cores and 2 threads the routed eval pass measured
     0.80x the full model with spinning and 2.52x without (one interleaved run, same thresholds).
     """
-    import onnxruntime as ort
+    import onnxruntime as ort  # optional (onnxruntime, extra 'onnx'): imported when used
 
     so = ort.SessionOptions()
     so.intra_op_num_threads = threads

@@ -11,6 +11,7 @@ accuracy drop against the last exit within ``max_drop`` (a fraction: 0.005 = hal
 
 from __future__ import annotations
 
+from itertools import combinations
 from typing import Any, Sequence
 
 import numpy as np
@@ -136,7 +137,6 @@ def choose_exit_set(conf: torch.Tensor, correct: torch.Tensor, costs: Sequence[f
     the last row the final exit; ``costs``: C + 1 costs of leaving at each (e.g. layers run). Returns
     ``(positions, thresholds, mean cost)``; no exit at all (mean cost = the final's) when none pays.
     """
-    from itertools import combinations
 
     n_cand = conf.shape[0]
     if correct.shape[0] != n_cand + 1 or len(costs) != n_cand + 1:

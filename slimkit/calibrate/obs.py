@@ -17,6 +17,7 @@ import torch.nn as nn
 import torch.nn.functional as F
 
 from slimkit.core.errors import SlimkitError
+from slimkit.core.task import Task
 
 BLOCK = 128  # columns updated together before the lazy update of the rest (the papers' batching)
 #: ``column(block, i, col) -> new column``: ``block`` (N, B) holds the block's weights as updated so far,
@@ -80,7 +81,7 @@ def input_hessians(model: nn.Module, names: list[str], batches: Iterable[tuple[A
     return {n: (sums[n] / rows[n]).float() for n in names}
 
 
-def task_hessians(model: nn.Module, names: list[str], task: Any, method: str, instead: str) -> dict[str, torch.Tensor]:
+def task_hessians(model: nn.Module, names: list[str], task: Task, method: str, instead: str) -> dict[str, torch.Tensor]:
     """``input_hessians`` over the task's calibration batches, for ``method``; a one-line error naming
     ``instead`` (the uncalibrated alternative) when the task has none."""
     calib = getattr(task, "calib", None) if task is not None else None

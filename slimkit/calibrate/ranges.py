@@ -13,6 +13,7 @@ from typing import Any
 
 import numpy as np
 import torch
+from rich.progress import track
 from torch import Tensor, nn
 
 from slimkit.core.errors import SlimkitError
@@ -132,7 +133,6 @@ def collect(model: nn.Module, module_names: list[str], batches: Iterable[tuple[T
             handles.append(m.register_forward_pre_hook(hook) if which == "input" else m.register_forward_hook(hook))
         model.eval()
         if progress:  # a transient rich bar; off in tests and non-interactive runs
-            from rich.progress import track
 
             total = len(batches) if hasattr(batches, "__len__") else None  # type: ignore[arg-type]
             batches = track(batches, description="calibrating", total=total, transient=True)

@@ -7,7 +7,10 @@ import json
 from pathlib import Path
 from typing import Any, Callable, Optional
 
+import torch
 import typer
+from rich.console import Console
+from rich.table import Table
 
 from slimkit import zoo
 from slimkit.core.errors import SlimkitError
@@ -35,8 +38,6 @@ def _friendly(fn: Callable[..., Any]) -> Callable[..., Any]:
 @_friendly
 def tasks() -> None:
     """List the built-in tasks with their data splits and metrics."""
-    from rich.console import Console
-    from rich.table import Table
 
 
     table = Table(title="built-in tasks (or --task package.module:function)")
@@ -55,12 +56,10 @@ def profile(task: str = typer.Option("digits", help="built-in task name or packa
             threads: Optional[int] = typer.Option(None, help="threads to pin while timing (default: torch's)"),
             json_out: Optional[Path] = typer.Option(None, "--json", help="also write the profile as JSON")) -> None:
     """Profile a task's model: params, artifact bytes, MACs, latency, memory, energy, per layer."""
-    from rich.console import Console
 
 
     t = zoo.load(task)
     if device.startswith("cuda"):
-        import torch
 
         if not torch.cuda.is_available():
             raise SlimkitError("device cuda requested but CUDA is not available here", "use --device cpu")
@@ -75,8 +74,6 @@ def profile(task: str = typer.Option("digits", help="built-in task name or packa
 @_friendly
 def techniques() -> None:
     """List every registered technique: its recipe type, stage, search name, presets and summary."""
-    from rich.console import Console
-    from rich.table import Table
 
     table = Table(title="techniques (use with: slimkit apply --step 'TYPE key=value ...')")
     for col in ("type", "stage", "search", "presets", "what"):

@@ -11,8 +11,11 @@ from __future__ import annotations
 from pathlib import Path
 from typing import Any
 
+from rich.console import Console
+
 from slimkit import zoo
 from slimkit.core.target import Target
+from slimkit.core.task import Task
 from slimkit.measure import profile
 from slimkit.search.optimize import optimize
 from slimkit.search.result_report import print_summary
@@ -25,7 +28,7 @@ DEFAULT_TRIALS = 12
 DEFAULT_TIME_BUDGET_S = 240.0
 
 
-def default_target(task: Any, threads: int | None = None) -> tuple[Any, Any]:
+def default_target(task: Task, threads: int | None = None) -> tuple[Any, Any]:
     """The demo's target and the profile it comes from (``task.model``'s bytes and p50 latency)."""
 
     p = profile(task.model, task.example, threads=threads)
@@ -36,7 +39,6 @@ def default_target(task: Any, threads: int | None = None) -> tuple[Any, Any]:
 def run(task_name: str = "mnist", out: str | Path = "runs/demo", threads: int | None = None,
         progress: bool = True, trials: int = DEFAULT_TRIALS, time_budget: float = DEFAULT_TIME_BUDGET_S) -> Path:
     """Run the demo and return the path of its HTML report."""
-    from rich.console import Console
 
 
     console = Console()

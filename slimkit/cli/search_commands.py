@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 from pathlib import Path
 from typing import Optional
 
@@ -66,7 +67,6 @@ def worker(study: str = typer.Option(..., help="study name, as given to slimkit 
 def report(run_dir: Path = typer.Argument(..., help="--out directory of a finished slimkit optimize"),
            task: Optional[str] = typer.Option(None, help="task (default: the one the run used)")) -> None:
     """Re-render a run's report.html / report.json from its result.json and best model."""
-    import json
 
 
     path = run_dir / RESULT_FILE

@@ -4,6 +4,8 @@ from __future__ import annotations
 
 from typing import Any
 
+from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeRemainingColumn
+
 
 class progress_bar:
     """A transient rich progress bar, or ``None`` when disabled (tests, non-interactive runs).
@@ -19,7 +21,6 @@ class progress_bar:
     def __enter__(self):  # noqa: ANN204
         if not self.enabled:
             return None
-        from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeRemainingColumn
 
         self.bar = Progress(TextColumn("{task.description}"), BarColumn(), MofNCompleteColumn(),
                             TimeRemainingColumn(), TextColumn("{task.fields[info]}"), transient=True)

@@ -120,6 +120,11 @@ def add_technique(tech: Technique) -> None:
     _TECHNIQUES[tech.name] = tech
 
 
+def remove_technique(name: str) -> None:
+    """Forget a technique (a plugin being unloaded, a test's own technique); unknown names are ignored."""
+    _TECHNIQUES.pop(name, None)
+
+
 def technique_named(name: str) -> Technique:
     """The technique of a recipe type name; unknown names are a one-line error listing the known ones."""
     if name not in _TECHNIQUES:

@@ -17,6 +17,7 @@ import torch.nn as nn
 import torch.nn.functional as F
 
 from slimkit.core.errors import SlimkitError
+from slimkit.core.task import Task
 from slimkit.distill.distiller import _first
 from slimkit.measure._call import pinned_threads
 from slimkit.train.finetune import TrainResult, finetune
@@ -42,7 +43,7 @@ class SimCSELoss:
         return contrastive_loss(first, second, self.temperature)
 
 
-def simcse_finetune(model: nn.Module, task: Any, *, steps: int, lr: float, seed: int = 0, temperature: float = 0.05,
+def simcse_finetune(model: nn.Module, task: Task, *, steps: int, lr: float, seed: int = 0, temperature: float = 0.05,
                     progress: bool = True, threads: int | None = None) -> TrainResult:
     """Fine-tune ``model`` in place on ``task.train`` inputs with the SimCSE loss (no teacher, no labels)."""
 

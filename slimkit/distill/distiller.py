@@ -111,7 +111,7 @@ def teacher_model(config: Distill, task: Task | None, student: nn.Module) -> nn.
 class DistillLoss:
     """``loss(student, inputs, labels)`` for ``finetune``; ``params`` are the projections to train too."""
 
-    def __init__(self, student: nn.Module, teacher: nn.Module, task: Any, config: Distill) -> None:
+    def __init__(self, student: nn.Module, teacher: nn.Module, task: Task, config: Distill) -> None:
         self.teacher, self.task, self.config = teacher, task, config
         pairs = list(config.features)
         self.s_taps = FeatureTaps(student, [s for s, _ in pairs], "student")

@@ -20,6 +20,7 @@ from slimkit.core.editing import select, set_submodule
 from slimkit.core.errors import SlimkitError
 from slimkit.core.record import ReportSection, StepRecord, StepView, add_record
 from slimkit.core.registry import SearchContext
+from slimkit.core.task import Task
 from slimkit.graph.dependency import output_layer
 
 log = logging.getLogger("slimkit.factorize")
@@ -95,7 +96,7 @@ def unsupported_reason(layer: nn.Module) -> str | None:
     return f"{type(layer).__name__} is not a Linear or Conv2d"
 
 
-def output_layer_name(model: nn.Module, task: Any) -> str | None:
+def output_layer_name(model: nn.Module, task: Task) -> str | None:
     """The last Linear/Conv that runs on the task's example (a classifier head), or None without a task."""
     if task is None or not getattr(task, "example", None):
         return None
@@ -103,7 +104,7 @@ def output_layer_name(model: nn.Module, task: Any) -> str | None:
 
 
 def factorize_layers(model: nn.Module, config: BaseConfig, names: list[str], plan: Plan,
-                     task: Any = None) -> nn.Module:
+                     task: Task | None = None) -> nn.Module:
     """Swap each named layer for ``plan``'s module (or record why not) and add the step's record.
 
     With ``config.keep_output`` the model's output layer stays whole: a rank-2 classifier over ten

@@ -2,7 +2,7 @@
 
 A residual addition ties the output channels of every conv that writes into it; a depthwise conv
 ties its input and output channels; q/k/v and the output projection share the heads. We build the
-graph with Torch-Pruning's tracer (see the README's design notes for why) and add what slimkit
+graph with Torch-Pruning's tracer (docs/architecture.md, design notes, says why) and add what slimkit
 needs around it: which groups are safe to touch, why the others are not, and names a person
 can read in a report.
 """
@@ -101,7 +101,7 @@ def output_layer(model: nn.Module, example: tuple[Any, ...]) -> str | None:
 def torch_pruning() -> Any:
     """The Torch-Pruning module, or a one-line error saying how to install it."""
     try:
-        import torch_pruning as tp
+        import torch_pruning as tp  # optional (torch_pruning, extra 'prune'): imported when used
     except ImportError:
         raise SlimkitError("structured pruning needs the torch-pruning package",
                            "pip install 'slimkit[prune]'") from None

@@ -21,6 +21,8 @@ from typing import Any, Mapping
 
 import torch
 import torch.nn as nn
+from safetensors import SafetensorError, safe_open
+from safetensors.torch import load_file, save_file
 
 from slimkit.core.editing import set_submodule
 from slimkit.core.errors import SlimkitError
@@ -63,7 +65,6 @@ def save(model: nn.Module, path: str | os.PathLike[str], *, recipe: list[dict[st
     ``sparse=None`` stores a mostly-zero tensor (pruned weights) sparsely when that saves at
     least a quarter of its bytes; ``True`` whenever it saves anything; ``False`` never.
     """
-    from safetensors.torch import save_file
 
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
@@ -140,8 +141,6 @@ def read_meta(path: str | os.PathLike[str]) -> dict[str, Any]:
 
 def load_state(path: str | os.PathLike[str]) -> dict[str, torch.Tensor]:
     """Tensors of an artifact directory or of a single ``.safetensors`` file."""
-    from safetensors import SafetensorError
-    from safetensors.torch import load_file
 
     path = Path(path)
     file = path / WEIGHTS if path.is_dir() else path
@@ -165,7 +164,6 @@ def load_state(path: str | os.PathLike[str]) -> dict[str, torch.Tensor]:
 
 
 def _header_metadata(file: Path) -> dict[str, str]:
-    from safetensors import safe_open
 
     with safe_open(str(file), framework="pt") as f:
         return dict(f.metadata() or {})

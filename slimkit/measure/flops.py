@@ -17,6 +17,7 @@ from typing import Any
 
 import torch
 import torch.nn as nn
+from torch.utils.flop_counter import FlopCounterMode
 
 from slimkit.measure._call import Example, device_for, prepared, require_module
 from slimkit.measure._trace import Tracer
@@ -40,7 +41,6 @@ class FlopCount:
 
 def count_flops(model: nn.Module, example: Example, device: str | torch.device | None = None) -> FlopCount:
     """Count the MACs of ``model(*example)`` (or ``model(**example)`` for a dict) on ``device``."""
-    from torch.utils.flop_counter import FlopCounterMode
 
     require_module(model, "count_flops")
     dev = device_for(model, device)

@@ -19,6 +19,7 @@ from collections.abc import Iterator
 import torch
 import torch.nn as nn
 from torch.autograd import DeviceType
+from torch.autograd.profiler import profile
 
 from slimkit.measure._call import Example, prepared, require_module, resolve_device, state_bytes, tensor_bytes
 
@@ -38,7 +39,6 @@ def _cpu_activation_peak(model: nn.Module, args: tuple, kwargs: dict) -> int:
     """Largest running sum of CPU allocations minus frees during one forward pass."""
     # torch.autograd.profiler rather than torch.profiler.profile: the latter imports torch._inductor
     # on first use, which costs seconds and nothing here needs it.
-    from torch.autograd.profiler import profile
 
     prof = profile(use_cpu=True, profile_memory=True, use_kineto=True)
     with _quiet_stderr():

@@ -13,6 +13,7 @@ from typing import Any
 
 import torch
 import torch.nn as nn
+from rich.console import Console
 
 from slimkit.core.errors import SlimkitError
 from slimkit.measure._call import (
@@ -79,7 +80,6 @@ class Profile:
         return self.render()
 
     def __str__(self) -> str:
-        from rich.console import Console
 
         console = Console(width=110, record=True, file=_Discard(), color_system=None)
         console.print(self.render())

@@ -29,7 +29,7 @@ from rich.table import Table
 from slimkit.core.editing import set_submodule
 from slimkit.core.errors import SlimkitError
 from slimkit.core.progress import progress_bar
-from slimkit.core.task import split_item
+from slimkit.core.task import Task, split_item
 from slimkit.formats import pack
 
 KINDS = ("quantize", "prune")
@@ -119,7 +119,7 @@ def _output_scorer(model: nn.Module, batches: Sequence[tuple[torch.Tensor, ...]]
     return noise
 
 
-def layer_sensitivity(model: nn.Module, task: Any, kind: str = "quantize", bits: int = 8, ratio: float = 0.5,
+def layer_sensitivity(model: nn.Module, task: Task, kind: str = "quantize", bits: int = 8, ratio: float = 0.5,
                       layers: Sequence[str] | None = None, *, measure: str = "metric",
                       batches: Sequence[tuple[torch.Tensor, ...]] | None = None,
                       progress: bool = False, group_size: int = INT4_GROUP) -> dict[str, float]:
@@ -215,7 +215,7 @@ def output_scorer(model: nn.Module, batches: Sequence[tuple[torch.Tensor, ...]])
     return _output_scorer(model, batches)
 
 
-def _default_loss(model: nn.Module, task: Any) -> Callable[[tuple, Any], torch.Tensor]:
+def _default_loss(model: nn.Module, task: Task) -> Callable[[tuple, Any], torch.Tensor]:
     """The task's loss on labelled batches; otherwise the output MSE to the model's own outputs
     (its Hessian is the Gauss-Newton matrix ``2 J^T J``, what unlabelled distillation sees)."""
     if getattr(task, "loss", None) is not None:
@@ -228,7 +228,7 @@ def _default_loss(model: nn.Module, task: Any) -> Callable[[tuple, Any], torch.T
     return self_mse
 
 
-def hessian_trace(model: nn.Module, task: Any, *, layers: Sequence[str] | None = None, samples: int = 8,
+def hessian_trace(model: nn.Module, task: Task, *, layers: Sequence[str] | None = None, samples: int = 8,
                   batches: int = 2, seed: int = 0,
                   loss: Callable[[tuple, Any], torch.Tensor] | None = None) -> dict[str, float]:
     """Hutchinson estimate of ``tr(H)`` of the loss w.r.t. each layer's weight: ``E[v^T H v]``.

@@ -121,7 +121,7 @@ def optuna_search(space: CNNSpace, evaluate: _Evaluator, max_latency_ms: float, 
                   sampler: str = "tpe", seed: int = 0, progress: bool = True) -> list[Evaluation]:
     """TPE: maximise accuracy with ``latency - max_latency_ms <= 0`` as a constraint; NSGA-II: the
     (accuracy, latency) front under the same constraint. Returns every evaluation in trial order."""
-    import optuna
+    import optuna  # optional (optuna, extra 'search'): imported when used
 
     logging.getLogger("optuna").setLevel(logging.WARNING)
     constraint = lambda t: t.user_attrs["constraint"]  # noqa: E731

@@ -11,13 +11,14 @@ they drive the CNN ones.
 from __future__ import annotations
 
 import dataclasses
-from typing import Any, Sequence
+from typing import Sequence
 
 import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
 from slimkit.core.errors import SlimkitError
+from slimkit.core.task import Task
 from slimkit.distill import Distill, distill
 from slimkit.measure.latency_table import time_calls
 from slimkit.nas.arch_search import Evaluation
@@ -110,7 +111,7 @@ def held_out_error(evals: Sequence[Evaluation]) -> dict[str, float]:
     return {"mean_rel_error": sum(errors) / len(errors), "max_rel_error": max(errors), "members": len(errors)}
 
 
-def rerank(evaluator: EncoderEvaluator, task: Any, candidates: Sequence[EncoderArch], *, steps: int = 40,
+def rerank(evaluator: EncoderEvaluator, task: Task, candidates: Sequence[EncoderArch], *, steps: int = 40,
            lr: float = 1e-4, threads: int | None = None) -> list[tuple[EncoderArch, float]]:
     """Candidates re-scored by their cosine proxy after ``steps`` of distillation from the original, best first.
 

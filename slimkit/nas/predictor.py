@@ -101,7 +101,7 @@ class LatencyPredictor:
         """Non-negative least squares ``measured = a * conv + b * other + c`` over measured whole models,
         each row divided by its measurement (the error that counts is relative); with fewer than 4
         models the plain sum is scaled to the measured total."""
-        from scipy.optimize import nnls
+        from scipy.optimize import nnls  # heavy, imported when used (scipy)
 
         x = np.array([self._features(a) for a in archs])
         y = np.asarray(measured_ms, dtype=np.float64)

@@ -17,6 +17,7 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
+from slimkit.core.task import Task
 from slimkit.nas.cnn import CNNArch, CNNSpace, build
 from slimkit.train import finetune
 
@@ -99,7 +100,7 @@ def recalibrate_bn(model: nn.Module, inputs: Iterable[torch.Tensor]) -> nn.Modul
     return model.eval()
 
 
-def train_supernet(supernet: SuperCNN, task: Any, *, steps: int, teacher: nn.Module | None = None, samples: int = 2,
+def train_supernet(supernet: SuperCNN, task: Task, *, steps: int, teacher: nn.Module | None = None, samples: int = 2,
                    lr: float = 3e-3, distill: float = 0.5, seed: int = 0, progress: bool = True) -> Any:
     """Train with :func:`slimkit.train.finetune`: each step ``samples`` members (the smallest, then
     random ones) learn the labels plus ``distill`` x KL to the teacher's output.

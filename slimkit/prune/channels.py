@@ -164,7 +164,7 @@ def prune_channels(model: nn.Module, config: Channels, task: Task | None) -> nn.
     return model
 
 
-def _prune_to_macs(model: nn.Module, config: Channels, example: tuple, task: Any,
+def _prune_to_macs(model: nn.Module, config: Channels, example: tuple, task: Task,
                    before_macs: int, table: LatencyTable | None) -> tuple[nn.Module, _Attempt, dict[str, str], float]:
     """Bisect the per-group amount until the pruned model's MACs are at most ``macs_ratio`` of the original.
 
@@ -201,7 +201,7 @@ def _prune_to_macs(model: nn.Module, config: Channels, example: tuple, task: Any
     return best[0], best[1], broken, best[2]
 
 
-def _prune_at(model: nn.Module, config: Channels, amount: float, example: tuple, task: Any,
+def _prune_at(model: nn.Module, config: Channels, amount: float, example: tuple, task: Task,
               broken: dict[str, str], table: LatencyTable | None = None) -> tuple[nn.Module, _Attempt, dict[str, str]]:
     """Prune at ``amount``; restart without a group whenever removing it breaks the forward pass."""
     broken = dict(broken)
@@ -217,7 +217,7 @@ def _prune_at(model: nn.Module, config: Channels, amount: float, example: tuple,
                        "list the custom blocks in ignored=... or report the architecture")
 
 
-def _attempt(model: nn.Module, config: Channels, amount: float, example: tuple, task: Any,
+def _attempt(model: nn.Module, config: Channels, amount: float, example: tuple, task: Task,
              broken: dict[str, str], table: LatencyTable | None = None) -> _Attempt:
     with torch.no_grad():
         reference = _shapes(model(*example))
@@ -305,7 +305,7 @@ def _allocated_ratios(model: nn.Module, example: tuple, pruner: Any, importance:
     return allocate(groups, importance, pruner.DG, leaf_macs, 1.0 - amount, config.round_to, table, names)
 
 
-def _importance(config: Channels, model: nn.Module, task: Any) -> Any:
+def _importance(config: Channels, model: nn.Module, task: Task) -> Any:
     tp = dependency.torch_pruning()
     if config.importance in ("l1", "l2"):
         return tp.importance.GroupMagnitudeImportance(p=1 if config.importance == "l1" else 2)
@@ -320,7 +320,7 @@ def _importance(config: Channels, model: nn.Module, task: Any) -> Any:
     return tp.importance.GroupTaylorImportance()
 
 
-def _accumulate_gradients(model: nn.Module, task: Any, batches: int) -> None:
+def _accumulate_gradients(model: nn.Module, task: Task, batches: int) -> None:
     """dL/dw over a few training batches, for first-order Taylor importance."""
     train = getattr(task, "train", None)
     loss_fn = getattr(task, "loss", None)
@@ -361,7 +361,7 @@ def _widths(model: nn.Module) -> dict[str, int]:
     return widths
 
 
-def _example(task: Any) -> tuple:
+def _example(task: Task) -> tuple:
     example = getattr(task, "example", None)
     if example is None:
         raise SlimkitError("channel pruning needs an example input to trace the model",

@@ -15,10 +15,10 @@ from __future__ import annotations
 
 import dataclasses
 import logging
-from typing import Any
 
 import torch
 import torch.nn as nn
+from torch.sparse import to_sparse_semi_structured
 
 from slimkit.calibrate import obs
 from slimkit.core.config import BaseConfig, technique
@@ -113,7 +113,7 @@ def nm_masks(model: nn.Module, names: list[str], n: int, m: int) -> tuple[Masks,
     return masks, skipped
 
 
-def prune_nm(model: nn.Module, config: NM, task: Any = None) -> nn.Module:
+def prune_nm(model: nn.Module, config: NM, task: Task | None = None) -> nn.Module:
     names, skipped = prunable(model, config.targets, config.exclude)
     masks, misfits = nm_masks(model, names, config.n, config.m)
     if not masks:
@@ -147,7 +147,7 @@ def sparsegpt_nm(weight: torch.Tensor, hessian: torch.Tensor, n: int = 2, m: int
     return obs.sweep(w, h_inv, prune_column, block=block).to(weight.dtype), ~drop
 
 
-def _sparsegpt(model: nn.Module, masks: Masks, config: NM, task: Any) -> Masks:
+def _sparsegpt(model: nn.Module, masks: Masks, config: NM, task: Task) -> Masks:
     """SparseGPT's weights and masks (written into the model) for the layers the sweep supports;
     the others keep their magnitude masks, with the reason logged."""
     chosen = []
@@ -175,7 +175,6 @@ def to_semi_structured(model: nn.Module, targets: Targets = "all-linear", exclud
     """
     if not torch.cuda.is_available():
         raise SlimkitError("semi-structured sparse execution needs a CUDA GPU", "run it on a machine with CUDA")
-    from torch.sparse import to_sparse_semi_structured
 
     converted = []
     for name in prunable(model, targets, exclude)[0]:

@@ -11,6 +11,7 @@ import os
 from pathlib import Path
 from typing import Any, Iterable, Mapping, Sequence
 
+import numpy as np
 import torch
 
 from slimkit.core.atomic import atomic_write
@@ -43,7 +44,6 @@ def sparsity_heatmap(rows: Grid | Mapping[str, float] | Iterable[tuple[Any, Mapp
     _check_fractions(v for row in values for v in row if not math.isnan(v))
     fig = _figure(width=min(14.0, 5.0 + 0.45 * len(columns)), height=max(2.8, 1.6 + _ROW_INCHES * len(layers)))
     ax = fig.add_subplot()
-    import numpy as np
 
     data = np.ma.masked_invalid(np.array(values, dtype=float))
     image = ax.imshow(data, aspect="auto", cmap="viridis", vmin=0.0, vmax=1.0, interpolation="nearest")
@@ -119,7 +119,7 @@ def _short(name: str, limit: int = 48) -> str:
 
 def _figure(width: float, height: float) -> Any:
     try:
-        from matplotlib.figure import Figure
+        from matplotlib.figure import Figure  # optional (matplotlib, extra 'report'): imported when used
     except ImportError:
         raise SlimkitError("plotting needs matplotlib, which is not installed",
                            "pip install 'slimkit[report]'") from None

@@ -12,7 +12,6 @@ as large as the smallest measured shape; everything else stays dense, with the r
 from __future__ import annotations
 
 import dataclasses
-
 import math
 import warnings
 from typing import Any

@@ -180,7 +180,7 @@ def solve(costs: Sequence[Sequence[float]], sizes: Sequence[Sequence[float | Non
     ``costs[i][j]`` / ``sizes[i][j]`` of option ``j`` of item ``i`` (size None: not available).
     Returns the chosen option per item; raises SlimkitError when even the smallest options do not fit.
     """
-    from scipy.optimize import Bounds, LinearConstraint, milp
+    from scipy.optimize import Bounds, LinearConstraint, milp  # heavy, imported when used (scipy)
 
     index = [(i, j) for i, row in enumerate(sizes) for j, s in enumerate(row) if s is not None]
     smallest = sum(min(s for s in row if s is not None) for row in sizes)
@@ -225,7 +225,7 @@ def greedy(costs: Sequence[Sequence[float]], sizes: Sequence[Sequence[float | No
     return chosen
 
 
-def _costs(model: nn.Module, config: Mixed, task: Any, names: list[str]) -> dict[str, dict[str, float]]:
+def _costs(model: nn.Module, config: Mixed, task: Task, names: list[str]) -> dict[str, dict[str, float]]:
     """Predicted drop per option (key of :func:`options`) per layer (16 bits: 0)."""
     out: dict[str, dict[str, float]] = {"16": {n: 0.0 for n in names}}
     if len(options(config)) == 1 or config.narrowest:  # nothing to choose: no measurement
@@ -251,7 +251,7 @@ def _costs(model: nn.Module, config: Mixed, task: Any, names: list[str]) -> dict
     return out
 
 
-def measure_costs(model: nn.Module, config: Mixed, task: Any) -> dict[str, dict[str, float]]:
+def measure_costs(model: nn.Module, config: Mixed, task: Task) -> dict[str, dict[str, float]]:
     """The per-layer costs ``config`` would measure, as ``Mixed(measured=...)`` takes them back."""
     names, _ = target_layers(model, config.targets, config.exclude, allow_conv=True)
     costs = _costs(model, dataclasses.replace(config, measured=None), task, names)
@@ -265,7 +265,7 @@ def _int4_conv(conv: nn.Conv2d) -> nn.Module:
     return int4_stored(conv, torch.round(w / step[:, None]).clamp(-7, 7), step)
 
 
-def quantize_mixed(model: nn.Module, config: Mixed, task: Any) -> nn.Module:
+def quantize_mixed(model: nn.Module, config: Mixed, task: Task) -> nn.Module:
     """The registered handler: measure, solve, swap each layer for its chosen stored form."""
     names, skipped = target_layers(model, config.targets, config.exclude, allow_conv=True)
     opts = options(config)

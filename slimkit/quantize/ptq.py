@@ -15,6 +15,7 @@ import torch.nn as nn
 from slimkit.core.editing import select, set_submodule
 from slimkit.core.errors import SlimkitError
 from slimkit.core.record import add_record
+from slimkit.core.task import Task
 from slimkit.quantize.accuracy import control
 from slimkit.quantize.embedding import QuantEmbedding
 from slimkit.quantize.record import QuantRecord
@@ -70,7 +71,7 @@ def _plain_conv(conv: nn.Conv2d) -> bool:
 
 
 def finish(model: nn.Module, config: Any, originals: dict[str, nn.Module], skipped: dict[str, str],
-            task: Any, tables: list[str]) -> nn.Module:
+            task: Task, tables: list[str]) -> nn.Module:
     for name, reason in skipped.items():
         log.info("kept in float: %s (%s)", name, reason)
     add_record(model, QuantRecord(config.type_name, config.to_dict(), dict(skipped), layers=list(originals),

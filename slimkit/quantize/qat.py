@@ -118,7 +118,7 @@ class QAT(BaseConfig):
         quant_report_section(report, record, view)
 
 
-def prepare(model: nn.Module, config: QAT, task: Any) -> nn.Module:
+def prepare(model: nn.Module, config: QAT, task: Task) -> nn.Module:
     """Swap target layers (in place) for fake-quantized ones; embeddings become int8 tables as in PTQ."""
     allow_conv = config.bits == 8 or config.per_tensor
     names, skipped = target_layers(model, config.targets, config.exclude, allow_conv=allow_conv)
@@ -163,7 +163,7 @@ def convert(model: nn.Module) -> nn.Module:
     return model.eval()
 
 
-def ptq_start(model: nn.Module, config: QAT, task: Any) -> nn.Module:
+def ptq_start(model: nn.Module, config: QAT, task: Task) -> nn.Module:
     """The PTQ model QAT starts from: fold BN, prepare, convert with no training (same integers
     as ``config.steps=0`` would give). The honest baseline for what the training adds."""
     model, folded, _ = fold_and_freeze(copy.deepcopy(model), config, task)
@@ -174,7 +174,7 @@ def ptq_start(model: nn.Module, config: QAT, task: Any) -> nn.Module:
     return model
 
 
-def training_loss(config: QAT, task: Any, teacher: nn.Module) -> Any:
+def training_loss(config: QAT, task: Task, teacher: nn.Module) -> Any:
     has_labels = task.loss is not None and task.train and isinstance(task.train[0], (tuple, list)) \
         and len(task.train[0]) == 2 and isinstance(task.train[0][0], (tuple, list))
     kind = config.loss if config.loss != "auto" else ("task" if has_labels else "distill")
@@ -192,7 +192,7 @@ def training_loss(config: QAT, task: Any, teacher: nn.Module) -> Any:
     return distill, kind
 
 
-def fold_and_freeze(model: nn.Module, config: Any, task: Any) -> tuple[nn.Module, list[str], nn.Module]:
+def fold_and_freeze(model: nn.Module, config: Any, task: Task) -> tuple[nn.Module, list[str], nn.Module]:
     """Fold BN into the convs before training (``config.fold_bn``) and keep a frozen copy of the
     folded float model as the distillation teacher. Returns (model, folded BN names, teacher)."""
     folded: list[str] = []

@@ -84,7 +84,7 @@ class Report:
         self._figure(fig, title)
 
     def _figure(self, fig: Any, title: str) -> None:
-        import matplotlib.pyplot as plt
+        import matplotlib.pyplot as plt  # optional (matplotlib, extra 'report'): imported when used
 
         fig.tight_layout()
         buf = _io.BytesIO()
@@ -109,10 +109,10 @@ class Report:
 def pyplot_or_none() -> Any:
     """matplotlib's pyplot on the Agg canvas, or None where matplotlib (the ``report`` extra) is missing."""
     try:
-        import matplotlib
+        import matplotlib  # optional (matplotlib, extra 'report'): imported when used
 
         matplotlib.use("Agg")
-        import matplotlib.pyplot as plt
+        import matplotlib.pyplot as plt  # optional (matplotlib, extra 'report'): imported when used
     except ImportError:
         return None
     return plt

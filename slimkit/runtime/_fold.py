@@ -25,8 +25,8 @@ def fold_bias(path: Path) -> int:
 
     Leaves ``path`` untouched when nothing folds (the graph then runs as ORT would run it anyway).
     """
-    import onnx
-    import onnxruntime as ort
+    import onnx  # optional (onnx, extra 'onnx'): imported when used
+    import onnxruntime as ort  # optional (onnxruntime, extra 'onnx'): imported when used
 
     optimized = path.with_name(f".{path.stem}.extended.onnx")
     so = ort.SessionOptions()
@@ -48,7 +48,7 @@ def fold_bias(path: Path) -> int:
 
 
 def _fold(graph: Any) -> int:
-    from onnx import numpy_helper
+    from onnx import numpy_helper  # optional (onnx, extra 'onnx'): imported when used
 
     init = {t.name: t for t in graph.initializer}
     consumers: dict[str, list[Any]] = defaultdict(list)

@@ -78,7 +78,7 @@ def _downstream_range(tensor: str, consumers: dict[str, list[Any]], users: dict[
 
 def _act_qparams(lo_hi: tuple[float, float], symmetric: bool) -> tuple[float, int, int]:
     """(scale, zero point, ONNX dtype) of slimkit's activation format for the range."""
-    from onnx import TensorProto
+    from onnx import TensorProto  # optional (onnx, extra 'onnx'): imported when used
 
 
     scale, zero = scale_zero_point(float(lo_hi[0]), float(lo_hi[1]), 8, symmetric)
@@ -91,7 +91,7 @@ def _qdq(graph: Any, x: str, base: str, qp: tuple[float, int, int], out: list[An
     Every consumer gets its own pair: ORT 1.32 leaves an int8 Q shared by q/k/v unfused (float
     MatMul on dequantized values: 410 of 1365 ms in MiniLM); a Q of its own costs ~1 ms.
     """
-    from onnx import TensorProto, helper
+    from onnx import TensorProto, helper  # optional (onnx, extra 'onnx'): imported when used
 
     scale, zero, dtype = qp
     graph.initializer.extend([helper.make_tensor(f"{base}_scale", TensorProto.FLOAT, [], [scale]),
@@ -107,7 +107,7 @@ def _quantize_weight(graph: Any, node: Any, per_channel: bool, unsigned: bool, o
 
     ``unsigned`` stores the same integers as uint8 + 127 with zero point 127 (the exact u8u8 kernels).
     """
-    from onnx import helper, numpy_helper
+    from onnx import helper, numpy_helper  # optional (onnx, extra 'onnx'): imported when used
 
 
     w = numpy_helper.to_array(next(t for t in graph.initializer if t.name == node.input[1]))
@@ -132,7 +132,7 @@ def _quantize_weight(graph: Any, node: Any, per_channel: bool, unsigned: bool, o
 
 def _quantize_bias(graph: Any, node: Any, scale: np.ndarray, out: list[Any]) -> None:
     """int32 bias with scale s_x * s_w: the form QLinearConv / QGemm fusion requires."""
-    from onnx import helper, numpy_helper
+    from onnx import helper, numpy_helper  # optional (onnx, extra 'onnx'): imported when used
 
     b = numpy_helper.to_array(next(t for t in graph.initializer if t.name == node.input[2])).astype(np.float64)
     scale = np.broadcast_to(scale, b.shape).astype(np.float32)
@@ -153,7 +153,7 @@ def _swap_input(graph: Any, node: Any, i: int, new: str) -> None:
 
 
 def replace_nodes(graph: Any, nodes: list[Any]) -> None:
-    import onnx
+    import onnx  # optional (onnx, extra 'onnx'): imported when used
 
     copies = [onnx.NodeProto() for _ in nodes]
     for c, n in zip(copies, nodes):

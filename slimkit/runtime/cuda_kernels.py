@@ -17,6 +17,7 @@ import functools
 import torch
 import torch.nn as nn
 import torch.nn.functional as F
+from torch.sparse import to_sparse_semi_structured
 
 from slimkit.formats import pack
 from slimkit.runtime import cuda_pack as cp
@@ -220,7 +221,6 @@ class SemiSparseLinear(_KernelLinear):
 
     def __init__(self, weight: torch.Tensor, bias: torch.Tensor | None, device: torch.device) -> None:
         super().__init__(*weight.shape, bias, device)
-        from torch.sparse import to_sparse_semi_structured
 
         sparse = to_sparse_semi_structured(weight.detach().to(device, OUT_DTYPE).contiguous())
         self.kernel = f"semi-structured 2:4 ({getattr(sparse, 'BACKEND', 'sparse')})"

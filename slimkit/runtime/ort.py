@@ -141,7 +141,7 @@ def build_ort(model: nn.Module, example: Sequence[torch.Tensor] | torch.Tensor, 
 
 def _write_graph(float_path: Path, model: nn.Module, plan: OrtQuantPlan | None, fuse: str | None, path: Path,
                  unsigned_weights: bool, fold: bool = True) -> dict[str, str]:
-    import onnx
+    import onnx  # optional (onnx, extra 'onnx'): imported when used
 
     bert = _bert_shape(model) if fuse else None
     proto = _fuse_transformer(float_path, *bert, attention=fuse == "all") if bert else onnx.load(str(float_path))
@@ -183,8 +183,8 @@ def _avoid_saturation(model: nn.Module, example: tuple[torch.Tensor, ...], graph
 
 def _session(path: Path, threads: int, optimize: bool) -> tuple[Any, Counter]:
     """An InferenceSession pinned to ``threads`` and the op types of the graph it really runs."""
-    import onnx
-    import onnxruntime as ort
+    import onnx  # optional (onnx, extra 'onnx'): imported when used
+    import onnxruntime as ort  # optional (onnxruntime, extra 'onnx'): imported when used
 
     so = ort.SessionOptions()
     so.intra_op_num_threads = threads
@@ -218,9 +218,13 @@ def _bert_shape(model: nn.Module) -> tuple[int, int] | None:
 
 
 def _fuse_transformer(path: Path, num_heads: int, hidden_size: int, attention: bool) -> Any:
-    from onnx import helper
-    from onnxruntime.transformers.fusion_options import FusionOptions
-    from onnxruntime.transformers.optimizer import optimize_model
+    from onnx import helper  # optional (onnx, extra 'onnx'): imported when used
+    from onnxruntime.transformers.fusion_options import (
+        FusionOptions,  # optional (onnxruntime, extra 'onnx'): imported when used
+    )
+    from onnxruntime.transformers.optimizer import (
+        optimize_model,  # optional (onnxruntime, extra 'onnx'): imported when used
+    )
 
     options = FusionOptions("bert")
     options.enable_attention = attention  # a fused Attention hides q/k/v from the plan
@@ -280,8 +284,11 @@ def _quantize(proto: Any, plan: OrtQuantPlan, work: Path, unsigned_weights: bool
 
 
 def _dynamic(proto: Any, planned: dict[str, list[Any]], per_channel: bool, work: Path) -> None:
-    import onnx
-    from onnxruntime.quantization import QuantType, quantize_dynamic
+    import onnx  # optional (onnx, extra 'onnx'): imported when used
+    from onnxruntime.quantization import (  # optional (onnxruntime, extra 'onnx'): imported when used
+        QuantType,
+        quantize_dynamic,
+    )
 
     names = [n.name for nodes in planned.values() for n in nodes]
     if not names:
@@ -301,7 +308,7 @@ def _dynamic(proto: Any, planned: dict[str, list[Any]], per_channel: bool, work:
 
 def _unsigned_dynamic_weights(graph: Any) -> None:
     """The int8 weights of MatMulInteger / ConvInteger as uint8 + 127 with zero point 127 (same integers)."""
-    from onnx import numpy_helper
+    from onnx import numpy_helper  # optional (onnx, extra 'onnx'): imported when used
 
     init = {t.name: t for t in graph.initializer}
     for node in graph.node:
@@ -314,7 +321,7 @@ def _unsigned_dynamic_weights(graph: Any) -> None:
 
 def _gemm_to_matmul(graph: Any, names: set[str]) -> None:
     """Gemm(x, W, b) -> MatMul(x, W as (K, N)) + Add(b), keeping the node's name."""
-    from onnx import helper, numpy_helper
+    from onnx import helper, numpy_helper  # optional (onnx, extra 'onnx'): imported when used
 
     init = {t.name: t for t in graph.initializer}
     nodes = []

@@ -22,6 +22,7 @@ from slimkit.core.config import BaseConfig
 from slimkit.core.errors import SlimkitError
 from slimkit.core.registry import CHANGES_WEIGHTS, STAGES, SearchContext, Technique, searchable
 from slimkit.core.target import Target
+from slimkit.core.task import Task
 from slimkit.pipeline.recipe import Recipe
 from slimkit.search.evaluate import Measurer, RuntimeMeasurer, TrialMeasurement
 from slimkit.search.pareto import TrialRecord, closest, hints, objectives, pareto_front, pick_best
@@ -61,7 +62,7 @@ def suggest_pipeline(trial: Any, ctx: SearchContext, techs: Sequence[Technique])
 
 def make_sampler(strategy: str, seed: int, trials: int) -> Any:
     """TPE with constraints (good at few trials) or NSGA-II (a broad front with many trials)."""
-    import optuna
+    import optuna  # optional (optuna, extra 'search'): imported when used
 
     if strategy not in STRATEGIES:
         raise SlimkitError(f"unknown strategy {strategy!r}", f"use one of {', '.join(STRATEGIES)}")
@@ -116,7 +117,7 @@ def make_objective(ctx: SearchContext, techs: Sequence[Technique], measure: Meas
 def _same_pipeline_measured(trial: Any) -> TrialMeasurement | None:
     """The measurement of an earlier finished trial with exactly these parameters: samplers repeat
     themselves once a small space is explored, and a repeat would only spend budget re-measuring."""
-    from optuna.trial import TrialState
+    from optuna.trial import TrialState  # optional (optuna, extra 'search'): imported when used
 
     for t in trial.study.get_trials(deepcopy=False, states=(TrialState.COMPLETE,)):
         if t.params == trial.params and "measured" in t.user_attrs:
@@ -126,7 +127,7 @@ def _same_pipeline_measured(trial: Any) -> TrialMeasurement | None:
 
 
 def records_from_study(study: Any) -> list[TrialRecord]:
-    from optuna.trial import TrialState
+    from optuna.trial import TrialState  # optional (optuna, extra 'search'): imported when used
 
     out = []
     for t in study.get_trials(deepcopy=False, states=(TrialState.COMPLETE,)):
@@ -138,7 +139,7 @@ def records_from_study(study: Any) -> list[TrialRecord]:
 
 def first_feasible(study: Any) -> dict[str, float] | None:
     """How many finished trials and seconds (from the study's first trial) until the first fit."""
-    from optuna.trial import TrialState
+    from optuna.trial import TrialState  # optional (optuna, extra 'search'): imported when used
 
     done = sorted(study.get_trials(deepcopy=False, states=(TrialState.COMPLETE,)), key=lambda t: t.datetime_complete)
     if not done:
@@ -150,7 +151,7 @@ def first_feasible(study: Any) -> dict[str, float] | None:
     return None
 
 
-def context_for(task: Any, target: Target, baseline: TrialMeasurement, sensitivity: dict[str, float],
+def context_for(task: Task, target: Target, baseline: TrialMeasurement, sensitivity: dict[str, float],
                 extra: dict[str, Any] | None = None, max_techniques: int | None = None) -> SearchContext:
     return SearchContext(task=task, target=target,
                          baseline={"size_mb": baseline.size_mb or 0.0, "latency_ms": baseline.latency_ms or 0.0,
@@ -159,7 +160,7 @@ def context_for(task: Any, target: Target, baseline: TrialMeasurement, sensitivi
                          max_techniques=max_techniques, extra=dict(extra or {}))
 
 
-def optimize(task: Any, target: Target, *, trials: int = 30, time_budget: float | None = None,
+def optimize(task: Task | str, target: Target, *, trials: int = 30, time_budget: float | None = None,
              strategy: str = "auto", storage: str | None = None, study: str | None = None, seed: int = 0,
              out: str | Path | None = None, resume: bool = False, technique_names: Sequence[str] | None = None,
              measurer: Measurer | None = None, sensitivity: bool | None = None, backend: str = "auto",
@@ -193,7 +194,7 @@ def optimize(task: Any, target: Target, *, trials: int = 30, time_budget: float 
     measure = measurer or RuntimeMeasurer(task, target, backend=backend, seed=seed)
 
     db = open_storage(url)
-    import optuna
+    import optuna  # optional (optuna, extra 'search'): imported when used
 
     known = {s.study_name: s for s in optuna.study.get_all_study_summaries(db)}
     if resume and name in known:
@@ -242,14 +243,14 @@ def optimize(task: Any, target: Target, *, trials: int = 30, time_budget: float 
 
 def wait_for_others(study: Any, timeout_s: float = 3600.0) -> None:
     """Other workers may still be measuring their last trial; the result must include it."""
-    from optuna.trial import TrialState
+    from optuna.trial import TrialState  # optional (optuna, extra 'search'): imported when used
 
     deadline = time.monotonic() + timeout_s
     while study.get_trials(deepcopy=False, states=(TrialState.RUNNING,)) and time.monotonic() < deadline:
         time.sleep(1.0)
 
 
-def _sensitivity(task: Any) -> dict[str, float]:
+def _sensitivity(task: Task) -> dict[str, float]:
 
     try:
         return layer_sensitivity_for(task)
@@ -258,7 +259,7 @@ def _sensitivity(task: Any) -> dict[str, float]:
         return {}
 
 
-def finish(study: Any, task: Any, target: Target, baseline: TrialMeasurement, sens: dict[str, float], name: str,
+def finish(study: Any, task: Task, target: Target, baseline: TrialMeasurement, sens: dict[str, float], name: str,
            url: str, out_dir: Path, start: float, *, seed: int, backend: str, report: bool) -> OptimizeResult:
     """Read the study, rebuild the best pipeline (the recipe replayed), save artifact + recipe + report."""
 

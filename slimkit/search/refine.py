@@ -78,7 +78,7 @@ def _longest(study: Any) -> dict[str, Any]:
 
 def step_closest(study: Any, target: Any, records: list[TrialRecord]) -> dict[str, Any] | None:
     """Queue the closest miss's neighbour (once); returns its parameters, or None when nothing was queued."""
-    from optuna.trial import TrialState
+    from optuna.trial import TrialState  # optional (optuna, extra 'search'): imported when used
 
     if any(r.feasible for r in records) or study.get_trials(deepcopy=False, states=(TrialState.WAITING,)):
         return None

@@ -12,7 +12,10 @@ import logging
 import math
 from typing import Any
 
+import torch.nn as nn
+
 from slimkit.core.registry import SearchContext, Technique
+from slimkit.core.task import Task
 from slimkit.measure.sensitivity import layer_sensitivity
 from slimkit.train.recover import FINETUNE_STEPS
 
@@ -112,9 +115,8 @@ def initial_guesses(ctx: SearchContext, techs: list[Technique]) -> list[dict[str
     return unique
 
 
-def layer_sensitivity_for(task: Any, max_layers: int = 12) -> dict[str, float]:
+def layer_sensitivity_for(task: Task, max_layers: int = 12) -> dict[str, float]:
     """Metric drop per layer when only that layer's weights go to int4 (the largest ``max_layers`` layers)."""
-    import torch.nn as nn
 
     sized = sorted(((n, m.weight.numel()) for n, m in task.model.named_modules()
                     if isinstance(m, (nn.Linear, nn.Conv2d))), key=lambda kv: -kv[1])

@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import logging
 import time
+import warnings
 from pathlib import Path
 from typing import Any, Callable
 
@@ -42,10 +43,9 @@ def storage_url(out: Path | None, storage: str | None) -> str:
 
 def open_storage(url: str) -> Any:
     """Optuna RDB storage with heartbeats and retry of trials whose worker died."""
-    import warnings
 
-    import optuna
-    from optuna.storages import RDBStorage
+    import optuna  # optional (optuna, extra 'search'): imported when used
+    from optuna.storages import RDBStorage  # optional (optuna, extra 'search'): imported when used
 
     optuna.logging.set_verbosity(optuna.logging.WARNING)
     warnings.filterwarnings("ignore", category=optuna.exceptions.ExperimentalWarning)
@@ -67,7 +67,7 @@ def open_storage(url: str) -> Any:
 
 def _retry_callback() -> Any:
     """Re-queue a dead worker's trial (Optuna renamed the callback in 4.9; older names still work before)."""
-    from optuna import storages
+    from optuna import storages  # optional (optuna, extra 'search'): imported when used
 
     klass = getattr(storages, "RetryHeartbeatStaleTrialCallback", None) or storages.RetryFailedTrialCallback
     return klass(max_retry=MAX_RETRY)
@@ -82,7 +82,7 @@ def _redact(url: str) -> str:
 
 def create_study(storage: Any, name: str, sampler: Any, *, resume: bool, attrs: dict[str, Any]) -> Any:
     """A new study named ``name`` (error if it exists and ``resume`` is off), or the existing one to resume."""
-    import optuna
+    import optuna  # optional (optuna, extra 'search'): imported when used
 
     existing = {s.study_name for s in optuna.study.get_all_study_summaries(storage)}
     if name in existing and not resume:
@@ -99,7 +99,7 @@ def create_study(storage: Any, name: str, sampler: Any, *, resume: bool, attrs: 
 
 
 def load_study(storage: Any, name: str, sampler: Any) -> Any:
-    import optuna
+    import optuna  # optional (optuna, extra 'search'): imported when used
 
     try:
         return optuna.load_study(study_name=name, storage=storage, sampler=sampler)
@@ -110,7 +110,7 @@ def load_study(storage: Any, name: str, sampler: Any) -> Any:
 
 def requeue_interrupted(study: Any) -> list[int]:
     """Fail the trials a dead process left RUNNING and queue their parameters again; returns their numbers."""
-    from optuna.trial import TrialState
+    from optuna.trial import TrialState  # optional (optuna, extra 'search'): imported when used
 
     retry = _retry_callback()
     numbers = []
@@ -125,7 +125,7 @@ def requeue_interrupted(study: Any) -> list[int]:
 
 def finished(study: Any) -> int:
     """Trials that ended with a measurement (infeasible ones included)."""
-    from optuna.trial import TrialState
+    from optuna.trial import TrialState  # optional (optuna, extra 'search'): imported when used
 
     return len(study.get_trials(deepcopy=False, states=(TrialState.COMPLETE,)))
 
@@ -137,7 +137,7 @@ def run_trials(study: Any, objective: Callable[[Any], Any], n_trials: int, *, ti
     One trial per ``optimize`` call, so the count is re-read from the database before each trial:
     two workers never overshoot by more than the trial each has in flight.
     """
-    from optuna.trial import TrialState
+    from optuna.trial import TrialState  # optional (optuna, extra 'search'): imported when used
 
     start = time.monotonic()
     while True:
@@ -155,8 +155,8 @@ def run_trials(study: Any, objective: Callable[[Any], Any], n_trials: int, *, ti
 
 def _within_count(objective: Callable[[Any], Any], n_trials: int) -> Callable[[Any], Any]:
     """Prune a trial that two workers started at once past the count (trial numbers decide who goes on)."""
-    import optuna
-    from optuna.trial import TrialState
+    import optuna  # optional (optuna, extra 'search'): imported when used
+    from optuna.trial import TrialState  # optional (optuna, extra 'search'): imported when used
 
     def guarded(trial: Any) -> Any:
         ahead = trial.study.get_trials(deepcopy=False, states=(TrialState.COMPLETE, TrialState.RUNNING))

@@ -4,6 +4,8 @@ from __future__ import annotations
 
 from typing import Any
 
+from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
+
 
 class TrialProgress:
     """``with TrialProgress(total, done) as bar: ... bar.update(frozen_trial)`` (rich; silent when disabled)."""
@@ -15,7 +17,6 @@ class TrialProgress:
 
     def __enter__(self) -> "TrialProgress":
         if self.enabled:
-            from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
 
             self._progress = Progress(TextColumn("[bold]search[/]"), BarColumn(), MofNCompleteColumn(),
                                       TimeElapsedColumn(), TextColumn("{task.description}"))

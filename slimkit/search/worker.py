@@ -24,7 +24,7 @@ from slimkit.search.trial_progress import TrialProgress
 
 def study_attrs(storage: Any, name: str, wait_s: float) -> dict[str, Any]:
     """The study's settings, waiting up to ``wait_s`` for the creating run to measure its baseline."""
-    import optuna
+    import optuna  # optional (optuna, extra 'search'): imported when used
 
     deadline = time.monotonic() + wait_s
     while True:

@@ -37,7 +37,7 @@ def build_model(width: int = 16, classes: int = 10) -> nn.Module:
 
 def load_data() -> tuple[torch.Tensor, torch.Tensor]:
     """Images (1797, 1, 8, 8) scaled to [0, 1] and labels (1797,)."""
-    from sklearn.datasets import load_digits
+    from sklearn.datasets import load_digits  # optional (sklearn, extra 'zoo'): imported when used
 
     d = load_digits()
     x = torch.tensor(d.images, dtype=torch.float32).unsqueeze(1) / 16.0

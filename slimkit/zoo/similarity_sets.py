@@ -57,7 +57,7 @@ def _correlation(x: np.ndarray, y: np.ndarray, rank: bool) -> float:
     if np.ptp(x) < 1e-6:  # cosines are in [-1, 1]; this is float rounding, not a ranking
         return 0.0
     if rank:
-        from scipy.stats import rankdata
+        from scipy.stats import rankdata  # heavy, imported when used (scipy)
 
         x, y = rankdata(x), rankdata(y)  # average ranks for ties, as scipy.stats.spearmanr
     return float(np.corrcoef(x, y)[0, 1])
@@ -65,8 +65,11 @@ def _correlation(x: np.ndarray, y: np.ndarray, rank: bool) -> float:
 
 def scores(emb: torch.Tensor, data: SimilarityEval) -> dict[str, float]:
     """The four set scores from ``(N, 384)`` normalised embeddings (no model needed)."""
-    from sklearn.linear_model import LogisticRegression
-    from sklearn.model_selection import StratifiedKFold, cross_val_score
+    from sklearn.linear_model import LogisticRegression  # optional (sklearn, extra 'zoo'): imported when used
+    from sklearn.model_selection import (  # optional (sklearn, extra 'zoo'): imported when used
+        StratifiedKFold,
+        cross_val_score,
+    )
 
     e = emb.numpy().astype(np.float64)
     out = {}
