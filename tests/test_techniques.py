@@ -85,6 +85,7 @@ CASES = [
     Case(T.Finetune(steps=4, lr=1e-5), mlp, 0.999),
     Case(D.Distill(steps=4, lr=1e-5), mlp, 0.999),
     Case(D.Student(layers=1), encoder, 0.9, 0.6),
+    Case(D.SimCSE(steps=4, lr=1e-5), encoder, 0.999),
     Case(A.Fuse(), cnn, 0.9999, 1.0, ("torch", "onnxruntime")),
     Case(A.EarlyExitConfig(steps=4, holdout=4), cnn, 0.8),
 ]

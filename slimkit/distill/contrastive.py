@@ -10,17 +10,21 @@ Same loop, steps, lr, batches and seed as ``Distill`` — only the teacher is mi
 
 from __future__ import annotations
 
+import dataclasses
 from typing import Any
 
 import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
+from slimkit.core.config import BaseConfig, technique
 from slimkit.core.errors import SlimkitError
+from slimkit.core.record import ReportSection, StepRecord, StepView, add_record
 from slimkit.core.task import Task
 from slimkit.distill.distiller import _first
 from slimkit.measure._call import pinned_threads
 from slimkit.train.finetune import TrainResult, finetune
+from slimkit.train.recover import TrainRecord, training_report_section
 
 
 def contrastive_loss(first: torch.Tensor, second: torch.Tensor, temperature: float = 0.05) -> torch.Tensor:
@@ -58,3 +62,32 @@ def simcse_finetune(model: nn.Module, task: Task, *, steps: int, lr: float, seed
                           progress=progress, label=f"SimCSE fine-tuning {task.name}")
     model.eval()
     return result
+
+
+@technique("distill.SimCSE", stage="recover")
+@dataclasses.dataclass(frozen=True)
+class SimCSE(BaseConfig):
+    """Label-free fine-tuning of an encoder with unsupervised SimCSE for ``steps`` steps (no teacher)."""
+
+    steps: int = 200
+    lr: float = 3e-5
+    temperature: float = 0.05
+    seed: int = 0
+
+    def __post_init__(self) -> None:
+        if not isinstance(self.steps, int) or isinstance(self.steps, bool) or self.steps < 1:
+            raise SlimkitError(f"distill.SimCSE steps={self.steps!r} is invalid", "use a positive number of steps")
+        if not self.lr > 0 or not self.temperature > 0:
+            raise SlimkitError(f"distill.SimCSE lr={self.lr!r}, temperature={self.temperature!r}",
+                               "use a positive learning rate and temperature, e.g. 3e-5 and 0.05")
+
+    def apply_to(self, model: nn.Module, task: Task | None) -> nn.Module:
+        result = simcse_finetune(model, task, steps=self.steps, lr=self.lr, seed=self.seed,
+                                 temperature=self.temperature, progress=False)
+        add_record(model, TrainRecord.of(self, result))
+        return model
+
+    @classmethod
+    def report_section(cls, report: ReportSection, record: StepRecord, view: StepView) -> None:
+        training_report_section(report, record)
+
