@@ -160,3 +160,35 @@ def test_recipe_replays_to_identical_outputs(case: Case, tasks, applied):
     task = tasks[case.model.__name__]
     recipe = Recipe.from_yaml(Recipe(steps=[case.config], task=task.name).to_yaml())
     assert torch.equal(_out(recipe.replay(task), task.example), _out(applied[case.id], task.example))
+
+
+def _without(task: sk.Task, *fields: str) -> sk.Task:
+    return dataclasses.replace(task, **{f: None if f in ("train", "loss") else [] for f in fields})
+
+
+#: (config, model, fields the task lacks, what the one-line error says)
+ERRORS = [
+    (Q.Int8(activations="static"), mlp, ("calib",), "static int8 needs calibration data"),
+    (Q.WeightOnly(bits=4, group_size=32, method="gptq"), mlp, ("calib",), "calibration"),
+    (Q.Int8(targets=("1",)), mlp, (), "no layer to quantize"),
+    (Q.QAT(steps=2), cnn, ("train",), "QAT needs a task with training data"),
+    (Q.Ternary(steps=2), cnn, ("train",), "needs a task with training data"),
+    (P.Channels(reconstruct=True), cnn, ("calib",), "reconstruct=True needs calibration inputs"),
+    (P.Channels(importance="taylor"), cnn, ("train",), "importance='taylor' needs labelled training batches"),
+    (P.Channels(importance="bn_scale"), mlp, (), "needs BatchNorm layers"),
+    (P.Gradual(steps=40, prunings=2), mlp, ("train",), "needs a task with training data"),
+    (P.Lottery(steps=4), mlp, ("train",), "needs a task with training data"),
+    (T.Finetune(steps=2), mlp, ("loss",), "Finetune needs a task with training data and a loss"),
+    (D.Distill(steps=2), mlp, ("train",), "distillation needs a task with training inputs"),
+    (D.SimCSE(steps=2), mlp, (), "needs dropout"),
+    (D.Student(layers=1), mlp, (), "has no '<...>.encoder.layer'"),
+    (A.EarlyExitConfig(steps=2, holdout=4), residual_cnn, (), "early exits need an nn.Sequential CNN"),
+]
+
+
+@pytest.mark.parametrize("config,model,lacks,message", ERRORS, ids=[f"{e[0].type_name}-{e[1].__name__}" for e in ERRORS])
+def test_a_task_a_technique_cannot_use_is_one_line_error(config, model, lacks, message, tasks):
+    task = _without(tasks[model.__name__], *lacks)
+    with pytest.raises(sk.SlimkitError) as err:
+        sk.apply(task.model, config, task)
+    assert message in str(err.value) and "\n" not in str(err.value) and err.value.hint

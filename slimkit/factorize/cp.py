@@ -17,17 +17,15 @@ from typing import Any
 import torch
 import torch.nn as nn
 
-from slimkit.core.config import BaseConfig, technique
+from slimkit.core.config import technique
 from slimkit.core.errors import SlimkitError
-from slimkit.core.record import ReportSection, StepRecord, StepView
 from slimkit.core.registry import SearchContext
 from slimkit.core.task import Task
 from slimkit.factorize.layers import (
+    FactorizeConfig,
     check_allocation,
     check_multiple,
     check_ratio,
-    factorize_report_section,
-    has_layers,
     not_smaller,
     round_rank,
     weight_params,
@@ -40,7 +38,7 @@ _MODES = "abcdefgh"
 
 @technique("factorize.CP", stage="factorize", search="cp")
 @dataclasses.dataclass(frozen=True)
-class CP(BaseConfig):
+class CP(FactorizeConfig):
     """CP of kxk convs (+ SVD of Linear / 1x1 layers): ``rank`` for every conv, or the largest rank
     within ``ratio`` of each layer's weights; ``iters`` ALS sweeps (stops early once converged);
     ``rank_multiple`` moves every rank to the nearest multiple; ``allocation`` as in ``Tucker``."""
@@ -70,13 +68,7 @@ class CP(BaseConfig):
     def suggest(cls, trial: Any, ctx: SearchContext) -> CP:
         return cls(ratio=trial.suggest_float("cp.ratio", 0.1, 0.6))
 
-    @classmethod
-    def applies(cls, ctx: SearchContext) -> bool:
-        return has_layers(ctx, spatial=True)
 
-    @classmethod
-    def report_section(cls, report: ReportSection, record: StepRecord, view: StepView) -> None:
-        factorize_report_section(report, record, view)
 
 
 def cp_reconstruct(factors: list[torch.Tensor]) -> torch.Tensor:

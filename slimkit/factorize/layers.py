@@ -11,7 +11,7 @@ from __future__ import annotations
 import dataclasses
 import logging
 import math
-from typing import Any, Callable
+from typing import Any, Callable, ClassVar
 
 import torch.nn as nn
 
@@ -182,6 +182,22 @@ def factorize_report_section(report: ReportSection, record: StepRecord, view: St
     if record.skipped:
         report.heading("Layers left intact")
         report.table(["layer", "reason"], [[n, why] for n, why in record.skipped.items()])
+
+
+@dataclasses.dataclass(frozen=True)
+class FactorizeConfig(BaseConfig):
+    """What SVD, Tucker and CP configs share: offered where the model has layers the method decomposes
+    (``spatial``: kxk convs), and one report section."""
+
+    spatial: ClassVar[bool] = True
+
+    @classmethod
+    def applies(cls, ctx: SearchContext) -> bool:
+        return has_layers(ctx, spatial=cls.spatial)
+
+    @classmethod
+    def report_section(cls, report: ReportSection, record: StepRecord, view: StepView) -> None:
+        factorize_report_section(report, record, view)
 
 
 def has_layers(ctx: SearchContext, spatial: bool) -> bool:

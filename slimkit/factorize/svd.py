@@ -13,25 +13,23 @@ from __future__ import annotations
 
 import dataclasses
 import math
-from typing import Any, Callable
+from typing import Any, Callable, ClassVar
 
 import torch
 import torch.nn as nn
 
 from slimkit.core.config import BaseConfig, technique
 from slimkit.core.errors import SlimkitError
-from slimkit.core.record import ReportSection, StepRecord, StepView
 from slimkit.core.registry import SearchContext
 from slimkit.core.task import Task
 from slimkit.factorize.allocation import allocate_ranks
 from slimkit.factorize.layers import (
     ALLOCATIONS,
+    FactorizeConfig,
     check_multiple,
     check_ratio,
     chosen_layers,
     factorize_layers,
-    factorize_report_section,
-    has_layers,
     is_spatial,
     not_smaller,
     round_rank,
@@ -43,7 +41,7 @@ from slimkit.factorize.modules import LowRankConv2d, LowRankLinear, conv_geometr
 
 @technique("factorize.SVD", stage="factorize", search="svd")
 @dataclasses.dataclass(frozen=True)
-class SVD(BaseConfig):
+class SVD(FactorizeConfig):
     """Truncated SVD of Linear (and Conv2d) weights.
 
     ``rank_ratio``: fraction of each layer's weights to keep (``allocation="uniform"``), or of all
@@ -55,6 +53,7 @@ class SVD(BaseConfig):
     ``rank_multiple`` moves every rank to the nearest multiple (8 suits AVX2 CPU kernels; the kept
     ratio is then approximate: the record lists the real parameter counts).
     """
+    spatial: ClassVar[bool] = False  # Linear layers too
 
     rank_ratio: float = 0.5
     energy: float | None = None
@@ -82,13 +81,7 @@ class SVD(BaseConfig):
         return cls(rank_ratio=trial.suggest_float("svd.rank_ratio", 0.1, 0.7),
                    allocation=trial.suggest_categorical("svd.allocation", ["uniform", "sensitivity"]))
 
-    @classmethod
-    def applies(cls, ctx: SearchContext) -> bool:
-        return has_layers(ctx, spatial=False)
 
-    @classmethod
-    def report_section(cls, report: ReportSection, record: StepRecord, view: StepView) -> None:
-        factorize_report_section(report, record, view)
 
 
 def as_matrix(layer: nn.Module) -> torch.Tensor:

@@ -16,17 +16,15 @@ from typing import Any
 import torch
 import torch.nn as nn
 
-from slimkit.core.config import BaseConfig, technique
+from slimkit.core.config import technique
 from slimkit.core.errors import SlimkitError
-from slimkit.core.record import ReportSection, StepRecord, StepView
 from slimkit.core.registry import SearchContext
 from slimkit.core.task import Task
 from slimkit.factorize.layers import (
+    FactorizeConfig,
     check_allocation,
     check_multiple,
     check_ratio,
-    factorize_report_section,
-    has_layers,
     not_smaller,
     round_rank,
     weight_params,
@@ -37,7 +35,7 @@ from slimkit.factorize.svd import factorize_kernels
 
 @technique("factorize.Tucker", stage="factorize", search="tucker")
 @dataclasses.dataclass(frozen=True)
-class Tucker(BaseConfig):
+class Tucker(FactorizeConfig):
     """Tucker-2 of kxk convs (+ SVD of Linear / 1x1 layers) keeping ``ratio`` of each layer's weights,
     or fixed ``ranks=(r_out, r_in)`` for every conv (clipped to its channels). ``allocation="sensitivity"``
     keeps ``ratio`` of all targeted layers' weights together, spread by measured output sensitivity. ``hooi_iters`` HOOI
@@ -69,13 +67,7 @@ class Tucker(BaseConfig):
     def suggest(cls, trial: Any, ctx: SearchContext) -> Tucker:
         return cls(ratio=trial.suggest_float("tucker.ratio", 0.1, 0.6))
 
-    @classmethod
-    def applies(cls, ctx: SearchContext) -> bool:
-        return has_layers(ctx, spatial=True)
 
-    @classmethod
-    def report_section(cls, report: ReportSection, record: StepRecord, view: StepView) -> None:
-        factorize_report_section(report, record, view)
 
 
 def _leading(matrix: torch.Tensor, rank: int) -> torch.Tensor:

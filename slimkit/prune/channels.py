@@ -16,9 +16,9 @@ from typing import Any, ClassVar
 import torch
 import torch.nn as nn
 
-from slimkit.core.config import BaseConfig, technique
+from slimkit.core.config import technique
 from slimkit.core.errors import SlimkitError
-from slimkit.core.record import ReportSection, StepRecord, StepView, add_record
+from slimkit.core.record import add_record
 from slimkit.core.registry import SearchContext
 from slimkit.core.task import Task
 from slimkit.graph import attention, dependency
@@ -27,7 +27,7 @@ from slimkit.measure.flops import count_flops
 from slimkit.measure.latency_table import LatencyTable, measure_table
 from slimkit.prune.channels_allocation import allocate
 from slimkit.prune.reconstruct import reconstruct
-from slimkit.prune.record import ChannelRecord, prune_report_section
+from slimkit.prune.record import ChannelRecord, PruneConfig
 
 log = logging.getLogger("slimkit.prune")
 
@@ -38,7 +38,7 @@ _MAX_RESTARTS = 32
 
 @technique("prune.Channels", stage="prune", search="channels")
 @dataclasses.dataclass(frozen=True)
-class Channels(BaseConfig):
+class Channels(PruneConfig):
     """Remove ``amount`` of the channels of every prunable group (or reach ``macs_ratio``).
 
     ``importance``: l1 / l2 weight magnitude, bn_scale (|gamma| of the group's BatchNorms),
@@ -114,9 +114,6 @@ class Channels(BaseConfig):
         return cls(macs_ratio=round(trial.suggest_float("channels.macs_ratio", 0.15, 0.9, step=0.05), 2),
                    importance=trial.suggest_categorical("channels.importance", importances), reconstruct=reconstruct)
 
-    @classmethod
-    def report_section(cls, report: ReportSection, record: StepRecord, view: StepView) -> None:
-        prune_report_section(report, record, view)
 
 
 @dataclasses.dataclass

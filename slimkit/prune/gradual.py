@@ -13,12 +13,11 @@ from typing import Any
 
 import torch.nn as nn
 
-from slimkit.core.config import BaseConfig, technique
+from slimkit.core.config import technique
 from slimkit.core.errors import SlimkitError
-from slimkit.core.record import ReportSection, StepRecord, StepView
 from slimkit.core.task import Task
-from slimkit.prune.magnitude import SCOPES, Targets, check_amount
-from slimkit.prune.record import prune_report_section, record_sparsity
+from slimkit.prune.magnitude import TrainedMagnitude
+from slimkit.prune.record import record_sparsity
 from slimkit.prune.schedule import CubicPruner
 from slimkit.train.finetune import finetune
 from slimkit.train.masks import global_sparsity, layer_sparsity
@@ -26,36 +25,22 @@ from slimkit.train.masks import global_sparsity, layer_sparsity
 
 @technique("prune.Gradual", stage="prune")
 @dataclasses.dataclass(frozen=True)
-class Gradual(BaseConfig):
+class Gradual(TrainedMagnitude):
     """Magnitude pruning to ``amount`` on a cubic schedule of ``prunings`` steps within ``steps`` of fine-tuning."""
 
-    amount: float = 0.5
-    steps: int = 200
     prunings: int = 10
-    lr: float = 1e-3
-    scope: str = "global"
-    targets: Targets = "all"
-    exclude: Targets = ()
-    seed: int = 0
 
     def __post_init__(self) -> None:
-        check_amount(self.amount)
-        if self.scope not in SCOPES:
-            raise SlimkitError(f"scope={self.scope!r} is not supported", "use 'global' or 'layer'")
+        super().__post_init__()
         if not isinstance(self.prunings, int) or self.prunings < 1:
             raise SlimkitError(f"prune.Gradual prunings={self.prunings!r} is invalid", "use 1 or more, e.g. 10")
         if not isinstance(self.steps, int) or self.steps < 2 * self.prunings:
             raise SlimkitError(f"a gradual schedule needs fine-tuning between its {self.prunings} pruning steps "
                                f"(steps={self.steps!r})", f"give steps={20 * self.prunings} or more")
-        if not self.lr > 0:
-            raise SlimkitError(f"prune.Gradual lr={self.lr!r} is invalid", "use a positive learning rate, e.g. 1e-3")
 
     def apply_to(self, model: nn.Module, task: Task | None) -> nn.Module:
         return prune_gradually(model, self, task)
 
-    @classmethod
-    def report_section(cls, report: ReportSection, record: StepRecord, view: StepView) -> None:
-        prune_report_section(report, record, view)
 
 
 class _Snapshotting(CubicPruner):
@@ -81,9 +66,7 @@ class _Snapshotting(CubicPruner):
 
 def prune_gradually(model: nn.Module, config: Gradual, task: Task | None) -> nn.Module:
     """Handler of :class:`Gradual`: fine-tune ``steps`` steps, pruning on the schedule along the way."""
-    if task is None or not task.train or task.loss is None:
-        raise SlimkitError("prune.Gradual fine-tunes between pruning steps and needs a task with training data "
-                           "and a loss", "give the Task train batches and a loss, or use prune.Magnitude")
+    task = config.training_task(task)
     pruner = _Snapshotting(model, config)
     pruner.prune(model, 0)  # the schedule's starting point (sparsity 0) for the trend and heatmap
     finetune(model, task, steps=config.steps, lr=config.lr, seed=config.seed, after_step=pruner,

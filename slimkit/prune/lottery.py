@@ -18,12 +18,11 @@ from typing import Any, Callable
 import torch
 import torch.nn as nn
 
-from slimkit.core.config import BaseConfig, technique
+from slimkit.core.config import technique
 from slimkit.core.errors import SlimkitError
-from slimkit.core.record import ReportSection, StepRecord, StepView
 from slimkit.core.task import Task
-from slimkit.prune.magnitude import SCOPES, Targets, check_amount, magnitude_masks
-from slimkit.prune.record import prune_report_section, record_sparsity
+from slimkit.prune.magnitude import TrainedMagnitude, check_amount, magnitude_masks
+from slimkit.prune.record import record_sparsity
 from slimkit.train.finetune import finetune
 from slimkit.train.masks import AfterStep, Masks, apply_masks, global_sparsity, masked, prunable
 
@@ -107,33 +106,23 @@ def reinit_like(model: nn.Module, masks: Masks, seed: int = 0) -> nn.Module:
 
 @technique("prune.Lottery", stage="prune")
 @dataclasses.dataclass(frozen=True)
-class Lottery(BaseConfig):
+class Lottery(TrainedMagnitude):
     """Iterative magnitude pruning with rewinding: train ``steps``, prune, rewind to ``rewind_step``, retrain."""
 
     amount: float = 0.8
-    steps: int = 200
     rewind_step: int = 0
     rounds: int = 1
-    lr: float = 1e-3
-    scope: str = "global"
-    targets: Targets = "all"
-    exclude: Targets = ()
-    seed: int = 0
 
     def __post_init__(self) -> None:
-        check_amount(self.amount)
-        if self.scope not in SCOPES:
-            raise SlimkitError(f"scope={self.scope!r} is not supported", "use 'global' or 'layer'")
-        if not isinstance(self.steps, int) or self.steps < 1 or not 0 <= self.rewind_step < self.steps:
+        super().__post_init__()
+        if not 0 <= self.rewind_step < self.steps:
             raise SlimkitError(f"prune.Lottery steps={self.steps!r}, rewind_step={self.rewind_step!r}",
                                "use steps >= 1 and 0 <= rewind_step < steps")
         if not isinstance(self.rounds, int) or self.rounds < 1:
             raise SlimkitError(f"prune.Lottery rounds={self.rounds!r} is invalid", "use 1 or more rounds")
 
     def apply_to(self, model: nn.Module, task: Task | None) -> nn.Module:
-        if task is None or not task.train or task.loss is None:
-            raise SlimkitError("prune.Lottery trains and needs a task with training data and a loss",
-                               "give the Task train batches and a loss, or use prune.Magnitude")
+        task = self.training_task(task)
 
         def train(m: nn.Module, after_step: AfterStep) -> None:
             finetune(m, task, steps=self.steps, lr=self.lr, seed=self.seed, after_step=after_step,
@@ -147,7 +136,4 @@ class Lottery(BaseConfig):
                         history=[(self.steps * (r + 1), s) for r, s in enumerate(ticket.rounds)])
         return ticket.model.eval()
 
-    @classmethod
-    def report_section(cls, report: ReportSection, record: StepRecord, view: StepView) -> None:
-        prune_report_section(report, record, view)
 

@@ -13,12 +13,11 @@ from typing import Any
 import torch
 import torch.nn as nn
 
-from slimkit.core.config import BaseConfig, technique
+from slimkit.core.config import technique
 from slimkit.core.errors import SlimkitError
-from slimkit.core.record import ReportSection, StepRecord, StepView
 from slimkit.core.registry import SearchContext
 from slimkit.core.task import Task
-from slimkit.prune.record import prune_report_section, record_sparsity
+from slimkit.prune.record import PruneConfig, record_sparsity
 from slimkit.train.masks import Masks, apply_masks, prunable, weight
 
 Targets = str | tuple[str, ...]
@@ -33,7 +32,7 @@ def check_amount(amount: object) -> None:
 
 @technique("prune.Magnitude", stage="prune", search="magnitude")
 @dataclasses.dataclass(frozen=True)
-class Magnitude(BaseConfig):
+class Magnitude(PruneConfig):
     """Zero ``amount`` of the weights with the smallest magnitude.
 
     ``scope="global"`` ranks all targeted weights together (layers end up with different
@@ -58,9 +57,6 @@ class Magnitude(BaseConfig):
     def suggest(cls, trial: Any, ctx: SearchContext) -> Magnitude:
         return cls(amount=round(trial.suggest_float("magnitude.amount", 0.3, 0.95, step=0.05), 2))
 
-    @classmethod
-    def report_section(cls, report: ReportSection, record: StepRecord, view: StepView) -> None:
-        prune_report_section(report, record, view)
 
 
 def smallest(scores: torch.Tensor, k: int) -> torch.Tensor:
@@ -100,3 +96,33 @@ def prune_magnitude(model: nn.Module, config: Magnitude, task: Task | None = Non
     apply_masks(model, magnitude_masks(model, names, config.amount, config.scope))
     record_sparsity(model, config, names, skipped)
     return model
+
+
+@dataclasses.dataclass(frozen=True)
+class TrainedMagnitude(PruneConfig):
+    """Magnitude pruning interleaved with fine-tuning (gradual schedules, lottery tickets): shared options."""
+
+    amount: float = 0.5
+    steps: int = 200
+    lr: float = 1e-3
+    scope: str = "global"
+    targets: Targets = "all"
+    exclude: Targets = ()
+    seed: int = 0
+
+    def __post_init__(self) -> None:
+        check_amount(self.amount)
+        if self.scope not in SCOPES:
+            raise SlimkitError(f"scope={self.scope!r} is not supported", "use 'global' or 'layer'")
+        if not isinstance(self.steps, int) or isinstance(self.steps, bool) or self.steps < 1:
+            raise SlimkitError(f"{self.type_name} steps={self.steps!r} is invalid", "use a positive number of steps")
+        if not self.lr > 0:
+            raise SlimkitError(f"{self.type_name} lr={self.lr!r} is invalid", "use a positive learning rate, e.g. 1e-3")
+
+    def training_task(self, task: Task | None) -> Task:
+        """The task, checked to have what fine-tuning between prunings needs."""
+        if task is None or not task.train or task.loss is None:
+            raise SlimkitError(f"{self.type_name} fine-tunes between pruning steps and needs a task with training "
+                               "data and a loss", "give the Task train batches and a loss, or use prune.Magnitude")
+        return task
+

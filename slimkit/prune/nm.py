@@ -23,9 +23,8 @@ from torch.sparse import to_sparse_semi_structured
 from slimkit.calibrate import obs
 from slimkit.core.config import BaseConfig, technique
 from slimkit.core.errors import SlimkitError
-from slimkit.core.record import ReportSection, StepRecord, StepView
 from slimkit.core.task import Task
-from slimkit.prune.record import prune_report_section, record_sparsity
+from slimkit.prune.record import PruneConfig, record_sparsity
 from slimkit.train.masks import Masks, apply_masks, prunable, weight
 
 log = logging.getLogger("slimkit.prune")
@@ -35,7 +34,7 @@ METHODS = ("magnitude", "sparsegpt")
 
 @technique("prune.NM", stage="prune")
 @dataclasses.dataclass(frozen=True)
-class NM(BaseConfig):
+class NM(PruneConfig):
     """Keep the ``n`` largest-|w| of every ``m`` consecutive input weights (2:4 by default).
 
     Layers whose input size (times kernel size for convs) is not a multiple of ``m`` are left
@@ -62,9 +61,6 @@ class NM(BaseConfig):
     def presets(cls) -> dict[str, BaseConfig]:
         return {"2:4": cls(), "2:4-sparsegpt": cls(method="sparsegpt")}
 
-    @classmethod
-    def report_section(cls, report: ReportSection, record: StepRecord, view: StepView) -> None:
-        prune_report_section(report, record, view)
 
 
 def check_nm(n: object, m: object) -> None:

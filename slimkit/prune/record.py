@@ -76,3 +76,13 @@ def prune_report_section(report: ReportSection, record: StepRecord, view: StepVi
                 target = record.config.get("amount")
                 report.image(str(sparsity_trend(record.history, Path(tmp) / "trend.png", target=target)),
                              "sparsity over the schedule")
+
+
+@dataclasses.dataclass(frozen=True)
+class PruneConfig(BaseConfig):
+    """What every pruning config shares: its report section (widths or sparsity, layers left intact)."""
+
+    @classmethod
+    def report_section(cls, report: ReportSection, record: StepRecord, view: StepView) -> None:
+        prune_report_section(report, record, view)
+

@@ -16,23 +16,23 @@ from typing import Any
 
 import torch.nn as nn
 
-from slimkit.core.config import BaseConfig, technique
+from slimkit.core.config import technique
 from slimkit.core.editing import set_submodule
 from slimkit.core.errors import SlimkitError
-from slimkit.core.record import ReportSection, StepRecord, StepView, add_record
+from slimkit.core.record import add_record
 from slimkit.core.registry import SearchContext
 from slimkit.core.task import Task
 from slimkit.quantize.extreme_modules import ExtremeConv2d, ExtremeLinear
 from slimkit.quantize.modules import QuantConv2d, QuantLinear
-from slimkit.quantize.options import Targets, check_choice
+from slimkit.quantize.options import Targets, TrainedQuantConfig, check_choice
 from slimkit.quantize.ptq import target_layers
 from slimkit.quantize.qat import fold_and_freeze, training_loss
-from slimkit.quantize.record import TrainedQuantRecord, Training, quant_report_section
+from slimkit.quantize.record import TrainedQuantRecord, Training
 from slimkit.train.finetune import finetune
 
 
 @dataclasses.dataclass(frozen=True)
-class _ExtremeConfig(BaseConfig):
+class _ExtremeConfig(TrainedQuantConfig):
     steps: int = 500
     lr: float = 1e-3
     keep_first_last: bool = True
@@ -54,13 +54,7 @@ class _ExtremeConfig(BaseConfig):
     def apply_to(self, model: nn.Module, task: Task | None) -> nn.Module:
         return quantize_extreme(model, self, task)
 
-    @classmethod
-    def applies(cls, ctx: SearchContext) -> bool:
-        return ctx.trainable
 
-    @classmethod
-    def report_section(cls, report: ReportSection, record: StepRecord, view: StepView) -> None:
-        quant_report_section(report, record, view)
 
 
 @technique("quantize.Binary", stage="quantize")

@@ -12,37 +12,30 @@ from slimkit.calibrate.ranges import collect, compute_range
 from slimkit.core.config import BaseConfig, technique
 from slimkit.core.editing import set_submodule
 from slimkit.core.errors import SlimkitError
-from slimkit.core.record import ReportSection, StepRecord, StepView
 from slimkit.core.registry import SearchContext
 from slimkit.core.task import Task
 from slimkit.quantize.modules import QuantConv2d, QuantLinear
 from slimkit.quantize.options import (
-    BACKENDS,
     CALIBRATIONS,
-    EMBEDDING_BITS,
-    Targets,
+    PTQConfig,
     check_choice,
     embedding_bits_knob,
     skip_sensitive_knob,
 )
 from slimkit.quantize.ptq import MAX_ABS_RANGE, finish, quantize_embeddings, target_layers
-from slimkit.quantize.record import quant_report_section
 
 
 @technique("quantize.Int8", stage="quantize", search="int8")
 @dataclasses.dataclass(frozen=True)
-class Int8(BaseConfig):
+class Int8(PTQConfig):
     """Int8 weights and activations, run on integer kernels.
 
     ``activations="dynamic"`` quantizes activations per batch at run time (no calibration);
     ``"static"`` uses ranges calibrated once on the task's calibration data with ``calibration``.
     Weights are symmetric int8, ``per_channel`` (one scale per output channel) or ``per_tensor``.
     ``max_drop`` turns on accuracy control: the most sensitive layers go back to float until the
-    task metric drops by at most this much. ``embeddings`` stores every ``nn.Embedding`` table
-    (not excluded) as int8 rows with a scale per row: in a small transformer the token table is
-    most of the bytes. ``embedding_bits=4`` stores them as 4-bit codes in groups of 32 along the
-    embedding dim (float16 scale and uint8 zero per group): MiniLM's table at ~4.75 instead of 8
-    bits per value. Recipes written before this field existed load with the default, 8.
+    task metric drops by at most this much. Embedding tables are int8 rows with a scale per row, or
+    (``embedding_bits=4``) 4-bit codes in groups of 32 (float16 scale and uint8 zero per group).
     """
 
     activations: str = "dynamic"
@@ -50,24 +43,14 @@ class Int8(BaseConfig):
     percentile: float = 99.99
     granularity: str = "per_channel"
     symmetric: bool = True
-    targets: Targets = "all"
-    exclude: Targets = ()
-    backend: str = "auto"
-    max_drop: float | None = None
-    embeddings: bool = True
-    embedding_bits: int = 8
 
     def __post_init__(self) -> None:
+        super().__post_init__()
         check_choice("activations", self.activations, ("dynamic", "static"))
         check_choice("calibration", self.calibration, CALIBRATIONS)
         check_choice("granularity", self.granularity, ("per_channel", "per_tensor"))
-        check_choice("backend", self.backend, BACKENDS)
-        check_choice("embeddings", self.embeddings, (True, False))
-        check_choice("embedding_bits", self.embedding_bits, EMBEDDING_BITS)
         if not 50.0 < self.percentile <= 100.0:
             raise SlimkitError(f"percentile={self.percentile} is out of range", "use a value in (50, 100], e.g. 99.99")
-        if self.max_drop is not None and self.max_drop < 0:
-            raise SlimkitError(f"max_drop={self.max_drop} is negative", "use 0 or a positive metric difference")
 
     def apply_to(self, model: nn.Module, task: Task | None) -> nn.Module:
         return quantize_int8(model, self, task)
@@ -87,9 +70,6 @@ class Int8(BaseConfig):
         return {"int8-dynamic": cls(activations="dynamic"),
                 "int8-static": cls(activations="static", calibration="mse", symmetric=False)}
 
-    @classmethod
-    def report_section(cls, report: ReportSection, record: StepRecord, view: StepView) -> None:
-        quant_report_section(report, record, view)
 
 
 def quantize_int8(model: nn.Module, config: Int8, task: Task | None) -> nn.Module:

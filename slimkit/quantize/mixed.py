@@ -33,19 +33,19 @@ import numpy as np
 import torch
 import torch.nn as nn
 
-from slimkit.core.config import BaseConfig, technique
+from slimkit.core.config import technique
 from slimkit.core.editing import set_submodule
 from slimkit.core.errors import SlimkitError
-from slimkit.core.record import ReportSection, StepRecord, StepView, add_record
+from slimkit.core.record import add_record
 from slimkit.core.registry import SearchContext
 from slimkit.core.task import Task
 from slimkit.measure.sensitivity import layer_sensitivity, weight_layers
 from slimkit.quantize.extreme_modules import int4_stored
 from slimkit.quantize.half import HalfConv2d, HalfLinear
 from slimkit.quantize.modules import QuantConv2d, QuantLinear
-from slimkit.quantize.options import Targets, check_choice
+from slimkit.quantize.options import QuantConfig, Targets, check_choice
 from slimkit.quantize.ptq import quantize_embeddings, target_layers
-from slimkit.quantize.record import MixedRecord, quant_report_section
+from slimkit.quantize.record import MixedRecord
 
 log = logging.getLogger("slimkit.quantize")
 
@@ -55,7 +55,7 @@ INT4_GROUPS = (32, 64, 128)
 
 @technique("quantize.Mixed", stage="quantize", search="mixed")
 @dataclasses.dataclass(frozen=True)
-class Mixed(BaseConfig):
+class Mixed(QuantConfig):
     """Per-layer bits minimising predicted damage with the layers' bytes <= ``budget_ratio`` x their fp32 bytes.
 
     ``sensitivity``: optional ``{layer: drop at 4 bits}`` measured elsewhere (the optimizer's); the
@@ -127,9 +127,6 @@ class Mixed(BaseConfig):
         return cls(budget_ratio=ratio, sensitivity=known, activations=activations,
                    int4_groups=(128,) if groups == "32+128" else ())
 
-    @classmethod
-    def report_section(cls, report: ReportSection, record: StepRecord, view: StepView) -> None:
-        quant_report_section(report, record, view)
 
     def __hash__(self) -> int:
         return hash(self.to_json())

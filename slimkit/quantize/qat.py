@@ -22,17 +22,17 @@ import torch.nn as nn
 import torch.nn.functional as F
 
 from slimkit.calibrate.ranges import collect, compute_range
-from slimkit.core.config import BaseConfig, technique
+from slimkit.core.config import technique
 from slimkit.core.editing import set_submodule
 from slimkit.core.errors import SlimkitError
-from slimkit.core.record import ReportSection, StepRecord, StepView, add_record, last_record, replace_last
+from slimkit.core.record import add_record, last_record, replace_last
 from slimkit.core.registry import SearchContext
 from slimkit.core.task import Task
 from slimkit.graph.batchnorm import fold_batchnorm
-from slimkit.quantize.options import BACKENDS, CALIBRATIONS, Targets, check_choice
+from slimkit.quantize.options import BACKENDS, CALIBRATIONS, Targets, TrainedQuantConfig, check_choice
 from slimkit.quantize.ptq import MAX_ABS_RANGE, quantize_embeddings, target_layers
 from slimkit.quantize.qat_modules import QATConv2d, QATLinear, qat_layers
-from slimkit.quantize.record import TrainedQuantRecord, Training, quant_report_section
+from slimkit.quantize.record import TrainedQuantRecord, Training
 from slimkit.runtime import backend_reason, build
 from slimkit.train.finetune import finetune
 
@@ -43,7 +43,7 @@ LOSSES = ("auto", "task", "distill")
 
 @technique("quantize.QAT", stage="quantize", search="qat")
 @dataclasses.dataclass(frozen=True)
-class QAT(BaseConfig):
+class QAT(TrainedQuantConfig):
     """Quantization-aware training to int8 (weights + static/dynamic activations) or int8/int4 weight-only.
 
     ``learn_scale``: LSQ steps (else the PTQ scales, re-derived from the weights every step).
@@ -109,13 +109,7 @@ class QAT(BaseConfig):
             return cls(bits=4, weight_only=True, group_size=group, steps=int(steps), learn_scale=learn)
         return cls(bits=8, steps=int(steps), learn_scale=learn)
 
-    @classmethod
-    def applies(cls, ctx: SearchContext) -> bool:
-        return ctx.trainable
 
-    @classmethod
-    def report_section(cls, report: ReportSection, record: StepRecord, view: StepView) -> None:
-        quant_report_section(report, record, view)
 
 
 def prepare(model: nn.Module, config: QAT, task: Task) -> nn.Module:

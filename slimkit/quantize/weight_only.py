@@ -11,26 +11,23 @@ from slimkit.calibrate.obs import task_hessians
 from slimkit.core.config import BaseConfig, technique
 from slimkit.core.editing import set_submodule
 from slimkit.core.errors import SlimkitError
-from slimkit.core.record import ReportSection, StepRecord, StepView
 from slimkit.core.registry import SearchContext
 from slimkit.core.task import Task
 from slimkit.quantize.gptq import gptq_int4
 from slimkit.quantize.modules import QuantLinear
 from slimkit.quantize.options import (
-    BACKENDS,
-    EMBEDDING_BITS,
+    PTQConfig,
     Targets,
     check_choice,
     embedding_bits_knob,
     skip_sensitive_knob,
 )
 from slimkit.quantize.ptq import finish, quantize_embeddings, target_layers
-from slimkit.quantize.record import quant_report_section
 
 
 @technique("quantize.WeightOnly", stage="quantize", search="weight_only")
 @dataclasses.dataclass(frozen=True)
-class WeightOnly(BaseConfig):
+class WeightOnly(PTQConfig):
     """Int8 or int4 weights with float activations: the memory-bound (small batch) win.
 
     ``group_size`` scales each run of that many input weights separately (int4 needs it for
@@ -41,27 +38,18 @@ class WeightOnly(BaseConfig):
     to fp32 where round-to-nearest gives 0.97.
     """
 
+    targets: Targets = "all-linear"
     bits: int = 8
     group_size: int = 0
-    targets: Targets = "all-linear"
-    exclude: Targets = ()
-    backend: str = "auto"
-    max_drop: float | None = None
-    embeddings: bool = True
-    embedding_bits: int = 8
     method: str = "rtn"
 
     def __post_init__(self) -> None:
+        super().__post_init__()
         check_choice("bits", self.bits, (8, 4))
         check_choice("method", self.method, ("rtn", "gptq"))
         if self.method == "gptq" and self.bits != 4:
             raise SlimkitError("method='gptq' is for 4-bit weights here", "use bits=4, or method='rtn' for int8")
         check_choice("group_size", self.group_size, (0, 32, 64, 128, 256))
-        check_choice("backend", self.backend, BACKENDS)
-        check_choice("embeddings", self.embeddings, (True, False))
-        check_choice("embedding_bits", self.embedding_bits, EMBEDDING_BITS)
-        if self.max_drop is not None and self.max_drop < 0:
-            raise SlimkitError(f"max_drop={self.max_drop} is negative", "use 0 or a positive metric difference")
         if self.bits == 4 and self.group_size == 0:
             raise SlimkitError("4-bit weights need a group size", "use group_size=32, 64 or 128")
         if self.bits == 8 and self.group_size != 0:
@@ -86,9 +74,6 @@ class WeightOnly(BaseConfig):
     def presets(cls) -> dict[str, BaseConfig]:
         return {"w8": cls(bits=8), "w4": cls(bits=4, group_size=64)}
 
-    @classmethod
-    def report_section(cls, report: ReportSection, record: StepRecord, view: StepView) -> None:
-        quant_report_section(report, record, view)
 
 
 def quantize_weight_only(model: nn.Module, config: WeightOnly, task: Task | None) -> nn.Module:
