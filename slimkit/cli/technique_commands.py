@@ -23,7 +23,7 @@ from slimkit.core.errors import SlimkitError
 from slimkit.core.registry import all_presets, technique_named
 from slimkit.core.task import Task
 from slimkit.distill.distiller import Distill
-from slimkit.distill.student import Student
+from slimkit.distill.student import Student, StudentArtifact
 from slimkit.factorize import CP, SVD, Tucker
 from slimkit.factorize.layers import chosen_layers
 from slimkit.pipeline.comparison import with_options
@@ -155,8 +155,9 @@ def prune(task: str = typer.Option("digits", help=TASK_HELP),
 
 
 def student_steps(spec: str, task: Task) -> list[BaseConfig]:
-    """``self`` (the model itself), ``layers:N`` (an encoder keeping N blocks) or an artifact directory
-    written by slimkit, whose recipe replays to the student."""
+    """``self`` (the model itself), ``layers:N`` (an encoder keeping N blocks) or an artifact directory:
+    its recipe when it has one (the student is then rebuilt from the task's model), else the artifact
+    itself (``distill.StudentArtifact``, checked by its weights' digest)."""
     if spec == "self":
         return []
     if spec.startswith("layers:"):
@@ -168,10 +169,7 @@ def student_steps(spec: str, task: Task) -> list[BaseConfig]:
         raise SlimkitError(f"--student {spec!r} is not 'self', 'layers:N' or an artifact directory",
                            "pass a directory written by slimkit (e.g. runs/prune/model)")
     steps = [BaseConfig.from_dict(s) for s in io.read_meta(spec).get("recipe") or []]
-    if not steps:
-        raise SlimkitError(f"artifact {spec} has no recipe to rebuild the student from the task's model",
-                           "use a student written by a slimkit command (its recipe replays to it)")
-    return steps
+    return steps or [StudentArtifact.of(spec)]
 
 
 def parse_features(text: str | None) -> tuple[tuple[str, str], ...]:

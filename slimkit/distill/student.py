@@ -10,9 +10,12 @@ from __future__ import annotations
 
 import copy
 import dataclasses
+import hashlib
+from pathlib import Path
 
 import torch.nn as nn
 
+from slimkit import io
 from slimkit.core.config import BaseConfig, technique
 from slimkit.core.errors import SlimkitError
 from slimkit.core.record import StepRecord, add_record
@@ -88,4 +91,39 @@ class StudentRecord(StepRecord):
 
     kept_layers: list[int] = dataclasses.field(default_factory=list)
     of: int = 0
+
+
+@technique("distill.StudentArtifact", stage="nas")
+@dataclasses.dataclass(frozen=True)
+class StudentArtifact(BaseConfig):
+    """Start from a student saved elsewhere: the model becomes the artifact at ``path`` (its weights' SHA-256
+    is checked, so a recipe never replays onto a different file)."""
+
+    path: str = ""
+    sha256: str = ""
+
+    def __post_init__(self) -> None:
+        if not self.path:
+            raise SlimkitError("distill.StudentArtifact needs the path of a saved artifact",
+                               "give path=DIR (a directory written by slimkit.save)")
+
+    @classmethod
+    def of(cls, path: str | Path) -> StudentArtifact:
+        return cls(path=str(path), sha256=_weights_digest(Path(path)))
+
+    def apply_to(self, model: nn.Module, task: Task | None) -> nn.Module:
+        digest = _weights_digest(Path(self.path))
+        if self.sha256 and digest != self.sha256:
+            raise SlimkitError(f"the student artifact {self.path} changed since the recipe was written",
+                               "restore that artifact, or write the recipe anew")
+        student = io.load(self.path)
+        add_record(student, StepRecord(self.type_name, self.to_dict()))
+        return student
+
+
+def _weights_digest(path: Path) -> str:
+    file = path / io.WEIGHTS
+    if not file.is_file():
+        raise SlimkitError(f"{path} is not a slimkit artifact (no {io.WEIGHTS})", "give a directory written by slimkit.save")
+    return hashlib.sha256(file.read_bytes()).hexdigest()
 

@@ -86,7 +86,7 @@ def save(model: nn.Module, path: str | os.PathLike[str], *, recipe: list[dict[st
     tmp = Path(tempfile.mkdtemp(prefix=f".{path.name}.", dir=path.parent))
     try:
         save_file(state, str(tmp / WEIGHTS), metadata={SPARSE_KEY: json.dumps(encoded)} if encoded else None)
-        (tmp / META).write_text(json.dumps(meta, indent=2, default=str))
+        (tmp / META).write_text(json.dumps(meta, default=str))  # compact: its bytes count in the size
         _replace_dir(tmp, path)
     except BaseException:
         shutil.rmtree(tmp, ignore_errors=True)

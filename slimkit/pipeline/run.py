@@ -78,15 +78,15 @@ def run_recipe(task: Task, recipe: Recipe, out: str | Path, *, title: str, label
         console.print(f"[yellow]warning[/] step order: {warning}")
     console.print(f"[bold]task[/] {task.name}: {task.description}")
     candidates = [measure_candidate("baseline", task.model, [], task, threads=threads)]
-    for name, control in (controls or {}).items():
-        model = replay(control, task, out / "controls", threads=threads)[-1]
-        candidates.append(measure_candidate(name, model, control.steps, task, threads=threads))
     models = replay(recipe, task, out, threads=threads)
     model = models[-1]
     if intermediate:
         for i, step in enumerate(recipe.steps[:-1], 1):
             candidates.append(measure_candidate(f"after {step.type_name}", models[i], recipe.steps[:i], task,
                                                 threads=threads))
+    for name, control in (controls or {}).items():
+        control_model = replay(control, task, out / "controls", threads=threads)[-1]
+        candidates.append(measure_candidate(name, control_model, control.steps, task, threads=threads))
     backend = getattr(recipe.steps[-1], "backend", "auto") if recipe.steps else "auto"
     final = measure_candidate(label or " + ".join(s.type_name for s in recipe.steps) or "original", model,
                               recipe.steps, task, backend=backend, threads=threads)

@@ -22,11 +22,12 @@ def test_distill_an_artifact_student_with_the_plain_control(tmp_path, one_thread
     assert result.exit_code == 0, result.output
     report = json.loads((tmp_path / "run" / "report.json").read_text())
     names = [c["name"] for c in report["candidates"]]
-    assert names == ["teacher", "student before", "fine-tuned 60 steps", "distilled 60 steps"]
+    assert names == ["baseline", "after distill.StudentArtifact", "fine-tuned 60 steps", "distilled 60 steps"]
     teacher, before, plain, distilled = report["candidates"]
     assert distilled["metric"]["score"] > before["metric"]["score"] + 0.2
     assert distilled["profile"]["params_total"] == before["profile"]["params_total"] < teacher["profile"]["params_total"]
-    assert report["distill"]["features"] == [["6", "6"]]
+    assert report["recipe"]["steps"][-1]["features"] == [["6", "6"]]
+    assert report["recipe"]["steps"][0]["type"] == "distill.StudentArtifact"  # the saved student, by its digest
     loaded = sk.load(tmp_path / "run" / "model")
     assert digits_task.evaluate(loaded)["score"] == distilled["metric"]["score"]
 

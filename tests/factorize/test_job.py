@@ -19,19 +19,20 @@ def test_factorize_svd_with_distillation_reports_and_reloads(tmp_path, one_threa
     assert result.exit_code == 0, result.output
     report = json.loads((tmp_path / "report.json").read_text())
     base, factorized, recovered = report["candidates"]
-    info = report["factorize"]
+    info, recovery = report["steps"]
+    assert info["record"] == "FactorizeRecord" and recovery["record"] == "TrainRecord"
     assert set(info["layers"]) == {"12"} and "output layer" in info["skipped"]["14"]
     r = info["layers"]["12"]["rank"]
     assert r == int(0.3 * 64 * 256 / (64 + 256))
     assert info["layers"]["12"]["params_after"] == r * (64 + 256) + 64
     assert info["params"] == [base["profile"]["params_total"], recovered["profile"]["params_total"]]
-    assert info["reload_max_abs_diff"] == 0.0
+    assert report["reload_max_abs_diff"] == 0.0
     assert recovered["metric"]["score"] >= base["metric"]["score"] - 0.02
     assert recovered["metric"]["score"] >= factorized["metric"]["score"]
-    assert report["recovery"]["type"] == "distill.Distill" and report["recovery"]["steps"] == 100
+    assert recovery["technique"] == "distill.Distill" and recovery["steps"] == 100
     loaded = io.load(tmp_path / "model")
     assert digits_task.evaluate(loaded)["score"] == recovered["metric"]["score"]
-    assert "Factorized layers" in (tmp_path / "report.html").read_text()
+    assert "factorize.SVD: factorized layers" in (tmp_path / "report.html").read_text()
 
 
 @pytest.mark.parametrize("args, fragment", [

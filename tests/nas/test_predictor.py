@@ -22,7 +22,7 @@ def test_predictor_error_on_held_out_architectures(mnist_task, one_thread):
     rng = random.Random(0)
     archs = list(dict.fromkeys(space.sample(rng) for _ in range(20)))[:12]
     table = LatencyPredictor(batch=64).measure(archs, rounds=3, min_time_s=0.01)
-    assert all(layer in table.table for a in archs for layer in layer_keys(a))  # one timing per distinct layer
+    assert all(layer in table.table.costs for a in archs for layer in layer_keys(a))  # one timing per distinct layer
     measured = measure_archs(archs, batch=64, rounds=3, min_time_s=0.03)
     table.fit(archs[:6], measured[:6])
     err = table.error(archs[6:], measured[6:])

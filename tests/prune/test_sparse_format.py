@@ -7,9 +7,9 @@ from safetensors.torch import load_file, save_file
 
 import slimkit as sk
 from slimkit import io, prune
-from slimkit.io import artifact
 from slimkit.core.record import last_record
 from slimkit.formats import sparse as sf
+from slimkit.io import artifact
 from slimkit.prune import sparse_linear
 from slimkit.prune.sparse_linear import MIN_WEIGHTS, SparseLinear, crossover_for, sparse_is_faster
 

@@ -45,6 +45,7 @@ def test_int4_offers_gptq_only_where_the_task_can_calibrate(digits_task):
     import dataclasses
 
     import optuna
+
     from slimkit.quantize import WeightOnly
 
     def config(task, method):
