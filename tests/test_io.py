@@ -52,12 +52,12 @@ def test_save_replaces_an_existing_artifact_and_leaves_no_temp_files(tmp_path):
 
 
 def test_a_failing_save_leaves_nothing_behind(tmp_path, monkeypatch):
-    import safetensors.torch
+    from slimkit.io import artifact
 
     def boom(*a, **k):
         raise OSError("disk full")
 
-    monkeypatch.setattr(safetensors.torch, "save_file", boom)
+    monkeypatch.setattr(artifact, "save_file", boom)
     with pytest.raises(OSError):
         sk.save(nn.Linear(2, 2), tmp_path / "m")
     assert list(tmp_path.iterdir()) == []

@@ -102,16 +102,14 @@ class StudentArtifact(BaseConfig):
     path: str = ""
     sha256: str = ""
 
-    def __post_init__(self) -> None:
-        if not self.path:
-            raise SlimkitError("distill.StudentArtifact needs the path of a saved artifact",
-                               "give path=DIR (a directory written by slimkit.save)")
-
     @classmethod
     def of(cls, path: str | Path) -> StudentArtifact:
         return cls(path=str(path), sha256=_weights_digest(Path(path)))
 
     def apply_to(self, model: nn.Module, task: Task | None) -> nn.Module:
+        if not self.path:
+            raise SlimkitError("distill.StudentArtifact needs the path of a saved artifact",
+                               "give path=DIR (a directory written by slimkit.save)")
         digest = _weights_digest(Path(self.path))
         if self.sha256 and digest != self.sha256:
             raise SlimkitError(f"the student artifact {self.path} changed since the recipe was written",

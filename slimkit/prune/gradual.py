@@ -31,12 +31,12 @@ class Gradual(TrainedMagnitude):
     prunings: int = 10
 
     def __post_init__(self) -> None:
-        super().__post_init__()
         if not isinstance(self.prunings, int) or self.prunings < 1:
             raise SlimkitError(f"prune.Gradual prunings={self.prunings!r} is invalid", "use 1 or more, e.g. 10")
         if not isinstance(self.steps, int) or self.steps < 2 * self.prunings:
             raise SlimkitError(f"a gradual schedule needs fine-tuning between its {self.prunings} pruning steps "
                                f"(steps={self.steps!r})", f"give steps={20 * self.prunings} or more")
+        super().__post_init__()
 
     def apply_to(self, model: nn.Module, task: Task | None) -> nn.Module:
         return prune_gradually(model, self, task)
