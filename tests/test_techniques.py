@@ -73,6 +73,7 @@ CASES = [
     Case(P.Channels(amount=0.5, round_to=None), residual_cnn, 0.95, 0.42),
     Case(P.Channels(amount=0.5, round_to=None), depthwise_cnn, 0.93, 0.7),
     Case(P.Channels(amount=0.5, round_to=None), encoder, 0.99, 0.65),
+    Case(P.Channels(amount=0.5, round_to=None), sequence, 0.999),  # the LSTM and the conv feeding it are kept
     Case(P.Channels(amount=0.5, round_to=None, reconstruct=True), cnn, 0.999, 0.32),
     Case(P.Gradual(amount=0.5, steps=20, prunings=2, lr=1e-4), mlp, 0.95, 0.7),
     Case(P.Lottery(amount=0.5, steps=6, lr=1e-4), mlp, 0.95, 0.7),

@@ -59,6 +59,32 @@ def resolve_names(model: nn.Module, patterns: Iterable[str]) -> list[str]:
     return sorted(set(chosen))
 
 
+#: Layers whose width the graph does not slice yet: their gates would have to be grouped.
+RECURRENT = (nn.RNNBase, nn.RNNCellBase)
+
+
+def kept_layers(model: nn.Module) -> dict[str, str]:
+    """Every layer channel pruning must leave whole -> why: custom layers and recurrent ones."""
+    found = custom_layers(model)
+    for name, module in model.named_modules():
+        if isinstance(module, RECURRENT):
+            found[name] = (f"recurrent layer {type(module).__name__}: its hidden size and the channels it reads "
+                           "are kept (gates are not grouped for pruning yet)")
+    return found
+
+
+def untraceable_roots(graph: Any, roots: list[nn.Module], names: dict[int, str]) -> dict[str, str]:
+    """Root layers whose dependency group the tracer cannot build (an index mapping it gets wrong) -> why."""
+    found = {}
+    for module in roots:
+        try:
+            graph.get_pruning_group(module, graph.get_pruner_of_module(module).prune_out_channels, idxs=[0])
+        except Exception as exc:  # noqa: BLE001 - any failure of the tracer means this group is not ours to prune
+            first = str(exc).splitlines()[0][:120] if str(exc) else ""
+            found[names.get(id(module), "?")] = f"the dependency tracer cannot map its channels ({type(exc).__name__}: {first})"
+    return found
+
+
 def custom_layers(model: nn.Module) -> dict[str, str]:
     """Layers with parameters of their own that the graph cannot slice -> reason.
 
@@ -147,7 +173,7 @@ def list_groups(model: nn.Module, example: tuple[Any, ...], *, hidden: bool = Fa
     """Every dependency group rooted at a Conv/Linear, with the reason it is blocked if it is."""
     graph = dependency_graph(model, example)
     names = module_names(model)
-    frozen = frozen_ids(model, custom_layers(model))
+    frozen = frozen_ids(model, kept_layers(model))
     views = []
     for group in graph.get_all_groups():
         root_module = group[0].dep.target.module

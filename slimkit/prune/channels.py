@@ -22,10 +22,10 @@ from slimkit.core.record import add_record
 from slimkit.core.registry import SearchContext
 from slimkit.core.task import Task
 from slimkit.graph import attention, dependency
-from slimkit.measure._call import tensors
 from slimkit.measure.flops import count_flops
 from slimkit.measure.latency_table import LatencyTable, measure_table
 from slimkit.prune.channels_allocation import allocate
+from slimkit.prune.group_check import GroupCheck, check_inputs, first_line, runs_as_before, shapes
 from slimkit.prune.reconstruct import reconstruct
 from slimkit.prune.record import ChannelRecord, PruneConfig
 
@@ -120,6 +120,7 @@ class Channels(PruneConfig):
 class _Attempt:
     failed_root: str | None = None
     error: str = ""
+    untraceable: dict[str, str] = dataclasses.field(default_factory=dict)  # roots the tracer cannot map
     pruned_groups: int = 0
     blocked: dict[str, str] = dataclasses.field(default_factory=dict)
     kept_out: dict[str, list[int]] = dataclasses.field(default_factory=dict)  # layer -> original output channels kept
@@ -146,7 +147,7 @@ def prune_channels(model: nn.Module, config: Channels, task: Task | None) -> nn.
         model, attempt, broken, amount = _prune_to_macs(model, config, example, task, before_macs, table)
     after_macs = count_flops(model, example).macs
     fits, not_refitted = reconstruct(original, model, attempt.kept_out, calib) if original is not None else ({}, {})
-    skipped = {**dependency.custom_layers(model), **attempt.blocked, **broken, **not_refitted}
+    skipped = {**dependency.kept_layers(model), **attempt.blocked, **broken, **not_refitted}
     for name, reason in skipped.items():
         log.info("prune: left %s intact: %s", name, reason)
     add_record(model, ChannelRecord(
@@ -205,10 +206,12 @@ def _prune_at(model: nn.Module, config: Channels, amount: float, example: tuple,
     pristine = copy.deepcopy(model)
     for _ in range(_MAX_RESTARTS):
         attempt = _attempt(model, config, amount, example, task, broken, table)
-        if attempt.failed_root is None:
+        if attempt.failed_root is None and not attempt.untraceable:
             return model, attempt, broken
-        broken[attempt.failed_root] = f"pruning this group breaks the forward pass ({attempt.error})"
-        log.info("prune: group %s restored: %s", attempt.failed_root, attempt.error)
+        broken.update(attempt.untraceable)
+        if attempt.failed_root is not None:
+            broken[attempt.failed_root] = attempt.error
+        log.info("prune: groups restored: %s", {k: broken[k] for k in [*attempt.untraceable, attempt.failed_root] if k})
         model = copy.deepcopy(pristine)
     raise SlimkitError(f"more than {_MAX_RESTARTS} dependency groups break the forward pass when pruned",
                        "list the custom blocks in ignored=... or report the architecture")
@@ -217,15 +220,16 @@ def _prune_at(model: nn.Module, config: Channels, amount: float, example: tuple,
 def _attempt(model: nn.Module, config: Channels, amount: float, example: tuple, task: Task,
              broken: dict[str, str], table: LatencyTable | None = None) -> _Attempt:
     with torch.no_grad():
-        reference = _shapes(model(*example))
+        reference = shapes(model(*example))
     names = dependency.module_names(model)
-    frozen = dependency.frozen_ids(model, dependency.custom_layers(model))
+    kept = dependency.kept_layers(model)
+    frozen = dependency.frozen_ids(model, kept)
     blocks = attention.attention_blocks(model)
     ignored_names = set(dependency.resolve_names(model, config.ignored)) | set(broken)
     out = dependency.output_layer(model, example)
     if out is not None:
         ignored_names.add(out)
-    ignored = [model.get_submodule(n) for n in sorted(ignored_names)]
+    ignored = [model.get_submodule(n) for n in sorted(ignored_names | set(kept))]
     num_heads: dict[nn.Module, int] = {}
     heads_kept: dict[str, str] = {}
     for block in blocks:
@@ -238,23 +242,50 @@ def _attempt(model: nn.Module, config: Channels, amount: float, example: tuple, 
 
     torch.manual_seed(config.seed)
     importance = _importance(config, model, task)
+    result = _Attempt(blocked=heads_kept)
     with warnings.catch_warnings():  # loose parameters (ViT class token...) are sliced on their last axis, as meant
         warnings.filterwarnings("ignore", message="Unwrapped parameters")
-        pruner = _pruner(model, example, importance, config, amount, ignored, num_heads)
+        try:
+            pruner = _pruner(model, example, importance, config, amount, ignored, num_heads)
+        except SlimkitError:
+            raise
+        except Exception:  # noqa: BLE001 - the tracer cannot build some group: find the roots, restart without them
+            graph = dependency.dependency_graph(model, example)
+            roots = [m for m in graph.module2node if isinstance(m, (nn.modules.conv._ConvNd, nn.Linear))
+                     and m not in ignored]
+            result.untraceable = dependency.untraceable_roots(graph, roots, names) or {
+                "?": "the dependency tracer failed on this model"}
+            return result
         if config.allocation != "uniform":
             ratios = _allocated_ratios(model, example, pruner, importance, config, amount, names, frozen, num_heads,
                                        table)
             pruner = _pruner(model, example, importance, config, amount, ignored, num_heads, ratios)
-    result = _Attempt(blocked=heads_kept)
-    for group in pruner.step(interactive=True):
+    verify = GroupCheck(model, check_inputs(task, example))
+    groups = pruner.step(interactive=True)
+    while True:
+        try:
+            group = next(groups)
+        except StopIteration:
+            break
+        except Exception:  # noqa: BLE001 - the tracer failed to build a group: find which roots, restart without them
+            roots = [m for m in pruner.DG.module2node if isinstance(m, tuple(pruner.root_module_types))
+                     and m not in pruner.ignored_layers]
+            result.untraceable = dependency.untraceable_roots(pruner.DG, roots, names) or {
+                "?": "the dependency tracer failed on this model"}
+            return result
         root = names.get(id(group[0].dep.target.module), "?")
         reason = dependency.blocked_reason(group, names, frozen=frozen, hidden=config.hidden)
         if reason is not None:
             result.blocked[root] = reason
             continue
         _record_kept(result.kept_out, group, names, pruner.DG)
-        group.prune()
-        error = _check(model, example, reference)
+        verify.remove(group, names, pruner.DG)
+        try:
+            group.prune()
+        except Exception as exc:  # noqa: BLE001 - a handler that cannot prune this layer (e.g. stacked LSTM)
+            result.failed_root, result.error = root, f"the pruning handler failed ({first_line(exc)})"
+            return result
+        error = runs_as_before(model, example, reference) or verify.check(model, group)
         if error:
             result.failed_root, result.error = root, error
             return result
@@ -329,22 +360,6 @@ def _accumulate_gradients(model: nn.Module, task: Task, batches: int) -> None:
         if i >= batches:
             break
         loss_fn(model(*inputs), labels).backward()
-
-
-def _check(model: nn.Module, example: tuple, reference: list[tuple[int, ...]]) -> str:
-    """Empty when the forward pass still runs and gives the original output shapes."""
-    try:
-        with torch.no_grad():
-            shapes = _shapes(model(*example))
-    except Exception as exc:  # noqa: BLE001 - any failure means this group cannot be pruned
-        return f"{type(exc).__name__}: {str(exc).splitlines()[0][:160] if str(exc) else ''}"
-    if shapes != reference:
-        return f"output shapes changed from {reference} to {shapes}"
-    return ""
-
-
-def _shapes(output: Any) -> list[tuple[int, ...]]:
-    return [tuple(t.shape) for t in tensors(output)]
 
 
 def _widths(model: nn.Module) -> dict[str, int]:

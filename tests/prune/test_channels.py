@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import copy
 import logging
 import types
 
@@ -235,3 +236,68 @@ def test_unreachable_macs_target_reports_the_least_reached(mnist_task) -> None:
     an earlier one did; the error must quote the fewest MACs any try reached, not the last try's."""
     with pytest.raises(SlimkitError, match=r"cannot reach 0\.15 of the MACs \(the least it reached is 0\.(1[6-9]|2\d)"):
         sk.apply(mnist_task.model, Channels(macs_ratio=0.15), mnist_task)
+
+
+class _ChannelsLastFlatten(nn.Module):
+    """A face-detector head: features flattened after ``permute(0, 3, 2, 1)`` (channels last)."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.c1, self.a1 = nn.Conv2d(3, 16, 3, padding=1), nn.PReLU(16)
+        self.c2, self.a2 = nn.Conv2d(16, 32, 3, padding=1), nn.PReLU(32)
+        self.fc, self.out = nn.Linear(32 * 6 * 6, 8), nn.Linear(8, 2)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        x = self.a2(self.c2(self.a1(self.c1(x))))          # (B, 32, 6, 6)
+        x = x.permute(0, 3, 2, 1).flatten(1)                # (B, 6*6*32): channels are the fastest axis
+        return self.out(torch.relu(self.fc(x)))             # (B, 2)
+
+
+class _CellNet(nn.Module):
+    """A voice-activity detector: Conv1d, then an LSTMCell stepped over time."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.conv, self.cell, self.head = nn.Conv1d(4, 16, 3, padding=1), nn.LSTMCell(16, 32), nn.Linear(32, 2)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        f = torch.relu(self.conv(x)).transpose(1, 2)        # (B, T, 16)
+        h = c = torch.zeros(x.shape[0], 32)
+        for t in range(f.shape[1]):
+            h, c = self.cell(f[:, t], (h, c))               # (B, 32) each
+        return self.head(h)                                 # (B, 2)
+
+
+def test_a_layout_change_before_flatten_is_caught_not_pruned_silently():
+    torch.manual_seed(0)
+    model, x = _ChannelsLastFlatten().eval(), torch.randn(8, 3, 6, 6)
+    pruned = sk.apply(model, Channels(amount=0.5, round_to=None), _task((x,)))
+    info = last_record(pruned)
+    assert "not the original with these channels masked" in info.skipped["c2"]  # fc reads c2 channels-last
+    assert pruned.c2.out_channels == 32 and pruned.c1.out_channels == 8       # c1 -> c2 is verified and pruned
+    assert set(info.layers) == {"c1", "fc"}
+    masked = copy.deepcopy(model)  # the original with exactly the removed channels zeroed gives the same outputs
+    for name, dim in (("c1", 1), ("fc", 1)):
+        gone = sorted(set(range(getattr(model, name).weight.shape[0])) - set(_kept(getattr(model, name), getattr(pruned, name))))
+        getattr(masked, name).register_forward_hook(lambda m, i, o, g=gone, d=dim: o.index_fill(d, torch.tensor(g), 0.0))
+    with torch.no_grad():
+        torch.testing.assert_close(pruned(x), masked(x), rtol=1e-5, atol=1e-6)
+
+
+def _kept(before: nn.Module, after: nn.Module) -> list[int]:
+    """Which of ``before``'s output channels ``after`` kept (matched by their bias, which pruning only slices)."""
+    return [i for i in range(before.weight.shape[0]) if any(before.bias[i] == after.bias[j]
+                                                            for j in range(after.weight.shape[0]))]
+
+
+@pytest.mark.parametrize("model,x", [(_CellNet, (8, 4, 10)), (lambda: nn.Sequential(nn.LSTM(8, 16, num_layers=2)), (5, 8))])
+def test_recurrent_models_are_kept_whole_with_the_reason_never_a_traceback(model, x):
+    torch.manual_seed(0)
+    net, inputs = model().eval(), (torch.randn(*x),)
+    pruned = sk.apply(net, Channels(amount=0.5, round_to=None), _task(inputs))
+    skipped = last_record(pruned).skipped
+    assert any("recurrent layer" in why for why in skipped.values())
+    with torch.no_grad():
+        out, ref = pruned(*inputs), net(*inputs)
+    out, ref = (out[0], ref[0]) if isinstance(out, tuple) else (out, ref)
+    assert torch.equal(out, ref)  # nothing it could not prove safe was touched
