@@ -162,6 +162,27 @@ def sequence() -> nn.Module:
     return _built(SequenceNet(), "tiny_sequence")
 
 
+class MHANet(nn.Module):
+    """torch's own ``nn.MultiheadAttention`` (it reads its projection weights directly, not through modules)."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.proj = nn.Linear(16, 32)
+        self.mha = nn.MultiheadAttention(32, 4, batch_first=True)
+        self.head = nn.Linear(32, CLASSES)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        h = self.proj(x)                 # (B, T, 32)
+        y, _ = self.mha(h, h, h)         # (B, T, 32)
+        return self.head(y.mean(1))      # (B, classes)
+
+
+@builder("tiny_mha")
+def mha() -> nn.Module:
+    torch.manual_seed(0)
+    return _built(MHANet(), "tiny_mha")
+
+
 #: model factory -> a function drawing one input batch from a generator.
 INPUTS: dict[Callable[[], nn.Module], Callable[[torch.Generator], torch.Tensor]] = {
     mlp: lambda g: torch.randn(BATCH, 32, generator=g),
@@ -170,6 +191,7 @@ INPUTS: dict[Callable[[], nn.Module], Callable[[torch.Generator], torch.Tensor]]
     depthwise_cnn: lambda g: torch.randn(BATCH, 3, 8, 8, generator=g),
     encoder: lambda g: torch.randint(0, 64, (BATCH, 12), generator=g),
     sequence: lambda g: torch.randn(BATCH, 4, 16, generator=g),
+    mha: lambda g: torch.randn(BATCH, 6, 16, generator=g),
 }
 
 

@@ -26,7 +26,7 @@ from slimkit.measure import artifact_size
 from slimkit.measure.closeness import cosine
 from slimkit.pipeline.recipe import Recipe
 from slimkit.runtime import build
-from tests.models import cnn, depthwise_cnn, encoder, mlp, residual_cnn, sequence, tiny_task
+from tests.models import cnn, depthwise_cnn, encoder, mha, mlp, residual_cnn, sequence, tiny_task
 
 
 @dataclasses.dataclass(frozen=True)
@@ -57,6 +57,8 @@ CASES = [
     Case(Q.Int8(activations="static", calibration="entropy"), cnn, 0.995, 0.35, ("torch", "onnxruntime"), 0.99),
     Case(Q.Int8(), encoder, 0.999, 0.45),
     Case(Q.Int8(), sequence, 0.999),  # only the Linear head: the Conv1d and the LSTM stay float (listed as skipped)
+    Case(Q.Int8(), mha, 0.999, runtimes=("torch", "onnxruntime")),  # the MultiheadAttention stays float (listed)
+    Case(Q.WeightOnly(bits=4, group_size=32), mha, 0.99),
     Case(Q.WeightOnly(bits=8), mlp, 0.999, 0.4),
     Case(Q.WeightOnly(bits=4, group_size=32), mlp, 0.99, 0.32),
     Case(Q.WeightOnly(bits=4, group_size=32, method="gptq"), mlp, 0.995, 0.32),
@@ -96,7 +98,7 @@ assert len(set(IDS)) == len(IDS), "two rows of the table are the same"
 
 @pytest.fixture(scope="module")
 def tasks() -> dict[str, sk.Task]:
-    return {f.__name__: tiny_task(f) for f in (mlp, cnn, residual_cnn, depthwise_cnn, encoder, sequence)}
+    return {f.__name__: tiny_task(f) for f in (mlp, cnn, residual_cnn, depthwise_cnn, encoder, sequence, mha)}
 
 
 @pytest.fixture(scope="module")
@@ -194,3 +196,17 @@ def test_a_task_a_technique_cannot_use_is_one_line_error(config, model, lacks, m
     with pytest.raises(sk.SlimkitError) as err:
         sk.apply(task.model, config, task)
     assert message in str(err.value) and "\n" not in str(err.value) and err.value.hint
+
+
+@pytest.mark.parametrize("model,layers", [
+    (sequence, {"0": None, "conv": "Conv1d", "lstm": "LSTM"}),
+    (mha, {"mha": "MultiheadAttention", "mha.out_proj": "reads this weight directly"}),
+])
+def test_layers_a_quantizer_leaves_float_are_listed_with_the_reason(model, layers, tasks):
+    task = tasks[model.__name__]
+    for config in (Q.Int8(), Q.WeightOnly(bits=4, group_size=32)):
+        skipped = records_of(sk.apply(task.model, config, task))[-1].skipped
+        for name, why in layers.items():
+            if why is not None:
+                assert why in skipped[name], (config.type_name, name, skipped)
+

@@ -85,8 +85,36 @@ class Tracer:
         return [name for name in called if name not in has_called_child]
 
 
+#: Weight matrices per gate set: LSTM has 4 gates, GRU 3, a plain RNN 1.
+_GATES = {nn.LSTM: 4, nn.GRU: 3, nn.RNN: 1, nn.LSTMCell: 4, nn.GRUCell: 3, nn.RNNCell: 1}
+
+
+def recurrent_macs(mod: nn.Module, inputs: tuple) -> int:
+    """MACs of an LSTM/GRU/RNN (per time step x steps x layers x directions) or one cell step; else 0.
+
+    Each gate is ``W_ih x + W_hh h``: ``hidden * (input + hidden)`` MACs per sample and step.
+    """
+    gates = next((g for kind, g in _GATES.items() if isinstance(mod, kind)), 0)
+    if not gates or not inputs or not isinstance(inputs[0], torch.Tensor):
+        return 0
+    x, hidden = inputs[0], mod.hidden_size
+    if isinstance(mod, nn.RNNCellBase):
+        batch = x.shape[0] if x.dim() == 2 else 1
+        return batch * gates * hidden * (mod.input_size + hidden)
+    if x.dim() == 3:
+        batch, steps = (x.shape[0], x.shape[1]) if mod.batch_first else (x.shape[1], x.shape[0])
+    else:  # unbatched (T, input)
+        batch, steps = 1, x.shape[0]
+    dirs = 2 if mod.bidirectional else 1
+    per_step = sum(dirs * gates * hidden * ((mod.input_size if layer == 0 else dirs * hidden) + hidden)
+                   for layer in range(mod.num_layers))
+    return batch * steps * per_step
+
+
 def shape_macs(mod: nn.Module, inputs: tuple, output: Any) -> int:
-    """MACs a Linear- or Conv-shaped module must do, from its attributes and tensor shapes; else 0."""
+    """MACs a Linear-, Conv- or recurrent-shaped module must do, from its attributes and tensor shapes; else 0."""
+    if isinstance(mod, (nn.RNNBase, nn.RNNCellBase)):
+        return recurrent_macs(mod, inputs)
     if not isinstance(output, torch.Tensor) or not inputs or not isinstance(inputs[0], torch.Tensor):
         return 0
     in_features = getattr(mod, "in_features", None)

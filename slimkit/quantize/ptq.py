@@ -54,16 +54,31 @@ def target_layers(model: nn.Module, targets: Any, exclude: Any, *, allow_conv: b
     names = select(model, targets, exclude, kinds=(nn.Linear, nn.Conv2d, nn.Module))
     chosen: list[str] = []
     skipped: dict[str, str] = {}
+    reads_weights = [n + "." for n, m in model.named_modules() if isinstance(m, nn.MultiheadAttention)]
     for name in names:
         m = model.get_submodule(name)
-        if isinstance(m, nn.Linear) or (allow_conv and isinstance(m, nn.Conv2d) and _plain_conv(m)):
+        if any(name.startswith(parent) for parent in reads_weights):
+            skipped[name] = "inside nn.MultiheadAttention, which reads this weight directly: kept float"
+        elif isinstance(m, nn.Linear) or (allow_conv and isinstance(m, nn.Conv2d) and _plain_conv(m)):
             chosen.append(name)
         elif isinstance(m, (nn.Linear, nn.Conv2d)) or not list(m.children()):
             skipped[name] = f"{type(m).__name__} is not supported by this technique"
+    if targets in ("all", "all-linear"):  # weight layers "all" does not reach are listed, never silently float
+        excluded = set(select(model, exclude, (), kinds=(nn.Module,))) if exclude else set()
+        for name, m in model.named_modules():
+            inside = any(name.startswith(c + ".") for c in chosen) or any(name == e or name.startswith(e + ".")
+                                                                         for e in excluded)
+            if isinstance(m, UNQUANTIZED) and name not in skipped and not inside:
+                skipped[name] = f"{type(m).__name__} is not quantized by this technique: kept float"
     if not chosen:
         raise SlimkitError("no layer to quantize: targets matched no supported Linear/Conv2d layer",
                            "check targets/exclude ('all', 'all-linear', a regex or module names)")
     return chosen, skipped
+
+
+#: Weight layers no quantizer here converts yet (they are listed as kept float, with this reason).
+UNQUANTIZED = (nn.Conv1d, nn.Conv3d, nn.modules.conv._ConvTransposeNd, nn.RNNBase, nn.RNNCellBase,
+               nn.EmbeddingBag, nn.MultiheadAttention)
 
 
 def _plain_conv(conv: nn.Conv2d) -> bool:

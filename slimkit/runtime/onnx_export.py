@@ -110,15 +110,20 @@ def _eager_attention(model: nn.Module) -> Iterator[None]:
 
     Same math; the sdpa path exports an extra IsNaN/Where per layer (81 of 1,650 ms in MiniLM on
     one thread) and a pattern ORT's transformer optimizer cannot fuse into its Attention op.
+    ``nn.MultiheadAttention`` likewise: its inference fast path is one fused op
+    (``_native_multi_head_attention``) the exporter cannot write, so it is traced as plain matmuls.
     """
     configs = {id(c): c for m in model.modules() if (c := getattr(m, "config", None)) is not None
                and getattr(c, "_attn_implementation", None) not in (None, "eager")}
     saved = {k: c._attn_implementation for k, c in configs.items()}
+    fastpath = torch.backends.mha.get_fastpath_enabled()
     try:
         for c in configs.values():
             c._attn_implementation = "eager"
+        torch.backends.mha.set_fastpath_enabled(False)
         yield
     finally:
+        torch.backends.mha.set_fastpath_enabled(fastpath)
         for k, c in configs.items():
             c._attn_implementation = saved[k]
 

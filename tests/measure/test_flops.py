@@ -104,3 +104,15 @@ def test_counting_leaves_the_model_as_it_was():
     count_flops(model, torch.randn(1, 1, 28, 28))
     assert model.training
     assert not model._forward_hooks and not model.conv1._forward_pre_hooks
+
+
+@pytest.mark.parametrize("layer,x,expected", [
+    # LSTM: 4 gates, each hidden x (input + hidden) per sample and step; the second layer reads the first's hidden
+    (nn.LSTM(8, 32, num_layers=2, batch_first=True), (4, 10, 8), 4 * 10 * (4 * 32 * (8 + 32) + 4 * 32 * (32 + 32))),
+    (nn.GRU(8, 16, bidirectional=True), (10, 4, 8), 4 * 10 * 2 * 3 * 16 * (8 + 16)),  # (T, B, in), 2 directions
+    (nn.LSTMCell(16, 32), (4, 16), 4 * 4 * 32 * (16 + 32)),
+    (nn.RNN(5, 7), (6, 5), 6 * 7 * (5 + 7)),  # unbatched (T, in)
+])
+def test_recurrent_layers_count_their_gate_macs(layer, x, expected):
+    count = count_flops(layer.eval(), (torch.randn(*x),))
+    assert count.macs == expected
