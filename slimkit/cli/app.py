@@ -12,7 +12,7 @@ import typer
 from rich.console import Console
 from rich.table import Table
 
-from slimkit import zoo
+from slimkit.cli.task_options import DATA, INPUT_SHAPE, METRIC, MODEL, TASK, WEIGHTS, load_task
 from slimkit.core.errors import SlimkitError
 from slimkit.core.registry import all_techniques
 from slimkit.measure import profile as run_profile
@@ -51,14 +51,15 @@ def tasks() -> None:
 
 @app.command()
 @_friendly
-def profile(task: str = typer.Option("digits", help="built-in task name or package.module:function"),
+def profile(task: Optional[str] = TASK, model: Optional[str] = MODEL, weights: Optional[str] = WEIGHTS,
+            data: Optional[str] = DATA, input_shape: Optional[str] = INPUT_SHAPE, metric: str = METRIC,
             device: str = typer.Option("cpu", help="cpu or cuda"),
             threads: Optional[int] = typer.Option(None, help="threads to pin while timing (default: torch's)"),
             json_out: Optional[Path] = typer.Option(None, "--json", help="also write the profile as JSON")) -> None:
     """Profile a task's model: params, artifact bytes, MACs, latency, memory, energy, per layer."""
 
 
-    t = zoo.load(task)
+    t, _ = load_task(task, "digits", model, weights, data, input_shape, metric)
     if device.startswith("cuda"):
 
         if not torch.cuda.is_available():

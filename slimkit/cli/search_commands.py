@@ -11,6 +11,7 @@ import typer
 from slimkit import zoo
 from slimkit.cli.app import _friendly, app
 from slimkit.cli.demo import run as run_demo
+from slimkit.cli.task_options import DATA, INPUT_SHAPE, METRIC, MODEL, TASK, WEIGHTS, load_task
 from slimkit.core.errors import SlimkitError
 from slimkit.core.target import Target
 from slimkit.search.optimize import optimize as run
@@ -21,7 +22,8 @@ from slimkit.search.worker import work
 
 @app.command()
 @_friendly
-def optimize(task: str = typer.Option("digits", help="built-in task name or package.module:function"),
+def optimize(task: Optional[str] = TASK, model: Optional[str] = MODEL, weights: Optional[str] = WEIGHTS,
+             data: Optional[str] = DATA, input_shape: Optional[str] = INPUT_SHAPE, metric: str = METRIC,
              max_size_mb: Optional[float] = typer.Option(None, help="largest artifact allowed, MB"),
              max_latency_ms: Optional[float] = typer.Option(None, help="slowest p50 latency allowed, ms"),
              max_memory_mb: Optional[float] = typer.Option(None, help="largest peak memory allowed, MB"),
@@ -44,8 +46,9 @@ def optimize(task: str = typer.Option("digits", help="built-in task name or pack
     if not target.names():
         raise SlimkitError("no limit given", "set at least one of --max-size-mb, --max-latency-ms, --max-drop")
     names = [n.strip() for n in techniques.split(",") if n.strip()] if techniques else None
-    result = run(task, target, trials=trials, time_budget=time_budget, strategy=strategy, storage=storage,
-                 study=study, seed=seed, out=out, resume=resume, technique_names=names, task_spec=task)
+    t, spec = load_task(task, "digits", model, weights, data, input_shape, metric)
+    result = run(t, target, trials=trials, time_budget=time_budget, strategy=strategy, storage=storage,
+                 study=study, seed=seed, out=out, resume=resume, technique_names=names, task_spec=spec)
     print_summary(result)
 
 

@@ -16,8 +16,9 @@ from typing import Any, Optional
 import typer
 import yaml
 
-from slimkit import io, zoo
+from slimkit import io
 from slimkit.cli.app import _friendly, app
+from slimkit.cli.task_options import DATA, INPUT_SHAPE, METRIC, MODEL, TASK, WEIGHTS, load_task
 from slimkit.core.config import BaseConfig
 from slimkit.core.errors import SlimkitError
 from slimkit.core.registry import all_presets, technique_named
@@ -83,7 +84,8 @@ def _needs_training(task: Task, what: str, labels: bool = True) -> None:
 
 @app.command()
 @_friendly
-def quantize(task: str = typer.Option("mnist", help=TASK_HELP),
+def quantize(task: Optional[str] = TASK, model: Optional[str] = MODEL, weights: Optional[str] = WEIGHTS,
+             data: Optional[str] = DATA, input_shape: Optional[str] = INPUT_SHAPE, metric: str = METRIC,
              config: str = typer.Option("int8-dynamic", help="a quantization preset (slimkit techniques lists them)"),
              calibration: Optional[str] = typer.Option(None, help="static int8: minmax, percentile, entropy, mse"),
              percentile: Optional[float] = typer.Option(None, help="percentile for --calibration percentile"),
@@ -102,13 +104,14 @@ def quantize(task: str = typer.Option("mnist", help=TASK_HELP),
     cfg = with_options(presets[config], config, calibration=calibration, percentile=percentile,
                        granularity=granularity, group_size=group_size, backend=backend, max_drop=max_drop,
                        embedding_bits=embedding_bits, method=method)
-    t = zoo.load(task)
-    _run(t, [cfg], out, f"slimkit quantization — {t.name}", spec=task, threads=threads, label=config, compute=False)
+    t, spec = load_task(task, "mnist", model, weights, data, input_shape, metric)
+    _run(t, [cfg], out, f"slimkit quantization — {t.name}", spec=spec, threads=threads, label=config, compute=False)
 
 
 @app.command()
 @_friendly
-def prune(task: str = typer.Option("digits", help=TASK_HELP),
+def prune(task: Optional[str] = TASK, model: Optional[str] = MODEL, weights: Optional[str] = WEIGHTS,
+          data: Optional[str] = DATA, input_shape: Optional[str] = INPUT_SHAPE, metric: str = METRIC,
           method: str = typer.Option("channels", help="channels (structured), magnitude (unstructured), nm"),
           amount: Optional[float] = typer.Option(None, help="fraction to remove: channels per group, or weights"),
           macs_ratio: Optional[float] = typer.Option(None, help="channels: MACs to keep, e.g. 0.5 (overrides amount)"),
@@ -148,10 +151,10 @@ def prune(task: str = typer.Option("digits", help=TASK_HELP),
                                            targets=cfg.targets, exclude=cfg.exclude)]
     else:
         steps = [cfg] + ([Finetune(steps=finetune_steps, lr=lr or 1e-3, evals=RECOVERY_EVALS)] if finetune_steps else [])
-    t = zoo.load(task)
+    t, spec = load_task(task, "digits", model, weights, data, input_shape, metric)
     if finetune_steps:
         _needs_training(t, "fine-tune")
-    _run(t, steps, out, f"slimkit pruning — {t.name}", spec=task, threads=threads, label=f"pruned ({cfg.type_name})")
+    _run(t, steps, out, f"slimkit pruning — {t.name}", spec=spec, threads=threads, label=f"pruned ({cfg.type_name})")
 
 
 def student_steps(spec: str, task: Task) -> list[BaseConfig]:
@@ -187,7 +190,8 @@ def parse_features(text: str | None) -> tuple[tuple[str, str], ...]:
 
 @app.command()
 @_friendly
-def distill(task: str = typer.Option("mnist", help=TASK_HELP),
+def distill(task: Optional[str] = TASK, model: Optional[str] = MODEL, weights: Optional[str] = WEIGHTS,
+            data: Optional[str] = DATA, input_shape: Optional[str] = INPUT_SHAPE, metric: str = METRIC,
             student: str = typer.Option("self", help="self, layers:N (encoder keeping N blocks) or an artifact dir"),
             steps: int = typer.Option(200, help="distillation steps"),
             lr: float = typer.Option(1e-3, help="peak learning rate (about 3e-5 for pre-trained transformers)"),
@@ -201,19 +205,20 @@ def distill(task: str = typer.Option("mnist", help=TASK_HELP),
     """Distill a task's model into a student, compare with plain fine-tuning, write a report."""
     cfg = Distill(steps=steps, lr=lr, temperature=temperature, alpha=alpha, features=parse_features(features),
                   relational=relational)
-    t = zoo.load(task)
+    t, spec = load_task(task, "mnist", model, weights, data, input_shape, metric)
     before = student_steps(student, t)
     controls = {}
     if compare and t.loss is not None:  # the same student, seed and budget on the hard labels alone
         plain = dataclasses.replace(cfg, alpha=0.0, features=(), relational=0.0, output="logits")
-        controls[f"fine-tuned {steps} steps"] = Recipe(steps=before + [plain], task=task)
-    _run(t, before + [cfg], out, f"slimkit distillation — {t.name}", spec=task, threads=threads,
+        controls[f"fine-tuned {steps} steps"] = Recipe(steps=before + [plain], task=spec)
+    _run(t, before + [cfg], out, f"slimkit distillation — {t.name}", spec=spec, threads=threads,
          label=f"distilled {steps} steps", controls=controls, intermediate=bool(before))
 
 
 @app.command()
 @_friendly
-def factorize(task: str = typer.Option("mnist", help=TASK_HELP),
+def factorize(task: Optional[str] = TASK, model: Optional[str] = MODEL, weights: Optional[str] = WEIGHTS,
+              data: Optional[str] = DATA, input_shape: Optional[str] = INPUT_SHAPE, metric: str = METRIC,
               method: str = typer.Option("tucker", help="svd, tucker or cp (Linear/1x1 layers always get SVD)"),
               ratio: float = typer.Option(0.3, help="fraction of each factorized layer's parameters kept"),
               energy: Optional[float] = typer.Option(None, help="svd: keep this fraction of singular-value energy"),
@@ -240,7 +245,7 @@ def factorize(task: str = typer.Option("mnist", help=TASK_HELP),
     else:
         cfg = (Tucker if method == "tucker" else CP)(ratio=ratio, allocation=allocation, targets=targets or "all",
                                                       exclude=names)
-    t = zoo.load(task)
+    t, spec = load_task(task, "mnist", model, weights, data, input_shape, metric)
     chosen_layers(t.model, cfg.targets, cfg.exclude, cfg.type_name)  # bad names fail before any work
     steps = [cfg]
     if finetune_steps:
@@ -249,7 +254,7 @@ def factorize(task: str = typer.Option("mnist", help=TASK_HELP),
             raise SlimkitError(f"task {t.name!r} has no labels to fine-tune on", "add --distill (needs no labels)")
         steps.append(Distill(steps=finetune_steps, lr=lr or 1e-3, alpha=0.5) if distill
                      else Finetune(steps=finetune_steps, lr=lr or 1e-3))
-    _run(t, steps, out, f"slimkit factorization — {t.name}", spec=task, threads=threads,
+    _run(t, steps, out, f"slimkit factorization — {t.name}", spec=spec, threads=threads,
          label=f"factorized ({cfg.type_name})", intermediate=len(steps) > 1)
 
 
@@ -259,6 +264,8 @@ def apply_steps(recipe: Optional[Path] = typer.Argument(None, help="recipe.yaml 
                 step: Optional[list[str]] = typer.Option(None, "--step",
                                                          help="a step 'family.Name key=value ...' or a preset; repeat"),
                 task: Optional[str] = typer.Option(None, help="task (default: the one named in the recipe)"),
+                model: Optional[str] = MODEL, weights: Optional[str] = WEIGHTS, data: Optional[str] = DATA,
+                input_shape: Optional[str] = INPUT_SHAPE, metric: str = METRIC,
                 seed: int = typer.Option(0, help="seed of a recipe given by --step"),
                 threads: Optional[int] = typer.Option(None, help="threads to pin while training and timing"),
                 out: Path = typer.Option(Path("runs/apply"), help="output directory")) -> None:
@@ -269,10 +276,9 @@ def apply_steps(recipe: Optional[Path] = typer.Argument(None, help="recipe.yaml 
         r = Recipe.load(recipe)
     else:
         r = Recipe(steps=[parse_step(s) for s in step or []], task=task or "", seed=seed)
-    name = task or r.task
-    if not name:
-        raise SlimkitError("the recipe names no task", "pass --task")
-    t = zoo.load(name)
-    r = dataclasses.replace(r, task=name)
+    if model is None and not (task or r.task):
+        raise SlimkitError("the recipe names no task", "pass --task or --model")
+    t, spec = load_task(task or (r.task if model is None else None), r.task, model, weights, data, input_shape, metric)
+    r = dataclasses.replace(r, task=spec)
     run_recipe(t, r, out, title=f"slimkit apply — {t.name}", threads=threads)
 

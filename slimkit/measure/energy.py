@@ -15,6 +15,7 @@ from typing import Any
 import torch
 import torch.nn as nn
 
+from slimkit.core.runtime_needs import QuantizedLayer
 from slimkit.measure._call import Example, device_for, prepared, require_module, state_bytes
 from slimkit.measure._trace import Tracer
 from slimkit.measure.flops import FlopCount, count_flops
@@ -120,7 +121,10 @@ def _has_iinfo(dtype: torch.dtype) -> bool:
 
 
 def _weight_dtype(mod: nn.Module) -> torch.dtype | None:
-    """dtype of a module's weight: ``.weight`` (a tensor, or a method on quantized modules), else its first tensor."""
+    """dtype of a module's weight: its stored integers for a quantized layer, ``.weight`` (a tensor, or a
+    method on torch's quantized modules), else its first tensor."""
+    if isinstance(mod, QuantizedLayer):
+        return mod.qweight.dtype
     weight = getattr(mod, "weight", None)
     if callable(weight) and not isinstance(weight, torch.Tensor):
         try:

@@ -57,6 +57,12 @@ class _QuantBase(nn.Module):
             self.act_scale.copy_(scale)
             self.act_zero.copy_(zero)
 
+    @property
+    def weight(self) -> torch.Tensor:
+        """The float weight the integers stand for: code that reads ``layer.weight`` (its dtype, HF
+        models' input casts) keeps working; the stored form stays the packed integers."""
+        return self.dequantized_weight()
+
     def runtime_needs(self) -> LayerNeeds:
         """What a runtime must provide to run this layer (``slimkit.core.runtime_needs``)."""
         unsupported: dict[str, str] = {}

@@ -142,6 +142,10 @@ def prepare(model: nn.Module, config: QAT, task: Task) -> nn.Module:
             skipped[name] = f"in_features {layer.in_features} is not a multiple of group_size {group}"
             continue
         set_submodule(model, name, QATLinear.from_float(layer, bits=config.bits, group_size=group, **common))
+    if not qat_layers(model):
+        first = next(iter(skipped.items()), ("", "no layer matched the targets"))
+        raise SlimkitError(f"QAT has no layer to train: every targeted layer was left out ({first[0]}: {first[1]})",
+                           "use bits=8, another group_size, or widen targets")
     add_record(model, TrainedQuantRecord(config.type_name, config.to_dict(), skipped, layers=list(qat_layers(model)),
                                          embeddings=tables))
     return model

@@ -12,6 +12,7 @@ from typing import Callable
 from slimkit.core.errors import SlimkitError
 from slimkit.core.registry import lazy_builders
 from slimkit.core.task import Task
+from slimkit.zoo.model_task import MODEL_PREFIX, model_spec, model_task, task_from_spec
 
 #: name -> (module, one-line summary). Modules are imported on demand: the MiniLM task pulls in
 #: transformers, which the digits task should not pay for.
@@ -50,6 +51,8 @@ def load(name: str, **kwargs: object) -> Task:
 
 
 def _factory(name: str) -> Callable[..., Task]:
+    if name.startswith(MODEL_PREFIX):  # a user's model without a task module (``--model``)
+        return lambda **kwargs: task_from_spec(name)
     if name in BUILTINS:
         return getattr(_import(BUILTINS[name][0], name), "make_task")
     if ":" in name:
@@ -72,3 +75,5 @@ def _import(module_name: str, task_name: str):  # noqa: ANN202
                                "check the module path and that it is installed") from None
         raise SlimkitError(f"task {task_name!r} needs the package {exc.name!r}",
                            "pip install 'slimkit[zoo]'") from None
+
+__all__ = ["BUILTINS", "describe", "load", "model_spec", "model_task", "names"]
