@@ -95,12 +95,14 @@ class OrtModel:
         self.file_bytes = path.stat().st_size
         self._inputs = [i.name for i in session.get_inputs()]
 
-    def __call__(self, *inputs: torch.Tensor) -> torch.Tensor:
+    def __call__(self, *inputs: torch.Tensor) -> torch.Tensor | tuple[torch.Tensor, ...]:
+        """The model's output, or, for a model with several, all of them (flattened, in the torch order)."""
         if len(inputs) != len(self._inputs):
             raise SlimkitError(f"the ONNX model takes {len(self._inputs)} inputs ({', '.join(self._inputs)}), "
                                f"got {len(inputs)}", "call it like the torch model")
         feeds = {n: torch.as_tensor(x).detach().cpu().contiguous().numpy() for n, x in zip(self._inputs, inputs)}
-        return torch.from_numpy(self.session.run(None, feeds)[0])
+        outputs = [torch.from_numpy(o) for o in self.session.run(None, feeds)]
+        return outputs[0] if len(outputs) == 1 else tuple(outputs)
 
     def __repr__(self) -> str:
         return f"OrtModel({self.path}, threads={self.threads}, kernels={dict(self.kernels)})"

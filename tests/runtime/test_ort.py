@@ -204,3 +204,27 @@ def test_linear_bias_is_folded_into_the_integer_matmul_with_identical_outputs(tm
     assert folded.kernels["Add"] < plain.kernels["Add"]
     ids, mask = tokens(3, 20, seed=3)
     np.testing.assert_allclose(folded(ids, mask).numpy(), plain(ids, mask).numpy(), rtol=0, atol=1e-6)
+
+
+class _TwoHeads(nn.Module):
+    """A detector-style model: two outputs (scores and boxes)."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.body, self.scores, self.boxes = nn.Linear(8, 16), nn.Linear(16, 3), nn.Linear(16, 4)
+
+    def forward(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        h = torch.relu(self.body(x))
+        return self.scores(h), self.boxes(h)
+
+
+def test_a_multi_output_model_returns_every_output_on_onnxruntime():
+    torch.manual_seed(0)
+    model, x = _TwoHeads().eval(), torch.randn(4, 8)
+    run = build_ort(model, (x,))
+    got = run(x)
+    with torch.no_grad():
+        want = model(x)
+    assert isinstance(got, tuple) and len(got) == 2
+    for g, w in zip(got, want):
+        torch.testing.assert_close(g, w, rtol=1e-5, atol=1e-5)
