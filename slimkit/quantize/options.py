@@ -5,7 +5,9 @@ from __future__ import annotations
 
 import dataclasses
 import re
-from typing import Any
+from typing import Any, ClassVar
+
+import torch.nn as nn
 
 from slimkit.core.config import BaseConfig
 from slimkit.core.errors import SlimkitError
@@ -49,7 +51,14 @@ def embedding_bits_knob(trial: Any, ctx: SearchContext, prefix: str) -> int:
 
 @dataclasses.dataclass(frozen=True)
 class QuantConfig(BaseConfig):
-    """What every quantization config shares: its report section (layers kept float, per-layer error)."""
+    """What every quantization config shares: its report section (layers kept float, per-layer error), and
+    being offered only to models with layers it converts (``LAYERS``)."""
+
+    LAYERS: ClassVar[tuple[type[nn.Module], ...]] = (nn.Linear, nn.Conv2d, nn.Embedding)
+
+    @classmethod
+    def applies(cls, ctx: SearchContext) -> bool:
+        return any(isinstance(m, cls.LAYERS) for m in ctx.task.model.modules())
 
     @classmethod
     def report_section(cls, report: ReportSection, record: StepRecord, view: StepView) -> None:
@@ -62,7 +71,7 @@ class TrainedQuantConfig(QuantConfig):
 
     @classmethod
     def applies(cls, ctx: SearchContext) -> bool:
-        return ctx.trainable
+        return ctx.trainable and super().applies(ctx)
 
 
 @dataclasses.dataclass(frozen=True)

@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 import dataclasses
-from typing import Any
+from typing import Any, ClassVar
 
 import torch.nn as nn
 
@@ -38,6 +38,7 @@ class WeightOnly(PTQConfig):
     to fp32 where round-to-nearest gives 0.97.
     """
 
+    LAYERS: ClassVar[tuple[type[nn.Module], ...]] = (nn.Linear, nn.Embedding)  # int4 covers Linear layers only
     targets: Targets = "all-linear"
     bits: int = 8
     group_size: int = 0

@@ -17,9 +17,13 @@ import torch.nn as nn
 
 from slimkit.core.config import BaseConfig, apply
 from slimkit.core.errors import SlimkitError
+from slimkit.core.record import records_of
+from slimkit.core.registry import technique_of
 from slimkit.core.target import Measurement, Target
 from slimkit.core.task import Task
+from slimkit.measure import artifact_size, count_params
 from slimkit.pipeline.candidate import measure
+from slimkit.prune.record import ChannelRecord
 
 log = logging.getLogger("slimkit.search")
 
@@ -67,6 +71,10 @@ class RuntimeMeasurer:
                  ) -> tuple[TrialMeasurement, nn.Module | None]:
         start = time.perf_counter()
         try:
+            before = self._before_training(configs) if early_stop else None
+            if before is not None:
+                before.seconds = time.perf_counter() - start
+                return before, None
             torch.manual_seed(self.seed)
             model = apply(self.task.model, list(configs), self.task)
         except SlimkitError as exc:
@@ -83,3 +91,22 @@ class RuntimeMeasurer:
             if self.baseline_score is not None:
                 m.drop = self.task.drop(self.baseline_score, m.score)
         return m, model
+
+    def _before_training(self, configs: Sequence[BaseConfig]) -> TrialMeasurement | None:
+        """What is known before any recovery training: the bytes (training does not change them) and
+        whether pruning removed anything. A pipeline already out of the size limit, or whose pruning
+        step removed nothing, ends here with the reason instead of after minutes of fine-tuning."""
+        training = [c for c in configs if technique_of(type(c)).stage == "recover"]
+        if not training:
+            return None
+        torch.manual_seed(self.seed)
+        untrained = apply(self.task.model, [c for c in configs if c not in training], self.task)
+        for record in records_of(untrained):
+            if isinstance(record, ChannelRecord) and record.groups_pruned == 0:
+                why = next(iter(record.skipped.values()), "no group could be pruned")
+                return TrialMeasurement(error=f"{record.technique} removed nothing ({why})")
+        size_mb = artifact_size(untrained) / 1e6
+        if self.target.max_size_mb is not None and size_mb > self.target.max_size_mb:
+            log.info("candidate breaks the size limit before training; not trained")
+            return TrialMeasurement(size_mb=size_mb, params=count_params(untrained)[0], stopped_at="size")
+        return None

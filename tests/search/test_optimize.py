@@ -130,3 +130,18 @@ def test_max_techniques_limits_each_pipeline(digits_task, tmp_path):
         assert types in (["prune.Channels", "train.Finetune"], ["quantize.Int8"]), types
     with pytest.raises(sk.SlimkitError, match="max_techniques=0 is invalid"):
         optimize(digits_task, sk.Target(max_drop=0.05), trials=1, out=tmp_path, max_techniques=0)
+
+
+def test_what_is_known_before_training_ends_a_trial_before_any_training():
+    from slimkit.search.evaluate import RuntimeMeasurer
+    from tests.models import cnn, sequence, tiny_task
+
+    task = tiny_task(cnn)
+    size_mb = sk.measure.artifact_size(task.model) / 1e6
+    measure = RuntimeMeasurer(task, sk.Target(max_size_mb=size_mb * 0.5, max_drop=0.01))
+    m, model = measure([sk.prune.Channels(amount=0.1, round_to=None), sk.train.Finetune(steps=50)])
+    assert m.stopped_at == "size" and m.size_mb > size_mb * 0.5 and model is None
+    assert m.latency_ms is None and m.score is None  # neither trained nor timed nor scored
+    seq = tiny_task(sequence)
+    m, model = RuntimeMeasurer(seq, sk.Target(max_drop=0.01))([sk.prune.Channels(amount=0.5), sk.train.Finetune(steps=50)])
+    assert model is None and "prune.Channels removed nothing (recurrent layer" in m.error
