@@ -183,6 +183,33 @@ def mha() -> nn.Module:
     return _built(MHANet(), "tiny_mha")
 
 
+class UNet(nn.Module):
+    """A detector / segmenter shape: conv down, ConvTranspose and upsample back, a skip concat, pixel shuffle."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.down = nn.Sequential(nn.Conv2d(3, 16, 3, padding=1), nn.BatchNorm2d(16), nn.ReLU(), nn.MaxPool2d(2))
+        self.mid = nn.Sequential(nn.Conv2d(16, 32, 3, padding=1), nn.ReLU())
+        self.up = nn.ConvTranspose2d(32, 16, 2, stride=2)
+        self.fuse = nn.Conv2d(32, 16, 3, padding=1)
+        self.shuffle = nn.Conv2d(16, 4 * 4, 1)
+        self.head = nn.Conv2d(4, CLASSES, 1)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        d = self.down(x)                                             # (B, 16, H/2, W/2)
+        u = self.up(self.mid(d))                                     # (B, 16, H, W)
+        s = F.interpolate(d, scale_factor=2.0, mode="nearest")       # (B, 16, H, W)
+        f = F.relu(self.fuse(torch.cat([u, s], dim=1)))              # (B, 16, H, W)
+        p = F.pixel_shuffle(self.shuffle(f), 2)                      # (B, 4, 2H, 2W)
+        return self.head(p).mean(dim=(2, 3))                         # (B, classes)
+
+
+@builder("tiny_unet")
+def unet() -> nn.Module:
+    torch.manual_seed(0)
+    return _built(UNet(), "tiny_unet")
+
+
 #: model factory -> a function drawing one input batch from a generator.
 INPUTS: dict[Callable[[], nn.Module], Callable[[torch.Generator], torch.Tensor]] = {
     mlp: lambda g: torch.randn(BATCH, 32, generator=g),
@@ -192,7 +219,9 @@ INPUTS: dict[Callable[[], nn.Module], Callable[[torch.Generator], torch.Tensor]]
     encoder: lambda g: torch.randint(0, 64, (BATCH, 12), generator=g),
     sequence: lambda g: torch.randn(BATCH, 4, 16, generator=g),
     mha: lambda g: torch.randn(BATCH, 6, 16, generator=g),
+    unet: lambda g: torch.randn(BATCH, 3, 8, 8, generator=g),
 }
+MODELS = tuple(INPUTS)
 
 
 def tiny_task(factory: Callable[[], nn.Module], batches: int = 16) -> Task:

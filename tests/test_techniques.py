@@ -26,7 +26,7 @@ from slimkit.measure import artifact_size
 from slimkit.measure.closeness import cosine
 from slimkit.pipeline.recipe import Recipe
 from slimkit.runtime import build
-from tests.models import cnn, depthwise_cnn, encoder, mha, mlp, residual_cnn, sequence, tiny_task
+from tests.models import MODELS, cnn, depthwise_cnn, encoder, mha, mlp, residual_cnn, sequence, tiny_task
 
 
 @dataclasses.dataclass(frozen=True)
@@ -210,3 +210,30 @@ def test_layers_a_quantizer_leaves_float_are_listed_with_the_reason(model, layer
             if why is not None:
                 assert why in skipped[name], (config.type_name, name, skipped)
 
+
+
+#: One quick config per technique for the grid below (training steps kept to a handful).
+QUICK = [Q.Int8(), Q.Int8(activations="static"), Q.WeightOnly(bits=4, group_size=32), Q.Float16(), Q.Mixed(),
+         Q.QAT(steps=2), Q.Ternary(steps=2), P.Magnitude(), P.NM(), P.Channels(round_to=None),
+         P.Gradual(steps=20, prunings=2), P.Lottery(steps=2), F.SVD(), F.Tucker(), F.CP(iters=5),
+         T.Finetune(steps=2), D.Distill(steps=2), A.Fuse(), A.EarlyExitConfig(steps=2, holdout=4),
+         D.Student(layers=1), D.SimCSE(steps=2)]
+
+
+@pytest.mark.parametrize("factory", MODELS, ids=[f.__name__ for f in MODELS])
+def test_every_technique_on_every_model_works_or_says_why(factory):
+    """Real-shaped models (Conv1d + LSTM, MultiheadAttention, ConvTranspose + upsample + pixel shuffle,
+    depthwise, attention encoder): each technique works (finite outputs of the same shape) or refuses with
+    a one-line SlimkitError. A raw exception from deep inside is a bug."""
+    task = tiny_task(factory)
+    with torch.inference_mode():
+        reference = _out(task.model, task.example)
+    for config in QUICK:
+        torch.manual_seed(0)
+        try:
+            out = sk.apply(task.model, config, task)
+        except sk.SlimkitError as exc:
+            assert "\n" not in str(exc) and exc.hint, (config.type_name, str(exc))
+            continue
+        got = _out(out, task.example)
+        assert got.shape == reference.shape and torch.isfinite(got).all(), config.type_name

@@ -46,3 +46,20 @@ def set_submodule(model: nn.Module, name: str, module: nn.Module) -> None:
     if not hasattr(parent, child):
         raise AttributeError(f"no submodule {name}")
     setattr(parent, child, module)
+
+
+#: Modules that read their children's weights directly instead of calling them.
+WEIGHT_READERS = (nn.MultiheadAttention,)
+
+
+def read_directly(model: nn.Module) -> dict[str, str]:
+    """Submodules whose parent reads their weight tensors directly (``nn.MultiheadAttention``'s
+    ``out_proj``): replacing them with another module type breaks the parent -> why."""
+    found = {}
+    for name, module in model.named_modules():
+        if isinstance(module, WEIGHT_READERS):
+            for child, _ in module.named_children():
+                found[f"{name}.{child}" if name else child] = (f"inside {type(module).__name__}, which reads this "
+                                                                "weight directly: kept as it is")
+    return found
+

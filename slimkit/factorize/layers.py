@@ -16,7 +16,7 @@ from typing import Any, Callable, ClassVar
 import torch.nn as nn
 
 from slimkit.core.config import BaseConfig
-from slimkit.core.editing import select, set_submodule
+from slimkit.core.editing import read_directly, select, set_submodule
 from slimkit.core.errors import SlimkitError
 from slimkit.core.record import ReportSection, StepRecord, StepView, add_record
 from slimkit.core.registry import SearchContext
@@ -117,9 +117,10 @@ def factorize_layers(model: nn.Module, config: BaseConfig, names: list[str], pla
         names = [n for n in names if n != head]
         skipped[head] = "the model's output layer (keep_output=True)"
     before_total = sum(p.numel() for p in model.parameters())
+    direct = read_directly(model)
     for name in names:
         layer = model.get_submodule(name)
-        result = unsupported_reason(layer) or plan(name, layer)
+        result = direct.get(name) or unsupported_reason(layer) or plan(name, layer)
         if isinstance(result, str):
             skipped[name] = result
             log.info("%s: %s left as it is (%s)", config.type_name, name, result)

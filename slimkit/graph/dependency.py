@@ -12,7 +12,7 @@ from __future__ import annotations
 import dataclasses
 import re
 import warnings
-from typing import Any, Iterable
+from typing import Any, Callable, Iterable
 
 import torch
 import torch.nn as nn
@@ -73,12 +73,18 @@ def kept_layers(model: nn.Module) -> dict[str, str]:
     return found
 
 
-def untraceable_roots(graph: Any, roots: list[nn.Module], names: dict[int, str]) -> dict[str, str]:
-    """Root layers whose dependency group the tracer cannot build (an index mapping it gets wrong) -> why."""
+def untraceable_roots(graph: Any, roots: list[nn.Module], names: dict[int, str],
+                      check: Callable[[Any], Any] | None = None) -> dict[str, str]:
+    """Root layers whose dependency group the tracer cannot build (an index mapping it gets wrong), or
+    that ``check(group)`` (e.g. the pruner's importance) fails on -> why."""
     found = {}
     for module in roots:
-        try:
-            graph.get_pruning_group(module, graph.get_pruner_of_module(module).prune_out_channels, idxs=[0])
+        width = module.weight.shape[0] if isinstance(getattr(module, "weight", None), torch.Tensor) else 1
+        try:  # every channel index: a mapping can be wrong only past some index (pixel shuffle, split)
+            group = graph.get_pruning_group(module, graph.get_pruner_of_module(module).prune_out_channels,
+                                            idxs=list(range(width)))
+            if check is not None:
+                check(group)
         except Exception as exc:  # noqa: BLE001 - any failure of the tracer means this group is not ours to prune
             first = str(exc).splitlines()[0][:120] if str(exc) else ""
             found[names.get(id(module), "?")] = f"the dependency tracer cannot map its channels ({type(exc).__name__}: {first})"

@@ -249,12 +249,13 @@ def _attempt(model: nn.Module, config: Channels, amount: float, example: tuple, 
             pruner = _pruner(model, example, importance, config, amount, ignored, num_heads)
         except SlimkitError:
             raise
-        except Exception:  # noqa: BLE001 - the tracer cannot build some group: find the roots, restart without them
+        except Exception as exc:  # noqa: BLE001 - the tracer cannot build some group: find the roots, restart without them
             graph = dependency.dependency_graph(model, example)
             roots = [m for m in graph.module2node if isinstance(m, (nn.modules.conv._ConvNd, nn.Linear))
                      and m not in ignored]
-            result.untraceable = dependency.untraceable_roots(graph, roots, names) or {
-                "?": "the dependency tracer failed on this model"}
+            result.untraceable = dependency.untraceable_roots(graph, roots, names)
+            if not result.untraceable:
+                raise _tracer_failed(exc) from None
             return result
         if config.allocation != "uniform":
             ratios = _allocated_ratios(model, example, pruner, importance, config, amount, names, frozen, num_heads,
@@ -267,11 +268,12 @@ def _attempt(model: nn.Module, config: Channels, amount: float, example: tuple, 
             group = next(groups)
         except StopIteration:
             break
-        except Exception:  # noqa: BLE001 - the tracer failed to build a group: find which roots, restart without them
+        except Exception as exc:  # noqa: BLE001 - the tracer failed to build a group: find which roots, restart without them
             roots = [m for m in pruner.DG.module2node if isinstance(m, tuple(pruner.root_module_types))
                      and m not in pruner.ignored_layers]
-            result.untraceable = dependency.untraceable_roots(pruner.DG, roots, names) or {
-                "?": "the dependency tracer failed on this model"}
+            result.untraceable = dependency.untraceable_roots(pruner.DG, roots, names, pruner.estimate_importance)
+            if not result.untraceable:
+                raise _tracer_failed(exc) from None
             return result
         root = names.get(id(group[0].dep.target.module), "?")
         reason = dependency.blocked_reason(group, names, frozen=frozen, hidden=config.hidden)
@@ -293,6 +295,11 @@ def _attempt(model: nn.Module, config: Channels, amount: float, example: tuple, 
     model.zero_grad(set_to_none=True)
     result.heads = {n: list(v) for n, v in attention.sync_head_counts(blocks).items()}
     return result
+
+
+def _tracer_failed(exc: BaseException) -> SlimkitError:
+    return SlimkitError(f"channel pruning cannot trace this model's channel dependencies ({first_line(exc)})",
+                        "list the layers around it in ignored=..., or prune with prune.Magnitude / prune.NM")
 
 
 def _record_kept(kept_out: dict[str, list[int]], group: Any, names: dict[int, str], graph: Any) -> None:

@@ -12,7 +12,7 @@ from typing import Any
 
 import torch.nn as nn
 
-from slimkit.core.editing import select, set_submodule
+from slimkit.core.editing import read_directly, select, set_submodule
 from slimkit.core.errors import SlimkitError
 from slimkit.core.record import add_record
 from slimkit.core.task import Task
@@ -54,11 +54,11 @@ def target_layers(model: nn.Module, targets: Any, exclude: Any, *, allow_conv: b
     names = select(model, targets, exclude, kinds=(nn.Linear, nn.Conv2d, nn.Module))
     chosen: list[str] = []
     skipped: dict[str, str] = {}
-    reads_weights = [n + "." for n, m in model.named_modules() if isinstance(m, nn.MultiheadAttention)]
+    direct = read_directly(model)
     for name in names:
         m = model.get_submodule(name)
-        if any(name.startswith(parent) for parent in reads_weights):
-            skipped[name] = "inside nn.MultiheadAttention, which reads this weight directly: kept float"
+        if name in direct:
+            skipped[name] = direct[name]
         elif isinstance(m, nn.Linear) or (allow_conv and isinstance(m, nn.Conv2d) and _plain_conv(m)):
             chosen.append(name)
         elif isinstance(m, (nn.Linear, nn.Conv2d)) or not list(m.children()):
