@@ -44,7 +44,9 @@ class Channels(PruneConfig):
     ``importance``: l1 / l2 weight magnitude, bn_scale (|gamma| of the group's BatchNorms),
     taylor (|w * dL/dw| on the task's training batches), random (a control).
     ``round_to``: keep channel counts multiples of this (default 8: CPU conv/GEMM kernels are
-    blocked by 8 or 16 channels, and odd widths waste the speedup; None for exact amounts).
+    blocked by 8 or 16 channels, and odd widths waste the speedup; None for exact amounts). With
+    ``macs_ratio``, the result lands within ``MACS_TOLERANCE`` (0.03) of the ratio: where rounded
+    counts cannot, they are left unrounded, and the log says so.
     ``heads``: prune whole attention heads; ``hidden``: also prune a transformer's hidden width.
     ``allocation``: ``uniform`` removes the same fraction of every group; ``macs`` spends the
     budget where the MACs are (``slimkit.prune.channels_allocation``): fewest importance lost per
@@ -162,41 +164,79 @@ def prune_channels(model: nn.Module, config: Channels, task: Task | None) -> nn.
     return model
 
 
+#: How far from the asked MACs ratio a result may land (fraction of the original MACs).
+MACS_TOLERANCE = 0.03
+
+
+@dataclasses.dataclass
+class _Tried:
+    """One pruned candidate of the MACs search."""
+
+    macs: int
+    model: nn.Module
+    attempt: _Attempt
+    amount: float
+
+
 def _prune_to_macs(model: nn.Module, config: Channels, example: tuple, task: Task,
                    before_macs: int, table: LatencyTable | None) -> tuple[nn.Module, _Attempt, dict[str, str], float]:
-    """Bisect the per-group amount until the pruned model's MACs are at most ``macs_ratio`` of the original.
+    """Prune to ``macs_ratio`` of the MACs, within ``MACS_TOLERANCE``: the closest result at most the
+    budget, else the closest just over it.
 
-    An allocation (``macs``/``latency``) aims at the budget itself, so its one pass at that budget is
-    kept when the counted MACs agree; the bisection remains for what its model of MACs misses."""
-    target = config.macs_ratio * before_macs
-    lo, hi = 0.0, 0.95
+    An allocation (``macs``/``latency``) aims at the budget itself, so its one pass is kept when it
+    lands in the window; otherwise the per-group amount is bisected. Channel counts rounded to
+    ``round_to`` move in steps too coarse for small layers: when no rounded amount lands in the
+    window, the search is repeated without rounding, and a miss that remains is logged and recorded."""
+    target, tolerance = config.macs_ratio * before_macs, MACS_TOLERANCE * before_macs
     broken: dict[str, str] = {}
-    best: tuple[nn.Module, _Attempt, float] | None = None
-    lowest = float(before_macs)  # fewest MACs any amount reached (a too-large amount can prune less: groups break)
-    if config.allocation != "uniform":  # the allocation aims at the MACs budget itself: take it when it is met
+    if config.allocation != "uniform":
         amount = 1.0 - config.macs_ratio
         candidate, attempt, broken = _prune_at(copy.deepcopy(model), config, amount, example, task, broken, table)
-        if count_flops(candidate, example).macs <= target:
-            return candidate, attempt, broken, amount
-    for _ in range(9):
-        mid = (lo + hi) / 2
-        candidate, attempt, broken = _prune_at(copy.deepcopy(model), config, mid, example, task, broken, table)
         macs = count_flops(candidate, example).macs
-        lowest = min(lowest, macs)
-        if macs <= target:
-            best, hi = (candidate, attempt, mid), mid
+        if target - tolerance <= macs <= target:
+            return candidate, attempt, broken, amount
+    tried, broken = _bisect(model, config, example, task, target, broken, table)
+    if config.round_to is not None and not any(abs(t.macs - target) <= tolerance for t in tried):
+        log.info("prune: channel counts in multiples of %d miss %.2f of the MACs; searching without rounding",
+                 config.round_to, config.macs_ratio)
+        finer, broken = _bisect(model, dataclasses.replace(config, round_to=None), example, task, target, broken,
+                                table)
+        tried += finer
+    under = [t for t in tried if t.macs <= target]
+    best = max(under, key=lambda t: t.macs) if under else None
+    over = [t for t in tried if target < t.macs <= target + tolerance]
+    if over and (best is None or target - best.macs > tolerance):
+        best = min(over, key=lambda t: t.macs)
+    if best is None:
+        lowest = min(t.macs for t in tried)
+        raise SlimkitError(f"channel pruning cannot reach {config.macs_ratio:.2f} of the MACs "
+                           f"(the least it reached is {lowest / before_macs:.3f}: the rest sits in layers that "
+                           f"cannot be pruned)", "ask for a larger macs_ratio, or allow hidden=True / fewer ignored layers")
+    if abs(best.macs - target) > tolerance:
+        log.warning("prune: reached %.3f of the MACs for %.2f asked: the prunable groups are too coarse to land "
+                    "closer", best.macs / before_macs, config.macs_ratio)
+    return best.model, best.attempt, broken, best.amount
+
+
+def _bisect(model: nn.Module, config: Channels, example: tuple, task: Task, target: float,
+            broken: dict[str, str], table: LatencyTable | None) -> tuple[list[_Tried], dict[str, str]]:
+    """Bisect the per-group amount towards ``target`` MACs: the candidates closest below and above it."""
+    lo, hi = 0.0, 0.95
+    below: _Tried | None = None
+    above: _Tried | None = None
+    for step in range(10):
+        if step == 9 and below is not None:
+            break
+        mid = (lo + hi) / 2 if step < 9 else 0.95  # nine bisection steps, then the largest amount if none fit
+        candidate, attempt, broken = _prune_at(copy.deepcopy(model), config, mid, example, task, broken, table)
+        tried = _Tried(count_flops(candidate, example).macs, candidate, attempt, mid)
+        if tried.macs <= target:
+            hi = mid
+            below = tried if below is None or tried.macs > below.macs else below
         else:
             lo = mid
-    if best is None:
-        candidate, attempt, broken = _prune_at(copy.deepcopy(model), config, hi, example, task, broken, table)
-        macs = count_flops(candidate, example).macs
-        lowest = min(lowest, macs)
-        if macs > target:
-            raise SlimkitError(f"channel pruning cannot reach {config.macs_ratio:.2f} of the MACs "
-                               f"(the least it reached is {lowest / before_macs:.2f}: the rest sits in layers that "
-                               f"cannot be pruned)", "ask for a larger macs_ratio, or allow hidden=True / fewer ignored layers")
-        best = (candidate, attempt, hi)
-    return best[0], best[1], broken, best[2]
+            above = tried if above is None or tried.macs < above.macs else above
+    return [t for t in (below, above) if t is not None], broken
 
 
 def _prune_at(model: nn.Module, config: Channels, amount: float, example: tuple, task: Task,

@@ -3,7 +3,7 @@
 Removing channels throws away what they fed the next layer; one-shot pruning at a low MACs ratio
 leaves a model that classifies barely above chance, and fine-tuning must first undo that damage
 (ThiNet, Luo et al. 2017; channel pruning with reconstruction, He et al. 2017). Here every
-Conv2d / Linear whose inputs were pruned is refitted, in execution order, so that on calibration
+Conv1d / Conv2d / Linear whose inputs were pruned is refitted, in execution order, so that on calibration
 inputs its output (the channels it kept) matches the unpruned layer's output as closely as a
 ridge least-squares fit allows: ``min ||P W - Y||^2 + lam ||W - W0||^2``, with ``P`` the pruned
 model's inputs to the layer (im2col patches for a conv), ``Y`` the original layer's outputs and
@@ -29,8 +29,14 @@ from slimkit.graph.dependency import execution_order
 log = logging.getLogger("slimkit.prune")
 
 DEFAULT_RIDGE = 1e-2  # with a single calibration batch there is nothing to hold out
-RIDGES = (1e-4, 1e-3, 1e-2, 1e-1, 1.0, 10.0)  # relative shrinkages tried when none is given
+RIDGES = (1e-4, 1e-3, 1e-2, 1e-1, 1.0)  # relative shrinkages tried when none is given
 _CHUNK = 1 << 23  # patch-matrix elements formed at once (64 MiB of float64): big convs go in slices
+#: Rows (samples x output positions) a layer's fit may use, per weight-matrix row: the Gram matrix
+#: costs rows * d^2, so a conv with thousands of inputs per output over long inputs is subsampled
+#: (uniformly, seeded) to a few times as many rows as it has unknowns, which bounds its time.
+ROWS_PER_UNKNOWN = 4
+MIN_ROWS = 8192
+SINGLE_PRECISION_FROM = 1024  # unknowns per output from which the Gram matrix is formed in float32
 
 
 @dataclasses.dataclass
@@ -49,7 +55,7 @@ class _Captured(Exception):
 def reconstruct(original: nn.Module, pruned: nn.Module, kept_out: dict[str, list[int]],
                 inputs: Iterable[tuple[torch.Tensor, ...]], ridge: float | None = None,
                 progress: bool = False) -> tuple[dict[str, LayerFit], dict[str, str]]:
-    """Refit ``pruned``'s input-pruned Conv2d/Linear layers in place: (fits, layers left as they were with why).
+    """Refit ``pruned``'s input-pruned Conv1d/Conv2d/Linear layers in place: (fits, layers left as they were with why).
 
     ``kept_out[name]``: the original indices of the output channels layer ``name`` kept (layers
     missing from it kept all). ``inputs``: calibration input tuples. ``ridge``: shrinkage towards
@@ -105,18 +111,30 @@ def _refit(original: nn.Module, pruned: nn.Module, name: str, kept: list[int] | 
     layer, ref = pruned.get_submodule(name), original.get_submodule(name)
     w0 = _as_matrix(layer)  # (d, out): d = in * kh * kw (+1 for the bias)
     halves = [_Stats(w0.new_zeros(w0.shape[0], w0.shape[0]), torch.zeros_like(w0)) for _ in range(2)]
+    row_cap = max(MIN_ROWS, ROWS_PER_UNKNOWN * w0.shape[0])
+    generator = torch.Generator().manual_seed(0)
     for i, batch in enumerate(batches):
         x = _capture(pruned, layer, batch)
         y = _capture(original, ref, batch, output=True)
-        outputs = y.shape[1] if isinstance(layer, nn.Conv2d) else y.shape[-1]
-        step = max(1, _CHUNK // (y[0].numel() // outputs * w0.shape[0]))  # samples per slice
+        conv = isinstance(layer, nn.modules.conv._ConvNd)
+        outputs = y.shape[1] if conv else y.shape[-1]
+        positions = y[0].numel() // outputs       # rows one sample gives
+        step = max(1, _CHUNK // (positions * w0.shape[0]))  # samples per slice
+        keep = min(1.0, row_cap / (positions * y.shape[0] * len(batches)))  # share of rows used
         half = halves[i % 2]
         for xs, ys in zip(x.split(step), y.split(step)):
             p = _patches(layer, xs)               # (rows, d)
             t = _rows(layer, ys)                  # (rows, out_original)
             if kept is not None:
                 t = t[:, kept]                    # (rows, out)
-            half.gram += p.T @ p
+            if keep < 1.0:
+                chosen = torch.rand(p.shape[0], generator=generator) < keep
+                p, t = p[chosen], t[chosen]       # (~rows * keep, d), (~rows * keep, out)
+            if p.shape[1] > SINGLE_PRECISION_FROM:  # big Gram products in float32 (half the time), summed in float64
+                single = p.float()
+                half.gram += (single.T @ single).double()
+            else:
+                half.gram += p.T @ p
             half.cross += p.T @ t
             half.target_sq += float((t * t).sum())
     total = halves[0] + halves[1]
@@ -125,8 +143,8 @@ def _refit(original: nn.Module, pruned: nn.Module, name: str, kept: list[int] | 
         ridge = DEFAULT_RIDGE
     elif ridge is None:  # the shrinkage that predicts held-out outputs best: fit on one half, score the other
         folds = ((halves[0], halves[1]), (halves[1], halves[0]))
-        ridge = min(RIDGES, key=lambda r: sum(b.residual(_solve(a, w0, r * float(a.gram.diagonal().mean())))
-                                              for a, b in folds))
+        ridge = min(RIDGES, key=lambda r: sum(b.residual(_solve(a, w0, r * float(a.gram.diagonal().mean()),
+                                                                 torch.float32)) for a, b in folds))
     w = _solve(total, w0, ridge * scale)
     norm = max(total.target_sq, 1e-30)
     fit = LayerFit(before=(max(total.residual(w0), 0.0) / norm) ** 0.5,
@@ -138,10 +156,19 @@ def _refit(original: nn.Module, pruned: nn.Module, name: str, kept: list[int] | 
     return fit
 
 
-def _solve(stats: _Stats, w0: torch.Tensor, lam: float) -> torch.Tensor:
-    """argmin ||P W - T||^2 + lam ||W - W0||^2 = (P^T P + lam I)^-1 (P^T T + lam W0)."""
-    system = stats.gram + lam * torch.eye(stats.gram.shape[0], dtype=stats.gram.dtype, device=stats.gram.device)
-    return torch.linalg.solve(system, stats.cross + lam * w0)
+def _solve(stats: _Stats, w0: torch.Tensor, lam: float, dtype: torch.dtype = torch.float64) -> torch.Tensor:
+    """argmin ||P W - T||^2 + lam ||W - W0||^2 = (P^T P + lam I)^-1 (P^T T + lam W0).
+
+    ``dtype=float32`` for trial solves when choosing the ridge: an imprecise solution only scores
+    worse on the held-out half, so it cannot be chosen wrongly; the kept solve is float64."""
+    system = stats.gram.to(dtype, copy=True)  # the stats are read again after this solve
+    system.diagonal().add_(lam)
+    rhs = (stats.cross + lam * w0).to(dtype)
+    if dtype == torch.float64:
+        return torch.linalg.solve(system, rhs)
+    factor, info = torch.linalg.cholesky_ex(system)  # trials: Cholesky, half the work of LU
+    solution = torch.linalg.solve(system, rhs) if int(info) != 0 else torch.cholesky_solve(rhs, factor)
+    return solution.double()
 
 
 def _capture(model: nn.Module, layer: nn.Module, batch: tuple, output: bool = False) -> torch.Tensor:
@@ -168,7 +195,11 @@ def _capture(model: nn.Module, layer: nn.Module, batch: tuple, output: bool = Fa
 
 def _patches(layer: nn.Module, x: torch.Tensor) -> torch.Tensor:
     """Rows the layer multiplies by its weight matrix, plus a ones column for the bias."""
-    if isinstance(layer, nn.Conv2d):
+    if isinstance(layer, nn.Conv1d):  # unfolded as a (k, 1) Conv2d: (B, in, L) -> (B, in, L, 1)
+        cols = F.unfold(x.unsqueeze(-1), (layer.kernel_size[0], 1), dilation=(layer.dilation[0], 1),
+                        padding=(layer.padding[0], 0), stride=(layer.stride[0], 1))  # (B, in * k, L')
+        rows = cols.transpose(1, 2).reshape(-1, cols.shape[1])
+    elif isinstance(layer, nn.Conv2d):
         cols = F.unfold(x, layer.kernel_size, dilation=layer.dilation, padding=layer.padding,
                         stride=layer.stride)      # (B, in * kh * kw, L)
         rows = cols.transpose(1, 2).reshape(-1, cols.shape[1])
@@ -181,6 +212,8 @@ def _patches(layer: nn.Module, x: torch.Tensor) -> torch.Tensor:
 
 
 def _rows(layer: nn.Module, y: torch.Tensor) -> torch.Tensor:
+    if isinstance(layer, nn.Conv1d):
+        return y.transpose(1, 2).reshape(-1, y.shape[1]).double()  # (B * L, out)
     if isinstance(layer, nn.Conv2d):
         return y.permute(0, 2, 3, 1).reshape(-1, y.shape[1]).double()  # (B * H * W, out)
     return y.reshape(-1, y.shape[-1]).double()
@@ -206,9 +239,9 @@ def _in_width(layer: nn.Module) -> int:
 
 
 def _unsupported(layer: nn.Module) -> str:
-    if isinstance(layer, nn.modules.conv._ConvNd) and not isinstance(layer, nn.Conv2d):
-        return f"{type(layer).__name__} is not unfolded here (Conv2d and Linear are)"
-    if isinstance(layer, nn.Conv2d):
+    if isinstance(layer, nn.modules.conv._ConvNd) and not isinstance(layer, (nn.Conv1d, nn.Conv2d)):
+        return f"{type(layer).__name__} is not unfolded here (Conv1d, Conv2d and Linear are)"
+    if isinstance(layer, (nn.Conv1d, nn.Conv2d)):
         if layer.groups != 1:
             return "grouped/depthwise conv (each output sees only its own inputs: nothing to refit)"
         if layer.padding_mode != "zeros" or isinstance(layer.padding, str):

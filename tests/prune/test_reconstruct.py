@@ -115,12 +115,32 @@ def test_bad_requests_are_refused() -> None:
         reconstruct(model, copy.deepcopy(model), {}, [example], ridge=0.0)
 
 
-def test_conv1d_layers_are_listed_not_refitted() -> None:
+def test_conv1d_copies_are_restored_exactly() -> None:
+    """The Twins construction in one dimension: a Conv1d is unfolded as a (k, 1) Conv2d and refitted exactly."""
     torch.manual_seed(0)
-    model = nn.Sequential(nn.Conv1d(3, 16, 3), nn.ReLU(), nn.Conv1d(16, 8, 3), nn.Flatten(), nn.Linear(8 * 4, 4)).eval()
+    model = nn.Sequential(nn.Conv1d(3, 16, 3, padding=1), nn.ReLU(), nn.Conv1d(16, 8, 5, padding=2, stride=2),
+                          nn.Flatten(), nn.Linear(8 * 6, 4)).eval()
+    with torch.no_grad():
+        model[0].weight[8:], model[0].bias[8:] = model[0].weight[:8], model[0].bias[:8]
+        model[2].weight[:, :8] *= 10  # L2 importance removes the copies
+    calib = [(torch.randn(32, 3, 12),) for _ in range(2)]
+    pruned = sk.apply(model, Channels(amount=0.5, round_to=None, ignored=("2",)),
+                      types.SimpleNamespace(example=calib[0], calib=calib))
+    assert pruned[2].in_channels == 8
+    fits, skipped = reconstruct(model, pruned, {}, calib, ridge=1e-9)
+    assert not skipped and set(fits) == {"2"} and fits["2"].before > 0.05 and fits["2"].after < 1e-5
+    x = torch.randn(8, 3, 12)
+    with torch.no_grad():
+        assert _rel_error(pruned(x), model(x)) < 1e-5
+
+
+def test_transposed_convs_are_listed_not_refitted() -> None:
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Conv1d(3, 16, 3), nn.ReLU(), nn.ConvTranspose1d(16, 8, 3), nn.Flatten(),
+                          nn.Linear(8 * 8, 4)).eval()
     calib = [(torch.randn(4, 3, 8),)]
     pruned = sk.apply(model, Channels(amount=0.5, round_to=None, reconstruct=True),
                       types.SimpleNamespace(example=calib[0], calib=calib))
     assert pruned[2].in_channels == 8
-    assert "Conv1d is not unfolded" in last_record(pruned).skipped["2"]
+    assert "ConvTranspose1d is not unfolded" in last_record(pruned).skipped["2"]
     assert last_record(pruned).reconstruction["4"]["after"] <= last_record(pruned).reconstruction["4"]["before"]
