@@ -26,7 +26,7 @@ from slimkit.measure import artifact_size
 from slimkit.measure.closeness import cosine
 from slimkit.pipeline.recipe import Recipe
 from slimkit.runtime import build
-from tests.models import MODELS, cnn, depthwise_cnn, encoder, mha, mlp, residual_cnn, sequence, tiny_task
+from tests.models import MODELS, cnn, depthwise_cnn, encoder, mha, mlp, residual_cnn, sequence, tiny_task, unet
 
 
 @dataclasses.dataclass(frozen=True)
@@ -56,7 +56,8 @@ CASES = [
     Case(Q.Int8(), cnn, 0.999, 0.35, ("torch", "onnxruntime"), 0.99),
     Case(Q.Int8(activations="static", calibration="entropy"), cnn, 0.995, 0.35, ("torch", "onnxruntime"), 0.99),
     Case(Q.Int8(), encoder, 0.999, 0.45),
-    Case(Q.Int8(), sequence, 0.999),  # only the Linear head: the Conv1d and the LSTM stay float (listed as skipped)
+    Case(Q.Int8(), sequence, 0.999, 0.5),  # the Conv1d as a (k, 1) Conv2d, the LSTM's gate matrices int8 (torch)
+    Case(Q.WeightOnly(bits=4, group_size=32), sequence, 0.99, 0.4),
     Case(Q.Int8(), mha, 0.999, runtimes=("torch", "onnxruntime")),  # the MultiheadAttention stays float (listed)
     Case(Q.WeightOnly(bits=4, group_size=32), mha, 0.99),
     Case(Q.WeightOnly(bits=8), mlp, 0.999, 0.4),
@@ -75,7 +76,7 @@ CASES = [
     Case(P.Channels(amount=0.5, round_to=None), residual_cnn, 0.95, 0.42),
     Case(P.Channels(amount=0.5, round_to=None), depthwise_cnn, 0.93, 0.7),
     Case(P.Channels(amount=0.5, round_to=None), encoder, 0.99, 0.65),
-    Case(P.Channels(amount=0.5, round_to=None), sequence, 0.999),  # the LSTM and the conv feeding it are kept
+    Case(P.Channels(amount=0.5, round_to=None), sequence, 0.9, 0.7),  # LSTM hidden units; the conv feeding it is kept
     Case(P.Channels(amount=0.5, round_to=None, reconstruct=True), cnn, 0.999, 0.32),
     Case(P.Gradual(amount=0.5, steps=20, prunings=2, lr=1e-4), mlp, 0.95, 0.7),
     Case(P.Lottery(amount=0.5, steps=6, lr=1e-4), mlp, 0.95, 0.7),
@@ -98,7 +99,7 @@ assert len(set(IDS)) == len(IDS), "two rows of the table are the same"
 
 @pytest.fixture(scope="module")
 def tasks() -> dict[str, sk.Task]:
-    return {f.__name__: tiny_task(f) for f in (mlp, cnn, residual_cnn, depthwise_cnn, encoder, sequence, mha)}
+    return {f.__name__: tiny_task(f) for f in (mlp, cnn, residual_cnn, depthwise_cnn, encoder, sequence, mha, unet)}
 
 
 @pytest.fixture(scope="module")
@@ -199,7 +200,7 @@ def test_a_task_a_technique_cannot_use_is_one_line_error(config, model, lacks, m
 
 
 @pytest.mark.parametrize("model,layers", [
-    (sequence, {"0": None, "conv": "Conv1d", "lstm": "LSTM"}),
+    (unet, {"up": "ConvTranspose2d"}),
     (mha, {"mha": "MultiheadAttention", "mha.out_proj": "reads this weight directly"}),
 ])
 def test_layers_a_quantizer_leaves_float_are_listed_with_the_reason(model, layers, tasks):

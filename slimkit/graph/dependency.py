@@ -59,7 +59,7 @@ def resolve_names(model: nn.Module, patterns: Iterable[str]) -> list[str]:
     return sorted(set(chosen))
 
 
-#: Layers whose width the graph does not slice yet: their gates would have to be grouped.
+#: Layers the graph does not slice: their gates are grouped by ``slimkit.prune.recurrent_hidden``.
 RECURRENT = (nn.RNNBase, nn.RNNCellBase)
 
 
@@ -68,8 +68,8 @@ def kept_layers(model: nn.Module) -> dict[str, str]:
     found = custom_layers(model)
     for name, module in model.named_modules():
         if isinstance(module, RECURRENT):
-            found[name] = (f"recurrent layer {type(module).__name__}: its hidden size and the channels it reads "
-                           "are kept (gates are not grouped for pruning yet)")
+            found[name] = (f"recurrent layer {type(module).__name__}: the channels it reads are kept (an LSTM/GRU "
+                           "hidden size is pruned on its own, gates grouped)")
     return found
 
 

@@ -54,3 +54,8 @@ def _sync_attributes(module: nn.Module, depthwise: bool) -> None:
         module.num_channels = module.weight.shape[0]
     elif isinstance(module, nn.Embedding):
         module.num_embeddings, module.embedding_dim = module.weight.shape
+    elif isinstance(module, nn.RNNBase):  # (G*H, In) / (G*H, H) gate matrices of the first layer
+        module.input_size, module.hidden_size = module.weight_ih_l0.shape[1], module.weight_hh_l0.shape[1]
+        module._init_flat_weights()  # the flat weight list still points at the tensors before resizing
+    elif isinstance(module, nn.RNNCellBase):
+        module.input_size, module.hidden_size = module.weight_ih.shape[1], module.weight_hh.shape[1]

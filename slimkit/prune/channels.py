@@ -24,9 +24,11 @@ from slimkit.core.task import Task
 from slimkit.graph import attention, dependency
 from slimkit.measure.flops import count_flops
 from slimkit.measure.latency_table import LatencyTable, measure_table
-from slimkit.prune.channels_allocation import allocate
+from slimkit.prune.channels_allocation import allocated_ratios
+from slimkit.prune.channels_importance import group_importance
 from slimkit.prune.group_check import GroupCheck, check_inputs, first_line, runs_as_before, shapes
 from slimkit.prune.reconstruct import reconstruct
+from slimkit.prune.recurrent_hidden import prune_recurrent
 from slimkit.prune.record import ChannelRecord, PruneConfig
 
 log = logging.getLogger("slimkit.prune")
@@ -127,6 +129,7 @@ class _Attempt:
     blocked: dict[str, str] = dataclasses.field(default_factory=dict)
     kept_out: dict[str, list[int]] = dataclasses.field(default_factory=dict)  # layer -> original output channels kept
     heads: dict[str, list[int]] = dataclasses.field(default_factory=dict)  # attention block -> heads removed
+    recurrent: dict[str, list[int]] = dataclasses.field(default_factory=dict)  # LSTM/GRU -> hidden units kept
 
 
 def prune_channels(model: nn.Module, config: Channels, task: Task | None) -> nn.Module:
@@ -150,6 +153,8 @@ def prune_channels(model: nn.Module, config: Channels, task: Task | None) -> nn.
     after_macs = count_flops(model, example).macs
     fits, not_refitted = reconstruct(original, model, attempt.kept_out, calib) if original is not None else ({}, {})
     skipped = {**dependency.kept_layers(model), **attempt.blocked, **broken, **not_refitted}
+    for name in attempt.recurrent:  # its hidden size was pruned (the channels it reads are kept)
+        skipped.pop(name, None)
     for name, reason in skipped.items():
         log.info("prune: left %s intact: %s", name, reason)
     add_record(model, ChannelRecord(
@@ -281,7 +286,7 @@ def _attempt(model: nn.Module, config: Channels, amount: float, example: tuple, 
             num_heads.update({layer: block.heads for layer in block.qkv})
 
     torch.manual_seed(config.seed)
-    importance = _importance(config, model, task)
+    importance = group_importance(config.importance, model, task, config.taylor_batches)
     result = _Attempt(blocked=heads_kept)
     with warnings.catch_warnings():  # loose parameters (ViT class token...) are sliced on their last axis, as meant
         warnings.filterwarnings("ignore", message="Unwrapped parameters")
@@ -298,8 +303,9 @@ def _attempt(model: nn.Module, config: Channels, amount: float, example: tuple, 
                 raise _tracer_failed(exc) from None
             return result
         if config.allocation != "uniform":
-            ratios = _allocated_ratios(model, example, pruner, importance, config, amount, names, frozen, num_heads,
-                                       table)
+            ratios = allocated_ratios(model, example, pruner, importance, config.allocation, config.hidden,
+                                      config.round_to, amount, names, frozen, num_heads,
+                                      table)
             pruner = _pruner(model, example, importance, config, amount, ignored, num_heads, ratios)
     verify = GroupCheck(model, check_inputs(task, example))
     groups = pruner.step(interactive=True)
@@ -332,6 +338,9 @@ def _attempt(model: nn.Module, config: Channels, amount: float, example: tuple, 
             result.failed_root, result.error = root, error
             return result
         result.pruned_groups += 1
+    recurrent = prune_recurrent(model, amount, verify.inputs, ignored=ignored_names, round_to=config.round_to)
+    result.recurrent, result.pruned_groups = recurrent.kept, result.pruned_groups + len(recurrent.kept)
+    result.blocked.update(recurrent.skipped)
     model.zero_grad(set_to_none=True)
     result.heads = {n: list(v) for n, v in attention.sync_head_counts(blocks).items()}
     return result
@@ -365,50 +374,6 @@ def _pruner(model: nn.Module, example: tuple, importance: Any, config: Channels,
         head_pruning_ratio=amount if num_heads else 0.0)
 
 
-def _allocated_ratios(model: nn.Module, example: tuple, pruner: Any, importance: Any, config: Channels,
-                      amount: float, names: dict[int, str], frozen: dict[int, str], num_heads: dict[nn.Module, int],
-                      table: LatencyTable | None) -> dict[nn.Module, float]:
-    """Per-group ratios of ``allocation='macs'`` / ``'latency'``: keep ``1 - amount`` of the MACs where they cost least."""
-    if num_heads:
-        raise SlimkitError(f"allocation={config.allocation!r} does not allocate attention heads",
-                           "use allocation='uniform', or heads=False to keep the heads")
-    groups = [g for g in pruner.DG.get_all_groups(ignored_layers=pruner.ignored_layers,
-                                                  root_module_types=pruner.root_module_types)
-              if dependency.blocked_reason(g, names, frozen=frozen, hidden=config.hidden) is None]
-    by_leaf = count_flops(model, example).by_leaf
-    leaf_macs = {model.get_submodule(n): macs for n, macs in by_leaf.items()}
-    return allocate(groups, importance, pruner.DG, leaf_macs, 1.0 - amount, config.round_to, table, names)
-
-
-def _importance(config: Channels, model: nn.Module, task: Task) -> Any:
-    tp = dependency.torch_pruning()
-    if config.importance in ("l1", "l2"):
-        return tp.importance.GroupMagnitudeImportance(p=1 if config.importance == "l1" else 2)
-    if config.importance == "bn_scale":
-        if not any(isinstance(m, nn.modules.batchnorm._BatchNorm) for m in model.modules()):
-            raise SlimkitError("importance='bn_scale' needs BatchNorm layers and the model has none",
-                               "use importance='l2' or 'taylor'")
-        return tp.importance.BNScaleImportance()
-    if config.importance == "random":
-        return tp.importance.RandomImportance()
-    _accumulate_gradients(model, task, config.taylor_batches)
-    return tp.importance.GroupTaylorImportance()
-
-
-def _accumulate_gradients(model: nn.Module, task: Task, batches: int) -> None:
-    """dL/dw over a few training batches, for first-order Taylor importance."""
-    train = getattr(task, "train", None)
-    loss_fn = getattr(task, "loss", None)
-    if not train or loss_fn is None:
-        raise SlimkitError("importance='taylor' needs labelled training batches and a task loss",
-                           "use a task with train data, or importance='l2'")
-    model.zero_grad(set_to_none=True)
-    for i, (inputs, labels) in enumerate(train):
-        if i >= batches:
-            break
-        loss_fn(model(*inputs), labels).backward()
-
-
 def _widths(model: nn.Module) -> dict[str, int]:
     """Output width of every Conv/Linear: what channel pruning changes."""
     widths = {}
@@ -417,6 +382,8 @@ def _widths(model: nn.Module) -> dict[str, int]:
             widths[name] = m.out_channels
         elif isinstance(m, nn.Linear):
             widths[name] = m.out_features
+        elif isinstance(m, (nn.RNNBase, nn.RNNCellBase)):
+            widths[name] = m.hidden_size
     return widths
 
 

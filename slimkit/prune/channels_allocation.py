@@ -23,6 +23,9 @@ from typing import Any, Callable
 import torch
 import torch.nn as nn
 
+from slimkit.core.errors import SlimkitError
+from slimkit.graph import dependency
+from slimkit.measure.flops import count_flops
 from slimkit.measure.latency_table import LatencyTable, LeafCost
 
 _MIN_KEPT = 0.25  # no group drops below a quarter of its channels: a thin bottleneck starves every layer after it
@@ -203,3 +206,18 @@ def _add_width_free(layers: dict[str, _Layer], out_group_of: dict[str, int], tab
             source = table.feeds[source]
         if source in out_group_of and name not in layers and name in table.costs:
             layers[name] = _Layer(0.0, None, out_group_of[source], table.costs[name])
+
+
+def allocated_ratios(model: nn.Module, example: tuple, pruner: Any, importance: Any, allocation: str, hidden: bool,
+                     round_to: int, amount: float, names: dict[int, str], frozen: dict[int, str],
+                     num_heads: dict[nn.Module, int], table: LatencyTable | None) -> dict[nn.Module, float]:
+    """Per-group ratios of ``allocation='macs'`` / ``'latency'``: keep ``1 - amount`` of the MACs where they cost least."""
+    if num_heads:
+        raise SlimkitError(f"allocation={allocation!r} does not allocate attention heads",
+                           "use allocation='uniform', or heads=False to keep the heads")
+    groups = [g for g in pruner.DG.get_all_groups(ignored_layers=pruner.ignored_layers,
+                                                  root_module_types=pruner.root_module_types)
+              if dependency.blocked_reason(g, names, frozen=frozen, hidden=hidden) is None]
+    by_leaf = count_flops(model, example).by_leaf
+    leaf_macs = {model.get_submodule(n): macs for n, macs in by_leaf.items()}
+    return allocate(groups, importance, pruner.DG, leaf_macs, 1.0 - amount, round_to, table, names)

@@ -234,8 +234,9 @@ def _write(layer: nn.Module, w: torch.Tensor) -> None:
             layer.bias.copy_(w[d].to(layer.bias.dtype))
 
 
-def _in_width(layer: nn.Module) -> int:
-    return layer.in_channels if isinstance(layer, nn.modules.conv._ConvNd) else layer.in_features
+def _in_width(layer: nn.Module) -> int | None:
+    """Input width of a Conv/Linear (None for the layers reconstruction does not refit)."""
+    return getattr(layer, "in_channels", getattr(layer, "in_features", None))
 
 
 def _unsupported(layer: nn.Module) -> str:

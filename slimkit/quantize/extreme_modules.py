@@ -228,4 +228,12 @@ def int4_stored(layer: nn.Module, codes: torch.Tensor, step: torch.Tensor) -> Bi
     return out.fill((codes + INT4_OFFSET).to(torch.uint8), step, step, layer.bias)
 
 
-__all__ = ["BitConv2d", "BitLinear", "ExtremeConv2d", "ExtremeLinear", "INT4_OFFSET", "MODES", "int4_stored"]
+def int4_per_channel(layer: nn.Module) -> BitLinear | BitConv2d:
+    """Symmetric per-output-channel int4 (levels -7..7, step max|w|/7), rounded to nearest: convs'
+    int4 form (their inputs per output rarely split into the groups Linear layers use)."""
+    w = layer.weight.detach().float().flatten(1)  # (N, K)
+    step = (w.abs().amax(1) / 7).clamp_min(1e-12)  # (N,)
+    return int4_stored(layer, torch.round(w / step[:, None]).clamp(-7, 7), step)
+
+
+__all__ = ["BitConv2d", "BitLinear", "ExtremeConv2d", "ExtremeLinear", "INT4_OFFSET", "MODES", "int4_per_channel", "int4_stored"]

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import dataclasses
 import math
-from typing import Any
+from typing import Any, ClassVar
 
 import torch.nn as nn
 
@@ -23,6 +23,7 @@ from slimkit.quantize.options import (
     skip_sensitive_knob,
 )
 from slimkit.quantize.ptq import MAX_ABS_RANGE, finish, quantize_embeddings, target_layers
+from slimkit.quantize.recurrent import RECURRENT, quantize_recurrent, recurrent_targets
 
 
 @technique("quantize.Int8", stage="quantize", search="int8")
@@ -36,7 +37,11 @@ class Int8(PTQConfig):
     ``max_drop`` turns on accuracy control: the most sensitive layers go back to float until the
     task metric drops by at most this much. Embedding tables are int8 rows with a scale per row, or
     (``embedding_bits=4``) 4-bit codes in groups of 32 (float16 scale and uint8 zero per group).
+    Conv1d layers run as (k, 1) Conv2d (``quantize.conv1d``); with dynamic activations LSTM / GRU
+    and their cells get int8 gate matrices (``quantize.recurrent``, torch runtime).
     """
+
+    LAYERS: ClassVar[tuple[type[nn.Module], ...]] = (*PTQConfig.LAYERS, *RECURRENT)
 
     activations: str = "dynamic"
     calibration: str = "minmax"
@@ -73,7 +78,8 @@ class Int8(PTQConfig):
 
 
 def quantize_int8(model: nn.Module, config: Int8, task: Task | None) -> nn.Module:
-    names, skipped = target_layers(model, config.targets, config.exclude, allow_conv=True)
+    names, skipped = target_layers(model, config.targets, config.exclude, allow_conv=True, recurrent=True)
+    recurrent = recurrent_targets(model, config.targets, config.exclude)
     tables = quantize_embeddings(model, config, skipped)  # first, so calibration sees the deployed tables
     ranges: dict[str, tuple[float, float]] = {}
     if config.activations == "static":
@@ -101,4 +107,9 @@ def quantize_int8(model: nn.Module, config: Int8, task: Task | None) -> nn.Modul
                                        act_range=ranges.get(name), per_channel=per_channel,
                                        symmetric_act=config.symmetric)
         set_submodule(model, name, q)
+    if config.activations == "dynamic":
+        originals.update(quantize_recurrent(model, recurrent, skipped))
+    else:
+        skipped.update({n: "static int8 has no recurrent kernel: kept float (activations='dynamic' quantizes it)"
+                        for n in recurrent})
     return finish(model, config, originals, skipped, task, tables)

@@ -40,7 +40,7 @@ from slimkit.core.record import add_record
 from slimkit.core.registry import SearchContext
 from slimkit.core.task import Task
 from slimkit.measure.sensitivity import layer_sensitivity, weight_layers
-from slimkit.quantize.extreme_modules import int4_stored
+from slimkit.quantize.extreme_modules import int4_per_channel
 from slimkit.quantize.half import HalfConv2d, HalfLinear
 from slimkit.quantize.modules import QuantConv2d, QuantLinear
 from slimkit.quantize.options import QuantConfig, Targets, check_choice
@@ -255,13 +255,6 @@ def measure_costs(model: nn.Module, config: Mixed, task: Task) -> dict[str, dict
     return {key: v for key, v in costs.items() if key != "16"}
 
 
-def _int4_conv(conv: nn.Conv2d) -> nn.Module:
-    """Symmetric per-channel int4 (levels -7..7, step max|w|/7): the weight ``layer_sensitivity`` scores at 4 bits."""
-    w = conv.weight.detach().float().flatten(1)  # (N, K)
-    step = (w.abs().amax(1) / 7).clamp_min(1e-12)  # (N,)
-    return int4_stored(conv, torch.round(w / step[:, None]).clamp(-7, 7), step)
-
-
 def quantize_mixed(model: nn.Module, config: Mixed, task: Task) -> nn.Module:
     """The registered handler: measure, solve, swap each layer for its chosen stored form."""
     names, skipped = target_layers(model, config.targets, config.exclude, allow_conv=True)
@@ -289,7 +282,7 @@ def quantize_mixed(model: nn.Module, config: Mixed, task: Task) -> nn.Module:
         if b == 16:
             new = HalfConv2d.from_float(layer) if isinstance(layer, nn.Conv2d) else HalfLinear.from_float(layer)
         elif isinstance(layer, nn.Conv2d):
-            new = _int4_conv(layer) if b == 4 else QuantConv2d.from_float(layer, activations=config.activations)
+            new = int4_per_channel(layer) if b == 4 else QuantConv2d.from_float(layer, activations=config.activations)
         elif b == 4:
             new = QuantLinear.from_float(layer, bits=4, group_size=groups[n])
         else:

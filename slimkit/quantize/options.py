@@ -54,7 +54,7 @@ class QuantConfig(BaseConfig):
     """What every quantization config shares: its report section (layers kept float, per-layer error), and
     being offered only to models with layers it converts (``LAYERS``)."""
 
-    LAYERS: ClassVar[tuple[type[nn.Module], ...]] = (nn.Linear, nn.Conv2d, nn.Embedding)
+    LAYERS: ClassVar[tuple[type[nn.Module], ...]] = (nn.Linear, nn.Conv1d, nn.Conv2d, nn.Embedding)
 
     @classmethod
     def applies(cls, ctx: SearchContext) -> bool:

@@ -17,7 +17,9 @@ from slimkit.core.errors import SlimkitError
 from slimkit.core.record import add_record
 from slimkit.core.task import Task
 from slimkit.quantize.accuracy import control
+from slimkit.quantize.conv1d import liftable_reason, lift_conv1d
 from slimkit.quantize.embedding import QuantEmbedding
+from slimkit.quantize.recurrent import recurrent_targets
 from slimkit.quantize.record import QuantRecord
 
 log = logging.getLogger("slimkit.quantize")
@@ -49,9 +51,15 @@ def quantize_embeddings(model: nn.Module, config: Any, skipped: dict[str, str]) 
     return done
 
 
-def target_layers(model: nn.Module, targets: Any, exclude: Any, *, allow_conv: bool) -> tuple[list[str], dict[str, str]]:
-    """Selected layer names, and the layers the selection named that we cannot quantize (with why)."""
+def target_layers(model: nn.Module, targets: Any, exclude: Any, *, allow_conv: bool,
+                  recurrent: bool = False) -> tuple[list[str], dict[str, str]]:
+    """Selected layer names, and the layers the selection named that we cannot quantize (with why).
+
+    ``recurrent``: the caller converts LSTM/GRU layers itself (``quantize.recurrent``), so a model
+    whose only weight layers are recurrent is not refused here."""
     names = select(model, targets, exclude, kinds=(nn.Linear, nn.Conv2d, nn.Module))
+    if allow_conv and targets == "all":  # "all" names Linear/Conv2d; Conv1d layers go too, as (k, 1) Conv2d
+        names += select(model, ".*", exclude, kinds=(nn.Conv1d,))
     chosen: list[str] = []
     skipped: dict[str, str] = {}
     direct = read_directly(model)
@@ -61,6 +69,12 @@ def target_layers(model: nn.Module, targets: Any, exclude: Any, *, allow_conv: b
             skipped[name] = direct[name]
         elif isinstance(m, nn.Linear) or (allow_conv and isinstance(m, nn.Conv2d) and _plain_conv(m)):
             chosen.append(name)
+        elif allow_conv and isinstance(m, nn.Conv1d):
+            reason = liftable_reason(m)
+            if reason:
+                skipped[name] = reason
+            else:
+                chosen.append(lift_conv1d(model, name))
         elif isinstance(m, (nn.Linear, nn.Conv2d)) or not list(m.children()):
             skipped[name] = f"{type(m).__name__} is not supported by this technique"
     if targets in ("all", "all-linear"):  # weight layers "all" does not reach are listed, never silently float
@@ -70,8 +84,8 @@ def target_layers(model: nn.Module, targets: Any, exclude: Any, *, allow_conv: b
                                                                          for e in excluded)
             if isinstance(m, UNQUANTIZED) and name not in skipped and not inside:
                 skipped[name] = f"{type(m).__name__} is not quantized by this technique: kept float"
-    if not chosen:
-        raise SlimkitError("no layer to quantize: targets matched no supported Linear/Conv2d layer",
+    if not chosen and not (recurrent and recurrent_targets(model, targets, exclude)):
+        raise SlimkitError("no layer to quantize: targets matched no supported Linear/Conv1d/Conv2d/LSTM/GRU layer",
                            "check targets/exclude ('all', 'all-linear', a regex or module names)")
     return chosen, skipped
 

@@ -14,7 +14,8 @@ from slimkit.core.errors import SlimkitError
 from slimkit.core.registry import SearchContext
 from slimkit.core.task import Task
 from slimkit.quantize.gptq import gptq_int4
-from slimkit.quantize.modules import QuantLinear
+from slimkit.quantize.extreme_modules import int4_per_channel
+from slimkit.quantize.modules import QuantConv2d, QuantLinear
 from slimkit.quantize.options import (
     PTQConfig,
     Targets,
@@ -23,6 +24,7 @@ from slimkit.quantize.options import (
     skip_sensitive_knob,
 )
 from slimkit.quantize.ptq import finish, quantize_embeddings, target_layers
+from slimkit.quantize.recurrent import RECURRENT, quantize_recurrent, recurrent_targets
 
 
 @technique("quantize.WeightOnly", stage="quantize", search="weight_only")
@@ -35,11 +37,14 @@ class WeightOnly(PTQConfig):
     embedding tables (8 or 4 bits), as in ``Int8``. ``method``: ``"rtn"`` rounds each weight to the
     nearest level; ``"gptq"`` (4-bit only) rounds with GPTQ's error feedback from the task's
     calibration inputs (``quantize.gptq``): at int4 g32 it keeps MiniLM's embeddings at cosine 0.98
-    to fp32 where round-to-nearest gives 0.97.
+    to fp32 where round-to-nearest gives 0.97. Convolutions (Conv1d as (k, 1) Conv2d) take int8 per
+    output channel or symmetric int4 per output channel (round to nearest; GPTQ is for Linear
+    layers); LSTM / GRU gate matrices take the Linear form (``quantize.recurrent``).
     """
 
-    LAYERS: ClassVar[tuple[type[nn.Module], ...]] = (nn.Linear, nn.Embedding)  # int4 covers Linear layers only
-    targets: Targets = "all-linear"
+    LAYERS: ClassVar[tuple[type[nn.Module], ...]] = (*PTQConfig.LAYERS, *RECURRENT)
+
+    targets: Targets = "all"
     bits: int = 8
     group_size: int = 0
     method: str = "rtn"
@@ -78,18 +83,26 @@ class WeightOnly(PTQConfig):
 
 
 def quantize_weight_only(model: nn.Module, config: WeightOnly, task: Task | None) -> nn.Module:
-    names, skipped = target_layers(model, config.targets, config.exclude, allow_conv=False)
+    names, skipped = target_layers(model, config.targets, config.exclude, allow_conv=True, recurrent=True)
+    recurrent = recurrent_targets(model, config.targets, config.exclude)
     tables = quantize_embeddings(model, config, skipped)
     originals = {}
     for name in names:
         layer = model.get_submodule(name)
-        if config.group_size and layer.in_features % config.group_size:
+        if isinstance(layer, nn.Linear) and config.group_size and layer.in_features % config.group_size:
             skipped[name] = f"in_features {layer.in_features} is not a multiple of group_size {config.group_size}"
             continue
         originals[name] = layer
-    hessians = task_hessians(model, list(originals), task, "gptq", "rtn") if config.method == "gptq" else {}
+    linears = [n for n, layer in originals.items() if isinstance(layer, nn.Linear)]
+    hessians = task_hessians(model, linears, task, "gptq", "rtn") if config.method == "gptq" else {}
     for name, layer in originals.items():
-        int4 = gptq_int4(layer.weight, hessians[name], config.group_size) if name in hessians else None
-        set_submodule(model, name, QuantLinear.from_float(layer, bits=config.bits, group_size=config.group_size,
-                                                          activations="none", int4=int4))
+        if isinstance(layer, nn.Conv2d):  # per output channel (int4: symmetric levels -7..7), rounded to nearest
+            new = int4_per_channel(layer) if config.bits == 4 else QuantConv2d.from_float(layer, activations="none")
+        else:
+            int4 = gptq_int4(layer.weight, hessians[name], config.group_size) if name in hessians else None
+            new = QuantLinear.from_float(layer, bits=config.bits, group_size=config.group_size, activations="none",
+                                         int4=int4)
+        set_submodule(model, name, new)
+    originals.update(quantize_recurrent(model, recurrent, skipped, bits=config.bits, group_size=config.group_size,
+                                        activations="none"))
     return finish(model, config, originals, skipped, task, tables)

@@ -45,6 +45,8 @@ def insert_qdq(graph: Any, planned: dict[str, list[Any]], plan: OrtQuantPlan, un
         if node.op_type in ("Gemm", "Conv") and len(node.input) > 2 and node.input[2]:
             _quantize_bias(graph, node, qp_x[0] * s_w, before)
         out_range = _downstream_range(node.output[0], consumers, users, outputs)
+        if out_range is None and node.op_type == "Conv":  # QLinearConv needs a quantized output: the conv's own range
+            out_range = plan.out_ranges.get(module_of[node.name])
         if out_range is not None:
             y = node.output[0]
             node.output[0] = f"{y}_float"

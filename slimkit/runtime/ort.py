@@ -56,6 +56,7 @@ from slimkit.measure.closeness import sqnr_db
 from slimkit.runtime._fold import fold_bias
 from slimkit.runtime._qdq import insert_qdq, replace_nodes
 from slimkit.runtime.onnx_export import COMPUTE_OPS, export_onnx, flat_outputs, module_nodes
+from slimkit.runtime.ort_inspect import INTEGER_OPS, Kernels, layer_kernels, output_ranges
 
 log = logging.getLogger("slimkit.runtime.ort")
 
@@ -77,6 +78,9 @@ class OrtQuantPlan:
     #: static: (lo, hi) of each module's *input* activation
     act_ranges: dict[str, tuple[float, float]] = dataclasses.field(default_factory=dict)
     symmetric_activations: bool = True  # int8 with zero point 0, else uint8 asymmetric
+    #: static: (lo, hi) of each module's *output*, for convs whose output no planned layer reads
+    #: (a PReLU, or ReLU then BatchNorm, follows): measured on the example when not given
+    out_ranges: dict[str, tuple[float, float]] = dataclasses.field(default_factory=dict)
 
     def __post_init__(self) -> None:
         if self.mode not in ("dynamic", "static"):
@@ -92,6 +96,7 @@ class OrtModel:
         self.threads = threads
         self.kernels = kernels  # op types in ORT's optimized graph: what actually executes
         self.skipped = skipped  # planned module -> why it stayed float
+        self.layer_kernels: dict[str, str] = {}  # planned module -> the op ORT runs it with
         self.file_bytes = path.stat().st_size
         self._inputs = [i.name for i in session.get_inputs()]
 
@@ -118,6 +123,8 @@ def build_ort(model: nn.Module, example: Sequence[torch.Tensor] | torch.Tensor, 
     """
     example = (example,) if isinstance(example, torch.Tensor) else tuple(example)
     threads = threads or torch.get_num_threads()
+    if plan is not None and plan.mode == "static" and not plan.out_ranges:
+        plan = dataclasses.replace(plan, out_ranges=output_ranges(model, example, plan.modules))
     work = Path(workdir) if workdir is not None else Path(tempfile.mkdtemp(prefix="slimkit-ort-"))
     work.mkdir(parents=True, exist_ok=True)
     try:
@@ -129,6 +136,9 @@ def build_ort(model: nn.Module, example: Sequence[torch.Tensor] | torch.Tensor, 
         if plan is not None and optimize and len(skipped) < len(plan.modules):
             session, kernels = _avoid_saturation(model, example, (float_path, plan, fuse, path), threads, session,
                                                  kernels)
+        kernels_by_layer = layer_kernels(kernels.nodes, [m for m in plan.modules if m not in skipped]) if plan else {}
+        skipped |= {m: f"ONNX Runtime runs it as a float {op} (no integer kernel fused)"
+                    for m, op in kernels_by_layer.items() if op not in INTEGER_OPS}
     except BaseException:
         if workdir is None:
             shutil.rmtree(work, ignore_errors=True)
@@ -136,6 +146,7 @@ def build_ort(model: nn.Module, example: Sequence[torch.Tensor] | torch.Tensor, 
     for name, reason in skipped.items():
         log.warning("onnxruntime: %s stays float: %s", name, reason)
     result = OrtModel(session, path, threads, kernels, skipped)
+    result.layer_kernels = kernels_by_layer
     if workdir is None:
         weakref.finalize(result, shutil.rmtree, str(work), True)
     return result
@@ -199,7 +210,9 @@ def _session(path: Path, threads: int, optimize: bool) -> tuple[Any, Counter]:
     so.optimized_model_filepath = str(optimized)
     try:
         session = ort.InferenceSession(str(path), so, providers=["CPUExecutionProvider"])
-        kernels = Counter(n.op_type for n in onnx.load(str(optimized), load_external_data=False).graph.node)
+        nodes = list(onnx.load(str(optimized), load_external_data=False).graph.node)
+        kernels = Kernels(n.op_type for n in nodes)
+        kernels.nodes = [(n.name, n.op_type, list(n.input)) for n in nodes]
     except Exception as exc:  # noqa: BLE001 - ORT raises its own untyped errors
         raise SlimkitError(f"ONNX Runtime cannot load {path.name}: {str(exc).splitlines()[0][:200]}",
                            "report this model; backend='torch' still works") from None

@@ -11,6 +11,7 @@ import slimkit as sk
 from slimkit.core.record import last_record
 from slimkit.core.task import Task
 from slimkit.quantize import Int8, QuantConv2d, QuantLinear, WeightOnly, layer_errors
+from slimkit.quantize.extreme_modules import BitConv2d
 from tests.conftest import sqnr_db
 
 
@@ -71,9 +72,8 @@ def test_quantized_output_sqnr(model_name, config_name):
     if isinstance(config, WeightOnly) and model_name == "cnn":
         config = WeightOnly(bits=config.bits, group_size=config.group_size if config.bits == 4 else 0)
     q = sk.apply(model, config, task)
-    n_quant = sum(isinstance(m, (QuantLinear, QuantConv2d)) for m in q.modules())
-    expected = sum(isinstance(m, nn.Linear) or (isinstance(m, nn.Conv2d) and isinstance(config, Int8))
-                   for m in model.modules())
+    n_quant = sum(isinstance(m, (QuantLinear, QuantConv2d, BitConv2d)) for m in q.modules())
+    expected = sum(isinstance(m, (nn.Linear, nn.Conv2d)) for m in model.modules())  # WeightOnly takes convs too
     skipped = last_record(q).skipped
     assert n_quant == len(last_record(q).layers) and n_quant + len(skipped) == expected
     assert all("not a multiple of group_size" in why for why in skipped.values())
@@ -136,12 +136,12 @@ def test_accuracy_control_reverts_the_planted_sensitive_layer(digits_task):
 
 
 def test_unsupported_layer_is_skipped_with_a_logged_reason(caplog):
-    model = nn.Sequential(nn.Conv1d(4, 4, 3), nn.Flatten(), nn.Linear(8, 2))
+    model = nn.Sequential(nn.ConvTranspose1d(4, 4, 3), nn.Flatten(), nn.Linear(8, 2))
     with caplog.at_level(logging.INFO, logger="slimkit.quantize"):
         q = sk.apply(model, Int8(targets=("0", "2"), backend="torch"))
-    assert last_record(q).skipped == {"0": "Conv1d is not supported by this technique"}
+    assert last_record(q).skipped == {"0": "ConvTranspose1d is not supported by this technique"}
     assert "kept in float: 0" in caplog.text
-    assert isinstance(q[0], nn.Conv1d) and isinstance(q[2], QuantLinear)
+    assert isinstance(q[0], nn.ConvTranspose1d) and isinstance(q[2], QuantLinear)
 
 
 def test_mask_like_activation_ranges_stay_float():

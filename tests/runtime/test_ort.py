@@ -228,3 +228,41 @@ def test_a_multi_output_model_returns_every_output_on_onnxruntime():
     assert isinstance(got, tuple) and len(got) == 2
     for g, w in zip(got, want):
         torch.testing.assert_close(g, w, rtol=1e-5, atol=1e-5)
+
+
+class PReLUNet(nn.Module):
+    """Face-detector convs: conv -> PReLU, conv -> ReLU -> BatchNorm (no conv output a planned layer reads)."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.c1, self.p1 = nn.Conv2d(3, 16, 3), nn.PReLU(16)
+        self.c2, self.bn2 = nn.Conv2d(16, 32, 3), nn.BatchNorm2d(32)
+        self.c3, self.p3 = nn.Conv2d(32, 32, 3), nn.PReLU(32)
+        self.fc = nn.Linear(32 * 3 * 3, 10)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:  # x: (B, 3, 16, 16)
+        x = nn.functional.max_pool2d(self.p1(self.c1(x)), 2)  # (B, 16, 7, 7)
+        x = self.bn2(torch.relu(self.c2(x)))                  # (B, 32, 5, 5)
+        return self.fc(self.p3(self.c3(x)).flatten(1))        # (B, 10)
+
+
+@pytest.mark.parametrize("out_ranges,integer", [({}, True), ({"fc": (-1.0, 1.0)}, False)])
+def test_static_convs_followed_by_prelu_or_relu_batchnorm_run_integer_or_are_listed(out_ranges, integer, tmp_path):
+    torch.manual_seed(0)
+    model = PReLUNet().eval()
+    with torch.no_grad():
+        model.bn2.running_mean.uniform_(-0.5, 0.5)
+        model.bn2.running_var.uniform_(0.5, 2.0)
+    names = ["c1", "c2", "c3", "fc"]
+    calib = [(torch.randn(16, 3, 16, 16),) for _ in range(3)]
+    plan = OrtQuantPlan("static", names, act_ranges=input_ranges(model, names, calib), out_ranges=out_ranges)
+    m = build_ort(model, calib[0], plan=plan, workdir=tmp_path)
+    convs = {n: m.layer_kernels[n] for n in ("c1", "c2", "c3")}
+    if integer:  # the conv's own output range (measured on the example) lets ORT fuse QLinearConv
+        assert set(convs.values()) == {"QLinearConv"} and m.skipped == {}
+    else:  # without it the convs run float between Q/DQ: each is listed with the reason
+        assert "QLinearConv" not in convs.values()
+        assert set(m.skipped) == {"c1", "c2", "c3"}
+        assert all("float" in why for why in m.skipped.values())
+    assert m.layer_kernels["fc"] == "QGemm"
+    assert sqnr_db(model(*calib[1]).detach(), m(*calib[1])) >= 25.0
