@@ -85,7 +85,7 @@ class Distill(BaseConfig):
     @classmethod
     def suggest(cls, trial: Any, ctx: SearchContext) -> Distill:
         """A step budget, the temperature and the KD weight; a small rate for large pre-trained models."""
-        steps = trial.suggest_categorical("distill.steps", list(SEARCH_STEPS))
+        steps = trial.suggest_categorical("distill.steps", list(ctx.extra.get("distill_steps", SEARCH_STEPS)))
         temperature = trial.suggest_float("distill.temperature", 1.0, 8.0, log=True)
         alpha = trial.suggest_float("distill.alpha", 0.3, 1.0)
         big = sum(p.numel() for p in ctx.task.model.parameters()) > 5_000_000

@@ -39,8 +39,15 @@ class Candidate:
     stopped_at: str | None = None     # the limit that ended measuring early ("size", "memory", "latency")
     runtime_skipped: dict[str, str] | None = None  # layers the runtime kept in float, with its reason
     seconds: float = 0.0
+    timings: dict[str, float] = dataclasses.field(default_factory=dict)  # phase -> seconds (where the time went)
     model: nn.Module = dataclasses.field(repr=False, default=None)  # type: ignore[assignment]
     runnable: Any = dataclasses.field(repr=False, default=None)
+
+    def lap(self, phase: str, since: float) -> float:
+        """Record the seconds since ``since`` under ``phase``; returns now (the next phase's start)."""
+        now = time.perf_counter()
+        self.timings[phase] = self.timings.get(phase, 0.0) + now - since
+        return now
 
     def stop(self, limit: str, start: float) -> Candidate:
         self.stopped_at = limit
@@ -81,7 +88,7 @@ def measure(name: str, model: nn.Module, configs: Sequence[BaseConfig], task: Ta
     metric, usually the slow part, is then not run; ``stopped_at`` names the limit). ``full``: also
     the per-layer profile of the torch model (MACs, breakdown) that reports show.
     """
-    start = time.perf_counter()
+    start = lap = time.perf_counter()
     target = target or Target(threads=threads)
     c = Candidate(name=name, recipe=[cfg.to_dict() for cfg in configs], backend="", model=model)
     model.eval()
@@ -89,13 +96,16 @@ def measure(name: str, model: nn.Module, configs: Sequence[BaseConfig], task: Ta
         c.profile = profile(model, task.example, device="cpu", threads=threads)
         c.size_mb = c.profile.artifact_bytes / 1e6
         c.params = c.profile.params_total
+        lap = c.lap("profile", lap)
     else:
         c.size_mb = artifact_size(model) / 1e6
         c.params = count_params(model)[0]
+        lap = c.lap("size", lap)
     if early_stop and _over(c.size_mb, target.max_size_mb):
         return c.stop("size", start)
     if target.max_memory_mb is not None:
         c.memory_mb = peak_memory(model, task.example, device=target.device) / 1e6
+        lap = c.lap("memory", lap)
         if early_stop and _over(c.memory_mb, target.max_memory_mb):
             return c.stop("memory", start)
     elif c.profile is not None:
@@ -103,14 +113,17 @@ def measure(name: str, model: nn.Module, configs: Sequence[BaseConfig], task: Ta
     c.backend = resolve_backend(model, backend)
     c.runnable = build(model, c.backend, task.example, threads=threads)
     c.runtime_skipped = dict(getattr(c.runnable, "skipped", {})) or None
+    lap = c.lap("build", lap)
     if c.profile is not None and c.runnable is model:
         c.latency = c.profile.latency
     else:
         device = target.device if c.backend == "torch" else "cpu"
         c.latency = measure_latency(c.runnable, task.example, device=device, threads=threads)
+        lap = c.lap("latency", lap)
     if early_stop and _over(c.latency.p50_ms, target.max_latency_ms):
         return c.stop("latency", start)
     c.metric = task.evaluate(c.runnable)
+    c.lap("metric", lap)
     c.seconds = time.perf_counter() - start
     return c
 

@@ -88,11 +88,12 @@ def run_recipe(task: Task, recipe: Recipe, out: str | Path, *, title: str, label
         control_model = replay(control, task, out / "controls", threads=threads)[-1]
         candidates.append(measure_candidate(name, control_model, control.steps, task, threads=threads))
     backend = getattr(recipe.steps[-1], "backend", "auto") if recipe.steps else "auto"
+    backend = recipe.backend if backend == "auto" else backend  # a searched recipe names the runtime it was scored on
     final = measure_candidate(label or " + ".join(s.type_name for s in recipe.steps) or "original", model,
                               recipe.steps, task, backend=backend, threads=threads)
     candidates.append(final)
     io.save(model, out / "model", recipe=[c.to_dict() for c in recipe.steps],
-            extra={"task": task.name, "seed": recipe.seed})
+            extra={"task": task.name, "seed": recipe.seed, "backend": final.backend})
     recipe.save(out / "recipe.yaml")
     reload_diff = _reload_diff(model, out / "model", task)
     report = _report(title, task, recipe, models, candidates, compute, backend, reload_diff)

@@ -108,9 +108,10 @@ class Channels(PruneConfig):
     def suggest(cls, trial: Any, ctx: SearchContext) -> Channels:
         """By MACs (latency) or by width (bytes: a pruned layer loses params in both dimensions, while
         a MACs target may cut early convs whose params are few). Reconstruction whenever the task has
-        calibration inputs: it turns a broken pruned model into a usable one before any fine-tuning."""
+        calibration inputs and it fits a trial's time (``ctx.extra["reconstruct"]``, sized by the search): it
+        turns a broken pruned model into a usable one before any fine-tuning."""
         importances = ["l2", "taylor"] if ctx.trainable else ["l2", "l1"]
-        reconstruct = ctx.has_calibration()
+        reconstruct = ctx.has_calibration() and bool(ctx.extra.get("reconstruct", True))
         if trial.suggest_categorical("channels.by", ["macs", "width"]) == "width":
             amount = round(trial.suggest_float("channels.amount", 0.1, 0.8, step=0.05), 2)
             return cls(amount=amount, importance=trial.suggest_categorical("channels.importance", importances),

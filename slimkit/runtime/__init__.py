@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import copy
 import logging
+import os
 from typing import Any
 
 import torch.nn as nn
@@ -19,6 +20,7 @@ import torch.nn as nn
 from slimkit.core.editing import set_submodule
 from slimkit.core.errors import SlimkitError
 from slimkit.core.runtime_needs import quantized_layers
+from slimkit.io.artifact import load, read_meta
 from slimkit.runtime.cuda import build_cuda
 from slimkit.runtime.layout import fastest_layout
 from slimkit.runtime.ort import OrtQuantPlan, build_ort
@@ -55,8 +57,9 @@ def quant_mode(model: nn.Module) -> str:
 
 
 def resolve_backend(model: nn.Module, backend: str = "auto") -> str:
-    if backend == "auto":
-        return DEFAULT_BACKEND[quant_mode(model)]
+    if backend == "auto":  # the measured default, unless a layer cannot run there (torch runs every layer)
+        chosen = DEFAULT_BACKEND[quant_mode(model)]
+        return "torch" if _refusal(model, chosen) else chosen
     if backend not in BACKENDS:
         raise SlimkitError(f"backend {backend!r} is not known", f"use auto or one of {', '.join(BACKENDS)}")
     return backend
@@ -68,6 +71,9 @@ def backend_reason(model: nn.Module, backend: str = "auto") -> str:
     if backend != "auto":
         return f"{chosen}: set by the config (backend={backend!r})"
     mode = quant_mode(model)
+    refusal = _refusal(model, DEFAULT_BACKEND[mode])
+    if refusal:
+        return f"{chosen}: {refusal}"
     return f"{chosen}: default for {mode} quantization, {BACKEND_EVIDENCE[mode]}"
 
 
@@ -129,16 +135,30 @@ def ort_plan(model: nn.Module) -> tuple[nn.Module, Any]:
 
 def refuse_unsupported(model: nn.Module, backend: str) -> None:
     """A one-line error naming the first layer that says it cannot run on ``backend``, and why."""
+    refusal = _refusal(model, backend)
+    if refusal:
+        raise SlimkitError(refusal, "use backend='torch' (or auto)")
+
+
+def _refusal(model: nn.Module, backend: str) -> str:
+    """Why the first layer that cannot run on ``backend`` cannot ("" when every layer can)."""
     for name, layer in quantized_layers(model).items():
         reason = layer.runtime_needs().unsupported.get(backend)
         if reason:
-            raise SlimkitError(f"layer {name!r} ({type(layer).__name__}) cannot run on {backend}: {reason}",
-                               "use backend='torch' (or auto)")
+            return f"layer {name!r} ({type(layer).__name__}) cannot run on {backend}: {reason}"
+    return ""
 
 
 def _on_cpu(model: nn.Module) -> bool:
     return all(p.device.type == "cpu" for p in model.parameters())
 
 
-__all__ = ["BACKENDS", "BACKEND_EVIDENCE", "DEFAULT_BACKEND", "backend_reason", "build", "ort_plan", "quant_mode",
-           "refuse_unsupported", "resolve_backend"]
+def load_deployed(path: str | os.PathLike[str], example: Any, *, threads: int | None = None) -> Any:
+    """A saved artifact built on the runtime it was measured on (its metadata's ``extra.backend``, written by
+    ``slimkit optimize`` and ``apply``), so its score is the one the search and the report quoted."""
+    backend = read_meta(path).get("extra", {}).get("backend") or "auto"
+    return build(load(path), backend, example, threads=threads)
+
+
+__all__ = ["BACKENDS", "BACKEND_EVIDENCE", "DEFAULT_BACKEND", "backend_reason", "build", "load_deployed", "ort_plan",
+           "quant_mode", "refuse_unsupported", "resolve_backend"]

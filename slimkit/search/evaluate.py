@@ -7,6 +7,7 @@ recorded as infeasible without running the metric, which is usually the slow par
 
 from __future__ import annotations
 
+import copy
 import dataclasses
 import logging
 import time
@@ -44,6 +45,7 @@ class TrialMeasurement:
     error: str | None = None          # a technique refused this combination (one line)
     runtime_skipped: dict[str, str] | None = None  # layers the runtime kept in float, with its reason
     seconds: float = 0.0
+    timings: dict[str, float] | None = None  # where the trial's time went: technique steps, then measuring phases
 
     def measurement(self) -> Measurement:
         return Measurement(size_mb=self.size_mb, latency_ms=self.latency_ms, memory_mb=self.memory_mb,
@@ -70,20 +72,29 @@ class RuntimeMeasurer:
     def __call__(self, configs: Sequence[BaseConfig], early_stop: bool = True,
                  ) -> tuple[TrialMeasurement, nn.Module | None]:
         start = time.perf_counter()
+        timings: dict[str, float] = {}
         try:
-            before = self._before_training(configs) if early_stop else None
-            if before is not None:
-                before.seconds = time.perf_counter() - start
-                return before, None
             torch.manual_seed(self.seed)
-            model = apply(self.task.model, list(configs), self.task)
+            model = copy.deepcopy(self.task.model)
+            for i, config in enumerate(configs):  # one step at a time, each timed (as apply() runs them)
+                if early_stop and technique_of(type(config)).stage == "recover" and \
+                        not any(technique_of(type(c)).stage == "recover" for c in configs[:i]):
+                    lap = time.perf_counter()
+                    before = self._before_training(model, configs[i:])
+                    timings["checks before training"] = time.perf_counter() - lap
+                    if before is not None:
+                        before.seconds, before.timings = time.perf_counter() - start, timings
+                        return before, None
+                lap = time.perf_counter()
+                model = apply(model, config, self.task, inplace=True)
+                timings[config.type_name] = timings.get(config.type_name, 0.0) + time.perf_counter() - lap
         except SlimkitError as exc:
-            return TrialMeasurement(error=str(exc), seconds=time.perf_counter() - start), None
+            return TrialMeasurement(error=str(exc), seconds=time.perf_counter() - start, timings=timings), None
         c = measure("trial", model, configs, self.task, backend=self.backend, threads=self.target.threads,
                     target=self.target, early_stop=early_stop)
         m = TrialMeasurement(size_mb=c.size_mb, params=c.params, memory_mb=c.memory_mb, backend=c.backend or None,
                              stopped_at=c.stopped_at, runtime_skipped=c.runtime_skipped,
-                             seconds=time.perf_counter() - start)
+                             seconds=time.perf_counter() - start, timings={**timings, **c.timings})
         if c.latency is not None:
             m.latency_ms, m.latency_p95_ms = c.latency.p50_ms, c.latency.p95_ms
         if c.metric is not None:
@@ -92,21 +103,21 @@ class RuntimeMeasurer:
                 m.drop = self.task.drop(self.baseline_score, m.score)
         return m, model
 
-    def _before_training(self, configs: Sequence[BaseConfig]) -> TrialMeasurement | None:
+    def _before_training(self, untrained: nn.Module, rest: Sequence[BaseConfig]) -> TrialMeasurement | None:
         """What is known before any recovery training: the bytes (training does not change them) and
         whether pruning removed anything. A pipeline already out of the size limit, or whose pruning
-        step removed nothing, ends here with the reason instead of after minutes of fine-tuning."""
-        training = [c for c in configs if technique_of(type(c)).stage == "recover"]
-        if not training:
-            return None
-        torch.manual_seed(self.seed)
-        untrained = apply(self.task.model, [c for c in configs if c not in training], self.task)
+        step removed nothing, ends here with the reason instead of after minutes of fine-tuning.
+        ``untrained``: the model after the steps before training; ``rest``: the steps from training on."""
         for record in records_of(untrained):
             if isinstance(record, ChannelRecord) and record.groups_pruned == 0:
                 why = next(iter(record.skipped.values()), "no group could be pruned")
                 return TrialMeasurement(error=f"{record.technique} removed nothing ({why})")
-        size_mb = artifact_size(untrained) / 1e6
-        if self.target.max_size_mb is not None and size_mb > self.target.max_size_mb:
+        if self.target.max_size_mb is None:
+            return None
+        after = [c for c in rest if technique_of(type(c)).stage != "recover"]  # e.g. the quantization that follows
+        final = apply(untrained, after, self.task) if after else untrained
+        size_mb = artifact_size(final) / 1e6
+        if size_mb > self.target.max_size_mb:
             log.info("candidate breaks the size limit before training; not trained")
-            return TrialMeasurement(size_mb=size_mb, params=count_params(untrained)[0], stopped_at="size")
+            return TrialMeasurement(size_mb=size_mb, params=count_params(final)[0], stopped_at="size")
         return None

@@ -24,6 +24,7 @@ from slimkit.core.registry import CHANGES_WEIGHTS, STAGES, SearchContext, Techni
 from slimkit.core.target import Target
 from slimkit.core.task import Task
 from slimkit.pipeline.recipe import Recipe
+from slimkit.search.budget import TimeBudget, finish_reserve, sensitivity_layers, sized_extra
 from slimkit.search.evaluate import Measurer, RuntimeMeasurer, TrialMeasurement
 from slimkit.search.pareto import TrialRecord, closest, hints, objectives, pareto_front, pick_best
 from slimkit.search.refine import step_closest
@@ -184,9 +185,8 @@ def optimize(task: Task | str, target: Target, *, trials: int = 30, time_budget:
         raise SlimkitError(f"trials={trials!r} is invalid", "use a positive number of trials")
     if max_techniques is not None and (not isinstance(max_techniques, int) or max_techniques < 1):
         raise SlimkitError(f"max_techniques={max_techniques!r} is invalid", "use 1 or more, or leave it out")
-    if time_budget is not None and time_budget <= 0:
-        raise SlimkitError(f"time_budget={time_budget!r} is invalid", "give seconds > 0, or leave it out")
-    start = time.monotonic()
+    budget = TimeBudget(time_budget)
+    phases: dict[str, float] = {}
     out_dir = Path(out) if out is not None else Path("runs") / f"optimize-{task.name}"
     url = storage_url(out_dir, storage)
     name = study or f"slimkit-{task.name}"
@@ -197,25 +197,33 @@ def optimize(task: Task | str, target: Target, *, trials: int = 30, time_budget:
     import optuna  # optional (optuna, extra 'search'): imported when used
 
     known = {s.study_name: s for s in optuna.study.get_all_study_summaries(db)}
+    extra = dict(extra or {})
     if resume and name in known:
         attrs = known[name].user_attrs
         baseline = TrialMeasurement(**attrs["baseline"])
         sens = dict(attrs.get("sensitivity", {}))
+        extra = {**attrs.get("extra", {}), **extra}
     else:
+        lap = time.monotonic()
         baseline, _ = measure([], early_stop=False)
         if baseline.error or baseline.score is None:
             raise SlimkitError(f"the original model could not be measured: {baseline.error or 'no metric'}",
                                "check that the task's model runs on its example inputs")
         baseline.drop = 0.0
+        phases["measuring the original"], lap = time.monotonic() - lap, time.monotonic()
         want_sens = sensitivity if sensitivity is not None else measurer is None
-        sens = _sensitivity(task) if want_sens else {}
+        metric_s = (baseline.timings or {}).get("metric", baseline.seconds)
+        sens = _sensitivity(task, sensitivity_layers(metric_s, budget)) if want_sens else {}
+        phases["per-layer sensitivity"], lap = time.monotonic() - lap, time.monotonic()
+        extra = sized_extra(task, techs, extra, budget, trials)
+        phases["sizing training and reconstruction"] = time.monotonic() - lap
     if isinstance(measure, RuntimeMeasurer):
         measure.baseline_score = baseline.score
     ctx = context_for(task, target, baseline, sens, extra, max_techniques)
     sampler = make_sampler(strategy, seed, trials)
     attrs = {"task": task_spec or task.name, "target": target.to_dict(), "techniques": [t.search for t in techs],
              "trials": trials, "seed": seed, "backend": backend, "baseline": baseline.to_dict(),
-             "sensitivity": sens, "extra": dict(extra or {}), "strategy": strategy,
+             "sensitivity": sens, "extra": extra, "strategy": strategy,
              "max_techniques": max_techniques}
     st = create_study(db, name, sampler, resume=resume, attrs=attrs)
     if resume:
@@ -228,17 +236,19 @@ def optimize(task: Task | str, target: Target, *, trials: int = 30, time_budget:
             st.enqueue_trial(dict(params), skip_if_exists=True)
     records: list[TrialRecord] = []
     objective = make_objective(ctx, techs, measure, records)
-    budget = None if time_budget is None else time_budget - (time.monotonic() - start)
+    lap = time.monotonic()
     with TrialProgress(trials, finished(st), enabled=progress) as bar:
 
         def after_trial(trial: Any) -> None:
             bar.update(trial)
             step_closest(st, target, records_from_study(st))
 
-        run_trials(st, objective, trials, timeout_s=budget, on_trial=after_trial)
+        run_trials(st, objective, trials, budget=budget, reserve_s=finish_reserve(baseline.seconds),
+                   on_trial=after_trial)
     wait_for_others(st)
-    return finish(st, task, target, baseline, sens, name, url, out_dir, start, seed=seed, backend=backend,
-                  report=report)
+    phases["trials"] = time.monotonic() - lap
+    return finish(st, task, target, baseline, sens, name, url, out_dir, budget.start, seed=seed, backend=backend,
+                  report=report, phases=phases)
 
 
 def wait_for_others(study: Any, timeout_s: float = 3600.0) -> None:
@@ -250,17 +260,20 @@ def wait_for_others(study: Any, timeout_s: float = 3600.0) -> None:
         time.sleep(1.0)
 
 
-def _sensitivity(task: Task) -> dict[str, float]:
-
+def _sensitivity(task: Task, layers: int) -> dict[str, float]:
+    if layers < 1:
+        log.info("per-layer sensitivity skipped: one metric run does not fit its share of the time")
+        return {}
     try:
-        return layer_sensitivity_for(task)
+        return layer_sensitivity_for(task, max_layers=layers)
     except SlimkitError as exc:
         log.warning("per-layer sensitivity skipped: %s", exc)
         return {}
 
 
 def finish(study: Any, task: Task, target: Target, baseline: TrialMeasurement, sens: dict[str, float], name: str,
-           url: str, out_dir: Path, start: float, *, seed: int, backend: str, report: bool) -> OptimizeResult:
+           url: str, out_dir: Path, start: float, *, seed: int, backend: str, report: bool,
+           phases: dict[str, float] | None = None) -> OptimizeResult:
     """Read the study, rebuild the best pipeline (the recipe replayed), save artifact + recipe + report."""
 
     records = records_from_study(study)
@@ -269,10 +282,11 @@ def finish(study: Any, task: Task, target: Target, baseline: TrialMeasurement, s
                             pareto=pareto_front(records), closest=[] if best else closest(records, target),
                             hints=[] if best else hints(records, target, baseline), sensitivity=sens, study=name,
                             storage=url, seconds=time.monotonic() - start, first_feasible=first_feasible(study),
-                            out=out_dir)
+                            out=out_dir, phases=dict(phases or {}))
+    lap = time.monotonic()
     if best is not None:
         recipe = Recipe.from_steps(best.recipe, task=study.user_attrs.get("task", task.name), seed=seed,
-                                   backend=backend, target=target.to_dict())
+                                   backend=best.measured.backend or backend, target=target.to_dict())
         steps = recipe.replay_steps(task)
         result.best_model = steps[-1]
         result.before_quantize = steps[-2] if len(steps) > 1 and recipe.steps[-1].type_name.startswith(
@@ -280,7 +294,8 @@ def finish(study: Any, task: Task, target: Target, baseline: TrialMeasurement, s
         recipe.save(out_dir / "recipe.yaml")
 
         io.save(result.best_model, out_dir / "best", recipe=best.recipe,
-                extra={"task": task.name, "trial": best.number})
+                extra={"task": task.name, "trial": best.number, "backend": best.measured.backend})
+        result.phases["rebuilding and saving the best"] = time.monotonic() - lap
     if report:
         write_report(result, task)
     return result

@@ -39,6 +39,7 @@ class OptimizeResult:
     best_model: nn.Module | None = dataclasses.field(default=None, repr=False)
     before_quantize: nn.Module | None = dataclasses.field(default=None, repr=False)  # the float model it quantized
     out: Path | None = None
+    phases: dict[str, float] = dataclasses.field(default_factory=dict)  # the command's time outside the report
 
     def to_dict(self) -> dict[str, Any]:
         return {"task": self.task, "target": self.target.to_dict(), "baseline": self.baseline.to_dict(),
@@ -46,7 +47,7 @@ class OptimizeResult:
                 "pareto": [r.number for r in self.pareto], "closest": [r.to_dict() for r in self.closest],
                 "hints": self.hints, "sensitivity": self.sensitivity, "study": self.study,
                 "storage": self.storage, "seconds": self.seconds, "first_feasible": self.first_feasible,
-                "trials": [r.to_dict() for r in self.trials]}
+                "phases": self.phases, "trials": [r.to_dict() for r in self.trials]}
 
 
 def read_result(run_dir: str | Path, task: Task) -> OptimizeResult:
@@ -70,7 +71,7 @@ def read_result(run_dir: str | Path, task: Task) -> OptimizeResult:
                             closest=[by_number[c["number"]] for c in data["closest"] if c["number"] in by_number],
                             hints=data["hints"], sensitivity=data["sensitivity"], study=data["study"],
                             storage=data["storage"], seconds=data["seconds"], first_feasible=data["first_feasible"],
-                            out=run_dir)
+                            out=run_dir, phases=data.get("phases", {}))
     if best is not None:
         result.best_model = io.load(run_dir / "best")
     return result

@@ -11,6 +11,7 @@ from __future__ import annotations
 import json
 import os
 import platform
+import statistics
 import tempfile
 from pathlib import Path
 from typing import Any
@@ -87,11 +88,12 @@ def write_report(result: OptimizeResult, task: Task) -> Path:
     r.heading("Pareto front (metric drop, size, latency)")
     _pareto_plot(r, result, task)
     r.heading("All trials")
-    r.table(["trial", "pipeline", "MB", "ms", "metric", "drop", "fits", "note"],
+    r.table(["trial", "pipeline", "MB", "ms", "metric", "drop", "fits", "s", "note"],
             [[t.number, t.label(), t.measured.size_mb, t.measured.latency_ms, t.measured.score, t.measured.drop,
-              "yes" if t.feasible else "no", t.measured.error or (f"over {t.measured.stopped_at} limit"
-                                                                  if t.measured.stopped_at else "")]
+              "yes" if t.feasible else "no", t.measured.seconds,
+              t.measured.error or (f"over {t.measured.stopped_at} limit" if t.measured.stopped_at else "")]
              for t in result.trials])
+    _time_spent(r, result)
     if result.sensitivity:
         r.heading("Per-layer sensitivity of the original (metric drop, that layer alone at int4)")
         names = list(result.sensitivity)
@@ -105,6 +107,26 @@ def write_report(result: OptimizeResult, task: Task) -> Path:
     text = json.dumps(data, indent=2, default=str).encode()
     atomic_write(out / RESULT_FILE, lambda f: f.write(text))
     return path
+
+
+def _time_spent(r: Report, result: OptimizeResult) -> None:
+    """Where the command's seconds went: its own phases, then each trial's steps and measurements."""
+    per_phase: dict[str, list[float]] = {}
+    for t in result.trials:
+        for phase, seconds in (t.measured.timings or {}).items():
+            per_phase.setdefault(phase, []).append(seconds)
+    if not per_phase and not result.phases:
+        return
+    r.heading("Where the time went")
+    if result.phases:
+        r.table(["part of the search", "seconds"], [[k, v] for k, v in result.phases.items()])
+    if per_phase:
+        order = sorted(per_phase, key=lambda k: -sum(per_phase[k]))
+        r.table(["inside the trials", "trials", "total s", "median s", "slowest s"],
+                [[k, len(per_phase[k]), sum(per_phase[k]), statistics.median(per_phase[k]), max(per_phase[k])]
+                 for k in order])
+        r.bar_plot("seconds spent in the trials, per step", order, {"total s": [sum(per_phase[k]) for k in order]},
+                   "seconds")
 
 
 def _target_text(target: Target) -> str:

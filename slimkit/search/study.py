@@ -16,6 +16,7 @@ from pathlib import Path
 from typing import Any, Callable
 
 from slimkit.core.errors import SlimkitError
+from slimkit.search.budget import TimeBudget, enough_for_another
 
 log = logging.getLogger("slimkit.search")
 
@@ -130,22 +131,24 @@ def finished(study: Any) -> int:
     return len(study.get_trials(deepcopy=False, states=(TrialState.COMPLETE,)))
 
 
-def run_trials(study: Any, objective: Callable[[Any], Any], n_trials: int, *, timeout_s: float | None = None,
-               on_trial: Callable[[Any], None] | None = None) -> None:
+def run_trials(study: Any, objective: Callable[[Any], Any], n_trials: int, *, budget: TimeBudget | None = None,
+               reserve_s: float = 0.0, on_trial: Callable[[Any], None] | None = None) -> None:
     """Take trials until ``n_trials`` have finished study-wide (other workers' included) or time is up.
 
     One trial per ``optimize`` call, so the count is re-read from the database before each trial:
-    two workers never overshoot by more than the trial each has in flight.
+    two workers never overshoot by more than the trial each has in flight. A trial starts only when
+    a typical one (the median so far) still ends before ``budget`` less ``reserve_s``.
     """
     from optuna.trial import TrialState  # optional (optuna, extra 'search'): imported when used
 
-    start = time.monotonic()
+    budget = budget or TimeBudget(None)
     while True:
         running = len(study.get_trials(deepcopy=False, states=(TrialState.RUNNING,)))
         if finished(study) + running >= n_trials:
             return
-        left = None if timeout_s is None else timeout_s - (time.monotonic() - start)
-        if left is not None and left <= 0:
+        done = study.get_trials(deepcopy=False, states=(TrialState.COMPLETE,))
+        seconds = [t.user_attrs["measured"].get("seconds", 0.0) for t in done if "measured" in t.user_attrs]
+        if not enough_for_another(seconds, budget.left(), reserve_s):
             log.warning("time budget reached after %d trials", finished(study))
             return
         callbacks = [] if on_trial is None else [lambda _study, trial: on_trial(trial)]

@@ -16,6 +16,7 @@ from slimkit import zoo
 from slimkit.core.errors import SlimkitError
 from slimkit.core.registry import searchable
 from slimkit.core.target import Target
+from slimkit.search.budget import TimeBudget
 from slimkit.search.evaluate import RuntimeMeasurer, TrialMeasurement
 from slimkit.search.optimize import context_for, make_objective, make_sampler
 from slimkit.search.study import finished, load_study, open_storage, run_trials, storage_url
@@ -56,5 +57,5 @@ def work(study: str, storage: str, *, trials: int | None = None, time_budget: fl
     st = load_study(db, study, sampler)
     objective = make_objective(ctx, techs, measure, [])
     with TrialProgress(total, finished(st), enabled=progress) as bar:
-        run_trials(st, objective, total, timeout_s=time_budget, on_trial=bar.update)
+        run_trials(st, objective, total, budget=TimeBudget(time_budget), on_trial=bar.update)
     return finished(st)

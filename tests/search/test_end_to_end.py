@@ -11,6 +11,7 @@ from typer.testing import CliRunner
 import slimkit as sk
 from slimkit.cli.app import app
 from slimkit.pipeline.recipe import Recipe
+from slimkit.runtime import load_deployed
 from slimkit.search.optimize import optimize
 
 
@@ -33,6 +34,17 @@ def test_digits_search_saves_a_replayable_best(digits_task, tmp_path, one_thread
     assert data["search"]["best"]["number"] == result.best.number
     html = (tmp_path / "report.html").read_text()
     assert "Pareto front" in html and "data:image/png;base64" in html and "Environment" in html
+    # where the time went: each trial's steps and measurements add up to (at most) its seconds
+    assert "Where the time went" in html and {"measuring the original", "trials"} <= set(result.phases)
+    for t in result.trials:
+        steps = {s["type"] for s in t.recipe}
+        assert t.measured.timings and set(t.measured.timings) - steps <= {"size", "build", "latency", "metric",
+                                                                          "checks before training"}
+        assert sum(t.measured.timings.values()) <= t.measured.seconds + 1e-6
+    # the saved best, built on the runtime it was scored on, gives the score the search reported
+    deployed = load_deployed(tmp_path / "best", digits_task.example, threads=1)
+    assert digits_task.evaluate(deployed)["score"] == pytest.approx(m.score, abs=1e-9)
+    assert recipe.backend == m.backend
 
 
 def test_recipe_errors_are_one_line(tmp_path):

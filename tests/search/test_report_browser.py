@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import json
-import os
 import re
 import shutil
 import subprocess
@@ -24,12 +23,7 @@ PROBE = ("<script>window.addEventListener('load', () => document.querySelectorAl
 def _chromium() -> str:
     found = shutil.which("chromium") or shutil.which("chromium-browser")
     if found is None:
-        if shutil.which("apt-get") is None or os.geteuid() != 0:
-            pytest.skip("Chromium is not installed and cannot be installed here (needs apt-get as root)")
-        env = {**os.environ, "DEBIAN_FRONTEND": "noninteractive"}
-        subprocess.run(["apt-get", "install", "-y", "-q", "chromium"], check=True, capture_output=True, env=env)
-        found = shutil.which("chromium")
-    assert found is not None
+        pytest.skip("Chromium is not installed: `make test` installs Debian's chromium package")
     return found
 
 

@@ -1,0 +1,148 @@
+"""How long a search may spend on each part, sized to the model in front of it rather than fixed counts.
+
+A search spends its time in four places: measuring the original, per-layer sensitivity (one metric
+run per layer probed), the trials (mostly recovery training) and rebuilding + reporting the best.
+The first is measured; the others are sized from it so that, on a 1-20 M-parameter model, one
+trial stays near a minute and ``--time-budget`` bounds the whole command, not only the start of
+the last trial.
+"""
+
+from __future__ import annotations
+
+import copy
+import logging
+import time
+from typing import Sequence
+
+import torch
+import torch.nn as nn
+
+from slimkit.core.errors import SlimkitError
+from slimkit.core.registry import Technique
+from slimkit.core.task import Task
+from slimkit.distill.distiller import SEARCH_STEPS as DISTILL_STEPS
+from slimkit.prune.reconstruct import RIDGES
+from slimkit.train.finetune import finetune
+from slimkit.train.recover import FINETUNE_STEPS
+
+log = logging.getLogger("slimkit.search")
+
+#: Seconds of recovery training one trial may take when no budget says otherwise.
+TRAINING_SECONDS = 40.0
+#: Seconds the per-layer sensitivity may take when no budget says otherwise; share of a budget otherwise.
+SENSITIVITY_SECONDS, SENSITIVITY_SHARE = 30.0, 0.1
+#: Most layers sensitivity probes, and the fewest recovery steps worth offering.
+MAX_SENSITIVITY_LAYERS, MIN_STEPS = 12, 10
+#: A distillation step runs the teacher too: about this many fine-tuning steps.
+DISTILL_STEP_COST = 1.5
+#: Seconds least-squares reconstruction after pruning may take in a trial.
+RECONSTRUCTION_SECONDS = 20.0
+#: Runs of the original's measurement the end of a search takes (replaying the best, the report's
+#: side-by-side profile of original and best).
+FINISH_MEASUREMENTS = 3.0
+
+
+class TimeBudget:
+    """Seconds left of a search's budget (``None``: unbounded), counted from its creation."""
+
+    def __init__(self, seconds: float | None) -> None:
+        if seconds is not None and not seconds > 0:
+            raise SlimkitError(f"time_budget={seconds!r} is invalid", "give seconds > 0, or leave it out")
+        self.seconds, self.start = seconds, time.monotonic()
+
+    def left(self) -> float | None:
+        return None if self.seconds is None else self.seconds - (time.monotonic() - self.start)
+
+    def share(self, fraction: float, default: float) -> float:
+        """``fraction`` of what is left, or ``default`` seconds when unbounded."""
+        left = self.left()
+        return default if left is None else max(0.0, fraction * left)
+
+
+def sensitivity_layers(metric_seconds: float, budget: TimeBudget) -> int:
+    """How many layers the per-layer sensitivity can probe: one metric run each, within its share."""
+    allowed = budget.share(SENSITIVITY_SHARE, SENSITIVITY_SECONDS)
+    return min(MAX_SENSITIVITY_LAYERS, int(allowed / max(metric_seconds, 1e-3)))
+
+
+def training_step_seconds(task: Task, probe_steps: int = 3) -> float:
+    """Seconds one recovery-training step takes on this model and data (a few real steps on a copy)."""
+    model = copy.deepcopy(task.model).train()
+    finetune(model, task, steps=1, progress=False)  # untimed: the first step pays for one-time set-up
+    start = time.perf_counter()
+    finetune(model, task, steps=probe_steps, progress=False)
+    return (time.perf_counter() - start) / probe_steps
+
+
+def finetune_steps(step_seconds: float, budget: TimeBudget, trials: int,
+                   offered: Sequence[int] = FINETUNE_STEPS) -> tuple[int, ...]:
+    """The recovery lengths a trial may take: those that fit its training time, else one that does."""
+    per_trial = min(TRAINING_SECONDS, budget.share(0.5 / max(1, min(trials, 4)), TRAINING_SECONDS))
+    fits = int(per_trial / max(step_seconds, 1e-6))
+    steps = tuple(s for s in offered if s <= fits)
+    return steps or (max(MIN_STEPS, fits),)
+
+
+def reconstruction_seconds(model: nn.Module) -> float:
+    """About how long reconstruction after channel pruning takes on this machine."""
+    return reconstruction_flops(model) / _cholesky_flop_rate()
+
+
+def reconstruction_flops(model: nn.Module) -> float:
+    """Each refit layer solves a (d, d) system per ridge tried on two folds, then once more in float64,
+    d being its inputs per output (in_channels / groups x kernel area, + 1). Upper bound: every layer refit."""
+    flops = 0.0
+    for m in model.modules():
+        if isinstance(m, (nn.Linear, nn.modules.conv._ConvNd)):
+            d = m.weight[0].numel() + 1                     # (out, in/groups, *kernel) -> unknowns per output
+            out = m.weight.shape[0]
+            flops += 2 * len(RIDGES) * (d ** 3 / 3 + 3 * d * d * out) + 2 * (2 * d ** 3 / 3 + 2 * d * d * out)
+    return flops
+
+
+def _cholesky_flop_rate(n: int = 768) -> float:
+    """Float32 flop/s of a Cholesky factorization here (the bulk of reconstruction's work)."""
+    a = torch.randn(n, n, generator=torch.Generator().manual_seed(0))
+    spd = a @ a.T + n * torch.eye(n)                        # (n, n) symmetric positive definite
+    torch.linalg.cholesky_ex(spd)
+    start = time.perf_counter()
+    for _ in range(3):
+        torch.linalg.cholesky_ex(spd)
+    return 3 * (n ** 3 / 3) / max(time.perf_counter() - start, 1e-9)
+
+
+def sized_extra(task: Task, techs: Sequence[Technique], extra: dict[str, object], budget: TimeBudget,
+                trials: int) -> dict[str, object]:
+    """``extra`` with what a trial may spend on this model, unless the caller chose it: recovery lengths
+    (fine-tuning, distillation) timed on a few real steps, and whether reconstruction after pruning fits."""
+    stages = {t.search: t.stage for t in techs}
+    sized: dict[str, object] = {}
+    if "channels" in stages and "reconstruct" not in extra:
+        seconds = reconstruction_seconds(task.model)
+        sized["reconstruct"] = seconds <= min(RECONSTRUCTION_SECONDS, budget.share(0.1, RECONSTRUCTION_SECONDS))
+        if not sized["reconstruct"]:
+            log.info("reconstruction after pruning would take about %.0f s a trial: not offered", seconds)
+    trainable = bool(task.train) and task.loss is not None and "recover" in stages.values()
+    if trainable and not ("finetune_steps" in extra and "distill_steps" in extra):
+        try:
+            step_s = training_step_seconds(task)
+        except SlimkitError as exc:
+            log.warning("recovery training not sized: %s", exc)
+        else:
+            sized["finetune_steps"] = list(finetune_steps(step_s, budget, trials))
+            sized["distill_steps"] = list(finetune_steps(step_s * DISTILL_STEP_COST, budget, trials, DISTILL_STEPS))
+            log.info("one training step takes %.3f s: recovery lengths %s (fine-tuning), %s (distillation)",
+                     step_s, sized["finetune_steps"], sized["distill_steps"])
+    return {**sized, **extra}
+
+
+def finish_reserve(original_seconds: float) -> float:
+    """Seconds to keep for the end: rebuilding the best and measuring it against the original."""
+    return FINISH_MEASUREMENTS * original_seconds
+
+
+def enough_for_another(trial_seconds: Sequence[float], left: float | None, reserve: float) -> bool:
+    """Whether another trial, as long as the slowest so far, still ends before the end's reserve."""
+    if left is None:
+        return True
+    return left - reserve > max(trial_seconds, default=0.0)
