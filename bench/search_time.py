@@ -6,7 +6,11 @@ seeded weights, 64x64 inputs), written with ``save_pretrained`` and handed to ``
 limit and ``--time-budget``. Recorded: the whole command's seconds against the budget, each trial's
 seconds (median, slowest) and the report's split of them (technique steps, build, latency, metric).
 
-    .venv/bin/python bench/search_time.py [--threads 2] [--budget 300] [--trials 30]
+With ``--model minilm`` the same command runs on the MiniLM package's directory (a real pre-trained
+22.7 M-parameter sentence encoder, cosine to the original as the metric) with the issue's target,
+``--max-size-mb 5 --max-drop 0.01``; results go to ``search_time_minilm.json``.
+
+    .venv/bin/python bench/search_time.py [--threads 2] [--budget 300] [--trials 30] [--model resnet18|minilm]
 """
 
 from __future__ import annotations
@@ -48,14 +52,20 @@ def main() -> None:
     ap.add_argument("--threads", type=int, default=2)
     ap.add_argument("--budget", type=float, default=300.0)
     ap.add_argument("--trials", type=int, default=30)
+    ap.add_argument("--model", choices=["resnet18", "minilm"], default="resnet18")
     args = ap.parse_args()
     torch.set_num_threads(args.threads)
     with tempfile.TemporaryDirectory() as tmp:
-        directory, params = resnet18_dir(Path(tmp))
+        if args.model == "minilm":
+            from slimkit.zoo.minilm import model_path
+
+            directory, limits = model_path(), ["--max-size-mb", "5", "--max-drop", "0.01"]
+            params = 22_713_216
+        else:
+            (directory, params), limits = resnet18_dir(Path(tmp)), ["--max-size-mb", "12", "--max-drop", "0.05"]
         out = Path(tmp) / "run"
         start = time.perf_counter()
-        result = CliRunner().invoke(app, ["optimize", "--model", str(directory),
-                                          "--max-size-mb", "12", "--max-drop", "0.05", "--threads", str(args.threads),
+        result = CliRunner().invoke(app, ["optimize", "--model", str(directory), *limits, "--threads", str(args.threads),
                                           "--trials", str(args.trials), "--time-budget", str(args.budget),
                                           "--out", str(out)])
         seconds = time.perf_counter() - start
@@ -70,7 +80,8 @@ def main() -> None:
             phases.setdefault(phase, []).append(s)
     data = {
         "environment": environment(args.threads),
-        "model": {"name": "HF ResNet-18 shape (random weights), 64x64 inputs", "params": params},
+        "model": {"name": "HF ResNet-18 shape (random weights), 64x64 inputs" if args.model == "resnet18"
+                  else "all-MiniLM-L6-v2 package directory (pre-trained)", "params": params, "target": limits},
         "budget_s": args.budget, "command_s": seconds, "within_budget": seconds <= args.budget,
         "trials": len(trials), "trial_s": {"median": statistics.median(trial_s), "max": max(trial_s)},
         "search_phases_s": search.get("phases", {}),
@@ -79,8 +90,9 @@ def main() -> None:
                                                       **{k: search["best"]["measured"][k]
                                                          for k in ("size_mb", "latency_ms", "drop", "backend")}},
         "baseline": {k: search["baseline"][k] for k in ("size_mb", "latency_ms")},
+        "hints": search.get("hints", []),
     }
-    write("search_time", data)
+    write("search_time" if args.model == "resnet18" else "search_time_minilm", data)
     print(json.dumps({k: data[k] for k in ("command_s", "budget_s", "trials", "trial_s", "search_phases_s")}, indent=1))
 
 

@@ -120,7 +120,6 @@ class Channels(PruneConfig):
                    importance=trial.suggest_categorical("channels.importance", importances), reconstruct=reconstruct)
 
 
-
 @dataclasses.dataclass
 class _Attempt:
     failed_root: str | None = None
@@ -187,12 +186,9 @@ class _Tried:
 def _prune_to_macs(model: nn.Module, config: Channels, example: tuple, task: Task,
                    before_macs: int, table: LatencyTable | None) -> tuple[nn.Module, _Attempt, dict[str, str], float]:
     """Prune to ``macs_ratio`` of the MACs, within ``MACS_TOLERANCE``: the closest result at most the
-    budget, else the closest just over it.
-
-    An allocation (``macs``/``latency``) aims at the budget itself, so its one pass is kept when it
-    lands in the window; otherwise the per-group amount is bisected. Channel counts rounded to
-    ``round_to`` move in steps too coarse for small layers: when no rounded amount lands in the
-    window, the search is repeated without rounding, and a miss that remains is logged and recorded."""
+    budget, else the closest just over it. An allocation (``macs``/``latency``) aims at the budget
+    itself: its one pass is kept when it lands in the window; otherwise the per-group amount is
+    bisected, and again without rounding to ``round_to`` when rounded counts move in too coarse steps."""
     target, tolerance = config.macs_ratio * before_macs, MACS_TOLERANCE * before_macs
     broken: dict[str, str] = {}
     if config.allocation != "uniform":
@@ -226,19 +222,25 @@ def _prune_to_macs(model: nn.Module, config: Channels, example: tuple, task: Tas
 
 def _bisect(model: nn.Module, config: Channels, example: tuple, task: Task, target: float,
             broken: dict[str, str], table: LatencyTable | None) -> tuple[list[_Tried], dict[str, str]]:
-    """Bisect the per-group amount towards ``target`` MACs: the candidates closest below and above it."""
+    """Bisect the per-group amount towards ``target`` MACs: the candidates closest below and above it.
+    The first try is where MACs ~ (1 - amount)^2 puts the target (a conv loses inputs and outputs); a
+    try inside the tolerance below the target ends the search (each try prunes the whole model)."""
+    before = count_flops(model, example).macs
     lo, hi = 0.0, 0.95
     below: _Tried | None = None
     above: _Tried | None = None
     for step in range(10):
         if step == 9 and below is not None:
             break
-        mid = (lo + hi) / 2 if step < 9 else 0.95  # nine bisection steps, then the largest amount if none fit
+        mid = (min(hi, max(0.05, 1.0 - (target / max(before, 1)) ** 0.5)) if step == 0
+               else (lo + hi) / 2 if step < 9 else 0.95)  # nine bisection steps, then the largest amount if none fit
         candidate, attempt, broken = _prune_at(copy.deepcopy(model), config, mid, example, task, broken, table)
         tried = _Tried(count_flops(candidate, example).macs, candidate, attempt, mid)
         if tried.macs <= target:
             hi = mid
             below = tried if below is None or tried.macs > below.macs else below
+            if target - tried.macs <= MACS_TOLERANCE * before:
+                break
         else:
             lo = mid
             above = tried if above is None or tried.macs < above.macs else above

@@ -45,6 +45,15 @@ class Conv1dAs2d(nn.Module):
     def spec(self) -> dict[str, Any]:  # the geometry, whatever ``conv`` has become (a quantized layer)
         return dict(self.geometry)
 
+    @property
+    def weight(self) -> torch.Tensor:
+        """The Conv1d's float weight (O, C/g, k), for code that reads ``layer.weight``."""
+        return self.conv.weight.squeeze(-1)
+
+    @property
+    def bias(self) -> torch.Tensor | None:
+        return self.conv.bias
+
     def forward(self, x: torch.Tensor) -> torch.Tensor:  # x: (B, C, L) or (C, L)
         return self.conv(x.unsqueeze(-1)).squeeze(-1)  # (B, O, L') or (O, L')
 

@@ -30,6 +30,9 @@ from slimkit.quantize.qat import fold_and_freeze, training_loss
 from slimkit.quantize.record import TrainedQuantRecord, Training
 from slimkit.train.finetune import finetune
 
+#: Training lengths the search offers (``ctx.extra["ternary_steps"]`` overrides, sized to the model).
+TERNARY_SEARCH_STEPS = (300, 600)
+
 
 @dataclasses.dataclass(frozen=True)
 class _ExtremeConfig(TrainedQuantConfig):
@@ -80,7 +83,7 @@ class Ternary(_ExtremeConfig):
 
     @classmethod
     def suggest(cls, trial: Any, ctx: SearchContext) -> Ternary:
-        steps = trial.suggest_categorical("ternary.steps", list(ctx.extra.get("ternary_steps", (300, 600))))
+        steps = trial.suggest_categorical("ternary.steps", list(ctx.extra.get("ternary_steps", TERNARY_SEARCH_STEPS)))
         return cls(steps=int(steps))
 
 

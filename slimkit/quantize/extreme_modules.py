@@ -174,6 +174,12 @@ class _Bits(nn.Module):
             return torch.where(codes == 1, sp, -sn)
         return torch.where(codes == 1, sp, torch.where(codes == 2, -sn, torch.zeros_like(sp)))
 
+    @property
+    def weight(self) -> torch.Tensor:
+        """The float weight in the layer's own shape, for code that reads ``layer.weight`` (HF models
+        read a patch embedding's dtype); the stored form stays the packed codes."""
+        return self.flat_weight().reshape(getattr(self, "shape", (self.rows, self.cols)))
+
 
 @layer_class("BitLinear")
 class BitLinear(_Bits):

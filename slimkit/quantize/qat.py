@@ -40,6 +40,9 @@ log = logging.getLogger("slimkit.quantize")
 
 LOSSES = ("auto", "task", "distill")
 
+#: Training lengths the search offers (``ctx.extra["qat_steps"]`` overrides, sized to the model).
+QAT_SEARCH_STEPS = (100, 300)
+
 
 @technique("quantize.QAT", stage="quantize", search="qat")
 @dataclasses.dataclass(frozen=True)
@@ -102,7 +105,7 @@ class QAT(TrainedQuantConfig):
     @classmethod
     def suggest(cls, trial: Any, ctx: SearchContext) -> QAT:
         bits = trial.suggest_categorical("qat.bits", [8, 4])
-        steps = trial.suggest_categorical("qat.steps", list(ctx.extra.get("qat_steps", (100, 300))))
+        steps = trial.suggest_categorical("qat.steps", list(ctx.extra.get("qat_steps", QAT_SEARCH_STEPS)))
         learn = trial.suggest_categorical("qat.learn_scale", [True, False])
         if bits == 4:
             group = trial.suggest_categorical("qat.group_size", [32, 64, 128])

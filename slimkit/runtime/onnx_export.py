@@ -18,7 +18,7 @@ import warnings
 from collections import defaultdict
 from contextlib import contextmanager, redirect_stderr, redirect_stdout
 from pathlib import Path
-from typing import Any, Iterator, Sequence
+from typing import Any, Collection, Iterator, Sequence
 
 import torch
 import torch.nn as nn
@@ -188,7 +188,7 @@ def _first_line(exc: BaseException) -> str:
     return (text[0] if text else type(exc).__name__)[:200]
 
 
-def module_nodes(onnx_model: Any) -> dict[str, list[Any]]:
+def module_nodes(onnx_model: Any, known: Collection[str] | None = None) -> dict[str, list[Any]]:
     """Torch module name -> its weight-carrying compute nodes (MatMul / Gemm / Conv).
 
     Parses the exporter's scoped node names: ``/bert/encoder/layer.0/attention/self/query/MatMul``
@@ -203,17 +203,26 @@ def module_nodes(onnx_model: Any) -> dict[str, list[Any]]:
     for node in graph.node:
         if node.op_type not in COMPUTE_OPS or len(node.input) < 2 or node.input[1] not in constants:
             continue
-        module = module_of(node.name)
+        module = module_of(node.name, known)
         if module is not None:
             found[module].append(node)
     return dict(found)
 
 
-def module_of(node_name: str) -> str | None:
-    """``/bert/encoder/layer.0/output/dense/MatMul`` -> ``bert.encoder.layer.0.output.dense``."""
+def module_of(node_name: str, known: Collection[str] | None = None) -> str | None:
+    """``/bert/encoder/layer.0/output/dense/MatMul`` -> ``bert.encoder.layer.0.output.dense``.
+
+    The exporter scopes a called ``nn.Sequential``'s children as ``seq/seq.0`` (``layer/layer.0`` for
+    the module ``layer.0``); given the ``known`` module names, a scope that names none of them is read
+    with such doubled steps collapsed."""
     if not node_name.startswith("/") or node_name.count("/") < 2:
         return None
-    return ".".join(node_name.strip("/").split("/")[:-1])
+    scopes = node_name.strip("/").split("/")[:-1]
+    name = ".".join(scopes)
+    if known is None or name in known:
+        return name
+    collapsed = [s for s, after in zip(scopes, scopes[1:] + [""]) if not after.startswith(s + ".")]
+    return ".".join(collapsed) if ".".join(collapsed) in known else name
 
 
 __all__ = ["COMPUTE_OPS", "OPSET", "export_onnx", "flat_outputs", "module_nodes", "module_of"]

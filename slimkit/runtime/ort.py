@@ -268,7 +268,8 @@ class _quiet:
 
 def _quantize(proto: Any, plan: OrtQuantPlan, work: Path, unsigned_weights: bool) -> dict[str, str]:
     """Quantize the planned modules' nodes in place; returns the modules left float and why."""
-    found = module_nodes(proto)
+    _bypass_constant_identities(proto.graph)
+    found = module_nodes(proto, set(plan.modules))
     skipped = {m: "no MatMul/Gemm/Conv node of this module in the exported graph" for m in plan.modules
                if m not in found}
     planned = {m: found[m] for m in plan.modules if m in found}
@@ -296,6 +297,24 @@ def _quantize(proto: Any, plan: OrtQuantPlan, work: Path, unsigned_weights: bool
         del planned[m]
     insert_qdq(proto.graph, planned, plan, unsigned_weights)
     return skipped
+
+
+def _bypass_constant_identities(graph: Any) -> None:
+    """Nodes read stored weights directly, not through the ``Identity`` the exporter puts on a weight
+    two modules share (HF ResNet's convs): the quantizers need the weight to be an initializer."""
+    stored = {t.name for t in graph.initializer}
+    outputs = {o.name for o in graph.output}
+    alias = {n.output[0]: n.input[0] for n in graph.node
+             if n.op_type == "Identity" and n.input[0] in stored and n.output[0] not in outputs}
+    if not alias:
+        return
+    for node in graph.node:
+        for i, name in enumerate(node.input):
+            if name in alias:
+                node.input[i] = alias[name]
+    kept = [n for n in graph.node if not (n.op_type == "Identity" and n.output[0] in alias)]
+    del graph.node[:]
+    graph.node.extend(kept)
 
 
 def _dynamic(proto: Any, planned: dict[str, list[Any]], per_channel: bool, work: Path) -> None:

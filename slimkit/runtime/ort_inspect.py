@@ -34,8 +34,8 @@ def layer_kernels(nodes: list[tuple[str, str, list[str]]], modules: list[str]) -
     for name, op, inputs in nodes:
         if op not in INTEGER_OPS | _FLOAT_OPS:
             continue
-        owners = {module_of(name)} | {module_of(i.rsplit("_int8_", 1)[1].split("_DQ")[0]) for i in inputs
-                                      if "_int8_" in i}
+        owners = {module_of(name, wanted)} | {module_of(i.rsplit("_int8_", 1)[1].split("_DQ")[0], wanted)
+                                              for i in inputs if "_int8_" in i}
         for module in owners & wanted:
             if found.get(module) not in INTEGER_OPS:
                 found[module] = op

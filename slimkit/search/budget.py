@@ -22,19 +22,23 @@ from slimkit.core.registry import Technique
 from slimkit.core.task import Task
 from slimkit.distill.distiller import SEARCH_STEPS as DISTILL_STEPS
 from slimkit.prune.reconstruct import RIDGES
+from slimkit.quantize.extreme import TERNARY_SEARCH_STEPS
+from slimkit.quantize.qat import QAT_SEARCH_STEPS
 from slimkit.train.finetune import finetune
 from slimkit.train.recover import FINETUNE_STEPS
 
 log = logging.getLogger("slimkit.search")
 
-#: Seconds of recovery training one trial may take when no budget says otherwise.
-TRAINING_SECONDS = 40.0
+#: Seconds one training step of a trial (recovery, QAT, ternary) may take when no budget says otherwise.
+TRAINING_SECONDS = 25.0
 #: Seconds the per-layer sensitivity may take when no budget says otherwise; share of a budget otherwise.
 SENSITIVITY_SECONDS, SENSITIVITY_SHARE = 30.0, 0.1
 #: Most layers sensitivity probes, and the fewest recovery steps worth offering.
 MAX_SENSITIVITY_LAYERS, MIN_STEPS = 12, 10
-#: A distillation step runs the teacher too: about this many fine-tuning steps.
-DISTILL_STEP_COST = 1.5
+#: The search's training knobs: extra key -> (technique search name, lengths offered, cost of a step in
+#: fine-tuning steps: distillation runs the teacher too, QAT and ternary fake-quantize every weight).
+TRAINED = {"finetune_steps": ("finetune", FINETUNE_STEPS, 1.0), "distill_steps": ("distill", DISTILL_STEPS, 1.5),
+           "qat_steps": ("qat", QAT_SEARCH_STEPS, 1.5), "ternary_steps": ("ternary", TERNARY_SEARCH_STEPS, 1.5)}
 #: Seconds least-squares reconstruction after pruning may take in a trial.
 RECONSTRUCTION_SECONDS = 20.0
 #: Runs of the original's measurement the end of a search takes (replaying the best, the report's
@@ -113,8 +117,8 @@ def _cholesky_flop_rate(n: int = 768) -> float:
 
 def sized_extra(task: Task, techs: Sequence[Technique], extra: dict[str, object], budget: TimeBudget,
                 trials: int) -> dict[str, object]:
-    """``extra`` with what a trial may spend on this model, unless the caller chose it: recovery lengths
-    (fine-tuning, distillation) timed on a few real steps, and whether reconstruction after pruning fits."""
+    """``extra`` with what a trial may spend on this model, unless the caller chose it: training lengths
+    (fine-tuning, distillation, QAT, ternary) timed on a few real steps, and whether reconstruction fits."""
     stages = {t.search: t.stage for t in techs}
     sized: dict[str, object] = {}
     if "channels" in stages and "reconstruct" not in extra:
@@ -122,17 +126,16 @@ def sized_extra(task: Task, techs: Sequence[Technique], extra: dict[str, object]
         sized["reconstruct"] = seconds <= min(RECONSTRUCTION_SECONDS, budget.share(0.1, RECONSTRUCTION_SECONDS))
         if not sized["reconstruct"]:
             log.info("reconstruction after pruning would take about %.0f s a trial: not offered", seconds)
-    trainable = bool(task.train) and task.loss is not None and "recover" in stages.values()
-    if trainable and not ("finetune_steps" in extra and "distill_steps" in extra):
+    wanted = {key: knob for key, knob in TRAINED.items() if knob[0] in stages and key not in extra}
+    if wanted and task.train and task.loss is not None:
         try:
             step_s = training_step_seconds(task)
         except SlimkitError as exc:
-            log.warning("recovery training not sized: %s", exc)
+            log.warning("training steps not sized: %s", exc)
         else:
-            sized["finetune_steps"] = list(finetune_steps(step_s, budget, trials))
-            sized["distill_steps"] = list(finetune_steps(step_s * DISTILL_STEP_COST, budget, trials, DISTILL_STEPS))
-            log.info("one training step takes %.3f s: recovery lengths %s (fine-tuning), %s (distillation)",
-                     step_s, sized["finetune_steps"], sized["distill_steps"])
+            for key, (_, offered, cost) in wanted.items():
+                sized[key] = list(finetune_steps(step_s * cost, budget, trials, offered))
+            log.info("one training step takes %.3f s: lengths offered %s", step_s, sized)
     return {**sized, **extra}
 
 
@@ -142,7 +145,8 @@ def finish_reserve(original_seconds: float) -> float:
 
 
 def enough_for_another(trial_seconds: Sequence[float], left: float | None, reserve: float) -> bool:
-    """Whether another trial, as long as the slowest so far, still ends before the end's reserve."""
+    """Whether another trial as long as the slowest so far still fits, and then the best's rebuild (at
+    most as long again) before the end's ``reserve``."""
     if left is None:
         return True
-    return left - reserve > max(trial_seconds, default=0.0)
+    return left - reserve > 2 * max(trial_seconds, default=0.0)

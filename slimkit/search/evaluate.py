@@ -112,9 +112,9 @@ class RuntimeMeasurer:
             if isinstance(record, ChannelRecord) and record.groups_pruned == 0:
                 why = next(iter(record.skipped.values()), "no group could be pruned")
                 return TrialMeasurement(error=f"{record.technique} removed nothing ({why})")
-        if self.target.max_size_mb is None:
-            return None
         after = [c for c in rest if technique_of(type(c)).stage != "recover"]  # e.g. the quantization that follows
+        if self.target.max_size_mb is None or any(getattr(c, "steps", 0) for c in after):
+            return None  # no size limit, or finding the bytes would train (QAT, ternary): not known before
         final = apply(untrained, after, self.task) if after else untrained
         size_mb = artifact_size(final) / 1e6
         if size_mb > self.target.max_size_mb:

@@ -151,3 +151,34 @@ def test_a_model_of_only_recurrent_layers_is_quantized():
     x = torch.randn(12, 2, 8)
     with torch.no_grad():
         assert sqnr_db(model(x)[0], q(x)[0]) > 30
+
+
+class ReadsWeights(nn.Module):
+    """Code that reads its layers' ``.weight`` (HF ViT casts its input to the patch embedding's dtype)."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.patch = nn.Conv2d(3, 32, 4, stride=4)
+        self.mix = nn.Conv1d(32, 32, 3, padding=1)
+        self.head = nn.Linear(32, 4)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        h = self.patch(x.to(self.patch.weight.dtype)).flatten(2)          # (B, 32, 16)
+        h = self.mix(h.to(self.mix.weight.dtype)) * self.mix.weight.shape[-1] / 3
+        return self.head(h.mean(-1).to(self.head.weight.dtype))          # (B, 4)
+
+
+@pytest.mark.parametrize("config,min_db", [
+    (sk.quantize.Int8(), 30.0),
+    (sk.quantize.WeightOnly(bits=4, group_size=32), 12.0),
+    (sk.quantize.WeightOnly(bits=8), 30.0),
+])
+def test_quantized_layers_keep_a_float_weight_for_code_that_reads_it(config, min_db):
+    torch.manual_seed(0)
+    model, x = ReadsWeights().eval(), torch.randn(4, 3, 16, 16)
+    task = sk.Task(name="reads", model=model, example=(x,), metric=lambda m, d: {"score": 1.0}, eval=[], calib=[(x,)])
+    q = sk.apply(model, config, task)
+    assert not last_record(q).skipped  # every layer converted
+    assert q.patch.weight.shape == (32, 3, 4, 4) and q.mix.weight.shape == (32, 32, 3)
+    with torch.no_grad():
+        assert sqnr_db(model(x), q(x)) >= min_db

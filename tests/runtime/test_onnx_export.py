@@ -110,6 +110,17 @@ def test_module_of_parses_scoped_node_names():
     assert module_of("MatMul_12") is None
 
 
+@pytest.mark.parametrize("node,known,expected", [
+    # a called nn.Sequential named `layer` scopes its children as layer/layer.0 (HF ResNet)
+    ("/r/stages.0/layers.0/layer/layer.1/convolution/Conv", {"r.stages.0.layers.0.layer.1.convolution"},
+     "r.stages.0.layers.0.layer.1.convolution"),
+    ("/r/layer/layer.1/Conv", {"r.layer.layer.1"}, "r.layer.layer.1"),  # a real doubled name stays as it is
+    ("/r/layer/layer.1/Conv", None, "r.layer.layer.1"),                  # nothing known: the scopes as written
+])
+def test_module_of_reads_sequential_scopes_against_the_known_modules(node, known, expected):
+    assert module_of(node, known) == expected
+
+
 class Eigh(nn.Module):
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         return torch.linalg.eigh(x @ x.transpose(-1, -2))[0]

@@ -266,3 +266,30 @@ def test_static_convs_followed_by_prelu_or_relu_batchnorm_run_integer_or_are_lis
         assert all("float" in why for why in m.skipped.values())
     assert m.layer_kernels["fc"] == "QGemm"
     assert sqnr_db(model(*calib[1]).detach(), m(*calib[1])) >= 25.0
+
+
+def test_hf_resnet_static_int8_runs_every_conv_on_an_integer_kernel(tmp_path):
+    """HF ResNet: conv weights reach their Conv through an Identity, and its Sequential scopes name
+    ``layer/layer.0`` for the module ``layer.0``; neither may leave a conv float."""
+    transformers = pytest.importorskip("transformers")
+    torch.manual_seed(0)
+    hf = transformers.ResNetForImageClassification(transformers.ResNetConfig(
+        embedding_size=8, hidden_sizes=[8, 16], depths=[1, 1], layer_type="basic", num_labels=4)).eval()
+
+    class Logits(nn.Module):
+        def __init__(self) -> None:
+            super().__init__()
+            self.model = hf
+
+        def forward(self, x: torch.Tensor) -> torch.Tensor:
+            return self.model(x).logits                      # (B, 4)
+
+    model = Logits().eval()
+    names = [n for n, m in model.named_modules() if isinstance(m, (nn.Conv2d, nn.Linear))]
+    calib = [(torch.randn(8, 3, 32, 32),) for _ in range(3)]
+    plan = OrtQuantPlan("static", names, act_ranges=input_ranges(model, names, calib))
+    m = build_ort(model, calib[0], plan=plan, workdir=tmp_path)
+    assert m.skipped == {} and len(names) == 7  # 6 convs (one a strided shortcut) and the classifier
+    assert {m.layer_kernels[n] for n in names} == {"QLinearConv", "QGemm"}
+    with torch.no_grad():
+        assert sqnr_db(model(*calib[1]), m(*calib[1])) >= 20.0

@@ -7,24 +7,24 @@ import torch.nn as nn
 
 from slimkit.core.errors import SlimkitError
 from slimkit.prune.reconstruct import RIDGES
-from slimkit.search.budget import (MAX_SENSITIVITY_LAYERS, MIN_STEPS, TimeBudget, enough_for_another, finetune_steps,
+from slimkit.search.budget import (MAX_SENSITIVITY_LAYERS, MIN_STEPS, TRAINING_SECONDS, TimeBudget, enough_for_another, finetune_steps,
                                    finish_reserve, reconstruction_flops, sensitivity_layers, sized_extra)
 
 
 @pytest.mark.parametrize("step_s,budget_s,trials,expected", [
     (0.001, None, 30, (100, 200, 400, 800)),   # a tiny model: every length fits in a trial
-    (0.08, None, 30, (100, 200, 400)),         # 40 s of training per trial at most
-    (0.3, None, 30, (100,)),
-    (2.0, None, 30, (20,)),                    # nothing offered fits: the most that does
+    (0.08, None, 30, (100, 200)),              # 25 s of training per step of a trial at most
+    (0.2, None, 30, (100,)),
+    (2.0, None, 30, (12,)),                    # nothing offered fits: the most that does
     (50.0, None, 30, (10,)),                   # never fewer than the fewest worth taking
-    (0.08, 300.0, 30, (100, 200, 400)),        # a quarter-of-a-half of 300 s is 37.5 s
+    (0.08, 300.0, 30, (100, 200)),             # a quarter-of-a-half of 300 s is 37.5 s: 25 s still bounds
     (0.08, 60.0, 30, (93,)),                   # 7.5 s: no offered length fits, 93 steps do
     (0.01, 60.0, 1, (100, 200, 400, 800)),     # one trial may take 30 s
 ])
 def test_recovery_lengths_fit_a_trial(step_s, budget_s, trials, expected):
     steps = finetune_steps(step_s, TimeBudget(budget_s), trials)
     assert steps == expected
-    assert all(s * step_s <= 40.0 or s == MIN_STEPS for s in steps)
+    assert all(s * step_s <= TRAINING_SECONDS or s == MIN_STEPS for s in steps)
 
 
 @pytest.mark.parametrize("metric_s,budget_s,expected", [
@@ -41,8 +41,8 @@ def test_sensitivity_probes_what_fits(metric_s, budget_s, expected):
     ([], None, 0.0, True),                      # unbounded
     ([], 10.0, 5.0, True),                      # nothing known yet: try one
     ([], 4.0, 5.0, False),                      # the end's reserve is all that is left
-    ([30.0, 50.0, 40.0], 100.0, 30.0, True),    # 70 s left after the reserve > the slowest, 50 s
-    ([30.0, 50.0, 40.0], 60.0, 30.0, False),    # the slowest would run into the reserve
+    ([30.0, 50.0, 40.0], 140.0, 30.0, True),    # 110 s left after the reserve: the slowest twice (trial, rebuild)
+    ([30.0, 50.0, 40.0], 120.0, 30.0, False),   # 90 s: a trial as slow, then the best's rebuild, would not fit
 ])
 def test_a_trial_starts_only_when_one_as_slow_as_the_slowest_still_fits(seconds, left, reserve, expected):
     assert enough_for_another(seconds, left, reserve) is expected
@@ -68,13 +68,15 @@ def test_reconstruction_cost_grows_with_the_cube_of_each_layers_inputs(layer, d,
     assert reconstruction_flops(nn.Sequential(layer)) == pytest.approx(expected)
 
 
-def test_a_tiny_model_is_offered_every_recovery_length_and_reconstruction():
+def test_a_tiny_model_is_offered_reconstruction_and_the_shortest_lengths_first():
     from slimkit.core.registry import searchable
     from tests.models import mlp, tiny_task
 
     extra = sized_extra(tiny_task(mlp), searchable(["channels", "finetune", "distill"]), {}, TimeBudget(None), 30)
-    assert extra["reconstruct"] is True and extra["finetune_steps"] == [100, 200, 400, 800]
-    assert extra["distill_steps"] == [100, 200, 400]
+    assert extra["reconstruct"] is True  # a few hundred thousand flops
+    for key, offered in (("finetune_steps", [100, 200, 400, 800]), ("distill_steps", [100, 200, 400])):
+        steps = extra[key]  # how many fit depends on this machine's speed: a prefix of what is offered, or fewer
+        assert steps == offered[:len(steps)] or (len(steps) == 1 and MIN_STEPS <= steps[0] < offered[0])
     mine = sized_extra(tiny_task(mlp), searchable(["channels", "finetune"]), {"reconstruct": False,
                                                                               "finetune_steps": [7]}, TimeBudget(None), 30)
     assert mine["reconstruct"] is False and mine["finetune_steps"] == [7]  # the caller's choice stands
