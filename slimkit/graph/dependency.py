@@ -201,6 +201,19 @@ def frozen_ids(model: nn.Module, reasons: dict[str, str]) -> dict[int, str]:
     return frozen
 
 
+def layer_widths(model: nn.Module) -> dict[str, int]:
+    """Output width of every Conv/Linear (hidden size of every LSTM/GRU): what channel pruning changes."""
+    widths = {}
+    for name, m in model.named_modules():
+        if isinstance(m, nn.modules.conv._ConvNd):
+            widths[name] = m.out_channels
+        elif isinstance(m, nn.Linear):
+            widths[name] = m.out_features
+        elif isinstance(m, (nn.RNNBase, nn.RNNCellBase)):
+            widths[name] = m.hidden_size
+    return widths
+
+
 def tp_inputs(example: tuple[Any, ...]) -> Any:
     # Torch-Pruning calls model(*inputs) for a tuple and model(inputs) otherwise.
     return example if len(example) != 1 else example[0]

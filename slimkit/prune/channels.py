@@ -21,6 +21,7 @@ from slimkit.core.errors import SlimkitError
 from slimkit.core.record import add_record
 from slimkit.core.registry import SearchContext
 from slimkit.core.task import Task
+from slimkit.core.time_limit import time_limit
 from slimkit.graph import attention, dependency
 from slimkit.measure.flops import count_flops
 from slimkit.measure.latency_table import LatencyTable, measure_table
@@ -36,6 +37,7 @@ log = logging.getLogger("slimkit.prune")
 IMPORTANCES = ("l1", "l2", "bn_scale", "taylor", "random")
 ALLOCATIONS = ("uniform", "macs", "latency")
 _MAX_RESTARTS = 32
+TRACE_SECONDS = 120.0  # building the dependency groups; the tracer can loop on graphs it does not know (Llama)
 
 
 @technique("prune.Channels", stage="prune", search="channels")
@@ -138,7 +140,7 @@ def prune_channels(model: nn.Module, config: Channels, task: Task | None) -> nn.
     model.eval()
     before_macs = count_flops(model, example).macs
     before_params = sum(p.numel() for p in model.parameters())
-    before_widths = _widths(model)
+    before_widths = dependency.layer_widths(model)
     calib = list(getattr(task, "calib", ()) or ())
     if config.reconstruct and not calib:  # before any work: pruning without it would be thrown away
         raise SlimkitError("prune.Channels reconstruct=True needs calibration inputs and the task has none",
@@ -160,7 +162,8 @@ def prune_channels(model: nn.Module, config: Channels, task: Task | None) -> nn.
     add_record(model, ChannelRecord(
         config.type_name, config.to_dict(), skipped, amount=amount, macs=[before_macs, after_macs],
         params=[before_params, sum(p.numel() for p in model.parameters())],
-        layers={n: [before_widths[n], w] for n, w in _widths(model).items() if before_widths.get(n) != w},
+        layers={n: [before_widths[n], w] for n, w in dependency.layer_widths(model).items()
+                if before_widths.get(n) != w},
         heads={n: list(v) for n, v in attempt.heads.items()}, groups_pruned=attempt.pruned_groups,
         reconstruction={n: dataclasses.asdict(f) for n, f in fits.items()},
         latency_table=table.to_dict() if table is not None else None))
@@ -298,7 +301,10 @@ def _attempt(model: nn.Module, config: Channels, amount: float, example: tuple, 
         except SlimkitError:
             raise
         except Exception as exc:  # noqa: BLE001 - the tracer cannot build some group: find the roots, restart without them
-            graph = dependency.dependency_graph(model, example)
+            try:
+                graph = dependency.dependency_graph(model, example)
+            except Exception:  # noqa: BLE001 - it cannot trace the model at all
+                raise _tracer_failed(exc) from None
             roots = [m for m in graph.module2node if isinstance(m, (nn.modules.conv._ConvNd, nn.Linear))
                      and m not in ignored]
             result.untraceable = dependency.untraceable_roots(graph, roots, names)
@@ -369,25 +375,13 @@ def _pruner(model: nn.Module, example: tuple, importance: Any, config: Channels,
             ignored: list[nn.Module], num_heads: dict[nn.Module, int],
             ratios: dict[nn.Module, float] | None = None) -> Any:
     tp = dependency.torch_pruning()
-    return tp.pruner.MetaPruner(
-        model, dependency.tp_inputs(example), importance=importance, pruning_ratio=0.0 if ratios is not None else amount,
-        pruning_ratio_dict=ratios or None,
-        global_pruning=config.scope == "global", round_to=config.round_to, ignored_layers=ignored,
-        num_heads=num_heads, prune_num_heads=bool(num_heads), prune_head_dims=False,
-        head_pruning_ratio=amount if num_heads else 0.0)
-
-
-def _widths(model: nn.Module) -> dict[str, int]:
-    """Output width of every Conv/Linear: what channel pruning changes."""
-    widths = {}
-    for name, m in model.named_modules():
-        if isinstance(m, nn.modules.conv._ConvNd):
-            widths[name] = m.out_channels
-        elif isinstance(m, nn.Linear):
-            widths[name] = m.out_features
-        elif isinstance(m, (nn.RNNBase, nn.RNNCellBase)):
-            widths[name] = m.hidden_size
-    return widths
+    with time_limit(TRACE_SECONDS, "channel pruning: tracing the model's channel dependencies",
+                    "this graph is beyond the tracer: use prune.Magnitude / prune.NM, or ignored=... for its blocks"):
+        return tp.pruner.MetaPruner(
+            model, dependency.tp_inputs(example), importance=importance, pruning_ratio=0.0 if ratios is not None
+            else amount, pruning_ratio_dict=ratios or None, global_pruning=config.scope == "global",
+            round_to=config.round_to, ignored_layers=ignored, num_heads=num_heads, prune_num_heads=bool(num_heads),
+            prune_head_dims=False, head_pruning_ratio=amount if num_heads else 0.0)
 
 
 def _example(task: Task) -> tuple:

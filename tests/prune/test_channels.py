@@ -305,3 +305,29 @@ def test_recurrent_models_are_kept_whole_with_the_reason_never_a_traceback(model
         out, ref = pruned(*inputs), net(*inputs)
     out, ref = (out[0], ref[0]) if isinstance(out, tuple) else (out, ref)
     assert torch.equal(out, ref)  # nothing it could not prove safe was touched
+
+
+def test_a_graph_the_tracer_cannot_finish_is_a_one_line_error_not_a_hang(monkeypatch):
+    """Torch-Pruning's grouping loops on a Llama (rotary embeddings, grouped-query attention)."""
+    transformers = pytest.importorskip("transformers")
+    import slimkit.prune.channels as channels
+
+    torch.manual_seed(0)
+    llama = transformers.LlamaForCausalLM(transformers.LlamaConfig(
+        vocab_size=64, hidden_size=32, intermediate_size=64, num_hidden_layers=1, num_attention_heads=4,
+        num_key_value_heads=2)).eval()
+    tokens = (torch.randint(0, 64, (2, 8)),)
+    with pytest.raises(sk.SlimkitError, match="cannot trace this model's channel dependencies"):
+        sk.apply(llama, Channels(amount=0.5, round_to=None), _task(tokens))  # its output holds a cache object
+
+    class Logits(nn.Module):
+        def __init__(self) -> None:
+            super().__init__()
+            self.lm = llama
+
+        def forward(self, ids: torch.Tensor) -> torch.Tensor:
+            return self.lm(ids, use_cache=False).logits    # (B, T, vocab)
+
+    monkeypatch.setattr(channels, "TRACE_SECONDS", 3.0)
+    with pytest.raises(sk.SlimkitError, match="did not finish within 3 s .* prune.Magnitude"):
+        sk.apply(Logits().eval(), Channels(amount=0.5, round_to=None), _task(tokens))
