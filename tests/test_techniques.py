@@ -61,6 +61,7 @@ CASES = [
     Case(Q.Int8(), mha, 0.999, runtimes=("torch", "onnxruntime")),  # the MultiheadAttention stays float (listed)
     Case(Q.WeightOnly(bits=4, group_size=32), mha, 0.99),
     Case(Q.WeightOnly(bits=8), mlp, 0.999, 0.4),
+    Case(Q.WeightOnly(bits=8), unet, 0.999, 0.4),  # its ConvTranspose2d stored int8 too (QuantConvTranspose)
     Case(Q.WeightOnly(bits=4, group_size=32), mlp, 0.99, 0.32),
     Case(Q.WeightOnly(bits=4, group_size=32, method="gptq"), mlp, 0.995, 0.32),
     Case(Q.Float16(), mlp, 0.9999, 0.55, reload_gap=HALF_RELOAD),
@@ -199,13 +200,14 @@ def test_a_task_a_technique_cannot_use_is_one_line_error(config, model, lacks, m
     assert message in str(err.value) and "\n" not in str(err.value) and err.value.hint
 
 
-@pytest.mark.parametrize("model,layers", [
-    (unet, {"up": "ConvTranspose2d"}),
-    (mha, {"mha": "MultiheadAttention", "mha.out_proj": "reads this weight directly"}),
+@pytest.mark.parametrize("model,configs,layers", [
+    (unet, (Q.Int8(),), {"up": "no integer transposed-conv kernel"}),  # WeightOnly stores it int8/int4
+    (mha, (Q.Int8(), Q.WeightOnly(bits=4, group_size=32)),
+     {"mha": "MultiheadAttention", "mha.out_proj": "reads this weight directly"}),
 ])
-def test_layers_a_quantizer_leaves_float_are_listed_with_the_reason(model, layers, tasks):
+def test_layers_a_quantizer_leaves_float_are_listed_with_the_reason(model, configs, layers, tasks):
     task = tasks[model.__name__]
-    for config in (Q.Int8(), Q.WeightOnly(bits=4, group_size=32)):
+    for config in configs:
         skipped = records_of(sk.apply(task.model, config, task))[-1].skipped
         for name, why in layers.items():
             if why is not None:

@@ -18,6 +18,7 @@ from slimkit.core.record import add_record
 from slimkit.core.task import Task
 from slimkit.quantize.accuracy import control
 from slimkit.quantize.conv1d import liftable_reason, lift_conv1d
+from slimkit.quantize.conv_transpose import transposed_targets
 from slimkit.quantize.embedding import QuantEmbedding
 from slimkit.quantize.recurrent import recurrent_targets
 from slimkit.quantize.record import QuantRecord
@@ -55,8 +56,8 @@ def target_layers(model: nn.Module, targets: Any, exclude: Any, *, allow_conv: b
                   recurrent: bool = False) -> tuple[list[str], dict[str, str]]:
     """Selected layer names, and the layers the selection named that we cannot quantize (with why).
 
-    ``recurrent``: the caller converts LSTM/GRU layers itself (``quantize.recurrent``), so a model
-    whose only weight layers are recurrent is not refused here."""
+    ``recurrent``: the caller converts LSTM/GRU (and ConvTranspose) layers itself (``quantize.recurrent``,
+    ``quantize.conv_transpose``), so a model whose only weight layers are those is not refused here."""
     names = select(model, targets, exclude, kinds=(nn.Linear, nn.Conv2d, nn.Module))
     if allow_conv and targets == "all":  # "all" names Linear/Conv2d; Conv1d layers go too, as (k, 1) Conv2d
         names += select(model, ".*", exclude, kinds=(nn.Conv1d,))
@@ -82,9 +83,13 @@ def target_layers(model: nn.Module, targets: Any, exclude: Any, *, allow_conv: b
         for name, m in model.named_modules():
             inside = any(name.startswith(c + ".") for c in chosen) or any(name == e or name.startswith(e + ".")
                                                                          for e in excluded)
-            if isinstance(m, UNQUANTIZED) and name not in skipped and not inside:
+            if isinstance(m, nn.modules.conv._ConvTransposeNd) and name not in skipped and not inside:
+                skipped[name] = (f"{type(m).__name__}: no integer transposed-conv kernel on torch or ONNX Runtime, "
+                                 "kept float (quantize.WeightOnly stores it int8/int4)")
+            elif isinstance(m, UNQUANTIZED) and name not in skipped and not inside:
                 skipped[name] = f"{type(m).__name__} is not quantized by this technique: kept float"
-    if not chosen and not (recurrent and recurrent_targets(model, targets, exclude)):
+    if not chosen and not (recurrent and (recurrent_targets(model, targets, exclude)
+                                          or transposed_targets(model, targets, exclude))):
         raise SlimkitError("no layer to quantize: targets matched no supported Linear/Conv1d/Conv2d/LSTM/GRU layer",
                            "check targets/exclude ('all', 'all-linear', a regex or module names)")
     return chosen, skipped

@@ -13,6 +13,7 @@ from slimkit.core.editing import set_submodule
 from slimkit.core.errors import SlimkitError
 from slimkit.core.registry import SearchContext
 from slimkit.core.task import Task
+from slimkit.quantize.conv_transpose import quantize_conv_transpose, transposed_targets
 from slimkit.quantize.gptq import gptq_int4
 from slimkit.quantize.extreme_modules import int4_per_channel
 from slimkit.quantize.modules import QuantConv2d, QuantLinear
@@ -85,6 +86,7 @@ class WeightOnly(PTQConfig):
 def quantize_weight_only(model: nn.Module, config: WeightOnly, task: Task | None) -> nn.Module:
     names, skipped = target_layers(model, config.targets, config.exclude, allow_conv=True, recurrent=True)
     recurrent = recurrent_targets(model, config.targets, config.exclude)
+    transposed = transposed_targets(model, config.targets, config.exclude)
     tables = quantize_embeddings(model, config, skipped)
     originals = {}
     for name in names:
@@ -105,4 +107,5 @@ def quantize_weight_only(model: nn.Module, config: WeightOnly, task: Task | None
         set_submodule(model, name, new)
     originals.update(quantize_recurrent(model, recurrent, skipped, bits=config.bits, group_size=config.group_size,
                                         activations="none"))
+    originals.update(quantize_conv_transpose(model, transposed, config.bits, skipped))
     return finish(model, config, originals, skipped, task, tables)

@@ -182,3 +182,38 @@ def test_quantized_layers_keep_a_float_weight_for_code_that_reads_it(config, min
     assert q.patch.weight.shape == (32, 3, 4, 4) and q.mix.weight.shape == (32, 32, 3)
     with torch.no_grad():
         assert sqnr_db(model(x), q(x)) >= min_db
+
+
+TRANSPOSED = [  # (layer, input)
+    (lambda: nn.ConvTranspose2d(16, 8, 4, stride=2, padding=1), (2, 16, 6, 6)),
+    (lambda: nn.ConvTranspose2d(16, 8, 3, stride=2, output_padding=1, groups=4, bias=False), (2, 16, 5, 5)),
+    (lambda: nn.ConvTranspose1d(8, 4, 5, stride=2, dilation=2), (3, 8, 17)),
+    (lambda: nn.ConvTranspose1d(8, 6, 3), (8, 11)),  # unbatched, odd K = 6/1 * 3 per row
+]
+
+
+@pytest.mark.parametrize("bits,min_db,max_bytes", [(8, 38.0, 0.35), (4, 16.0, 0.25)])  # scales: 4 B per row
+@pytest.mark.parametrize("make,shape", TRANSPOSED)
+def test_transposed_convs_are_stored_int8_or_int4_and_reload_exactly(make, shape, bits, min_db, max_bytes, tmp_path):
+    torch.manual_seed(0)
+    model = nn.Sequential(make()).eval()
+    x = torch.randn(*shape)
+    task = sk.Task(name="t", model=model, example=(x,), metric=lambda m, d: {"score": 1.0}, eval=[], calib=[(x,)])
+    q = sk.apply(model, sk.quantize.WeightOnly(bits=bits, group_size=32 if bits == 4 else 0), task)
+    assert type(q[0]).__name__ == "QuantConvTranspose" and not last_record(q).skipped
+    assert q[0].weight.shape == model[0].weight.shape
+    with torch.no_grad():
+        assert sqnr_db(model(x), q(x)) >= min_db
+    stored = q[0].codes.numel() * q[0].codes.element_size() + 4 * q[0].scale.numel()
+    assert stored <= max_bytes * 4 * model[0].weight.numel()  # bytes of the weight against fp32
+    sk.save(q, tmp_path / "q")
+    with torch.no_grad():
+        assert torch.equal(sk.load(tmp_path / "q", model=nn.Sequential(make()))(x), q(x))
+
+
+def test_int8_with_activations_lists_transposed_convs_with_what_to_use_instead():
+    from tests.models import unet
+
+    task = tiny_task(unet)
+    q = sk.apply(task.model, sk.quantize.Int8(), task)
+    assert "WeightOnly stores it int8/int4" in last_record(q).skipped["up"]
