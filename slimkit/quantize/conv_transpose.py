@@ -16,11 +16,10 @@ import torch.nn as nn
 import torch.nn.functional as F
 
 from slimkit.core.registry import layer_class
-from slimkit.formats.pack import pack_int4, unpack_int4
+from slimkit.quantize.row_codes import decode_rows, empty_codes, encode_rows
 from slimkit.core.editing import select, set_submodule
 
 TRANSPOSED = (nn.ConvTranspose1d, nn.ConvTranspose2d)
-_LEVELS = {8: 127, 4: 7}
 
 
 @layer_class("QuantConvTranspose")
@@ -33,11 +32,8 @@ class QuantConvTranspose(nn.Module):
         self.shape = (spec["in_channels"], spec["out_channels"] // spec["groups"], *spec["kernel_size"])
         rows, cols = self.shape[0], math.prod(self.shape[1:])
         self.bits = spec["bits"]
-        if self.bits == 8:
-            self.register_buffer("codes", torch.zeros(rows, cols, dtype=torch.int8))               # (C_in, K)
-        else:
-            self.register_buffer("codes", torch.zeros(rows, (cols + 1) // 2, dtype=torch.uint8))  # (C_in, K/2)
-        self.register_buffer("scale", torch.ones(rows))                                            # (C_in,)
+        self.register_buffer("codes", empty_codes(rows, cols, self.bits))  # (C_in, K) int8 or (C_in, K/2) packed
+        self.register_buffer("scale", torch.ones(rows))                      # (C_in,)
         self.register_buffer("bias", torch.zeros(spec["out_channels"]) if spec["bias"] else None)
 
     @classmethod
@@ -51,15 +47,9 @@ class QuantConvTranspose(nn.Module):
                 "output_padding": list(layer.output_padding), "groups": layer.groups,
                 "dilation": list(layer.dilation), "bias": layer.bias is not None, "bits": bits}
         out = cls(spec)
-        w = layer.weight.detach().float().flatten(1)                           # (C_in, K)
-        scale = (w.abs().amax(1) / _LEVELS[bits]).clamp_min(1e-12)             # (C_in,)
-        q = torch.round(w / scale[:, None]).clamp(-_LEVELS[bits], _LEVELS[bits])
+        codes, scale = encode_rows(layer.weight.flatten(1), bits)  # weight (C_in, C_out/g, *k) -> (C_in, K)
         with torch.no_grad():
-            if bits == 8:
-                out.codes.copy_(q.to(torch.int8))
-            else:
-                padded = F.pad(q + 8, (0, q.shape[1] % 2))                      # codes 1..15, even K
-                out.codes.copy_(pack_int4(padded.to(torch.uint8)))
+            out.codes.copy_(codes)
             out.scale.copy_(scale)
             if layer.bias is not None:
                 out.bias.copy_(layer.bias.detach())
@@ -71,9 +61,7 @@ class QuantConvTranspose(nn.Module):
     @property
     def weight(self) -> torch.Tensor:
         """The float weight ``(C_in, C_out / groups, *kernel)`` the codes stand for."""
-        cols = math.prod(self.shape[1:])
-        q = self.codes.float() if self.bits == 8 else unpack_int4(self.codes)[:, :cols].float() - 8
-        return (q * self.scale[:, None]).reshape(self.shape)
+        return decode_rows(self.codes, self.scale, self.bits, math.prod(self.shape[1:])).reshape(self.shape)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         s = self._spec

@@ -86,6 +86,9 @@ def target_layers(model: nn.Module, targets: Any, exclude: Any, *, allow_conv: b
             if isinstance(m, nn.modules.conv._ConvTransposeNd) and name not in skipped and not inside:
                 skipped[name] = (f"{type(m).__name__}: no integer transposed-conv kernel on torch or ONNX Runtime, "
                                  "kept float (quantize.WeightOnly stores it int8/int4)")
+            elif isinstance(m, nn.MultiheadAttention) and name not in skipped and not inside:
+                skipped[name] = ("MultiheadAttention reads its projection weights directly: kept float "
+                                 "(quantize.WeightOnly stores them int8/int4)")
             elif isinstance(m, UNQUANTIZED) and name not in skipped and not inside:
                 skipped[name] = f"{type(m).__name__} is not quantized by this technique: kept float"
     if not chosen and not (recurrent and (recurrent_targets(model, targets, exclude)

@@ -13,6 +13,7 @@ from slimkit.core.editing import set_submodule
 from slimkit.core.errors import SlimkitError
 from slimkit.core.registry import SearchContext
 from slimkit.core.task import Task
+from slimkit.quantize.attention import attention_targets, quantize_attention
 from slimkit.quantize.conv_transpose import quantize_conv_transpose, transposed_targets
 from slimkit.quantize.gptq import gptq_int4
 from slimkit.quantize.extreme_modules import int4_per_channel
@@ -87,6 +88,7 @@ def quantize_weight_only(model: nn.Module, config: WeightOnly, task: Task | None
     names, skipped = target_layers(model, config.targets, config.exclude, allow_conv=True, recurrent=True)
     recurrent = recurrent_targets(model, config.targets, config.exclude)
     transposed = transposed_targets(model, config.targets, config.exclude)
+    attention = attention_targets(model, config.targets, config.exclude)
     tables = quantize_embeddings(model, config, skipped)
     originals = {}
     for name in names:
@@ -108,4 +110,5 @@ def quantize_weight_only(model: nn.Module, config: WeightOnly, task: Task | None
     originals.update(quantize_recurrent(model, recurrent, skipped, bits=config.bits, group_size=config.group_size,
                                         activations="none"))
     originals.update(quantize_conv_transpose(model, transposed, config.bits, skipped))
+    originals.update(quantize_attention(model, attention, config.bits, skipped))
     return finish(model, config, originals, skipped, task, tables)

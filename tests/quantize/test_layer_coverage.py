@@ -217,3 +217,46 @@ def test_int8_with_activations_lists_transposed_convs_with_what_to_use_instead()
     task = tiny_task(unet)
     q = sk.apply(task.model, sk.quantize.Int8(), task)
     assert "WeightOnly stores it int8/int4" in last_record(q).skipped["up"]
+
+
+ATTENTION = [  # (MultiheadAttention, query shape, key/value shape, call options)
+    (lambda: nn.MultiheadAttention(32, 4, batch_first=True), (2, 6, 32), (2, 6, 32), {}),
+    (lambda: nn.MultiheadAttention(32, 4), (6, 2, 32), (5, 2, 32), {"need_weights": False}),
+    (lambda: nn.MultiheadAttention(32, 4, kdim=16, vdim=24, batch_first=True), (2, 6, 32), (2, 5, 16), {}),
+    (lambda: nn.MultiheadAttention(32, 2, bias=False, add_bias_kv=True, batch_first=True), (2, 6, 32), (2, 6, 32),
+     {"key_padding_mask": "pad"}),
+    (lambda: nn.MultiheadAttention(32, 4, batch_first=True), (2, 6, 32), (2, 6, 32), {"attn_mask": "causal"}),
+    (lambda: nn.MultiheadAttention(32, 4), (6, 32), (6, 32), {}),  # unbatched
+]
+
+
+@pytest.mark.parametrize("bits,min_db", [(8, 35.0), (4, 15.0)])
+@pytest.mark.parametrize("make,q_shape,kv_shape,options", ATTENTION)
+def test_multihead_attention_is_stored_int8_or_int4_with_its_interface(make, q_shape, kv_shape, options, bits, min_db,
+                                                                       tmp_path):
+    from slimkit.quantize.attention import QuantMultiheadAttention
+
+    torch.manual_seed(0)
+    mha = make().eval()
+    g = torch.Generator().manual_seed(1)
+    q_in, k_in = torch.randn(*q_shape, generator=g), torch.randn(*kv_shape[:-1], mha.kdim, generator=g)
+    v_in = torch.randn(*kv_shape[:-1], mha.vdim, generator=g)
+    kwargs = dict(options)
+    if kwargs.get("key_padding_mask") == "pad":
+        kwargs["key_padding_mask"] = torch.zeros(kv_shape[0], kv_shape[1], dtype=torch.bool)
+        kwargs["key_padding_mask"][:, -2:] = True
+    if kwargs.get("attn_mask") == "causal":
+        kwargs["attn_mask"] = nn.Transformer.generate_square_subsequent_mask(q_shape[1])
+    q = QuantMultiheadAttention.from_float(mha, bits)
+    with torch.no_grad():
+        (out, weights), (ref, ref_weights) = q(q_in, k_in, v_in, **kwargs), mha(q_in, k_in, v_in, **kwargs)
+        assert out.shape == ref.shape and sqnr_db(ref, out) >= min_db
+        assert (weights is None) == (ref_weights is None)
+        if weights is not None:
+            assert sqnr_db(ref_weights, weights) >= min_db
+        stored = sum(b.numel() * b.element_size() for n, b in q.named_buffers() if n.endswith("_codes"))
+        assert stored <= (0.26 if bits == 8 else 0.14) * 4 * sum(
+            p.numel() for n, p in mha.named_parameters() if n.endswith("weight"))
+        sk.save(nn.Sequential(q), tmp_path / "m")
+        back = sk.load(tmp_path / "m", model=nn.Sequential(make()))
+        assert torch.equal(back[0](q_in, k_in, v_in, **kwargs)[0], out)
