@@ -41,6 +41,10 @@ TRAINED = {"finetune_steps": ("finetune", FINETUNE_STEPS, 1.0), "distill_steps":
            "qat_steps": ("qat", QAT_SEARCH_STEPS, 1.5), "ternary_steps": ("ternary", TERNARY_SEARCH_STEPS, 1.5)}
 #: Seconds least-squares reconstruction after pruning may take in a trial.
 RECONSTRUCTION_SECONDS = 20.0
+#: Seconds CP decomposition of a model's convs may take in a trial (ALS sweeps over every kxk kernel).
+CP_SECONDS = 20.0
+#: The CP ratio the estimate assumes (the middle of what the search offers) and its ALS sweeps at most.
+CP_RATIO, CP_SWEEPS = 0.35, 100
 #: Runs of the original's measurement the end of a search takes (replaying the best, the report's
 #: side-by-side profile of original and best).
 FINISH_MEASUREMENTS = 3.0
@@ -104,6 +108,18 @@ def reconstruction_flops(model: nn.Module) -> float:
     return flops
 
 
+def cp_flops(model: nn.Module, ratio: float = CP_RATIO, sweeps: int = CP_SWEEPS) -> float:
+    """CP-ALS on every kxk Conv2d at ``ratio`` of its weights: each sweep computes one MTTKRP per mode
+    (2 x weights x rank flops) and the fit's error (2 x weights x rank)."""
+    flops = 0.0
+    for m in model.modules():
+        if isinstance(m, nn.Conv2d) and m.kernel_size != (1, 1):
+            o, i, kh, kw = m.weight.shape
+            rank = max(1, int(ratio * m.weight.numel() / (o + i + kh + kw)))
+            flops += sweeps * (4 * 2 + 2) * m.weight.numel() * rank
+    return flops
+
+
 def _cholesky_flop_rate(n: int = 768) -> float:
     """Float32 flop/s of a Cholesky factorization here (the bulk of reconstruction's work)."""
     a = torch.randn(n, n, generator=torch.Generator().manual_seed(0))
@@ -126,6 +142,11 @@ def sized_extra(task: Task, techs: Sequence[Technique], extra: dict[str, object]
         sized["reconstruct"] = seconds <= min(RECONSTRUCTION_SECONDS, budget.share(0.1, RECONSTRUCTION_SECONDS))
         if not sized["reconstruct"]:
             log.info("reconstruction after pruning would take about %.0f s a trial: not offered", seconds)
+    if "cp" in stages and "too_slow" not in extra:
+        seconds = cp_flops(task.model) / _cholesky_flop_rate()
+        if seconds > min(CP_SECONDS, budget.share(0.1, CP_SECONDS)):
+            sized["too_slow"] = {"cp": f"CP decomposition of these convs would take about {seconds:.0f} s a trial"}
+            log.info("not offered: %s", sized["too_slow"]["cp"])
     wanted = {key: knob for key, knob in TRAINED.items() if knob[0] in stages and key not in extra}
     if wanted and task.train and task.loss is not None:
         try:

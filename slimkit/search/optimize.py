@@ -42,10 +42,11 @@ STRATEGIES = ("auto", "tpe", "nsga2")
 def suggest_pipeline(trial: Any, ctx: SearchContext, techs: Sequence[Technique]) -> list[BaseConfig]:
     """At most one technique per stage, in stage order; recovery only after something changed the weights."""
     configs: list[BaseConfig] = []
+    too_slow = ctx.extra.get("too_slow", {})  # search name -> why it would not fit a trial on this model
     changed = False
     picked = 0
     for stage in STAGES:
-        options = [t for t in techs if t.stage == stage and t.applies(ctx)]
+        options = [t for t in techs if t.stage == stage and t.applies(ctx) and t.search not in too_slow]
         if not options or (stage == "recover" and not changed):
             continue
         if stage != "recover" and ctx.max_techniques is not None and picked >= ctx.max_techniques:

@@ -80,3 +80,34 @@ def test_a_tiny_model_is_offered_reconstruction_and_the_shortest_lengths_first()
     mine = sized_extra(tiny_task(mlp), searchable(["channels", "finetune"]), {"reconstruct": False,
                                                                               "finetune_steps": [7]}, TimeBudget(None), 30)
     assert mine["reconstruct"] is False and mine["finetune_steps"] == [7]  # the caller's choice stands
+
+
+def test_cp_is_not_offered_where_its_sweeps_would_not_fit_a_trial():
+    from slimkit.core.registry import SearchContext, searchable
+    from slimkit.core.target import Target
+    from slimkit.search.budget import CP_SWEEPS, cp_flops
+    from slimkit.search.optimize import suggest_pipeline
+    from tests.models import cnn, tiny_task
+
+    conv = nn.Sequential(nn.Conv2d(512, 512, 3), nn.Conv2d(512, 64, 1))  # the 1x1 conv is not CP's
+    rank = int(0.35 * 512 * 512 * 9 / (512 + 512 + 3 + 3))
+    assert cp_flops(conv) == CP_SWEEPS * 10 * 512 * 512 * 9 * rank
+    big = tiny_task(cnn)
+    big.model = nn.Sequential(*[nn.Conv2d(512, 512, 3, padding=1) for _ in range(8)])  # ~1e14 flops of ALS
+    extra = sized_extra(big, searchable(["cp", "svd"]), {}, TimeBudget(None), 30)
+    assert "cp" in extra["too_slow"] and "would take about" in extra["too_slow"]["cp"]
+    ctx = SearchContext(task=big, target=Target(max_drop=0.1), baseline={}, sensitivity={}, trainable=False,
+                        extra=extra)
+
+    class Always:  # a trial that takes whatever is offered: never CP here
+        params: dict = {}
+
+        def suggest_categorical(self, name, choices):
+            assert "cp" not in choices
+            return choices[-1]
+
+        def suggest_float(self, name, low, high, **kw):
+            return low
+
+    configs = suggest_pipeline(Always(), ctx, searchable(["cp", "svd"]))
+    assert [c.type_name for c in configs] == ["factorize.SVD"]
