@@ -90,6 +90,11 @@ class RuntimeMeasurer:
                 timings[config.type_name] = timings.get(config.type_name, 0.0) + time.perf_counter() - lap
         except SlimkitError as exc:
             return TrialMeasurement(error=str(exc), seconds=time.perf_counter() - start, timings=timings), None
+        except Exception as exc:  # noqa: BLE001 - a bug in one pipeline must not end the search: recorded, logged
+            log.exception("trial failed: %s", [c.type_name for c in configs])
+            line = (str(exc).strip().splitlines() or [""])[0][:200]
+            return TrialMeasurement(error=f"{type(exc).__name__}: {line} (a bug: please report it)",
+                                    seconds=time.perf_counter() - start, timings=timings), None
         c = measure("trial", model, configs, self.task, backend=self.backend, threads=self.target.threads,
                     target=self.target, early_stop=early_stop)
         m = TrialMeasurement(size_mb=c.size_mb, params=c.params, memory_mb=c.memory_mb, backend=c.backend or None,

@@ -67,7 +67,7 @@ def model_task(spec: str, *, weights: str | None = None, data: str | None = None
         raise SlimkitError(f"{data or 'the inputs'} give {len(batches)} batch(es) of {BATCH}",
                            f"give at least {2 * BATCH} samples")
     model = ingested.model
-    with torch.inference_mode():
+    with torch.no_grad():  # not inference mode: these outputs are training targets too (autograd reads them)
         reference = [_outputs(model(*b)) for b in batches]
     calib = batches[:min(CALIB_BATCHES, len(batches) - 1)]
     evaluate = batches[len(calib):len(calib) + EVAL_BATCHES]

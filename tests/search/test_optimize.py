@@ -146,3 +146,19 @@ def test_what_is_known_before_training_ends_a_trial_before_any_training():
     nothing = sk.prune.Channels(amount=0.5, ignored=("conv", "lstm"))  # what is left feeds the output directly
     m, model = RuntimeMeasurer(seq, sk.Target(max_drop=0.01))([nothing, sk.train.Finetune(steps=50)])
     assert model is None and "prune.Channels removed nothing (" in m.error and "train.Finetune" not in m.timings
+
+
+def test_a_pipeline_that_hits_a_bug_is_recorded_not_fatal():
+    from slimkit.search.evaluate import RuntimeMeasurer
+    from tests.models import mlp, tiny_task
+
+    task = tiny_task(mlp)
+
+    def broken_loss(outputs, labels):
+        raise RuntimeError("boom\nsecond line")
+
+    task.loss = broken_loss
+    m, model = RuntimeMeasurer(task, sk.Target(max_drop=0.01))([sk.prune.Magnitude(amount=0.3),
+                                                               sk.train.Finetune(steps=2)])
+    assert model is None and m.error == "RuntimeError: boom (a bug: please report it)"
+    assert "prune.Magnitude" in m.timings

@@ -157,3 +157,15 @@ def test_the_minilm_package_directory_is_a_model_too(tmp_path, one_thread):
 
     assert task.evaluate(build(q, "onnxruntime", task.example))["score"] >= 0.98  # the runtime auto picks
     assert not last_record(q).skipped
+
+
+def test_gradient_importance_trains_through_the_agreement_targets(tmp_path):
+    """The original's outputs are the training targets (here an SQNR task's regression targets): they
+    must not be inference-mode tensors, or every gradient-based step fails."""
+    from safetensors.torch import save_file
+
+    save_file(factory().state_dict(), str(tmp_path / "w.safetensors"))
+    task = zoo.load(zoo.model_spec("tests.zoo.test_model_task:factory", weights=str(tmp_path / "w.safetensors"),
+                                   input_shape="6"))
+    pruned = sk.apply(task.model, sk.prune.Channels(amount=0.5, importance="taylor", round_to=None), task)
+    assert pruned[0].out_features == 8 and task.evaluate(pruned)["score"] > 0.0
