@@ -13,11 +13,11 @@ from slimkit.core.editing import set_submodule
 from slimkit.core.errors import SlimkitError
 from slimkit.core.registry import SearchContext
 from slimkit.core.task import Task
-from slimkit.quantize.attention import attention_targets, quantize_attention
 from slimkit.quantize.conv_transpose import quantize_conv_transpose, transposed_targets
 from slimkit.quantize.gptq import gptq_int4
 from slimkit.quantize.extreme_modules import int4_per_channel
 from slimkit.quantize.modules import QuantConv2d, QuantLinear
+from slimkit.quantize.multihead import attention_targets, quantize_attention
 from slimkit.quantize.options import (
     PTQConfig,
     Targets,

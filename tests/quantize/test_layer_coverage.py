@@ -234,7 +234,7 @@ ATTENTION = [  # (MultiheadAttention, query shape, key/value shape, call options
 @pytest.mark.parametrize("make,q_shape,kv_shape,options", ATTENTION)
 def test_multihead_attention_is_stored_int8_or_int4_with_its_interface(make, q_shape, kv_shape, options, bits, min_db,
                                                                        tmp_path):
-    from slimkit.quantize.attention import QuantMultiheadAttention
+    from slimkit.quantize.multihead import QuantMultiheadAttention
 
     torch.manual_seed(0)
     mha = make().eval()
