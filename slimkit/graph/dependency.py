@@ -87,7 +87,9 @@ def untraceable_roots(graph: Any, roots: list[nn.Module], names: dict[int, str],
                 check(group)
         except Exception as exc:  # noqa: BLE001 - any failure of the tracer means this group is not ours to prune
             first = str(exc).splitlines()[0][:120] if str(exc) else ""
-            found[names.get(id(module), "?")] = f"the dependency tracer cannot map its channels ({type(exc).__name__}: {first})"
+            found[names.get(id(module), "?")] = (
+                "kept unpruned: the dependency tracer cannot follow its channels through the ops after it (a "
+                f"reshape, pixel shuffle, split or recurrent input it maps wrongly) [{type(exc).__name__}: {first}]")
     return found
 
 
