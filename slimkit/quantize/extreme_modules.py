@@ -29,11 +29,11 @@ from slimkit.core.registry import layer_class
 from slimkit.formats.bitpack import pack_bits, packed_width, unpack_bits
 from slimkit.formats.pack import pack_int4, unpack_int4
 from slimkit.quantize.half import conv_spec, conv_weight_shape, spec_conv2d
+from slimkit.quantize.row_codes import INT4_OFFSET, symmetric_rows  # 4-bit code = signed integer + 8
 
 MODES = ("binary", "ternary")
 _BITS = {"binary": 1, "ternary": 2}
 STORED_BITS = (1, 2, 4)
-INT4_OFFSET = 8  # 4-bit code = signed integer + 8: levels -8..7 stored as 0..15
 
 
 def _width(k: int, bits: int) -> int:
@@ -237,9 +237,8 @@ def int4_stored(layer: nn.Module, codes: torch.Tensor, step: torch.Tensor) -> Bi
 def int4_per_channel(layer: nn.Module) -> BitLinear | BitConv2d:
     """Symmetric per-output-channel int4 (levels -7..7, step max|w|/7), rounded to nearest: convs'
     int4 form (their inputs per output rarely split into the groups Linear layers use)."""
-    w = layer.weight.detach().float().flatten(1)  # (N, K)
-    step = (w.abs().amax(1) / 7).clamp_min(1e-12)  # (N,)
-    return int4_stored(layer, torch.round(w / step[:, None]).clamp(-7, 7), step)
+    q, step = symmetric_rows(layer.weight.flatten(1), 4)  # (N, K), (N,)
+    return int4_stored(layer, q, step)
 
 
 __all__ = ["BitConv2d", "BitLinear", "ExtremeConv2d", "ExtremeLinear", "INT4_OFFSET", "MODES", "int4_per_channel", "int4_stored"]

@@ -13,11 +13,17 @@ LEVELS = {8: 127, 4: 7}
 INT4_OFFSET = 8
 
 
-def encode_rows(w: torch.Tensor, bits: int) -> tuple[torch.Tensor, torch.Tensor]:
-    """``w`` (N, K) -> (codes int8 (N, K) or packed uint8 (N, ceil(K/2)), scale (N,))."""
+def symmetric_rows(w: torch.Tensor, bits: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """``w`` (N, K) -> (float integer levels in -L..L (N, K), step max|row|/L (N,)), rounded to nearest."""
     w = w.detach().float()
     scale = (w.abs().amax(1) / LEVELS[bits]).clamp_min(1e-12)                # (N,)
     q = torch.round(w / scale[:, None]).clamp(-LEVELS[bits], LEVELS[bits])  # (N, K)
+    return q, scale
+
+
+def encode_rows(w: torch.Tensor, bits: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """``w`` (N, K) -> (codes int8 (N, K) or packed uint8 (N, ceil(K/2)), scale (N,))."""
+    q, scale = symmetric_rows(w, bits)
     if bits == 8:
         return q.to(torch.int8), scale
     padded = F.pad(q + INT4_OFFSET, (0, q.shape[1] % 2))                     # (N, K even), codes 1..15
@@ -37,4 +43,4 @@ def empty_codes(rows: int, cols: int, bits: int) -> torch.Tensor:
     return torch.zeros(rows, (cols + 1) // 2, dtype=torch.uint8)
 
 
-__all__ = ["LEVELS", "decode_rows", "empty_codes", "encode_rows"]
+__all__ = ["LEVELS", "decode_rows", "empty_codes", "encode_rows", "symmetric_rows"]
