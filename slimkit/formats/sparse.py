@@ -26,6 +26,8 @@ SEP = "::"
 MIN_NUMEL = 1024
 #: Auto mode encodes a tensor only when that saves at least this fraction of its bytes.
 MIN_SAVING = 0.25
+#: No tensor slimkit stores has more dimensions; a description with more is corrupt.
+MAX_DIMS = 8
 
 _INT_VIEW = {1: torch.uint8, 2: torch.int16, 4: torch.int32, 8: torch.int64}
 _BITS = torch.tensor([1, 2, 4, 8, 16, 32, 64, 128], dtype=torch.uint8)
@@ -84,17 +86,26 @@ def encode(t: torch.Tensor, fmt: str) -> dict[str, torch.Tensor]:
     return {"crow": crow.to(torch.int32), "col": col.to(_col_dtype(cols)), "values": values}
 
 
-def decode(parts: Mapping[str, torch.Tensor], info: Mapping[str, Any], *, name: str = "tensor") -> torch.Tensor:
-    """Rebuild a tensor from its parts; any inconsistency is a :class:`SlimkitError`, never garbage."""
+def decode(parts: Mapping[str, torch.Tensor], info: Mapping[str, Any], *, name: str = "tensor",
+           expected: tuple[int, ...] | None = None) -> torch.Tensor:
+    """Rebuild a tensor from its parts; any inconsistency is a :class:`SlimkitError`, never garbage.
+
+    ``expected``: the shape the receiving model holds. The description's shape is untrusted (a
+    CSR of one row can claim billions of columns in a few bytes), so with ``expected`` nothing is
+    allocated for a shape the model does not hold.
+    """
 
     def bad(why: str) -> SlimkitError:
         return SlimkitError(f"sparse tensor {name} is corrupt ({why})", "re-save the model")
 
     fmt, shape, dtype_name = info.get("format"), info.get("shape"), info.get("dtype")
-    dtype = getattr(torch, str(dtype_name), None)
-    if fmt not in FORMATS or not isinstance(shape, list) or not isinstance(dtype, torch.dtype):
-        raise bad(f"unreadable description {dict(info)}")
-    shape_t = tuple(int(s) for s in shape)
+    dtype = getattr(torch, dtype_name, None) if isinstance(dtype_name, str) and dtype_name.isidentifier() else None
+    if (fmt not in FORMATS or not isinstance(shape, list) or len(shape) > MAX_DIMS
+            or not all(type(s) is int and s >= 0 for s in shape) or not isinstance(dtype, torch.dtype)):
+        raise bad(f"unreadable description {str(dict(info))[:200]}")
+    shape_t = tuple(shape)
+    if expected is not None and shape_t != tuple(expected):
+        raise bad(f"shape {shape_t} where the model holds {tuple(expected)}")
     numel = math.prod(shape_t)
     values = parts.get("values")
     if values is None or values.dtype != dtype or values.dim() != 1:
@@ -161,8 +172,13 @@ def pack_state(state: Mapping[str, torch.Tensor], sparse: bool | None = None
 
 
 def unpack_state(stored: Mapping[str, torch.Tensor], encoded: Mapping[str, Mapping[str, Any]], *,
-                 source: str = "artifact") -> dict[str, torch.Tensor]:
-    """Inverse of :func:`pack_state`: decode every described tensor, pass the rest through."""
+                 source: str = "artifact", shapes: Mapping[str, tuple[int, ...]] | None = None
+                 ) -> dict[str, torch.Tensor]:
+    """Inverse of :func:`pack_state`: decode every described tensor, pass the rest through.
+
+    ``shapes`` (tensor name -> shape the model holds) bounds what decoding allocates; a described
+    tensor the model does not hold is an error before anything is decoded.
+    """
     parts: dict[str, dict[str, torch.Tensor]] = {}
     state: dict[str, torch.Tensor] = {}
     for key, t in stored.items():
@@ -181,7 +197,11 @@ def unpack_state(stored: Mapping[str, torch.Tensor], encoded: Mapping[str, Mappi
                                "the weights and metadata files do not belong together; re-save the model")
         if name in state:
             raise SlimkitError(f"{source}: {name} is stored both dense and sparse", "re-save the model")
-        state[name] = decode(parts[name], info, name=f"{name} in {source}")
+        if shapes is not None and name not in shapes:
+            raise SlimkitError(f"{source}: sparse tensor {name} is not in the model", "load it into the architecture "
+                               "it was saved from")
+        state[name] = decode(parts[name], info, name=f"{name} in {source}",
+                             expected=None if shapes is None else shapes[name])
     return state
 
 

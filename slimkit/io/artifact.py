@@ -4,39 +4,42 @@ An artifact is a directory::
 
     model.safetensors   every parameter and buffer (packed integer tensors included); mostly-zero
                         tensors stored as bitmask+values or CSR parts (``slimkit.formats.sparse``)
-    slimkit.json        how to rebuild the module, the recipe applied, library versions
+    slimkit.json        how to rebuild the module, the recipe applied, library versions, and the
+                        dtype and shape of every tensor plus the weights file's size and SHA-256
 
-Writes are atomic: the directory is assembled under a temporary name beside the target and
-renamed into place, so a crash never leaves a half-written artifact where a reader looks.
+Saves are atomic and take turns (``slimkit.io.artifact_store``); loads check every claim of the
+artifact against the weights file and the model before allocating (``slimkit.io.artifact_check``).
 """
 
 from __future__ import annotations
 
 import json
 import os
-import shutil
-import tempfile
 from pathlib import Path
 from typing import Any, Mapping
 
 import torch
 import torch.nn as nn
 from safetensors import SafetensorError, safe_open
-from safetensors.torch import load_file, save_file
+from safetensors.torch import save_file
 
-from slimkit.core.editing import set_submodule
 from slimkit.core.errors import SlimkitError
 from slimkit.core.record import records_of
-from slimkit.core.registry import build_registered, builder_of, layer_class_named
+from slimkit.core.registry import builder_of
 from slimkit.core.versions import versions
 from slimkit.formats.sparse import pack_state, unpack_state
 from slimkit.graph.resize import conform
+from slimkit.io import artifact_check as check
+from slimkit.io.artifact_check import FORMAT_VERSION, Spec
+from slimkit.io.artifact_rebuild import (build, first_line, meta_state, probe_model, probe_modules, replay_casts,
+                                          restore_modules)
+from slimkit.io.artifact_store import META, WEIGHTS, Snapshot, reading, replace_artifact, step
 
-WEIGHTS = "model.safetensors"
-META = "slimkit.json"
-FORMAT_VERSION = 1
 #: Key in the safetensors header metadata that describes sparsely stored tensors.
 SPARSE_KEY = "slimkit.sparse"
+__all__ = ["FORMAT_VERSION", "META", "SPARSE_KEY", "WEIGHTS", "artifact_bytes", "load", "load_into", "load_state",
+           "read_meta", "restore_modules", "save", "special_modules"]
+
 
 def special_modules(model: nn.Module) -> dict[str, dict[str, Any]]:
     """``{module name: {"class": registered name, "spec": spec}}`` for every registered-class module."""
@@ -44,33 +47,18 @@ def special_modules(model: nn.Module) -> dict[str, dict[str, Any]]:
             for name, m in model.named_modules() if name and getattr(m, "slimkit_module_class", None)}
 
 
-def restore_modules(model: nn.Module, modules: Mapping[str, Mapping[str, Any]], *, source: str = "artifact") -> None:
-    """Replace the named submodules of ``model`` by empty instances of their registered classes."""
-    for name, entry in modules.items():
-        cls = layer_class_named(str(entry.get("class", "")))
-        if cls is None:
-            raise SlimkitError(f"{source} uses an unknown module class {entry.get('class')!r}",
-                               "upgrade slimkit or import the package that defines it")
-        try:
-            set_submodule(model, name, cls.empty(entry["spec"]))
-        except (AttributeError, KeyError, TypeError, ValueError) as exc:
-            raise SlimkitError(f"{source}: cannot rebuild module {name!r} ({exc})",
-                               "load it into the architecture it was saved from") from None
-
-
 def save(model: nn.Module, path: str | os.PathLike[str], *, recipe: list[dict[str, Any]] | None = None,
          extra: Mapping[str, Any] | None = None, sparse: bool | None = None) -> Path:
-    """Write ``model`` as an artifact directory at ``path`` (replacing one that is there).
+    """Write ``model`` as an artifact at ``path`` (replacing one that is there).
 
     ``sparse=None`` stores a mostly-zero tensor (pruned weights) sparsely when that saves at
     least a quarter of its bytes; ``True`` whenever it saves anything; ``False`` never.
     """
-
     path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    state, encoded = pack_state(_contiguous_state(model), sparse)
+    logical = _contiguous_state(model)
+    state, encoded = pack_state(logical, sparse)
     builder = builder_of(model)
-    meta = {
+    meta: dict[str, Any] = {
         "format": FORMAT_VERSION,
         "builder": None if builder is None else {"name": builder[0], "kwargs": builder[1]},
         "recipe": recipe or [],
@@ -83,15 +71,17 @@ def save(model: nn.Module, path: str | os.PathLike[str], *, recipe: list[dict[st
         meta["sparse"] = encoded
     if getattr(model, "slimkit_resized", False):  # channels were removed: widths differ from the builder's
         meta["structure"] = "resized"
-    tmp = Path(tempfile.mkdtemp(prefix=f".{path.name}.", dir=path.parent))
-    try:
-        save_file(state, str(tmp / WEIGHTS), metadata={SPARSE_KEY: json.dumps(encoded)} if encoded else None)
-        (tmp / META).write_text(json.dumps(meta, default=str))  # compact: its bytes count in the size
-        _replace_dir(tmp, path)
-    except BaseException:
-        shutil.rmtree(tmp, ignore_errors=True)
-        raise
-    return path
+
+    def write(directory: Path) -> None:
+        weights = directory / WEIGHTS
+        save_file(state, str(weights), metadata={SPARSE_KEY: json.dumps(encoded)} if encoded else None)
+        step("weights_written")
+        meta["integrity"] = {"weights_bytes": weights.stat().st_size, "weights_sha256": check.file_sha256(weights),
+                             "tensors": {k: [d, list(s)] for k, (d, s) in check.table_of(logical).items()}}
+        (directory / META).write_text(json.dumps(meta, default=str))  # compact: its bytes count in the size
+        step("sidecar_written")
+
+    return replace_artifact(path, write)
 
 
 def _contiguous_state(model: nn.Module) -> dict[str, torch.Tensor]:
@@ -104,89 +94,108 @@ def _contiguous_state(model: nn.Module) -> dict[str, torch.Tensor]:
     return state
 
 
-def _replace_dir(tmp: Path, path: Path) -> None:
-    if not path.exists():
-        os.replace(tmp, path)
-        return
-    if not path.is_dir():
-        raise SlimkitError(f"{path} exists and is not an artifact directory", "choose another output path")
-    old = path.with_name(f".{path.name}.old-{os.getpid()}")
-    os.replace(path, old)
-    os.replace(tmp, path)
-    shutil.rmtree(old, ignore_errors=True)
-
-
 def artifact_bytes(path: str | os.PathLike[str]) -> int:
-    """Bytes the artifact takes on disk: the sum of its files' sizes."""
+    """Bytes the artifact takes on disk: the sum of its files' sizes (of the current version)."""
     path = Path(path)
     if path.is_file():
         return path.stat().st_size
-    return sum(p.stat().st_size for p in path.rglob("*") if p.is_file())
+    with reading(path) as snap:
+        return sum(p.stat().st_size for p in snap.directory.rglob("*") if p.is_file())
 
 
 def read_meta(path: str | os.PathLike[str]) -> dict[str, Any]:
-    path = Path(path)
-    meta_file = path / META
-    if not meta_file.is_file():
-        raise SlimkitError(f"{path} is not a slimkit artifact (no {META})", "save it with slimkit.save first")
-    try:
-        meta = json.loads(meta_file.read_text())
-    except (json.JSONDecodeError, UnicodeDecodeError) as exc:
-        raise SlimkitError(f"{meta_file} is corrupt ({exc})", "re-save the model") from None
-    if not isinstance(meta, dict) or meta.get("format") != FORMAT_VERSION:
-        raise SlimkitError(f"{meta_file} has an unknown format {meta.get('format') if isinstance(meta, dict) else meta!r}",
-                           "re-save the model with this slimkit version")
-    return meta
+    """The checked contents of an artifact's ``slimkit.json``."""
+    with reading(Path(path)) as snap:
+        return check.read_sidecar(snap.fd, str(snap.directory / META))
+
+
+class _Weights:
+    """The weights file of one artifact version: header read and checked, tensors not yet."""
+
+    def __init__(self, file: Path, meta: Mapping[str, Any] | None, source: str) -> None:
+        if not file.is_file():
+            raise SlimkitError(f"no weights file at {file}", "check the path" if meta is None else "re-save the model")
+        self.file, self.source = file, source
+        stored, header_meta = check.header_table(file)
+        self.sparse = check.sparse_table(header_meta, file, SPARSE_KEY)
+        self.table: dict[str, Spec] = check.logical_table(stored, self.sparse, file)
+        if meta is not None:
+            check.check_integrity(meta, file, self.table, self.sparse, source)
+        self.limit = check.budget(file.stat().st_size)
+
+    def tensors(self, shapes: Mapping[str, tuple[int, ...]]) -> dict[str, torch.Tensor]:
+        """Every tensor, sparse ones decoded; ``shapes`` (already compared with the table) bound the decoding."""
+        try:
+            with safe_open(str(self.file), framework="pt") as f:
+                stored = {k: f.get_tensor(k) for k in f.keys()}
+        except (SafetensorError, OSError, ValueError, RuntimeError) as exc:
+            raise SlimkitError(f"{self.file} is corrupt or truncated ({first_line(exc)})",
+                               "re-save or re-download the model") from None
+        if not self.sparse:
+            return stored
+        return unpack_state(stored, self.sparse, source=str(self.file), shapes=shapes)
+
+
+def _header_metadata(file: Path) -> dict[str, str]:
+    """The metadata of a safetensors file's header (the sparse table lives there)."""
+    return check.header_table(Path(file))[1]
 
 
 def load_state(path: str | os.PathLike[str]) -> dict[str, torch.Tensor]:
     """Tensors of an artifact directory or of a single ``.safetensors`` file."""
-
     path = Path(path)
-    file = path / WEIGHTS if path.is_dir() else path
-    if not file.is_file():
-        raise SlimkitError(f"no weights file at {file}", "check the path")
-    try:
-        stored = load_file(str(file))
-        table = _header_metadata(file).get(SPARSE_KEY)
-    except (SafetensorError, OSError, ValueError) as exc:
-        first = str(exc).splitlines()[0] if str(exc) else type(exc).__name__
-        raise SlimkitError(f"{file} is corrupt or truncated ({first})", "re-save or re-download the model") from None
-    if table is None and not any("::" in k for k in stored):  # "::" = sparse_format.SEP
-        return stored  # a plain dense file
-    try:
-        encoded = json.loads(table or "{}")
-    except json.JSONDecodeError:
-        encoded = None
-    if not isinstance(encoded, dict):
-        raise SlimkitError(f"{file}: the sparse tensor table is corrupt", "re-save the model")
-    return unpack_state(stored, encoded, source=str(file))
+    if path.is_file() or (not path.exists() and not path.is_symlink()):
+        weights = _Weights(path, None, str(path))
+        return _bounded_tensors(weights)
+    with reading(path) as snap:
+        meta = check.read_sidecar(snap.fd, str(snap.directory / META))
+        return _bounded_tensors(_Weights(snap.directory / WEIGHTS, meta, str(path)))
 
 
-def _header_metadata(file: Path) -> dict[str, str]:
-
-    with safe_open(str(file), framework="pt") as f:
-        return dict(f.metadata() or {})
+def _bounded_tensors(weights: _Weights) -> dict[str, torch.Tensor]:
+    check.check_budget("its tensors", sum(check.spec_bytes(s) for s in weights.table.values()), weights.limit,
+                       weights.source)
+    return weights.tensors({k: s for k, (_, s) in weights.table.items()})
 
 
 def load(path: str | os.PathLike[str], model: nn.Module | None = None) -> nn.Module:
-    """Rebuild the module of an artifact and load its tensors, checking every name and shape.
+    """Rebuild the module of an artifact and load its tensors, checking every name, dtype and shape.
 
     Pass ``model`` to load into a module you built yourself; otherwise the artifact's
     registered builder makes one (builders are looked up by name, never imported from the file).
+    Nothing is allocated for a tensor before its size is known to fit the model.
     """
-    meta = read_meta(path)
-    state = load_state(path)
+    path = Path(path)
+    for _ in range(10):
+        with reading(path) as snap:
+            loaded = _load_version(snap, model)
+            if snap.still_current():  # else a plain directory was swapped away mid-read: read again
+                return loaded
+    raise SlimkitError(f"{path} kept changing while it was read", "retry when the saves to it have finished")
+
+
+def _load_version(snap: Snapshot, model: nn.Module | None) -> nn.Module:
+    source = str(snap.path)
+    meta = check.read_sidecar(snap.fd, str(snap.directory / META))
+    weights = _Weights(snap.directory / WEIGHTS, meta, source)
+    limit = weights.limit + (0 if model is None else check.model_bytes(model))
+    check.check_budget("its tensors", sum(check.spec_bytes(s) for s in weights.table.values()), limit, source)
     if model is None:
         builder = meta.get("builder")
         if not builder:
-            raise SlimkitError(f"{path} does not say how to rebuild its model",
+            raise SlimkitError(f"{source} does not say how to rebuild its model",
                                "pass model=YourModule() to slimkit.load")
-        model = build_registered(builder.get("name"), builder.get("kwargs", {}), what=str(path))
+        probe_model(builder, meta, weights.table, limit, source)  # sizes known before anything is built
+        model = build(builder, source)
+    else:
+        probe_modules(meta.get("modules") or {}, weights.table, limit, source)
     if meta.get("structure") == "resized":
-        conform(model, state)
-    restore_modules(model, meta.get("modules") or {}, source=str(path))  # quantized layers etc.
-    load_into(model, state, source=str(path))
+        conform(model, meta_state(weights.table))
+    restore_modules(model, meta.get("modules") or {}, source=source)  # quantized layers etc.
+    replay_casts(model, meta.get("steps") or [], source)
+    own = check.model_table(model)
+    check.check_fits(own, weights.table, source)
+    load_into(model, weights.tensors({k: s for k, (_, s) in own.items()}), source=source)
     return model.eval()
 
 

@@ -1,0 +1,151 @@
+"""Rebuilding an artifact's module: sizes tried on the meta device first, dtype casts replayed.
+
+A builder's arguments and a layer's spec come from a file. Made on the ``meta`` device they
+cost no memory, so a load learns the shapes of what it would build, and compares them with the
+artifact's tensors, before building anything for real. Steps whose technique says
+``replay_on_load`` (the half-precision casts: the module's dtypes and its input/output casts,
+which a state dict cannot carry) run again on the rebuilt module, so an fp16 artifact reloads as
+the same fp16 module with bit-identical outputs.
+"""
+
+from __future__ import annotations
+
+import math
+from typing import Any, Callable, Mapping, Sequence, TypeVar
+
+import torch
+import torch.nn as nn
+
+from slimkit.core.editing import set_submodule
+from slimkit.core.errors import SlimkitError
+from slimkit.core.registry import build_registered, layer_class_named, technique_named
+from slimkit.graph.resize import conform
+from slimkit.io import artifact_check as check
+from slimkit.io.artifact_check import Spec
+
+T = TypeVar("T")
+_REBUILD = "load it into the architecture it was saved from"
+
+
+def first_line(exc: BaseException) -> str:
+    return (str(exc).splitlines() or [""])[0][:200]
+
+
+def on_meta(make: Callable[[], T]) -> T:
+    """``make()`` with every tensor it creates on the meta device (shapes only, no memory)."""
+    with torch.device("meta"):
+        return make()
+
+
+def build(builder: Mapping[str, Any], source: str) -> nn.Module:
+    """The module the artifact's registered builder makes; bad arguments are one-line errors."""
+    try:
+        return build_registered(builder["name"], builder.get("kwargs", {}), what=source)
+    except SlimkitError:
+        raise
+    except Exception as exc:  # noqa: BLE001 - arguments from a file: any failure is bad input
+        raise SlimkitError(f"{source}: builder {builder['name']!r} rejects its arguments "
+                           f"({type(exc).__name__}: {first_line(exc)})", "re-save the model") from None
+
+
+def empty_module(name: str, entry: Mapping[str, Any], source: str) -> nn.Module:
+    """An empty instance of a special layer's registered class, made from its saved spec."""
+    cls = layer_class_named(str(entry.get("class", "")))
+    if cls is None:
+        raise SlimkitError(f"{source} uses an unknown module class {entry.get('class')!r}",
+                           "upgrade slimkit or import the package that defines it")
+    try:
+        return cls.empty(entry["spec"])
+    except NotImplementedError as exc:
+        if torch.get_default_device().type == "meta":
+            raise  # the class has no meta kernels: the caller bounds it another way
+        raise SlimkitError(f"{source}: cannot rebuild module {name!r} ({first_line(exc)})", _REBUILD) from None
+    except Exception as exc:  # noqa: BLE001 - a spec from a file: any failure is bad input
+        raise SlimkitError(f"{source}: cannot rebuild module {name!r} ({type(exc).__name__}: {first_line(exc)})",
+                           _REBUILD) from None
+
+
+def set_submodule_checked(model: nn.Module, name: str, module: nn.Module, source: str) -> None:
+    try:
+        set_submodule(model, name, module)
+    except (AttributeError, KeyError, TypeError, ValueError) as exc:
+        raise SlimkitError(f"{source}: cannot rebuild module {name!r} ({exc})", _REBUILD) from None
+
+
+def restore_modules(model: nn.Module, modules: Mapping[str, Mapping[str, Any]], *, source: str = "artifact") -> None:
+    """Replace the named submodules of ``model`` by empty instances of their registered classes."""
+    for name, entry in modules.items():
+        set_submodule_checked(model, name, empty_module(name, entry, source), source)
+
+
+def probe_modules(modules: Mapping[str, Mapping[str, Any]], table: Mapping[str, Spec], limit: int,
+                  source: str) -> dict[str, nn.Module | None]:
+    """Each special layer made on the meta device, its tensor names and shapes compared with the
+    artifact's. A class without meta kernels (None in the result) has the product of its spec's
+    integers bounded by the byte budget instead: no layer is bigger than all its sizes multiplied."""
+    out: dict[str, nn.Module | None] = {}
+    for name, entry in modules.items():
+        try:
+            probe = on_meta(lambda: empty_module(name, entry, source))  # noqa: B023 - called at once
+            own = {f"{name}.{k}": v for k, v in check.model_table(probe).items()}
+        except NotImplementedError:
+            check.check_budget(f"layer {name!r} (sizes {_ints(entry.get('spec'))})",
+                               math.prod(_ints(entry.get("spec"))), limit, source)
+            out[name] = None
+            continue
+        check.check_fits(own, table, source, prefix=f"{name}.", dtypes=False)
+        out[name] = probe
+    return out
+
+
+def _ints(value: object) -> list[int]:
+    if type(value) is int:
+        return [abs(value)]
+    if isinstance(value, dict):
+        value = list(value.values())
+    return [i for v in value for i in _ints(v)] if isinstance(value, list) else []
+
+
+def probe_model(builder: Mapping[str, Any], meta: Mapping[str, Any], table: Mapping[str, Spec], limit: int,
+                source: str) -> None:
+    """Build the artifact's model on the meta device, give it the saved structure and compare it
+    with the artifact's tensors: a load builds nothing for real that does not fit."""
+    model = on_meta(lambda: build(builder, source))
+    check.check_budget(f"the model its builder arguments describe ({builder['name']})", check.model_bytes(model),
+                       limit, source)
+    modules = probe_modules(meta.get("modules") or {}, table, limit, source)
+    if meta.get("structure") == "resized":
+        on_meta(lambda: conform(model, meta_state(table)))
+    for name, probe in modules.items():
+        if probe is not None:
+            set_submodule_checked(model, name, probe, source)
+    on_meta(lambda: replay_casts(model, meta.get("steps") or [], source))
+    later = [f"{name}." for name, probe in modules.items() if probe is None]  # checked once really built
+
+    def now(key: str) -> bool:
+        return not any(key.startswith(prefix) for prefix in later)
+
+    own = {k: v for k, v in check.model_table(model).items() if now(k)}
+    check.check_fits(own, {k: v for k, v in table.items() if now(k)}, source)
+
+
+def meta_state(table: Mapping[str, Spec]) -> dict[str, torch.Tensor]:
+    """Stand-ins of the artifact's tensors with their shapes and dtypes and no data."""
+    return {k: torch.empty(s, dtype=check.dtype_named(d), device="meta") for k, (d, s) in table.items()}
+
+
+def replay_casts(model: nn.Module, steps: Sequence[Mapping[str, Any]], source: str) -> None:
+    """Apply again, in their order, the recorded steps whose technique declares ``replay_on_load``."""
+    for record in steps:
+        try:
+            technique = technique_named(str(record.get("technique")))
+        except SlimkitError:
+            continue  # records are history; a cast this install lacks shows as a dtype mismatch next
+        if not getattr(technique.config, "replay_on_load", False):
+            continue
+        try:
+            config = technique.config.from_dict(dict(record.get("config") or {}))
+        except (SlimkitError, TypeError, ValueError, KeyError) as exc:
+            raise SlimkitError(f"{source}: the recorded {technique.name} step has unreadable options ({exc})",
+                               "re-save the model") from None
+        config.apply_to(model, None)
