@@ -3,10 +3,17 @@ import json
 import pytest
 from typer.testing import CliRunner
 
-from slimkit import io
+from slimkit import io, zoo
 from slimkit.cli.app import app
+from slimkit.core.errors import SlimkitError
+from slimkit.pipeline.recipe import Recipe
 
 runner = CliRunner()
+MY_TASK = "tests.test_cli:digits_through_a_function"
+
+
+def digits_through_a_function():  # noqa: ANN201  (a user's own task function, named by MY_TASK)
+    return zoo.load("digits")
 
 
 def test_tasks_lists_every_builtin_with_splits_and_metric():
@@ -36,7 +43,7 @@ def test_profile_writes_json_with_real_numbers(tmp_path, digits_task):
 @pytest.mark.parametrize("args,message", [
     (["profile", "--task", "cifar"], "unknown task 'cifar'"),
     (["profile", "--task", "nope.mod:fn"], "cannot import 'nope.mod'"),
-    (["quantize", "--task", "digits", "--config", "int8-dynamic", "--embedding-bits", "3"], "embedding_bits=3"),
+    (["quantize", "--task", "digits", "--config", "int8-dynamic", "--embedding-bits", "3"], "--embedding-bits 3"),
     (["quantize", "--task", "digits", "--config", "fp16", "--embedding-bits", "4"], "do not apply to fp16"),
 ])
 def test_errors_are_one_line_with_exit_code_2(args, message):
@@ -103,3 +110,43 @@ def test_quantize_w4_gptq_writes_a_gptq_model_with_less_output_error_than_rtn(tm
     assert reports["gptq"]["recipe"]["steps"][0]["method"] == "gptq"
     sqnr = {m: sum(e["sqnr_db"] for e in r["layer_errors"]) / len(r["layer_errors"]) for m, r in reports.items()}
     assert sqnr["gptq"] > sqnr["rtn"] + 3.0  # per-layer output SQNR, dB (measured: ~42 vs ~32)
+
+
+@pytest.mark.parametrize("stored,given,allowed,expected", [
+    ("digits", None, "", "digits"),                                   # a built-in name is a name, not code
+    ("digits", "digits", "", "digits"),
+    (MY_TASK, MY_TASK, "", MY_TASK),                                  # the command line names the same code
+    (MY_TASK, None, f"x:y, {MY_TASK}", MY_TASK),                      # the user's allow-list names it
+    ("model:/m?shape=6", "model:/m?shape=6", "", "model:/m?shape=6"),
+    ("", "mnist", "", "mnist"),                                       # a --step recipe takes the command's task
+    (MY_TASK, None, "", "run again with --task tests.test_cli:digits_through_a_function (or list it in"),
+    ("os:abort", None, "os:abort2,os", "run again with --task os:abort"),   # exact entries only
+    ("model:/m?data=%2Fd&shape=3x8x8", None, "", "run again with --model /m --data /d --input-shape 3x8x8"),
+    ("digits", "mnist", "", "was made for task 'digits', not 'mnist' — give --task digits"),
+    ("digits", "os:abort", "os:abort", "not 'os:abort'"),               # the allow-list never overrides a mismatch
+    ("", None, "", "names no task — pass --task or --model"),
+])
+def test_a_file_names_a_task_and_only_the_command_line_chooses_code(stored, given, allowed, expected, monkeypatch):
+    monkeypatch.setenv(zoo.TRUSTED_TASKS_ENV, allowed)
+    if expected in (stored, given):
+        assert zoo.trusted_spec(stored, given, "recipe r.yaml") == expected
+    else:
+        with pytest.raises(SlimkitError) as err:
+            zoo.trusted_spec(stored, given, "recipe r.yaml")
+        assert expected in str(err.value) and str(err.value).startswith("recipe r.yaml ")
+
+
+def test_a_recipe_naming_a_task_function_replays_when_the_command_line_names_it(tmp_path):
+    recipe = tmp_path / "recipe.yaml"
+    Recipe.from_steps([{"type": "quantize.Float16"}], task=MY_TASK).save(recipe)
+    refused = runner.invoke(app, ["apply", str(recipe), "--out", str(tmp_path / "out")])
+    assert refused.exit_code == 2 and f"run again with --task {MY_TASK}" in refused.stderr
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["recipe.yaml"]
+    result = runner.invoke(app, ["apply", str(recipe), "--task", MY_TASK, "--threads", "1",
+                                 "--out", str(tmp_path / "out")])
+    assert result.exit_code == 0, result.output
+    assert Recipe.load(tmp_path / "out" / "recipe.yaml").task == MY_TASK
+    base, half = json.loads((tmp_path / "out" / "report.json").read_text())["candidates"]
+    assert abs(half["metric"]["score"] - base["metric"]["score"]) <= 0.005       # fp16 of the digits CNN
+    assert 1.9 <= base["profile"]["artifact_bytes"] / half["profile"]["artifact_bytes"] <= 2.0
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["out", "recipe.yaml"]   # no lock file left behind

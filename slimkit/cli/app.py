@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import contextlib
 import functools
 import json
 from pathlib import Path
@@ -12,6 +13,8 @@ import typer
 from rich.console import Console
 from rich.table import Table
 
+from slimkit.cli.numeric_options import check_numbers
+from slimkit.cli.out_guard import check_file_target, guarded_out
 from slimkit.cli.task_options import DATA, INPUT_SHAPE, METRIC, MODEL, TASK, WEIGHTS, load_task
 from slimkit.core.errors import SlimkitError
 from slimkit.core.registry import all_techniques
@@ -23,10 +26,16 @@ app = typer.Typer(add_completion=False, no_args_is_help=True,
 
 
 def _friendly(fn: Callable[..., Any]) -> Callable[..., Any]:
+    """Check every numeric option, then hold ``--out`` (writable, locked), then run; errors are one line."""
+
     @functools.wraps(fn)
     def wrapper(*args: Any, **kwargs: Any) -> Any:
         try:
-            return fn(*args, **kwargs)
+            check_numbers(kwargs)
+            with contextlib.ExitStack() as held:
+                if isinstance(kwargs.get("out"), Path):
+                    held.enter_context(guarded_out(kwargs["out"]))
+                return fn(*args, **kwargs)
         except SlimkitError as exc:
             typer.echo(f"error: {exc}", err=True)
             raise typer.Exit(2) from None
@@ -38,7 +47,6 @@ def _friendly(fn: Callable[..., Any]) -> Callable[..., Any]:
 @_friendly
 def tasks() -> None:
     """List the built-in tasks with their data splits and metrics."""
-
 
     table = Table(title="built-in tasks (or --task package.module:function)")
     for col in ("task", "what", "splits", "metric"):
@@ -57,13 +65,13 @@ def profile(task: Optional[str] = TASK, model: Optional[str] = MODEL, weights: O
             threads: Optional[int] = typer.Option(None, help="threads to pin while timing (default: torch's)"),
             json_out: Optional[Path] = typer.Option(None, "--json", help="also write the profile as JSON")) -> None:
     """Profile a task's model: params, artifact bytes, MACs, latency, memory, energy, per layer."""
-
-
+    if not (device == "cpu" or device.startswith("cuda")):
+        raise SlimkitError(f"--device {device!r} is not supported", "use cpu or cuda")
+    if device.startswith("cuda") and not torch.cuda.is_available():
+        raise SlimkitError("device cuda requested but CUDA is not available here", "use --device cpu")
+    if json_out is not None:
+        check_file_target(json_out, "--json")
     t, _ = load_task(task, "digits", model, weights, data, input_shape, metric)
-    if device.startswith("cuda"):
-
-        if not torch.cuda.is_available():
-            raise SlimkitError("device cuda requested but CUDA is not available here", "use --device cpu")
     p = run_profile(t.model, t.example, device=device, threads=threads)
     Console().print(p.render())
     if json_out is not None:

@@ -11,13 +11,16 @@ import typer
 from slimkit import zoo
 from slimkit.cli.app import _friendly, app
 from slimkit.cli.demo import run as run_demo
-from slimkit.cli.task_options import DATA, INPUT_SHAPE, METRIC, MODEL, TASK, WEIGHTS, load_task
+from slimkit.cli.out_guard import guarded_out
+from slimkit.cli.task_options import DATA, INPUT_SHAPE, METRIC, MODEL, TASK, WEIGHTS, load_task, task_spec
 from slimkit.core.errors import SlimkitError
 from slimkit.core.target import Target
 from slimkit.search.optimize import optimize as run
 from slimkit.search.result import RESULT_FILE, read_result
 from slimkit.search.result_report import print_summary, write_report
 from slimkit.search.worker import work
+
+STRATEGIES = ("auto", "tpe", "nsga2")
 
 
 @app.command()
@@ -41,6 +44,8 @@ def optimize(task: Optional[str] = TASK, model: Optional[str] = MODEL, weights: 
              resume: bool = typer.Option(False, "--resume", help="continue a killed run of the same study")) -> None:
     """Search technique pipelines for the best model that fits the target; write best/, recipe.yaml, report."""
 
+    if strategy not in STRATEGIES:
+        raise SlimkitError(f"unknown strategy {strategy!r}", f"use one of {', '.join(STRATEGIES)}")
     target = Target(max_size_mb=max_size_mb, max_latency_ms=max_latency_ms, max_memory_mb=max_memory_mb,
                     max_drop=max_drop, device=device, threads=threads)
     if not target.names():
@@ -56,29 +61,51 @@ def optimize(task: Optional[str] = TASK, model: Optional[str] = MODEL, weights: 
 @_friendly
 def worker(study: str = typer.Option(..., help="study name, as given to slimkit optimize --study"),
            storage: str = typer.Option(..., help="database URL shared by the workers"),
+           task: Optional[str] = typer.Option(None, help="the study's task when it is not built in "
+                                              "(package.module:function): the study names it, you confirm it"),
+           model: Optional[str] = MODEL, weights: Optional[str] = WEIGHTS, data: Optional[str] = DATA,
+           input_shape: Optional[str] = INPUT_SHAPE, metric: str = METRIC,
            trials: Optional[int] = typer.Option(None, help="finish when the study has this many trials"),
            time_budget: Optional[float] = typer.Option(None, help="stop starting trials after this many seconds"),
            wait: float = typer.Option(120.0, help="seconds to wait for the study to be created")) -> None:
     """Take trials from a shared study (one worker per machine)."""
-
-    done = work(study, storage, trials=trials, time_budget=time_budget, wait_s=wait)
+    given = task_spec(task, None, model, weights, data, input_shape, metric)
+    done = work(study, storage, trials=trials, time_budget=time_budget, wait_s=wait, given_task=given)
     typer.echo(f"study {study}: {done} trials finished")
 
 
 @app.command()
 @_friendly
 def report(run_dir: Path = typer.Argument(..., help="--out directory of a finished slimkit optimize"),
-           task: Optional[str] = typer.Option(None, help="task (default: the one the run used)")) -> None:
+           task: Optional[str] = typer.Option(None, help="the run's task when it is not built in "
+                                              "(package.module:function): result.json names it, you confirm it"),
+           model: Optional[str] = MODEL, weights: Optional[str] = WEIGHTS, data: Optional[str] = DATA,
+           input_shape: Optional[str] = INPUT_SHAPE, metric: str = METRIC) -> None:
     """Re-render a run's report.html / report.json from its result.json and best model."""
-
-
+    given = task_spec(task, None, model, weights, data, input_shape, metric)
     path = run_dir / RESULT_FILE
-    name = task or (json.loads(path.read_text()).get("task") if path.is_file() else None)
-    if name is None:
+    spec = zoo.trusted_spec(stored_task(path, run_dir), given, f"{path}")
+    with guarded_out(run_dir, "run directory", create=False):
+        t = zoo.load(spec)
+        result = read_result(run_dir, t)
+        typer.echo(f"report {write_report(result, t)}")
+
+
+def stored_task(path: Path, run_dir: Path) -> str:
+    """The task ``result.json`` names, read without trusting the file to be what it says."""
+    if not path.is_file():
         raise SlimkitError(f"{run_dir} holds no {RESULT_FILE}", "give the --out directory of a finished run")
-    t = zoo.load(name)
-    result = read_result(run_dir, t)
-    typer.echo(f"report {write_report(result, t)}")
+    try:
+        data = json.loads(path.read_bytes().decode("utf-8"))
+    except (UnicodeDecodeError, json.JSONDecodeError) as exc:
+        reason = "is not UTF-8 text" if isinstance(exc, UnicodeDecodeError) else f"is not JSON (line {exc.lineno})"
+        raise SlimkitError(f"{path} {reason}", "give the result.json slimkit optimize wrote") from None
+    except OSError as exc:
+        raise SlimkitError(f"{path} cannot be read ({exc.strerror or exc})", "check the file") from None
+    if not isinstance(data, dict) or not isinstance(data.get("task"), str) or not data["task"]:
+        raise SlimkitError(f"{path} is not a slimkit result file (no task name)",
+                           "give the result.json slimkit optimize wrote")
+    return data["task"]
 
 
 @app.command()

@@ -7,6 +7,7 @@ synthesized (``--input-shape``), agreement with the original as the metric unles
 
 from __future__ import annotations
 
+from pathlib import Path
 from typing import Optional
 
 import typer
@@ -14,6 +15,7 @@ import typer
 from slimkit import zoo
 from slimkit.core.errors import SlimkitError
 from slimkit.core.task import Task
+from slimkit.zoo.model_task import METRICS, parse_shape
 
 TASK = typer.Option(None, help="built-in task name or package.module:function (default: the command's own)")
 MODEL = typer.Option(None, help="your model instead of a task: an HF directory, a slimkit artifact, or "
@@ -24,16 +26,29 @@ INPUT_SHAPE = typer.Option(None, "--input-shape", help="--model without --data: 
 METRIC = typer.Option("auto", help="--model: auto, agreement, cosine, sqnr or accuracy (needs labelled --data)")
 
 
-def load_task(task: Optional[str], default: str, model: Optional[str] = None, weights: Optional[str] = None,
-              data: Optional[str] = None, input_shape: Optional[str] = None, metric: str = "auto") -> tuple[Task, str]:
-    """The task to work on and the spec a recipe or a study stores to rebuild it."""
+def task_spec(task: Optional[str], default: Optional[str], model: Optional[str] = None, weights: Optional[str] = None,
+              data: Optional[str] = None, input_shape: Optional[str] = None, metric: str = "auto") -> Optional[str]:
+    """The spec the command line names (``default`` when it names none), checked without building anything."""
     if model is None:
         extra = [name for name, v in (("--weights", weights), ("--data", data), ("--input-shape", input_shape)) if v]
         if extra or metric != "auto":
             raise SlimkitError(f"{', '.join(extra) or '--metric'} go(es) with --model", "add --model PATH, or drop it")
-        spec = task or default
-        return zoo.load(spec), spec
+        return task or default
     if task is not None:
         raise SlimkitError("give --task or --model, not both", "--model builds a task for your model")
-    spec = zoo.model_spec(model, weights=weights, data=data, input_shape=input_shape, metric=metric)
+    if metric not in METRICS:
+        raise SlimkitError(f"unknown metric {metric!r}", f"use one of {', '.join(METRICS)}")
+    parse_shape(input_shape)
+    factory = ":" in model and not Path(model).exists()
+    for option, path in (("--model", None if factory else model), ("--weights", weights), ("--data", data)):
+        if path is not None and not Path(path).exists():
+            raise SlimkitError(f"{option} {path} does not exist", "give an HF directory, a slimkit artifact or "
+                               "package.module:factory" if option == "--model" else f"give {option} an existing path")
+    return zoo.model_spec(model, weights=weights, data=data, input_shape=input_shape, metric=metric)
+
+
+def load_task(task: Optional[str], default: str, model: Optional[str] = None, weights: Optional[str] = None,
+              data: Optional[str] = None, input_shape: Optional[str] = None, metric: str = "auto") -> tuple[Task, str]:
+    """The task to work on and the spec a recipe or a study stores to rebuild it."""
+    spec = task_spec(task, default, model, weights, data, input_shape, metric) or default
     return zoo.load(spec), spec

@@ -16,9 +16,9 @@ from typing import Any, Optional
 import typer
 import yaml
 
-from slimkit import io
+from slimkit import io, zoo
 from slimkit.cli.app import _friendly, app
-from slimkit.cli.task_options import DATA, INPUT_SHAPE, METRIC, MODEL, TASK, WEIGHTS, load_task
+from slimkit.cli.task_options import DATA, INPUT_SHAPE, METRIC, MODEL, TASK, WEIGHTS, load_task, task_spec
 from slimkit.core.config import BaseConfig
 from slimkit.core.errors import SlimkitError
 from slimkit.core.registry import all_presets, technique_named
@@ -33,7 +33,6 @@ from slimkit.pipeline.run import run_recipe
 from slimkit.prune import NM, Channels, Gradual, Magnitude
 from slimkit.train.recover import Finetune
 
-TASK_HELP = "built-in task name or package.module:function"
 PRUNE_METHODS: dict[str, BaseConfig] = {"channels": Channels(), "magnitude": Magnitude(), "nm": NM()}
 FACTORIZE_METHODS = ("svd", "tucker", "cp")
 SCHEDULES = ("one-shot", "gradual")
@@ -157,7 +156,7 @@ def prune(task: Optional[str] = TASK, model: Optional[str] = MODEL, weights: Opt
     _run(t, steps, out, f"slimkit pruning — {t.name}", spec=spec, threads=threads, label=f"pruned ({cfg.type_name})")
 
 
-def student_steps(spec: str, task: Task) -> list[BaseConfig]:
+def student_steps(spec: str) -> list[BaseConfig]:
     """``self`` (the model itself), ``layers:N`` (an encoder keeping N blocks) or an artifact directory:
     its recipe when it has one (the student is then rebuilt from the task's model), else the artifact
     itself (``distill.StudentArtifact``, checked by its weights' digest)."""
@@ -205,8 +204,8 @@ def distill(task: Optional[str] = TASK, model: Optional[str] = MODEL, weights: O
     """Distill a task's model into a student, compare with plain fine-tuning, write a report."""
     cfg = Distill(steps=steps, lr=lr, temperature=temperature, alpha=alpha, features=parse_features(features),
                   relational=relational)
+    before = student_steps(student)
     t, spec = load_task(task, "mnist", model, weights, data, input_shape, metric)
-    before = student_steps(student, t)
     controls = {}
     if compare and t.loss is not None:  # the same student, seed and budget on the hard labels alone
         plain = dataclasses.replace(cfg, alpha=0.0, features=(), relational=0.0, output="logits")
@@ -263,7 +262,8 @@ def factorize(task: Optional[str] = TASK, model: Optional[str] = MODEL, weights:
 def apply_steps(recipe: Optional[Path] = typer.Argument(None, help="recipe.yaml written by slimkit (or give --step)"),
                 step: Optional[list[str]] = typer.Option(None, "--step",
                                                          help="a step 'family.Name key=value ...' or a preset; repeat"),
-                task: Optional[str] = typer.Option(None, help="task (default: the one named in the recipe)"),
+                task: Optional[str] = typer.Option(None, help="task (default: the recipe's when built in; a recipe "
+                                                   "naming package.module:function needs it given here)"),
                 model: Optional[str] = MODEL, weights: Optional[str] = WEIGHTS, data: Optional[str] = DATA,
                 input_shape: Optional[str] = INPUT_SHAPE, metric: str = METRIC,
                 seed: int = typer.Option(0, help="seed of a recipe given by --step"),
@@ -272,13 +272,14 @@ def apply_steps(recipe: Optional[Path] = typer.Argument(None, help="recipe.yaml 
     """Apply a recipe file, or steps of any registered technique, to a task's model; measure, save, report."""
     if (recipe is None) == (not step):
         raise SlimkitError("give either a recipe file or --step options", "e.g. slimkit apply --step int8-dynamic")
+    given = task_spec(task, None, model, weights, data, input_shape, metric)
     if recipe is not None:
         r = Recipe.load(recipe)
+        spec = zoo.trusted_spec(r.task, given, f"recipe {recipe}")  # a file names a task; it never chooses code
+    elif given is None:
+        raise SlimkitError("--step needs a task to apply to", "pass --task or --model")
     else:
-        r = Recipe(steps=[parse_step(s) for s in step or []], task=task or "", seed=seed)
-    if model is None and not (task or r.task):
-        raise SlimkitError("the recipe names no task", "pass --task or --model")
-    t, spec = load_task(task or (r.task if model is None else None), r.task, model, weights, data, input_shape, metric)
+        r, spec = Recipe(steps=[parse_step(s) for s in step or []], task=given, seed=seed), given
     r = dataclasses.replace(r, task=spec)
+    t = zoo.load(spec)
     run_recipe(t, r, out, title=f"slimkit apply — {t.name}", threads=threads)
-

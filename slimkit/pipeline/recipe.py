@@ -32,6 +32,9 @@ from slimkit.core.task import Task
 from slimkit.core.versions import __version__
 
 
+_EXAMPLES = {"task": "mnist", "backend": "auto", "target": "{max_size_mb: 0.05}"}
+
+
 @dataclasses.dataclass
 class Recipe:
     steps: list[BaseConfig]
@@ -68,13 +71,18 @@ class Recipe:
             raise SlimkitError(f"recipe has unknown key(s) {', '.join(unknown)}",
                                "allowed: slimkit, task, seed, backend, target, steps")
         seed = data.get("seed", 0)
-        if not isinstance(seed, int):
-            raise SlimkitError(f"recipe seed {seed!r} is not an integer", "use a whole number, e.g. 0")
+        if not isinstance(seed, int) or isinstance(seed, bool) or not 0 <= seed < 2**32:
+            raise SlimkitError(f"recipe seed {seed!r} is not a whole number in [0, 2**32)", "use e.g. 0")
+        for key, kind, what in (("task", str, "a task name"), ("backend", str, "a runtime name"),
+                                ("target", dict, "a mapping of limits")):
+            if data.get(key) is not None and not isinstance(data[key], kind):
+                raise SlimkitError(f"recipe {key} {data[key]!r} is not {what}",
+                                   f"write {key}: as {what}, e.g. {_EXAMPLES[key]}")
         for i, step in enumerate(data["steps"]):
             if not isinstance(step, dict) or "type" not in step:
                 raise SlimkitError(f"recipe step {i + 1} has no 'type'", "each step is 'type: family.Name' plus options")
-        return cls.from_steps(data["steps"], task=str(data.get("task", "")), seed=seed,
-                              backend=str(data.get("backend", "auto")), target=data.get("target"))
+        return cls.from_steps(data["steps"], task=data.get("task") or "", seed=seed,
+                              backend=data.get("backend") or "auto", target=data.get("target"))
 
     def save(self, path: str | os.PathLike[str]) -> Path:
         text = self.to_yaml().encode()
@@ -84,8 +92,19 @@ class Recipe:
     def load(cls, path: str | os.PathLike[str]) -> "Recipe":
         path = Path(path)
         if not path.is_file():
-            raise SlimkitError(f"recipe {path} does not exist", "give the recipe.yaml a search wrote")
-        return cls.from_yaml(path.read_text())
+            what = "is a directory" if path.is_dir() else "does not exist"
+            raise SlimkitError(f"recipe {path} {what}", "give the recipe.yaml a search wrote")
+        try:
+            text = path.read_bytes().decode("utf-8")
+        except UnicodeDecodeError:
+            raise SlimkitError(f"recipe {path} is not a text file (not UTF-8)",
+                               "give the recipe.yaml slimkit wrote, not a model or a pickle") from None
+        except OSError as exc:
+            raise SlimkitError(f"recipe {path} cannot be read ({exc.strerror or exc})", "check the file") from None
+        if "\0" in text:
+            raise SlimkitError(f"recipe {path} is not a text file (it holds NUL bytes)",
+                               "give the recipe.yaml slimkit wrote, not a model or a pickle")
+        return cls.from_yaml(text)
 
     def replay(self, task: Task) -> nn.Module:
         """Apply the steps to ``task.model`` (left untouched) with the recipe's seed."""

@@ -79,7 +79,10 @@ def test_optimize_on_an_hf_directory_finds_a_smaller_model(kind, tmp_path, one_t
     assert best["size_mb"] <= 0.12 and best["drop"] <= 0.05
     recipe = Recipe.load(out / "recipe.yaml")
     assert recipe.task.startswith("model:") and recipe.task.endswith(str(directory))
-    replayed = runner.invoke(app, ["apply", str(out / "recipe.yaml"), "--out", str(tmp_path / "again")])
+    refused = runner.invoke(app, ["apply", str(out / "recipe.yaml"), "--out", str(tmp_path / "again")])
+    assert refused.exit_code == 2 and f"run again with --model {directory.resolve()}" in refused.output  # not from a file
+    replayed = runner.invoke(app, ["apply", str(out / "recipe.yaml"), "--model", str(directory),
+                                   "--out", str(tmp_path / "again")])
     assert replayed.exit_code == 0, replayed.output
     with torch.inference_mode():
         task = zoo.load(recipe.task)
