@@ -80,17 +80,28 @@ def restore_modules(model: nn.Module, modules: Mapping[str, Mapping[str, Any]], 
 
 def probe_modules(modules: Mapping[str, Mapping[str, Any]], table: Mapping[str, Spec], limit: int,
                   source: str) -> dict[str, nn.Module | None]:
-    """Each special layer made on the meta device, its tensor names and shapes compared with the
-    artifact's. A class without meta kernels (None in the result) has the product of its spec's
-    integers bounded by the byte budget instead: no layer is bigger than all its sizes multiplied."""
+    """Each outermost special layer (with the special layers nested in it) made on the meta
+    device, its tensor names and shapes compared with the artifact's. A class without meta
+    kernels (None in the result) has the product of its spec's integers bounded by the byte
+    budget instead: no layer holds more elements than all its sizes multiplied."""
+    outer = [n for n in modules if not any(n.startswith(f"{o}.") for o in modules if o != n)]
     out: dict[str, nn.Module | None] = {}
-    for name, entry in modules.items():
+    for name in outer:
+        inner = [n for n in modules if n.startswith(f"{name}.")]
+
+        def make(name: str = name, inner: list[str] = inner) -> nn.Module:
+            probe = empty_module(name, modules[name], source)
+            for sub in inner:
+                set_submodule_checked(probe, sub[len(name) + 1:], empty_module(sub, modules[sub], source), source)
+            return probe
+
         try:
-            probe = on_meta(lambda: empty_module(name, entry, source))  # noqa: B023 - called at once
+            probe = on_meta(make)
             own = {f"{name}.{k}": v for k, v in check.model_table(probe).items()}
         except NotImplementedError:
-            check.check_budget(f"layer {name!r} (sizes {_ints(entry.get('spec'))})",
-                               math.prod(_ints(entry.get("spec"))), limit, source)
+            for sub in [name, *inner]:
+                check.check_budget(f"layer {sub!r} (sizes {_ints(modules[sub].get('spec'))})",
+                                   math.prod(_ints(modules[sub].get("spec"))), limit, source)
             out[name] = None
             continue
         check.check_fits(own, table, source, prefix=f"{name}.", dtypes=False)

@@ -9,7 +9,7 @@ the profiler measures that instead of assuming it.
 from __future__ import annotations
 
 import dataclasses
-from typing import Any
+from typing import Any, ClassVar
 
 import torch
 import torch.nn as nn
@@ -24,6 +24,8 @@ from slimkit.core.task import Task
 class Float16(BaseConfig):
     """Store and run weights and activations in IEEE half precision."""
 
+    #: sk.load applies the cast again: a state dict carries the dtypes but not the input/output casts.
+    replay_on_load: ClassVar[bool] = True
     keep_norms_fp32: bool = False
 
     def apply_to(self, model: nn.Module, task: Task | None) -> nn.Module:
@@ -39,6 +41,7 @@ class Float16(BaseConfig):
 class BFloat16(BaseConfig):
     """Store and run weights and activations in bfloat16 (fp32's range, 8-bit mantissa)."""
 
+    replay_on_load: ClassVar[bool] = True
     keep_norms_fp32: bool = False
 
     def apply_to(self, model: nn.Module, task: Task | None) -> nn.Module:
