@@ -168,6 +168,10 @@ CASES = [
      "failed: RuntimeError: the data server is down"),
     ("task-returns-none", ["profile", "--task", "tests.test_cli_bad_input:task_returning_none"],
      "returned NoneType, not a slimkit.Task"),
+    ("model-factory-raises", ["profile", "--model", "tests.test_cli_bad_input:task_that_raises"],
+     "building the task for --model tests.test_cli_bad_input:task_that_raises failed: RuntimeError: the data"),
+    ("model-factory-needs-argument", ["profile", "--model", "tests.test_cli_bad_input:task_needing_an_argument"],
+     "failed: TypeError: task_needing_an_argument() missing 1 required positional argument: 'size'"),
     # --- recipes: missing, corrupt, wrong types; code named by the file is never run ---
     ("apply-missing", ["apply", "{tmp}/missing.yaml"], "does not exist"),
     ("apply-directory", ["apply", "{tmp}"], "is a directory"),

@@ -80,7 +80,7 @@ def test_optimize_on_an_hf_directory_finds_a_smaller_model(kind, tmp_path, one_t
     recipe = Recipe.load(out / "recipe.yaml")
     assert recipe.task.startswith("model:") and recipe.task.endswith(str(directory))
     refused = runner.invoke(app, ["apply", str(out / "recipe.yaml"), "--out", str(tmp_path / "again")])
-    assert refused.exit_code == 2 and f"run again with --model {directory.resolve()}" in refused.output  # not from a file
+    assert refused.exit_code == 2 and f"run again with --model {directory.resolve()}" in refused.output
     replayed = runner.invoke(app, ["apply", str(out / "recipe.yaml"), "--model", str(directory),
                                    "--out", str(tmp_path / "again")])
     assert replayed.exit_code == 0, replayed.output
