@@ -121,12 +121,12 @@ def median_call_ms(fn: Callable[[], Any], runs: int) -> float:
 
 
 def interleaved_samples(fns: Mapping[K, Callable[[], Any]], *, rounds: int, min_time_s: float,
-                        warmup: int = 2) -> dict[K, list[float]]:
+                        warmup: int = 2, clock: Callable[[], float] = time.perf_counter) -> dict[K, list[float]]:
     """ms per call of every function in each of ``rounds`` alternating rounds, after ``warmup`` calls each.
 
     Alternating (A B C A B C ...) instead of (A A A B B B ...) spreads a shared machine's noise over
     all contenders alike, so their *ratios* stay meaningful. A round repeats a function until
-    ``min_time_s`` has passed.
+    ``min_time_s`` has passed. ``clock`` (seconds) is injectable for tests.
     """
     for fn in fns.values():
         for _ in range(warmup):
@@ -134,11 +134,11 @@ def interleaved_samples(fns: Mapping[K, Callable[[], Any]], *, rounds: int, min_
     samples: dict[K, list[float]] = {k: [] for k in fns}
     for _ in range(rounds):
         for k, fn in fns.items():
-            n, start = 0, time.perf_counter()
+            n, start = 0, clock()
             while True:
                 fn()
                 n += 1
-                elapsed = time.perf_counter() - start
+                elapsed = clock() - start
                 if elapsed >= min_time_s:
                     break
             samples[k].append(elapsed / n * 1e3)

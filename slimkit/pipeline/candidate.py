@@ -18,6 +18,8 @@ from slimkit.core.config import BaseConfig
 from slimkit.core.target import Target
 from slimkit.core.task import Task
 from slimkit.measure import Latency, Profile, artifact_size, count_params, measure_latency, peak_memory, profile
+from slimkit.measure.speed_ratio import SpeedRatio
+from slimkit.quantize.modules import EMULATED
 from slimkit.runtime import build, resolve_backend
 
 log = logging.getLogger("slimkit.pipeline")
@@ -40,6 +42,10 @@ class Candidate:
     runtime_skipped: dict[str, str] | None = None  # layers the runtime kept in float, with its reason
     seconds: float = 0.0
     timings: dict[str, float] = dataclasses.field(default_factory=dict)  # phase -> seconds (where the time went)
+    #: vs the original as given, and vs the original on this candidate's runtime: timed in the same rounds.
+    speedup: SpeedRatio | None = None
+    speedup_same_runtime: SpeedRatio | None = None
+    emulated: str | None = None  # why this runtime's timing backs no speed claim (integer math emulated in fp32)
     model: nn.Module = dataclasses.field(repr=False, default=None)  # type: ignore[assignment]
     runnable: Any = dataclasses.field(repr=False, default=None)
 
@@ -57,14 +63,25 @@ class Candidate:
 
     def to_dict(self) -> dict[str, Any]:
         return {"name": self.name, "recipe": self.recipe, "backend": self.backend, "metric": self.metric,
-                "latency": self.latency.to_dict(), "profile": self.profile.to_dict()}
+                "latency": self.latency.to_dict(), "profile": self.profile.to_dict(),
+                "speedup": self.speedup.to_dict() if self.speedup else None,
+                "speedup_same_runtime": self.speedup_same_runtime.to_dict() if self.speedup_same_runtime else None,
+                "emulated": self.emulated}
+
+    def speed_text(self, baseline: "Candidate") -> str:
+        """The speedup a reader may quote: timed together with the original, a range when noisy."""
+        if self.emulated:
+            return "n/a (emulated)"
+        if self.speedup is not None:
+            return self.speedup.text()
+        return f"{baseline.latency.p50_ms / self.latency.p50_ms:.2f}x (timed apart)"
 
     def row(self, baseline: "Candidate", higher_is_better: bool) -> list[Any]:
         """Report row: score, quality delta (+ = better), MB, size reduction, p50, speedup, memory."""
         delta = self.metric["score"] - baseline.metric["score"]
         return [self.name, self.backend, self.metric["score"], delta if higher_is_better else -delta,
                 self.profile.artifact_bytes / 1e6, baseline.profile.artifact_bytes / self.profile.artifact_bytes,
-                self.latency.p50_ms, baseline.latency.p50_ms / self.latency.p50_ms,
+                self.latency.p50_ms, self.speed_text(baseline) if self is not baseline else "1.00x",
                 self.profile.peak_memory_bytes / 1e6]
 
 
@@ -113,6 +130,7 @@ def measure(name: str, model: nn.Module, configs: Sequence[BaseConfig], task: Ta
     c.backend = resolve_backend(model, backend)
     c.runnable = build(model, c.backend, task.example, threads=threads)
     c.runtime_skipped = dict(getattr(c.runnable, "skipped", {})) or None
+    c.emulated = emulated_reason(model) if c.backend == "torch" else None
     lap = c.lap("build", lap)
     if c.profile is not None and c.runnable is model:
         c.latency = c.profile.latency
@@ -126,6 +144,15 @@ def measure(name: str, model: nn.Module, configs: Sequence[BaseConfig], task: Ta
     c.lap("metric", lap)
     c.seconds = time.perf_counter() - start
     return c
+
+
+def emulated_reason(model: nn.Module) -> str | None:
+    """Why torch's timing of ``model`` backs no speed claim: layers whose integer math runs as fp32 emulation."""
+    layers = [n for n, m in model.named_modules() if getattr(m, "kernel", None) == EMULATED]
+    if not layers:
+        return None
+    return (f"{len(layers)} layer(s) run static int8 as fp32 emulation on torch here (no integer kernel on this "
+            "CPU): accuracy is exact, speed is not the deployed one; ONNX Runtime runs them on integer kernels")
 
 
 def _over(value: float | None, limit: float | None) -> bool:

@@ -8,14 +8,19 @@ different techniques column for column.
 from __future__ import annotations
 
 import dataclasses
-from typing import Any
+from typing import Any, Callable
+
+import torch
 
 from slimkit.core.config import BaseConfig
 from slimkit.core.errors import SlimkitError
 from slimkit.core.task import Task
 from slimkit.core.versions import versions
+from slimkit.measure._call import pinned_threads
+from slimkit.measure.speed_ratio import SpeedComparison, compare_speed
 from slimkit.pipeline.candidate import ROW_HEADER, Candidate
 from slimkit.report import Report
+from slimkit.runtime import build
 
 COMPUTE_HEADER = ["params", "MACs", "MACs ratio"]
 
@@ -49,9 +54,37 @@ def comparison_report(title: str, heading: str, task: Task, candidates: list[Can
     return r
 
 
+def time_together(task: Task, candidates: list[Candidate], *, threads: int | None = None) -> SpeedComparison:
+    """Time the original and every candidate in the same rounds, at the end of the run, on the same threads;
+    the original is also run on each other runtime a candidate uses. Sets each candidate's speedups."""
+    baseline = candidates[0]
+    contenders: dict[str, Callable[[], Any]] = {"original": _call(baseline.runnable, task)}
+    for backend in sorted({c.backend for c in candidates[1:]} - {baseline.backend}):
+        contenders[f"original on {backend}"] = _call(build(task.model, backend, task.example, threads=threads), task)
+    for i, c in enumerate(candidates[1:], 1):
+        contenders[f"{i}: {c.name}"] = _call(c.runnable, task)
+    with pinned_threads(threads), torch.inference_mode():
+        timed = compare_speed(contenders)
+    for i, c in enumerate(candidates[1:], 1):
+        c.speedup = timed.ratio("original", f"{i}: {c.name}")
+        same = "original" if c.backend == baseline.backend else f"original on {c.backend}"
+        c.speedup_same_runtime = timed.ratio(same, f"{i}: {c.name}")
+    return timed
+
+
+def _call(runnable: Any, task: Task) -> Callable[[], Any]:
+    return lambda: runnable(*task.example)
+
+
 def summary(baseline: Candidate, candidate: Candidate) -> str:
-    """One line for the console: metric against the baseline, size and speed ratios."""
+    """One line for the console: metric against the baseline, size and speed ratios (both when the
+    candidate runs on another runtime than the original: as given, and on the same runtime)."""
+    speed = candidate.speed_text(baseline) + " faster"
+    if candidate.emulated:
+        speed = "speed not claimed (static int8 emulated in fp32 on torch here)"
+    elif candidate.speedup is not None and candidate.backend != baseline.backend:
+        speed += f" vs the original as given ({baseline.backend}), " \
+                 f"{candidate.speedup_same_runtime.text()} vs the original on {candidate.backend}"
     return (f"{candidate.name} on {candidate.backend}: metric {candidate.metric['score']:.4f} "
             f"(baseline {baseline.metric['score']:.4f}), "
-            f"{baseline.profile.artifact_bytes / candidate.profile.artifact_bytes:.2f}x smaller, "
-            f"{baseline.latency.p50_ms / candidate.latency.p50_ms:.2f}x faster")
+            f"{baseline.profile.artifact_bytes / candidate.profile.artifact_bytes:.2f}x smaller, {speed}")

@@ -26,7 +26,7 @@ from slimkit.core.registry import STAGES, technique_of
 from slimkit.core.task import Task
 from slimkit.measure._call import pinned_threads
 from slimkit.pipeline.candidate import Candidate, measure_candidate
-from slimkit.pipeline.comparison import comparison_report, summary
+from slimkit.pipeline.comparison import comparison_report, summary, time_together
 from slimkit.pipeline.recipe import Recipe
 from slimkit.report import Report
 from slimkit.runtime import backend_reason
@@ -92,14 +92,17 @@ def run_recipe(task: Task, recipe: Recipe, out: str | Path, *, title: str, label
     final = measure_candidate(label or " + ".join(s.type_name for s in recipe.steps) or "original", model,
                               recipe.steps, task, backend=backend, threads=threads)
     candidates.append(final)
+    timed = time_together(task, candidates, threads=threads)
     io.save(model, out / "model", recipe=[c.to_dict() for c in recipe.steps],
             extra={"task": task.name, "seed": recipe.seed, "backend": final.backend})
     recipe.save(out / "recipe.yaml")
     reload_diff = _reload_diff(model, out / "model", task)
     report = _report(title, task, recipe, models, candidates, compute, backend, reload_diff)
+    report.data["speed"] = timed.to_dict()
     path = report.write(out)
-    console.print(summary(candidates[0], final) + f", params {candidates[0].profile.params_total} -> "
-                  f"{final.profile.params_total}")
+    console.print(summary(candidates[0], final) + f", params {candidates[0].profile.params_total:,} -> "
+                  f"{final.profile.params_total:,} ({final.profile.artifact_bytes / max(final.profile.params_total, 1):.2f}"
+                  " bytes/param)")
     console.print(f"[green]report[/] {path}")
     return RunResult(model=model, recipe=recipe, candidates=candidates, report=path, out=out)
 
@@ -122,6 +125,14 @@ def _report(title: str, task: Task, recipe: Recipe, models: list[nn.Module], can
     r.note("Size: bytes of the saved artifact. Latency and metric: the model running on the runtime named in "
            f"the runtime column ({backend_reason(models[-1], backend)}). The saved artifact reloads with outputs "
            f"within {reload_diff:.2e} of the model's; OUT/recipe.yaml replays to it (slimkit apply).")
+    r.note("Speedup: the original and every candidate timed in the same alternating rounds at the end of the "
+           "run, on the same threads (median of the per-round ratios; a range marked noisy when other work "
+           "shared the machine)." + "".join(
+               f" {c.name} vs the original on {c.backend}: {c.speedup_same_runtime.text()}."
+               for c in candidates[1:] if c.speedup_same_runtime is not None and c.backend != candidates[0].backend))
+    for c in candidates[1:]:
+        if c.emulated:
+            r.note(f"{c.name}: no speed claim. {c.emulated}.")
     runnable = candidates[-1].runnable
     if hasattr(runnable, "kernels"):  # what the runtime really runs (ONNX Runtime op types, GPU kernels)
         r.data["runtime_ops"] = dict(runnable.kernels)
