@@ -25,6 +25,8 @@ from slimkit.measure.latency import interleaved_samples
 MAX_CV = 0.20
 MAX_TAIL = 3.0
 NOISY = "noisy: other work on this machine"
+#: Seconds the extra rounds may take in all: a busy machine costs a command this much more, not minutes.
+EXTRA_ROUNDS_CAP_S = 5.0
 
 
 @dataclasses.dataclass(frozen=True)
@@ -102,7 +104,7 @@ def timing_of(samples: list[float]) -> Timing:
 
 
 def compare_speed(contenders: Mapping[str, Callable[[], Any]], *, rounds: int = 7, min_time_s: float = 0.05,
-                  max_seconds: float = 20.0, clock: Callable[[], float] = time.perf_counter,
+                  max_seconds: float = EXTRA_ROUNDS_CAP_S, clock: Callable[[], float] = time.perf_counter,
                   load: Callable[[], float] = load_per_core) -> SpeedComparison:
     """Time every contender in alternating rounds; while any is noisy, add rounds until ``max_seconds``.
 
