@@ -5,9 +5,13 @@ A recurrent layer is a few matrices applied at every time step: the input projec
 at once) and the hidden projection (one step at a time). Each becomes a ``StepLinear`` (int8
 dynamic on fbgemm, or weight-only int8/int4), so an LSTM that holds most of a speaker encoder's
 parameters is stored in int8 instead of staying float. The recurrence loops over time in Python:
-a size win first; BENCHMARKS.md has the speed. ONNX export would unroll the time steps, so these
-layers run on torch (the runtime's ``auto`` picks it). PackedSequence inputs run a float twin
-with the dequantized weights, so their semantics stay torch's own.
+a size win first; BENCHMARKS.md has the speed. PackedSequence inputs run a float twin with the
+dequantized weights, so their semantics stay torch's own.
+
+On ONNX Runtime (int8 dynamic): an LSTM / GRU exports as the float twin, one ONNX ``LSTM`` / ``GRU``
+node that keeps the sequence length dynamic, and the runtime re-quantizes an LSTM's gate matrices to
+the same int8 rows (``DynamicQuantizeLSTM``; ORT has no integer GRU, which it lists as float). A
+cell exports as its step, two gate MatMuls the runtime quantizes like any Linear.
 """
 
 from __future__ import annotations
@@ -26,17 +30,16 @@ from slimkit.quantize.modules import QuantLinear
 
 RECURRENT = (nn.LSTM, nn.GRU, nn.LSTMCell, nn.GRUCell)
 _GATES = {"LSTM": 4, "GRU": 3}
-_ON_TORCH = "recurrent layers run their time loop on torch (ONNX export would unroll the time steps)"
+_ON_TORCH = "recurrent layers run their time loop on torch or ONNX Runtime (the CUDA backend rebuilds Linears only)"
 
 
 @layer_class("StepLinear")
 class StepLinear(QuantLinear):
-    """A gate matrix of a quantized recurrent layer: a QuantLinear that runs on torch only."""
+    """A gate matrix of a quantized recurrent layer: a QuantLinear the CUDA backend cannot run alone."""
 
     def runtime_needs(self) -> LayerNeeds:
         needs = super().runtime_needs()
-        return dataclasses.replace(needs, unsupported={**needs.unsupported, "onnxruntime": _ON_TORCH,
-                                                       "cuda": _ON_TORCH})
+        return dataclasses.replace(needs, unsupported={**needs.unsupported, "cuda": _ON_TORCH})
 
 
 def recurrent_reason(layer: nn.Module) -> str:
@@ -148,7 +151,31 @@ class QuantRecurrent(nn.Module):
             if not self._twin:
                 self._twin.append(self.to_float())
             return self._twin[0](x, hx)
+        if not self.cell and torch.onnx.is_in_onnx_export():  # one LSTM/GRU node, sequence length kept dynamic
+            return self._exported(x, hx)
         return self._cell(x, hx) if self.cell else self._sequence(x, hx)
+
+    def _exported(self, x: torch.Tensor, hx: Any) -> Any:
+        """torch's own fused recurrence (``torch.lstm`` / ``torch.gru``, what ``nn.LSTM`` / ``nn.GRU`` call)
+        on the dequantized weights: the ONNX exporter writes it as one LSTM / GRU node per layer."""
+        batched = x.dim() == 3
+        x = x if batched else x.unsqueeze(1)  # (T, B, In), or (B, T, In) when batch_first
+        batch = x.shape[0] if self.batch_first and batched else x.shape[1]
+        zeros = x.new_zeros(self.num_layers * self.directions, batch, self.hidden_size)  # (L*D, B, H)
+        params = []
+        for suffix, _ in self._matrices():
+            gates = [self.gates[f"{kind}{suffix}"] for kind in ("ih", "hh")]
+            params += [g.dequantized_weight() if hasattr(g, "dequantized_weight") else g.weight for g in gates]
+            params += [g.bias for g in gates] if self.bias_on else []
+        first = self.batch_first and batched
+        if self.mode == "LSTM":
+            h0, c0 = (zeros, zeros) if hx is None else (t if batched else t.unsqueeze(1) for t in hx)
+            out, h, c = torch.lstm(x, (h0, c0), params, self.bias_on, self.num_layers, 0.0, False,
+                                   self.directions == 2, first)
+            return (out, (h, c)) if batched else (out.squeeze(1), (h.squeeze(1), c.squeeze(1)))
+        h0 = zeros if hx is None else (hx if batched else hx.unsqueeze(1))
+        out, h = torch.gru(x, h0, params, self.bias_on, self.num_layers, 0.0, False, self.directions == 2, first)
+        return (out, h) if batched else (out.squeeze(1), h.squeeze(1))
 
     def _cell(self, x: torch.Tensor, hx: Any) -> Any:
         batched = x.dim() == 2

@@ -84,7 +84,7 @@ def build(model: nn.Module, backend: str = "auto", example: Any = None, *, threa
     ``layout`` (torch, float conv nets on the CPU): ``auto`` times NCHW and channels-last on
     ``example`` and keeps the faster (``slimkit.runtime.layout``); ``contiguous`` runs as trained.
     """
-    backend = resolve_backend(model, backend)
+    requested, backend = backend, resolve_backend(model, backend)
     if layout not in ("auto", "contiguous"):
         raise SlimkitError(f"layout {layout!r} is not known", "use auto or contiguous")
     if backend == "torch":
@@ -100,7 +100,13 @@ def build(model: nn.Module, backend: str = "auto", example: Any = None, *, threa
                            "pass example=task.example")
 
     float_model, plan = ort_plan(model)
-    return build_ort(float_model, example, plan=plan, threads=threads)
+    try:  # build_ort checks the graph's outputs against the (quantized) torch model itself
+        return build_ort(float_model, example, plan=plan, threads=threads, reference=model)
+    except SlimkitError as exc:
+        if requested != "auto":
+            raise
+        log.warning("backend auto: onnxruntime cannot run %s (%s); running it on torch", type(model).__name__, exc)
+        return model.eval()
 
 
 def ort_plan(model: nn.Module) -> tuple[nn.Module, Any]:

@@ -1,4 +1,6 @@
-"""Fold each bias ``Add`` into the ``MatMulIntegerToFloat`` before it, in ORT's optimized graph.
+"""Graph rewrites around ORT's quantizer and optimizer: stored weights where the quantizer needs
+them, Gemm as MatMul for its dynamic path, and each bias ``Add`` folded into the
+``MatMulIntegerToFloat`` before it in ORT's optimized graph.
 
 ORT's optimizer turns DQ -> MatMul into ``MatMulIntegerToFloat`` but leaves the Linear's bias as
 a separate ``Add`` over the whole (B, T, N) output, although the fused op takes a bias input.
@@ -14,7 +16,10 @@ from collections import defaultdict
 from pathlib import Path
 from typing import Any
 
+import numpy as np
+
 from slimkit.runtime._qdq import replace_nodes
+from slimkit.runtime.onnx_export import RECURRENT_OPS
 
 #: MatMulIntegerToFloat inputs: A, B, a_scale, b_scale, a_zero_point, b_zero_point, bias.
 _BIAS_INPUT = 6
@@ -78,4 +83,88 @@ def _fold(graph: Any) -> int:
     return len(dropped)
 
 
-__all__ = ["fold_bias"]
+
+# --------------------------------------------------------------------------- rewrites for ORT's quantizer
+
+def store_recurrent_weights(graph: Any) -> None:
+    """W, R, B of LSTM / GRU nodes as initializers (a QuantRecurrent exports them as Constant nodes):
+    ORT's quantizer only quantizes stored weights."""
+    from onnx import helper  # optional (onnx, extra 'onnx'): imported when used
+
+    wanted = {i for n in graph.node if n.op_type in RECURRENT_OPS for i in n.input[1:4] if i}
+    moved = {n.output[0]: n for n in graph.node if n.op_type == "Constant" and n.output[0] in wanted
+             and [a.name for a in n.attribute] == ["value"]}
+    for name, node in moved.items():
+        tensor = helper.get_attribute_value(node.attribute[0])
+        tensor.name = name
+        graph.initializer.append(tensor)
+    if moved:
+        replace_nodes(graph, [n for n in graph.node if not (n.op_type == "Constant" and n.output[0] in moved)])
+
+
+def bypass_constant_identities(graph: Any) -> None:
+    """Nodes read stored weights directly, not through the ``Identity`` the exporter puts on a weight
+    two modules share (HF ResNet's convs): the quantizers need the weight to be an initializer."""
+    stored = {t.name for t in graph.initializer}
+    outputs = {o.name for o in graph.output}
+    alias = {n.output[0]: n.input[0] for n in graph.node
+             if n.op_type == "Identity" and n.input[0] in stored and n.output[0] not in outputs}
+    if not alias:
+        return
+    for node in graph.node:
+        for i, name in enumerate(node.input):
+            if name in alias:
+                node.input[i] = alias[name]
+    kept = [n for n in graph.node if not (n.op_type == "Identity" and n.output[0] in alias)]
+    del graph.node[:]
+    graph.node.extend(kept)
+
+
+#: Integer ops with int8 weights: op -> positions of (weight, its zero point) among the inputs.
+_INT8_WEIGHTS = {"MatMulInteger": ((1, 3),), "ConvInteger": ((1, 3),),
+                 "DynamicQuantizeLSTM": ((1, 9), (2, 11))}  # X, W, R, B, lens, h0, c0, P, W_s, W_zp, R_s, R_zp
+
+
+def unsigned_dynamic_weights(graph: Any) -> None:
+    """The int8 weights of MatMulInteger / ConvInteger / DynamicQuantizeLSTM as uint8 + 127 with zero
+    point 127 (same integers)."""
+    from onnx import numpy_helper  # optional (onnx, extra 'onnx'): imported when used
+
+    init = {t.name: t for t in graph.initializer}
+    for node in graph.node:
+        for w, zero in _INT8_WEIGHTS.get(node.op_type, ()):
+            if len(node.input) <= zero:
+                continue
+            for name in (node.input[w], node.input[zero]):
+                v = numpy_helper.to_array(init[name])
+                if v.dtype == np.int8:
+                    init[name].CopyFrom(numpy_helper.from_array((v.astype(np.int16) + 127).astype(np.uint8), name))
+
+
+def gemm_to_matmul(graph: Any, names: set[str]) -> None:
+    """Gemm(x, W, b) -> MatMul(x, W as (K, N)) + Add(b), keeping the node's name."""
+    from onnx import helper, numpy_helper  # optional (onnx, extra 'onnx'): imported when used
+
+    init = {t.name: t for t in graph.initializer}
+    nodes = []
+    for node in graph.node:
+        attrs = {a.name: helper.get_attribute_value(a) for a in node.attribute}
+        if node.op_type != "Gemm" or node.name not in names or node.input[1] not in init or attrs.get("transA", 0) \
+                or attrs.get("alpha", 1.0) != 1.0 or attrs.get("beta", 1.0) != 1.0:
+            nodes.append(node)
+            continue
+        kn = node.input[1] + "_kn"
+        if kn not in init:  # once per weight: an unrolled loop (an LSTMCell stepped in Python) reuses it
+            w = numpy_helper.to_array(init[node.input[1]])
+            init[kn] = numpy_helper.from_array(np.ascontiguousarray(w.T if attrs.get("transB", 0) else w), kn)
+            graph.initializer.append(init[kn])
+        bias = len(node.input) > 2 and node.input[2]
+        y = node.output[0] + "_mm" if bias else node.output[0]
+        nodes.append(helper.make_node("MatMul", [node.input[0], kn], [y], name=node.name))
+        if bias:
+            nodes.append(helper.make_node("Add", [y, node.input[2]], [node.output[0]], name=node.name + "_bias"))
+    replace_nodes(graph, nodes)
+
+
+__all__ = ["bypass_constant_identities", "fold_bias", "gemm_to_matmul", "store_recurrent_weights",
+           "unsigned_dynamic_weights"]

@@ -47,16 +47,21 @@ from collections import Counter
 from pathlib import Path
 from typing import Any, Sequence
 
-import numpy as np
 import torch
 import torch.nn as nn
 
 from slimkit.core.errors import SlimkitError
 from slimkit.measure.closeness import sqnr_db
-from slimkit.runtime._fold import fold_bias
-from slimkit.runtime._qdq import insert_qdq, replace_nodes
-from slimkit.runtime.onnx_export import COMPUTE_OPS, export_onnx, flat_outputs, module_nodes
-from slimkit.runtime.ort_inspect import INTEGER_OPS, Kernels, layer_kernels, output_ranges
+from slimkit.runtime._fold import (
+    bypass_constant_identities,
+    fold_bias,
+    gemm_to_matmul,
+    store_recurrent_weights,
+    unsigned_dynamic_weights,
+)
+from slimkit.runtime._qdq import insert_qdq
+from slimkit.runtime.onnx_export import COMPUTE_OPS, RECURRENT_OPS, export_onnx, flat_outputs, module_nodes
+from slimkit.runtime.ort_inspect import INTEGER_OPS, Kernels, layer_kernels, output_mismatch, output_ranges
 
 log = logging.getLogger("slimkit.runtime.ort")
 
@@ -114,12 +119,16 @@ class OrtModel:
 
 
 def build_ort(model: nn.Module, example: Sequence[torch.Tensor] | torch.Tensor, *, plan: OrtQuantPlan | None = None,
-              threads: int | None = None, workdir: Path | None = None, optimize: bool = True) -> OrtModel:
+              threads: int | None = None, workdir: Path | None = None, optimize: bool = True,
+              reference: nn.Module | None = None) -> OrtModel:
     """Export the float ``model``, quantize ``plan.modules`` and open an ORT session on ``threads`` threads.
 
     ``optimize=False`` runs the graph as written (no fusion, Q/DQ executed literally): slow, but the
     exact reference for what the integer kernels should compute. Without ``workdir`` the files live
-    in a temporary directory removed with the returned model.
+    in a temporary directory removed with the returned model. Before it is returned, the session's
+    outputs (all of them) are checked against ``reference`` (default ``model``; ``runtime.build``
+    passes the quantized torch model) on ``example``: a graph that computes something else is a
+    ``SlimkitError``, not a model (``ort_inspect.output_mismatch`` has the bounds).
     """
     example = (example,) if isinstance(example, torch.Tensor) else tuple(example)
     threads = threads or torch.get_num_threads()
@@ -139,6 +148,7 @@ def build_ort(model: nn.Module, example: Sequence[torch.Tensor] | torch.Tensor, 
         kernels_by_layer = layer_kernels(kernels.nodes, [m for m in plan.modules if m not in skipped]) if plan else {}
         skipped |= {m: f"ONNX Runtime runs it as a float {op} (no integer kernel fused)"
                     for m, op in kernels_by_layer.items() if op not in INTEGER_OPS}
+        _check_outputs(reference or model, example, session, quantized=plan is not None)
     except BaseException:
         if workdir is None:
             shutil.rmtree(work, ignore_errors=True)
@@ -150,6 +160,20 @@ def build_ort(model: nn.Module, example: Sequence[torch.Tensor] | torch.Tensor, 
     if workdir is None:
         weakref.finalize(result, shutil.rmtree, str(work), True)
     return result
+
+
+def _check_outputs(reference: nn.Module, example: tuple[torch.Tensor, ...], session: Any, quantized: bool) -> None:
+    """Refuse a session whose outputs on ``example`` are not torch's (a float bound, or int8's when quantized)."""
+    feeds = {i.name: x.detach().cpu().numpy() for i, x in zip(session.get_inputs(), example)}
+    with torch.no_grad():
+        want = flat_outputs(reference(*example))
+    got = [torch.from_numpy(o) for o in session.run(None, feeds)]
+    why = output_mismatch(want, got, quantized)
+    if why:
+        raise SlimkitError(f"the ONNX Runtime graph of {type(reference).__name__} does not compute what torch does "
+                           f"on the example inputs: {why}", "run it with backend='torch'")
+    log.info("onnxruntime: outputs checked against torch on the example inputs (%s bound)",
+             "int8" if quantized else "float")
 
 
 def _write_graph(float_path: Path, model: nn.Module, plan: OrtQuantPlan | None, fuse: str | None, path: Path,
@@ -268,23 +292,33 @@ class _quiet:
 
 def _quantize(proto: Any, plan: OrtQuantPlan, work: Path, unsigned_weights: bool) -> dict[str, str]:
     """Quantize the planned modules' nodes in place; returns the modules left float and why."""
-    _bypass_constant_identities(proto.graph)
-    found = module_nodes(proto, set(plan.modules))
+    bypass_constant_identities(proto.graph)
+    store_recurrent_weights(proto.graph)
+    ancestors = {m: [m.rsplit(".", i)[0] for i in range(1, m.count(".") + 1)] for m in plan.modules}
+    found = module_nodes(proto, set(plan.modules) | {a for names in ancestors.values() for a in names})
+    # a recurrent layer's gate matrices are planned one by one but exported as one LSTM / GRU node of the layer
+    owner = {m: next(a for a in ancestors[m] if _recurrent(found.get(a))) for m in plan.modules
+             if m not in found and any(_recurrent(found.get(a)) for a in ancestors[m])}
     skipped = {m: "no MatMul/Gemm/Conv node of this module in the exported graph" for m in plan.modules
-               if m not in found}
+               if m not in found and m not in owner}
+    skipped |= {m: "ONNX Runtime has no integer GRU (its quantizer covers LSTM only): the GRU node runs float"
+                for m, a in owner.items() if _recurrent(found[a]) == "GRU"}
     planned = {m: found[m] for m in plan.modules if m in found}
     if plan.mode == "dynamic":
+        planned |= {a: found[a] for m, a in owner.items() if m not in skipped}  # the layer's LSTM node(s), once
         if plan.per_channel:  # ORT's ConvInteger path quantizes Conv weights per tensor only
             skipped |= {m: "ORT's dynamic Conv has per-tensor weights only" for m, nodes in planned.items()
                         if any(n.op_type == "Conv" for n in nodes)}
             planned = {m: nodes for m, nodes in planned.items() if m not in skipped}
         _dynamic(proto, planned, plan.per_channel, work)
         if unsigned_weights:
-            _unsigned_dynamic_weights(proto.graph)
-        float_nodes = {n.name for n in proto.graph.node if n.op_type in COMPUTE_OPS}
-        skipped |= {m: "ORT's dynamic quantizer left it float" for m, nodes in planned.items()
-                    if any(n.name in float_nodes for n in nodes)}
+            unsigned_dynamic_weights(proto.graph)
+        float_nodes = {n.name for n in proto.graph.node if n.op_type in COMPUTE_OPS + RECURRENT_OPS}
+        left = {m for m, nodes in planned.items() if any(n.name in float_nodes for n in nodes)}
+        skipped |= {m: "ORT's dynamic quantizer left it float" for m in plan.modules
+                    if m in left or owner.get(m) in left}
         return skipped
+    skipped |= {m: "static int8 has no recurrent kernel on ONNX Runtime" for m in owner if m not in skipped}
     constants = {t.name for t in proto.graph.initializer}
     for m in list(planned):
         lo, hi = plan.act_ranges.get(m, (math.nan, math.nan))
@@ -299,22 +333,9 @@ def _quantize(proto: Any, plan: OrtQuantPlan, work: Path, unsigned_weights: bool
     return skipped
 
 
-def _bypass_constant_identities(graph: Any) -> None:
-    """Nodes read stored weights directly, not through the ``Identity`` the exporter puts on a weight
-    two modules share (HF ResNet's convs): the quantizers need the weight to be an initializer."""
-    stored = {t.name for t in graph.initializer}
-    outputs = {o.name for o in graph.output}
-    alias = {n.output[0]: n.input[0] for n in graph.node
-             if n.op_type == "Identity" and n.input[0] in stored and n.output[0] not in outputs}
-    if not alias:
-        return
-    for node in graph.node:
-        for i, name in enumerate(node.input):
-            if name in alias:
-                node.input[i] = alias[name]
-    kept = [n for n in graph.node if not (n.op_type == "Identity" and n.output[0] in alias)]
-    del graph.node[:]
-    graph.node.extend(kept)
+def _recurrent(nodes: list[Any] | None) -> str:
+    """"LSTM" / "GRU" when ``nodes`` are a recurrent layer's node(s), else ""."""
+    return next((n.op_type for n in nodes or [] if n.op_type in RECURRENT_OPS), "")
 
 
 def _dynamic(proto: Any, planned: dict[str, list[Any]], per_channel: bool, work: Path) -> None:
@@ -327,53 +348,17 @@ def _dynamic(proto: Any, planned: dict[str, list[Any]], per_channel: bool, work:
     names = [n.name for nodes in planned.values() for n in nodes]
     if not names:
         return
-    _gemm_to_matmul(proto.graph, set(names))  # ORT's dynamic quantizer has no Gemm
+    gemm_to_matmul(proto.graph, set(names))  # ORT's dynamic quantizer has no Gemm
     src, dst = work / "dynamic_in.onnx", work / "dynamic_out.onnx"
     onnx.save(proto, str(src))
     with _quiet():
-        quantize_dynamic(str(src), str(dst), op_types_to_quantize=["MatMul", "Conv"], nodes_to_quantize=names,
+        quantize_dynamic(str(src), str(dst), op_types_to_quantize=["MatMul", "Conv", "LSTM"], nodes_to_quantize=names,
                          per_channel=per_channel, reduce_range=False, weight_type=QuantType.QInt8,
                          extra_options={"WeightSymmetric": True, "MatMulConstBOnly": True,
                                         "DefaultTensorType": onnx.TensorProto.FLOAT})  # for fused ops
     proto.CopyFrom(onnx.load(str(dst)))
     src.unlink()
     dst.unlink()
-
-
-def _unsigned_dynamic_weights(graph: Any) -> None:
-    """The int8 weights of MatMulInteger / ConvInteger as uint8 + 127 with zero point 127 (same integers)."""
-    from onnx import numpy_helper  # optional (onnx, extra 'onnx'): imported when used
-
-    init = {t.name: t for t in graph.initializer}
-    for node in graph.node:
-        if node.op_type in ("MatMulInteger", "ConvInteger") and len(node.input) > 3:
-            for name in (node.input[1], node.input[3]):
-                v = numpy_helper.to_array(init[name])
-                if v.dtype == np.int8:
-                    init[name].CopyFrom(numpy_helper.from_array((v.astype(np.int16) + 127).astype(np.uint8), name))
-
-
-def _gemm_to_matmul(graph: Any, names: set[str]) -> None:
-    """Gemm(x, W, b) -> MatMul(x, W as (K, N)) + Add(b), keeping the node's name."""
-    from onnx import helper, numpy_helper  # optional (onnx, extra 'onnx'): imported when used
-
-    init = {t.name: t for t in graph.initializer}
-    nodes = []
-    for node in graph.node:
-        attrs = {a.name: helper.get_attribute_value(a) for a in node.attribute}
-        if node.op_type != "Gemm" or node.name not in names or node.input[1] not in init or attrs.get("transA", 0) \
-                or attrs.get("alpha", 1.0) != 1.0 or attrs.get("beta", 1.0) != 1.0:
-            nodes.append(node)
-            continue
-        w = numpy_helper.to_array(init[node.input[1]])
-        w_kn = numpy_helper.from_array(np.ascontiguousarray(w.T if attrs.get("transB", 0) else w), node.input[1] + "_kn")
-        graph.initializer.append(w_kn)
-        bias = len(node.input) > 2 and node.input[2]
-        y = node.output[0] + "_mm" if bias else node.output[0]
-        nodes.append(helper.make_node("MatMul", [node.input[0], w_kn.name], [y], name=node.name))
-        if bias:
-            nodes.append(helper.make_node("Add", [y, node.input[2]], [node.output[0]], name=node.name + "_bias"))
-    replace_nodes(graph, nodes)
 
 
 __all__ = ["OrtModel", "OrtQuantPlan", "build_ort"]

@@ -5,7 +5,6 @@ import torch
 import torch.nn as nn
 
 import slimkit as sk
-from slimkit.core.errors import SlimkitError
 from slimkit.core.record import last_record
 from slimkit.quantize.conv1d import Conv1dAs2d, liftable_reason
 from slimkit.quantize.recurrent import QuantRecurrent
@@ -134,14 +133,12 @@ def test_conv1d_and_lstm_model_is_quantized_through(sequence_task, config, min_d
         assert torch.equal(sk.load(tmp_path / "q")(*x), out)
 
 
-def test_auto_runtime_picks_torch_for_recurrent_layers_and_onnxruntime_refuses(sequence_task):
+def test_auto_runtime_runs_int8_recurrent_layers_on_onnxruntime(sequence_task):
     q = sk.apply(sequence_task.model, sk.quantize.Int8(), sequence_task)
-    assert resolve_backend(q, "auto") == "torch"
-    with pytest.raises(SlimkitError, match="time loop"):
-        build(q, "onnxruntime", sequence_task.example)
+    assert resolve_backend(q, "auto") == "onnxruntime"  # the LSTM as DynamicQuantizeLSTM (tests/runtime/test_ort_recurrent.py)
     runnable = build(q, "auto", sequence_task.example)
     with torch.no_grad():
-        assert torch.equal(torch.as_tensor(runnable(*sequence_task.example)), q(*sequence_task.example))
+        assert sqnr_db(q(*sequence_task.example), runnable(*sequence_task.example)) > 30
 
 
 def test_a_model_of_only_recurrent_layers_is_quantized():
