@@ -135,6 +135,8 @@ CASES = [
     ("optimize-threads-0", ["optimize", "--max-drop", "0.01", "--threads", "0"], "--threads 0 is out of range"),
     ("optimize-strategy", ["optimize", "--max-drop", "0.01", "--strategy", "random"], "unknown strategy 'random'"),
     ("optimize-no-limit", ["optimize"], "no limit given"),
+    ("optimize-techniques", ["optimize", "--max-drop", "0.01", "--techniques", "int8,telepathy"],
+     "unknown technique(s) telepathy"),
     ("apply-seed-neg", ["apply", "--step", "fp16", "--task", "digits", "--seed", "-1"], "--seed -1 is out of range"),
     ("apply-threads-0", ["apply", "--step", "fp16", "--task", "digits", "--threads", "0"],
      "--threads 0 is out of range"),

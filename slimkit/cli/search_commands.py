@@ -14,6 +14,7 @@ from slimkit.cli.demo import run as run_demo
 from slimkit.cli.out_guard import guarded_out
 from slimkit.cli.task_options import DATA, INPUT_SHAPE, METRIC, MODEL, TASK, WEIGHTS, load_task, task_spec
 from slimkit.core.errors import SlimkitError
+from slimkit.core.registry import searchable
 from slimkit.core.target import Target
 from slimkit.search.optimize import optimize as run
 from slimkit.search.result import RESULT_FILE, read_result
@@ -51,6 +52,7 @@ def optimize(task: Optional[str] = TASK, model: Optional[str] = MODEL, weights: 
     if not target.names():
         raise SlimkitError("no limit given", "set at least one of --max-size-mb, --max-latency-ms, --max-drop")
     names = [n.strip() for n in techniques.split(",") if n.strip()] if techniques else None
+    searchable(names)  # unknown technique names fail before any work
     t, spec = load_task(task, "digits", model, weights, data, input_shape, metric)
     result = run(t, target, trials=trials, time_budget=time_budget, strategy=strategy, storage=storage,
                  study=study, seed=seed, out=out, resume=resume, technique_names=names, task_spec=spec)
