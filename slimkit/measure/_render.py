@@ -8,6 +8,8 @@ from rich.console import Group
 from rich.markup import escape
 from rich.table import Table
 
+from slimkit.measure.speed_ratio import MAX_CV, MAX_TAIL
+
 if TYPE_CHECKING:
     from slimkit.measure.profile import Profile
 
@@ -37,11 +39,18 @@ def render_profile(p: Profile, top: int = 10) -> Group:
     lat = p.latency
     summary.add_row("inputs", escape(", ".join(p.inputs)))
     summary.add_row("device", f"{p.device}, {p.threads} thread(s), torch {p.torch_version}")
-    summary.add_row("parameters", f"{p.params_total:,} ({p.params_nonzero:,} nonzero, {nonzero_pct:.1f}%)")
-    summary.add_row("artifact size", f"{human_bytes(p.artifact_bytes)} ({p.artifact_bytes:,} bytes on disk)")
-    summary.add_row("MACs", f"{human_count(p.macs)} ({human_count(p.flops)} FLOPs)")
-    summary.add_row("latency", f"p50 {lat.p50_ms:.3f} ms, p95 {lat.p95_ms:.3f} ms, cv {lat.cv:.2f}, {lat.runs} runs")
-    summary.add_row("peak memory", human_bytes(p.peak_memory_bytes))
+    per_param = p.artifact_bytes / p.params_total if p.params_total else 0.0
+    summary.add_row("parameters", f"{p.params_total:,} ({p.params_nonzero:,} nonzero, {nonzero_pct:.1f}%; quantized "
+                    "weights counted as the weights they stand for)")
+    summary.add_row("artifact size", f"{human_bytes(p.artifact_bytes)} ({p.artifact_bytes:,} bytes on disk, "
+                    f"{per_param:.2f} bytes/param)")
+    summary.add_row("MACs", f"{human_count(p.macs)} ({human_count(p.flops)} FLOPs; matmuls, convs and attention "
+                    "only: elementwise ops excluded)")
+    noisy = " [yellow](noisy: other work on this machine)[/]" if lat.cv > MAX_CV or lat.p95_ms > MAX_TAIL * lat.p50_ms else ""
+    summary.add_row("latency", f"p50 {lat.p50_ms:.3f} ms, p95 {lat.p95_ms:.3f} ms, cv {lat.cv:.2f}, {lat.runs} runs"
+                    + noisy)
+    summary.add_row("peak memory", human_bytes(p.peak_memory_bytes) + (
+        " (a floor: oneDNN/BLAS scratch outside torch's allocator is not seen)" if p.device == "cpu" else ""))
     summary.add_row("energy (estimate)", f"{p.energy_mj_estimate:.4g} mJ per inference")
     summary.add_row("", f"[dim]{escape(p.energy_note)}[/dim]")
 
