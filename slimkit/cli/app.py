@@ -5,11 +5,13 @@ from __future__ import annotations
 import contextlib
 import functools
 import json
+import sys
 from pathlib import Path
 from typing import Any, Callable, Optional
 
 import torch
 import typer
+from typer.core import TyperGroup
 from rich.console import Console
 from rich.table import Table
 
@@ -21,7 +23,38 @@ from slimkit.core.registry import all_techniques
 from slimkit.measure import profile as run_profile
 from slimkit.zoo import BUILTINS, describe
 
-app = typer.Typer(add_completion=False, no_args_is_help=True,
+#: Click's error classes, whichever click typer runs on (its own vendored copy, or the click package).
+_USAGE_ERROR = next(c for c in typer.BadParameter.__mro__ if c.__name__ == "UsageError")
+_CLICK_ERROR = next(c for c in typer.BadParameter.__mro__ if c.__name__ == "ClickException")
+
+
+class OneLineErrors(TyperGroup):
+    """Typer's own errors (an unknown option, ``--lr abc``, a missing ``--study``) in the same one-line
+    form as slimkit's, instead of a usage box: every bad input reads alike and exits with 2."""
+
+    def main(self, args: Any = None, prog_name: Optional[str] = None, complete_var: Optional[str] = None,
+             standalone_mode: bool = True, **extra: Any) -> Any:
+        if not standalone_mode:
+            return super().main(args, prog_name, complete_var, standalone_mode=False, **extra)
+        try:
+            code = super().main(args, prog_name, complete_var, standalone_mode=False, **extra)
+        except _USAGE_ERROR as exc:
+            if type(exc).__name__ == "NoArgsIsHelpError":  # plain `slimkit`: the help, as before
+                exc.show()
+                sys.exit(exc.exit_code)
+            where = exc.ctx.command_path if exc.ctx is not None else "slimkit"
+            typer.echo(f"error: {' '.join(exc.format_message().split())} — see {where} --help", err=True)
+            sys.exit(2)
+        except _CLICK_ERROR as exc:
+            exc.show()
+            sys.exit(exc.exit_code)
+        except typer.Abort:
+            typer.echo("Aborted!", err=True)
+            sys.exit(1)
+        sys.exit(code if isinstance(code, int) else 0)
+
+
+app = typer.Typer(add_completion=False, no_args_is_help=True, cls=OneLineErrors,
                   help="Make trained PyTorch models smaller and faster, with measurements.")
 
 

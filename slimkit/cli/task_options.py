@@ -42,8 +42,10 @@ def task_spec(task: Optional[str], default: Optional[str], model: Optional[str] 
     factory = ":" in model and not Path(model).exists()
     for option, path in (("--model", None if factory else model), ("--weights", weights), ("--data", data)):
         if path is not None and not Path(path).exists():
-            raise SlimkitError(f"{option} {path} does not exist", "give an HF directory, a slimkit artifact or "
-                               "package.module:factory" if option == "--model" else f"give {option} an existing path")
+            if option == "--model":
+                raise SlimkitError(f"no model at {path!r}", "give an HF directory, a slimkit artifact or "
+                                   "package.module:factory")
+            raise SlimkitError(f"{option} {path} does not exist", f"give {option} an existing path")
     return zoo.model_spec(model, weights=weights, data=data, input_shape=input_shape, metric=metric)
 
 
