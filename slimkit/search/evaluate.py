@@ -55,6 +55,15 @@ class TrialMeasurement:
         return dataclasses.asdict(self)
 
 
+def failure_reason(step: str, exc: Exception) -> str:
+    """One line for a candidate that failed: where, and why (an error the user can act on as it
+    reads; anything else with its type, as a bug to report)."""
+    if isinstance(exc, SlimkitError):
+        return f"{step}: {exc}"
+    line = (str(exc).strip().splitlines() or [""])[0][:200]
+    return f"{step}: {type(exc).__name__}: {line} (a bug: please report it)"
+
+
 #: ``measure(configs, early_stop=True) -> (measurement, model or None)``: the optimizer's only view of
 #: the world. ``early_stop=False`` measures everything even past a limit (the original model).
 Measurer = Callable[..., "tuple[TrialMeasurement, nn.Module | None]"]
@@ -73,30 +82,30 @@ class RuntimeMeasurer:
                  ) -> tuple[TrialMeasurement, nn.Module | None]:
         start = time.perf_counter()
         timings: dict[str, float] = {}
+        step = "copying the model"
         try:
             torch.manual_seed(self.seed)
             model = copy.deepcopy(self.task.model)
             for i, config in enumerate(configs):  # one step at a time, each timed (as apply() runs them)
                 if early_stop and technique_of(type(config)).stage == "recover" and \
                         not any(technique_of(type(c)).stage == "recover" for c in configs[:i]):
-                    lap = time.perf_counter()
+                    lap, step = time.perf_counter(), "checks before training"
                     before = self._before_training(model, configs[i:])
-                    timings["checks before training"] = time.perf_counter() - lap
+                    timings[step] = time.perf_counter() - lap
                     if before is not None:
                         before.seconds, before.timings = time.perf_counter() - start, timings
                         return before, None
-                lap = time.perf_counter()
+                lap, step = time.perf_counter(), config.type_name
                 model = apply(model, config, self.task, inplace=True)
                 timings[config.type_name] = timings.get(config.type_name, 0.0) + time.perf_counter() - lap
-        except SlimkitError as exc:
-            return TrialMeasurement(error=str(exc), seconds=time.perf_counter() - start, timings=timings), None
-        except Exception as exc:  # noqa: BLE001 - a bug in one pipeline must not end the search: recorded, logged
-            log.exception("trial failed: %s", [c.type_name for c in configs])
-            line = (str(exc).strip().splitlines() or [""])[0][:200]
-            return TrialMeasurement(error=f"{type(exc).__name__}: {line} (a bug: please report it)",
-                                    seconds=time.perf_counter() - start, timings=timings), None
-        c = measure("trial", model, configs, self.task, backend=self.backend, threads=self.target.threads,
-                    target=self.target, early_stop=early_stop)
+            step = "measuring (size, runtime build, latency, metric)"
+            c = measure("trial", model, configs, self.task, backend=self.backend, threads=self.target.threads,
+                        target=self.target, early_stop=early_stop)
+        except Exception as exc:  # noqa: BLE001 - one pipeline's failure must not end the search: recorded, logged
+            if not isinstance(exc, SlimkitError):
+                log.exception("trial failed in %s: %s", step, [c.type_name for c in configs])
+            return TrialMeasurement(error=failure_reason(step, exc), seconds=time.perf_counter() - start,
+                                    timings=timings), None
         m = TrialMeasurement(size_mb=c.size_mb, params=c.params, memory_mb=c.memory_mb, backend=c.backend or None,
                              stopped_at=c.stopped_at, runtime_skipped=c.runtime_skipped,
                              seconds=time.perf_counter() - start, timings={**timings, **c.timings})

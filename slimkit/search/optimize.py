@@ -11,8 +11,6 @@ when nothing fits, the result carries the closest candidates, each limit's margi
 from __future__ import annotations
 
 import logging
-import os
-import socket
 import time
 from pathlib import Path
 from typing import Any, Callable, Sequence
@@ -25,13 +23,16 @@ from slimkit.core.target import Target
 from slimkit.core.task import Task
 from slimkit.pipeline.recipe import Recipe
 from slimkit.search.budget import TimeBudget, finish_reserve, sensitivity_layers, sized_extra
-from slimkit.search.evaluate import Measurer, RuntimeMeasurer, TrialMeasurement
+from slimkit.search.evaluate import Measurer, RuntimeMeasurer, TrialMeasurement, failure_reason
+from slimkit.search.faults import fault_point
+from slimkit.search.interrupt import stop_on_signals, stopped
 from slimkit.search.pareto import TrialRecord, closest, hints, objectives, pareto_front, pick_best
 from slimkit.search.refine import step_closest
-from slimkit.search.result import OptimizeResult
+from slimkit.search.result import OptimizeResult, write_result
 from slimkit.search.result_report import write_report
 from slimkit.search.seeding import initial_guesses, layer_sensitivity_for
-from slimkit.search.study import create_study, finished, open_storage, requeue_interrupted, run_trials, storage_url
+from slimkit.search.study import create_study, finished, load_study, open_storage, storage_url, study_state
+from slimkit.search.trial_loop import run_trials
 from slimkit.search.trial_progress import TrialProgress
 
 log = logging.getLogger("slimkit.search")
@@ -88,32 +89,54 @@ def _finite(values: Sequence[float]) -> list[float]:
 
 def make_objective(ctx: SearchContext, techs: Sequence[Technique], measure: Measurer,
                    records: list[TrialRecord]) -> Callable[[Any], tuple[float, float, float]]:
+    """The trial: suggest a pipeline, measure it, store what was measured. A pipeline that fails
+    anywhere (knobs, a technique, the runtime, the metric, a NaN) is stored with its reason and
+    counts as infeasible; the search goes on."""
     target: Target = ctx.target
 
     def objective(trial: Any) -> tuple[float, float, float]:
         try:
             configs = suggest_pipeline(trial, ctx, techs)
-        except SlimkitError as exc:  # a knob combination a config refuses: infeasible, not a crash
-            configs, measured = [], TrialMeasurement(error=str(exc))
+        except Exception as exc:  # noqa: BLE001 - e.g. a knob combination a config refuses: infeasible, not a crash
+            configs, measured = [], TrialMeasurement(error=failure_reason("choosing the pipeline", exc))
         else:
             earlier = _same_pipeline_measured(trial)
-            measured = earlier if earlier is not None else measure(configs)[0]
+            measured = earlier if earlier is not None else measure_safely(measure, configs)
         recipe = [c.to_dict() for c in configs]
         constraints = _finite([1e9] * len(target.names())) if measured.error else _finite(
             target.constraints(measured.measurement()))
         if not constraints:  # no limit at all: everything fits
             constraints = [0.0]
-        trial.set_user_attr("worker", f"{socket.gethostname()}:{os.getpid()}")
         trial.set_user_attr("recipe", recipe)
         trial.set_user_attr("measured", measured.to_dict())
         trial.set_user_attr("constraints", constraints)
         if hasattr(trial, "set_constraint"):
             for key, value in zip(target.names() or ["none"], constraints):
                 trial.set_constraint(key, value)
+        fault_point("trial measured", trial.number)
         records.append(TrialRecord(trial.number, recipe, measured, constraints, dict(trial.params)))
-        return objectives(measured)
+        return tuple(_finite(objectives(measured)))  # type: ignore[return-value]
 
     return objective
+
+
+def measure_safely(measure: Measurer, configs: Sequence[BaseConfig], **kw: Any) -> TrialMeasurement:
+    """``measure(configs)`` that never raises (a caller's own measurer may) and never stores NaN."""
+    try:
+        measured = measure(configs, **kw)[0]
+    except Exception as exc:  # noqa: BLE001 - one candidate's failure is recorded, not fatal
+        log.exception("measuring %s failed", [c.type_name for c in configs])
+        return TrialMeasurement(error=failure_reason("measuring", exc))
+    nan = [k for k in ("score", "drop", "size_mb", "latency_ms", "memory_mb") if _is_nan(getattr(measured, k))]
+    if nan and not measured.error:
+        measured.error = f"measuring: {', '.join(nan)} came out NaN"
+    for key in nan:
+        setattr(measured, key, None)
+    return measured
+
+
+def _is_nan(value: Any) -> bool:
+    return isinstance(value, float) and value != value
 
 
 def _same_pipeline_measured(trial: Any) -> TrialMeasurement | None:
@@ -195,70 +218,74 @@ def optimize(task: Task | str, target: Target, *, trials: int = 30, time_budget:
     measure = measurer or RuntimeMeasurer(task, target, backend=backend, seed=seed)
 
     db = open_storage(url)
-    import optuna  # optional (optuna, extra 'search'): imported when used
+    state = study_state(db, name)
+    if state == "ready" and not resume:
+        raise SlimkitError(f"study {name!r} already exists in this storage",
+                           "pass --resume to continue it, or choose another --out / --study")
+    if resume and state != "ready":
+        log.warning("study %r was not stored yet when its run stopped: starting it", name)
+    go_on = f"continue with the same command plus --resume (run directory {out_dir}, study {name})"
+    st = None
+    with stop_on_signals():
+        try:
+            if state == "ready" and resume:
+                st = load_study(db, name, make_sampler(strategy, seed, trials))
+                attrs = st.user_attrs
+                baseline = TrialMeasurement(**attrs["baseline"])
+                sens = dict(attrs.get("sensitivity", {}))
+                extra = {**attrs.get("extra", {}), **dict(extra or {})}
+                ctx = context_for(task, target, baseline, sens, extra, max_techniques)
+            else:
+                baseline, sens, extra = _start(task, measure, budget, techs, trials, sensitivity, measurer, extra,
+                                               phases)
+                ctx = context_for(task, target, baseline, sens, extra, max_techniques)
+                attrs = {"task": task_spec or task.name, "target": target.to_dict(),
+                         "techniques": [t.search for t in techs], "trials": trials, "seed": seed, "backend": backend,
+                         "sensitivity": sens, "extra": extra, "strategy": strategy,
+                         "max_techniques": max_techniques, "baseline": baseline.to_dict()}
+                st = create_study(db, name, make_sampler(strategy, seed, trials), attrs, queue=enqueue,
+                                  guesses=list(initial_guesses(ctx, techs)))
+            if isinstance(measure, RuntimeMeasurer):
+                measure.baseline_score = baseline.score
+            records: list[TrialRecord] = []
+            objective = make_objective(ctx, techs, measure, records)
+            lap = time.monotonic()
+            with TrialProgress(trials, finished(st), enabled=progress) as bar:
 
-    known = {s.study_name: s for s in optuna.study.get_all_study_summaries(db)}
-    extra = dict(extra or {})
-    if resume and name in known:
-        attrs = known[name].user_attrs
-        baseline = TrialMeasurement(**attrs["baseline"])
-        sens = dict(attrs.get("sensitivity", {}))
-        extra = {**attrs.get("extra", {}), **extra}
-    else:
-        lap = time.monotonic()
-        baseline, _ = measure([], early_stop=False)
-        if baseline.error or baseline.score is None:
-            raise SlimkitError(f"the original model could not be measured: {baseline.error or 'no metric'}",
-                               "check that the task's model runs on its example inputs")
-        baseline.drop = 0.0
-        phases["measuring the original"], lap = time.monotonic() - lap, time.monotonic()
-        want_sens = sensitivity if sensitivity is not None else measurer is None
-        metric_s = (baseline.timings or {}).get("metric", baseline.seconds)
-        sens = _sensitivity(task, sensitivity_layers(metric_s, budget)) if want_sens else {}
-        phases["per-layer sensitivity"], lap = time.monotonic() - lap, time.monotonic()
-        extra = sized_extra(task, techs, extra, budget, trials)
-        phases["sizing training and reconstruction"] = time.monotonic() - lap
-    if isinstance(measure, RuntimeMeasurer):
-        measure.baseline_score = baseline.score
-    ctx = context_for(task, target, baseline, sens, extra, max_techniques)
-    sampler = make_sampler(strategy, seed, trials)
-    attrs = {"task": task_spec or task.name, "target": target.to_dict(), "techniques": [t.search for t in techs],
-             "trials": trials, "seed": seed, "backend": backend, "baseline": baseline.to_dict(),
-             "sensitivity": sens, "extra": extra, "strategy": strategy,
-             "max_techniques": max_techniques}
-    st = create_study(db, name, sampler, resume=resume, attrs=attrs)
-    if resume:
-        requeue_interrupted(st)
-    elif not st.trials:
+                def after_trial(trial: Any) -> None:
+                    bar.update(trial)
+                    step_closest(st, target, records_from_study(st))
 
-        for params in enqueue:  # the caller's list, repeats included
-            st.enqueue_trial(dict(params))
-        for params in initial_guesses(ctx, techs):
-            st.enqueue_trial(dict(params), skip_if_exists=True)
-    records: list[TrialRecord] = []
-    objective = make_objective(ctx, techs, measure, records)
+                run_trials(st, objective, trials, budget=budget, reserve_s=finish_reserve(baseline.seconds),
+                                  on_trial=after_trial)
+            phases["trials"] = time.monotonic() - lap
+            fault_point("trials done")
+            return finish(st, task, target, baseline, sens, name, url, out_dir, budget.start, seed=seed,
+                          backend=backend, report=report, phases=phases)
+        except KeyboardInterrupt as exc:
+            raise stopped(exc, 0 if st is None else finished(st), trials, go_on) from None
+
+
+def _start(task: Task, measure: Measurer, budget: TimeBudget, techs: Sequence[Technique], trials: int,
+           sensitivity: bool | None, measurer: Measurer | None, extra: dict[str, Any] | None,
+           phases: dict[str, float]) -> tuple[TrialMeasurement, dict[str, float], dict[str, Any]]:
+    """What a new study stores before its first trial: the original measured, per-layer sensitivity,
+    training and reconstruction lengths sized to this model and budget."""
     lap = time.monotonic()
-    with TrialProgress(trials, finished(st), enabled=progress) as bar:
-
-        def after_trial(trial: Any) -> None:
-            bar.update(trial)
-            step_closest(st, target, records_from_study(st))
-
-        run_trials(st, objective, trials, budget=budget, reserve_s=finish_reserve(baseline.seconds),
-                   on_trial=after_trial)
-    wait_for_others(st)
-    phases["trials"] = time.monotonic() - lap
-    return finish(st, task, target, baseline, sens, name, url, out_dir, budget.start, seed=seed, backend=backend,
-                  report=report, phases=phases)
-
-
-def wait_for_others(study: Any, timeout_s: float = 3600.0) -> None:
-    """Other workers may still be measuring their last trial; the result must include it."""
-    from optuna.trial import TrialState  # optional (optuna, extra 'search'): imported when used
-
-    deadline = time.monotonic() + timeout_s
-    while study.get_trials(deepcopy=False, states=(TrialState.RUNNING,)) and time.monotonic() < deadline:
-        time.sleep(1.0)
+    baseline = measure_safely(measure, [], early_stop=False)
+    if baseline.error or baseline.score is None:
+        raise SlimkitError(f"the original model could not be measured ({baseline.error or 'no metric'})",
+                           "the search compares every candidate with it: fix the model or the task's metric")
+    baseline.drop = 0.0
+    fault_point("baseline measured")
+    phases["measuring the original"], lap = time.monotonic() - lap, time.monotonic()
+    want_sens = sensitivity if sensitivity is not None else measurer is None
+    metric_s = (baseline.timings or {}).get("metric", baseline.seconds)
+    sens = _sensitivity(task, sensitivity_layers(metric_s, budget)) if want_sens else {}
+    phases["per-layer sensitivity"], lap = time.monotonic() - lap, time.monotonic()
+    sized = sized_extra(task, techs, dict(extra or {}), budget, trials)
+    phases["sizing training and reconstruction"] = time.monotonic() - lap
+    return baseline, sens, sized
 
 
 def _sensitivity(task: Task, layers: int) -> dict[str, float]:
@@ -297,6 +324,10 @@ def finish(study: Any, task: Task, target: Target, baseline: TrialMeasurement, s
         io.save(result.best_model, out_dir / "best", recipe=best.recipe,
                 extra={"task": task.name, "trial": best.number, "backend": best.measured.backend})
         result.phases["rebuilding and saving the best"] = time.monotonic() - lap
+    fault_point("best saved")
     if report:
         write_report(result, task)
+    else:
+        write_result(result)
+    fault_point("result written")
     return result

@@ -10,6 +10,7 @@ from typing import Any
 import torch.nn as nn
 
 from slimkit import io
+from slimkit.core.atomic import atomic_write
 from slimkit.core.errors import SlimkitError
 from slimkit.core.target import Target
 from slimkit.core.task import Task
@@ -48,6 +49,12 @@ class OptimizeResult:
                 "hints": self.hints, "sensitivity": self.sensitivity, "study": self.study,
                 "storage": self.storage, "seconds": self.seconds, "first_feasible": self.first_feasible,
                 "phases": self.phases, "trials": [r.to_dict() for r in self.trials]}
+
+
+def write_result(result: OptimizeResult, data: dict[str, Any] | None = None) -> Path:
+    """``result.json`` in the run directory, replaced atomically (a kill leaves the old one or the new)."""
+    text = json.dumps(result.to_dict() if data is None else data, indent=2, default=str).encode()
+    return atomic_write(Path(result.out) / RESULT_FILE, lambda f: f.write(text))
 
 
 def read_result(run_dir: str | Path, task: Task) -> OptimizeResult:

@@ -8,7 +8,6 @@ why, and the environment the numbers were measured in.
 
 from __future__ import annotations
 
-import json
 import os
 import platform
 import statistics
@@ -20,7 +19,6 @@ import torch
 from rich.console import Console
 from rich.table import Table
 
-from slimkit.core.atomic import atomic_write
 from slimkit.core.record import StepView, records_of, skipped_layers
 from slimkit.core.registry import technique_named
 from slimkit.core.target import Target
@@ -32,7 +30,7 @@ from slimkit.pipeline.recipe import Recipe
 from slimkit.prune.plots import sparsity_heatmap
 from slimkit.report import Report
 from slimkit.report.html import pyplot_or_none
-from slimkit.search.result import RESULT_FILE, OptimizeResult
+from slimkit.search.result import OptimizeResult, write_result
 from slimkit.train.masks import PRUNABLE
 
 
@@ -104,8 +102,7 @@ def write_report(result: OptimizeResult, task: Task) -> Path:
     r.heading("Environment")
     r.table(["what", "value"], [[k, v] for k, v in data["environment"].items()])
     path = r.write(out)
-    text = json.dumps(data, indent=2, default=str).encode()
-    atomic_write(out / RESULT_FILE, lambda f: f.write(text))
+    write_result(result, data)
     return path
 
 

@@ -1,30 +1,51 @@
 """Where a search lives: an Optuna study in a database, so a killed run resumes and machines can share it.
 
 SQLite in the run directory by default; ``postgresql://...`` when several workers (machines) take
-trials from one study. Heartbeats mark a trial whose worker died as failed once it has been
-silent for ``GRACE_S``; the retry callback queues the same parameters again, so the trial is
-re-run, not lost. A run resumed on purpose (``resume=True``) knows its previous process is
-gone, so it fails and re-queues that process's in-flight trial right away.
+trials from one study. A trial whose process died is failed and its parameters queued again, so
+it is re-run, not lost: at once when that process ran on this machine (its id is gone), otherwise
+once its heartbeat has been silent for the grace period (``SLIMKIT_HEARTBEAT_S``, default 5 s;
+grace four heartbeats). A study is written in an order that makes every moment resumable: its
+baseline, the setting workers wait for, is written last.
 """
 
 from __future__ import annotations
 
+import copy
+import datetime
 import logging
+import os
+import socket
 import time
 import warnings
 from pathlib import Path
-from typing import Any, Callable
+from typing import Any, Sequence
 
 from slimkit.core.errors import SlimkitError
-from slimkit.search.budget import TimeBudget, enough_for_another
+from slimkit.search.faults import fault_point
 
 log = logging.getLogger("slimkit.search")
 
 HEARTBEAT_S = 5
-GRACE_S = 20
+GRACE_HEARTBEATS = 4
 MAX_RETRY = 2
+READY_KEY = "baseline"  # the study setting written last: a study that has it is complete
 SCHEMA_RACE_TRIES = 5
 SCHEMA_RACE_SIGNS = ("already exists", "UNIQUE constraint failed", "duplicate key")
+
+
+def heartbeat_s() -> int:
+    """Seconds between a running trial's heartbeats (``SLIMKIT_HEARTBEAT_S``, whole seconds, at least 1)."""
+    value = os.environ.get("SLIMKIT_HEARTBEAT_S", "")
+    if not value:
+        return HEARTBEAT_S
+    if not value.isdigit() or int(value) < 1:
+        raise SlimkitError(f"SLIMKIT_HEARTBEAT_S={value!r} is invalid", "use a whole number of seconds, 1 or more")
+    return int(value)
+
+
+def grace_s() -> int:
+    """How long a trial's heartbeat may be silent before its worker is taken for dead."""
+    return GRACE_HEARTBEATS * heartbeat_s()
 
 
 def storage_url(out: Path | None, storage: str | None) -> str:
@@ -53,7 +74,7 @@ def open_storage(url: str) -> Any:
     engine: dict[str, Any] = {"connect_args": {"timeout": 60}} if url.startswith("sqlite") else {"pool_pre_ping": True}
     for attempt in range(SCHEMA_RACE_TRIES):
         try:
-            return RDBStorage(url, engine_kwargs=engine, heartbeat_interval=HEARTBEAT_S, grace_period=GRACE_S,
+            return RDBStorage(url, engine_kwargs=engine, heartbeat_interval=heartbeat_s(), grace_period=grace_s(),
                               heartbeat_stale_trial_callback=_retry_callback())
         except Exception as exc:  # SQLAlchemy raises many types; the user needs the URL and the reason
             # Processes opening a new database at once all create the schema; the losers see a
@@ -67,11 +88,20 @@ def open_storage(url: str) -> Any:
 
 
 def _retry_callback() -> Any:
-    """Re-queue a dead worker's trial (Optuna renamed the callback in 4.9; older names still work before)."""
+    """Queue a dead worker's trial again, the same parameters without what that worker wrote (its
+    name would mark the copy dead too; Optuna keeps the first constraints a trial is given). Optuna renamed the callback in 4.9; the old name works before."""
     from optuna import storages  # optional (optuna, extra 'search'): imported when used
 
     klass = getattr(storages, "RetryHeartbeatStaleTrialCallback", None) or storages.RetryFailedTrialCallback
-    return klass(max_retry=MAX_RETRY)
+    retry = klass(max_retry=MAX_RETRY)
+
+    def requeue(study: Any, trial: Any) -> None:
+        clean = copy.deepcopy(trial)
+        clean.user_attrs = {}
+        clean.system_attrs = {k: v for k, v in clean.system_attrs.items() if not k.startswith("constraints")}
+        retry(study, clean)
+
+    return requeue
 
 
 def _redact(url: str) -> str:
@@ -81,47 +111,132 @@ def _redact(url: str) -> str:
     return url
 
 
-def create_study(storage: Any, name: str, sampler: Any, *, resume: bool, attrs: dict[str, Any]) -> Any:
-    """A new study named ``name`` (error if it exists and ``resume`` is off), or the existing one to resume."""
+def study_state(storage: Any, name: str) -> str:
+    """``"missing"``, ``"incomplete"`` (a run was killed while creating it: no baseline stored, no
+    trial finished) or ``"ready"``. The baseline is the last setting written, so its presence
+    means the whole study, first guesses included, was written."""
     import optuna  # optional (optuna, extra 'search'): imported when used
 
-    existing = {s.study_name for s in optuna.study.get_all_study_summaries(storage)}
-    if name in existing and not resume:
+    found = {s.study_name: s for s in optuna.study.get_all_study_summaries(storage, include_best_trial=False)}
+    if name not in found:
+        return "missing"
+    return "ready" if READY_KEY in found[name].user_attrs else "incomplete"
+
+
+def create_study(storage: Any, name: str, sampler: Any, attrs: dict[str, Any], *,
+                 queue: Sequence[dict[str, Any]] = (), guesses: Sequence[dict[str, Any]] = ()) -> Any:
+    """A new study holding ``attrs``, with ``queue`` (repeats kept) then ``guesses`` (repeats
+    dropped) enqueued; ``attrs[READY_KEY]`` is written last. A study a killed run left incomplete
+    is dropped first: nothing of it was measured."""
+    import optuna  # optional (optuna, extra 'search'): imported when used
+
+    state = study_state(storage, name)
+    if state == "ready":
         raise SlimkitError(f"study {name!r} already exists in this storage",
                            "pass --resume to continue it, or choose another --out / --study")
-    if name not in existing and resume:
-        raise SlimkitError(f"there is no study {name!r} to resume", "drop --resume to start a new search")
-    study = optuna.create_study(storage=storage, study_name=name, sampler=sampler, load_if_exists=resume,
+    if state == "incomplete":
+        log.warning("study %r was left half-created by a run that stopped; creating it again", name)
+        optuna.delete_study(study_name=name, storage=storage)
+    study = optuna.create_study(storage=storage, study_name=name, sampler=sampler,
                                 directions=["minimize", "minimize", "minimize"])
-    if name not in existing:
-        for key, value in attrs.items():
+    fault_point("study created")
+    for key, value in attrs.items():
+        if key != READY_KEY:
             study.set_user_attr(key, value)
+    for params in queue:
+        study.enqueue_trial(dict(params))
+    for params in guesses:
+        study.enqueue_trial(dict(params), skip_if_exists=True)
+    study.set_user_attr(READY_KEY, attrs[READY_KEY])
+    fault_point("study ready")
     return study
 
 
 def load_study(storage: Any, name: str, sampler: Any) -> Any:
     import optuna  # optional (optuna, extra 'search'): imported when used
 
-    try:
-        return optuna.load_study(study_name=name, storage=storage, sampler=sampler)
-    except KeyError:
+    if study_state(storage, name) != "ready":
         raise SlimkitError(f"there is no study {name!r} in this storage",
-                           "start it with `slimkit optimize --storage URL --study NAME` first") from None
+                           "start it with `slimkit optimize --storage URL --study NAME` first")
+    return optuna.load_study(study_name=name, storage=storage, sampler=sampler)
 
 
-def requeue_interrupted(study: Any) -> list[int]:
-    """Fail the trials a dead process left RUNNING and queue their parameters again; returns their numbers."""
+def worker_id() -> str:
+    """``host:pid`` of this process, stored on every trial it takes (read by :func:`fail_dead_trials`)."""
+    return f"{socket.gethostname()}:{os.getpid()}"
+
+
+def fail_dead_trials(study: Any) -> list[int]:
+    """Fail the RUNNING trials whose process is gone and queue their parameters again; returns their numbers.
+
+    Gone: its heartbeat is older than the grace period (Optuna's check, any machine); or it ran on
+    this machine under a process id that no longer exists (known at once, no grace needed); or it
+    never got as far as naming its worker and started longer than the grace period ago.
+    """
+    import optuna  # optional (optuna, extra 'search'): imported when used
     from optuna.trial import TrialState  # optional (optuna, extra 'search'): imported when used
 
+    running = study.get_trials(deepcopy=False, states=(TrialState.RUNNING,))
+    if not running:
+        return []
+    optuna.storages.fail_stale_trials(study)  # heartbeats; re-queued by the storage's callback
+    now = datetime.datetime.now()
+    host = socket.gethostname()
     retry = _retry_callback()
-    numbers = []
-    for t in study.get_trials(deepcopy=False, states=(TrialState.RUNNING,)):
-        if study._storage.set_trial_state_values(t._trial_id, state=TrialState.FAIL):
+    mine = []
+    for t in running:
+        who = t.user_attrs.get("worker")
+        if who is None:
+            dead = t.datetime_start is not None and (now - t.datetime_start).total_seconds() > grace_s()
+        else:
+            where, _, pid = str(who).rpartition(":")
+            dead = where == host and pid.isdigit() and not _alive(int(pid))
+        if dead and _fail(study, t._trial_id):
             retry(study, study._storage.get_trial(t._trial_id))
-            numbers.append(t.number)
-    if numbers:
-        log.warning("re-queued trial(s) %s interrupted by the previous run", numbers)
-    return numbers
+            mine.append(t.number)
+    states = {t.number: t.state for t in study.get_trials(deepcopy=False)}
+    gone = sorted(set(mine) | {t.number for t in running if states.get(t.number) == TrialState.FAIL})
+    if gone:
+        log.warning("trial(s) %s: their worker stopped; marked failed and queued again", gone)
+    return gone
+
+
+def _alive(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:  # someone else's process
+        return True
+    return True
+
+
+def _fail(study: Any, trial_id: int) -> bool:
+    """Mark one trial failed; False if another process finished or failed it first."""
+    import optuna  # optional (optuna, extra 'search'): imported when used
+    from optuna.trial import TrialState  # optional (optuna, extra 'search'): imported when used
+
+    try:
+        return bool(study._storage.set_trial_state_values(trial_id, state=TrialState.FAIL))
+    except optuna.exceptions.UpdateFinishedTrialError:
+        return False
+
+
+def abandon(study: Any, trial_id: int | None) -> int | None:
+    """This process stops (a signal): fail its trial if still running and queue it again; its number."""
+    from optuna.trial import TrialState  # optional (optuna, extra 'search'): imported when used
+
+    if trial_id is None:
+        return None
+    frozen = study._storage.get_trial(trial_id)
+    if frozen.state == TrialState.RUNNING:
+        _fail(study, trial_id)
+        frozen = study._storage.get_trial(trial_id)
+    if frozen.state != TrialState.FAIL or any(frozen.number in t.system_attrs.get("retry_history", ())
+                                              for t in study.get_trials(deepcopy=False)):
+        return None  # finished, or failed and queued again by another process already
+    _retry_callback()(study, frozen)
+    return frozen.number
 
 
 def finished(study: Any) -> int:
@@ -129,42 +244,3 @@ def finished(study: Any) -> int:
     from optuna.trial import TrialState  # optional (optuna, extra 'search'): imported when used
 
     return len(study.get_trials(deepcopy=False, states=(TrialState.COMPLETE,)))
-
-
-def run_trials(study: Any, objective: Callable[[Any], Any], n_trials: int, *, budget: TimeBudget | None = None,
-               reserve_s: float = 0.0, on_trial: Callable[[Any], None] | None = None) -> None:
-    """Take trials until ``n_trials`` have finished study-wide (other workers' included) or time is up.
-
-    One trial per ``optimize`` call, so the count is re-read from the database before each trial:
-    two workers never overshoot by more than the trial each has in flight. A trial starts only when
-    a typical one (the median so far) still ends before ``budget`` less ``reserve_s``.
-    """
-    from optuna.trial import TrialState  # optional (optuna, extra 'search'): imported when used
-
-    budget = budget or TimeBudget(None)
-    while True:
-        running = len(study.get_trials(deepcopy=False, states=(TrialState.RUNNING,)))
-        if finished(study) + running >= n_trials:
-            return
-        done = study.get_trials(deepcopy=False, states=(TrialState.COMPLETE,))
-        seconds = [t.user_attrs["measured"].get("seconds", 0.0) for t in done if "measured" in t.user_attrs]
-        if not enough_for_another(seconds, budget.left(), reserve_s):
-            log.warning("time budget reached after %d trials", finished(study))
-            return
-        callbacks = [] if on_trial is None else [lambda _study, trial: on_trial(trial)]
-        study.optimize(_within_count(objective, n_trials), n_trials=1, catch=(), gc_after_trial=True,
-                       callbacks=callbacks)
-
-
-def _within_count(objective: Callable[[Any], Any], n_trials: int) -> Callable[[Any], Any]:
-    """Prune a trial that two workers started at once past the count (trial numbers decide who goes on)."""
-    import optuna  # optional (optuna, extra 'search'): imported when used
-    from optuna.trial import TrialState  # optional (optuna, extra 'search'): imported when used
-
-    def guarded(trial: Any) -> Any:
-        ahead = trial.study.get_trials(deepcopy=False, states=(TrialState.COMPLETE, TrialState.RUNNING))
-        if sum(t.number < trial.number for t in ahead) >= n_trials:
-            raise optuna.TrialPruned(f"the study already has {n_trials} trials")
-        return objective(trial)
-
-    return guarded

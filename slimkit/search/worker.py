@@ -19,7 +19,9 @@ from slimkit.core.target import Target
 from slimkit.search.budget import TimeBudget
 from slimkit.search.evaluate import RuntimeMeasurer, TrialMeasurement
 from slimkit.search.optimize import context_for, make_objective, make_sampler
-from slimkit.search.study import finished, load_study, open_storage, run_trials, storage_url
+from slimkit.search.interrupt import stop_on_signals, stopped
+from slimkit.search.study import READY_KEY, finished, load_study, open_storage, storage_url
+from slimkit.search.trial_loop import run_trials
 from slimkit.search.trial_progress import TrialProgress
 
 
@@ -30,7 +32,7 @@ def study_attrs(storage: Any, name: str, wait_s: float) -> dict[str, Any]:
     deadline = time.monotonic() + wait_s
     while True:
         found = {s.study_name: s for s in optuna.study.get_all_study_summaries(storage)}
-        if name in found and "baseline" in found[name].user_attrs:
+        if name in found and READY_KEY in found[name].user_attrs:
             return dict(found[name].user_attrs)
         if time.monotonic() >= deadline:
             raise SlimkitError(f"there is no study {name!r} in this storage",
@@ -40,7 +42,10 @@ def study_attrs(storage: Any, name: str, wait_s: float) -> dict[str, Any]:
 
 def work(study: str, storage: str, *, trials: int | None = None, time_budget: float | None = None,
          wait_s: float = 120.0, progress: bool = True, given_task: str | None = None) -> int:
-    """Take trials until the study has ``trials`` finished (default: what its creator asked); returns that count."""
+    """Take trials until the study has ``trials`` finished (default: what its creator asked); returns that count.
+
+    A worker stays until the count is reached even when the last trials run elsewhere: one whose
+    worker died is queued again and taken here (see :mod:`slimkit.search.trial_loop`)."""
 
     db = open_storage(storage_url(None, storage))
     attrs = study_attrs(db, study, wait_s)
@@ -56,6 +61,10 @@ def work(study: str, storage: str, *, trials: int | None = None, time_budget: fl
     sampler = make_sampler(attrs.get("strategy", "auto"), int(attrs.get("seed", 0)) + os.getpid(), total)
     st = load_study(db, study, sampler)
     objective = make_objective(ctx, techs, measure, [])
-    with TrialProgress(total, finished(st), enabled=progress) as bar:
-        run_trials(st, objective, total, budget=TimeBudget(time_budget), on_trial=bar.update)
-    return finished(st)
+    with stop_on_signals():
+        try:
+            with TrialProgress(total, finished(st), enabled=progress) as bar:
+                return run_trials(st, objective, total, budget=TimeBudget(time_budget), on_trial=bar.update)
+        except KeyboardInterrupt as exc:
+            raise stopped(exc, finished(st), total, "start the worker again to go on; the study keeps "
+                                                    "every finished trial") from None

@@ -160,5 +160,5 @@ def test_a_pipeline_that_hits_a_bug_is_recorded_not_fatal():
     task.loss = broken_loss
     m, model = RuntimeMeasurer(task, sk.Target(max_drop=0.01))([sk.prune.Magnitude(amount=0.3),
                                                                sk.train.Finetune(steps=2)])
-    assert model is None and m.error == "RuntimeError: boom (a bug: please report it)"
+    assert model is None and m.error == "train.Finetune: RuntimeError: boom (a bug: please report it)"
     assert "prune.Magnitude" in m.timings
