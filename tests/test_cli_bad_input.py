@@ -61,6 +61,7 @@ RECIPES = {  # file name -> its text (bytes for binary files)
     "recipe.pkl": pickle.dumps({"task": "os:abort", "steps": []}),
     "binary.yaml": bytes(range(256)),
     "nul.yaml": "task: digits\x00\nsteps: []\n",
+    "deep.yaml": "[" * 100_000 + "]" * 100_000,
 }
 RESULTS = {  # run directory -> its result.json (bytes for binary files)
     "run_binary": bytes(range(256)),
@@ -71,6 +72,7 @@ RESULTS = {  # run directory -> its result.json (bytes for binary files)
     "run_abort": '{"task": "os:abort"}',
     "run_probe": json.dumps({"task": f"{PROBE}:make"}),
     "run_digits": '{"task": "digits"}',
+    "run_deep": "[" * 100_000 + "]" * 100_000,
 }
 ALL_NUMBERS = "a number >= 0"
 OUT_COMMANDS = [["quantize"], ["prune"], ["factorize"], ["distill"], ["optimize", "--max-drop", "0.01"],
@@ -190,6 +192,7 @@ CASES = [
     ("apply-pickle", ["apply", "{tmp}/recipe.pkl"], "is not a text file (not UTF-8)"),
     ("apply-binary", ["apply", "{tmp}/binary.yaml"], "is not a text file (not UTF-8)"),
     ("apply-nul", ["apply", "{tmp}/nul.yaml"], "is not a text file (it holds NUL bytes)"),
+    ("apply-deep", ["apply", "{tmp}/deep.yaml"], "recipe is nested too deeply to be a recipe"),
     ("apply-empty", ["apply", "{tmp}/empty.yaml"], "recipe has no 'steps' list"),
     ("apply-list", ["apply", "{tmp}/list.yaml"], "recipe has no 'steps' list"),
     ("apply-python-tag", ["apply", "{tmp}/python_tag.yaml"], "recipe is not valid YAML at line 1"),
@@ -222,6 +225,7 @@ CASES = [
     # --- result files of slimkit report ---
     ("report-missing", ["report", "{tmp}/nowhere"], "holds no result.json"),
     ("report-binary", ["report", "{tmp}/run_binary"], "result.json is not UTF-8 text"),
+    ("report-deep", ["report", "{tmp}/run_deep"], "result.json is nested too deeply to be a result file"),
     ("report-list", ["report", "{tmp}/run_list"], "is not a slimkit result file (no task name)"),
     ("report-not-json", ["report", "{tmp}/run_not_json"], "result.json is not JSON (line 1)"),
     ("report-no-task", ["report", "{tmp}/run_no_task"], "is not a slimkit result file (no task name)"),

@@ -102,6 +102,9 @@ def stored_task(path: Path, run_dir: Path) -> str:
     except (UnicodeDecodeError, json.JSONDecodeError) as exc:
         reason = "is not UTF-8 text" if isinstance(exc, UnicodeDecodeError) else f"is not JSON (line {exc.lineno})"
         raise SlimkitError(f"{path} {reason}", "give the result.json slimkit optimize wrote") from None
+    except RecursionError:
+        raise SlimkitError(f"{path} is nested too deeply to be a result file", "give the result.json slimkit "
+                           "optimize wrote") from None
     except OSError as exc:
         raise SlimkitError(f"{path} cannot be read ({exc.strerror or exc})", "check the file") from None
     if not isinstance(data, dict) or not isinstance(data.get("task"), str) or not data["task"]:

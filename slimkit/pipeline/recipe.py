@@ -64,6 +64,9 @@ class Recipe:
             at = f" at line {where.line + 1}" if where is not None else ""
             raise SlimkitError(f"recipe is not valid YAML{at}", "fix the file, or write it anew with slimkit optimize") \
                 from None
+        except RecursionError:
+            raise SlimkitError("recipe is nested too deeply to be a recipe", "give the recipe.yaml slimkit wrote") \
+                from None
         if not isinstance(data, dict) or not isinstance(data.get("steps"), list):
             raise SlimkitError("recipe has no 'steps' list", "a recipe is a mapping with task, seed and steps: [...]")
         unknown = sorted(set(data) - {"slimkit", "task", "seed", "backend", "target", "steps"})
