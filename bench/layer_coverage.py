@@ -5,13 +5,18 @@ ConvTranspose, depthwise CNN, ``nn.MultiheadAttention``, an attention encoder wi
 plus tiny-config HF classifiers and a causal LM, and two audio nets with GRU and LSTMCell. For each
 model and technique: the output's cosine and SQNR against the fp32 model on the torch runtime and
 on the runtime ``auto`` picks, the artifact size ratio, and per layer whether it was converted
-(quantized / pruned) or left as it was with the reason. Writes bench/results/layer_coverage.json.
+(quantized / pruned) or left as it was with the reason; on ONNX Runtime also the layers it runs
+float, with the reason. Writes bench/results/layer_coverage.json; ``--models`` re-measures only the
+named models and replaces their rows in the existing file.
 
     .venv/bin/python bench/layer_coverage.py
+    .venv/bin/python bench/layer_coverage.py --models sequence,gru_audio,lstmcell_vad
 """
 
 from __future__ import annotations
 
+import argparse
+import json
 import logging
 import sys
 from collections import defaultdict
@@ -153,9 +158,14 @@ def _layer_outcomes(original: nn.Module, result: nn.Module, record: Any) -> dict
 
 
 def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--models", default="", help="comma-separated model names: re-measure only these rows")
+    only = [m for m in parser.parse_args().models.split(",") if m]
     torch.set_num_threads(2)
     rows, by_type = [], defaultdict(lambda: defaultdict(list))
     for name, (model, x) in models().items():
+        if only and name not in only:
+            continue
         task = _task(name, model, x)
         with torch.no_grad():
             ref = model(x)
@@ -173,7 +183,15 @@ def main() -> None:
                 row["torch"] = _closeness(ref, result(x))
                 row["runtime"] = backend
                 if backend != "torch":
-                    row[backend] = _closeness(ref, build(result, backend, (x,), threads=2)(x))
+                    try:
+                        runnable = build(result, backend, (x,), threads=2)
+                    except sk.SlimkitError as exc:  # the export or the output check refused it
+                        row[f"{backend}_refused"] = str(exc)
+                    else:
+                        row[backend] = _closeness(ref, runnable(x))
+                        kept = dict(getattr(runnable, "skipped", {}) or {})
+                        if kept:
+                            row[f"{backend}_kept_float"] = kept
             row["size_ratio"] = artifact_size(result) / base_bytes
             outcomes = _layer_outcomes(model, result, last_record(result))
             row["layers"] = {k: dict(v) for k, v in outcomes.items()}
@@ -182,8 +200,27 @@ def main() -> None:
                     by_type[kind][tech].append(f"{name}.{layer}: {what}")
             rows.append(row)
             print(name, tech, backend, {k: round(v, 4) for k, v in row["torch"].items()}, round(row["size_ratio"], 3))
-    write("layer_coverage", {"environment": environment(2), "rows": rows,
-                             "by_layer_type": {k: dict(v) for k, v in by_type.items()}})
+    payload = {"environment": environment(2), "rows": rows, "by_layer_type": {k: dict(v) for k, v in by_type.items()}}
+    if only:
+        payload = _merged(only, payload)
+    write("layer_coverage", payload)
+
+
+def _merged(only: list[str], new: dict[str, Any]) -> dict[str, Any]:
+    """The existing results with the rows (and per-type lines) of ``only`` replaced by ``new``'s."""
+    old = json.loads((ROOT / "results" / "layer_coverage.json").read_text())
+    order = [r["model"] for r in old["rows"]]  # keep the file's model order (sorted() is stable)
+    rows = sorted([r for r in old["rows"] if r["model"] not in only] + new["rows"],
+                  key=lambda r: order.index(r["model"]) if r["model"] in order else len(order))
+    by_type = old["by_layer_type"]
+    for kind, techs in by_type.items():
+        for tech, lines in techs.items():
+            techs[tech] = [line for line in lines if line.split(".", 1)[0] not in only]
+    for kind, techs in new["by_layer_type"].items():
+        for tech, lines in techs.items():
+            by_type.setdefault(kind, {}).setdefault(tech, []).extend(lines)
+    remeasured = {**old.get("remeasured", {}), ",".join(only): new["environment"]}
+    return {"environment": old["environment"], "remeasured": remeasured, "rows": rows, "by_layer_type": by_type}
 
 
 if __name__ == "__main__":

@@ -83,6 +83,8 @@ def build(model: nn.Module, backend: str = "auto", example: Any = None, *, threa
 
     ``layout`` (torch, float conv nets on the CPU): ``auto`` times NCHW and channels-last on
     ``example`` and keeps the faster (``slimkit.runtime.layout``); ``contiguous`` runs as trained.
+    When ``auto`` chose onnxruntime and the export or its output check refuses the model, the torch
+    model is returned and the reason logged; a named backend raises.
     """
     requested, backend = backend, resolve_backend(model, backend)
     if layout not in ("auto", "contiguous"):
@@ -100,8 +102,8 @@ def build(model: nn.Module, backend: str = "auto", example: Any = None, *, threa
                            "pass example=task.example")
 
     float_model, plan = ort_plan(model)
-    try:  # build_ort checks the graph's outputs against the (quantized) torch model itself
-        return build_ort(float_model, example, plan=plan, threads=threads, reference=model)
+    try:  # build_ort checks the graph's outputs against torch's on the example
+        return build_ort(float_model, example, plan=plan, threads=threads)
     except SlimkitError as exc:
         if requested != "auto":
             raise

@@ -29,10 +29,12 @@ _RECURRENT_OPS = {"LSTM", "GRU", "DynamicQuantizeLSTM"}
 #: scale, so a larger error means the graph is not the model (a branch baked in, an op exported wrong).
 FLOAT_MAX_REL_ERROR = 1e-3
 FLOAT_MIN_COSINE = 0.9999
-#: A quantized graph against the quantized torch model: the two round activations differently
-#: (ORT's dynamic int8 is per tensor, torch's per row), which costs ~30-45 dB, cosine >= 0.999 on the
-#: test table; a wrong graph lands far below. Against a float reference the int8 noise counts too.
-INT8_MIN_COSINE = 0.99
+#: A quantized graph against the model it was exported from (the float model carrying the
+#: dequantized weights): only ORT's activation rounding separates them. Measured on the example
+#: (cosine of the whole output): MiniLM static int8 0.9835, dynamic 0.9935, the test table's models
+#: >= 0.999; a branch baked in or an output computed wrong lands far below. Not against the quantized
+#: torch model: torch's dynamic int8 rounds otherwise and, on MiniLM, is itself 0.955 from ORT.
+INT8_MIN_COSINE = 0.95
 
 
 def layer_kernels(nodes: list[tuple[str, str, list[str]]], modules: list[str]) -> dict[str, str]:
