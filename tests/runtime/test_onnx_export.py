@@ -116,6 +116,11 @@ def test_module_of_parses_scoped_node_names():
      "r.stages.0.layers.0.layer.1.convolution"),
     ("/r/layer/layer.1/Conv", {"r.layer.layer.1"}, "r.layer.layer.1"),  # a real doubled name stays as it is
     ("/r/layer/layer.1/Conv", None, "r.layer.layer.1"),                  # nothing known: the scopes as written
+    # a child the forward takes out of an nn.ModuleDict is scoped without the dict (QuantRecurrent's gates)
+    ("/cell/ih/Gemm", {"cell.gates.ih", "cell.gates.hh"}, "cell.gates.ih"),
+    # a module's second call (an LSTMCell stepped in Python) is scoped ih_1
+    ("/cell/hh_7/Gemm", {"cell.gates.ih", "cell.gates.hh"}, "cell.gates.hh"),
+    ("/conv_1/Conv", {"conv_1", "conv"}, "conv_1"),                      # a name ending in _1 stays itself
 ])
 def test_module_of_reads_sequential_scopes_against_the_known_modules(node, known, expected):
     assert module_of(node, known) == expected
