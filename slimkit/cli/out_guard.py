@@ -37,7 +37,7 @@ def guarded_out(out: Path, option: str = "--out", *, create: bool = True) -> Ite
     out = Path(out).expanduser().resolve()
     if out.exists() and not out.is_dir():
         raise SlimkitError(f"{option} {out} is a file, not a directory", f"give {option} a directory path")
-    above = next(p for p in out.parents if p.exists())
+    above = next((p for p in out.parents if p.exists()), out)
     if not above.is_dir():
         raise SlimkitError(f"{option} {out} sits under the file {above}", f"give {option} a directory path")
     if not create and not out.is_dir():
@@ -58,7 +58,7 @@ def check_file_target(path: Path, option: str) -> None:
     path = Path(path).expanduser().resolve()
     if path.is_dir():
         raise SlimkitError(f"{option} {path} is a directory", f"give {option} a file path")
-    above = next(p for p in path.parents if p.exists())
+    above = next((p for p in path.parents if p.exists()), path)
     if not above.is_dir():
         raise SlimkitError(f"{option} {path} sits under the file {above}", f"give {option} another path")
     if not os.access(above, os.W_OK):
