@@ -146,13 +146,15 @@ def build_ort(model: nn.Module, example: Sequence[torch.Tensor] | torch.Tensor, 
         path = work / "model.onnx"
         skipped = _write_graph(float_path, model, plan, fuse, path, unsigned_weights=False, fold=optimize)
         session, kernels = _session(path, threads, optimize)
+        with torch.no_grad():
+            want = flat_outputs(model(*example))  # torch's outputs: what the graph must compute
         if plan is not None and optimize and len(skipped) < len(plan.modules):
-            session, kernels = _avoid_saturation(model, example, (float_path, plan, fuse, path), threads, session,
-                                                 kernels)
+            session, kernels = _avoid_saturation(model, (example, want[0].float()), (float_path, plan, fuse, path),
+                                                 threads, session, kernels)
         kernels_by_layer = layer_kernels(kernels.nodes, [m for m in plan.modules if m not in skipped]) if plan else {}
         skipped |= {m: f"ONNX Runtime runs it as a float {op} (no integer kernel fused)"
                     for m, op in kernels_by_layer.items() if op not in INTEGER_OPS}
-        _check_outputs(model, example, session, quantized=plan is not None)
+        _check_outputs(type(model).__name__, example, want, session, quantized=plan is not None)
     except BaseException:
         if workdir is None:
             shutil.rmtree(work, ignore_errors=True)
@@ -166,15 +168,14 @@ def build_ort(model: nn.Module, example: Sequence[torch.Tensor] | torch.Tensor, 
     return result
 
 
-def _check_outputs(reference: nn.Module, example: tuple[torch.Tensor, ...], session: Any, quantized: bool) -> None:
-    """Refuse a session whose outputs on ``example`` are not torch's (a float bound, or int8's when quantized)."""
+def _check_outputs(name: str, example: tuple[torch.Tensor, ...], want: list[torch.Tensor], session: Any,
+                   quantized: bool) -> None:
+    """Refuse a session whose outputs on ``example`` are not ``want`` (a float bound, or int8's when quantized)."""
     feeds = {i.name: x.detach().cpu().numpy() for i, x in zip(session.get_inputs(), example)}
-    with torch.no_grad():
-        want = flat_outputs(reference(*example))
     got = [torch.from_numpy(o) for o in session.run(None, feeds)]
     why = output_mismatch(want, got, quantized)
     if why:
-        raise SlimkitError(f"the ONNX Runtime graph of {type(reference).__name__} does not compute what torch does "
+        raise SlimkitError(f"the ONNX Runtime graph of {name} does not compute what torch does "
                            f"on the example inputs: {why}", "run it with backend='torch'")
     log.info("onnxruntime: outputs checked against torch on the example inputs (%s bound)",
              "int8" if quantized else "float")
@@ -197,20 +198,19 @@ def _write_graph(float_path: Path, model: nn.Module, plan: OrtQuantPlan | None, 
     return skipped
 
 
-def _avoid_saturation(model: nn.Module, example: tuple[torch.Tensor, ...], graph_args: tuple, threads: int,
-                      session: Any, kernels: Counter) -> tuple[Any, Counter]:
+def _avoid_saturation(model: nn.Module, example_ref: tuple[tuple[torch.Tensor, ...], torch.Tensor], graph_args: tuple,
+                      threads: int, session: Any, kernels: Counter) -> tuple[Any, Counter]:
     """Keep int8 weights unless the same integers stored as uint8 do better by ``_SATURATION_DB``.
 
     Without VNNI, ORT's u8s8 / s8s8 kernels multiply with VPMADDUBSW, whose int16 pair sums
     saturate; uint8 weights + 127 (zero point 127) take the exact u8u8 kernels, which are slower.
     """
     float_path, plan, fuse, path = graph_args
+    example, ref = example_ref  # ref: torch's first output on example
     alt = path.with_name("model_u8.onnx")
     _write_graph(float_path, model, plan, fuse, alt, unsigned_weights=True)
     alt_session, alt_kernels = _session(alt, threads, True)
     feeds = {i.name: x.detach().cpu().numpy() for i, x in zip(session.get_inputs(), example)}
-    with torch.no_grad():
-        ref = flat_outputs(model(*example))[0].float()
     db = sqnr_db(ref, torch.from_numpy(session.run(None, feeds)[0]))
     alt_db = sqnr_db(ref, torch.from_numpy(alt_session.run(None, feeds)[0]))
     if db >= alt_db - _SATURATION_DB:

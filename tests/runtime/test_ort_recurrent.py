@@ -108,3 +108,39 @@ def test_weight_only_recurrent_models_still_run_on_torch():
     model = AudioNet(nn.LSTM(16, 32, batch_first=True)).eval()
     q = sk.apply(model, sk.quantize.WeightOnly(bits=4, group_size=32), None)
     assert resolve_backend(q, "auto") == "torch"
+
+
+class Call(nn.Module):
+    """Calls a recurrent layer the ways users do: unbatched, with a given state; returns the output sequence."""
+
+    def __init__(self, rnn: nn.Module, hx: object) -> None:
+        super().__init__()
+        self.rnn, self.hx = rnn, hx
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        out = self.rnn(x) if self.hx is None else self.rnn(x, self.hx)
+        return out[0] if isinstance(out, tuple) else out
+
+
+INTERFACE = [  # (layer, input shape, state shape or None); measured SQNR 42.7 42.7 50.5 49.1 50.5
+    (lambda: nn.LSTM(16, 32), (20, 16), None),                                   # unbatched
+    (lambda: nn.LSTM(16, 32), (20, 3, 16), (1, 3, 32)),                          # (h0, c0) given
+    (lambda: nn.GRU(16, 32), (20, 3, 16), (1, 3, 32)),                           # h0 given
+    (lambda: nn.GRU(16, 32, batch_first=True, bidirectional=True), (3, 20, 16), None),
+    (lambda: nn.GRUCell(16, 32), (3, 16), (3, 32)),
+]
+
+
+@pytest.mark.parametrize("make,shape,state", INTERFACE, ids=["lstm-unbatched", "lstm-state", "gru-state",
+                                                             "bigru-batch-first", "grucell-state"])
+def test_recurrent_interfaces_export_and_stay_close_on_onnxruntime(make, shape, state):
+    torch.manual_seed(0)
+    rnn = make().eval()
+    hx = None if state is None else torch.randn(*state)
+    if hx is not None and isinstance(rnn, nn.LSTM):
+        hx = (hx, torch.randn(*state))
+    model, q = _quantized(Call(rnn, hx))
+    x = torch.randn(*shape)
+    run = build(q, "onnxruntime", (x,), threads=1)  # build's output check already held on x
+    with torch.no_grad():
+        assert sqnr_db(model(x), run(x)) >= 40.0
