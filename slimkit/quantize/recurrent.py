@@ -30,7 +30,7 @@ from slimkit.quantize.modules import QuantLinear
 
 RECURRENT = (nn.LSTM, nn.GRU, nn.LSTMCell, nn.GRUCell)
 _GATES = {"LSTM": 4, "GRU": 3}
-_ON_TORCH = "recurrent layers run their time loop on torch or ONNX Runtime (the CUDA backend rebuilds Linears only)"
+_NOT_ON_CUDA = "recurrent layers run on torch or ONNX Runtime (the CUDA backend rebuilds Linear layers only)"
 
 
 @layer_class("StepLinear")
@@ -39,7 +39,7 @@ class StepLinear(QuantLinear):
 
     def runtime_needs(self) -> LayerNeeds:
         needs = super().runtime_needs()
-        return dataclasses.replace(needs, unsupported={**needs.unsupported, "cuda": _ON_TORCH})
+        return dataclasses.replace(needs, unsupported={**needs.unsupported, "cuda": _NOT_ON_CUDA})
 
 
 def recurrent_reason(layer: nn.Module) -> str:
