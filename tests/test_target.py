@@ -33,3 +33,21 @@ def test_impossible_targets_are_refused(kwargs, word):
 
 def test_zero_drop_is_allowed():
     assert Target(max_drop=0).constraints(Measurement(drop=0.0)) == [0.0]
+
+
+@pytest.mark.parametrize("kwargs,original_ms,limit", [
+    ({"max_latency_vs_original": 1.0}, 4.0, 4.0),                        # no slower than the original
+    ({"max_latency_vs_original": 0.5}, 4.0, 2.0),                        # twice as fast
+    ({"max_latency_vs_original": 0.5, "max_latency_ms": 1.5}, 4.0, 1.5),  # the tighter of the two
+    ({"max_latency_ms": 3.0}, 4.0, 3.0),                                 # no relative limit: unchanged
+    ({"max_latency_vs_original": 1.0}, 0.0, None),                       # the original was not timed
+])
+def test_a_relative_latency_limit_becomes_milliseconds_from_a_timing_of_the_original(kwargs, original_ms, limit):
+    t = Target(**kwargs).with_original_latency(original_ms)
+    assert t.max_latency_ms == limit
+    assert ("latency_ms" in t.names()) == (limit is not None)
+
+
+def test_a_relative_latency_limit_must_be_positive():
+    with pytest.raises(SlimkitError, match="max_latency_vs_original=-1 is impossible"):
+        Target(max_latency_vs_original=-1)

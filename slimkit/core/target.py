@@ -33,9 +33,13 @@ class Target:
     max_drop: float | None = None
     device: str = "cpu"
     threads: int | None = None
+    #: p50 latency at most this multiple of the original's ("no slower than the original" = 1.0). The search
+    #: turns it into ``max_latency_ms`` from its first timing of the original; the end of the run re-times
+    #: the best and the original together and confirms the limit against that re-timed original.
+    max_latency_vs_original: float | None = None
 
     def __post_init__(self) -> None:
-        for name in ("max_size_mb", "max_latency_ms", "max_memory_mb", "max_drop"):
+        for name in ("max_size_mb", "max_latency_ms", "max_memory_mb", "max_drop", "max_latency_vs_original"):
             value = getattr(self, name)
             if value is None:
                 continue
@@ -67,3 +71,13 @@ class Target:
 
     def to_dict(self) -> dict[str, Any]:
         return dataclasses.asdict(self)
+
+    def with_original_latency(self, original_ms: float) -> Target:
+        """``max_latency_ms`` from ``max_latency_vs_original`` and a timing of the original (the tighter
+        of the two when both are given); unchanged when no relative limit was asked for."""
+        if self.max_latency_vs_original is None or not original_ms > 0:
+            return self
+        limit = self.max_latency_vs_original * original_ms
+        if self.max_latency_ms is not None:
+            limit = min(limit, self.max_latency_ms)
+        return dataclasses.replace(self, max_latency_ms=limit)

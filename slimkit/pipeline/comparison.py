@@ -83,8 +83,8 @@ def summary(baseline: Candidate, candidate: Candidate) -> str:
     if candidate.emulated:
         speed = "speed not claimed (static int8 emulated in fp32 on torch here)"
     elif candidate.speedup is not None and candidate.backend != baseline.backend:
-        speed += f" vs the original as given ({baseline.backend}), " \
-                 f"{candidate.speedup_same_runtime.text()} vs the original on {candidate.backend}"
+        speed += f" than the original as given ({baseline.backend}); vs the original on {candidate.backend}: " \
+                 f"{candidate.speedup_same_runtime.text()}"
     return (f"{candidate.name} on {candidate.backend}: metric {candidate.metric['score']:.4f} "
             f"(baseline {baseline.metric['score']:.4f}), "
             f"{baseline.profile.artifact_bytes / candidate.profile.artifact_bytes:.2f}x smaller, {speed}")

@@ -234,10 +234,12 @@ def optimize(task: Task | str, target: Target, *, trials: int = 30, time_budget:
                 baseline = TrialMeasurement(**attrs["baseline"])
                 sens = dict(attrs.get("sensitivity", {}))
                 extra = {**attrs.get("extra", {}), **dict(extra or {})}
+                target = target.with_original_latency(baseline.latency_ms or 0.0)  # a relative limit, in ms
                 ctx = context_for(task, target, baseline, sens, extra, max_techniques)
             else:
                 baseline, sens, extra = _start(task, measure, budget, techs, trials, sensitivity, measurer, extra,
                                                phases)
+                target = target.with_original_latency(baseline.latency_ms or 0.0)  # a relative limit, in ms
                 ctx = context_for(task, target, baseline, sens, extra, max_techniques)
                 attrs = {"task": task_spec or task.name, "target": target.to_dict(),
                          "techniques": [t.search for t in techs], "trials": trials, "seed": seed, "backend": backend,
@@ -246,7 +248,7 @@ def optimize(task: Task | str, target: Target, *, trials: int = 30, time_budget:
                 st = create_study(db, name, make_sampler(strategy, seed, trials), attrs, queue=enqueue,
                                   guesses=list(initial_guesses(ctx, techs)))
             if isinstance(measure, RuntimeMeasurer):
-                measure.baseline_score = baseline.score
+                measure.baseline_score, measure.target = baseline.score, target
             records: list[TrialRecord] = []
             objective = make_objective(ctx, techs, measure, records)
             lap = time.monotonic()

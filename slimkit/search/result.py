@@ -41,6 +41,8 @@ class OptimizeResult:
     before_quantize: nn.Module | None = dataclasses.field(default=None, repr=False)  # the float model it quantized
     out: Path | None = None
     phases: dict[str, float] = dataclasses.field(default_factory=dict)  # the command's time outside the report
+    #: the best and the original re-timed together at the end (speed_ratio), and whether the latency limit held
+    speed: dict[str, Any] | None = None
 
     def to_dict(self) -> dict[str, Any]:
         return {"task": self.task, "target": self.target.to_dict(), "baseline": self.baseline.to_dict(),
@@ -48,7 +50,7 @@ class OptimizeResult:
                 "pareto": [r.number for r in self.pareto], "closest": [r.to_dict() for r in self.closest],
                 "hints": self.hints, "sensitivity": self.sensitivity, "study": self.study,
                 "storage": self.storage, "seconds": self.seconds, "first_feasible": self.first_feasible,
-                "phases": self.phases, "trials": [r.to_dict() for r in self.trials]}
+                "phases": self.phases, "speed": self.speed, "trials": [r.to_dict() for r in self.trials]}
 
 
 def write_result(result: OptimizeResult, data: dict[str, Any] | None = None) -> Path:

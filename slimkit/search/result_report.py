@@ -24,8 +24,9 @@ from slimkit.core.registry import technique_named
 from slimkit.core.target import Target
 from slimkit.core.task import Task
 from slimkit.core.versions import versions
-from slimkit.pipeline.candidate import measure_candidate
-from slimkit.pipeline.comparison import comparison_report
+from slimkit.measure.speed_ratio import SpeedRatio
+from slimkit.pipeline.candidate import Candidate, measure_candidate
+from slimkit.pipeline.comparison import comparison_report, time_together
 from slimkit.pipeline.recipe import Recipe
 from slimkit.prune.plots import sparsity_heatmap
 from slimkit.report import Report
@@ -66,6 +67,8 @@ def write_report(result: OptimizeResult, task: Task) -> Path:
     if result.best_model is not None:
         candidates.append(measure_candidate(f"best (trial {result.best.number})", result.best_model,
                                             [], task, threads=threads))
+    if len(candidates) > 1:
+        result.speed = confirmed_speed(result, task, candidates)
     data = result.to_dict()
     data["environment"] = environment(threads)
     verdict = ("best: " + result.best.label()) if result.best else "no candidate met the target"
@@ -202,6 +205,41 @@ def _pareto_plot(r: Report, result: OptimizeResult, task: Task) -> None:
     r.figure(fig, "Pareto front")
 
 
+def confirmed_speed(result: OptimizeResult, task: Task, candidates: list[Candidate]) -> dict[str, Any]:
+    """The original and the best timed together at the end of the run, and the latency limit checked
+    against that timing (a relative limit against the re-timed original, not the first timing)."""
+    timed = time_together(task, candidates, threads=result.target.threads)
+    best = candidates[-1]
+    speed: dict[str, Any] = {"vs_original": best.speedup.to_dict(), "text": best.speed_text(candidates[0]),
+                             "same_runtime": best.speedup_same_runtime.to_dict(), "backend": best.backend,
+                             "emulated": best.emulated, "timings": timed.to_dict()}
+    target = result.target
+    if target.max_latency_ms is not None or target.max_latency_vs_original is not None:
+        original_ms = timed.timings["original"].p50_ms
+        best_ms = timed.timings[next(k for k in timed.timings if k.startswith("1: "))].p50_ms
+        limit = target.max_latency_ms
+        if target.max_latency_vs_original is not None:  # the re-timed original, not the search's first timing
+            limit = target.max_latency_vs_original * original_ms
+        speed["latency_confirmed"] = best_ms <= limit
+        speed["latency_check"] = (f"re-timed together with the original ({original_ms:.3g} ms p50), the best runs "
+                                  f"at {best_ms:.3g} ms p50 against a limit of {limit:.3g} ms")
+    return speed
+
+
+def speed_line(result: OptimizeResult) -> str:
+    """``3.51x faster`` from the final timing together; both ratios when the best runs on another runtime."""
+    speed = result.speed
+    if not speed:
+        return "speed not re-timed (no report written)"
+    if speed["emulated"]:
+        return "speed not claimed (static int8 emulated in fp32 on torch here)"
+    line = f"{speed['text']} faster"
+    if speed["backend"] != "torch":
+        line += (f" than the original as given (torch); vs the original on {speed['backend']}: "
+                 f"{SpeedRatio(**speed['same_runtime']).text()}")
+    return line
+
+
 def print_summary(result: OptimizeResult) -> None:
     """The console view of a finished search: original vs best, the ratios, or the hints when nothing fit."""
     console = Console()
@@ -217,8 +255,9 @@ def print_summary(result: OptimizeResult) -> None:
                       f"{m.drop:+.4f}", r.best.label())
     console.print(table)
     if r.best is not None:
-        console.print(f"{b.size_mb / r.best.measured.size_mb:.1f}x smaller, "
-                      f"{b.latency_ms / r.best.measured.latency_ms:.2f}x faster")
+        console.print(f"{b.size_mb / r.best.measured.size_mb:.1f}x smaller, " + speed_line(r))
+        if r.speed and r.speed.get("latency_confirmed") is False:
+            console.print(f"[yellow]latency limit not confirmed[/]: {r.speed['latency_check']}")
     else:
         console.print("[red]no candidate met the target[/]")
         for hint in r.hints:

@@ -18,7 +18,7 @@ from slimkit.search.optimize import optimize
 @pytest.mark.slow
 def test_digits_search_saves_a_replayable_best(digits_task, tmp_path, one_thread):
     base_mb = sk.profile(digits_task.model, digits_task.example).artifact_bytes / 1e6
-    target = sk.Target(max_size_mb=base_mb * 0.3, max_drop=0.02, threads=1)
+    target = sk.Target(max_size_mb=base_mb * 0.3, max_drop=0.02, max_latency_vs_original=4.0, threads=1)
     result = optimize(digits_task, target, trials=4, out=tmp_path, technique_names=["magnitude", "int8"],
                       progress=False, sensitivity=False)
     assert result.best is not None, result.hints
@@ -32,6 +32,13 @@ def test_digits_search_saves_a_replayable_best(digits_task, tmp_path, one_thread
     assert torch.equal(saved(x), replayed(x))
     data = json.loads((tmp_path / "report.json").read_text())
     assert data["search"]["best"]["number"] == result.best.number
+    # the relative limit became milliseconds from the search's timing of the original ...
+    assert result.target.max_latency_ms == pytest.approx(4.0 * result.baseline.latency_ms)
+    # ... and the end of the run re-timed the best beside the original and checked it against that timing
+    speed = data["search"]["speed"]
+    assert isinstance(speed["latency_confirmed"], bool) and "re-timed together with the original" in speed["latency_check"]
+    assert speed["vs_original"]["low"] <= speed["vs_original"]["ratio"] <= speed["vs_original"]["high"]
+    assert set(speed["timings"]["timings"]) >= {"original", f"1: best (trial {result.best.number})"}
     html = (tmp_path / "report.html").read_text()
     assert "Pareto front" in html and "data:image/png;base64" in html and "Environment" in html
     # where the time went: each trial's steps and measurements add up to (at most) its seconds
