@@ -40,7 +40,7 @@ def test_training_is_deterministic_and_cached(tmp_path, monkeypatch):
     x, y = digits.load_data()
     cfg = {"epochs": 2, "lr": 3e-3, "batch_size": 64, "weight_decay": 0.0, "seed": 7, "shift": 1}
     a, info = _vision.trained_model("digits", digits.build_model, x[:400], y[:400], cfg, progress=False)
-    entries = list(tmp_path.iterdir())
+    entries = [e for e in tmp_path.iterdir() if not e.name.startswith(".")]  # the artifact's lock and versions are hidden
     assert len(entries) == 1 and info["train_config"] == cfg
     b, _ = _vision.trained_model("digits", digits.build_model, x[:400], y[:400], cfg, progress=False)  # from cache
     for (name, pa), (_, pb) in zip(a.state_dict().items(), b.state_dict().items()):
