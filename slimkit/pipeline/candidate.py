@@ -128,7 +128,9 @@ def measure(name: str, model: nn.Module, configs: Sequence[BaseConfig], task: Ta
     elif c.profile is not None:
         c.memory_mb = c.profile.peak_memory_bytes / 1e6
     c.backend = resolve_backend(model, backend)
-    c.runnable = build(model, c.backend, task.example, threads=threads)
+    c.runnable = build(model, backend, task.example, threads=threads)  # "auto" may fall back to torch, logged
+    if c.backend != "torch" and isinstance(c.runnable, nn.Module):
+        c.backend = "torch"
     c.runtime_skipped = dict(getattr(c.runnable, "skipped", {})) or None
     c.emulated = emulated_reason(model) if c.backend == "torch" else None
     lap = c.lap("build", lap)

@@ -190,3 +190,18 @@ def test_quantized_models_pass_the_int8_check_with_measured_closeness(config):
 def test_output_mismatch_bounds(reference, got, quantized, why):
     result = output_mismatch(reference, got, quantized)
     assert result.startswith(why) if why else result == ""
+
+
+def test_a_measured_candidate_the_exporter_refuses_runs_on_torch_and_says_so():
+    from slimkit.pipeline.candidate import measure_candidate
+
+    torch.manual_seed(0)
+    model = SignBranch().eval()
+    x = torch.randn(4, 8) + 1.0  # positive sum: the trace would bake in the first branch
+    task = sk.Task(name="sign", model=model, example=(x,), eval=[x, -x],
+                   metric=lambda run, xs: float(sum(torch.as_tensor(run(v)).abs().sum() for v in xs)))
+    q = sk.apply(model, sk.quantize.Int8(), task)  # int8 dynamic: auto would pick onnxruntime
+    c = measure_candidate("int8", q, [], task)
+    assert c.backend == "torch" and isinstance(c.runnable, nn.Module)  # the fallback, not a wrong ONNX graph
+    with torch.inference_mode():
+        assert torch.equal(c.runnable(-x), q(-x))  # the other branch still runs
