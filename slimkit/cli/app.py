@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import contextlib
 import functools
+import importlib.metadata
 import json
 import sys
 from pathlib import Path
@@ -56,6 +57,28 @@ class OneLineErrors(TyperGroup):
 
 app = typer.Typer(add_completion=False, no_args_is_help=True, cls=OneLineErrors,
                   help="Make trained PyTorch models smaller and faster, with measurements.")
+
+
+def package_version() -> str:
+    """The installed package's version, read from its metadata (no torch import for ``--version``)."""
+    try:
+        return importlib.metadata.version("slimkit")
+    except importlib.metadata.PackageNotFoundError:  # run from a source tree that was never installed
+        from slimkit.core.versions import __version__
+
+        return __version__
+
+
+def _print_version(value: bool) -> None:
+    if value:
+        typer.echo(f"slimkit {package_version()}")
+        raise typer.Exit(0)
+
+
+@app.callback()
+def _options(version: bool = typer.Option(False, "--version", is_eager=True, callback=_print_version,
+                                          help="print slimkit's version and exit")) -> None:
+    """Make trained PyTorch models smaller and faster, with measurements."""
 
 
 def _friendly(fn: Callable[..., Any]) -> Callable[..., Any]:
