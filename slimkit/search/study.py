@@ -162,16 +162,30 @@ def load_study(storage: Any, name: str, sampler: Any) -> Any:
 
 
 def worker_id() -> str:
-    """``host:pid`` of this process, stored on every trial it takes (read by :func:`fail_dead_trials`)."""
+    """``host:pid`` of this process, stored on every trial it takes."""
     return f"{socket.gethostname()}:{os.getpid()}"
+
+
+def machine_id() -> str:
+    """Which process-id space this process lives in: the host name, its boot and its pid namespace
+    (two containers may share a host name, a rebooted machine reuses ids). Only a trial started
+    under the same one is judged by whether its process id still exists."""
+    parts = [socket.gethostname()]
+    for path in ("/proc/sys/kernel/random/boot_id", "/proc/self/ns/pid"):
+        try:
+            parts.append(Path(path).read_text().strip() if "boot" in path else str(os.stat(path).st_ino))
+        except OSError:
+            parts.append("?")
+    return "/".join(parts)
 
 
 def fail_dead_trials(study: Any) -> list[int]:
     """Fail the RUNNING trials whose process is gone and queue their parameters again; returns their numbers.
 
     Gone: its heartbeat is older than the grace period (Optuna's check, any machine); or it ran on
-    this machine under a process id that no longer exists (known at once, no grace needed); or it
-    never got as far as naming its worker and started longer than the grace period ago.
+    this machine (:func:`machine_id`) under a process id that no longer exists (known at once, no
+    grace needed); or it never got as far as naming its worker and started longer than the grace
+    period ago.
     """
     import optuna  # optional (optuna, extra 'search'): imported when used
     from optuna.trial import TrialState  # optional (optuna, extra 'search'): imported when used
@@ -181,7 +195,7 @@ def fail_dead_trials(study: Any) -> list[int]:
         return []
     optuna.storages.fail_stale_trials(study)  # heartbeats; re-queued by the storage's callback
     now = datetime.datetime.now()
-    host = socket.gethostname()
+    here = machine_id()
     retry = _retry_callback()
     mine = []
     for t in running:
@@ -189,8 +203,8 @@ def fail_dead_trials(study: Any) -> list[int]:
         if who is None:
             dead = t.datetime_start is not None and (now - t.datetime_start).total_seconds() > grace_s()
         else:
-            where, _, pid = str(who).rpartition(":")
-            dead = where == host and pid.isdigit() and not _alive(int(pid))
+            pid = str(who).rpartition(":")[2]
+            dead = t.user_attrs.get("machine") == here and pid.isdigit() and not _alive(int(pid))
         if dead and _fail(study, t._trial_id):
             retry(study, study._storage.get_trial(t._trial_id))
             mine.append(t.number)

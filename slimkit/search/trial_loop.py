@@ -16,7 +16,7 @@ from typing import Any, Callable
 from slimkit.search.budget import TimeBudget, enough_for_another
 from slimkit.search.faults import fault_point
 from slimkit.search.interrupt import Interrupted
-from slimkit.search.study import abandon, fail_dead_trials, grace_s, worker_id
+from slimkit.search.study import abandon, fail_dead_trials, grace_s, machine_id, worker_id
 
 log = logging.getLogger("slimkit.search")
 
@@ -68,8 +68,8 @@ def run_trials(study: Any, objective: Callable[[Any], Any], n_trials: int, *, bu
             if len(done) + len(running) >= n_trials:  # the last trials run elsewhere: wait for them
                 if waiting_since is None:
                     waiting_since = time.monotonic()
-                    limit = wait_s if wait_s is not None else max(WAIT_FLOOR_S, 3 * max(seconds, default=0.0))
-                    limit += grace_s()
+                    limit = wait_s if wait_s is not None else \
+                        max(WAIT_FLOOR_S, 3 * max(seconds, default=0.0)) + grace_s()
                     log.warning("%d of %d trials finished; waiting up to %.0f s for %s", len(done), n_trials,
                                 limit, _describe(running))
                 elif time.monotonic() - waiting_since > limit:
@@ -117,6 +117,7 @@ def _within_count(objective: Callable[[Any], Any], n_trials: int, current: dict[
 
     def guarded(trial: Any) -> Any:
         current.update(id=trial._trial_id, number=trial.number)
+        trial.set_user_attr("machine", machine_id())
         trial.set_user_attr("worker", worker_id())
         fault_point("trial started", trial.number)
         ahead = trial.study.get_trials(deepcopy=False, states=(TrialState.COMPLETE, TrialState.RUNNING))

@@ -105,3 +105,48 @@ def test_two_workers_share_one_study(postgres, tmp_path):
     ties = [t["recipe"] for t in result["trials"] if t["feasible"] and t["measured"]["drop"] == best["drop"]
             and t["measured"]["size_mb"] == best["size_mb"]]
     assert single.best.recipe in ties
+
+
+@pytest.mark.slow
+def test_a_worker_killed_in_the_last_trial_is_replaced_and_the_result_holds_every_trial(postgres, tmp_path,
+                                                                                       digits_task, one_thread):
+    """One trial is done; a worker dies as it starts the last one (a real ``os._exit`` at a fault
+    point, with the trial RUNNING). A resumed ``optimize`` and a new worker, started together, must
+    both finish (the dead worker's trial failed, queued again and run by one of them), and the
+    result must hold both trials, whichever process ran them."""
+    import optuna
+
+    import slimkit as sk
+    from slimkit.search.faults import FAULT_EXIT
+
+    env = {**os.environ, "OMP_NUM_THREADS": "1"}
+    settings = dict(target=sk.Target(max_drop=0.05, threads=1), technique_names=["magnitude", "int8"],
+                    storage=postgres, study="last", out=tmp_path / "run", progress=False)
+    sk.optimize(digits_task, trials=1, report=False, **settings)
+    worker = _cli("worker", "--study", "last", "--storage", postgres, "--trials", "2")
+    dying = subprocess.run(worker, env={**env, "SLIMKIT_FAULT_AT": "trial started@1"}, capture_output=True,
+                           text=True, timeout=300)
+    assert dying.returncode == FAULT_EXIT, dying.stdout[-1500:] + dying.stderr[-1500:]
+    before = optuna.load_study(study_name="last", storage=postgres).trials
+    assert [t.state.name for t in before[:2]] == ["COMPLETE", "RUNNING"]
+
+    log = (tmp_path / "worker.log").open("w")
+    other = subprocess.Popen(worker, env=env, stdout=log, stderr=subprocess.STDOUT)
+    try:
+        result = sk.optimize(digits_task, trials=2, resume=True, **settings)
+        other.wait(timeout=300)
+    finally:
+        other.kill()
+    said = (tmp_path / "worker.log").read_text()
+    assert other.returncode == 0 and "study last: 2 trials finished" in said, said  # it stayed for the last trial
+
+    trials = optuna.load_study(study_name="last", storage=postgres).trials
+    done = sorted(t.number for t in trials if t.state.name == "COMPLETE")
+    assert len(done) == 2 and done[0] == 0
+    assert [t.number for t in trials if t.state.name == "FAIL"] == [1]
+    assert not [t for t in trials if t.state.name == "RUNNING"]
+    redo = trials[done[1]]
+    assert redo.system_attrs["failed_trial"] == 1 and before[1].params.items() <= redo.params.items()
+    assert redo.user_attrs["worker"] != before[1].user_attrs["worker"]  # run by a live process, not the dead one
+    saved = json.loads((tmp_path / "run" / "result.json").read_text())
+    assert sorted(t["number"] for t in saved["trials"]) == done == sorted(t.number for t in result.trials)
