@@ -58,7 +58,7 @@ def test_a_failing_save_leaves_nothing_behind(tmp_path, monkeypatch):
     def boom(*a, **k):
         raise OSError("disk full")
 
-    monkeypatch.setattr(artifact, "save_file", boom)
+    monkeypatch.setattr(artifact, "save_bytes", boom)
     with pytest.raises(OSError):
         sk.save(nn.Linear(2, 2), tmp_path / "m")
     assert [p.name for p in tmp_path.iterdir()] == [".m.lock"]  # the lock file stays: deleting one is racy

@@ -13,6 +13,7 @@ artifact against the weights file and the model before allocating (``slimkit.io.
 
 from __future__ import annotations
 
+import hashlib
 import json
 import os
 from pathlib import Path
@@ -21,8 +22,9 @@ from typing import Any, Mapping
 import torch
 import torch.nn as nn
 from safetensors import SafetensorError, safe_open
-from safetensors.torch import save_file
+from safetensors.torch import save as save_bytes
 
+from slimkit.core.atomic import create_exclusive
 from slimkit.core.errors import SlimkitError
 from slimkit.core.record import records_of
 from slimkit.core.registry import builder_of
@@ -73,15 +75,21 @@ def save(model: nn.Module, path: str | os.PathLike[str], *, recipe: list[dict[st
         meta["structure"] = "resized"
 
     def write(directory: Path) -> None:
-        weights = directory / WEIGHTS
-        save_file(state, str(weights), metadata={SPARSE_KEY: json.dumps(encoded)} if encoded else None)
+        # safetensors' own save_file writes 0600 files whatever the umask: serialize, then write ourselves
+        data = save_bytes(state, metadata={SPARSE_KEY: json.dumps(encoded)} if encoded else None)
+        _write_new(directory / WEIGHTS, data)
         step("weights_written")
-        meta["integrity"] = {"weights_bytes": weights.stat().st_size, "weights_sha256": check.file_sha256(weights),
+        meta["integrity"] = {"weights_bytes": len(data), "weights_sha256": hashlib.sha256(data).hexdigest(),
                              "tensors": {k: [d, list(s)] for k, (d, s) in check.table_of(logical).items()}}
-        (directory / META).write_text(json.dumps(meta, default=str))  # compact: its bytes count in the size
+        _write_new(directory / META, json.dumps(meta, default=str).encode())  # compact: its bytes count in the size
         step("sidecar_written")
 
     return replace_artifact(path, write)
+
+
+def _write_new(file: Path, data: bytes) -> None:
+    with os.fdopen(create_exclusive(file), "wb") as f:
+        f.write(data)
 
 
 def _contiguous_state(model: nn.Module) -> dict[str, torch.Tensor]:
