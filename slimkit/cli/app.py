@@ -10,19 +10,16 @@ import sys
 from pathlib import Path
 from typing import Any, Callable, Optional
 
-import torch
 import typer
 from typer.core import TyperGroup
-from rich.console import Console
-from rich.table import Table
 
 from slimkit.cli.numeric_options import check_numbers
 from slimkit.cli.out_guard import check_file_target, guarded_out
 from slimkit.cli.task_options import DATA, INPUT_SHAPE, METRIC, MODEL, TASK, WEIGHTS, load_task
 from slimkit.core.errors import SlimkitError
-from slimkit.core.registry import all_techniques
-from slimkit.measure import profile as run_profile
-from slimkit.zoo import BUILTINS, describe
+
+# torch and slimkit's own layers are imported inside the command bodies: `slimkit --help` and a
+# mistyped option are answered without them (tests/test_cli_conventions.py checks sys.modules).
 
 #: Click's error classes, whichever click typer runs on (its own vendored copy, or the click package).
 _USAGE_ERROR = next(c for c in typer.BadParameter.__mro__ if c.__name__ == "UsageError")
@@ -103,6 +100,10 @@ def _friendly(fn: Callable[..., Any]) -> Callable[..., Any]:
 @_friendly
 def tasks() -> None:
     """List the built-in tasks with their data splits and metrics."""
+    from rich.console import Console
+    from rich.table import Table
+
+    from slimkit.zoo import BUILTINS, describe
 
     table = Table(title="built-in tasks (or --task package.module:function)")
     for col in ("task", "what", "splits", "metric"):
@@ -121,6 +122,11 @@ def profile(task: Optional[str] = TASK, model: Optional[str] = MODEL, weights: O
             threads: Optional[int] = typer.Option(None, help="threads to pin while timing (default: torch's)"),
             json_out: Optional[Path] = typer.Option(None, "--json", help="also write the profile as JSON")) -> None:
     """Profile a task's model: params, artifact bytes, MACs, latency, memory, energy, per layer."""
+    import torch
+    from rich.console import Console
+
+    from slimkit.measure import profile as run_profile
+
     if not (device == "cpu" or device.startswith("cuda")):
         raise SlimkitError(f"--device {device!r} is not supported", "use cpu or cuda")
     if device.startswith("cuda") and not torch.cuda.is_available():
@@ -139,6 +145,10 @@ def profile(task: Optional[str] = TASK, model: Optional[str] = MODEL, weights: O
 @_friendly
 def techniques() -> None:
     """List every registered technique: its recipe type, stage, search name, presets and summary."""
+    from rich.console import Console
+    from rich.table import Table
+
+    from slimkit.core.registry import all_techniques
 
     table = Table(title="techniques (use with: slimkit apply --step 'TYPE key=value ...')")
     for col in ("type", "stage", "search", "presets", "what"):

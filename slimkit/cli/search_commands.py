@@ -8,19 +8,12 @@ from typing import Optional
 
 import typer
 
-from slimkit import zoo
 from slimkit.cli.app import _friendly, app
-from slimkit.cli.demo import run as run_demo
 from slimkit.cli.out_guard import guarded_out
 from slimkit.cli.task_options import DATA, INPUT_SHAPE, METRIC, MODEL, TASK, WEIGHTS, load_task, task_spec
 from slimkit.core.errors import SlimkitError
-from slimkit.core.registry import searchable
-from slimkit.core.target import Target
-from slimkit.search.optimize import optimize as run
-from slimkit.search.result import RESULT_FILE, read_result
-from slimkit.search.result_report import print_summary, write_report
-from slimkit.search.worker import work
 
+# The search, the zoo and torch are imported inside the command bodies (fast --help).
 STRATEGIES = ("auto", "tpe", "nsga2")
 
 
@@ -44,6 +37,10 @@ def optimize(task: Optional[str] = TASK, model: Optional[str] = MODEL, weights: 
              study: Optional[str] = typer.Option(None, help="study name in the storage"),
              resume: bool = typer.Option(False, "--resume", help="continue a killed run of the same study")) -> None:
     """Search technique pipelines for the best model that fits the target; write best/, recipe.yaml, report."""
+    from slimkit.core.registry import searchable
+    from slimkit.core.target import Target
+    from slimkit.search.optimize import optimize as run
+    from slimkit.search.result_report import print_summary
 
     if strategy not in STRATEGIES:
         raise SlimkitError(f"unknown strategy {strategy!r}", f"use one of {', '.join(STRATEGIES)}")
@@ -71,6 +68,8 @@ def worker(study: str = typer.Option(..., help="study name, as given to slimkit 
            time_budget: Optional[float] = typer.Option(None, help="stop starting trials after this many seconds"),
            wait: float = typer.Option(120.0, help="seconds to wait for the study to be created")) -> None:
     """Take trials from a shared study (one worker per machine)."""
+    from slimkit.search.worker import work
+
     given = task_spec(task, None, model, weights, data, input_shape, metric)
     done = work(study, storage, trials=trials, time_budget=time_budget, wait_s=wait, given_task=given)
     typer.echo(f"study {study}: {done} trials finished")
@@ -84,6 +83,10 @@ def report(run_dir: Path = typer.Argument(..., help="--out directory of a finish
            model: Optional[str] = MODEL, weights: Optional[str] = WEIGHTS, data: Optional[str] = DATA,
            input_shape: Optional[str] = INPUT_SHAPE, metric: str = METRIC) -> None:
     """Re-render a run's report.html / report.json from its result.json and best model."""
+    from slimkit import zoo
+    from slimkit.search.result import RESULT_FILE, read_result
+    from slimkit.search.result_report import write_report
+
     given = task_spec(task, None, model, weights, data, input_shape, metric)
     path = run_dir / RESULT_FILE
     spec = zoo.trusted_spec(stored_task(path, run_dir), given, f"{path}")
@@ -95,6 +98,8 @@ def report(run_dir: Path = typer.Argument(..., help="--out directory of a finish
 
 def stored_task(path: Path, run_dir: Path) -> str:
     """The task ``result.json`` names, read without trusting the file to be what it says."""
+    from slimkit.search.result import RESULT_FILE
+
     if not path.is_file():
         raise SlimkitError(f"{run_dir} holds no {RESULT_FILE}", "give the --out directory of a finished run")
     try:
@@ -121,4 +126,6 @@ def demo(task: str = typer.Option("mnist", help="task to run the demo on"),
          trials: int = typer.Option(12, help="trials of the search"),
          time_budget: float = typer.Option(240.0, help="stop starting trials after this many seconds")) -> None:
     """The job `make demo` runs: profile the task's model, search for the best one under a default target."""
+    from slimkit.cli.demo import run as run_demo
+
     run_demo(task, out, threads=threads, trials=trials, time_budget=time_budget)

@@ -8,14 +8,14 @@ synthesized (``--input-shape``), agreement with the original as the metric unles
 from __future__ import annotations
 
 from pathlib import Path
-from typing import Optional
+from typing import TYPE_CHECKING, Optional
 
 import typer
 
-from slimkit import zoo
 from slimkit.core.errors import SlimkitError
-from slimkit.core.task import Task
-from slimkit.zoo.model_task import METRICS, parse_shape
+
+if TYPE_CHECKING:
+    from slimkit.core.task import Task
 
 TASK = typer.Option(None, help="built-in task name or package.module:function (default: the command's own)")
 MODEL = typer.Option(None, help="your model instead of a task: an HF directory, a slimkit artifact, or "
@@ -29,6 +29,9 @@ METRIC = typer.Option("auto", help="--model: auto, agreement, cosine, sqnr or ac
 def task_spec(task: Optional[str], default: Optional[str], model: Optional[str] = None, weights: Optional[str] = None,
               data: Optional[str] = None, input_shape: Optional[str] = None, metric: str = "auto") -> Optional[str]:
     """The spec the command line names (``default`` when it names none), checked without building anything."""
+    from slimkit import zoo
+    from slimkit.zoo.model_task import METRICS, parse_shape
+
     if model is None:
         extra = [name for name, v in (("--weights", weights), ("--data", data), ("--input-shape", input_shape)) if v]
         if extra or metric != "auto":
@@ -52,5 +55,7 @@ def task_spec(task: Optional[str], default: Optional[str], model: Optional[str] 
 def load_task(task: Optional[str], default: str, model: Optional[str] = None, weights: Optional[str] = None,
               data: Optional[str] = None, input_shape: Optional[str] = None, metric: str = "auto") -> tuple[Task, str]:
     """The task to work on and the spec a recipe or a study stores to rebuild it."""
+    from slimkit import zoo
+
     spec = task_spec(task, default, model, weights, data, input_shape, metric) or default
     return zoo.load(spec), spec

@@ -11,29 +11,20 @@ from __future__ import annotations
 import dataclasses
 import shlex
 from pathlib import Path
-from typing import Any, Optional
+from typing import TYPE_CHECKING, Any, Optional
 
 import typer
-import yaml
 
-from slimkit import io, zoo
 from slimkit.cli.app import _friendly, app
 from slimkit.cli.task_options import DATA, INPUT_SHAPE, METRIC, MODEL, TASK, WEIGHTS, load_task, task_spec
-from slimkit.core.config import BaseConfig
 from slimkit.core.errors import SlimkitError
-from slimkit.core.registry import all_presets, technique_named
-from slimkit.core.task import Task
-from slimkit.distill.distiller import Distill
-from slimkit.distill.student import Student, StudentArtifact
-from slimkit.factorize import CP, SVD, Tucker
-from slimkit.factorize.layers import chosen_layers
-from slimkit.pipeline.comparison import with_options
-from slimkit.pipeline.recipe import Recipe
-from slimkit.pipeline.run import run_recipe
-from slimkit.prune import NM, Channels, Gradual, Magnitude
-from slimkit.train.recover import Finetune
 
-PRUNE_METHODS: dict[str, BaseConfig] = {"channels": Channels(), "magnitude": Magnitude(), "nm": NM()}
+if TYPE_CHECKING:
+    from slimkit.core.config import BaseConfig
+    from slimkit.core.task import Task
+
+# The techniques, the pipeline and torch are imported inside the command bodies (fast --help).
+PRUNE_METHODS = ("channels", "magnitude", "nm")
 FACTORIZE_METHODS = ("svd", "tucker", "cp")
 SCHEDULES = ("one-shot", "gradual")
 #: Evaluations during a command's recovery fine-tuning (the best-scoring weights are kept).
@@ -41,6 +32,8 @@ RECOVERY_EVALS = 5
 
 
 def family_presets(family: str) -> dict[str, BaseConfig]:
+    from slimkit.core.registry import all_presets
+
     return {name: config for name, (tech, config) in all_presets().items() if tech.family == family}
 
 
@@ -50,6 +43,10 @@ def parse_step(text: str) -> BaseConfig:
     Values are read as YAML (``4``, ``true``, ``null``, ``[a, b]``); unknown types and options are
     the registry's one-line errors.
     """
+    from slimkit.core.config import BaseConfig
+    from slimkit.core.registry import all_presets, technique_named
+    from slimkit.pipeline.comparison import with_options
+
     parts = shlex.split(text)
     if not parts:
         raise SlimkitError("an empty --step", "write --step 'family.Name key=value ...'")
@@ -71,6 +68,9 @@ def parse_step(text: str) -> BaseConfig:
 
 def _run(task: Task, steps: list[BaseConfig], out: Path, title: str, *, spec: str, seed: int = 0,
          threads: int | None = None, **kwargs: Any) -> Path:
+    from slimkit.pipeline.recipe import Recipe
+    from slimkit.pipeline.run import run_recipe
+
     recipe = Recipe(steps=steps, task=spec, seed=seed)
     return run_recipe(task, recipe, out, title=title, threads=threads, **kwargs).report
 
@@ -97,6 +97,8 @@ def quantize(task: Optional[str] = TASK, model: Optional[str] = MODEL, weights: 
              threads: Optional[int] = typer.Option(None, help="threads to pin while timing"),
              out: Path = typer.Option(Path("runs/quantize"), help="output directory")) -> None:
     """Quantize a task's model, run it on real integer kernels, measure it and write a report."""
+    from slimkit.pipeline.comparison import with_options
+
     presets = family_presets("quantize")
     if config not in presets:
         raise SlimkitError(f"unknown quantization config {config!r}", f"use one of {', '.join(presets)}")
@@ -131,6 +133,10 @@ def prune(task: Optional[str] = TASK, model: Optional[str] = MODEL, weights: Opt
           threads: Optional[int] = typer.Option(None, help="threads to pin while fine-tuning and timing"),
           out: Path = typer.Option(Path("runs/prune"), help="output directory")) -> None:
     """Prune a task's model, fine-tune it, measure it against the original and write a report."""
+    from slimkit.pipeline.comparison import with_options
+    from slimkit.prune import NM, Channels, Gradual, Magnitude
+    from slimkit.train.recover import Finetune
+
     if method not in PRUNE_METHODS:
         raise SlimkitError(f"unknown pruning method {method!r}", f"use one of {', '.join(PRUNE_METHODS)}")
     if nm_method is not None and method != "nm":
@@ -139,7 +145,7 @@ def prune(task: Optional[str] = TASK, model: Optional[str] = MODEL, weights: Opt
         raise SlimkitError(f"unknown schedule {schedule!r}", f"use one of {', '.join(SCHEDULES)}")
     if finetune_steps < 0:
         raise SlimkitError(f"finetune_steps={finetune_steps} is negative", "use 0 (no fine-tuning) or more")
-    cfg = with_options(PRUNE_METHODS[method], method, amount=amount, macs_ratio=macs_ratio, importance=importance,
+    cfg = with_options({"channels": Channels(), "magnitude": Magnitude(), "nm": NM()}[method], method, amount=amount, macs_ratio=macs_ratio, importance=importance,
                        round_to=round_to, scope=scope, allocation=allocation, latency_batch=latency_batch,
                        reconstruct=reconstruct, n=n, m=m, method=nm_method)
     if schedule == "gradual":
@@ -160,6 +166,10 @@ def student_steps(spec: str) -> list[BaseConfig]:
     """``self`` (the model itself), ``layers:N`` (an encoder keeping N blocks) or an artifact directory:
     its recipe when it has one (the student is then rebuilt from the task's model), else the artifact
     itself (``distill.StudentArtifact``, checked by its weights' digest)."""
+    from slimkit import io
+    from slimkit.core.config import BaseConfig
+    from slimkit.distill.student import Student, StudentArtifact
+
     if spec == "self":
         return []
     if spec.startswith("layers:"):
@@ -202,6 +212,9 @@ def distill(task: Optional[str] = TASK, model: Optional[str] = MODEL, weights: O
             threads: Optional[int] = typer.Option(None, help="threads to pin while training and timing"),
             out: Path = typer.Option(Path("runs/distill"), help="output directory")) -> None:
     """Distill a task's model into a student, compare with plain fine-tuning, write a report."""
+    from slimkit.distill.distiller import Distill
+    from slimkit.pipeline.recipe import Recipe
+
     cfg = Distill(steps=steps, lr=lr, temperature=temperature, alpha=alpha, features=parse_features(features),
                   relational=relational)
     before = student_steps(student)
@@ -230,6 +243,12 @@ def factorize(task: Optional[str] = TASK, model: Optional[str] = MODEL, weights:
               threads: Optional[int] = typer.Option(None, help="threads to pin while training and timing"),
               out: Path = typer.Option(Path("runs/factorize"), help="output directory")) -> None:
     """Factorize a task's model (SVD, Tucker-2, CP), recover, measure against the original, report."""
+    from slimkit.core.config import BaseConfig
+    from slimkit.distill.distiller import Distill
+    from slimkit.factorize import CP, SVD, Tucker
+    from slimkit.factorize.layers import chosen_layers
+    from slimkit.train.recover import Finetune
+
     if method not in FACTORIZE_METHODS:
         raise SlimkitError(f"unknown factorization method {method!r}", f"use one of {', '.join(FACTORIZE_METHODS)}")
     if method != "svd" and energy is not None:
@@ -270,6 +289,10 @@ def apply_steps(recipe: Optional[Path] = typer.Argument(None, help="recipe.yaml 
                 threads: Optional[int] = typer.Option(None, help="threads to pin while training and timing"),
                 out: Path = typer.Option(Path("runs/apply"), help="output directory")) -> None:
     """Apply a recipe file, or steps of any registered technique, to a task's model; measure, save, report."""
+    from slimkit import zoo
+    from slimkit.pipeline.recipe import Recipe
+    from slimkit.pipeline.run import run_recipe
+
     if (recipe is None) == (not step):
         raise SlimkitError("give either a recipe file or --step options", "e.g. slimkit apply --step int8-dynamic")
     given = task_spec(task, None, model, weights, data, input_shape, metric)

@@ -105,6 +105,20 @@ _TECHNIQUES: dict[str, Technique] = {}
 _LAYER_CLASSES: dict[str, type[nn.Module]] = {}
 _BUILDERS: dict[str, Callable[..., nn.Module]] = {}
 _LAZY_BUILDERS: dict[str, str] = {}
+#: The built-in technique families, imported by the first lookup (``import slimkit`` itself stays light,
+#: so the command line can answer ``--help`` without torch); names of slimkit modules, never from a file.
+BUILTIN_FAMILIES = ("slimkit.architecture", "slimkit.distill", "slimkit.factorize", "slimkit.nas", "slimkit.prune",
+                    "slimkit.quantize", "slimkit.train", "slimkit.zoo")
+_builtins_imported = False
+
+
+def _import_builtins() -> None:
+    """Register every built-in technique, layer class and builder before the first lookup answers."""
+    global _builtins_imported
+    if not _builtins_imported:
+        _builtins_imported = True  # first: a family's own import may look things up (it sees what is there so far)
+        for module in BUILTIN_FAMILIES:
+            importlib.import_module(module)
 
 
 def add_technique(tech: Technique) -> None:
@@ -127,6 +141,7 @@ def remove_technique(name: str) -> None:
 
 def technique_named(name: str) -> Technique:
     """The technique of a recipe type name; unknown names are a one-line error listing the known ones."""
+    _import_builtins()
     if name not in _TECHNIQUES:
         raise SlimkitError(f"unknown technique type {name!r}",
                            f"use one of: {', '.join(sorted(_TECHNIQUES)) or '(none registered)'}")
@@ -134,6 +149,7 @@ def technique_named(name: str) -> Technique:
 
 
 def technique_of(config_type: type) -> Technique:
+    _import_builtins()
     for klass in config_type.__mro__:
         name = getattr(klass, "type_name", "")
         if name in _TECHNIQUES and _TECHNIQUES[name].config is klass:
@@ -144,6 +160,7 @@ def technique_of(config_type: type) -> Technique:
 
 def all_techniques() -> list[Technique]:
     """Every registered technique, in stage order."""
+    _import_builtins()
     return sorted(_TECHNIQUES.values(), key=lambda t: (STAGES.index(t.stage), t.name))
 
 
@@ -183,6 +200,7 @@ def layer_class(name: str) -> Callable[[type[nn.Module]], type[nn.Module]]:
 
 
 def layer_class_named(name: str) -> type[nn.Module] | None:
+    _import_builtins()
     return _LAYER_CLASSES.get(name)
 
 
@@ -215,6 +233,7 @@ def build_registered(name: str, kwargs: Mapping[str, Any], *, what: str = "artif
     Builders that wrap another (early exits, encoder subnets) name their inner builder the same
     way, so every lookup goes through here.
     """
+    _import_builtins()
     if name not in _BUILDERS and name in _LAZY_BUILDERS:
         importlib.import_module(_LAZY_BUILDERS[name])  # a slimkit module, never a name from the file
     if name not in _BUILDERS:
