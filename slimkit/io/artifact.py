@@ -155,9 +155,18 @@ def load_state(path: str | os.PathLike[str]) -> dict[str, torch.Tensor]:
     if path.is_file() or (not path.exists() and not path.is_symlink()):
         weights = _Weights(path, None, str(path))
         return _bounded_tensors(weights)
-    with reading(path) as snap:
-        meta = check.read_sidecar(snap.fd, str(snap.directory / META))
-        return _bounded_tensors(_Weights(snap.directory / WEIGHTS, meta, str(path)))
+    for _ in range(10):
+        with reading(path) as snap:
+            try:
+                meta = check.read_sidecar(snap.fd, str(snap.directory / META))
+                state = _bounded_tensors(_Weights(snap.directory / WEIGHTS, meta, str(path)))
+            except SlimkitError:
+                if snap.still_current():
+                    raise
+                continue
+            if snap.still_current():  # else a plain directory was swapped mid-read: read again
+                return state
+    raise SlimkitError(f"{path} kept changing while it was read", "retry when the saves to it have finished")
 
 
 def _bounded_tensors(weights: _Weights) -> dict[str, torch.Tensor]:
@@ -176,8 +185,13 @@ def load(path: str | os.PathLike[str], model: nn.Module | None = None) -> nn.Mod
     path = Path(path)
     for _ in range(10):
         with reading(path) as snap:
-            loaded = _load_version(snap, model)
-            if snap.still_current():  # else a plain directory was swapped away mid-read: read again
+            try:
+                loaded = _load_version(snap, model)
+            except SlimkitError:
+                if snap.still_current():
+                    raise
+                continue  # a plain directory was swapped for a version mid-read: what we read was mixed
+            if snap.still_current():
                 return loaded
     raise SlimkitError(f"{path} kept changing while it was read", "retry when the saves to it have finished")
 
