@@ -50,11 +50,13 @@ def special_modules(model: nn.Module) -> dict[str, dict[str, Any]]:
 
 
 def save(model: nn.Module, path: str | os.PathLike[str], *, recipe: list[dict[str, Any]] | None = None,
-         extra: Mapping[str, Any] | None = None, sparse: bool | None = None) -> Path:
+         extra: Mapping[str, Any] | None = None, sparse: bool | None = None, durable: bool = True) -> Path:
     """Write ``model`` as an artifact at ``path`` (replacing one that is there).
 
     ``sparse=None`` stores a mostly-zero tensor (pruned weights) sparsely when that saves at
     least a quarter of its bytes; ``True`` whenever it saves anything; ``False`` never.
+    ``durable=False`` skips the fsyncs (an artifact written only to be measured and deleted):
+    a killed process still leaves the old or the new artifact, a power cut may not.
     """
     path = Path(path)
     logical = _contiguous_state(model)
@@ -84,7 +86,7 @@ def save(model: nn.Module, path: str | os.PathLike[str], *, recipe: list[dict[st
         _write_new(directory / META, json.dumps(meta, default=str).encode())  # compact: its bytes count in the size
         step("sidecar_written")
 
-    return replace_artifact(path, write)
+    return replace_artifact(path, write, durable=durable)
 
 
 def _write_new(file: Path, data: bytes) -> None:

@@ -38,8 +38,6 @@ SAVE_STEPS = ("locked", "cleaned", "weights_written", "sidecar_written", "synced
               "swapped", "retired")
 #: Called with each step name as a save reaches it; crash-consistency tests end the process there.
 step_hook: Callable[[str], None] | None = None
-#: fsync files and directories before the swap, so a power cut also leaves old or new (not empty files).
-DURABLE = True
 _TOKEN = r"[0-9a-f]{32}"
 _LEGACY_TEMP = re.compile(r"[a-z0-9_]{8}|old-\d+")  # temp names of the plain-directory saves before this scheme
 
@@ -105,24 +103,25 @@ def remove_unless_read(entry: Path) -> bool:
     return True
 
 
-def replace_artifact(path: Path, write: Callable[[Path], None]) -> Path:
+def replace_artifact(path: Path, write: Callable[[Path], None], *, durable: bool = True) -> Path:
     """Run ``write(directory)`` on a fresh version directory and make it the artifact at ``path``.
 
     Saves to one path from several processes take turns (an exclusive lock); a crash at any
     point leaves ``path`` naming the old artifact or the new one, and the next save cleans up.
+    ``durable`` also fsyncs files and directories before the swap, so a power cut does too.
     """
     path.parent.mkdir(parents=True, exist_ok=True)
     current_version(path)  # refuses a plain file before anything is written
     try:
         with file_lock(_sibling(path, "lock")):
-            _replace_locked(path, write)
+            _replace_locked(path, write, durable)
     except PermissionError as exc:
         raise SlimkitError(f"cannot write {exc.filename or path} (permission denied)",
                            "choose a directory you can write to") from None
     return path
 
 
-def _replace_locked(path: Path, write: Callable[[Path], None]) -> None:
+def _replace_locked(path: Path, write: Callable[[Path], None], durable: bool) -> None:
     step("locked")
     current = current_version(path)
     for entry in _stale(path, current):
@@ -133,14 +132,18 @@ def _replace_locked(path: Path, write: Callable[[Path], None]) -> None:
     os.mkdir(version)  # 0777 minus the umask, like any directory
     try:
         write(version)
-        if DURABLE:
+        if durable:
             for name in (WEIGHTS, META):
                 _fsync_file(version / name)
             fsync_dir(version)
         step("synced")
-        os.symlink(version.name, link)  # relative: the pair can be moved or copied together
+        try:
+            os.symlink(version.name, link)  # relative: the pair can be moved or copied together
+            entry = link
+        except OSError:  # a file system without symbolic links: the version directory takes the path itself
+            entry = version
         step("linked")
-        retired = _swap(link, path, current)
+        retired = _swap(entry, path, current)
     except BaseException:
         with contextlib.suppress(FileNotFoundError):
             if link.is_symlink():
@@ -149,7 +152,7 @@ def _replace_locked(path: Path, write: Callable[[Path], None]) -> None:
             shutil.rmtree(version, ignore_errors=True)
         raise
     step("swapped")
-    if DURABLE:
+    if durable:
         fsync_dir(path.parent)
     if retired is not None:
         remove_unless_read(retired)
@@ -157,7 +160,8 @@ def _replace_locked(path: Path, write: Callable[[Path], None]) -> None:
 
 
 def _swap(link: Path, path: Path, current: Path | None) -> Path | None:
-    """Put ``link`` at ``path`` in one step; returns what the path held before (to delete)."""
+    """Put ``link`` (a symlink, or a directory) at ``path`` in one step; returns what the path held
+    before, to delete."""
     if path.is_symlink() or not path.exists():
         os.replace(link, path)
         return current

@@ -36,7 +36,7 @@ def _model(value: float) -> nn.Module:
 def _value(path: Path) -> float:
     """The value a loaded artifact was saved with; weight and bias from one save (never a mix)."""
     back = sk.load(path, model=nn.Linear(4, 4))
-    value = back.weight[0, 0]
+    value = back.weight.detach()[0, 0]
     assert bool((back.weight == value).all()) and bool((back.bias == value).all())
     return float(value)
 

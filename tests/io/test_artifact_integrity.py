@@ -265,3 +265,19 @@ def test_artifacts_saved_as_plain_directories_load_and_are_replaced(tmp_path, mo
     assert again.is_symlink() and torch.equal(sk.load(again)(x), other(x))
     assert sorted(p.name for p in tmp_path.iterdir() if p.name.startswith(".again.")) == \
         [".again.lock", os.readlink(again)]
+
+
+def test_without_symbolic_links_the_version_directory_takes_the_path(tmp_path, monkeypatch):
+    from slimkit.io import artifact_store
+
+    def no_links(*args, **kwargs):
+        raise OSError(1, "Operation not permitted")
+
+    monkeypatch.setattr(artifact_store.os, "symlink", no_links)
+    x = torch.randn(2, 1, 8, 8)
+    for width in (16, 8):
+        model = build_model(width=width).eval()
+        path = sk.save(model, tmp_path / "m")
+        assert path.is_dir() and not path.is_symlink()
+        assert torch.equal(sk.load(path)(x), model(x))
+    assert sorted(p.name for p in tmp_path.iterdir()) == [".m.lock", "m"]
