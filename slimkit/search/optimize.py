@@ -259,7 +259,7 @@ def optimize(task: Task | str, target: Target, *, trials: int = 30, time_budget:
                     step_closest(st, target, records_from_study(st))
 
                 run_trials(st, objective, trials, budget=budget, reserve_s=finish_reserve(baseline.seconds),
-                                  on_trial=after_trial)
+                           on_trial=after_trial)
             phases["trials"] = time.monotonic() - lap
             fault_point("trials done")
             return finish(st, task, target, baseline, sens, name, url, out_dir, budget.start, seed=seed,
