@@ -30,6 +30,7 @@ from slimkit.pipeline.comparison import comparison_report, summary, time_togethe
 from slimkit.pipeline.recipe import Recipe
 from slimkit.report import Report
 from slimkit.runtime import backend_reason
+from slimkit.runtime.onnx_file import keep_onnx
 from slimkit.train.finetune import checkpointing
 
 log_console = Console()
@@ -96,13 +97,17 @@ def run_recipe(task: Task, recipe: Recipe, out: str | Path, *, title: str, label
     io.save(model, out / "model", recipe=[c.to_dict() for c in recipe.steps],
             extra={"task": task.name, "seed": recipe.seed, "backend": final.backend})
     recipe.save(out / "recipe.yaml")
+    onnx = keep_onnx(final.runnable, out)  # the file that was measured, deployable with onnxruntime alone
     reload_diff = _reload_diff(model, out / "model", task)
     report = _report(title, task, recipe, models, candidates, compute, backend, reload_diff)
     report.data["speed"] = timed.to_dict()
+    report.data["onnx"] = str(onnx) if onnx else f"none: {backend_reason(model, backend)}"
     path = report.write(out)
     console.print(summary(candidates[0], final) + f", params {candidates[0].profile.params_total:,} -> "
                   f"{final.profile.params_total:,} ({final.profile.artifact_bytes / max(final.profile.params_total, 1):.2f}"
                   " bytes/param)")
+    if onnx:
+        console.print(f"[green]onnx[/] {onnx} (the measured file; inputs and outputs in {onnx.name}.json)")
     console.print(f"[green]report[/] {path}")
     return RunResult(model=model, recipe=recipe, candidates=candidates, report=path, out=out)
 

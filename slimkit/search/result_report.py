@@ -31,6 +31,7 @@ from slimkit.pipeline.recipe import Recipe
 from slimkit.prune.plots import sparsity_heatmap
 from slimkit.report import Report
 from slimkit.report.html import pyplot_or_none
+from slimkit.runtime.onnx_file import keep_onnx
 from slimkit.search.result import OptimizeResult, write_result
 from slimkit.train.masks import PRUNABLE
 
@@ -69,6 +70,8 @@ def write_report(result: OptimizeResult, task: Task) -> Path:
                                             [], task, threads=threads))
     if len(candidates) > 1:
         result.speed = confirmed_speed(result, task, candidates)
+        onnx = keep_onnx(candidates[-1].runnable, out, BEST_ONNX)  # the best as measured, for onnxruntime alone
+        result.speed["onnx"] = str(onnx) if onnx else None
     data = result.to_dict()
     data["environment"] = environment(threads)
     verdict = ("best: " + result.best.label()) if result.best else "no candidate met the target"
@@ -205,6 +208,10 @@ def _pareto_plot(r: Report, result: OptimizeResult, task: Task) -> None:
     r.figure(fig, "Pareto front")
 
 
+#: The best candidate's measured ONNX file in the run directory (when it runs on ONNX Runtime).
+BEST_ONNX = "best.onnx"
+
+
 def confirmed_speed(result: OptimizeResult, task: Task, candidates: list[Candidate]) -> dict[str, Any]:
     """The original and the best timed together at the end of the run, and the latency limit checked
     against that timing (a relative limit against the re-timed original, not the first timing)."""
@@ -263,4 +270,6 @@ def print_summary(result: OptimizeResult) -> None:
         for hint in r.hints:
             console.print(f"  - {hint}")
     if r.out is not None:
+        if r.speed and r.speed.get("onnx"):
+            console.print(f"[green]onnx[/] {r.speed['onnx']} (the best as measured; runs with onnxruntime alone)")
         console.print(f"[green]report[/] {Path(r.out) / 'report.html'}")

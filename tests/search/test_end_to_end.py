@@ -39,6 +39,8 @@ def test_digits_search_saves_a_replayable_best(digits_task, tmp_path, one_thread
     assert isinstance(speed["latency_confirmed"], bool) and "re-timed together with the original" in speed["latency_check"]
     assert speed["vs_original"]["low"] <= speed["vs_original"]["ratio"] <= speed["vs_original"]["high"]
     assert set(speed["timings"]["timings"]) >= {"original", f"1: best (trial {result.best.number})"}
+    if m.backend == "onnxruntime":  # the measured file is kept beside best/
+        assert speed["onnx"] == str(tmp_path / "best.onnx") and (tmp_path / "best.onnx.json").is_file()
     html = (tmp_path / "report.html").read_text()
     assert "Pareto front" in html and "data:image/png;base64" in html and "Environment" in html
     # where the time went: each trial's steps and measurements add up to (at most) its seconds

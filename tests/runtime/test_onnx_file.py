@@ -1,0 +1,82 @@
+"""The measured ONNX file is kept beside the artifact and runs with onnxruntime and numpy alone."""
+
+from __future__ import annotations
+
+import json
+import subprocess
+import sys
+
+import numpy as np
+import pytest
+import torch
+import torch.nn as nn
+
+pytest.importorskip("onnxruntime")
+
+import slimkit as sk  # noqa: E402
+from slimkit.pipeline.recipe import Recipe  # noqa: E402
+from slimkit.pipeline.run import run_recipe  # noqa: E402
+from slimkit.runtime import build  # noqa: E402
+from slimkit.runtime.onnx_file import ONNX_FILE, SIDECAR, keep_onnx  # noqa: E402
+
+#: Runs model.onnx in a fresh interpreter where importing torch or slimkit fails: only onnxruntime + numpy.
+BARE = """
+import sys, json, importlib.abc
+class Block(importlib.abc.MetaPathFinder):
+    def find_spec(self, name, path, target=None):
+        if name.split(".")[0] in ("torch", "slimkit"):
+            raise ImportError("blocked: " + name)
+sys.meta_path.insert(0, Block())
+import numpy as np, onnxruntime as ort
+path, inputs = sys.argv[1], np.load(sys.argv[2])
+session = ort.InferenceSession(path, providers=["CPUExecutionProvider"])
+feeds = {i.name: inputs[i.name] for i in session.get_inputs()}
+np.save(sys.argv[3], session.run(None, feeds)[0])
+"""
+
+
+def _net() -> nn.Module:
+    torch.manual_seed(0)
+    return nn.Sequential(nn.Conv2d(3, 16, 3, padding=1), nn.ReLU(), nn.Flatten(), nn.Linear(16 * 8 * 8, 10)).eval()
+
+
+def _run_bare(onnx_path, feeds: dict[str, np.ndarray], tmp_path) -> np.ndarray:
+    np.savez(tmp_path / "in.npz", **feeds)
+    subprocess.run([sys.executable, "-c", BARE, str(onnx_path), str(tmp_path / "in.npz"), str(tmp_path / "out.npy")],
+                   check=True, timeout=120)
+    return np.load(tmp_path / "out.npy")
+
+
+@pytest.mark.parametrize("config", [lambda: sk.quantize.Int8(), lambda: sk.quantize.Int8(activations="static"),
+                                    lambda: None])
+def test_the_kept_file_gives_the_measured_outputs_without_torch(config, tmp_path):
+    model, x = _net(), torch.randn(4, 3, 8, 8)
+    task = sk.Task(name="t", model=model, example=(x,), eval=[], metric=lambda run, data: 0.0,
+                   calib=[(torch.randn(4, 3, 8, 8),) for _ in range(4)])
+    q = sk.apply(model, config(), task) if config() is not None else model
+    runnable = build(q, "onnxruntime", (x,), threads=1)
+    path = keep_onnx(runnable, tmp_path / "art")
+    sidecar = json.loads((tmp_path / "art" / SIDECAR).read_text())
+    assert path == tmp_path / "art" / ONNX_FILE and [i["name"] for i in sidecar["inputs"]] == ["input"]
+    assert isinstance(sidecar["inputs"][0]["shape"][0], str)  # the batch axis is dynamic, named
+    y = torch.randn(7, 3, 8, 8)  # another batch size than the example's
+    got = _run_bare(path, {"input": y.numpy()}, tmp_path)
+    assert np.abs(got - runnable(y).numpy()).max() < 1e-5  # the same file the measured session ran
+
+
+def test_a_torch_served_model_keeps_no_onnx_file_and_an_old_one_is_removed(tmp_path):
+    (tmp_path / ONNX_FILE).write_bytes(b"stale")
+    assert keep_onnx(_net(), tmp_path) is None and not (tmp_path / ONNX_FILE).exists()
+
+
+def test_a_command_run_on_onnx_runtime_leaves_model_onnx_in_its_out(digits_task, tmp_path, one_thread):
+    recipe = Recipe.from_steps([sk.quantize.Int8().to_dict()], task="digits")
+    result = run_recipe(digits_task, recipe, tmp_path, title="t", threads=1)
+    assert result.candidates[-1].backend == "onnxruntime"
+    x = digits_task.example[0]
+    got = _run_bare(tmp_path / ONNX_FILE, {"input": x.numpy()}, tmp_path)
+    with torch.inference_mode():
+        reference = result.candidates[-1].runnable(x).numpy()
+    assert np.abs(got - reference).max() < 1e-5
+    report = json.loads((tmp_path / "report.json").read_text())
+    assert report["onnx"] == str(tmp_path / ONNX_FILE)
