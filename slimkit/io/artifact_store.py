@@ -73,12 +73,20 @@ def _stale(path: Path, keep: Path | None) -> list[Path]:
         if not entry.name.startswith(prefix) or (keep is not None and entry.name == keep.name):
             continue
         rest = entry.name[len(prefix):]
-        if re.fullmatch(rf"(v|link)-{_TOKEN}|old", rest):
+        if _ours(path, entry):
             out.append(entry)
         elif _LEGACY_TEMP.fullmatch(rest) and entry.is_dir() and not entry.is_symlink() \
                 and {p.name for p in entry.iterdir()} <= {WEIGHTS, META}:
             out.append(entry)
     return out
+
+
+def _ours(path: Path, entry: Path) -> bool:
+    """Whether ``entry`` is a version, temporary link or moved-aside directory of the artifact at ``path``
+    (never a directory elsewhere that a user's own symlink at ``path`` pointed to)."""
+    prefix = f".{path.name}."
+    return entry.parent == path.parent and entry.name.startswith(prefix) and \
+        re.fullmatch(rf"(v|link)-{_TOKEN}|old", entry.name[len(prefix):]) is not None
 
 
 def remove_unless_read(entry: Path) -> bool:
@@ -154,7 +162,7 @@ def _replace_locked(path: Path, write: Callable[[Path], None], durable: bool) ->
     step("swapped")
     if durable:
         fsync_dir(path.parent)
-    if retired is not None:
+    if retired is not None and _ours(path, retired):
         remove_unless_read(retired)
     step("retired")
 

@@ -281,3 +281,13 @@ def test_without_symbolic_links_the_version_directory_takes_the_path(tmp_path, m
         assert path.is_dir() and not path.is_symlink()
         assert torch.equal(sk.load(path)(x), model(x))
     assert sorted(p.name for p in tmp_path.iterdir()) == [".m.lock", "m"]
+
+
+def test_saving_over_a_users_own_symlink_leaves_its_target_alone(tmp_path):
+    elsewhere = sk.save(nn.Linear(2, 2), tmp_path / "shared" / "best")
+    target = elsewhere.parent / os.readlink(elsewhere)
+    (tmp_path / "run").mkdir()
+    (tmp_path / "run" / "best").symlink_to(target)  # a link the user made, to a directory elsewhere
+    sk.save(nn.Linear(2, 3), tmp_path / "run" / "best")
+    assert io.load_state(tmp_path / "run" / "best")["weight"].shape == (3, 2)
+    assert io.load_state(elsewhere)["weight"].shape == (2, 2)  # the linked directory was not deleted
