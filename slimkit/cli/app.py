@@ -14,7 +14,9 @@ import typer
 from typer.core import TyperGroup
 
 from slimkit.cli.numeric_options import check_numbers
-from slimkit.cli.out_guard import check_file_target, guarded_out
+from slimkit.cli.out_guard import check_file_target, check_fresh_out, guarded_out
+from slimkit.cli.run_summary import console_on_stderr, print_json
+from slimkit.cli.user_errors import describe, user_frame
 from slimkit.cli.task_options import DATA, INPUT_SHAPE, METRIC, MODEL, TASK, WEIGHTS, load_task
 from slimkit.core.errors import SlimkitError
 
@@ -72,26 +74,52 @@ def _print_version(value: bool) -> None:
         raise typer.Exit(0)
 
 
+#: Options given before the command (``slimkit --debug quantize ...``), set on every invocation.
+SETTINGS = {"debug": False}
+
+
 @app.callback()
 def _options(version: bool = typer.Option(False, "--version", is_eager=True, callback=_print_version,
-                                          help="print slimkit's version and exit")) -> None:
+                                          help="print slimkit's version and exit"),
+             debug: bool = typer.Option(False, "--debug", help="an error in your own task or model code: show the "
+                                        "full traceback, not its line and frame")) -> None:
     """Make trained PyTorch models smaller and faster, with measurements."""
+    SETTINGS["debug"] = debug
 
 
 def _friendly(fn: Callable[..., Any]) -> Callable[..., Any]:
-    """Check every numeric option, then hold ``--out`` (writable, locked), then run; errors are one line."""
+    """Check every numeric option, refuse an ``--out`` that holds a previous run (unless ``--overwrite`` /
+    ``--resume``), hold ``--out`` (writable, locked), then run. Errors are one line (exit 2); an exception from the
+    user's own code is its line and frame (exit 1; the full traceback with ``--debug``). With ``--json`` the
+    run prints to stderr and the summary the command returns is the only thing on stdout."""
 
     @functools.wraps(fn)
-    def wrapper(*args: Any, **kwargs: Any) -> Any:
+    def wrapper(*args: Any, **kwargs: Any) -> None:
+        as_json = bool(kwargs.get("as_json"))
         try:
             check_numbers(kwargs)
+            out = kwargs.get("out")
+            if isinstance(out, Path) and "overwrite" in kwargs:
+                check_fresh_out(out, overwrite=kwargs["overwrite"], resume=kwargs.get("resume"))
             with contextlib.ExitStack() as held:
-                if isinstance(kwargs.get("out"), Path):
-                    held.enter_context(guarded_out(kwargs["out"]))
-                return fn(*args, **kwargs)
+                if isinstance(out, Path):
+                    held.enter_context(guarded_out(out))
+                with console_on_stderr(as_json):
+                    summary = fn(*args, **kwargs)
         except SlimkitError as exc:
             typer.echo(f"error: {exc}", err=True)
             raise typer.Exit(2) from None
+        except (typer.Exit, _CLICK_ERROR):
+            raise
+        except Exception as exc:
+            frame = user_frame(exc.__traceback__)
+            if frame is None or SETTINGS["debug"]:
+                raise  # slimkit's or a library's own failure: the whole traceback is the useful report
+            for line in describe(exc, frame):
+                typer.echo(line, err=True)
+            raise typer.Exit(1) from None
+        if as_json and summary is not None:
+            print_json(summary)
 
     return wrapper
 

@@ -13,6 +13,12 @@ files. :func:`guarded_out` therefore, before the command does anything else:
    read-only place, a full disk or a file-size limit.
 
 On a failed command the directories it created stay only if something was written into them.
+
+Before all that, :func:`check_fresh_out` refuses an ``--out`` that already holds a run (or anything
+else), unless ``--overwrite`` is given: a rerun no longer silently replaces the previous results.
+Two things are not a previous run: names starting with ``.`` (lock and probe files) and
+``checkpoints/``, what a killed technique command leaves for the same command to resume from.
+``slimkit optimize --resume`` continues the run in its ``--out`` by definition.
 """
 
 from __future__ import annotations
@@ -23,6 +29,8 @@ import os
 import tempfile
 from pathlib import Path
 from typing import Iterator
+
+import typer
 
 from slimkit.core.errors import SlimkitError
 
@@ -51,6 +59,61 @@ def guarded_out(out: Path, option: str = "--out", *, create: bool = True) -> Ite
     except BaseException:
         _remove_empty(created)
         raise
+
+
+OVERWRITE = typer.Option(False, "--overwrite", help="write into --out even when it holds a previous run")
+#: Entries of --out that are not a finished run: an unfinished technique run resumes from its checkpoints.
+RESUMABLE = ("checkpoints",)
+
+
+def check_fresh_out(out: Path, *, overwrite: bool, resume: bool | None = None, option: str = "--out") -> None:
+    """Refuse an ``out`` that holds a previous run, unless ``overwrite`` (or ``resume``) says to go on.
+
+    ``resume`` is None for commands without ``--resume``. Runs before :func:`guarded_out` and changes
+    nothing, not even the directory's modification time; a run still writing there is named as such.
+    """
+    if overwrite and resume:
+        raise SlimkitError("--overwrite and --resume contradict each other",
+                           f"give --resume to continue the run in {option}, or --overwrite to start it again")
+    out = Path(out).expanduser().resolve()
+    if overwrite or resume or not out.is_dir():
+        return
+    held = sorted(p.name for p in out.iterdir() if not p.name.startswith(".") and p.name not in RESUMABLE)
+    if held:
+        holder = _lock_holder(out)
+        if holder is not None:
+            raise _busy(out, holder, option)
+        shown = ", ".join(held[:3]) + (", ..." if len(held) > 3 else "")
+        also = ", --resume to continue it," if resume is not None else ""
+        raise SlimkitError(f"{option} {out} is not empty (it holds {shown})",
+                           f"pass --overwrite to replace what is there{also} or give {option} another directory")
+
+
+def _lock_candidates(out: Path) -> list[Path]:
+    return [out.parent / f".{out.name or 'root'}{LOCK_SUFFIX}", out / LOCK_SUFFIX]
+
+
+def _lock_holder(out: Path) -> Path | None:
+    """The lock file of a run writing ``out`` now, if any; found without creating anything."""
+    for path in _lock_candidates(out):
+        try:
+            fd = os.open(path, os.O_RDONLY | os.O_CLOEXEC)
+        except OSError:
+            continue
+        try:
+            fcntl.flock(fd, fcntl.LOCK_SH | fcntl.LOCK_NB)  # refused only while a run holds it exclusively
+        except BlockingIOError:
+            return path
+        except OSError:
+            continue
+        finally:
+            os.close(fd)  # drops the shared lock at once
+    return None
+
+
+def _busy(out: Path, path: Path, option: str) -> SlimkitError:
+    return SlimkitError(f"another slimkit run is writing {option} {out} (it holds {path})",
+                        f"wait for it to finish, or give {option} another directory")
 
 
 def check_file_target(path: Path, option: str) -> None:
@@ -91,7 +154,7 @@ def _exclusive_lock(out: Path, option: str) -> Iterator[Path]:
 
 def _open_lock(out: Path, option: str) -> tuple[int, Path]:
     """An fd holding ``flock(LOCK_EX)`` on the lock file of ``out``, and that file's path."""
-    candidates = [out.parent / f".{out.name or 'root'}{LOCK_SUFFIX}", out / LOCK_SUFFIX]
+    candidates = _lock_candidates(out)
     last: OSError | None = None
     for path in candidates:
         if path.parent == out and not out.is_dir():
@@ -106,8 +169,7 @@ def _open_lock(out: Path, option: str) -> tuple[int, Path]:
                 fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
             except BlockingIOError:
                 os.close(fd)
-                raise SlimkitError(f"another slimkit run is writing {option} {out} (it holds {path})",
-                                   f"wait for it to finish, or give {option} another directory") from None
+                raise _busy(out, path, option) from None
             except OSError as exc:
                 os.close(fd)
                 last = exc
@@ -147,4 +209,4 @@ def _reason(exc: OSError) -> str:
     return os.strerror(exc.errno) if exc.errno else str(exc) or type(exc).__name__
 
 
-__all__ = ["LOCK_SUFFIX", "check_file_target", "guarded_out"]
+__all__ = ["LOCK_SUFFIX", "OVERWRITE", "RESUMABLE", "check_file_target", "check_fresh_out", "guarded_out"]

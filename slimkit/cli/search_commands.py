@@ -9,7 +9,8 @@ from typing import Optional
 import typer
 
 from slimkit.cli.app import _friendly, app
-from slimkit.cli.out_guard import guarded_out
+from slimkit.cli.out_guard import OVERWRITE, guarded_out
+from slimkit.cli.run_summary import JSON, optimize_summary
 from slimkit.cli.task_options import DATA, INPUT_SHAPE, METRIC, MODEL, TASK, WEIGHTS, load_task, task_spec
 from slimkit.core.errors import SlimkitError
 
@@ -35,7 +36,8 @@ def optimize(task: Optional[str] = TASK, model: Optional[str] = MODEL, weights: 
              out: Path = typer.Option(Path("runs/optimize"), help="run directory: study.db, best/, recipe, report"),
              storage: Optional[str] = typer.Option(None, help="database URL (default sqlite in --out)"),
              study: Optional[str] = typer.Option(None, help="study name in the storage"),
-             resume: bool = typer.Option(False, "--resume", help="continue a killed run of the same study")) -> None:
+             resume: bool = typer.Option(False, "--resume", help="continue a killed run of the same study"),
+             overwrite: bool = OVERWRITE, as_json: bool = JSON) -> Optional[dict]:
     """Search technique pipelines for the best model that fits the target; write best/, recipe.yaml, report."""
     from slimkit.core.registry import searchable
     from slimkit.core.target import Target
@@ -51,9 +53,12 @@ def optimize(task: Optional[str] = TASK, model: Optional[str] = MODEL, weights: 
     names = [n.strip() for n in techniques.split(",") if n.strip()] if techniques else None
     searchable(names)  # unknown technique names fail before any work
     t, spec = load_task(task, "digits", model, weights, data, input_shape, metric)
+    if overwrite and storage is None:  # a new search: the previous run's study is replaced, not resumed
+        (out / "study.db").unlink(missing_ok=True)
     result = run(t, target, trials=trials, time_budget=time_budget, strategy=strategy, storage=storage,
                  study=study, seed=seed, out=out, resume=resume, technique_names=names, task_spec=spec)
     print_summary(result)
+    return optimize_summary(result) if as_json else None
 
 
 @app.command()

@@ -14,8 +14,11 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Any, Optional
 
 import typer
+import yaml
 
 from slimkit.cli.app import _friendly, app
+from slimkit.cli.out_guard import OVERWRITE
+from slimkit.cli.run_summary import JSON, technique_summary
 from slimkit.cli.task_options import DATA, INPUT_SHAPE, METRIC, MODEL, TASK, WEIGHTS, load_task, task_spec
 from slimkit.core.errors import SlimkitError
 
@@ -29,6 +32,8 @@ FACTORIZE_METHODS = ("svd", "tucker", "cp")
 SCHEDULES = ("one-shot", "gradual")
 #: Evaluations during a command's recovery fine-tuning (the best-scoring weights are kept).
 RECOVERY_EVALS = 5
+#: command -> the word its report's title uses
+TITLES = {"quantize": "quantization", "prune": "pruning", "distill": "distillation", "factorize": "factorization"}
 
 
 def family_presets(family: str) -> dict[str, BaseConfig]:
@@ -66,13 +71,15 @@ def parse_step(text: str) -> BaseConfig:
     return BaseConfig.from_dict({"type": technique_named(head).name, **options})
 
 
-def _run(task: Task, steps: list[BaseConfig], out: Path, title: str, *, spec: str, seed: int = 0,
-         threads: int | None = None, **kwargs: Any) -> Path:
+def _run(command: str, task: Task, steps: list[BaseConfig], out: Path, *, spec: str, as_json: bool,
+         threads: int | None = None, **kwargs: Any) -> Optional[dict[str, Any]]:
+    """Run the recipe; with ``--json``, the summary for stdout (the console line's numbers)."""
     from slimkit.pipeline.recipe import Recipe
     from slimkit.pipeline.run import run_recipe
 
-    recipe = Recipe(steps=steps, task=spec, seed=seed)
-    return run_recipe(task, recipe, out, title=title, threads=threads, **kwargs).report
+    title = f"slimkit {TITLES[command]} — {task.name}"
+    result = run_recipe(task, Recipe(steps=steps, task=spec), out, title=title, threads=threads, **kwargs)
+    return technique_summary(command, task.name, result) if as_json else None
 
 
 def _needs_training(task: Task, what: str, labels: bool = True) -> None:
@@ -95,7 +102,8 @@ def quantize(task: Optional[str] = TASK, model: Optional[str] = MODEL, weights: 
              embedding_bits: Optional[int] = typer.Option(None, help="embedding tables: 8 (default) or 4"),
              method: Optional[str] = typer.Option(None, help="w4 rounding: rtn (default) or gptq (calibrated)"),
              threads: Optional[int] = typer.Option(None, help="threads to pin while timing"),
-             out: Path = typer.Option(Path("runs/quantize"), help="output directory")) -> None:
+             out: Path = typer.Option(Path("runs/quantize"), help="output directory"),
+            overwrite: bool = OVERWRITE, as_json: bool = JSON) -> Optional[dict[str, Any]]:
     """Quantize a task's model, run it on real integer kernels, measure it and write a report."""
     from slimkit.pipeline.comparison import with_options
 
@@ -106,7 +114,7 @@ def quantize(task: Optional[str] = TASK, model: Optional[str] = MODEL, weights: 
                        granularity=granularity, group_size=group_size, backend=backend, max_drop=max_drop,
                        embedding_bits=embedding_bits, method=method)
     t, spec = load_task(task, "mnist", model, weights, data, input_shape, metric)
-    _run(t, [cfg], out, f"slimkit quantization — {t.name}", spec=spec, threads=threads, label=config, compute=False)
+    return _run("quantize", t, [cfg], out, spec=spec, as_json=as_json, threads=threads, label=config, compute=False)
 
 
 @app.command()
@@ -131,7 +139,8 @@ def prune(task: Optional[str] = TASK, model: Optional[str] = MODEL, weights: Opt
           finetune_steps: int = typer.Option(0, help="fine-tuning steps after pruning, pruned weights kept out"),
           lr: Optional[float] = typer.Option(None, help="peak fine-tuning learning rate (default 1e-3)"),
           threads: Optional[int] = typer.Option(None, help="threads to pin while fine-tuning and timing"),
-          out: Path = typer.Option(Path("runs/prune"), help="output directory")) -> None:
+          out: Path = typer.Option(Path("runs/prune"), help="output directory"),
+            overwrite: bool = OVERWRITE, as_json: bool = JSON) -> Optional[dict[str, Any]]:
     """Prune a task's model, fine-tune it, measure it against the original and write a report."""
     from slimkit.pipeline.comparison import with_options
     from slimkit.prune import NM, Channels, Gradual, Magnitude
@@ -145,7 +154,8 @@ def prune(task: Optional[str] = TASK, model: Optional[str] = MODEL, weights: Opt
         raise SlimkitError(f"unknown schedule {schedule!r}", f"use one of {', '.join(SCHEDULES)}")
     if finetune_steps < 0:
         raise SlimkitError(f"finetune_steps={finetune_steps} is negative", "use 0 (no fine-tuning) or more")
-    cfg = with_options({"channels": Channels(), "magnitude": Magnitude(), "nm": NM()}[method], method, amount=amount, macs_ratio=macs_ratio, importance=importance,
+    base = {"channels": Channels(), "magnitude": Magnitude(), "nm": NM()}[method]
+    cfg = with_options(base, method, amount=amount, macs_ratio=macs_ratio, importance=importance,
                        round_to=round_to, scope=scope, allocation=allocation, latency_batch=latency_batch,
                        reconstruct=reconstruct, n=n, m=m, method=nm_method)
     if schedule == "gradual":
@@ -159,7 +169,8 @@ def prune(task: Optional[str] = TASK, model: Optional[str] = MODEL, weights: Opt
     t, spec = load_task(task, "digits", model, weights, data, input_shape, metric)
     if finetune_steps:
         _needs_training(t, "fine-tune")
-    _run(t, steps, out, f"slimkit pruning — {t.name}", spec=spec, threads=threads, label=f"pruned ({cfg.type_name})")
+    return _run("prune", t, steps, out, spec=spec, as_json=as_json, threads=threads,
+                label=f"pruned ({cfg.type_name})")
 
 
 def student_steps(spec: str) -> list[BaseConfig]:
@@ -210,7 +221,8 @@ def distill(task: Optional[str] = TASK, model: Optional[str] = MODEL, weights: O
             relational: float = typer.Option(0.0, help="weight of the relational (Gram matrix) loss"),
             compare: bool = typer.Option(True, help="also fine-tune the student on labels alone, same budget"),
             threads: Optional[int] = typer.Option(None, help="threads to pin while training and timing"),
-            out: Path = typer.Option(Path("runs/distill"), help="output directory")) -> None:
+            out: Path = typer.Option(Path("runs/distill"), help="output directory"),
+            overwrite: bool = OVERWRITE, as_json: bool = JSON) -> Optional[dict[str, Any]]:
     """Distill a task's model into a student, compare with plain fine-tuning, write a report."""
     from slimkit.distill.distiller import Distill
     from slimkit.pipeline.recipe import Recipe
@@ -223,8 +235,8 @@ def distill(task: Optional[str] = TASK, model: Optional[str] = MODEL, weights: O
     if compare and t.loss is not None:  # the same student, seed and budget on the hard labels alone
         plain = dataclasses.replace(cfg, alpha=0.0, features=(), relational=0.0, output="logits")
         controls[f"fine-tuned {steps} steps"] = Recipe(steps=before + [plain], task=spec)
-    _run(t, before + [cfg], out, f"slimkit distillation — {t.name}", spec=spec, threads=threads,
-         label=f"distilled {steps} steps", controls=controls, intermediate=bool(before))
+    return _run("distill", t, before + [cfg], out, spec=spec, as_json=as_json, threads=threads,
+                label=f"distilled {steps} steps", controls=controls, intermediate=bool(before))
 
 
 @app.command()
@@ -241,7 +253,8 @@ def factorize(task: Optional[str] = TASK, model: Optional[str] = MODEL, weights:
               distill: bool = typer.Option(False, "--distill", help="recover by distilling from the original"),
               lr: Optional[float] = typer.Option(None, help="peak recovery learning rate (default 1e-3)"),
               threads: Optional[int] = typer.Option(None, help="threads to pin while training and timing"),
-              out: Path = typer.Option(Path("runs/factorize"), help="output directory")) -> None:
+              out: Path = typer.Option(Path("runs/factorize"), help="output directory"),
+            overwrite: bool = OVERWRITE, as_json: bool = JSON) -> Optional[dict[str, Any]]:
     """Factorize a task's model (SVD, Tucker-2, CP), recover, measure against the original, report."""
     from slimkit.core.config import BaseConfig
     from slimkit.distill.distiller import Distill
@@ -272,8 +285,8 @@ def factorize(task: Optional[str] = TASK, model: Optional[str] = MODEL, weights:
             raise SlimkitError(f"task {t.name!r} has no labels to fine-tune on", "add --distill (needs no labels)")
         steps.append(Distill(steps=finetune_steps, lr=lr or 1e-3, alpha=0.5) if distill
                      else Finetune(steps=finetune_steps, lr=lr or 1e-3))
-    _run(t, steps, out, f"slimkit factorization — {t.name}", spec=spec, threads=threads,
-         label=f"factorized ({cfg.type_name})", intermediate=len(steps) > 1)
+    return _run("factorize", t, steps, out, spec=spec, as_json=as_json, threads=threads,
+                label=f"factorized ({cfg.type_name})", intermediate=len(steps) > 1)
 
 
 @app.command("apply")
@@ -287,7 +300,8 @@ def apply_steps(recipe: Optional[Path] = typer.Argument(None, help="recipe.yaml 
                 input_shape: Optional[str] = INPUT_SHAPE, metric: str = METRIC,
                 seed: int = typer.Option(0, help="seed of a recipe given by --step"),
                 threads: Optional[int] = typer.Option(None, help="threads to pin while training and timing"),
-                out: Path = typer.Option(Path("runs/apply"), help="output directory")) -> None:
+                out: Path = typer.Option(Path("runs/apply"), help="output directory"),
+            overwrite: bool = OVERWRITE, as_json: bool = JSON) -> Optional[dict[str, Any]]:
     """Apply a recipe file, or steps of any registered technique, to a task's model; measure, save, report."""
     from slimkit import zoo
     from slimkit.pipeline.recipe import Recipe
@@ -305,4 +319,5 @@ def apply_steps(recipe: Optional[Path] = typer.Argument(None, help="recipe.yaml 
         r, spec = Recipe(steps=[parse_step(s) for s in step or []], task=given, seed=seed), given
     r = dataclasses.replace(r, task=spec)
     t = zoo.load(spec)
-    run_recipe(t, r, out, title=f"slimkit apply — {t.name}", threads=threads)
+    result = run_recipe(t, r, out, title=f"slimkit apply — {t.name}", threads=threads)
+    return technique_summary("apply", t.name, result) if as_json else None

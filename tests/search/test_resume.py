@@ -34,9 +34,10 @@ def _states(db: Path) -> dict[str, int]:
 @pytest.mark.slow
 def test_sigkill_mid_trial_then_resume(tmp_path):
     env = {**os.environ, "OMP_NUM_THREADS": "1"}
+    out = tmp_path / "run"  # the log sits beside it: slimkit refuses an --out that already holds files
     log = (tmp_path / "first.log").open("w")
-    proc = subprocess.Popen(_cli(tmp_path), env=env, stdout=log, stderr=subprocess.STDOUT)
-    db = tmp_path / "study.db"
+    proc = subprocess.Popen(_cli(out), env=env, stdout=log, stderr=subprocess.STDOUT)
+    db = out / "study.db"
     deadline = time.monotonic() + 240
     killed_with: dict[str, int] = {}
     while time.monotonic() < deadline and proc.poll() is None:
@@ -56,10 +57,10 @@ def test_sigkill_mid_trial_then_resume(tmp_path):
     after_kill = _states(db)
     assert after_kill.get("RUNNING") == 1 and after_kill.get("COMPLETE") >= done_before
 
-    resumed = subprocess.run(_cli(tmp_path, "--resume"), env=env, capture_output=True, text=True, timeout=600)
+    resumed = subprocess.run(_cli(out, "--resume"), env=env, capture_output=True, text=True, timeout=600)
     assert resumed.returncode == 0, resumed.stderr[-2000:]
     final = _states(db)
     assert final.get("COMPLETE") == 8          # the full count: nothing lost
     assert final.get("FAIL") == 1              # only the interrupted trial, and it was re-queued and re-run
     assert final.get("RUNNING", 0) == 0 and final.get("WAITING", 0) == 0
-    assert (tmp_path / "report.html").is_file() and (tmp_path / "recipe.yaml").is_file()
+    assert (out / "report.html").is_file() and (out / "recipe.yaml").is_file()
