@@ -69,7 +69,8 @@ def open_storage(url: str) -> Any:
     import optuna  # optional (optuna, extra 'search'): imported when used
     from optuna.storages import RDBStorage  # optional (optuna, extra 'search'): imported when used
 
-    optuna.logging.set_verbosity(optuna.logging.WARNING)
+    # ERROR: a trial failed by a stop or by another worker is reported here in one line, not as Optuna's traceback
+    optuna.logging.set_verbosity(optuna.logging.ERROR)
     warnings.filterwarnings("ignore", category=optuna.exceptions.ExperimentalWarning)
     engine: dict[str, Any] = {"connect_args": {"timeout": 60}} if url.startswith("sqlite") else {"pool_pre_ping": True}
     for attempt in range(SCHEMA_RACE_TRIES):
