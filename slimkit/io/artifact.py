@@ -17,7 +17,7 @@ import hashlib
 import json
 import os
 from pathlib import Path
-from typing import Any, Mapping
+from typing import Any, Callable, Mapping, TypeVar
 
 import torch
 import torch.nn as nn
@@ -157,17 +157,26 @@ def load_state(path: str | os.PathLike[str]) -> dict[str, torch.Tensor]:
     if path.is_file() or (not path.exists() and not path.is_symlink()):
         weights = _Weights(path, None, str(path))
         return _bounded_tensors(weights)
+    return _consistently(path, lambda snap: _bounded_tensors(
+        _Weights(snap.directory / WEIGHTS, check.read_sidecar(snap.fd, str(snap.directory / META)), str(path))))
+
+
+T = TypeVar("T")
+
+
+def _consistently(path: Path, read: Callable[[Snapshot], T]) -> T:
+    """``read`` one version of the artifact, again if a plain directory at the path was swapped
+    for a version meanwhile (its files were then read from two versions)."""
     for _ in range(10):
         with reading(path) as snap:
             try:
-                meta = check.read_sidecar(snap.fd, str(snap.directory / META))
-                state = _bounded_tensors(_Weights(snap.directory / WEIGHTS, meta, str(path)))
+                result = read(snap)
             except SlimkitError:
                 if snap.still_current():
                     raise
                 continue
-            if snap.still_current():  # else a plain directory was swapped mid-read: read again
-                return state
+            if snap.still_current():
+                return result
     raise SlimkitError(f"{path} kept changing while it was read", "retry when the saves to it have finished")
 
 
@@ -184,18 +193,7 @@ def load(path: str | os.PathLike[str], model: nn.Module | None = None) -> nn.Mod
     registered builder makes one (builders are looked up by name, never imported from the file).
     Nothing is allocated for a tensor before its size is known to fit the model.
     """
-    path = Path(path)
-    for _ in range(10):
-        with reading(path) as snap:
-            try:
-                loaded = _load_version(snap, model)
-            except SlimkitError:
-                if snap.still_current():
-                    raise
-                continue  # a plain directory was swapped for a version mid-read: what we read was mixed
-            if snap.still_current():
-                return loaded
-    raise SlimkitError(f"{path} kept changing while it was read", "retry when the saves to it have finished")
+    return _consistently(Path(path), lambda snap: _load_version(snap, model))
 
 
 def _load_version(snap: Snapshot, model: nn.Module | None) -> nn.Module:
