@@ -211,6 +211,8 @@ class Snapshot:
 @contextlib.contextmanager
 def reading(path: Path, attempts: int = 50) -> Iterator[Snapshot]:
     """The artifact's current version, held so a concurrent save cannot delete it meanwhile."""
+    if path.is_file():
+        raise SlimkitError(f"{path} is not a slimkit artifact (a file, not a directory)", "pass the artifact directory")
     for _ in range(attempts):
         directory = current_version(path)
         if directory is None:
