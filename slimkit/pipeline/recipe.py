@@ -18,8 +18,9 @@ from __future__ import annotations
 
 import dataclasses
 import os
+import time
 from pathlib import Path
-from typing import Any, Sequence
+from typing import Any, Callable, Sequence
 
 import torch
 import torch.nn as nn
@@ -113,11 +114,17 @@ class Recipe:
         """Apply the steps to ``task.model`` (left untouched) with the recipe's seed."""
         return self.replay_steps(task)[-1]
 
-    def replay_steps(self, task: Task) -> list[nn.Module]:
+    def replay_steps(self, task: Task, *, announce: Callable[[str], None] | None = None) -> list[nn.Module]:
         """The model after each step (``[0]`` is the original): same weights as :meth:`replay`, and
-        the float model a quantization step started from, which its error report compares against."""
+        the float model a quantization step started from, which its error report compares against.
+        ``announce`` gets one line as each step starts and ends (long steps are never silent)."""
         torch.manual_seed(self.seed)
         models = [task.model]
-        for step in self.steps:
+        for i, step in enumerate(self.steps, 1):
+            start = time.monotonic()
+            if announce:
+                announce(f"step {i}/{len(self.steps)} {step.type_name}: started")
             models.append(apply(models[-1], step, task))
+            if announce:
+                announce(f"step {i}/{len(self.steps)} {step.type_name}: done in {time.monotonic() - start:.1f} s")
         return models

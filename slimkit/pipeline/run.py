@@ -54,12 +54,15 @@ def out_of_order(recipe: Recipe) -> list[str]:
             for i in range(1, len(stages)) if STAGES.index(stages[i]) < STAGES.index(stages[i - 1])]
 
 
-def replay(recipe: Recipe, task: Task, out: Path, *, threads: int | None = None) -> list[nn.Module]:
-    """``recipe.replay_steps(task)`` with training checkpointed under ``out/checkpoints`` (removed when done)."""
+def replay(recipe: Recipe, task: Task, out: Path, *, threads: int | None = None,
+           console: Console | None = None) -> list[nn.Module]:
+    """``recipe.replay_steps(task)`` with training checkpointed under ``out/checkpoints`` (removed when done);
+    each step's start and end is a line on ``console``."""
     key = hashlib.sha256(recipe.to_yaml().encode()).hexdigest()[:12]
     ckpt = out / "checkpoints" / key
+    announce = (lambda line: console.print(f"[dim]{line}[/]")) if console is not None else None
     with pinned_threads(threads), checkpointing(ckpt):
-        models = recipe.replay_steps(task)
+        models = recipe.replay_steps(task, announce=announce)
     shutil.rmtree(out / "checkpoints", ignore_errors=True)
     return models
 
@@ -79,7 +82,7 @@ def run_recipe(task: Task, recipe: Recipe, out: str | Path, *, title: str, label
         console.print(f"[yellow]warning[/] step order: {warning}")
     console.print(f"[bold]task[/] {task.name}: {task.description}")
     candidates = [measure_candidate("baseline", task.model, [], task, threads=threads)]
-    models = replay(recipe, task, out, threads=threads)
+    models = replay(recipe, task, out, threads=threads, console=console)
     model = models[-1]
     if intermediate:
         for i, step in enumerate(recipe.steps[:-1], 1):

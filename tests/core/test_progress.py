@@ -1,0 +1,33 @@
+"""Long work is never silent: where no terminal shows a bar, each stage prints a start and an end line."""
+
+from __future__ import annotations
+
+import io
+
+from slimkit.core.progress import StageLines, progress_bar
+
+
+def test_stage_lines_say_when_a_stage_starts_and_ends_with_its_count():
+    out = io.StringIO()
+    bar = StageLines(out)
+    fit = bar.add_task("fine-tune", total=10, info="")
+    resumed = bar.add_task("calibrate", total=4, completed=1)
+    for _ in range(10):
+        bar.update(fit, advance=1, info="loss 0.1234")
+    bar.advance(resumed, 3)
+    bar.finish()
+    lines = out.getvalue().splitlines()
+    assert lines[:2] == ["fine-tune: started (10 steps)", "calibrate: started (4 steps)"]
+    assert lines[2].startswith("fine-tune: done 10/10 in ") and lines[2].endswith(" s, loss 0.1234")
+    assert lines[3].startswith("calibrate: done 4/4 in ")
+
+
+def test_no_terminal_gives_stage_lines_and_disabled_gives_none(capsys):
+    with progress_bar(False) as bar:
+        assert bar is None
+    with progress_bar(True) as bar:  # pytest's captured stderr is not a terminal
+        assert isinstance(bar, StageLines)
+        bar.add_task("reconstruct", total=2)
+        bar.advance(0, 2)
+    err = capsys.readouterr().err.splitlines()
+    assert err[0] == "reconstruct: started (2 steps)" and err[1].startswith("reconstruct: done 2/2 in ")
