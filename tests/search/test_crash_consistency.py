@@ -10,6 +10,9 @@ from __future__ import annotations
 
 import json
 import multiprocessing as mp
+import os
+import shutil
+import tempfile
 import sqlite3
 from pathlib import Path
 
@@ -32,6 +35,19 @@ def fork_server():
     ctx = mp.get_context("forkserver")
     ctx.set_forkserver_preload(["tests.search.crash_child"])
     return ctx
+
+
+@pytest.fixture
+def run_dir(tmp_path):
+    """A run directory in memory where there is one: what is tested is the order of the writes, not the
+    disk, and SQLite's syncs on a busy disk would make up most of the test's time."""
+    shm = Path("/dev/shm")
+    if not (shm.is_dir() and os.access(shm, os.W_OK)):
+        yield tmp_path
+        return
+    out = Path(tempfile.mkdtemp(prefix="slimkit-crash-", dir=shm))
+    yield out
+    shutil.rmtree(out, ignore_errors=True)
 
 
 def _child(settings: dict, fault: str, signal_name: str | None) -> None:
@@ -81,31 +97,31 @@ def test_every_fault_point_is_in_the_table():
 
 
 @pytest.mark.parametrize("fault,failed", KILLS, ids=[f for f, _ in KILLS])
-def test_a_search_killed_at_each_step_resumes_to_the_full_count(fork_server, digits_task, tmp_path, fault, failed):
-    assert _killed_at(fork_server, tmp_path, fault) == FAULT_EXIT
-    assert not (tmp_path / "said.txt").exists()
-    states = _resumed_to_the_full_count(digits_task, tmp_path)
+def test_a_search_killed_at_each_step_resumes_to_the_full_count(fork_server, digits_task, run_dir, fault, failed):
+    assert _killed_at(fork_server, run_dir, fault) == FAULT_EXIT
+    assert not (run_dir / "said.txt").exists()
+    states = _resumed_to_the_full_count(digits_task, run_dir)
     assert states.get("FAIL", 0) == failed
 
 
-def test_a_resume_killed_again_still_resumes(fork_server, digits_task, tmp_path):
-    assert _killed_at(fork_server, tmp_path, "trial started@1") == FAULT_EXIT
-    assert _killed_at(fork_server, tmp_path, "trial measured", resume=True) == FAULT_EXIT
-    assert _resumed_to_the_full_count(digits_task, tmp_path).get("FAIL") == 2
+def test_a_resume_killed_again_still_resumes(fork_server, digits_task, run_dir):
+    assert _killed_at(fork_server, run_dir, "trial started@1") == FAULT_EXIT
+    assert _killed_at(fork_server, run_dir, "trial measured", resume=True) == FAULT_EXIT
+    assert _resumed_to_the_full_count(digits_task, run_dir).get("FAIL") == 2
 
 
 @pytest.mark.parametrize("signal_name", ["SIGINT", "SIGTERM"])
-def test_a_signal_fails_the_trial_requeues_it_and_says_how_to_resume(fork_server, digits_task, tmp_path,
+def test_a_signal_fails_the_trial_requeues_it_and_says_how_to_resume(fork_server, digits_task, run_dir,
                                                                    signal_name):
-    assert _killed_at(fork_server, tmp_path, "trial started@1", signal_name) == STOPPED
-    assert (tmp_path / "said.txt").read_text() == (
+    assert _killed_at(fork_server, run_dir, "trial started@1", signal_name) == STOPPED
+    assert (run_dir / "said.txt").read_text() == (
         f"search stopped by {signal_name} with 1 of {TRIALS} trials finished; trial 1 marked failed and queued "
-        f"again — continue with the same command plus --resume (run directory {tmp_path}, study slimkit-digits)")
+        f"again — continue with the same command plus --resume (run directory {run_dir}, study slimkit-digits)")
     import optuna
 
-    trials = optuna.load_study(study_name="slimkit-digits", storage=f"sqlite:///{tmp_path / 'study.db'}").trials
+    trials = optuna.load_study(study_name="slimkit-digits", storage=f"sqlite:///{run_dir / 'study.db'}").trials
     failed = [t for t in trials if t.state.name == "FAIL"]
     assert [t.number for t in failed] == [1] and sum(t.state.name == "COMPLETE" for t in trials) == 1
     assert not any(t.state.name == "RUNNING" for t in trials)
     assert [t.params for t in trials if t.system_attrs.get("failed_trial") == 1] == [failed[0].params]  # queued again
-    assert _resumed_to_the_full_count(digits_task, tmp_path).get("FAIL") == 1
+    assert _resumed_to_the_full_count(digits_task, run_dir).get("FAIL") == 1
