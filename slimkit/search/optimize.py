@@ -246,7 +246,7 @@ def optimize(task: Task | str, target: Target, *, trials: int = 30, time_budget:
                          "sensitivity": sens, "extra": extra, "strategy": strategy,
                          "max_techniques": max_techniques, "baseline": baseline.to_dict()}
                 st = create_study(db, name, make_sampler(strategy, seed, trials), attrs, queue=enqueue,
-                                  guesses=list(initial_guesses(ctx, techs)))
+                                  guesses=_first_guesses(ctx, techs))
             if isinstance(measure, RuntimeMeasurer):
                 measure.baseline_score, measure.target = baseline.score, target
             records: list[TrialRecord] = []
@@ -296,9 +296,18 @@ def _sensitivity(task: Task, layers: int) -> dict[str, float]:
         return {}
     try:
         return layer_sensitivity_for(task, max_layers=layers)
-    except SlimkitError as exc:
-        log.warning("per-layer sensitivity skipped: %s", exc)
+    except Exception as exc:  # noqa: BLE001 - a help to the search, not needed by it
+        log.warning("per-layer sensitivity skipped: %s", failure_reason("probing layers", exc))
         return {}
+
+
+def _first_guesses(ctx: SearchContext, techs: Sequence[Technique]) -> list[dict[str, Any]]:
+    """The informed first trials; a technique whose checks fail on this model leaves the sampler to start."""
+    try:
+        return list(initial_guesses(ctx, list(techs)))
+    except Exception as exc:  # noqa: BLE001 - a help to the search, not needed by it
+        log.warning("no informed first guesses: %s", failure_reason("choosing them", exc))
+        return []
 
 
 def finish(study: Any, task: Task, target: Target, baseline: TrialMeasurement, sens: dict[str, float], name: str,
