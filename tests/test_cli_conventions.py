@@ -240,3 +240,23 @@ def test_an_error_with_no_user_frame_keeps_its_traceback():
     except TypeError as exc:
         assert user_frame(exc.__traceback__).name == "test_an_error_with_no_user_frame_keeps_its_traceback"
         assert user_frame(exc.__traceback__.tb_next) is None  # torch's frames only: not the user's code
+
+
+# ---- one default task for every command ---------------------------------------------------------------------
+
+TASK_COMMANDS = ["profile", "quantize", "prune", "distill", "factorize", "optimize", "demo"]
+
+
+@pytest.mark.parametrize("command", TASK_COMMANDS)
+def test_every_command_names_the_same_default_task(command):
+    result = runner.invoke(app, [command, "--help"], env={"COLUMNS": "400"})
+    assert result.exit_code == 0
+    line = next(line for line in result.output.splitlines() if "--task" in line)
+    assert "default: digits" in line or "[default: digits]" in line, line
+
+
+def test_profile_without_a_task_profiles_digits(tmp_path, digits_task):
+    out = tmp_path / "p.json"
+    result = runner.invoke(app, ["profile", "--threads", "1", "--json", str(out)])
+    assert result.exit_code == 0, result.output
+    assert json.loads(out.read_text())["params_total"] == sum(p.numel() for p in digits_task.model.parameters())

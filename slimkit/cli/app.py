@@ -17,7 +17,7 @@ from slimkit.cli.numeric_options import check_numbers
 from slimkit.cli.out_guard import check_file_target, check_fresh_out, guarded_out
 from slimkit.cli.run_summary import console_on_stderr, print_json
 from slimkit.cli.user_errors import describe, user_frame
-from slimkit.cli.task_options import DATA, INPUT_SHAPE, METRIC, MODEL, TASK, WEIGHTS, load_task
+from slimkit.cli.task_options import DATA, DEFAULT_TASK, INPUT_SHAPE, METRIC, MODEL, TASK, WEIGHTS, load_task
 from slimkit.core.errors import SlimkitError
 
 # torch and slimkit's own layers are imported inside the command bodies: `slimkit --help` and a
@@ -161,7 +161,7 @@ def profile(task: Optional[str] = TASK, model: Optional[str] = MODEL, weights: O
         raise SlimkitError("device cuda requested but CUDA is not available here", "use --device cpu")
     if json_out is not None:
         check_file_target(json_out, "--json")
-    t, _ = load_task(task, "digits", model, weights, data, input_shape, metric)
+    t, _ = load_task(task, DEFAULT_TASK, model, weights, data, input_shape, metric)
     p = run_profile(t.model, t.example, device=device, threads=threads)
     Console().print(p.render())
     if json_out is not None:

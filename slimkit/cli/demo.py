@@ -14,6 +14,7 @@ from typing import Any
 from rich.console import Console
 
 from slimkit import zoo
+from slimkit.cli.task_options import DEFAULT_TASK
 from slimkit.core.target import Target
 from slimkit.core.task import Task
 from slimkit.measure import profile
@@ -37,7 +38,7 @@ def default_target(task: Task, threads: int | None = None) -> tuple[Any, Any]:
                   max_latency_vs_original=DEFAULT_LATENCY_SHARE, threads=threads), p
 
 
-def run(task_name: str = "mnist", out: str | Path = "runs/demo", threads: int | None = None,
+def run(task_name: str = DEFAULT_TASK, out: str | Path = "runs/demo", threads: int | None = None,
         progress: bool = True, trials: int = DEFAULT_TRIALS, time_budget: float = DEFAULT_TIME_BUDGET_S) -> Path:
     """Run the demo and return the path of its HTML report."""
 

@@ -11,7 +11,7 @@ import typer
 from slimkit.cli.app import _friendly, app
 from slimkit.cli.out_guard import OVERWRITE, guarded_out
 from slimkit.cli.run_summary import JSON, optimize_summary
-from slimkit.cli.task_options import DATA, INPUT_SHAPE, METRIC, MODEL, TASK, WEIGHTS, load_task, task_spec
+from slimkit.cli.task_options import DATA, DEFAULT_TASK, INPUT_SHAPE, METRIC, MODEL, TASK, WEIGHTS, load_task, task_spec
 from slimkit.core.errors import SlimkitError
 
 # The search, the zoo and torch are imported inside the command bodies (fast --help).
@@ -52,7 +52,7 @@ def optimize(task: Optional[str] = TASK, model: Optional[str] = MODEL, weights: 
         raise SlimkitError("no limit given", "set at least one of --max-size-mb, --max-latency-ms, --max-drop")
     names = [n.strip() for n in techniques.split(",") if n.strip()] if techniques else None
     searchable(names)  # unknown technique names fail before any work
-    t, spec = load_task(task, "digits", model, weights, data, input_shape, metric)
+    t, spec = load_task(task, DEFAULT_TASK, model, weights, data, input_shape, metric)
     if overwrite and storage is None:  # a new search: the previous run's study is replaced, not resumed
         (out / "study.db").unlink(missing_ok=True)
     result = run(t, target, trials=trials, time_budget=time_budget, strategy=strategy, storage=storage,
@@ -125,7 +125,7 @@ def stored_task(path: Path, run_dir: Path) -> str:
 
 @app.command()
 @_friendly
-def demo(task: str = typer.Option("mnist", help="task to run the demo on"),
+def demo(task: str = typer.Option(DEFAULT_TASK, help="task to run the demo on (make demo runs mnist)"),
          out: Path = typer.Option(Path("runs/demo"), help="output directory"),
          threads: Optional[int] = typer.Option(None, help="threads to pin while timing"),
          trials: int = typer.Option(12, help="trials of the search"),

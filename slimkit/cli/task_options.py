@@ -17,7 +17,10 @@ from slimkit.core.errors import SlimkitError
 if TYPE_CHECKING:
     from slimkit.core.task import Task
 
-TASK = typer.Option(None, help="built-in task name or package.module:function (default: the command's own)")
+#: The task every command works on when neither --task nor --model is given: the smallest built-in
+#: (scikit-learn's digits, no download), the same for every command.
+DEFAULT_TASK = "digits"
+TASK = typer.Option(None, help=f"built-in task name or package.module:function (default: {DEFAULT_TASK})")
 MODEL = typer.Option(None, help="your model instead of a task: an HF directory, a slimkit artifact, or "
                      "package.module:factory")
 WEIGHTS = typer.Option(None, help="--model factory: its weights (.safetensors, or a .pt state dict)")

@@ -19,7 +19,7 @@ import yaml
 from slimkit.cli.app import _friendly, app
 from slimkit.cli.out_guard import OVERWRITE
 from slimkit.cli.run_summary import JSON, technique_summary
-from slimkit.cli.task_options import DATA, INPUT_SHAPE, METRIC, MODEL, TASK, WEIGHTS, load_task, task_spec
+from slimkit.cli.task_options import DATA, DEFAULT_TASK, INPUT_SHAPE, METRIC, MODEL, TASK, WEIGHTS, load_task, task_spec
 from slimkit.core.errors import SlimkitError
 
 if TYPE_CHECKING:
@@ -113,7 +113,7 @@ def quantize(task: Optional[str] = TASK, model: Optional[str] = MODEL, weights: 
     cfg = with_options(presets[config], config, calibration=calibration, percentile=percentile,
                        granularity=granularity, group_size=group_size, backend=backend, max_drop=max_drop,
                        embedding_bits=embedding_bits, method=method)
-    t, spec = load_task(task, "mnist", model, weights, data, input_shape, metric)
+    t, spec = load_task(task, DEFAULT_TASK, model, weights, data, input_shape, metric)
     return _run("quantize", t, [cfg], out, spec=spec, as_json=as_json, threads=threads, label=config, compute=False)
 
 
@@ -166,7 +166,7 @@ def prune(task: Optional[str] = TASK, model: Optional[str] = MODEL, weights: Opt
                                            targets=cfg.targets, exclude=cfg.exclude)]
     else:
         steps = [cfg] + ([Finetune(steps=finetune_steps, lr=lr or 1e-3, evals=RECOVERY_EVALS)] if finetune_steps else [])
-    t, spec = load_task(task, "digits", model, weights, data, input_shape, metric)
+    t, spec = load_task(task, DEFAULT_TASK, model, weights, data, input_shape, metric)
     if finetune_steps:
         _needs_training(t, "fine-tune")
     return _run("prune", t, steps, out, spec=spec, as_json=as_json, threads=threads,
@@ -230,7 +230,7 @@ def distill(task: Optional[str] = TASK, model: Optional[str] = MODEL, weights: O
     cfg = Distill(steps=steps, lr=lr, temperature=temperature, alpha=alpha, features=parse_features(features),
                   relational=relational)
     before = student_steps(student)
-    t, spec = load_task(task, "mnist", model, weights, data, input_shape, metric)
+    t, spec = load_task(task, DEFAULT_TASK, model, weights, data, input_shape, metric)
     controls = {}
     if compare and t.loss is not None:  # the same student, seed and budget on the hard labels alone
         plain = dataclasses.replace(cfg, alpha=0.0, features=(), relational=0.0, output="logits")
@@ -276,7 +276,7 @@ def factorize(task: Optional[str] = TASK, model: Optional[str] = MODEL, weights:
     else:
         cfg = (Tucker if method == "tucker" else CP)(ratio=ratio, allocation=allocation, targets=targets or "all",
                                                       exclude=names)
-    t, spec = load_task(task, "mnist", model, weights, data, input_shape, metric)
+    t, spec = load_task(task, DEFAULT_TASK, model, weights, data, input_shape, metric)
     chosen_layers(t.model, cfg.targets, cfg.exclude, cfg.type_name)  # bad names fail before any work
     steps = [cfg]
     if finetune_steps:
