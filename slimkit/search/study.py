@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import copy
 import datetime
+import inspect
 import logging
 import os
 import socket
@@ -73,10 +74,13 @@ def open_storage(url: str) -> Any:
     optuna.logging.set_verbosity(optuna.logging.ERROR)
     warnings.filterwarnings("ignore", category=optuna.exceptions.ExperimentalWarning)
     engine: dict[str, Any] = {"connect_args": {"timeout": 60}} if url.startswith("sqlite") else {"pool_pre_ping": True}
+    # Optuna 4.9 renamed the argument; slimkit[search] allows older versions that know the first name only.
+    named = "heartbeat_stale_trial_callback" if "heartbeat_stale_trial_callback" in \
+        inspect.signature(RDBStorage.__init__).parameters else "failed_trial_callback"
     for attempt in range(SCHEMA_RACE_TRIES):
         try:
             return RDBStorage(url, engine_kwargs=engine, heartbeat_interval=heartbeat_s(), grace_period=grace_s(),
-                              heartbeat_stale_trial_callback=_retry_callback())
+                              **{named: _retry_callback()})
         except Exception as exc:  # SQLAlchemy raises many types; the user needs the URL and the reason
             # Processes opening a new database at once all create the schema; the losers see a
             # duplicate table or version row and succeed on a later try once the winner committed.
