@@ -1,4 +1,5 @@
-"""The ``slimkit`` command. Every user-facing error is one line with a hint, exit code 2."""
+"""The ``slimkit`` command. Every user-facing error is one line with a hint, exit code 2; an exception from
+the user's own task or model code is its line and the user's frame, exit code 1."""
 
 from __future__ import annotations
 
@@ -16,8 +17,8 @@ from typer.core import TyperGroup
 from slimkit.cli.numeric_options import check_numbers
 from slimkit.cli.out_guard import check_file_target, check_fresh_out, guarded_out
 from slimkit.cli.run_summary import console_on_stderr, print_json
-from slimkit.cli.user_errors import describe, user_frame
 from slimkit.cli.task_options import DATA, DEFAULT_TASK, INPUT_SHAPE, METRIC, MODEL, TASK, WEIGHTS, load_task
+from slimkit.cli.user_errors import describe, user_frame
 from slimkit.core.errors import SlimkitError
 
 # torch and slimkit's own layers are imported inside the command bodies: `slimkit --help` and a
