@@ -61,4 +61,6 @@ def load_task(task: Optional[str], default: str, model: Optional[str] = None, we
     from slimkit import zoo
 
     spec = task_spec(task, default, model, weights, data, input_shape, metric) or default
+    if spec in zoo.BUILTINS:  # a built-in's first use trains or downloads: show it
+        return zoo.load(spec, progress=True), spec
     return zoo.load(spec), spec
