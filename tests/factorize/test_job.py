@@ -36,8 +36,8 @@ def test_factorize_svd_with_distillation_reports_and_reloads(tmp_path, one_threa
 
 
 @pytest.mark.parametrize("args, fragment", [
-    (["--ratio", "0"], "ratio=0.0 is out of range"),
-    (["--ratio", "1.5"], "ratio=1.5 is out of range"),
+    (["--ratio", "0"], "--ratio 0 is out of range"),
+    (["--ratio", "1.5"], "--ratio 1.5 is out of range"),
     (["--method", "qr"], "unknown factorization method 'qr'"),
     (["--method", "svd", "--exclude", "nope"], "exclude names unknown module(s) nope"),
     (["--method", "cp", "--energy", "0.9"], "use --method svd"),

@@ -99,11 +99,11 @@ def test_gradual_magnitude_reaches_the_sparsity_and_draws_it(tmp_path, one_threa
 
 
 @pytest.mark.parametrize("args,message", [
-    (["--method", "magnitude", "--amount", "1.5"], "amount=1.5 is not a fraction"),
-    (["--method", "channels", "--amount", "1.5"], "amount=1.5 is outside [0, 1)"),
+    (["--method", "magnitude", "--amount", "1.5"], "--amount 1.5 is out of range"),
+    (["--method", "channels", "--amount", "1.5"], "give a number in [0, 1)"),
     (["--method", "channels", "--n", "2"], "option(s) n do not apply to channels"),
     (["--method", "magnitude", "--reconstruct"], "option(s) reconstruct do not apply to magnitude"),
-    (["--method", "channels", "--allocation", "latency", "--latency-batch", "0"], "must be a positive batch size"),
+    (["--method", "channels", "--allocation", "latency", "--latency-batch", "0"], "--latency-batch 0 is out of range"),
     (["--method", "prune-all"], "unknown pruning method 'prune-all'"),
     (["--method", "channels", "--nm-method", "sparsegpt"], "--nm-method does not apply to channels"),
     (["--method", "nm", "--nm-method", "obs"], "not an N:M method"),
