@@ -133,6 +133,10 @@ class _Weights:
             check.check_integrity(meta, file, self.table, self.sparse, source)
         self.limit = check.budget(file.stat().st_size)
 
+    def largest_dense_dim(self) -> int:
+        """The largest size a tensor stored dense has (its bytes are in the file), or the tensor count."""
+        return max([len(self.table)] + [d for k, (_, s) in self.table.items() if k not in self.sparse for d in s])
+
     def tensors(self, shapes: Mapping[str, tuple[int, ...]]) -> dict[str, torch.Tensor]:
         """Every tensor, sparse ones decoded; ``shapes`` (already compared with the table) bound the decoding."""
         try:
@@ -207,7 +211,7 @@ def _load_version(snap: Snapshot, model: nn.Module | None) -> nn.Module:
         if not builder:
             raise SlimkitError(f"{source} does not say how to rebuild its model",
                                "pass model=YourModule() to slimkit.load")
-        probe_model(builder, meta, weights.table, limit, source)  # sizes known before anything is built
+        probe_model(builder, meta, weights.table, limit, weights.largest_dense_dim(), source)  # before building
         model = build(builder, source)
     else:
         probe_modules(meta.get("modules") or {}, weights.table, limit, source)

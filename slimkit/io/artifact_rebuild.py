@@ -43,12 +43,9 @@ def build(builder: Mapping[str, Any], source: str) -> nn.Module:
         return build_registered(builder["name"], builder.get("kwargs", {}), what=source)
     except SlimkitError:
         raise
-    except NotImplementedError as exc:
-        if torch.get_default_device().type == "meta":
-            raise  # the builder cannot run on the meta device: the caller bounds it another way
-        raise SlimkitError(f"{source}: builder {builder['name']!r} failed ({first_line(exc)})",
-                           "re-save the model") from None
     except Exception as exc:  # noqa: BLE001 - arguments from a file: any failure is bad input
+        if torch.get_default_device().type == "meta":
+            raise  # maybe only the meta device's fault (a builder that runs a forward pass): the caller decides
         raise SlimkitError(f"{source}: builder {builder['name']!r} rejects its arguments "
                            f"({type(exc).__name__}: {first_line(exc)})", "re-save the model") from None
 
@@ -61,11 +58,9 @@ def empty_module(name: str, entry: Mapping[str, Any], source: str) -> nn.Module:
                            "upgrade slimkit or import the package that defines it")
     try:
         return cls.empty(entry["spec"])
-    except NotImplementedError as exc:
-        if torch.get_default_device().type == "meta":
-            raise  # the class has no meta kernels: the caller bounds it another way
-        raise SlimkitError(f"{source}: cannot rebuild module {name!r} ({first_line(exc)})", _REBUILD) from None
     except Exception as exc:  # noqa: BLE001 - a spec from a file: any failure is bad input
+        if torch.get_default_device().type == "meta":
+            raise  # maybe only the meta device's fault (no meta kernel): the caller bounds the layer another way
         raise SlimkitError(f"{source}: cannot rebuild module {name!r} ({type(exc).__name__}: {first_line(exc)})",
                            _REBUILD) from None
 
@@ -86,9 +81,9 @@ def restore_modules(model: nn.Module, modules: Mapping[str, Mapping[str, Any]], 
 def probe_modules(modules: Mapping[str, Mapping[str, Any]], table: Mapping[str, Spec], limit: int,
                   source: str) -> dict[str, nn.Module | None]:
     """Each outermost special layer (with the special layers nested in it) made on the meta
-    device, its tensor names and shapes compared with the artifact's. A class without meta
-    kernels (None in the result) has the product of its spec's integers bounded by the byte
-    budget instead: no layer holds more elements than all its sizes multiplied."""
+    device, its tensor names and shapes compared with the artifact's. A class that cannot be made
+    there (no meta kernels; None in the result) has the product of its spec's integers bounded by
+    the byte budget instead: no layer holds more elements than all its sizes multiplied."""
     outer = [n for n in modules if not any(n.startswith(f"{o}.") for o in modules if o != n)]
     out: dict[str, nn.Module | None] = {}
     for name in outer:
@@ -103,7 +98,9 @@ def probe_modules(modules: Mapping[str, Mapping[str, Any]], table: Mapping[str, 
         try:
             probe = on_meta(make)
             own = {f"{name}.{k}": v for k, v in check.model_table(probe).items()}
-        except NotImplementedError:
+        except SlimkitError:
+            raise
+        except Exception:  # noqa: BLE001 - decided when really built; its sizes bounded first
             for sub in [name, *inner]:
                 check.check_budget(f"layer {sub!r} (sizes {_ints(modules[sub].get('spec'))})",
                                    math.prod(_ints(modules[sub].get("spec"))), limit, source)
@@ -123,17 +120,27 @@ def _ints(value: object) -> list[int]:
 
 
 def probe_model(builder: Mapping[str, Any], meta: Mapping[str, Any], table: Mapping[str, Spec], limit: int,
-                source: str) -> None:
+                size_bound: int, source: str) -> None:
     """Build the artifact's model on the meta device, give it the saved structure and compare it
-    with the artifact's tensors: a load builds nothing for real that does not fit."""
-    what = f"the model its builder arguments describe ({builder['name']})"
+    with the artifact's tensors: a load builds nothing for real that does not fit.
+
+    A builder that cannot run on the meta device (one that runs a forward pass) is checked more
+    loosely: none of its integer arguments may exceed ``size_bound``, the largest dimension of a
+    tensor whose bytes the weights file really holds (or the number of tensors).
+    """
     try:
         model = on_meta(lambda: build(builder, source))
-    except NotImplementedError:  # sized by its arguments instead, and compared once really built
-        check.check_budget(what, math.prod(_ints(builder.get("kwargs"))), limit, source)
+    except SlimkitError:
+        raise
+    except Exception:  # noqa: BLE001 - decided by a real build; its integers bounded first
+        too_big = [i for i in _ints(builder.get("kwargs")) if i > size_bound]
+        if too_big:
+            raise SlimkitError(f"{source}: builder {builder['name']!r} argument {too_big[0]} exceeds every size "
+                               f"the artifact's weights hold (at most {size_bound})", "re-save the model") from None
         probe_modules(meta.get("modules") or {}, table, limit, source)
         return
-    check.check_budget(what, check.model_bytes(model), limit, source)
+    check.check_budget(f"the model its builder arguments describe ({builder['name']})", check.model_bytes(model),
+                       limit, source)
     modules = probe_modules(meta.get("modules") or {}, table, limit, source)
     if meta.get("structure") == "resized":
         on_meta(lambda: conform(model, meta_state(table)))
