@@ -133,6 +133,9 @@ def parse_spec(value: object, what: str) -> Spec:
 def header_table(file: Path) -> tuple[dict[str, Spec], dict[str, str]]:
     """Dtype and shape of every stored entry plus the header metadata; reads the header only
     (safetensors checks that the offsets fit the file)."""
+    if not os.access(file, os.R_OK):
+        raise SlimkitError(f"cannot read {file} (permission denied)",
+                           "ask its owner to make the artifact readable (chmod -R a+rX)")
     try:
         with safe_open(str(file), framework="pt") as f:
             stored = {k: (f.get_slice(k).get_dtype(), tuple(f.get_slice(k).get_shape())) for k in f.keys()}

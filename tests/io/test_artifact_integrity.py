@@ -14,6 +14,7 @@ import re
 import resource
 import shutil
 import stat
+import tempfile
 from pathlib import Path
 from typing import Callable
 
@@ -42,8 +43,11 @@ def _pruned_digits() -> nn.Module:
     return model
 
 
-def _child_load(path: str, queue) -> None:
+def _child_load(path: str, queue, uid: int | None = None) -> None:
     torch.set_num_threads(1)  # the parent's OpenMP pool does not survive fork: run every op inline
+    if uid is not None:  # load as another user
+        os.setgid(uid)
+        os.setuid(uid)
     vm = int(next(line for line in open("/proc/self/status") if line.startswith("VmSize")).split()[1]) * 1024
     resource.setrlimit(resource.RLIMIT_AS, (vm + HEADROOM, vm + HEADROOM))
     try:
@@ -53,11 +57,11 @@ def _child_load(path: str, queue) -> None:
         queue.put(f"{type(exc).__name__}: {exc}")
 
 
-def _load_capped(path: Path) -> str:
+def _load_capped(path: Path, uid: int | None = None) -> str:
     """``sk.load(path)`` in a forked child with capped memory: "loaded" or "ErrorType: message"."""
     ctx = mp.get_context("fork")
     queue = ctx.SimpleQueue()
-    child = ctx.Process(target=_child_load, args=(str(path), queue))
+    child = ctx.Process(target=_child_load, args=(str(path), queue, uid))
     child.start()
     child.join(120)
     assert child.exitcode == 0
@@ -224,6 +228,23 @@ def test_files_follow_the_umask(tmp_path, umask, file_mode, dir_mode):
                                                                tmp_path / ".m.lock", tmp_path / "r.json"]}
     assert modes == dict.fromkeys([io.WEIGHTS, io.META, ".m.lock", "r.json"], file_mode)
     assert stat.S_IMODE(version.stat().st_mode) == dir_mode
+
+
+@pytest.mark.skipif(not hasattr(os, "geteuid") or os.geteuid() != 0, reason="loading as another user needs root")
+@pytest.mark.parametrize(("umask", "result"), [(0o022, "loaded"), (0o077, r"SlimkitError: cannot read .*slimkit.json "
+                                                                            r"\(permission denied\)")])
+def test_another_user_loads_what_was_saved_under_umask_022(umask, result):
+    shared = Path(tempfile.mkdtemp())
+    try:
+        shared.chmod(0o755)  # a directory everyone may enter, as a shared models folder is
+        old = os.umask(umask)
+        try:
+            path = sk.save(build_model().eval(), shared / "m")
+        finally:
+            os.umask(old)
+        assert re.fullmatch(result + ".*", _load_capped(path, uid=65534))  # nobody
+    finally:
+        shutil.rmtree(shared)
 
 
 def _as_main_wrote_it(path: Path, plain: Path) -> Path:
