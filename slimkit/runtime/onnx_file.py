@@ -52,4 +52,45 @@ def keep_onnx(runnable: Any, directory: str | Path, name: str = ONNX_FILE) -> Pa
     return path
 
 
-__all__ = ["ONNX_FILE", "SIDECAR", "describe", "keep_onnx"]
+#: Where a run directory keeps its measured file: technique commands, then ``optimize``.
+RUN_FILES = (ONNX_FILE, "best.onnx")
+#: Where a run directory keeps its artifact: technique commands, then ``optimize``.
+RUN_ARTIFACTS = ("model", "best")
+
+
+def export_onnx_file(source: str | Path, out: str | Path, example: Any = None, *, threads: int | None = None) -> Path:
+    """``out`` (a .onnx path) holding the ONNX file ``source`` was measured with: copied from a run directory
+    that kept it, else rebuilt from the artifact (``source`` itself, or the run's ``model/`` / ``best/``) on the
+    runtime it was measured on, with ``example`` inputs. A model served by torch has none: a one-line error."""
+    from slimkit.core.errors import SlimkitError
+    from slimkit.runtime import backend_reason, load_deployed
+
+    source, out = Path(source), Path(out)
+    if out.suffix != ".onnx":
+        raise SlimkitError(f"--out {out} does not end in .onnx", "name the file to write, e.g. model.onnx")
+    kept = next((source / name for name in RUN_FILES if (source / name).is_file()), None)
+    if kept is not None:
+        with open(kept, "rb") as src:
+            atomic_write(out, lambda f: shutil.copyfileobj(src, f))
+        sidecar = kept.with_name(f"{kept.name}.json")
+        if sidecar.is_file():
+            text = sidecar.read_bytes()
+            atomic_write(out.with_name(f"{out.name}.json"), lambda f: f.write(text))
+        return out
+    artifact = next((source / name for name in RUN_ARTIFACTS if (source / name).is_dir()), source)
+    if example is None:
+        raise SlimkitError(f"{source} keeps no measured ONNX file, and rebuilding one needs example inputs",
+                           "give the task (--task / --model) the model was made for")
+    runnable = load_deployed(artifact, example, threads=threads)
+    if not isinstance(runnable, OrtModel):
+        from slimkit.io import load
+
+        raise SlimkitError(f"{artifact} runs on torch, so there is no ONNX file to export "
+                           f"({backend_reason(load(artifact))})",
+                           "use slimkit.load(path) in Python, or quantize with an int8 config ONNX Runtime runs")
+    path = keep_onnx(runnable, out.parent, out.name)
+    assert path is not None
+    return path
+
+
+__all__ = ["ONNX_FILE", "RUN_ARTIFACTS", "RUN_FILES", "SIDECAR", "describe", "export_onnx_file", "keep_onnx"]

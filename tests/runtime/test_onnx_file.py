@@ -14,10 +14,15 @@ import torch.nn as nn
 pytest.importorskip("onnxruntime")
 
 import slimkit as sk  # noqa: E402
+from typer.testing import CliRunner  # noqa: E402
+
+from slimkit.cli import app  # noqa: E402
 from slimkit.pipeline.recipe import Recipe  # noqa: E402
 from slimkit.pipeline.run import run_recipe  # noqa: E402
 from slimkit.runtime import build  # noqa: E402
 from slimkit.runtime.onnx_file import ONNX_FILE, SIDECAR, keep_onnx  # noqa: E402
+
+runner = CliRunner()
 
 #: Runs model.onnx in a fresh interpreter where importing torch or slimkit fails: only onnxruntime + numpy.
 BARE = """
@@ -80,3 +85,27 @@ def test_a_command_run_on_onnx_runtime_leaves_model_onnx_in_its_out(digits_task,
     assert np.abs(got - reference).max() < 1e-5
     report = json.loads((tmp_path / "report.json").read_text())
     assert report["onnx"] == str(tmp_path / ONNX_FILE)
+    # slimkit export: the kept file from the run directory; rebuilt from the artifact with the task's inputs
+    copied = runner.invoke(app, ["export", str(tmp_path), "--out", str(tmp_path / "x" / "copy.onnx")])
+    assert copied.exit_code == 0, copied.output
+    assert (tmp_path / "x" / "copy.onnx").read_bytes() == (tmp_path / ONNX_FILE).read_bytes()
+    rebuilt = runner.invoke(app, ["export", str(tmp_path / "model"), "--task", "digits", "--out",
+                                  str(tmp_path / "x" / "again.onnx")])
+    assert rebuilt.exit_code == 0, rebuilt.output
+    again = _run_bare(tmp_path / "x" / "again.onnx", {"input": x.numpy()}, tmp_path)
+    assert np.abs(again - reference).max() < 1e-5
+
+
+@pytest.mark.parametrize("args,message", [
+    (["{run}", "--out", "{tmp}/m.txt"], "does not end in .onnx"),
+    (["{tmp}/nothing", "--out", "{tmp}/m.onnx"], "does not exist"),
+    (["{run}/model", "--out", "{tmp}/m.onnx"], "needs example inputs"),
+    (["{run}", "--format", "tflite", "--out", "{tmp}/m.onnx"], "--format 'tflite' is not supported"),
+    (["{run}/model", "--task", "digits", "--out", "{tmp}/m.onnx"], "runs on torch, so there is no ONNX file"),
+])
+def test_export_refusals_are_one_line(args, message, digits_task, tmp_path):
+    run = tmp_path / "w8"
+    sk.save(sk.apply(digits_task.model, sk.quantize.WeightOnly(bits=8), digits_task), run / "model")
+    result = runner.invoke(app, ["export", *(a.format(run=run, tmp=tmp_path) for a in args)])
+    assert result.exit_code == 2 and message in result.output and len(result.output.strip().splitlines()) == 1
+    assert not (tmp_path / "m.onnx").exists() and not (tmp_path / "m.txt").exists()
