@@ -13,6 +13,7 @@ from slimkit.core.editing import set_submodule
 from slimkit.core.errors import SlimkitError
 from slimkit.core.registry import SearchContext
 from slimkit.core.task import Task
+from slimkit.quantize.awq import scale_and_fold
 from slimkit.quantize.conv_transpose import quantize_conv_transpose, transposed_targets
 from slimkit.quantize.gptq import gptq_int4
 from slimkit.quantize.extreme_modules import int4_per_channel
@@ -39,7 +40,10 @@ class WeightOnly(PTQConfig):
     embedding tables (8 or 4 bits), as in ``Int8``. ``method``: ``"rtn"`` rounds each weight to the
     nearest level; ``"gptq"`` (4-bit only) rounds with GPTQ's error feedback from the task's
     calibration inputs (``quantize.gptq``): at int4 g32 it keeps MiniLM's embeddings at cosine 0.98
-    to fp32 where round-to-nearest gives 0.97. Convolutions (Conv1d as (k, 1) Conv2d) take int8 per
+    to fp32 where round-to-nearest gives 0.97. ``"awq"`` / ``"awq+gptq"`` first scale each Linear's
+    input columns by its activation-aware factors and fold the inverse into the LayerNorm or Linear
+    before it (``quantize.awq``), then round to nearest / with GPTQ; a Linear with no foldable
+    producer is rounded unscaled. Convolutions (Conv1d as (k, 1) Conv2d) take int8 per
     output channel or symmetric int4 per output channel (round to nearest; GPTQ is for Linear
     layers); LSTM / GRU gate matrices take the Linear form (``quantize.recurrent``).
     """
@@ -54,9 +58,9 @@ class WeightOnly(PTQConfig):
     def __post_init__(self) -> None:
         super().__post_init__()
         check_choice("bits", self.bits, (8, 4))
-        check_choice("method", self.method, ("rtn", "gptq"))
-        if self.method == "gptq" and self.bits != 4:
-            raise SlimkitError("method='gptq' is for 4-bit weights here", "use bits=4, or method='rtn' for int8")
+        check_choice("method", self.method, ("rtn", "gptq", "awq", "awq+gptq"))
+        if self.method != "rtn" and self.bits != 4:
+            raise SlimkitError(f"method={self.method!r} is for 4-bit weights here", "use bits=4, or method='rtn' for int8")
         check_choice("group_size", self.group_size, (0, 32, 64, 128, 256))
         if self.bits == 4 and self.group_size == 0:
             raise SlimkitError("4-bit weights need a group size", "use group_size=32, 64 or 128")
@@ -99,6 +103,10 @@ def quantize_weight_only(model: nn.Module, config: WeightOnly, task: Task | None
         originals[name] = layer
     linears = [n for n, layer in originals.items() if isinstance(layer, nn.Linear)]
     hessians = task_hessians(model, linears, task, "gptq", "rtn") if config.method == "gptq" else {}
+    if config.method.startswith("awq"):  # weights rescaled and folded in place; then rounded as usual
+        gptq = config.method == "awq+gptq"
+        scaled = scale_and_fold(model, linears, task, config.group_size, gptq=gptq)[0]
+        hessians = scaled if gptq else {}
     for name, layer in originals.items():
         if isinstance(layer, nn.Conv2d):  # per output channel (int4: symmetric levels -7..7), rounded to nearest
             new = int4_per_channel(layer) if config.bits == 4 else QuantConv2d.from_float(layer, activations="none")

@@ -1,0 +1,188 @@
+"""AWQ (Lin et al. 2024): activation-aware scaling of int4 weights before rounding.
+
+A few input channels of a layer carry much larger activations than the rest, and the rounding
+error of the weights that multiply them dominates the layer's output error. Multiplying those
+weight columns by ``s_j > 1`` (and the layer's input by ``1 / s_j``) keeps the float function but
+gives them a finer share of their group's int4 grid. Per group of Linears that read one input:
+``s = a ** alpha`` from the per-input-channel activation magnitude ``a`` (the RMS, from the same
+calibration pass that gives GPTQ its Hessian ``H = X^T X``), with ``alpha`` searched on
+0, 0.1, .., 1 for the least output error ``tr(E H E^T)``, ``E = W - Q(W s) / s``. ``alpha = 0`` is
+plain rounding, so the search never does worse on the calibration data.
+
+``1 / s`` is folded into the op that produces the input (a LayerNorm's weight and bias, or the rows
+of the Linear before it, also through a ReLU), so the artifact is plain slimkit int4 with no extra
+op. Each fold is checked on a calibration batch with random scales first: where the candidate's
+output also feeds something else (a residual, a GELU) the model's output changes and the layer is
+rounded without scaling instead, with the reason logged and returned.
+"""
+
+from __future__ import annotations
+
+import logging
+from typing import Any
+
+import torch
+import torch.nn as nn
+
+from slimkit.calibrate.obs import task_hessians
+from slimkit.formats import pack
+from slimkit.quantize.gptq import gptq_int4
+
+log = logging.getLogger(__name__)
+
+ALPHAS = tuple(i / 10 for i in range(11))
+CANDIDATES = 3  # producers tried per group, nearest first in execution order
+TOLERANCE = 1e-4  # a verified fold moves the model output by at most this, relative to its scale
+
+
+def scale_and_fold(model: nn.Module, names: list[str], task: Any, group_size: int, *, gptq: bool
+                   ) -> tuple[dict[str, torch.Tensor], dict[str, float], dict[str, str]]:
+    """Scale the named Linears' weight columns and fold ``1 / s`` into their producers, in place.
+
+    The float model computes the same function afterwards; rounding its weights (to nearest, or with
+    GPTQ and the returned Hessians of the now scaled inputs) gives AWQ. Returns ``(hessians, alpha
+    per scaled layer, reason per layer left unscaled)``.
+    """
+    method = "awq+gptq" if gptq else "awq"
+    hessians = task_hessians(model, names, task, method, "rtn")
+    if not names:
+        return hessians, {}, {}
+    batch = tuple(task.calib[0])
+    groups, order = _input_groups(model, names, batch)
+    alphas: dict[str, float] = {}
+    reasons: dict[str, str] = {}
+    for members in groups:
+        producer = _verified_producer(model, members, order, batch)
+        if producer is None:
+            why = "no LayerNorm or Linear producer whose output only these layers read (e.g. residual or GELU between)"
+            reasons.update({m: why for m in members})
+            continue
+        layers = [model.get_submodule(m) for m in members]
+        h = hessians[members[0]]  # (K, K), shared: the members read one input
+        alpha, s = _search(layers, h, group_size, gptq)
+        _fold(model.get_submodule(producer), layers, s)
+        for m in members:
+            hessians[m] = h / (s[:, None] * s[None, :])  # the input is now x / s
+            alphas[m] = alpha
+    for name, why in reasons.items():
+        log.info("awq: %s rounded without scaling (%s)", name, why)
+    return hessians, alphas, reasons
+
+
+def _input_groups(model: nn.Module, names: list[str], batch: tuple[Any, ...]
+                  ) -> tuple[list[list[str]], list[str]]:
+    """Target Linears grouped by the input tensor they read, in execution order, and the execution
+    order of every LayerNorm / Linear (the candidate producers)."""
+    wanted = set(names)
+    seen: dict[str, torch.Tensor] = {}
+    order: list[str] = []
+    handles = []
+    for name, module in model.named_modules():
+        if isinstance(module, (nn.Linear, nn.LayerNorm)):
+            def hook(mod: nn.Module, args: tuple, name: str = name) -> None:
+                if name not in order:
+                    order.append(name)
+                if name in wanted and name not in seen:
+                    seen[name] = args[0]
+            handles.append(module.register_forward_pre_hook(hook))
+    try:
+        _run(model, batch)
+    finally:
+        for h in handles:
+            h.remove()
+    groups: list[list[str]] = []
+    for name in [n for n in order if n in seen]:
+        x = seen[name]
+        home = next((g for g in groups if seen[g[0]].shape == x.shape and torch.equal(seen[g[0]], x)), None)
+        home.append(name) if home is not None else groups.append([name])
+    return groups, order
+
+
+def _verified_producer(model: nn.Module, members: list[str], order: list[str], batch: tuple[Any, ...]) -> str | None:
+    """The nearest earlier LayerNorm / Linear whose fold with random scales leaves the output unchanged."""
+    k = model.get_submodule(members[0]).in_features
+    first = order.index(members[0])
+    candidates = [n for n in reversed(order[:first]) if n not in members and _width(model.get_submodule(n)) == k]
+    if not candidates:
+        return None
+    reference = _first(_run(model, batch))
+    scale = max(1.0, float(reference.abs().max()))
+    s = torch.exp(torch.empty(k).uniform_(-0.5, 0.5, generator=torch.Generator().manual_seed(0)))  # (K,)
+    layers = [model.get_submodule(m) for m in members]
+    for name in candidates[:CANDIDATES]:
+        producer = model.get_submodule(name)
+        saved = [p.detach().clone() for p in (*producer.parameters(), *(layer.weight for layer in layers))]
+        _fold(producer, layers, s)
+        ok = bool((_first(_run(model, batch)) - reference).abs().max() <= TOLERANCE * scale)
+        with torch.no_grad():
+            for p, old in zip((*producer.parameters(), *(layer.weight for layer in layers)), saved):
+                p.copy_(old)
+        if ok:
+            return name
+    return None
+
+
+def _width(module: nn.Module) -> int | None:
+    """The number of channels a module's fold can rescale, or None when it has no per-channel params."""
+    if isinstance(module, nn.Linear):
+        return module.out_features
+    if isinstance(module, nn.LayerNorm) and module.weight is not None and len(module.normalized_shape) == 1:
+        return module.normalized_shape[0]
+    return None
+
+
+def _fold(producer: nn.Module, layers: list[nn.Linear], s: torch.Tensor) -> None:
+    """Producer's output channels divided by ``s`` (K,), the consumers' input columns multiplied by it."""
+    with torch.no_grad():
+        inv = 1.0 / s.to(producer.weight)  # in the weights' dtype, so s * (1 / s) rounds to 1 there
+        if isinstance(producer, nn.Linear):
+            producer.weight.mul_(inv[:, None])  # (K, in)
+        else:
+            producer.weight.mul_(inv)  # (K,)
+        if producer.bias is not None:
+            producer.bias.mul_(inv)
+        for layer in layers:
+            layer.weight.mul_(s.to(layer.weight)[None, :])  # (N, K)
+
+
+def _search(layers: list[nn.Linear], h: torch.Tensor, group_size: int, gptq: bool) -> tuple[float, torch.Tensor]:
+    """The alpha (and its normalised (K,) scales) with the least summed output error over ``layers``."""
+    a = torch.diag(h).clamp(min=0).sqrt().clamp(min=1e-8).cpu()  # (K,) RMS activation per input channel
+    best: tuple[float, float, torch.Tensor] | None = None
+    for alpha in ALPHAS:
+        s = a ** alpha
+        s = s / (s.max() * s.min()).sqrt()  # centred on 1 (geometric mean of the extremes)
+        hs = h.cpu() / (s[:, None] * s[None, :])  # (K, K) Hessian of the scaled input x / s
+        err = 0.0
+        for layer in layers:
+            w = layer.weight.detach().float().cpu() * s[None, :]  # (N, K)
+            q = gptq_int4(w, hs, group_size) if gptq else pack.quantize_weight_int4(w, group_size)
+            e = w - pack.dequantize_int4(*q)  # (N, K), in the scaled space: E_s H_s E_s^T = E H E^T
+            err += float(torch.einsum("nk,kl,nl->", e, hs, e))
+        if best is None or err < best[0]:
+            best = (err, alpha, s)
+    assert best is not None
+    return best[1], best[2]
+
+
+def _run(model: nn.Module, batch: tuple[Any, ...]) -> Any:
+    device = next(iter(model.parameters()), torch.empty(0)).device
+    was_training = model.training
+    try:
+        model.eval()
+        with torch.inference_mode():
+            return model(*(t.to(device) if isinstance(t, torch.Tensor) else t for t in batch))
+    finally:
+        model.train(was_training)
+
+
+def _first(output: Any) -> torch.Tensor:
+    """The main output tensor (HF models return ModelOutput objects or tuples)."""
+    if isinstance(output, torch.Tensor):
+        return output
+    if isinstance(output, dict):
+        return _first(next(iter(output.values())))
+    return _first(output[0])
+
+
+__all__ = ["scale_and_fold"]
