@@ -148,12 +148,26 @@ def test_tiny_bert_value_to_output_smoothed_and_static_int8_closer():
     with torch.inference_mode():
         ref = model(ids).last_hidden_state.flatten()
         assert (smoothed(ids).last_hidden_state.flatten() - ref).abs().max() <= 1e-4
-        cos = {}
-        for name, steps in {"plain": [STATIC], "smooth": [SmoothQuant(alpha=0.5), STATIC]}.items():
-            out = sk.apply(model, steps, task)(ids).last_hidden_state.flatten()
-            cos[name] = float(torch.nn.functional.cosine_similarity(ref, out, dim=0))
-    assert cos["smooth"] >= 0.99
-    assert cos["smooth"] > cos["plain"]
+    cos, sqnr = {}, {}
+    for name, steps in {"plain": [STATIC], "smooth": [SmoothQuant(alpha=0.5), STATIC]}.items():
+        q = sk.apply(model, steps, task)
+        with torch.inference_mode():
+            cos[name] = float(torch.nn.functional.cosine_similarity(ref, q(ids).last_hidden_state.flatten(), dim=0))
+        sqnr[name] = [sqnr_db(_output_of(model, f"encoder.layer.{i}.attention.output.dense", ids),
+                              _output_of(q, f"encoder.layer.{i}.attention.output.dense", ids)) for i in (0, 1)]
+    # measured: output projections 17.7 / 24.3 dB plain, 38.2 / 39.5 dB smoothed; cosine 0.999984 / 0.999985
+    assert all(s - p >= 6.0 for s, p in zip(sqnr["smooth"], sqnr["plain"]))
+    assert cos["smooth"] >= max(cos["plain"], 0.9999)
+
+
+def _output_of(model: nn.Module, name: str, ids: torch.Tensor) -> torch.Tensor:
+    """What the layer ``name`` returns when the whole model runs on ``ids``."""
+    got = []
+    handle = model.get_submodule(name).register_forward_hook(lambda m, args, out: got.append(out))
+    with torch.inference_mode():
+        model(ids)
+    handle.remove()
+    return got[0]
 
 
 def test_save_load_identical(tmp_path):
