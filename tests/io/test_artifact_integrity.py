@@ -313,3 +313,25 @@ def test_saving_over_a_users_own_symlink_leaves_its_target_alone(tmp_path):
     sk.save(nn.Linear(2, 3), tmp_path / "run" / "best")
     assert io.load_state(tmp_path / "run" / "best")["weight"].shape == (3, 2)
     assert io.load_state(elsewhere)["weight"].shape == (2, 2)  # the linked directory was not deleted
+
+
+@pytest.mark.parametrize(("shape", "dtype", "message"), [
+    ([1, 10**10], "float32", r"shape \(1, 10000000000\) where the model holds \(64, 256\)"),
+    (["64", 256], "float32", "unreadable description"),
+    ([-64, 256], "float32", "unreadable description"),
+    ([1] * 9, "float32", "unreadable description"),
+    ([64, 256], "load", "unreadable description"),
+])
+def test_sparse_descriptions_are_bounded_by_the_models_shapes(shape, dtype, message):
+    from slimkit.formats.sparse import pack_state, unpack_state
+
+    weight = torch.zeros(64, 256)
+    weight[0, :3] = 1.0
+    stored, encoded = pack_state({"w": weight})
+    assert encoded["w"]["format"] == "csr"
+    encoded["w"].update(shape=shape, dtype=dtype)
+    with pytest.raises(sk.SlimkitError, match=message) as info:
+        unpack_state(stored, encoded, shapes={"w": (64, 256)})
+    assert "\n" not in str(info.value)
+    with pytest.raises(sk.SlimkitError, match="sparse tensor w is not in the model"):
+        unpack_state(stored, encoded, shapes={})
