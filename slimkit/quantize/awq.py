@@ -5,9 +5,11 @@ error of the weights that multiply them dominates the layer's output error. Mult
 weight columns by ``s_j > 1`` (and the layer's input by ``1 / s_j``) keeps the float function but
 gives them a finer share of their group's int4 grid. Per group of Linears that read one input:
 ``s = a ** alpha`` from the per-input-channel activation magnitude ``a`` (the RMS, from the same
-calibration pass that gives GPTQ its Hessian ``H = X^T X``), with ``alpha`` searched on
-0, 0.1, .., 1 for the least output error ``tr(E H E^T)``, ``E = W - Q(W s) / s``. ``alpha = 0`` is
-plain rounding, so the search never does worse on the calibration data.
+calibration pass that gives GPTQ its Hessian ``H = X^T X``; the paper uses mean |x|, which ranks
+outlier channels alike), with ``alpha`` searched on 0, 0.1, .., 1 for the least output error
+``tr(E H E^T)``, ``E = W - Q(W s) / s``, Q rounding to nearest. ``alpha = 0`` is plain rounding, so
+the search never does worse on the calibration data. ``awq+gptq`` then rounds the scaled weights
+with GPTQ (the returned Hessians are those of the scaled inputs).
 
 ``1 / s`` is folded into the op that produces the input (a LayerNorm's weight and bias, or the rows
 of the Linear before it, also through a ReLU), so the artifact is plain slimkit int4 with no extra
@@ -26,7 +28,6 @@ import torch.nn as nn
 
 from slimkit.calibrate.obs import task_hessians
 from slimkit.formats import pack
-from slimkit.quantize.gptq import gptq_int4
 
 log = logging.getLogger(__name__)
 
@@ -59,7 +60,7 @@ def scale_and_fold(model: nn.Module, names: list[str], task: Any, group_size: in
             continue
         layers = [model.get_submodule(m) for m in members]
         h = hessians[members[0]]  # (K, K), shared: the members read one input
-        alpha, s = _search(layers, h, group_size, gptq)
+        alpha, s = _search(layers, h, group_size)
         _fold(model.get_submodule(producer), layers, s)
         for m in members:
             hessians[m] = h / (s[:, None] * s[None, :])  # the input is now x / s
@@ -145,8 +146,10 @@ def _fold(producer: nn.Module, layers: list[nn.Linear], s: torch.Tensor) -> None
             layer.weight.mul_(s.to(layer.weight)[None, :])  # (N, K)
 
 
-def _search(layers: list[nn.Linear], h: torch.Tensor, group_size: int, gptq: bool) -> tuple[float, torch.Tensor]:
-    """The alpha (and its normalised (K,) scales) with the least summed output error over ``layers``."""
+def _search(layers: list[nn.Linear], h: torch.Tensor, group_size: int) -> tuple[float, torch.Tensor]:
+    """The alpha (and its normalised (K,) scales) with the least summed output error over ``layers``
+    when rounded to nearest. Also for ``awq+gptq``: searching with GPTQ in the loop costs 11 GPTQ
+    runs per layer and chose the same scales on the tests' models (SQNR within 0.1 dB)."""
     a = torch.diag(h).clamp(min=0).sqrt().clamp(min=1e-8).cpu()  # (K,) RMS activation per input channel
     best: tuple[float, float, torch.Tensor] | None = None
     for alpha in ALPHAS:
@@ -156,9 +159,8 @@ def _search(layers: list[nn.Linear], h: torch.Tensor, group_size: int, gptq: boo
         err = 0.0
         for layer in layers:
             w = layer.weight.detach().float().cpu() * s[None, :]  # (N, K)
-            q = gptq_int4(w, hs, group_size) if gptq else pack.quantize_weight_int4(w, group_size)
-            e = w - pack.dequantize_int4(*q)  # (N, K), in the scaled space: E_s H_s E_s^T = E H E^T
-            err += float(torch.einsum("nk,kl,nl->", e, hs, e))
+            e = w - pack.dequantize_int4(*pack.quantize_weight_int4(w, group_size))  # (N, K), in the scaled space: E_s H_s E_s^T = E H E^T
+            err += float(((e @ hs) * e).sum())
         if best is None or err < best[0]:
             best = (err, alpha, s)
     assert best is not None
