@@ -72,7 +72,7 @@ def test_bad_inputs_give_one_line_errors():
     with pytest.raises(SlimkitError, match="4-bit"):
         WeightOnly(bits=8, method="gptq")
     with pytest.raises(SlimkitError, match="method"):
-        WeightOnly(bits=4, group_size=32, method="awq")
+        WeightOnly(bits=4, group_size=32, method="hqq")
 
 
 def test_config_round_trips_with_its_method():
