@@ -6,8 +6,10 @@ the layers they produce (``QuantLinear`` / ``QuantConv2d`` / ``QuantEmbedding``,
 layers) are stored with packed integer weights and run on real integer kernels.
 """
 
+from slimkit.quantize.bias_correction import BiasCorrection, BiasCorrectionRecord
 from slimkit.quantize.cast import BFloat16, Float16
 from slimkit.quantize.embedding import QuantEmbedding
+from slimkit.quantize.equalization import CrossLayerEqualization, EqualizationRecord
 from slimkit.quantize.extreme import Binary, Ternary
 from slimkit.quantize.gptq import gptq_int4
 from slimkit.quantize.half import HalfConv2d, HalfLinear
@@ -20,7 +22,8 @@ from slimkit.quantize.record import MixedRecord, QuantRecord, TrainedQuantRecord
 from slimkit.quantize.smoothquant import SmoothQuant, SmoothQuantRecord
 from slimkit.quantize.weight_only import WeightOnly
 
-__all__ = ["BFloat16", "Binary", "Float16", "HalfConv2d", "HalfLinear", "Int8", "LayerError", "Mixed", "MixedRecord",
+__all__ = ["BFloat16", "BiasCorrection", "BiasCorrectionRecord", "Binary", "CrossLayerEqualization",
+           "EqualizationRecord", "Float16", "HalfConv2d", "HalfLinear", "Int8", "LayerError", "Mixed", "MixedRecord",
            "QAT", "QuantConv2d", "QuantEmbedding", "QuantLinear", "QuantRecord", "SmoothQuant",
            "SmoothQuantRecord", "Ternary", "TrainedQuantRecord",
            "WeightOnly", "gptq_int4", "layer_errors"]
