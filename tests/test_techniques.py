@@ -66,6 +66,7 @@ CASES = [
     Case(Q.Float16(), mlp, 0.9999, 0.55),
     Case(Q.BFloat16(), cnn, 0.999, 0.55),
     Case(Q.Mixed(budget_ratio=0.3), mlp, 0.999, 0.45),
+    Case(Q.CrossLayerEqualization(), depthwise_cnn, 0.9999, 1.0, ("torch", "onnxruntime")),  # float function kept
     Case(Q.QAT(bits=8, steps=4, lr=1e-5), cnn, 0.999, 0.35),
     Case(Q.Ternary(steps=4, lr=1e-5), cnn, 0.99, 0.15),
     Case(Q.Binary(steps=4, lr=1e-5), mlp, 0.95, 0.3),
@@ -122,7 +123,8 @@ def test_every_registered_technique_has_a_row():
     covered = {c.config.type_name for c in CASES}
     untested = {t.name for t in all_techniques() if not t.name.startswith("test.")} - covered
     # nas.* need their own model families (tests/nas); a StudentArtifact row needs a saved file (tests/distill)
-    assert untested == {"nas.CNN", "nas.Encoder", "distill.StudentArtifact"}
+    # quantize.BiasCorrection edits a quantize step's layers: tests/quantize/test_equalization.py
+    assert untested == {"nas.CNN", "nas.Encoder", "distill.StudentArtifact", "quantize.BiasCorrection"}
 
 
 @pytest.mark.parametrize("case", CASES, ids=IDS)
