@@ -66,6 +66,7 @@ CASES = [
     Case(Q.Float16(), mlp, 0.9999, 0.55),
     Case(Q.BFloat16(), cnn, 0.999, 0.55),
     Case(Q.Mixed(budget_ratio=0.3), mlp, 0.999, 0.45),
+    Case(Q.SmoothQuant(), encoder, 0.9999),  # float function kept (value -> output folded), size unchanged
     Case(Q.CrossLayerEqualization(), depthwise_cnn, 0.9999, 1.0, ("torch", "onnxruntime")),  # float function kept
     Case(Q.QAT(bits=8, steps=4, lr=1e-5), cnn, 0.999, 0.35),
     Case(Q.Ternary(steps=4, lr=1e-5), cnn, 0.99, 0.15),
@@ -177,6 +178,7 @@ def _without(task: sk.Task, *fields: str) -> sk.Task:
 ERRORS = [
     (Q.Int8(activations="static"), mlp, ("calib",), "static int8 needs calibration data"),
     (Q.WeightOnly(bits=4, group_size=32, method="gptq"), mlp, ("calib",), "calibration"),
+    (Q.SmoothQuant(), mlp, ("calib",), "SmoothQuant needs calibration data"),
     (Q.Int8(targets=("1",)), mlp, (), "no layer to quantize"),
     (Q.QAT(steps=2), cnn, ("train",), "QAT needs a task with training data"),
     (Q.Ternary(steps=2), cnn, ("train",), "needs a task with training data"),

@@ -157,11 +157,12 @@ def _observe(model: nn.Module, linears: list[str], calib: list) -> _Stats:
     keep: list[Tensor] = []  # holds first-batch outputs so their memory (and keys) is not reused
     first = [True]
     modules = dict(model.named_modules())
+    widths = {modules[n].in_features for n in linears}  # only tensors some Linear could read
     handles = []
 
     def out_hook(name: str) -> Any:
         def hook(module: nn.Module, args: tuple, out: Any) -> None:
-            if first[0] and isinstance(out, Tensor):
+            if first[0] and isinstance(out, Tensor) and out.dim() and out.shape[-1] in widths:
                 outputs.setdefault(_key(out), []).append(name)
                 keep.append(out)
         return hook
@@ -245,7 +246,8 @@ def _value_to_output(model: nn.Module, modules: dict[str, nn.Module]) -> dict[st
         v = names[id(block.qkv[2])]
         candidates = [f"{block.name}.{c}" for c in _OUT_PROJ_NAMES]
         parent = block.name.rsplit(".", 1)[0] if "." in block.name else ""
-        candidates.append(f"{parent}.output.dense" if parent else "output.dense")  # HF BERT: attention.output.dense
+        prefix = f"{parent}." if parent else ""
+        candidates += [f"{prefix}output.dense", f"{prefix}output"]  # HF BERT: attention.output.dense
         o = next((c for c in candidates if isinstance(modules.get(c), nn.Linear)), None)
         if o is not None:
             pairs[o] = v
