@@ -109,7 +109,7 @@ def correct_bias(model: nn.Module, config: BiasCorrection, task: Task | None) ->
     was_training = model.training
     model.eval()
     if mode == "empirical":
-        shifts = _empirical(model, floats, calib)  # subtracted as it goes
+        shifts = _empirical(model, floats, calib, skipped)  # subtracted as it goes
     else:
         shifts = _analytic(reference, quantized, floats, skipped)
         for name, shift in shifts.items():
@@ -163,17 +163,23 @@ def _channel_mean(y: torch.Tensor, conv: bool) -> tuple[torch.Tensor, int]:
 
 
 @torch.no_grad()
-def _empirical(model: nn.Module, floats: dict[str, nn.Module], calib: list[Any]) -> dict[str, torch.Tensor]:
+def _empirical(model: nn.Module, floats: dict[str, nn.Module], calib: list[Any],
+               skipped: dict[str, str]) -> dict[str, torch.Tensor]:
     """Subtract each layer's mean (quantized - float) output per channel, measured on the quantized model's
     own inputs in execution order; returns the shifts."""
     order: list[str] = []
-    hooks = [model.get_submodule(n).register_forward_hook(lambda m, i, o, n=n: order.append(n) if n not in order
-                                                          else None) for n in floats]
+
+    def seen(name: str) -> None:
+        if name not in order:
+            order.append(name)
+
+    hooks = [model.get_submodule(n).register_forward_hook(lambda m, i, o, n=n: seen(n)) for n in floats]
     try:
         model(*_inputs(calib[0]))
     finally:
         for h in hooks:
             h.remove()
+    skipped.update({n: "did not run on the calibration batches" for n in floats if n not in order})
     shifts: dict[str, torch.Tensor] = {}
     for name in order:
         layer, twin = model.get_submodule(name), floats[name]

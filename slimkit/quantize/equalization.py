@@ -109,6 +109,17 @@ def find_pairs(model: nn.Module) -> tuple[list[_Pair], dict[str, str]]:
                 reasons[node.target] = found
             else:
                 pairs.append(found)
+    calls: dict[str, int] = {}
+    for node in graph.nodes:
+        if node.op == "call_module":
+            calls[node.target] = calls.get(node.target, 0) + 1
+    shared = {n for n, k in calls.items() if k > 1}
+    for n in shared & set(layers):
+        reasons[n] = "called more than once in forward (shared weights): rescaling it would change another use"
+    for p in pairs:
+        if {p.first, p.second, p.norm} & shared and p.first not in shared:
+            reasons[p.first] = f"the next layer {p.second!r} is called more than once in forward (shared weights)"
+    pairs = [p for p in pairs if not {p.first, p.second, p.norm} & shared]
     paired = {p.first for p in pairs} | {p.second for p in pairs}
     skipped = {n: reasons.get(n, "not called as a module in forward (fx graph)") for n in layers if n not in paired}
     return pairs, skipped
