@@ -177,7 +177,10 @@ def test_analytic_bias_correction_uses_the_batchnorm_before_the_layer():
     assert record.skipped == {"conv0": why, "fc": why}
     with torch.no_grad():
         reference = model(TEST_X)
-    assert _error_bias(corrected, reference) < _error_bias(sk.apply(model, weights_only, task), reference)
+    quantized = sk.apply(model, weights_only, task)
+    assert _error_bias(corrected, reference) * 1.5 <= _error_bias(quantized, reference)  # measured 0.077 -> 0.036
+    with torch.no_grad():
+        assert sqnr_db(reference, corrected(TEST_X)) >= sqnr_db(reference, quantized(TEST_X))  # 8.4 -> 14.5 dB
 
 
 class NoPairs(nn.Module):
