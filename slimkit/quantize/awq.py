@@ -49,11 +49,11 @@ def scale_and_fold(model: nn.Module, names: list[str], task: Any, group_size: in
     if not names:
         return hessians, {}, {}
     batch = tuple(task.calib[0])
-    groups, order = _input_groups(model, names, batch)
+    groups, order, reference = _input_groups(model, names, batch)  # folds are exact: reference stays valid
     alphas: dict[str, float] = {}
     reasons: dict[str, str] = {}
     for members in groups:
-        producer = _verified_producer(model, members, order, batch)
+        producer = _verified_producer(model, members, order, batch, reference)
         if producer is None:
             why = "no LayerNorm or Linear producer whose output only these layers read (e.g. residual or GELU between)"
             reasons.update({m: why for m in members})
@@ -71,9 +71,9 @@ def scale_and_fold(model: nn.Module, names: list[str], task: Any, group_size: in
 
 
 def _input_groups(model: nn.Module, names: list[str], batch: tuple[Any, ...]
-                  ) -> tuple[list[list[str]], list[str]]:
-    """Target Linears grouped by the input tensor they read, in execution order, and the execution
-    order of every LayerNorm / Linear (the candidate producers)."""
+                  ) -> tuple[list[list[str]], list[str], torch.Tensor]:
+    """Target Linears grouped by the input tensor they read, in execution order, the execution
+    order of every LayerNorm / Linear (the candidate producers) and the model's output."""
     wanted = set(names)
     seen: dict[str, torch.Tensor] = {}
     order: list[str] = []
@@ -87,7 +87,7 @@ def _input_groups(model: nn.Module, names: list[str], batch: tuple[Any, ...]
                     seen[name] = args[0]
             handles.append(module.register_forward_pre_hook(hook))
     try:
-        _run(model, batch)
+        reference = _first(_run(model, batch))
     finally:
         for h in handles:
             h.remove()
@@ -96,17 +96,17 @@ def _input_groups(model: nn.Module, names: list[str], batch: tuple[Any, ...]
         x = seen[name]
         home = next((g for g in groups if seen[g[0]].shape == x.shape and torch.equal(seen[g[0]], x)), None)
         home.append(name) if home is not None else groups.append([name])
-    return groups, order
+    return groups, order, reference
 
 
-def _verified_producer(model: nn.Module, members: list[str], order: list[str], batch: tuple[Any, ...]) -> str | None:
+def _verified_producer(model: nn.Module, members: list[str], order: list[str], batch: tuple[Any, ...],
+                       reference: torch.Tensor) -> str | None:
     """The nearest earlier LayerNorm / Linear whose fold with random scales leaves the output unchanged."""
     k = model.get_submodule(members[0]).in_features
     first = order.index(members[0])
     candidates = [n for n in reversed(order[:first]) if n not in members and _width(model.get_submodule(n)) == k]
     if not candidates:
         return None
-    reference = _first(_run(model, batch))
     scale = max(1.0, float(reference.abs().max()))
     s = torch.exp(torch.empty(k).uniform_(-0.5, 0.5, generator=torch.Generator().manual_seed(0)))  # (K,)
     layers = [model.get_submodule(m) for m in members]
