@@ -228,16 +228,7 @@ def _load_version(snap: Snapshot, model: nn.Module | None) -> nn.Module:
 def load_into(model: nn.Module, state: Mapping[str, torch.Tensor], *, source: str = "state") -> None:
     """``load_state_dict`` with one-line errors for missing, unexpected and mis-shaped tensors."""
     own = model.state_dict()
-    missing = sorted(set(own) - set(state))
-    unexpected = sorted(set(state) - set(own))
-    if missing or unexpected:
-        parts = []
-        if missing:
-            parts.append(f"missing {len(missing)} tensor(s) e.g. {missing[0]}")
-        if unexpected:
-            parts.append(f"unexpected {len(unexpected)} e.g. {unexpected[0]}")
-        raise SlimkitError(f"{source} does not fit the model: {'; '.join(parts)}",
-                           "load it into the architecture it was saved from")
+    check.check_names(own, state, source)
     for name, t in state.items():
         if tuple(own[name].shape) != tuple(t.shape):
             raise SlimkitError(f"{source}: {name} has shape {tuple(t.shape)}, model expects {tuple(own[name].shape)}",

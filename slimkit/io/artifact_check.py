@@ -15,7 +15,7 @@ import math
 import os
 import re
 from pathlib import Path
-from typing import Any, Mapping
+from typing import Any, Iterable, Mapping
 
 import torch
 import torch.nn as nn
@@ -253,14 +253,10 @@ def model_bytes(model: nn.Module) -> int:
     return sum(spec_bytes(s) for s in model_table(model).values())
 
 
-def check_fits(own: Mapping[str, Spec], table: Mapping[str, Spec], source: str, *, prefix: str = "",
-               dtypes: bool = True) -> None:
-    """Names, shapes and dtypes of the artifact's tensors equal those of the model (or of the
-    submodule at ``prefix``), so nothing is read, cast or allocated for a tensor that does not fit."""
-    if prefix:
-        table = {k: v for k, v in table.items() if k.startswith(prefix)}
-    missing = sorted(set(own) - set(table))
-    unexpected = sorted(set(table) - set(own))
+def check_names(own: Iterable[str], stored: Iterable[str], source: str) -> None:
+    """The model's tensor names and the stored ones are the same set (one line naming the first difference)."""
+    own, stored = set(own), set(stored)
+    missing, unexpected = sorted(own - stored), sorted(stored - own)
     if missing or unexpected:
         parts = []
         if missing:
@@ -269,6 +265,15 @@ def check_fits(own: Mapping[str, Spec], table: Mapping[str, Spec], source: str, 
             parts.append(f"unexpected {len(unexpected)} e.g. {unexpected[0]}")
         raise SlimkitError(f"{source} does not fit the model: {'; '.join(parts)}",
                            "load it into the architecture it was saved from")
+
+
+def check_fits(own: Mapping[str, Spec], table: Mapping[str, Spec], source: str, *, prefix: str = "",
+               dtypes: bool = True) -> None:
+    """Names, shapes and dtypes of the artifact's tensors equal those of the model (or of the
+    submodule at ``prefix``), so nothing is read, cast or allocated for a tensor that does not fit."""
+    if prefix:
+        table = {k: v for k, v in table.items() if k.startswith(prefix)}
+    check_names(own, table, source)
     for name, (dtype, shape) in table.items():
         own_dtype, own_shape = own[name]
         if shape != own_shape:
