@@ -36,6 +36,8 @@ ALPHA_GRID = (0.3, 0.4, 0.5, 0.6, 0.7, 0.8)
 _SAMPLE_ROWS = 512
 #: a fold "preserves the function" when the outputs move by at most this, relative to their size.
 _FOLD_TOL = 1e-4
+#: activation clipping ratios the auto score tries, so it sees ranges as MSE calibration would pick them.
+_CLIPS = (1.0, 0.8, 0.6, 0.4)
 _OUT_PROJ_NAMES = ("out_lin", "o_proj", "out_proj")
 
 
@@ -278,8 +280,7 @@ def _scale(act: Tensor, wmax: Tensor, alpha: float) -> Tensor:
 def _int8_error(x: Tensor, weights: list[Tensor], s: Tensor) -> float:
     """Squared error of (per-tensor int8 X / s) @ (per-row int8 W * s)^T against the float product."""
     xs = x / s  # (n, C)
-    step = xs.abs().max().clamp(min=1e-12) / 127
-    xq = (xs / step).round().clamp(-127, 127) * step
+    xq = min((_fake_int8(xs, r) for r in _CLIPS), key=lambda q: float((q - xs).pow(2).sum()))  # as mse calibration
     total = 0.0
     for w in weights:
         ws = w.to(x.device) * s  # (out, C)
@@ -287,6 +288,12 @@ def _int8_error(x: Tensor, weights: list[Tensor], s: Tensor) -> float:
         wq = (ws / wstep).round().clamp(-127, 127) * wstep
         total += float(((xq @ wq.T) - (x @ w.to(x.device).T)).pow(2).sum())
     return total
+
+
+def _fake_int8(x: Tensor, clip: float) -> Tensor:
+    """``x`` through a symmetric per-tensor int8 grid clipped at ``clip * max|x|``."""
+    step = (x.abs().max() * clip).clamp(min=1e-12) / 127
+    return (x / step).round().clamp(-127, 127) * step
 
 
 def _fold(modules: dict[str, nn.Module], group: _Group, s: Tensor) -> list[tuple[Tensor, Tensor]]:
