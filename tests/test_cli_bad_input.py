@@ -234,6 +234,13 @@ CASES = [
     ("report-probe", ["report", "{tmp}/run_probe"], f"run again with --task {PROBE}:make"),
     ("report-mismatch", ["report", "{tmp}/run_digits", "--task", "mnist"], "was made for task 'digits', not 'mnist'"),
     ("report-mismatch-code", ["report", "{tmp}/run_abort", "--task", "os:getpid"], "not 'os:getpid'"),
+    # --- slimkit export ---
+    ("export-missing", ["export", "{tmp}/nowhere", "--out", "{tmp}/m.onnx"], "does not exist"),
+    ("export-suffix", ["export", "{tmp}/run_digits", "--out", "{tmp}/m.txt"], "does not end in .onnx"),
+    ("export-format", ["export", "{tmp}/run_digits", "--format", "tflite", "--out", "{tmp}/m.onnx"],
+     "--format 'tflite' is not supported"),
+    ("export-threads", ["export", "{tmp}/run_digits", "--threads", "0", "--out", "{tmp}/m.onnx"], "--threads 0"),
+    ("export-no-example", ["export", "{tmp}/run_digits", "--out", "{tmp}/m.onnx"], "needs example inputs"),
     # --- studies read by slimkit worker ---
     ("worker-abort", ["worker", "--study", "abort", "--storage", "sqlite:///{tmp}/studies.db", "--wait", "0"],
      "study 'abort' names the task 'os:abort', which is not built in"),
