@@ -25,7 +25,9 @@ from slimkit.measure.latency import interleaved_samples
 MAX_CV = 0.20
 MAX_TAIL = 3.0
 NOISY = "noisy: other work on this machine"
-#: Seconds the extra rounds may take in all: a busy machine costs a command this much more, not minutes.
+#: Extra rounds on a noisy machine may take this many times the first rounds' time, at most the cap in
+#: seconds: a busy machine costs a command a little more, never minutes.
+EXTRA_ROUNDS_FACTOR = 2.0
 EXTRA_ROUNDS_CAP_S = 5.0
 
 
@@ -103,20 +105,23 @@ def timing_of(samples: list[float]) -> Timing:
     return Timing(float(p50), float(max(p95, p50)), float(t.std() / mean) if mean > 0 else 0.0, len(t))
 
 
-def compare_speed(contenders: Mapping[str, Callable[[], Any]], *, rounds: int = 7, min_time_s: float = 0.05,
-                  max_seconds: float = EXTRA_ROUNDS_CAP_S, clock: Callable[[], float] = time.perf_counter,
+def compare_speed(contenders: Mapping[str, Callable[[], Any]], *, rounds: int = 7, min_time_s: float = 0.02,
+                  max_seconds: float | None = None, clock: Callable[[], float] = time.perf_counter,
                   load: Callable[[], float] = load_per_core) -> SpeedComparison:
-    """Time every contender in alternating rounds; while any is noisy, add rounds until ``max_seconds``.
+    """Time every contender in alternating rounds; while any is noisy, add rounds until ``max_seconds`` have
+    passed in all (default: ``EXTRA_ROUNDS_FACTOR`` x the first rounds' time, capped at ``EXTRA_ROUNDS_CAP_S``).
 
     ``clock`` and ``load`` are injectable so the noise rules can be tested with exact, fake timings.
     """
     if len(contenders) < 2:
         raise SlimkitError("a speed comparison needs at least two contenders", "pass the original and a candidate")
-    if rounds < 3 or min_time_s < 0 or max_seconds <= 0:
+    if rounds < 3 or min_time_s < 0 or (max_seconds is not None and max_seconds <= 0):
         raise SlimkitError(f"rounds={rounds}, min_time_s={min_time_s}, max_seconds={max_seconds} are invalid",
                            "use rounds >= 3, min_time_s >= 0, max_seconds > 0")
     start = clock()
     samples = interleaved_samples(contenders, rounds=rounds, min_time_s=min_time_s, clock=clock)
+    if max_seconds is None:
+        max_seconds = min((1 + EXTRA_ROUNDS_FACTOR) * (clock() - start), EXTRA_ROUNDS_CAP_S)
     while any(timing_of(s).noisy for s in samples.values()) and clock() - start < max_seconds:
         more = interleaved_samples(contenders, rounds=rounds, min_time_s=min_time_s, warmup=0, clock=clock)
         for k, extra in more.items():

@@ -69,3 +69,13 @@ def test_bad_settings_are_one_line_errors(kwargs):
         compare_speed({"a": clock.contender([1.0]), "b": clock.contender([1.0])}, clock=clock, **kwargs)
     with pytest.raises(SlimkitError, match="two contenders"):
         compare_speed({"a": clock.contender([1.0])}, clock=clock)
+
+
+def test_by_default_extra_rounds_take_at_most_twice_the_first_rounds():
+    clock = FakeClock()
+    comparison = compare_speed({"original": clock.contender([10.0, 10.0, 10.0, 40.0]),
+                                "candidate": clock.contender([2.0])}, rounds=4, min_time_s=0.0, clock=clock)
+    first = (2 * 10.0 + 2 * 2.0 + 10.0 + 40.0 + 10.0 + 10.0 + 4 * 2.0) / 1e3  # warm-up + four rounds: 0.102 s
+    assert comparison.timings["original"].rounds > 4
+    # the first rounds, twice that again, and the batch of rounds that crossed it: far below the 5 s cap
+    assert 3 * first <= clock.now <= 3 * first + 0.1
