@@ -2,8 +2,14 @@
 
 from __future__ import annotations
 
+import os
+
 import pytest
 import torch
+
+if os.environ.get("PYTEST_XDIST_WORKER"):
+    # `make test` runs one worker per core: a second torch thread per worker would only oversubscribe them.
+    torch.set_num_threads(1)
 
 
 @pytest.fixture(scope="session")
