@@ -41,8 +41,9 @@ def test_sensitivity_probes_what_fits(metric_s, budget_s, expected):
     ([], None, 0.0, True),                      # unbounded
     ([], 10.0, 5.0, True),                      # nothing known yet: try one
     ([], 4.0, 5.0, False),                      # the end's reserve is all that is left
-    ([30.0, 50.0, 40.0], 140.0, 30.0, True),    # 110 s left after the reserve: the slowest twice (trial, rebuild)
-    ([30.0, 50.0, 40.0], 120.0, 30.0, False),   # 90 s: a trial as slow, then the best's rebuild, would not fit
+    ([30.0, 50.0, 40.0], 81.0, 30.0, True),     # 51 s left after the reserve: a trial as slow as the slowest fits
+    ([30.0, 50.0, 40.0], 80.0, 30.0, False),    # 50 s: it would end just as the end's work must start
+    ([30.0, 50.0, 40.0], 120.0, 30.0, True),    # the best is saved by its trial: no rebuild to keep time for
 ])
 def test_a_trial_starts_only_when_one_as_slow_as_the_slowest_still_fits(seconds, left, reserve, expected):
     assert enough_for_another(seconds, left, reserve) is expected

@@ -61,6 +61,8 @@ def test_best_fits_and_is_the_best_feasible_metric(run):
     # every constraint vector is measured - limit, <= 0 exactly when it fits
     for t in result.trials:
         assert t.constraints == pytest.approx([t.measured.size_mb - 0.26, t.measured.drop - 0.01])
+    # a measurer that hands back no model leaves nothing to save: best/ is rebuilt from the recipe
+    assert result.best_source == "replayed" and result.stopped == "trials done: 15 of 15 finished"
 
 
 def test_informed_first_trial_fits_a_quarter_size_target(run):
@@ -68,6 +70,12 @@ def test_informed_first_trial_fits_a_quarter_size_target(run):
     first = min(result.trials, key=lambda t: t.number)
     assert [s["type"] for s in first.recipe] == ["quantize.Int8"]
     assert first.feasible and result.first_feasible["trials"] == 1
+
+
+def test_a_spent_time_budget_is_the_reason_the_search_stopped(run):
+    result = run(sk.Target(max_drop=0.01), trials=3, time_budget=1e-3)  # spent before the first trial
+    assert result.trials == [] and result.best is None
+    assert result.stopped.startswith("time budget reached: 0 of 3 trials finished in ")
 
 
 def test_nothing_fits_gives_closest_margins_and_a_hint(run):

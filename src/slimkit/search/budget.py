@@ -1,10 +1,10 @@
 """How long a search may spend on each part, sized to the model in front of it rather than fixed counts.
 
 A search spends its time in four places: measuring the original, per-layer sensitivity (one metric
-run per layer probed), the trials (mostly recovery training) and rebuilding + reporting the best.
-The first is measured; the others are sized from it so that, on a 1-20 M-parameter model, one
-trial stays near a minute and ``--time-budget`` bounds the whole command, not only the start of
-the last trial.
+run per layer probed), the trials (mostly recovery training) and the end: copying the best the
+trials saved and measuring it beside the original for the report. The first is measured; the
+others are sized from it so that, on a 1-20 M-parameter model, one trial stays near a minute and
+``--time-budget`` bounds the whole command, not only the start of the last trial.
 """
 
 from __future__ import annotations
@@ -45,8 +45,8 @@ RECONSTRUCTION_SECONDS = 20.0
 CP_SECONDS = 20.0
 #: The CP ratio the estimate assumes (the middle of what the search offers) and its ALS sweeps at most.
 CP_RATIO, CP_SWEEPS = 0.35, 100
-#: Runs of the original's measurement the end of a search takes (replaying the best, the report's
-#: side-by-side profile of original and best).
+#: Runs of the original's measurement the end of a search takes (the report's side-by-side profile of
+#: original and best, and their timing together). The best is not rebuilt: the trials saved it.
 FINISH_MEASUREMENTS = 3.0
 
 
@@ -57,6 +57,9 @@ class TimeBudget:
         if seconds is not None and not seconds > 0:
             raise SlimkitError(f"time_budget={seconds!r} is invalid", "give seconds > 0, or leave it out")
         self.seconds, self.start = seconds, time.monotonic()
+
+    def elapsed(self) -> float:
+        return time.monotonic() - self.start
 
     def left(self) -> float | None:
         return None if self.seconds is None else self.seconds - (time.monotonic() - self.start)
@@ -161,13 +164,13 @@ def sized_extra(task: Task, techs: Sequence[Technique], extra: dict[str, object]
 
 
 def finish_reserve(original_seconds: float) -> float:
-    """Seconds to keep for the end: rebuilding the best and measuring it against the original."""
+    """Seconds to keep for the end: copying the saved best and measuring it against the original."""
     return FINISH_MEASUREMENTS * original_seconds
 
 
 def enough_for_another(trial_seconds: Sequence[float], left: float | None, reserve: float) -> bool:
-    """Whether another trial as long as the slowest so far still fits, and then the best's rebuild (at
-    most as long again) before the end's ``reserve``."""
+    """Whether another trial as long as the slowest so far still ends before the end's ``reserve``
+    (the best is saved by its trial, so the end rebuilds nothing)."""
     if left is None:
         return True
-    return left - reserve > 2 * max(trial_seconds, default=0.0)
+    return left - reserve > max(trial_seconds, default=0.0)

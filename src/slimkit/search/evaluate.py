@@ -77,12 +77,15 @@ class RuntimeMeasurer:
                  seed: int = 0) -> None:
         self.task, self.target, self.backend, self.seed = task, target, backend, seed
         self.baseline_score = baseline_score
+        #: the float model the last call's final quantization step started from (the report compares with it)
+        self.before_last: nn.Module | None = None
 
     def __call__(self, configs: Sequence[BaseConfig], early_stop: bool = True,
                  ) -> tuple[TrialMeasurement, nn.Module | None]:
         start = time.perf_counter()
         timings: dict[str, float] = {}
         step = "copying the model"
+        self.before_last = None
         try:
             torch.manual_seed(self.seed)
             model = copy.deepcopy(self.task.model)
@@ -95,6 +98,8 @@ class RuntimeMeasurer:
                     if before is not None:
                         before.seconds, before.timings = time.perf_counter() - start, timings
                         return before, None
+                if i == len(configs) - 1 and technique_of(type(config)).stage == "quantize":
+                    self.before_last = self.task.model if i == 0 else copy.deepcopy(model)
                 lap, step = time.perf_counter(), config.type_name
                 model = apply(model, config, self.task, inplace=True)
                 timings[config.type_name] = timings.get(config.type_name, 0.0) + time.perf_counter() - lap

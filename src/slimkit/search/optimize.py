@@ -11,25 +11,26 @@ when nothing fits, the result carries the closest candidates, each limit's margi
 from __future__ import annotations
 
 import logging
+import secrets
 import time
 from pathlib import Path
 from typing import Any, Callable, Sequence
 
-from slimkit import io, zoo
+from slimkit import zoo
 from slimkit.core.config import BaseConfig
 from slimkit.core.errors import SlimkitError
 from slimkit.core.registry import CHANGES_WEIGHTS, STAGES, SearchContext, Technique, searchable
 from slimkit.core.target import Target
 from slimkit.core.task import Task
-from slimkit.pipeline.recipe import Recipe
 from slimkit.search.budget import TimeBudget, finish_reserve, sensitivity_layers, sized_extra
 from slimkit.search.evaluate import Measurer, RuntimeMeasurer, TrialMeasurement, failure_reason
 from slimkit.search.faults import fault_point
 from slimkit.search.interrupt import stop_on_signals, stopped
-from slimkit.search.pareto import TrialRecord, closest, hints, objectives, pareto_front, pick_best
+from slimkit.search.finish import finish, records_from_study
+from slimkit.search.incumbent import INCUMBENT_DIR, Incumbent
+from slimkit.search.pareto import TrialRecord, objectives
 from slimkit.search.refine import step_closest
-from slimkit.search.result import OptimizeResult, write_result
-from slimkit.search.result_report import write_report
+from slimkit.search.result import OptimizeResult
 from slimkit.search.seeding import initial_guesses, layer_sensitivity_for
 from slimkit.search.study import create_study, finished, load_study, open_storage, storage_url, study_state
 from slimkit.search.trial_loop import run_trials
@@ -56,8 +57,8 @@ def suggest_pipeline(trial: Any, ctx: SearchContext, techs: Sequence[Technique])
         if choice == "none":
             continue
         config = next(t for t in options if t.search == choice).suggest(trial, ctx)
-        if config is not None:
-            configs.append(config)
+        if config is not None:  # a list: steps that go together (CLE, static int8, bias correction)
+            configs.extend(config if isinstance(config, list) else [config])
             changed = changed or stage in CHANGES_WEIGHTS
             picked += stage != "recover"
     return configs
@@ -87,11 +88,12 @@ def _finite(values: Sequence[float]) -> list[float]:
     return [1e9 if v != v or v > 1e9 else float(v) for v in values]
 
 
-def make_objective(ctx: SearchContext, techs: Sequence[Technique], measure: Measurer,
-                   records: list[TrialRecord]) -> Callable[[Any], tuple[float, float, float]]:
+def make_objective(ctx: SearchContext, techs: Sequence[Technique], measure: Measurer, records: list[TrialRecord],
+                   incumbent: Incumbent | None = None) -> Callable[[Any], tuple[float, float, float]]:
     """The trial: suggest a pipeline, measure it, store what was measured. A pipeline that fails
     anywhere (knobs, a technique, the runtime, the metric, a NaN) is stored with its reason and
-    counts as infeasible; the search goes on."""
+    counts as infeasible; the search goes on. A feasible trial's model is handed to ``incumbent``,
+    which saves it once the trial is stored finished if it is the best so far."""
     target: Target = ctx.target
 
     def objective(trial: Any) -> tuple[float, float, float]:
@@ -99,9 +101,10 @@ def make_objective(ctx: SearchContext, techs: Sequence[Technique], measure: Meas
             configs = suggest_pipeline(trial, ctx, techs)
         except Exception as exc:  # noqa: BLE001 - e.g. a knob combination a config refuses: infeasible, not a crash
             configs, measured = [], TrialMeasurement(error=failure_reason("choosing the pipeline", exc))
+            model = None
         else:
             earlier = _same_pipeline_measured(trial)
-            measured = earlier if earlier is not None else measure_safely(measure, configs)
+            measured, model = (earlier, None) if earlier is not None else measured_model(measure, configs)
         recipe = [c.to_dict() for c in configs]
         constraints = _finite([1e9] * len(target.names())) if measured.error else _finite(
             target.constraints(measured.measurement()))
@@ -114,7 +117,10 @@ def make_objective(ctx: SearchContext, techs: Sequence[Technique], measure: Meas
             for key, value in zip(target.names() or ["none"], constraints):
                 trial.set_constraint(key, value)
         fault_point("trial measured", trial.number)
-        records.append(TrialRecord(trial.number, recipe, measured, constraints, dict(trial.params)))
+        record = TrialRecord(trial.number, recipe, measured, constraints, dict(trial.params))
+        records.append(record)
+        if incumbent is not None:
+            incumbent.hold(trial.number, model, getattr(measure, "before_last", None), record)
         return tuple(_finite(objectives(measured)))  # type: ignore[return-value]
 
     return objective
@@ -122,17 +128,22 @@ def make_objective(ctx: SearchContext, techs: Sequence[Technique], measure: Meas
 
 def measure_safely(measure: Measurer, configs: Sequence[BaseConfig], **kw: Any) -> TrialMeasurement:
     """``measure(configs)`` that never raises (a caller's own measurer may) and never stores NaN."""
+    return measured_model(measure, configs, **kw)[0]
+
+
+def measured_model(measure: Measurer, configs: Sequence[BaseConfig], **kw: Any) -> tuple[TrialMeasurement, Any]:
+    """:func:`measure_safely`, and the model measured (None when the measurer gives none, or it failed)."""
     try:
-        measured = measure(configs, **kw)[0]
+        measured, model = measure(configs, **kw)
     except Exception as exc:  # noqa: BLE001 - one candidate's failure is recorded, not fatal
         log.exception("measuring %s failed", [c.type_name for c in configs])
-        return TrialMeasurement(error=failure_reason("measuring", exc))
+        return TrialMeasurement(error=failure_reason("measuring", exc)), None
     nan = [k for k in ("score", "drop", "size_mb", "latency_ms", "memory_mb") if _is_nan(getattr(measured, k))]
     if nan and not measured.error:
         measured.error = f"measuring: {', '.join(nan)} came out NaN"
     for key in nan:
         setattr(measured, key, None)
-    return measured
+    return measured, None if measured.error else model
 
 
 def _is_nan(value: Any) -> bool:
@@ -148,31 +159,6 @@ def _same_pipeline_measured(trial: Any) -> TrialMeasurement | None:
         if t.params == trial.params and "measured" in t.user_attrs:
             trial.set_user_attr("repeat_of", t.number)
             return TrialMeasurement(**t.user_attrs["measured"])
-    return None
-
-
-def records_from_study(study: Any) -> list[TrialRecord]:
-    from optuna.trial import TrialState  # optional (optuna, extra 'search'): imported when used
-
-    out = []
-    for t in study.get_trials(deepcopy=False, states=(TrialState.COMPLETE,)):
-        measured = TrialMeasurement(**t.user_attrs.get("measured", {}))
-        out.append(TrialRecord(t.number, t.user_attrs.get("recipe", []), measured,
-                               list(t.user_attrs.get("constraints", [1e9])), dict(t.params)))
-    return out
-
-
-def first_feasible(study: Any) -> dict[str, float] | None:
-    """How many finished trials and seconds (from the study's first trial) until the first fit."""
-    from optuna.trial import TrialState  # optional (optuna, extra 'search'): imported when used
-
-    done = sorted(study.get_trials(deepcopy=False, states=(TrialState.COMPLETE,)), key=lambda t: t.datetime_complete)
-    if not done:
-        return None
-    t0 = min(t.datetime_start for t in done)
-    for i, t in enumerate(done, 1):
-        if all(c <= 0 for c in t.user_attrs.get("constraints", [1e9])) and not t.user_attrs["measured"].get("error"):
-            return {"trials": i, "seconds": (t.datetime_complete - t0).total_seconds(), "number": t.number}
     return None
 
 
@@ -236,6 +222,9 @@ def optimize(task: Task | str, target: Target, *, trials: int = 30, time_budget:
                 extra = {**attrs.get("extra", {}), **dict(extra or {})}
                 target = target.with_original_latency(baseline.latency_ms or 0.0)  # a relative limit, in ms
                 ctx = context_for(task, target, baseline, sens, extra, max_techniques)
+                for key, value in _incumbent_attrs(out_dir, attrs).items():
+                    st.set_user_attr(key, value)  # a study of an older slimkit, or resumed in another --out
+                attrs = st.user_attrs
             else:
                 baseline, sens, extra = _start(task, measure, budget, techs, trials, sensitivity, measurer, extra,
                                                phases)
@@ -244,28 +233,49 @@ def optimize(task: Task | str, target: Target, *, trials: int = 30, time_budget:
                 attrs = {"task": task_spec or task.name, "target": target.to_dict(),
                          "techniques": [t.search for t in techs], "trials": trials, "seed": seed, "backend": backend,
                          "sensitivity": sens, "extra": extra, "strategy": strategy,
-                         "max_techniques": max_techniques, "baseline": baseline.to_dict()}
+                         "max_techniques": max_techniques, **_incumbent_attrs(out_dir, {}),
+                         "baseline": baseline.to_dict()}
                 st = create_study(db, name, make_sampler(strategy, seed, trials), attrs, queue=enqueue,
                                   guesses=_first_guesses(ctx, techs))
             if isinstance(measure, RuntimeMeasurer):
                 measure.baseline_score, measure.target = baseline.score, target
             records: list[TrialRecord] = []
-            objective = make_objective(ctx, techs, measure, records)
+            keeper = Incumbent(Path(attrs["incumbent"]), attrs["run"], task.name)
+            objective = make_objective(ctx, techs, measure, records, keeper)
             lap = time.monotonic()
             with TrialProgress(trials, finished(st), enabled=progress) as bar:
 
                 def after_trial(trial: Any) -> None:
-                    bar.update(trial)
+                    bar.update(trial, saved=keeper.after_trial(trial))
                     step_closest(st, target, records_from_study(st))
 
-                run_trials(st, objective, trials, budget=budget, reserve_s=finish_reserve(baseline.seconds),
-                           on_trial=after_trial)
+                done = run_trials(st, objective, trials, budget=budget, reserve_s=finish_reserve(baseline.seconds),
+                                  on_trial=after_trial)
+                bar.say(f"search stopped: {done.reason}; writing best/, the recipe and the report")
             phases["trials"] = time.monotonic() - lap
             fault_point("trials done")
             return finish(st, task, target, baseline, sens, name, url, out_dir, budget.start, seed=seed,
-                          backend=backend, report=report, phases=phases)
+                          backend=backend, report=report, phases=phases, incumbent=keeper, stopped=done.reason,
+                          say=bar.say)
         except KeyboardInterrupt as exc:
-            raise stopped(exc, 0 if st is None else finished(st), trials, go_on) from None
+            kept = "" if st is None else _kept_so_far(st)
+            raise stopped(exc, 0 if st is None else finished(st), trials, go_on + kept) from None
+
+
+def _incumbent_attrs(out_dir: Path, attrs: dict[str, Any]) -> dict[str, Any]:
+    """Where every process of the study saves the best so far, and the token that tells this study's from
+    another's; only what ``attrs`` (a stored study's settings) lacks or names differently."""
+    want = {"run": attrs.get("run") or secrets.token_hex(8), "incumbent": str((out_dir / INCUMBENT_DIR).resolve())}
+    return {k: v for k, v in want.items() if attrs.get(k) != v}
+
+
+def _kept_so_far(study: Any) -> str:
+    """Where the best finished trial so far is saved, for the line a stopped search prints."""
+    attrs = study.user_attrs
+    if "incumbent" not in attrs:
+        return ""
+    info = Incumbent(Path(attrs["incumbent"]), attrs.get("run", ""), "").stored()
+    return "" if info is None else f"; the best so far (trial {info['trial']}) is saved in {attrs['incumbent']}"
 
 
 def _start(task: Task, measure: Measurer, budget: TimeBudget, techs: Sequence[Technique], trials: int,
@@ -308,37 +318,3 @@ def _first_guesses(ctx: SearchContext, techs: Sequence[Technique]) -> list[dict[
     except Exception as exc:  # noqa: BLE001 - a help to the search, not needed by it
         log.warning("no informed first guesses: %s", failure_reason("choosing them", exc))
         return []
-
-
-def finish(study: Any, task: Task, target: Target, baseline: TrialMeasurement, sens: dict[str, float], name: str,
-           url: str, out_dir: Path, start: float, *, seed: int, backend: str, report: bool,
-           phases: dict[str, float] | None = None) -> OptimizeResult:
-    """Read the study, rebuild the best pipeline (the recipe replayed), save artifact + recipe + report."""
-
-    records = records_from_study(study)
-    best = pick_best(records)
-    result = OptimizeResult(task=task.name, target=target, baseline=baseline, trials=records, best=best,
-                            pareto=pareto_front(records), closest=[] if best else closest(records, target),
-                            hints=[] if best else hints(records, target, baseline), sensitivity=sens, study=name,
-                            storage=url, seconds=time.monotonic() - start, first_feasible=first_feasible(study),
-                            out=out_dir, phases=dict(phases or {}))
-    lap = time.monotonic()
-    if best is not None:
-        recipe = Recipe.from_steps(best.recipe, task=study.user_attrs.get("task", task.name), seed=seed,
-                                   backend=best.measured.backend or backend, target=target.to_dict())
-        steps = recipe.replay_steps(task)
-        result.best_model = steps[-1]
-        result.before_quantize = steps[-2] if len(steps) > 1 and recipe.steps[-1].type_name.startswith(
-            "quantize.") else None
-        recipe.save(out_dir / "recipe.yaml")
-
-        io.save(result.best_model, out_dir / "best", recipe=best.recipe,
-                extra={"task": task.name, "trial": best.number, "backend": best.measured.backend})
-        result.phases["rebuilding and saving the best"] = time.monotonic() - lap
-    fault_point("best saved")
-    if report:
-        write_report(result, task)
-    else:
-        write_result(result)
-    fault_point("result written")
-    return result

@@ -43,6 +43,10 @@ class OptimizeResult:
     phases: dict[str, float] = dataclasses.field(default_factory=dict)  # the command's time outside the report
     #: the best and the original re-timed together at the end (speed_ratio), and whether the latency limit held
     speed: dict[str, Any] | None = None
+    #: where ``best/`` came from: "incumbent" (saved when its trial finished, copied) or "replayed" (rebuilt)
+    best_source: str | None = None
+    #: why the trials ended: the count reached, the time budget, or the wait for other workers
+    stopped: str | None = None
 
     def to_dict(self) -> dict[str, Any]:
         return {"task": self.task, "target": self.target.to_dict(), "baseline": self.baseline.to_dict(),
@@ -50,7 +54,8 @@ class OptimizeResult:
                 "pareto": [r.number for r in self.pareto], "closest": [r.to_dict() for r in self.closest],
                 "hints": self.hints, "sensitivity": self.sensitivity, "study": self.study,
                 "storage": self.storage, "seconds": self.seconds, "first_feasible": self.first_feasible,
-                "phases": self.phases, "speed": self.speed, "trials": [r.to_dict() for r in self.trials]}
+                "phases": self.phases, "speed": self.speed, "best_source": self.best_source,
+                "stopped": self.stopped, "trials": [r.to_dict() for r in self.trials]}
 
 
 def write_result(result: OptimizeResult, data: dict[str, Any] | None = None) -> Path:
@@ -80,7 +85,8 @@ def read_result(run_dir: str | Path, task: Task) -> OptimizeResult:
                             closest=[by_number[c["number"]] for c in data["closest"] if c["number"] in by_number],
                             hints=data["hints"], sensitivity=data["sensitivity"], study=data["study"],
                             storage=data["storage"], seconds=data["seconds"], first_feasible=data["first_feasible"],
-                            out=run_dir, phases=data.get("phases", {}))
+                            out=run_dir, phases=data.get("phases", {}),
+                            best_source=data.get("best_source"), stopped=data.get("stopped"))
     if best is not None:
         result.best_model = io.load(run_dir / "best")
     return result

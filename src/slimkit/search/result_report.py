@@ -81,7 +81,8 @@ def write_report(result: OptimizeResult, task: Task) -> Path:
             [[c.name, c.latency.p50_ms, c.latency.p95_ms, c.latency.runs] for c in candidates])
     r.note(f"Target: {_target_text(result.target)}. {len(result.trials)} trials in {result.seconds:.0f} s"
            + (f"; first fit after {result.first_feasible['trials']} trials, {result.first_feasible['seconds']:.0f} s"
-              if result.first_feasible else "") + ".")
+              if result.first_feasible else "") + "." + (f" Stopped: {result.stopped}." if result.stopped else "")
+           + (f" {SOURCES[result.best_source]}" if result.best_source in SOURCES else ""))
     if not result.best:
         r.heading("Why nothing fit")
         for hint in result.hints:
@@ -110,6 +111,13 @@ def write_report(result: OptimizeResult, task: Task) -> Path:
     path = r.write(out)
     write_result(result, data)
     return path
+
+
+#: What the report says of ``best/``, by ``OptimizeResult.best_source``.
+SOURCES = {"incumbent": "best/ is the best trial's model as saved when that trial finished (copied, not rebuilt); "
+                        "slimkit apply recipe.yaml rebuilds it from the recipe to check.",
+           "replayed": "best/ was rebuilt at the end by replaying the best trial's recipe (its saved copy was "
+                       "missing or could not be used)."}
 
 
 def _time_spent(r: Report, result: OptimizeResult) -> None:

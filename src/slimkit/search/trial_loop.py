@@ -27,20 +27,33 @@ WAIT_FLOOR_S = 600.0
 TOLD_TOO_LATE = {"tell", "reach."}
 
 
+class Finished(int):
+    """How many trials the study has finished (an ``int``), and ``reason``: why this process stopped taking more."""
+
+    reason: str
+
+    def __new__(cls, done: int, reason: str) -> "Finished":
+        out = super().__new__(cls, done)
+        out.reason = reason
+        return out
+
+
 class TakenOver(Exception):
     """This process's trial was failed by another (its heartbeat came late) and queued again."""
 
 
 def run_trials(study: Any, objective: Callable[[Any], Any], n_trials: int, *, budget: TimeBudget | None = None,
                reserve_s: float = 0.0, on_trial: Callable[[Any], None] | None = None,
-               wait_s: float | None = None) -> int:
-    """Take trials until ``n_trials`` have finished study-wide or time is up; returns how many finished.
+               wait_s: float | None = None) -> Finished:
+    """Take trials until ``n_trials`` have finished study-wide or time is up; returns how many finished,
+    with the reason it stopped (the count, the time budget, the wait for other workers).
 
     One trial per ``optimize`` call, so the count is re-read from the database before each trial:
     two workers never overshoot by more than the trial each has in flight. A trial starts only when
     one as slow as the slowest so far still ends before ``budget`` less ``reserve_s``. Trials other
     workers run are waited for up to ``wait_s`` (default: :data:`WAIT_FLOOR_S` or 3x the slowest
-    trial, plus the heartbeat grace). A stopping signal fails and re-queues this process's trial
+    trial, plus the heartbeat grace), never past ``budget`` less ``reserve_s``. A stopping signal
+    fails and re-queues this process's trial
     and raises :class:`~slimkit.search.interrupt.Interrupted` with its number.
     """
     from optuna.trial import TrialState  # optional (optuna, extra 'search'): imported when used
@@ -64,25 +77,31 @@ def run_trials(study: Any, objective: Callable[[Any], Any], n_trials: int, *, bu
             running = [t for t in trials if t.state == TrialState.RUNNING]
             seconds = [t.user_attrs["measured"].get("seconds", 0.0) for t in done if "measured" in t.user_attrs]
             if len(done) >= n_trials:
-                return len(done)
+                return Finished(len(done), f"trials done: {len(done)} of {n_trials} finished")
             if len(done) + len(running) >= n_trials:  # the last trials run elsewhere: wait for them
                 if waiting_since is None:
                     waiting_since = time.monotonic()
                     limit = wait_s if wait_s is not None else \
                         max(WAIT_FLOOR_S, 3 * max(seconds, default=0.0)) + grace_s()
+                    left = budget.left()
+                    if left is not None:  # the time budget bounds the wait too
+                        limit = max(0.0, min(limit, left - reserve_s))
                     log.warning("%d of %d trials finished; waiting up to %.0f s for %s", len(done), n_trials,
                                 limit, _describe(running))
                 elif time.monotonic() - waiting_since > limit:
                     log.warning("stopped waiting after %.0f s for %s; the result holds the %d finished trials "
                                 "(run with --resume once they end to include them)", limit, _describe(running),
                                 len(done))
-                    return len(done)
+                    return Finished(len(done), f"stopped waiting {limit:.0f} s for {len(running)} trial(s) "
+                                               f"running elsewhere: {len(done)} of {n_trials} finished")
                 time.sleep(POLL_S)
                 continue
             waiting_since = None
             if not enough_for_another(seconds, budget.left(), reserve_s):
-                log.warning("time budget reached after %d trials", len(done))
-                return len(done)
+                return Finished(len(done), f"time budget reached: {len(done)} of {n_trials} trials finished in "
+                                           f"{budget.elapsed():.0f} s of {budget.seconds:g} s (another trial as "
+                                           f"slow as the slowest, {max(seconds, default=0.0):.0f} s, and the "
+                                           f"{reserve_s:.0f} s kept for the end would not fit)")
             try:
                 study.optimize(guarded, n_trials=1, catch=(), gc_after_trial=True, callbacks=[told])
             except (ValueError, AssertionError) as exc:

@@ -24,12 +24,18 @@ class TrialProgress:
             self._task = self._progress.add_task("", total=self.total, completed=self.done)
         return self
 
-    def update(self, frozen: Any) -> None:
+    def update(self, frozen: Any, saved: bool = False) -> None:
+        """One finished trial; ``saved``: it is the best so far and was saved as the incumbent."""
         self.done += 1
         if self._progress is None:
             return
         self._progress.update(self._task, completed=min(self.done, self.total))
-        self._progress.console.print(trial_line(frozen))
+        self._progress.console.print(trial_line(frozen) + (" [bold green]best so far, saved[/]" if saved else ""))
+
+    def say(self, line: str) -> None:
+        """A line under the bar (why the search stopped, what the end does): printed on a terminal and in a log."""
+        if self._progress is not None:
+            self._progress.console.print(line, markup=False, highlight=False)
 
     def __exit__(self, *exc: Any) -> None:
         if self._progress is not None:

@@ -3,13 +3,16 @@
 Everything a worker needs is in the study itself (task, target, techniques, baseline,
 sensitivity, seed), written by the ``slimkit optimize`` that created it, so a worker is started
 with just the study's name and the database URL. Each worker samples with its own seed;
-Optuna's constant-liar TPE keeps workers from proposing the same pipeline at once.
+Optuna's constant-liar TPE keeps workers from proposing the same pipeline at once. A worker that
+can reach the run directory (the same machine, or a shared file system) saves a trial that beats
+the study's incumbent there, as ``optimize`` does; the end of the search copies it from there.
 """
 
 from __future__ import annotations
 
 import os
 import time
+from pathlib import Path
 from typing import Any
 
 from slimkit import zoo
@@ -18,6 +21,7 @@ from slimkit.core.registry import searchable
 from slimkit.core.target import Target
 from slimkit.search.budget import TimeBudget
 from slimkit.search.evaluate import RuntimeMeasurer, TrialMeasurement
+from slimkit.search.incumbent import Incumbent
 from slimkit.search.optimize import context_for, make_objective, make_sampler
 from slimkit.search.interrupt import stop_on_signals, stopped
 from slimkit.search.study import READY_KEY, finished, load_study, open_storage, storage_url
@@ -60,11 +64,22 @@ def work(study: str, storage: str, *, trials: int | None = None, time_budget: fl
                               seed=int(attrs.get("seed", 0)))
     sampler = make_sampler(attrs.get("strategy", "auto"), int(attrs.get("seed", 0)) + os.getpid(), total)
     st = load_study(db, study, sampler)
-    objective = make_objective(ctx, techs, measure, [])
+    keeper = Incumbent(_reachable(attrs.get("incumbent")), str(attrs.get("run", "")), task.name)
+    objective = make_objective(ctx, techs, measure, [], keeper)
     with stop_on_signals():
         try:
             with TrialProgress(total, finished(st), enabled=progress) as bar:
-                return run_trials(st, objective, total, budget=TimeBudget(time_budget), on_trial=bar.update)
+                done = run_trials(st, objective, total, budget=TimeBudget(time_budget),
+                                  on_trial=lambda t: bar.update(t, saved=keeper.after_trial(t)))
+                bar.say(f"worker stopped: {done.reason}")
+                return done
         except KeyboardInterrupt as exc:
             raise stopped(exc, finished(st), total, "start the worker again to go on; the study keeps "
                                                     "every finished trial") from None
+
+
+def _reachable(incumbent: str | None) -> Path | None:
+    """The study's incumbent path when its run directory exists here (else this worker saves nothing)."""
+    if not incumbent or not Path(incumbent).parent.is_dir():
+        return None
+    return Path(incumbent)
