@@ -102,6 +102,23 @@ def test_quantize_rejects_options_that_do_not_apply():
     assert result.exit_code == 2 and "do not apply to int8-dynamic" in result.output
 
 
+def test_every_config_field_is_reachable_from_the_command_line(tmp_path, digits_task):
+    result = runner.invoke(app, ["quantize", "--task", "digits", "--exclude", "0", "--set", "symmetric=false",
+                                 "--threads", "1", "--out", str(tmp_path / "q")])
+    assert result.exit_code == 0, result.output
+    step = json.loads((tmp_path / "q" / "report.json").read_text())["recipe"]["steps"][0]
+    assert step["exclude"] == ["0"] and step["symmetric"] is False
+    loaded = io.load(tmp_path / "q" / "model")
+    assert not hasattr(loaded[0], "qweight") and sum(1 for m in loaded.modules() if hasattr(m, "qweight")) == 4
+    result = runner.invoke(app, ["quantize", "--task", "digits", "--set", "rank=3", "--out", str(tmp_path / "x")])
+    assert result.exit_code == 2 and "rank do not apply to int8-dynamic" in result.output and "exclude" in result.output
+    result = runner.invoke(app, ["factorize", "--task", "digits", "--method", "svd", "--ratio", "0.5",
+                                 "--rank-multiple", "8", "--threads", "1", "--out", str(tmp_path / "f")])
+    assert result.exit_code == 0, result.output
+    ranks = [m.first.weight.shape[0] for m in io.load(tmp_path / "f" / "model").modules() if hasattr(m, "first")]
+    assert len(ranks) == 3 and all(r % 8 == 0 for r in ranks)  # the low-rank factor's rows: the rank
+
+
 def test_quantize_w4_gptq_writes_a_gptq_model_with_less_output_error_than_rtn(tmp_path):
     args = ["quantize", "--task", "digits", "--config", "w4", "--group-size", "32"]
     for method in ("rtn", "gptq"):

@@ -55,20 +55,47 @@ def parse_step(text: str) -> BaseConfig:
     parts = shlex.split(text)
     if not parts:
         raise SlimkitError("an empty --step", "write --step 'family.Name key=value ...'")
-    head, options = parts[0], {}
-    for part in parts[1:]:
-        key, sep, value = part.partition("=")
-        if not sep or not key:
-            raise SlimkitError(f"--step option {part!r} is not key=value", "write e.g. --step 'prune.Magnitude amount=0.5'")
-        try:
-            options[key] = yaml.safe_load(value)
-        except yaml.YAMLError:
-            raise SlimkitError(f"--step option {part!r} has a value that cannot be read", "quote it, e.g. key='a b'") \
-                from None
+    head, options = parts[0], key_values(parts[1:], "--step option", "--step 'prune.Magnitude amount=0.5'")
     presets = all_presets()
     if head in presets:
         return with_options(presets[head][1], head, **options)
     return BaseConfig.from_dict({"type": technique_named(head).name, **options})
+
+
+def key_values(parts: list[str], what: str, example: str) -> dict[str, Any]:
+    """``["amount=0.5", "targets=[a, b]"]`` -> options; values are read as YAML."""
+    options: dict[str, Any] = {}
+    for part in parts:
+        key, sep, value = part.partition("=")
+        if not sep or not key:
+            raise SlimkitError(f"{what} {part!r} is not key=value", f"write e.g. {example}")
+        try:
+            options[key] = yaml.safe_load(value)
+        except yaml.YAMLError:
+            raise SlimkitError(f"{what} {part!r} has a value that cannot be read", "quote it, e.g. key='a b'") from None
+    return options
+
+
+#: Any field of the command's technique config, by its own name: the config is the one list of options.
+SET = typer.Option(None, "--set", help="any option of the technique's config as KEY=VALUE, repeatable "
+                   "(`slimkit techniques` lists each config's options)")
+EXCLUDE = typer.Option(None, help="comma-separated layer names (or one regex) to leave as they are, "
+                       "e.g. the layer the report flags")
+
+
+def layer_names(text: str | None) -> tuple[str, ...] | str | None:
+    """``--exclude a,b`` -> ("a", "b"); a single regex stays a string."""
+    if not text:
+        return None
+    names = tuple(n.strip() for n in text.split(",") if n.strip())
+    return names[0] if len(names) == 1 and any(c in names[0] for c in "*+?[(|\\") else names
+
+
+def with_sets(cfg: BaseConfig, label: str, sets: list[str] | None) -> BaseConfig:
+    """``cfg`` with the ``--set KEY=VALUE`` options applied (unknown keys name the config's options)."""
+    from slimkit.pipeline.comparison import with_options
+
+    return with_options(cfg, label, **key_values(sets or [], "--set", "--set group_size=64")) if sets else cfg
 
 
 def _run(command: str, task: Task, steps: list[BaseConfig], out: Path, *, spec: str, as_json: bool,
@@ -101,6 +128,7 @@ def quantize(task: Optional[str] = TASK, model: Optional[str] = MODEL, weights: 
              max_drop: Optional[float] = typer.Option(None, help="accuracy control: largest metric drop allowed"),
              embedding_bits: Optional[int] = typer.Option(None, help="embedding tables: 8 (default) or 4"),
              method: Optional[str] = typer.Option(None, help="w4 rounding: rtn (default) or gptq (calibrated)"),
+             exclude: Optional[str] = EXCLUDE, sets: Optional[list[str]] = SET,
              threads: Optional[int] = typer.Option(None, help="threads to pin while timing"),
              out: Path = typer.Option(Path("runs/quantize"), help="output directory"),
             overwrite: bool = OVERWRITE, as_json: bool = JSON) -> Optional[dict[str, Any]]:
@@ -112,7 +140,8 @@ def quantize(task: Optional[str] = TASK, model: Optional[str] = MODEL, weights: 
         raise SlimkitError(f"unknown quantization config {config!r}", f"use one of {', '.join(presets)}")
     cfg = with_options(presets[config], config, calibration=calibration, percentile=percentile,
                        granularity=granularity, group_size=group_size, backend=backend, max_drop=max_drop,
-                       embedding_bits=embedding_bits, method=method)
+                       embedding_bits=embedding_bits, method=method, exclude=layer_names(exclude))
+    cfg = with_sets(cfg, config, sets)
     t, spec = load_task(task, DEFAULT_TASK, model, weights, data, input_shape, metric)
     return _run("quantize", t, [cfg], out, spec=spec, as_json=as_json, threads=threads, label=config, compute=False)
 
@@ -135,6 +164,7 @@ def prune(task: Optional[str] = TASK, model: Optional[str] = MODEL, weights: Opt
           n: Optional[int] = typer.Option(None, help="nm: weights kept per group (default 2)"),
           m: Optional[int] = typer.Option(None, help="nm: group size (default 4)"),
           nm_method: Optional[str] = typer.Option(None, help="nm: magnitude (default) or sparsegpt (calibrated)"),
+          exclude: Optional[str] = EXCLUDE, sets: Optional[list[str]] = SET,
           schedule: str = typer.Option("one-shot", help="one-shot, or gradual (magnitude, cubic over fine-tuning)"),
           finetune_steps: int = typer.Option(0, help="fine-tuning steps after pruning, pruned weights kept out"),
           lr: Optional[float] = typer.Option(None, help="peak fine-tuning learning rate (default 1e-3)"),
@@ -157,7 +187,8 @@ def prune(task: Optional[str] = TASK, model: Optional[str] = MODEL, weights: Opt
     base = {"channels": Channels(), "magnitude": Magnitude(), "nm": NM()}[method]
     cfg = with_options(base, method, amount=amount, macs_ratio=macs_ratio, importance=importance,
                        round_to=round_to, scope=scope, allocation=allocation, latency_batch=latency_batch,
-                       reconstruct=reconstruct, n=n, m=m, method=nm_method)
+                       reconstruct=reconstruct, n=n, m=m, method=nm_method, exclude=layer_names(exclude))
+    cfg = with_sets(cfg, method, sets)
     if schedule == "gradual":
         if not isinstance(cfg, Magnitude):
             raise SlimkitError(f"the gradual schedule applies to magnitude pruning, not {cfg.type_name}",
@@ -249,6 +280,9 @@ def factorize(task: Optional[str] = TASK, model: Optional[str] = MODEL, weights:
               sensitivity: bool = typer.Option(False, help="spread ranks by measured sensitivity"),
               targets: Optional[str] = typer.Option(None, help="all, all-linear or a regex of layer names"),
               exclude: Optional[str] = typer.Option(None, help="comma-separated layer names to leave whole"),
+              rank_multiple: Optional[int] = typer.Option(None, help="round every rank to a multiple of this "
+                                                          "(e.g. 8: kernels run faster on aligned widths)"),
+              sets: Optional[list[str]] = SET,
               finetune_steps: int = typer.Option(0, help="recovery steps after factorizing"),
               distill: bool = typer.Option(False, "--distill", help="recover by distilling from the original"),
               lr: Optional[float] = typer.Option(None, help="peak recovery learning rate (default 1e-3)"),
@@ -260,6 +294,7 @@ def factorize(task: Optional[str] = TASK, model: Optional[str] = MODEL, weights:
     from slimkit.distill.distiller import Distill
     from slimkit.factorize import CP, SVD, Tucker
     from slimkit.factorize.layers import chosen_layers
+    from slimkit.pipeline.comparison import with_options
     from slimkit.train.recover import Finetune
 
     if method not in FACTORIZE_METHODS:
@@ -276,6 +311,7 @@ def factorize(task: Optional[str] = TASK, model: Optional[str] = MODEL, weights:
     else:
         cfg = (Tucker if method == "tucker" else CP)(ratio=ratio, allocation=allocation, targets=targets or "all",
                                                       exclude=names)
+    cfg = with_sets(with_options(cfg, method, rank_multiple=rank_multiple), method, sets)
     t, spec = load_task(task, DEFAULT_TASK, model, weights, data, input_shape, metric)
     chosen_layers(t.model, cfg.targets, cfg.exclude, cfg.type_name)  # bad names fail before any work
     steps = [cfg]
