@@ -85,9 +85,10 @@ def finish(study: Any, task: Task, target: Target, baseline: TrialMeasurement, s
                 f"the saved incumbent is trial {saved.number}, not the study's best (trial {best.number})"
             line = (f"best/: {why}; rebuilding trial {best.number} by replaying its recipe "
                     f"({' + '.join(s.type_name for s in recipe.steps)})")
-            log.warning("%s", line)
             if say is not None:
-                say(line)
+                say(line)  # under the trial lines (a terminal or a log alike)
+            else:
+                log.warning("%s", line)
             _replay_into(result, recipe, task, best, out_dir, say)
             result.phases["rebuilding the best (replay)"] = time.monotonic() - lap
         recipe.save(out_dir / "recipe.yaml")

@@ -35,7 +35,7 @@ class TrialProgress:
     def say(self, line: str) -> None:
         """A line under the bar (why the search stopped, what the end does): printed on a terminal and in a log."""
         if self._progress is not None:
-            self._progress.console.print(line, markup=False, highlight=False)
+            self._progress.console.print(line, markup=False, highlight=False, soft_wrap=True)
 
     def __exit__(self, *exc: Any) -> None:
         if self._progress is not None:
