@@ -36,6 +36,13 @@ CANDIDATES = 3  # producers tried per group, nearest first in execution order
 TOLERANCE = 1e-4  # a verified fold moves the model output by at most this, relative to its scale
 
 
+def awq_offered(model: nn.Module) -> bool:
+    """Whether the search offers AWQ on ``model``: it has LayerNorms (a transformer), where activation
+    outliers live and scales fold into a norm or a value projection. A CNN's convs are rounded per
+    output channel without AWQ, so there it would only add a scale search to every trial."""
+    return any(isinstance(m, nn.LayerNorm) for m in model.modules())
+
+
 def scale_and_fold(model: nn.Module, names: list[str], task: Any, group_size: int, *, gptq: bool
                    ) -> tuple[dict[str, torch.Tensor], dict[str, float], dict[str, str]]:
     """Scale the named Linears' weight columns and fold ``1 / s`` into their producers, in place.
@@ -187,4 +194,4 @@ def _first(output: Any) -> torch.Tensor:
     return _first(output[0])
 
 
-__all__ = ["scale_and_fold"]
+__all__ = ["awq_offered", "scale_and_fold"]

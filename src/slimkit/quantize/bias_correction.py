@@ -31,6 +31,7 @@ import torch.nn.functional as F
 from slimkit.core.config import BaseConfig, apply, technique
 from slimkit.core.errors import SlimkitError
 from slimkit.core.record import ReportSection, StepRecord, StepView, add_record, records_of
+from slimkit.core.registry import SearchContext
 from slimkit.core.task import Task
 from slimkit.quantize.modules import QuantConv2d, QuantLinear
 from slimkit.quantize.record import QuantRecord
@@ -65,6 +66,16 @@ class BiasCorrection(BaseConfig):
         report.table(["layer", "mean |bias change|"], [[n, v] for n, v in record.corrected.items()])
         if record.skipped:
             report.table(["layer", "reason it was not corrected"], [[n, why] for n, why in record.skipped.items()])
+
+
+def bias_correction_knob(trial: Any, ctx: SearchContext, prefix: str) -> BiasCorrection | None:
+    """``{prefix}.bias_correction``: correct the int8 layers' mean output shift right after the quantize step
+    (a boolean). Asked only with calibration data: the search measures the empirical shift; the analytic
+    estimate (BatchNorm statistics) is for callers without data."""
+    if not ctx.has_calibration():
+        return None
+    return BiasCorrection(mode="empirical") if trial.suggest_categorical(f"{prefix}.bias_correction",
+                                                                         [False, True]) else None
 
 
 @dataclasses.dataclass

@@ -20,6 +20,7 @@ from __future__ import annotations
 
 import dataclasses
 import operator
+import weakref
 from typing import Any, ClassVar
 
 import torch
@@ -31,6 +32,7 @@ from slimkit.core.config import BaseConfig, technique
 from slimkit.core.editing import set_submodule
 from slimkit.core.errors import SlimkitError
 from slimkit.core.record import ReportSection, StepRecord, StepView, add_record
+from slimkit.core.registry import SearchContext
 from slimkit.core.task import Task
 from slimkit.graph.batchnorm import FoldedNorm, folded_layer
 
@@ -231,3 +233,22 @@ def equalize(model: nn.Module, config: CrossLayerEqualization) -> nn.Module:
         folded=[p.norm for p in pairs if p.norm], sweeps=sweeps,
         scales={k: [float(v.max()), float(v.min())] for k, v in totals.items()}))
     return model
+
+
+_HAS_PAIRS: weakref.WeakKeyDictionary[nn.Module, bool] = weakref.WeakKeyDictionary()
+
+
+def has_pairs(model: nn.Module) -> bool:
+    """Whether ``model`` has a pair to equalize (traced once per model: every trial asks)."""
+    if model not in _HAS_PAIRS:
+        _HAS_PAIRS[model] = bool(find_pairs(model)[0])
+    return _HAS_PAIRS[model]
+
+
+def equalization_knob(trial: Any, ctx: SearchContext, prefix: str) -> CrossLayerEqualization | None:
+    """``{prefix}.cle``: equalize before a static int8 step (a boolean). Asked only where the model has a pair
+    (conv/linear -> [BN] -> ReLU -> conv/linear): a transformer (GELU, residuals) or a ReLU6 network has
+    none, and a knob that changes nothing would only cost the search trials."""
+    if not has_pairs(ctx.task.model):
+        return None
+    return CrossLayerEqualization() if trial.suggest_categorical(f"{prefix}.cle", [False, True]) else None

@@ -14,6 +14,8 @@ from slimkit.core.editing import set_submodule
 from slimkit.core.errors import SlimkitError
 from slimkit.core.registry import SearchContext
 from slimkit.core.task import Task
+from slimkit.quantize.bias_correction import bias_correction_knob
+from slimkit.quantize.equalization import equalization_knob
 from slimkit.quantize.modules import QuantConv2d, QuantLinear
 from slimkit.quantize.options import (
     CALIBRATIONS,
@@ -61,13 +63,19 @@ class Int8(PTQConfig):
         return quantize_int8(model, self, task)
 
     @classmethod
-    def suggest(cls, trial: Any, ctx: SearchContext) -> Int8:
+    def suggest(cls, trial: Any, ctx: SearchContext) -> Int8 | list[BaseConfig]:
+        """Static int8 may come with cross-layer equalization before it and bias correction after it
+        (booleans ``int8.cle`` / ``int8.bias_correction``, asked where they can act)."""
         activations = trial.suggest_categorical("int8.activations", ["dynamic", "static"])
         calibration = "minmax"
         if activations == "static":
             calibration = trial.suggest_categorical("int8.calibration", ["minmax", "percentile", "entropy", "mse"])
-        return cls(activations=activations, calibration=calibration, exclude=skip_sensitive_knob(trial, ctx, "int8"),
+        int8 = cls(activations=activations, calibration=calibration, exclude=skip_sensitive_knob(trial, ctx, "int8"),
                    embedding_bits=embedding_bits_knob(trial, ctx, "int8"))
+        if activations != "static":
+            return int8
+        steps = [equalization_knob(trial, ctx, "int8"), int8, bias_correction_knob(trial, ctx, "int8")]
+        return [s for s in steps if s is not None] if steps[0] or steps[2] else int8
 
     @classmethod
     def presets(cls) -> dict[str, BaseConfig]:

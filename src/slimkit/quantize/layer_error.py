@@ -2,11 +2,16 @@
 
 Both layers see the *same* input (the float model's activation), so the number measures what
 quantizing that layer alone costs, not the error accumulated from the layers before it.
+
+An algorithm that changes how a layer is quantized (SmoothQuant, AWQ, cross-layer equalization,
+bias correction, AdaRound) is judged per layer by :func:`layer_errors_before_after`: each row of the
+model quantized with it also carries the SQNR of the same layer quantized without it ("before").
 """
 
 from __future__ import annotations
 
 import dataclasses
+import itertools
 import math
 from typing import Iterable
 
@@ -28,6 +33,10 @@ class LayerError:
     worst_channel_sqnr_db: float
     max_abs: float
     mean_abs: float
+    #: The same layer quantized without ``algorithm`` (SQNR and worst-channel SQNR, dB); None when not compared.
+    sqnr_before_db: float | None = None
+    worst_channel_sqnr_before_db: float | None = None
+    algorithm: str | None = None
     #: A sample of signed output errors, for the histogram plot (not serialized).
     sample: torch.Tensor = dataclasses.field(repr=False, default_factory=lambda: torch.empty(0))
 
@@ -86,6 +95,28 @@ def layer_errors(float_model: nn.Module, quant_model: nn.Module, batches: Iterab
                                    sqnr_db=sqnr, worst_channel_sqnr_db=worst, max_abs=max_abs, mean_abs=abs_sum / max(count, 1),
                                    sample=torch.cat(errs)[:sample] if errs else torch.empty(0)))
     return sorted(rows, key=lambda r: r.worst_channel_sqnr_db)
+
+
+def layer_errors_before_after(float_model: nn.Module, plain: nn.Module, improved: nn.Module,
+                              batches: Iterable[tuple[torch.Tensor, ...]], *, algorithm: str,
+                              float_improved: nn.Module | None = None, max_batches: int = 4) -> list[LayerError]:
+    """``layer_errors`` of ``improved`` (quantized with ``algorithm``), each row with ``sqnr_before_db``: the
+    same layer of ``plain`` (quantized the same way without it) against ``float_model``.
+
+    ``float_improved``: the float model the algorithm quantized when it rescaled weights first (SmoothQuant,
+    AWQ, CLE compute the same function with other weights; default ``float_model``). Rows are worst first
+    after the algorithm; a layer only ``improved`` quantizes has no "before" (None).
+    """
+    batches = list(itertools.islice(batches, max_batches))  # read twice
+    after = layer_errors(float_improved if float_improved is not None else float_model, improved, batches,
+                         max_batches=max_batches)
+    before = {r.name: r for r in layer_errors(float_model, plain, batches, max_batches=max_batches)}
+    for row in after:
+        row.algorithm = algorithm
+        if row.name in before:
+            row.sqnr_before_db = before[row.name].sqnr_db
+            row.worst_channel_sqnr_before_db = before[row.name].worst_channel_sqnr_db
+    return after
 
 
 def _worst_channel_db(signal: torch.Tensor | float, noise: torch.Tensor | float) -> float:

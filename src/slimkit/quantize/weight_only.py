@@ -11,9 +11,10 @@ from slimkit.calibrate.obs import task_hessians
 from slimkit.core.config import BaseConfig, technique
 from slimkit.core.editing import set_submodule
 from slimkit.core.errors import SlimkitError
+from slimkit.core.progress import each
 from slimkit.core.registry import SearchContext
 from slimkit.core.task import Task
-from slimkit.quantize.awq import scale_and_fold
+from slimkit.quantize.awq import awq_offered, scale_and_fold
 from slimkit.quantize.conv_transpose import quantize_conv_transpose, transposed_targets
 from slimkit.quantize.gptq import gptq_int4
 from slimkit.quantize.extreme_modules import int4_per_channel
@@ -73,12 +74,16 @@ class WeightOnly(PTQConfig):
     @classmethod
     def suggest(cls, trial: Any, ctx: SearchContext) -> WeightOnly:
         """int8 or grouped int4 weights; int4 rounds with GPTQ or to nearest when the task has
-        calibration inputs (GPTQ costs a calibration pass, and buys accuracy at the same bytes)."""
+        calibration inputs (GPTQ costs a calibration pass, and buys accuracy at the same bytes).
+        ``awq`` / ``awq+gptq`` are offered only where AWQ can fold its scales (``awq.awq_offered``:
+        a model with LayerNorms, i.e. a transformer); elsewhere they would round like rtn / gptq
+        at the cost of an extra scale search."""
         bits = trial.suggest_categorical("weight_only.bits", [8, 4])
         group = trial.suggest_categorical("weight_only.group_size", [32, 64, 128]) if bits == 4 else 0
         method = "rtn"
         if bits == 4 and ctx.has_calibration():
-            method = trial.suggest_categorical("weight_only.method", ["gptq", "rtn"])
+            methods = ["gptq", "rtn", "awq", "awq+gptq"] if awq_offered(ctx.task.model) else ["gptq", "rtn"]
+            method = trial.suggest_categorical("weight_only.method", methods)
         return cls(bits=bits, group_size=group, targets="all", exclude=skip_sensitive_knob(trial, ctx, "weight_only"),
                    embedding_bits=embedding_bits_knob(trial, ctx, "weight_only"), method=method)
 
@@ -107,7 +112,7 @@ def quantize_weight_only(model: nn.Module, config: WeightOnly, task: Task | None
         gptq = config.method == "awq+gptq"
         scaled = scale_and_fold(model, linears, task, config.group_size, gptq=gptq)[0]
         hessians = scaled if gptq else {}
-    for name, layer in originals.items():
+    for name, layer in each(list(originals.items()), f"rounding int{config.bits} weights ({config.method})"):
         if isinstance(layer, nn.Conv2d):  # per output channel (int4: symmetric levels -7..7), rounded to nearest
             new = int4_per_channel(layer) if config.bits == 4 else QuantConv2d.from_float(layer, activations="none")
         else:
