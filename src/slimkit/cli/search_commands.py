@@ -29,7 +29,8 @@ def optimize(task: Optional[str] = TASK, model: Optional[str] = MODEL, weights: 
              device: str = typer.Option("cpu", help="cpu or cuda"),
              threads: Optional[int] = typer.Option(None, help="threads the target runs with"),
              trials: int = typer.Option(30, help="trials to finish (infeasible ones count)"),
-             time_budget: Optional[float] = typer.Option(None, help="stop starting trials after this many seconds"),
+             time_budget: Optional[float] = typer.Option(None, help="seconds the whole command may take (trials "
+                                                         "start only while one more and the report still fit)"),
              strategy: str = typer.Option("auto", help="auto, tpe or nsga2"),
              techniques: Optional[str] = typer.Option(None, help="comma list to search over (default: all)"),
              seed: int = typer.Option(0, help="seed of the sampler and of every technique"),
@@ -39,6 +40,9 @@ def optimize(task: Optional[str] = TASK, model: Optional[str] = MODEL, weights: 
              resume: bool = typer.Option(False, "--resume", help="continue a killed run of the same study"),
              overwrite: bool = OVERWRITE, as_json: bool = JSON) -> Optional[dict]:
     """Search technique pipelines for the best model that fits the target; write best/, recipe.yaml, report."""
+    import time
+
+    started = time.monotonic()  # --time-budget covers the whole command, loading the task included
     from slimkit.core.registry import searchable
     from slimkit.core.target import Target
     from slimkit.search.optimize import optimize as run
@@ -56,7 +60,8 @@ def optimize(task: Optional[str] = TASK, model: Optional[str] = MODEL, weights: 
     if overwrite and storage is None:  # a new search: the previous run's study is replaced, not resumed
         (out / "study.db").unlink(missing_ok=True)
     result = run(t, target, trials=trials, time_budget=time_budget, strategy=strategy, storage=storage,
-                 study=study, seed=seed, out=out, resume=resume, technique_names=names, task_spec=spec)
+                 study=study, seed=seed, out=out, resume=resume, technique_names=names, task_spec=spec,
+                 budget_start=started)
     print_summary(result)
     return optimize_summary(result) if as_json else None
 

@@ -51,12 +51,13 @@ FINISH_MEASUREMENTS = 3.0
 
 
 class TimeBudget:
-    """Seconds left of a search's budget (``None``: unbounded), counted from its creation."""
+    """Seconds left of a search's budget (``None``: unbounded), counted from ``start`` (a ``time.monotonic()``
+    reading: when the command started, so loading the task counts too), else from its creation."""
 
-    def __init__(self, seconds: float | None) -> None:
+    def __init__(self, seconds: float | None, start: float | None = None) -> None:
         if seconds is not None and not seconds > 0:
             raise SlimkitError(f"time_budget={seconds!r} is invalid", "give seconds > 0, or leave it out")
-        self.seconds, self.start = seconds, time.monotonic()
+        self.seconds, self.start = seconds, time.monotonic() if start is None else start
 
     def elapsed(self) -> float:
         return time.monotonic() - self.start

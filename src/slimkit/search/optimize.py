@@ -177,7 +177,7 @@ def optimize(task: Task | str, target: Target, *, trials: int = 30, time_budget:
              measurer: Measurer | None = None, sensitivity: bool | None = None, backend: str = "auto",
              extra: dict[str, Any] | None = None, progress: bool = True, task_spec: str | None = None,
              report: bool = True, enqueue: Sequence[dict[str, Any]] = (),
-             max_techniques: int | None = None) -> OptimizeResult:
+             max_techniques: int | None = None, budget_start: float | None = None) -> OptimizeResult:
     """Search pipelines for ``task`` under ``target``; see the module docstring.
 
     ``time_budget`` is in seconds. ``storage`` is a database URL (default: SQLite in ``out``) and
@@ -185,6 +185,7 @@ def optimize(task: Task | str, target: Target, *, trials: int = 30, time_budget:
     continues a killed run. ``enqueue``: parameter sets to try first (e.g. a previous run's
     trials), before the informed guesses and the sampler. ``max_techniques=1`` searches single
     techniques only (each with its own knobs and, where it changes weights, recovery training).
+    ``budget_start``: the ``time.monotonic()`` the budget counts from (a command's start; default now).
     """
 
     if isinstance(task, str):
@@ -195,7 +196,7 @@ def optimize(task: Task | str, target: Target, *, trials: int = 30, time_budget:
         raise SlimkitError(f"trials={trials!r} is invalid", "use a positive number of trials")
     if max_techniques is not None and (not isinstance(max_techniques, int) or max_techniques < 1):
         raise SlimkitError(f"max_techniques={max_techniques!r} is invalid", "use 1 or more, or leave it out")
-    budget = TimeBudget(time_budget)
+    budget = TimeBudget(time_budget, budget_start)
     phases: dict[str, float] = {}
     out_dir = Path(out) if out is not None else Path("runs") / f"optimize-{task.name}"
     url = storage_url(out_dir, storage)
