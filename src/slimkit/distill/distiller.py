@@ -44,7 +44,11 @@ SEARCH_STEPS = (100, 200, 400)
 @technique("distill.Distill", stage="recover", search="distill")
 @dataclasses.dataclass(frozen=True)
 class Distill(BaseConfig):
-    """Knowledge distillation from ``teacher`` for ``steps`` AdamW steps at peak ``lr``."""
+    """Knowledge distillation from ``teacher`` for ``steps`` AdamW steps at peak ``lr``.
+
+    ``recompute``: the student's repeated blocks recompute their activations in the backward pass
+    (less training memory for about one more student forward per step; ``train.recompute``).
+    """
 
     teacher: str = "task"
     temperature: float = 4.0
@@ -56,6 +60,7 @@ class Distill(BaseConfig):
     steps: int = 200
     lr: float = 1e-3
     seed: int = 0
+    recompute: bool = False
 
     def __post_init__(self) -> None:
         if not self.temperature > 0:
@@ -183,6 +188,6 @@ def distill(student: nn.Module, task: Task | None, config: Distill, *, progress:
     with keep_zeros as after_step, loss.hooked(), pinned_threads(threads):
         result = finetune(student, task, steps=config.steps, lr=config.lr, seed=config.seed, loss=loss,
                           params=params, after_step=after_step, progress=progress, eval_every=eval_every,
-                          patience=patience, label=f"distilling {task.name}")
+                          patience=patience, label=f"distilling {task.name}", recompute=config.recompute)
     student.eval()
     return result

@@ -56,6 +56,7 @@ class QAT(TrainedQuantConfig):
     ``loss``: ``"task"`` (the task's loss on labels), ``"distill"`` (output MSE to the float model:
     for tasks without labels) or ``"auto"`` (task when it has labels and a loss, else distill).
     ``evaluate``: score the converted model on ``backend`` and record it in the step's record.
+    ``recompute``: the repeated blocks recompute their activations in the backward pass (``train.recompute``).
     """
 
     bits: int = 8
@@ -76,6 +77,7 @@ class QAT(TrainedQuantConfig):
     backend: str = "auto"
     evaluate: bool = True
     seed: int = 0
+    recompute: bool = False
 
     def __post_init__(self) -> None:
         check_choice("bits", self.bits, (8, 4))
@@ -214,7 +216,7 @@ def quantize_qat(model: nn.Module, config: QAT, task: Task | None, *, progress: 
     loss, kind = training_loss(config, task, teacher)
     start = time.perf_counter()
     result = finetune(model, task, steps=config.steps, lr=config.lr, seed=config.seed, loss=loss,
-                      progress=progress, label=f"QAT {task.name}")
+                      progress=progress, label=f"QAT {task.name}", recompute=config.recompute)
     convert(model)
     record = last_record(model, TrainedQuantRecord)
     record.training = Training(steps=result.steps, loss=kind, first_loss=result.losses[0], last_loss=result.losses[-1],

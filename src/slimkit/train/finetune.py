@@ -26,7 +26,9 @@ from slimkit.core.errors import SlimkitError
 from slimkit.core.progress import progress_bar
 from slimkit.core.task import Inputs, Task
 from slimkit.train._batches import BatchStream
+from slimkit.train import data_parallel
 from slimkit.train.checkpoint import CHECKPOINT, load_checkpoint, save_checkpoint
+from slimkit.train.recompute import recomputing
 
 #: ``loss(model, inputs, labels) -> scalar tensor``; replaces ``task.loss(model(*inputs), labels)``.
 LossFn = Callable[[nn.Module, Inputs, Any], torch.Tensor]
@@ -86,7 +88,8 @@ def finetune(model: nn.Module, task: Task, *, steps: int, lr: float = 1e-3, weig
              checkpoint_dir: str | os.PathLike[str] | None = None, checkpoint_every: int = 0,
              resume: bool | None = None, eval_every: int = 0, patience: int = 0, restore_best: bool = True,
              progress: bool = True, after_step: AfterStep | None = None,
-             params: Iterable[nn.Parameter] | None = None, label: str | None = None) -> TrainResult:
+             params: Iterable[nn.Parameter] | None = None, label: str | None = None,
+             recompute: bool = False) -> TrainResult:
     """Train ``model`` in place for ``steps`` optimizer steps on ``task.train``.
 
     - ``lr`` is the peak AdamW rate (1e-3 suits small CNNs; use ~2e-5..5e-5 for pre-trained
@@ -99,6 +102,10 @@ def finetune(model: nn.Module, task: Task, *, steps: int, lr: float = 1e-3, weig
       stop after ``patience`` evaluations without improvement; with ``restore_best`` the model
       ends with the best-scoring weights. A pruning schedule that raises sparsity in
       ``after_step`` should pass ``restore_best=False`` (earlier, denser weights would win).
+    - ``recompute``: keep only the inputs of the model's repeated blocks during the forward and
+      recompute the rest in the backward (``train.recompute``): less activation memory, more time.
+    - Under ``torchrun`` with several processes it trains data-parallel (``train.data_parallel``):
+      each rank takes its slice of every global batch; only rank 0 writes checkpoints.
     - The optimizer does not keep zeroed weights at zero: prune through a mask (a parametrization,
       ``torch.nn.utils.prune``) or re-apply it in ``after_step``.
     """
@@ -126,12 +133,16 @@ def finetune(model: nn.Module, task: Task, *, steps: int, lr: float = 1e-3, weig
               "trainable": [list(p.shape) for p in trainable]}
     devices = sorted({p.device.index or 0 for p in model.parameters() if p.device.type == "cuda"})
     start = time.perf_counter()
-    with torch.random.fork_rng(devices=devices):
+    with torch.random.fork_rng(devices=devices), recomputing(model, recompute):
         torch.manual_seed(seed)
-        run = _Run(model, task, trainable, config, loss, after_step, path, label)
-        if path is not None and path.is_file() and resume is not False:
+        dp = data_parallel.session(model, trainable)
+        run = _Run(model, task, trainable, config, loss, after_step, path, label, dp)
+        found = path is not None and path.is_file() and resume is not False
+        if dp is not None:  # rank 0 decides: only its file system has to hold the checkpoint
+            found = dp.from_main(found)
+        if found:
             run.load(path)
-        with progress_bar(progress) as bar:
+        with progress_bar(progress and data_parallel.is_main_process()) as bar:
             bar_id = bar.add_task(label, total=steps, completed=run.step, info="") if bar else None
             while run.step < steps and not run.stopped_early:
                 value = run.train_step()
@@ -151,8 +162,11 @@ class _Run:
     """The state of one fine-tuning run: what a checkpoint saves and a resume restores."""
 
     def __init__(self, model: nn.Module, task: Task, trainable: list[nn.Parameter], config: dict[str, Any],
-                 loss: LossFn | None, after_step: AfterStep | None, path: Path | None, label: str) -> None:
+                 loss: LossFn | None, after_step: AfterStep | None, path: Path | None, label: str,
+                 dp: data_parallel.DataParallel | None = None) -> None:
         self.model, self.task, self.trainable, self.config = model, task, trainable, config
+        self.dp = dp
+        self.forward_model = model if dp is None else dp.module  # DDP all-reduces the gradients
         self.loss, self.after_step, self.path, self.label = loss, after_step, path, label
         self.batches = BatchStream(task.train, config["seed"], task.name)
         decay = [p for p in trainable if p.dim() >= 2]
@@ -177,27 +191,32 @@ class _Run:
     # ------------------------------------------------------------------ training
     def train_step(self) -> float:
         inputs, labels = self.batches.next()
+        if self.dp is not None:
+            inputs, labels = self.dp.shard(inputs, labels)
         inputs = tuple(_to(x, self.device) for x in inputs)
         labels = _to(labels, self.device)
         self.model.train()
         if self.loss is not None:
-            value = self.loss(self.model, inputs, labels)
+            value = self.loss(self.forward_model, inputs, labels)
         else:
             if labels is None:
                 raise SlimkitError(f"task {self.task.name!r}: training batches carry no labels",
                                    "pass loss=fn(model, inputs, labels) that needs none (e.g. distillation)")
-            value = self.task.loss(self.model(*inputs), labels)
-        if not torch.isfinite(value):
-            raise SlimkitError(f"{self.label}: loss became {value.item()} at step {self.step + 1}",
+            value = self.task.loss(self.forward_model(*inputs), labels)
+        shown = float(value.item()) if self.dp is None else self.dp.mean(value)  # the global batch's loss
+        if not math.isfinite(shown):
+            raise SlimkitError(f"{self.label}: loss became {shown} at step {self.step + 1}",
                                f"lower lr (now {self.config['lr']:g}) or check the model for NaN/inf weights")
         self.model.zero_grad(set_to_none=True)
         value.backward()
+        if self.dp is not None:
+            self.dp.sync_extra_grads()
         if self.config["clip_norm"]:
             torch.nn.utils.clip_grad_norm_(self.trainable, self.config["clip_norm"])
         self.opt.step()
         self.sched.step()
         self.step += 1
-        self.losses.append(float(value.item()))
+        self.losses.append(shown)
         if self.after_step is not None:
             self.after_step(self.model, self.step)
         every = self.config["eval_every"]
@@ -230,6 +249,9 @@ class _Run:
     # ------------------------------------------------------------------ checkpoints
     def save(self) -> None:
         assert self.path is not None
+        if self.dp is not None and self.dp.rank != 0:  # rank 0 writes; the others hold the same state
+            self.saved_step = self.step
+            return
         state = {
             "step": self.step, "config": self.config, "model": self.model.state_dict(),
             "optimizer": self.opt.state_dict(), "scheduler": self.sched.state_dict(),
@@ -244,7 +266,9 @@ class _Run:
         self.saved_step = self.step
 
     def load(self, path: Path) -> None:
-        state = load_checkpoint(path)
+        state = load_checkpoint(path) if self.dp is None or self.dp.rank == 0 else None
+        if self.dp is not None:  # rank 0 read it; every rank continues from the same state
+            state = self.dp.from_main(state)
         if state.get("config") != self.config:
             changed = sorted(k for k in self.config if state.get("config", {}).get(k) != self.config[k])
             raise SlimkitError(f"{self.label}: checkpoint {path} was written with different settings "

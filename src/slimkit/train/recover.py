@@ -33,7 +33,8 @@ class Finetune(BaseConfig):
     """Fine-tune on the task's training data for ``steps`` AdamW steps (warmup + cosine).
 
     ``evals``: score the model this many times along the way and end with the best-scoring weights
-    (0: no evaluation, the last weights).
+    (0: no evaluation, the last weights). ``recompute``: recompute the repeated blocks' activations
+    in the backward pass (less memory, about one more forward per step; ``train.recompute``).
     """
 
     steps: int = 200
@@ -41,6 +42,7 @@ class Finetune(BaseConfig):
     weight_decay: float = 0.01
     seed: int = 0
     evals: int = 0
+    recompute: bool = False
 
     def __post_init__(self) -> None:
         if not isinstance(self.steps, int) or self.steps < 1:
@@ -105,7 +107,8 @@ def recover(model: nn.Module, config: Finetune, task: Task | None) -> nn.Module:
     with keep_zeros as after_step:
         result = finetune(model, task, steps=config.steps, lr=config.lr, weight_decay=config.weight_decay,
                  seed=config.seed, after_step=after_step, eval_every=max(1, config.steps // config.evals)
-                 if config.evals else 0, restore_best=bool(config.evals), progress=False)
+                 if config.evals else 0, restore_best=bool(config.evals), progress=False,
+                 recompute=config.recompute)
     add_record(model, TrainRecord.of(config, result))
     model.eval()
     return model
