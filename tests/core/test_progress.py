@@ -31,3 +31,31 @@ def test_no_terminal_gives_stage_lines_and_disabled_gives_none(capsys):
         bar.advance(0, 2)
     err = capsys.readouterr().err.splitlines()
     assert err[0] == "reconstruct: started (2 steps)" and err[1].startswith("reconstruct: done 2/2 in ")
+
+
+def test_a_command_shows_progress_that_library_calls_keep_quiet(capsys):
+    from slimkit.core.progress import each, progress_shown
+
+    assert list(each(range(3), "layers")) == [0, 1, 2] and capsys.readouterr().err == ""  # library default: quiet
+    with progress_shown(True):
+        assert sum(each(range(4), "rounding int4 weights (gptq)")) == 6
+        with progress_bar(False) as bar:  # a caller's own "off" gives way to the command's "on"
+            assert isinstance(bar, StageLines)
+    with progress_shown(False), progress_bar(True) as bar:  # work that must stay quiet (a search trial)
+        assert bar is None
+    err = capsys.readouterr().err.splitlines()
+    assert err[0] == "rounding int4 weights (gptq): started (4 steps)"
+    assert err[1].startswith("rounding int4 weights (gptq): done 4/4 in ")
+
+
+def test_quantize_command_says_each_stage_of_gptq(tmp_path, capsys):
+    from typer.testing import CliRunner
+
+    from slimkit.cli.app import app
+
+    result = CliRunner().invoke(app, ["quantize", "--task", "digits", "--config", "w4", "--group-size", "32",
+                                      "--method", "gptq", "--threads", "1", "--out", str(tmp_path)])
+    assert result.exit_code == 0, result.output
+    said = result.output + capsys.readouterr().err
+    for stage in ("calibrating 2 layers (input Hessians): done", "rounding int4 weights (gptq): done"):
+        assert stage in said, said

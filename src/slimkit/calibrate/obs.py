@@ -17,6 +17,7 @@ import torch.nn as nn
 import torch.nn.functional as F
 
 from slimkit.core.errors import SlimkitError
+from slimkit.core.progress import each
 from slimkit.core.task import Task
 
 BLOCK = 128  # columns updated together before the lazy update of the rest (the papers' batching)
@@ -68,7 +69,7 @@ def input_hessians(model: nn.Module, names: list[str], batches: Iterable[tuple[A
         model.eval()
         device = next(iter(model.parameters()), torch.empty(0)).device
         with torch.inference_mode():
-            for batch in batches:
+            for batch in each(batches, f"calibrating {len(names)} layers (input Hessians)"):
                 model(*(t.to(device) if isinstance(t, torch.Tensor) else t for t in batch))
     finally:
         for h in handles:

@@ -13,10 +13,10 @@ from typing import Any
 
 import numpy as np
 import torch
-from rich.progress import track
 from torch import Tensor, nn
 
 from slimkit.core.errors import SlimkitError
+from slimkit.core.progress import each
 
 METHODS = ("minmax", "percentile", "entropy", "mse")
 _EPS = float(torch.finfo(torch.float32).eps)  # least scale, as in torch.ao observers: zero ranges stay finite
@@ -132,10 +132,7 @@ def collect(model: nn.Module, module_names: list[str], batches: Iterable[tuple[T
             m, hook = modules[name], _hook(obs, which)
             handles.append(m.register_forward_pre_hook(hook) if which == "input" else m.register_forward_hook(hook))
         model.eval()
-        if progress:  # a transient rich bar; off in tests and non-interactive runs
-
-            total = len(batches) if hasattr(batches, "__len__") else None  # type: ignore[arg-type]
-            batches = track(batches, description="calibrating", total=total, transient=True)
+        batches = each(batches, "calibrating", enabled=progress)
         device = next(iter(model.parameters()), torch.empty(0)).device
         seen = 0
         with torch.inference_mode():

@@ -101,11 +101,13 @@ def with_sets(cfg: BaseConfig, label: str, sets: list[str] | None) -> BaseConfig
 def _run(command: str, task: Task, steps: list[BaseConfig], out: Path, *, spec: str, as_json: bool,
          threads: int | None = None, **kwargs: Any) -> Optional[dict[str, Any]]:
     """Run the recipe; with ``--json``, the summary for stdout (the console line's numbers)."""
+    from slimkit.core.progress import progress_shown
     from slimkit.pipeline.recipe import Recipe
     from slimkit.pipeline.run import run_recipe
 
     title = f"slimkit {TITLES[command]} — {task.name}"
-    result = run_recipe(task, Recipe(steps=steps, task=spec), out, title=title, threads=threads, **kwargs)
+    with progress_shown(True):  # every long step of the command says what it is doing
+        result = run_recipe(task, Recipe(steps=steps, task=spec), out, title=title, threads=threads, **kwargs)
     return technique_summary(command, task.name, result) if as_json else None
 
 

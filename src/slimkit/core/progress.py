@@ -7,12 +7,34 @@ when it ends, with its count and seconds: long work is never silent.
 
 from __future__ import annotations
 
+import contextlib
+import contextvars
 import sys
 import time
-from typing import Any, TextIO
+from collections.abc import Iterable, Iterator
+from typing import Any, TextIO, TypeVar
 
 from rich.console import Console
 from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeRemainingColumn
+
+
+T = TypeVar("T")
+
+#: Set by a command for everything it runs (on) and by work that must stay quiet (off); ``None``
+#: leaves each call's own ``enabled`` flag in charge (library use).
+_SHOWN: contextvars.ContextVar[bool | None] = contextvars.ContextVar("slimkit_progress_shown", default=None)
+#: A rich live display is on screen: a bar started inside it prints stage lines above it instead.
+_LIVE: contextvars.ContextVar[bool] = contextvars.ContextVar("slimkit_progress_live", default=False)
+
+
+@contextlib.contextmanager
+def progress_shown(shown: bool) -> Iterator[None]:
+    """Every progress display inside shows (``True``, a command's work) or stays quiet (``False``)."""
+    token = _SHOWN.set(shown)
+    try:
+        yield
+    finally:
+        _SHOWN.reset(token)
 
 
 class StageLines:
@@ -77,18 +99,34 @@ class progress_bar:
         self.bar: Any = None
 
     def __enter__(self):  # noqa: ANN204
-        if not self.enabled:
+        shown = _SHOWN.get()
+        if not (self.enabled if shown is None else shown):
             return None
-        if not Console(stderr=True).is_terminal:
+        if _LIVE.get() or not Console(stderr=True).is_terminal:
             self.bar = StageLines()
             return self.bar
         self.bar = Progress(TextColumn("{task.description}"), BarColumn(), MofNCompleteColumn(),
                             TimeRemainingColumn(), TextColumn("{task.fields[info]}"), transient=True)
         self.bar.__enter__()
+        self._live = _LIVE.set(True)
         return self.bar
 
     def __exit__(self, *exc: object) -> None:
         if isinstance(self.bar, StageLines):
             self.bar.finish()
         elif self.bar is not None:
+            _LIVE.reset(self._live)
             self.bar.__exit__(*exc)
+
+
+def each(items: Iterable[T], description: str, *, total: int | None = None, enabled: bool = False) -> Iterator[T]:
+    """``items`` one by one, counted on a progress display (shown when a command asks for progress,
+    or ``enabled``): the loops over layers and calibration batches that take seconds to minutes."""
+    if total is None and hasattr(items, "__len__"):
+        total = len(items)  # type: ignore[arg-type]
+    with progress_bar(enabled) as bar:
+        task = bar.add_task(description, total=total, info="") if bar is not None else None
+        for item in items:
+            yield item
+            if bar is not None:
+                bar.advance(task)

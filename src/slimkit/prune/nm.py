@@ -23,6 +23,7 @@ from torch.sparse import to_sparse_semi_structured
 from slimkit.calibrate import obs
 from slimkit.core.config import BaseConfig, technique
 from slimkit.core.errors import SlimkitError
+from slimkit.core.progress import each
 from slimkit.core.task import Task
 from slimkit.prune.record import PruneConfig, record_sparsity
 from slimkit.train.masks import Masks, apply_masks, prunable, weight
@@ -155,7 +156,7 @@ def _sparsegpt(model: nn.Module, masks: Masks, config: NM, task: Task) -> Masks:
             chosen.append(name)
     hessians = obs.task_hessians(model, chosen, task, "sparsegpt", "magnitude")
     with torch.no_grad():
-        for name in chosen:
+        for name in each(chosen, f"SparseGPT {config.n}:{config.m} layers"):
             w = model.get_submodule(name).weight  # (out, in) or (out, in, kh, kw)
             new, keep = sparsegpt_nm(w.reshape(w.shape[0], -1), hessians[name], config.n, config.m)
             w.copy_(new.view(w.shape))
