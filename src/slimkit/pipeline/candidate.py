@@ -19,6 +19,7 @@ from slimkit.core.target import Target
 from slimkit.core.task import Task
 from slimkit.measure import Latency, Profile, artifact_size, count_params, measure_latency, peak_memory, profile
 from slimkit.measure.speed_ratio import SpeedRatio
+from slimkit.report.metric_change import METRIC_CHANGE, metric_change
 from slimkit.quantize.modules import EMULATED
 from slimkit.runtime import build, resolve_backend
 
@@ -77,15 +78,15 @@ class Candidate:
         return f"{baseline.latency.p50_ms / self.latency.p50_ms:.2f}x (timed apart)"
 
     def row(self, baseline: "Candidate", higher_is_better: bool) -> list[Any]:
-        """Report row: score, quality delta (+ = better), MB, size reduction, p50, speedup, memory."""
-        delta = self.metric["score"] - baseline.metric["score"]
-        return [self.name, self.backend, self.metric["score"], delta if higher_is_better else -delta,
+        """Report row: score, metric change (candidate - baseline, report.metric_change), MB, size reduction, p50,
+        speedup, memory. ``higher_is_better`` is the caller's to state beside the table (report.sign_note)."""
+        return [self.name, self.backend, self.metric["score"], metric_change(self.metric["score"], baseline.metric["score"]),
                 self.profile.artifact_bytes / 1e6, baseline.profile.artifact_bytes / self.profile.artifact_bytes,
                 self.latency.p50_ms, self.speed_text(baseline) if self is not baseline else "1.00x",
                 self.profile.peak_memory_bytes / 1e6]
 
 
-ROW_HEADER = ["candidate", "runtime", "metric", "quality delta", "artifact MB", "size reduction",
+ROW_HEADER = ["candidate", "runtime", "metric", METRIC_CHANGE, "artifact MB", "size reduction",
               "latency p50 ms", "speedup", "peak memory MB"]
 
 

@@ -20,6 +20,7 @@ from slimkit.measure._call import pinned_threads
 from slimkit.measure.speed_ratio import SpeedComparison, compare_speed
 from slimkit.pipeline.candidate import ROW_HEADER, Candidate
 from slimkit.report import Report
+from slimkit.report.metric_change import METRIC_CHANGE, change_text, metric_change, sign_note
 from slimkit.runtime import build
 
 COMPUTE_HEADER = ["params", "MACs", "MACs ratio"]
@@ -44,6 +45,8 @@ def comparison_report(title: str, heading: str, task: Task, candidates: list[Can
     """
     base = candidates[0]
     r = Report(title=title)
+    final = candidates[-1]  # layer types, pruned widths and the runtime's kernels are the final model's
+    r.describe_run(base.model, final.model, final.backend, getattr(final.runnable, "layer_kernels", None))
     r.data = {"task": task.name, "candidates": [c.to_dict() for c in candidates], **data, "versions": versions()}
     r.heading(heading)
     rows = [c.row(base, task.higher_is_better) for c in candidates]
@@ -51,6 +54,7 @@ def comparison_report(title: str, heading: str, task: Task, candidates: list[Can
         rows = [row + [c.profile.params_total, c.profile.macs, c.profile.macs / max(base.profile.macs, 1)]
                 for row, c in zip(rows, candidates)]
     r.table(ROW_HEADER + (COMPUTE_HEADER if compute else []), rows)
+    r.note(sign_note(task.metric_name, task.higher_is_better))
     return r
 
 
@@ -85,6 +89,7 @@ def summary(baseline: Candidate, candidate: Candidate) -> str:
     elif candidate.speedup is not None and candidate.backend != baseline.backend:
         speed += f" than the original as given ({baseline.backend}); vs the original on {candidate.backend}: " \
                  f"{candidate.speedup_same_runtime.text()}"
+    change = change_text(metric_change(candidate.metric["score"], baseline.metric["score"]))
     return (f"{candidate.name} on {candidate.backend}: metric {candidate.metric['score']:.4f} "
-            f"(baseline {baseline.metric['score']:.4f}), "
+            f"(baseline {baseline.metric['score']:.4f}, {METRIC_CHANGE} {change}), "
             f"{baseline.profile.artifact_bytes / candidate.profile.artifact_bytes:.2f}x smaller, {speed}")
