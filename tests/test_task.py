@@ -38,3 +38,16 @@ def test_drop_direction_follows_higher_is_better():
 def test_task_refuses_a_non_module_model():
     with pytest.raises(SlimkitError, match="not a torch nn.Module"):
         Task(name="x", model="model.pt", example=(torch.zeros(1),), metric=accuracy, eval=None)
+
+
+def test_unwrapped_training_batches_get_an_error_showing_what_was_received_and_expected():
+    from slimkit.train.finetune import finetune
+
+    x, y = torch.randn(8, 4), torch.randint(0, 3, (8,))
+    task = Task(name="mine", model=nn.Linear(4, 3), example=(x,), metric=accuracy, eval=[((x,), y)],
+                train=[(x, y)], loss=nn.functional.cross_entropy)  # (x, y): the inputs are not a tuple
+    with pytest.raises(SlimkitError) as caught:
+        finetune(task.model, task, steps=1, progress=False)
+    message = str(caught.value)
+    assert "training batch 0 is (Tensor[8, 4], Tensor[8])" in message and "((x,), y)" in message
+    assert "\n" not in message

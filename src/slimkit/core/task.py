@@ -85,6 +85,17 @@ def accuracy(run: Runnable, batches: Sequence[tuple[tuple[torch.Tensor, ...], to
     return correct / total
 
 
+def describe_batch(item: Any) -> str:
+    """A batch's structure with tensor shapes, for errors: ``(Tensor[32, 1, 28, 28], Tensor[32])``."""
+    if isinstance(item, torch.Tensor):
+        return f"Tensor[{', '.join(str(d) for d in item.shape)}]"
+    if isinstance(item, (tuple, list)):
+        inner = ", ".join(describe_batch(x) for x in item)
+        return f"({inner},)" if isinstance(item, tuple) and len(item) == 1 else f"({inner})" if isinstance(item, tuple) \
+            else f"[{inner}]"
+    return type(item).__name__
+
+
 def split_item(item: Any) -> tuple[Inputs, Any]:
     """``((x, ...), y)`` -> (inputs, labels); a bare input tuple or tensor -> (inputs, None)."""
     if isinstance(item, (tuple, list)) and len(item) == 2 and isinstance(item[0], (tuple, list)):

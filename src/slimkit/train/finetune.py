@@ -24,7 +24,7 @@ import torch.nn as nn
 
 from slimkit.core.errors import SlimkitError
 from slimkit.core.progress import progress_bar
-from slimkit.core.task import Inputs, Task
+from slimkit.core.task import Inputs, Task, describe_batch
 from slimkit.train._batches import BatchStream
 from slimkit.train import data_parallel
 from slimkit.train.checkpoint import CHECKPOINT, load_checkpoint, save_checkpoint
@@ -142,7 +142,8 @@ def finetune(model: nn.Module, task: Task, *, steps: int, lr: float = 1e-3, weig
             found = dp.from_main(found)
         if found:
             run.load(path)
-        with progress_bar(progress and data_parallel.is_main_process()) as bar:
+        shown = progress_bar(progress) if data_parallel.is_main_process() else contextlib.nullcontext(None)
+        with shown as bar:
             bar_id = bar.add_task(label, total=steps, completed=run.step, info="") if bar else None
             while run.step < steps and not run.stopped_early:
                 value = run.train_step()
@@ -200,8 +201,11 @@ class _Run:
             value = self.loss(self.forward_model, inputs, labels)
         else:
             if labels is None:
-                raise SlimkitError(f"task {self.task.name!r}: training batches carry no labels",
-                                   "pass loss=fn(model, inputs, labels) that needs none (e.g. distillation)")
+                got = describe_batch(self.task.train[0]) if isinstance(self.task.train, (list, tuple)) else "?"
+                raise SlimkitError(f"task {self.task.name!r}: training batch 0 is {got}, which carries no labels: "
+                                   "labelled batches are ((inputs...,), labels), e.g. ((x,), y)",
+                                   "wrap the inputs in a tuple: train=[((x,), y) for x, y in batches]; or pass "
+                                   "loss=fn(model, inputs, labels) that needs none (e.g. distillation)")
             value = self.task.loss(self.forward_model(*inputs), labels)
         shown = float(value.item()) if self.dp is None else self.dp.mean(value)  # the global batch's loss
         if not math.isfinite(shown):
