@@ -73,9 +73,12 @@ def test_informed_first_trial_fits_a_quarter_size_target(run):
 
 
 def test_a_spent_time_budget_is_the_reason_the_search_stopped(run):
-    result = run(sk.Target(max_drop=0.01), trials=3, time_budget=1e-3)  # spent before the first trial
+    import time
+
+    spent = time.monotonic() - 60.0  # the command started a minute ago: a 30 s budget is spent before any trial
+    result = run(sk.Target(max_drop=0.01), trials=3, time_budget=30.0, budget_start=spent)
     assert result.trials == [] and result.best is None
-    assert result.stopped.startswith("time budget reached: 0 of 3 trials finished in ")
+    assert result.stopped.startswith("time budget reached: 0 of 3 trials finished in ") and " s of 30 s " in result.stopped
 
 
 def test_nothing_fits_gives_closest_margins_and_a_hint(run):

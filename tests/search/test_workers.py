@@ -90,6 +90,10 @@ def test_two_workers_share_one_study(postgres, tmp_path):
     assert len({t.user_attrs["worker"] for t in done}) == 2          # both processes took trials
     result = json.loads((tmp_path / "run" / "result.json").read_text())
     assert len(result["trials"]) == TRIALS and result["best"] is not None
+    # whichever process ran the best trial saved it (one machine, one run directory): best/ is that copy
+    assert result["best_source"] == "incumbent", said
+    incumbent = sk.io.read_meta(tmp_path / "run" / "incumbent")["extra"]["incumbent"]
+    assert incumbent["trial"] == result["best"]["number"] == sk.io.read_meta(tmp_path / "run" / "best")["extra"]["trial"]
 
     # The same trials (same parameters, in order) in one process give the same best: the same metric and
     # bytes, and the same pipeline unless several pipelines tie on both (then latency, a noisy measurement, decides).

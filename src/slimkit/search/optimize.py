@@ -134,7 +134,8 @@ def measure_safely(measure: Measurer, configs: Sequence[BaseConfig], **kw: Any) 
 def measured_model(measure: Measurer, configs: Sequence[BaseConfig], **kw: Any) -> tuple[TrialMeasurement, Any]:
     """:func:`measure_safely`, and the model measured (None when the measurer gives none, or it failed)."""
     try:
-        measured, model = measure(configs, **kw)
+        out = measure(configs, **kw)
+        measured, model = out[0], (out[1] if len(out) > 1 else None)
     except Exception as exc:  # noqa: BLE001 - one candidate's failure is recorded, not fatal
         log.exception("measuring %s failed", [c.type_name for c in configs])
         return TrialMeasurement(error=failure_reason("measuring", exc)), None
@@ -257,7 +258,7 @@ def optimize(task: Task | str, target: Target, *, trials: int = 30, time_budget:
             fault_point("trials done")
             return finish(st, task, target, baseline, sens, name, url, out_dir, budget.start, seed=seed,
                           backend=backend, report=report, phases=phases, incumbent=keeper, stopped=done.reason,
-                          say=bar.say)
+                          say=bar.say if progress else None)
         except KeyboardInterrupt as exc:
             kept = "" if st is None else _kept_so_far(st)
             raise stopped(exc, 0 if st is None else finished(st), trials, go_on + kept) from None
