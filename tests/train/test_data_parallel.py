@@ -102,7 +102,30 @@ def test_nproc_is_removed_from_what_each_process_runs(argv: list[str], kept: lis
 
 
 def test_zero_processes_is_a_one_line_error() -> None:
+    from typer.testing import CliRunner
+
+    from slimkit.cli import app
     from slimkit.train.data_parallel import launch
 
     with pytest.raises(SlimkitError, match="--nproc 0 is invalid"):
         launch(["tasks"], 0)
+    result = CliRunner().invoke(app, ["--nproc", "0", "tasks"])
+    assert result.exit_code == 2 and "--nproc 0 is invalid" in result.output
+
+
+@pytest.mark.slow
+def test_cli_nproc_writes_out_from_rank_0_only(tmp_path: Path) -> None:
+    """`slimkit --nproc 2 prune ... --finetune-steps 4`: two processes fine-tune; one --out, whole;
+    the other rank's scratch directory is gone when the command ends."""
+    scratch = tmp_path / "tmp"
+    scratch.mkdir()
+    out = tmp_path / "run"
+    cmd = [sys.executable, "-c", "import sys; from slimkit.cli import main; sys.argv[0] = 'slimkit'; main()",
+           "--nproc", "2", "prune", "--task", "digits", "--method", "magnitude", "--amount", "0.5",
+           "--finetune-steps", "4", "--threads", "1", "--out", str(out)]
+    env = {**os.environ, "OMP_NUM_THREADS": "1", "TMPDIR": str(scratch)}
+    done = subprocess.run(cmd, env=env, cwd=ROOT, capture_output=True, text=True, timeout=600)
+    assert done.returncode == 0, done.stderr[-2000:]
+    assert {p.name for p in out.iterdir()} >= {"model", "recipe.yaml", "report.html"}
+    assert done.stdout.count("report ") == 1          # rank 1 printed nothing on stdout
+    assert not list(scratch.glob("slimkit-rank*"))

@@ -14,6 +14,7 @@ from typing import Any, Callable, Optional
 import typer
 from typer.core import TyperGroup
 
+from slimkit.cli.nproc_option import NPROC, relaunch, worker_out
 from slimkit.cli.numeric_options import check_numbers
 from slimkit.cli.out_guard import check_file_target, check_fresh_out, guarded_out
 from slimkit.cli.run_summary import console_on_stderr, print_json
@@ -83,9 +84,17 @@ SETTINGS = {"debug": False}
 def _options(version: bool = typer.Option(False, "--version", is_eager=True, callback=_print_version,
                                           help="print slimkit's version and exit"),
              debug: bool = typer.Option(False, "--debug", help="an error in your own task or model code: show the "
-                                        "full traceback, not its line and frame")) -> None:
+                                        "full traceback, not its line and frame"),
+             nproc: int = NPROC) -> None:
     """Make trained PyTorch models smaller and faster, with measurements."""
     SETTINGS["debug"] = debug
+    if nproc != 1:  # the same command under torchrun, N processes; its exit code is ours
+        try:
+            code = relaunch(nproc)
+        except SlimkitError as exc:
+            typer.echo(f"error: {exc}", err=True)
+            raise typer.Exit(2) from None
+        raise typer.Exit(code)
 
 
 def _friendly(fn: Callable[..., Any]) -> Callable[..., Any]:
@@ -97,6 +106,7 @@ def _friendly(fn: Callable[..., Any]) -> Callable[..., Any]:
     @functools.wraps(fn)
     def wrapper(*args: Any, **kwargs: Any) -> None:
         as_json = bool(kwargs.get("as_json"))
+        worker_out(kwargs)  # ranks > 0 of --nproc: a scratch --out (removed at exit), no stdout
         try:
             check_numbers(kwargs)
             out = kwargs.get("out")
