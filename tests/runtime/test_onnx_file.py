@@ -52,8 +52,12 @@ def _run_bare(onnx_path, feeds: dict[str, np.ndarray], tmp_path) -> np.ndarray:
     return np.load(tmp_path / "out.npy")
 
 
-@pytest.mark.parametrize("config", [lambda: sk.quantize.Int8(), lambda: sk.quantize.Int8(activations="static"),
-                                    lambda: None])
+#: every scheme that has a file: int8 (QDQ), weight-only int4 / int8 (MatMulNBits; the conv as int8 + DequantizeLinear)
+SCHEMES = [lambda: sk.quantize.Int8(), lambda: sk.quantize.Int8(activations="static"),
+           lambda: sk.quantize.WeightOnly(bits=4, group_size=32), lambda: sk.quantize.WeightOnly(bits=8), lambda: None]
+
+
+@pytest.mark.parametrize("config", SCHEMES, ids=["dynamic", "static", "w4", "w8", "float"])
 def test_the_kept_file_gives_the_measured_outputs_without_torch(config, tmp_path):
     model, x = _net(), torch.randn(4, 3, 8, 8)
     task = sk.Task(name="t", model=model, example=(x,), eval=[], metric=lambda run, data: 0.0,
@@ -67,6 +71,26 @@ def test_the_kept_file_gives_the_measured_outputs_without_torch(config, tmp_path
     y = torch.randn(7, 3, 8, 8)  # another batch size than the example's
     got = _run_bare(path, {"input": y.numpy()}, tmp_path)
     assert np.abs(got - runnable(y).numpy()).max() < 1e-5  # the same file the measured session ran
+    assert sidecar["dynamic_axes"] == {"input": {"0": "batch"}, "output": {"0": "batch"}} and sidecar["measured"]
+    assert sidecar["quantization"] == getattr(runnable, "mode")
+    if sidecar["quantization"] == "none":  # weight-only: every Linear on MatMulNBits, each layer's storage said
+        assert sidecar["op_types"]["MatMulNBits"] == 1 and set(sidecar["weights"]) == {"0", "3"}
+        assert "DequantizeLinear" in sidecar["weights"]["0"] and "MatMulNBits" in sidecar["weights"]["3"]
+
+
+def test_binary_and_ternary_files_run_without_torch_and_say_why_they_are_float(tmp_path):
+    from slimkit.quantize.extreme_modules import ExtremeConv2d, ExtremeLinear
+
+    model, x = _net(), torch.randn(4, 3, 8, 8)
+    model[0] = ExtremeConv2d.from_float(model[0], "ternary").convert()
+    model[3] = ExtremeLinear.from_float(model[3], "binary").convert()
+    runnable = build(model, "onnxruntime", (x,), threads=1)
+    path = keep_onnx(runnable, tmp_path / "art")
+    sidecar = json.loads((tmp_path / "art" / SIDECAR).read_text())
+    assert "2-bit weights" in sidecar["kept_float"]["0"] and "1-bit weights" in sidecar["kept_float"]["3"]
+    got = _run_bare(path, {"input": x.numpy()}, tmp_path)
+    with torch.inference_mode():
+        assert np.abs(got - model(x).numpy()).max() < 1e-5  # the same values, unpacked
 
 
 def test_a_torch_served_model_keeps_no_onnx_file_and_an_old_one_is_removed(tmp_path):
@@ -101,11 +125,46 @@ def test_a_command_run_on_onnx_runtime_leaves_model_onnx_in_its_out(digits_task,
     (["{tmp}/nothing", "--out", "{tmp}/m.onnx"], "does not exist"),
     (["{run}/model", "--out", "{tmp}/m.onnx"], "needs example inputs"),
     (["{run}", "--format", "tflite", "--out", "{tmp}/m.onnx"], "--format 'tflite' is not supported"),
-    (["{run}/model", "--task", "digits", "--out", "{tmp}/m.onnx"], "runs on torch, so there is no ONNX file"),
+    (["{run}/model", "--task", "digits", "--out", "{tmp}/m.onnx"], "ONNX Runtime cannot run it"),
 ])
 def test_export_refusals_are_one_line(args, message, digits_task, tmp_path):
-    run = tmp_path / "w8"
-    sk.save(sk.apply(digits_task.model, sk.quantize.WeightOnly(bits=8), digits_task), run / "model")
+    from slimkit.core.editing import set_submodule
+    from slimkit.quantize.modules import QuantLinear
+
+    run = tmp_path / "mixed"  # weight-only beside a dynamic int8 layer: served by torch, no ONNX Runtime form
+    model = sk.apply(digits_task.model, sk.quantize.WeightOnly(bits=8), digits_task)
+    last = [n for n, m in model.named_modules() if isinstance(m, QuantLinear)][-1]
+    set_submodule(model, last, QuantLinear.from_float(model.get_submodule(last).to_float(), activations="dynamic"))
+    sk.save(model, run / "model")
     result = runner.invoke(app, ["export", *(a.format(run=run, tmp=tmp_path) for a in args)])
     assert result.exit_code == 2 and message in result.output and len(result.output.strip().splitlines()) == 1
     assert not (tmp_path / "m.onnx").exists() and not (tmp_path / "m.txt").exists()
+
+
+def test_export_of_a_torch_served_artifact_builds_the_file_and_says_it_was_not_measured(digits_task, tmp_path):
+    sk.save(digits_task.model, tmp_path / "model", extra={"backend": "torch"})
+    result = runner.invoke(app, ["export", str(tmp_path / "model"), "--task", "digits", "--out",
+                                 str(tmp_path / "f.onnx")])
+    assert result.exit_code == 0, result.output
+    sidecar = json.loads((tmp_path / "f.onnx.json").read_text())
+    assert sidecar["measured"] is False and sidecar["served_by"].startswith("torch")
+    x = digits_task.example[0]
+    got = _run_bare(tmp_path / "f.onnx", {"input": x.numpy()}, tmp_path)
+    with torch.inference_mode():
+        assert np.abs(got - digits_task.model(x).numpy()).max() < 1e-4
+
+
+@pytest.mark.parametrize("backend,measured_on_ort", [("onnxruntime", True), ("torch", False)])
+def test_loading_a_quantized_artifact_says_which_form_it_is(backend, measured_on_ort, digits_task, tmp_path, caplog):
+    from slimkit.quantize._kernels import cpu_has_vnni
+
+    model = sk.apply(digits_task.model, sk.quantize.Int8(activations="static"), digits_task)
+    sk.save(model, tmp_path / "run" / "model", extra={"backend": backend})
+    with caplog.at_level("INFO", logger="slimkit.io"):
+        loaded = sk.load(tmp_path / "run" / "model")
+    lines = [r.getMessage() for r in caplog.records if r.name == "slimkit.io"]
+    assert len(lines) == 1 and lines[0] == loaded.slimkit_loaded_form
+    if not cpu_has_vnni():  # static int8 without VNNI: fake-quant on torch
+        assert lines[0].startswith("loaded the reference float form")
+    assert ("measured on ONNX Runtime is " + str(tmp_path / "run" / "model.onnx") in lines[0]) == measured_on_ort
+    assert f"slimkit export {tmp_path / 'run'} --format onnx" in lines[0]

@@ -36,6 +36,7 @@ from slimkit.io.artifact_check import FORMAT_VERSION, Spec
 from slimkit.io.artifact_rebuild import (build, first_line, meta_state, probe_model, probe_modules, replay_casts,
                                           restore_modules)
 from slimkit.io.artifact_store import META, WEIGHTS, Snapshot, reading, replace_artifact, step
+from slimkit.io.loaded_form import say_loaded_form
 
 #: Key in the safetensors header metadata that describes sparsely stored tensors.
 SPARSE_KEY = "slimkit.sparse"
@@ -195,14 +196,21 @@ def load(path: str | os.PathLike[str], model: nn.Module | None = None) -> nn.Mod
 
     Pass ``model`` to load into a module you built yourself; otherwise the artifact's
     registered builder makes one (builders are looked up by name, never imported from the file).
-    Nothing is allocated for a tensor before its size is known to fit the model.
+    Nothing is allocated for a tensor before its size is known to fit the model. A quantized model comes
+    back on torch's kernels, or as its reference float form where torch has none; one logged line says
+    which, and where the file measured on ONNX Runtime is (``slimkit.io.loaded_form``).
     """
-    return _consistently(Path(path), lambda snap: _load_version(snap, model))
+    seen: dict[str, Any] = {}
+    loaded = _consistently(Path(path), lambda snap: _load_version(snap, model, seen))
+    say_loaded_form(loaded, path, seen)  # which form of a quantized model this is, and where the measured one is
+    return loaded
 
 
-def _load_version(snap: Snapshot, model: nn.Module | None) -> nn.Module:
+def _load_version(snap: Snapshot, model: nn.Module | None, seen: dict[str, Any]) -> nn.Module:
     source = str(snap.path)
     meta = check.read_sidecar(snap.fd, str(snap.directory / META))
+    seen.clear()
+    seen.update(meta)
     weights = _Weights(snap.directory / WEIGHTS, meta, source)
     limit = weights.limit + (0 if model is None else check.model_bytes(model))
     check.check_budget("its tensors", sum(check.spec_bytes(s) for s in weights.table.values()), limit, source)

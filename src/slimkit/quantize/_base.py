@@ -65,10 +65,7 @@ class _QuantBase(nn.Module):
 
     def runtime_needs(self) -> LayerNeeds:
         """What a runtime must provide to run this layer (``slimkit.core.runtime_needs``)."""
-        unsupported: dict[str, str] = {}
-        if self.activations == "none":
-            unsupported["onnxruntime"] = ("weight-only int8/int4 has no ONNX Runtime path in slimkit; torch's "
-                                          "weight-only kernels run it")
+        unsupported: dict[str, str] = {}  # weight-only runs on ONNX Runtime too (runtime.onnx_nbits)
         op = "conv2d" if isinstance(self, nn.Conv2d) or hasattr(self, "kernel_size") else "linear"
         if op == "conv2d":
             unsupported["cuda"] = "quantized convolutions have no CUDA kernel in slimkit (Linear layers only)"

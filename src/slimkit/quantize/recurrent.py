@@ -31,6 +31,8 @@ from slimkit.quantize.modules import QuantLinear
 RECURRENT = (nn.LSTM, nn.GRU, nn.LSTMCell, nn.GRUCell)
 _GATES = {"LSTM": 4, "GRU": 3}
 _NOT_ON_CUDA = "recurrent layers run on torch or ONNX Runtime (the CUDA backend rebuilds Linear layers only)"
+_WEIGHT_ONLY_NOT_ON_ORT = ("ONNX Runtime has no weight-only LSTM / GRU kernel (the layer's node would run float); "
+                           "torch's weight-only kernels run the gates")
 
 
 @layer_class("StepLinear")
@@ -39,7 +41,8 @@ class StepLinear(QuantLinear):
 
     def runtime_needs(self) -> LayerNeeds:
         needs = super().runtime_needs()
-        return dataclasses.replace(needs, unsupported={**needs.unsupported, "cuda": _NOT_ON_CUDA})
+        ort = {"onnxruntime": _WEIGHT_ONLY_NOT_ON_ORT} if self.activations == "none" else {}
+        return dataclasses.replace(needs, unsupported={**needs.unsupported, "cuda": _NOT_ON_CUDA, **ort})
 
 
 def recurrent_reason(layer: nn.Module) -> str:

@@ -3,7 +3,8 @@
 - ``torch``: the model itself; quantized layers call torch's integer kernels where they exist.
 - ``onnxruntime``: quantized layers are exported in float and re-quantized to the *same*
   integers by ONNX Runtime's quantizer with slimkit's calibrated ranges, then run on its
-  integer kernels (QLinearMatMul / QLinearConv / MatMulInteger).
+  integer kernels (QLinearMatMul / QLinearConv / MatMulInteger); weight-only layers carry slimkit's
+  stored integers into ``MatMulNBits`` (``runtime.onnx_nbits``).
 - ``cuda``: every Linear rebuilt on GPU kernels (int8 ``_int_mm``, int4 tinygemm, fp8 ``_scaled_mm``,
   2:4 cuSPARSELt) as the model's quantization says; ``runtime.cuda.build_cuda`` picks a scheme.
 """
@@ -23,6 +24,7 @@ from slimkit.core.runtime_needs import quantized_layers
 from slimkit.io.artifact import load, read_meta
 from slimkit.runtime.cuda import build_cuda
 from slimkit.runtime.layout import fastest_layout
+from slimkit.runtime.onnx_nbits import freeze_bit_layers, is_bit_layer, packed_weight
 from slimkit.runtime.ort import OrtQuantPlan, build_ort
 
 log = logging.getLogger("slimkit.runtime")
@@ -32,7 +34,7 @@ BACKENDS = ("torch", "onnxruntime", "cuda")
 #: Which backend ``"auto"`` picks per quantization mode: the faster one measured by bench/quant_cpu.py
 #: on this CPU class (2 AVX2 cores, no VNNI); ``bench/results/quant_cpu.json`` ("backend_choice")
 #: re-checks every choice against that run's numbers.
-DEFAULT_BACKEND = {"float": "torch", "dynamic": "onnxruntime", "static": "onnxruntime", "none": "torch",
+DEFAULT_BACKEND = {"float": "torch", "dynamic": "onnxruntime", "static": "onnxruntime", "none": "onnxruntime",
                    "mixed": "torch"}
 
 #: Why each default, in one line (speedups vs fp32 torch, 2 threads, bench/quant_cpu.py 2026-11-23 12:31 UTC).
@@ -41,7 +43,9 @@ BACKEND_EVIDENCE = {
                "fp32 torch; mnist batch 256: 3.28x vs 1.55x)",
     "static": "torch has no exact static int8 kernel without VNNI (it emulates in fp32); onnxruntime runs integer "
               "kernels (MiniLM batch 32x128 2.27x fp32 torch, asymmetric activations)",
-    "none": "weight-only int8/int4 has no ONNX Runtime path in slimkit; torch's weight-only kernels run it",
+    "none": "ONNX Runtime's MatMulNBits on slimkit's integers (fp32 activations) measured faster than torch's "
+            "weight-only kernels on a MiniLM-size Linear stack (bench/onnx_nbits.py 2026-12-07, 2 threads, 1x128 "
+            "tokens: int4 g32 1081 vs 5693 ms, int8 1097 vs 5262 ms; one token 107 / 363 vs ~1000 ms)",
     "float": "the float model runs as it is",
     "mixed": "layers of several quantization modes (mixed precision: weight-only int4 beside int8 x int8 layers); "
              "only torch runs each layer on its own kernels",
@@ -116,16 +120,23 @@ def ort_plan(model: nn.Module) -> tuple[nn.Module, Any]:
 
     quantized = quantized_layers(model)
     mode = quant_mode(model)
-    if mode == "float":
+    bits = [n for n, m in model.named_modules() if n and is_bit_layer(m)]  # bit-packed: binary, ternary, 4-bit codes
+    if mode == "float" and not bits:
         return model.eval(), None
-    if mode == "none":
-        raise SlimkitError("weight-only quantization has no ONNX Runtime path in slimkit yet",
-                           "use backend='torch' for WeightOnly configs")
     if mode == "mixed":
         modes = sorted({m.runtime_needs().activations for m in quantized.values()})
         raise SlimkitError(f"the model mixes quantization modes {modes}, which ONNX Runtime cannot re-create",
                            "use backend='torch' (or auto) for mixed-precision models")
     float_model = copy.deepcopy(model).eval()
+    kept_float = freeze_bit_layers(float_model)  # the tracer cannot write the unpacking of bit-packed codes
+    layers = {**quantized, **{n: model.get_submodule(n) for n in bits}}
+    weights = {n: w for n, m in layers.items() if (w := packed_weight(m)) is not None}
+    if mode in ("float", "none"):  # weight-only: each layer's stored integers go into the file as they are
+        for name, m in quantized.items():
+            set_submodule(float_model, name, m.to_float())
+        modules = [n for n in layers if n in weights or n in quantized]
+        return float_model, OrtQuantPlan(mode="none", modules=modules, weights=weights, kept_float=kept_float)
+    kept_float |= {n: f"4-bit codes beside {mode} int8 layers: stored unpacked as float32" for n in bits if n in weights}
     ranges: dict[str, tuple[float, float]] = {}
     per_channel = True
     symmetric = True
@@ -137,7 +148,7 @@ def ort_plan(model: nn.Module) -> tuple[nn.Module, Any]:
             ranges[name] = m.act_range()
             symmetric = symmetric and needs.symmetric_activations
     plan = OrtQuantPlan(mode=mode, modules=list(quantized), per_channel=per_channel, act_ranges=ranges,
-                        symmetric_activations=symmetric)
+                        symmetric_activations=symmetric, kept_float=kept_float)
     return float_model, plan
 
 

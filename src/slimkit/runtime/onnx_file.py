@@ -28,14 +28,21 @@ def describe(runnable: OrtModel) -> dict[str, Any]:
     def io(args: list[Any]) -> list[dict[str, Any]]:
         return [{"name": a.name, "type": a.type, "shape": list(a.shape)} for a in args]
 
-    return {"inputs": io(runnable.session.get_inputs()), "outputs": io(runnable.session.get_outputs()),
+    inputs, outputs = io(runnable.session.get_inputs()), io(runnable.session.get_outputs())
+    return {"inputs": inputs, "outputs": outputs,
+            "dynamic_axes": {a["name"]: {str(i): d for i, d in enumerate(a["shape"]) if isinstance(d, str)}
+                             for a in inputs + outputs},
             "onnxruntime": ort.__version__, "threads_measured": runnable.threads,
-            "op_types": dict(sorted(runnable.kernels.items())), "kept_float": dict(runnable.skipped),
+            "quantization": getattr(runnable, "mode", "float"),
+            "op_types": dict(sorted(runnable.kernels.items())), "layers": dict(runnable.layer_kernels),
+            "weights": dict(getattr(runnable, "storage", {})), "kept_float": dict(runnable.skipped),
+            "measured": True,
             "run": "onnxruntime.InferenceSession(path).run(None, {input name: numpy array, ...}); "
                    "dimensions given as names are dynamic"}
 
 
-def keep_onnx(runnable: Any, directory: str | Path, name: str = ONNX_FILE) -> Path | None:
+def keep_onnx(runnable: Any, directory: str | Path, name: str = ONNX_FILE, *,
+              unmeasured: str | None = None) -> Path | None:
     """Copy the measured ONNX file into ``directory`` (``model.onnx`` + sidecar); None when ``runnable`` is
     not an ONNX Runtime model (served by torch: there is no measured ONNX file to keep, and an earlier
     run's file there is removed)."""
@@ -47,7 +54,10 @@ def keep_onnx(runnable: Any, directory: str | Path, name: str = ONNX_FILE) -> Pa
     path = directory / name
     with open(runnable.path, "rb") as src:
         atomic_write(path, lambda f: shutil.copyfileobj(src, f))
-    text = json.dumps(describe(runnable), indent=2).encode()
+    info = describe(runnable)
+    if unmeasured:  # built for export only: the model was measured (and is served) on another runtime
+        info |= {"measured": False, "served_by": unmeasured}
+    text = json.dumps(info, indent=2).encode()
     atomic_write(directory / f"{name}.json", lambda f: f.write(text))
     return path
 
@@ -61,8 +71,11 @@ RUN_ARTIFACTS = ("model", "best")
 def export_onnx_file(source: str | Path, out: str | Path, example: Any = None, *, threads: int | None = None) -> Path:
     """``out`` (a .onnx path) holding the ONNX file ``source`` was measured with: copied from a run directory
     that kept it, else rebuilt from the artifact (``source`` itself, or the run's ``model/`` / ``best/``) on the
-    runtime it was measured on, with ``example`` inputs. A model served by torch has none: a one-line error."""
+    runtime it was measured on, with ``example`` inputs. A model measured on torch is built on ONNX Runtime
+    for export (checked against torch like every build) and its sidecar says ``"measured": false`` and which
+    runtime serves it; one ONNX Runtime cannot run (mixed precision) is a one-line error."""
     from slimkit.core.errors import SlimkitError
+    from slimkit.io import read_meta
     from slimkit.runtime import backend_reason, load_deployed
 
     source, out = Path(source), Path(out)
@@ -82,13 +95,19 @@ def export_onnx_file(source: str | Path, out: str | Path, example: Any = None, *
         raise SlimkitError(f"{source} keeps no measured ONNX file, and rebuilding one needs example inputs",
                            "give the task (--task / --model) the model was made for")
     runnable = load_deployed(artifact, example, threads=threads)
-    if not isinstance(runnable, OrtModel):
+    served = ""
+    if not isinstance(runnable, OrtModel):  # served by torch: the file is built for export, and says so
         from slimkit.io import load
+        from slimkit.runtime import build
 
-        raise SlimkitError(f"{artifact} runs on torch, so there is no ONNX file to export "
-                           f"({backend_reason(load(artifact))})",
-                           "use slimkit.load(path) in Python, or quantize with an int8 config ONNX Runtime runs")
-    path = keep_onnx(runnable, out.parent, out.name)
+        model = load(artifact)
+        served = backend_reason(model, read_meta(artifact).get("extra", {}).get("backend") or "auto")
+        try:
+            runnable = build(model, "onnxruntime", example, threads=threads)
+        except SlimkitError as exc:
+            raise SlimkitError(f"{artifact} runs on torch, and ONNX Runtime cannot run it: {exc.args[0]}",
+                               "use slimkit.load(path) in Python") from None
+    path = keep_onnx(runnable, out.parent, out.name, unmeasured=served or None)
     assert path is not None
     return path
 

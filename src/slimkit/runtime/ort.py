@@ -65,6 +65,7 @@ from slimkit.runtime._fold import (
 )
 from slimkit.runtime._qdq import insert_qdq
 from slimkit.runtime.onnx_export import COMPUTE_OPS, RECURRENT_OPS, export_onnx, flat_outputs, module_nodes
+from slimkit.runtime.onnx_nbits import PackedWeight, write_weight_only
 from slimkit.runtime.ort_inspect import INTEGER_OPS, Kernels, layer_kernels, output_mismatch, output_ranges
 
 log = logging.getLogger("slimkit.runtime.ort")
@@ -72,7 +73,7 @@ log = logging.getLogger("slimkit.runtime.ort")
 #: Model types ORT's transformer optimizer fuses as "bert".
 _BERT_TYPES = {"bert", "roberta", "xlm-roberta", "electra", "camembert"}
 #: Transformer fusion per mode: None, "norm" (SkipLayerNorm, BiasGelu) or "all" (+ Attention).
-_FUSE: dict[str, str | None] = {"float": None, "dynamic": None, "static": None}
+_FUSE: dict[str, str | None] = {"float": None, "dynamic": None, "static": None, "none": None}
 #: int8 weights may lose this much SQNR on ``example`` against the same integers as uint8 (exact kernels).
 _SATURATION_DB = 3.0
 
@@ -81,7 +82,7 @@ _SATURATION_DB = 3.0
 class OrtQuantPlan:
     """Which torch modules ORT quantizes, and how; the ranges come from slimkit's own calibration."""
 
-    mode: str  # "dynamic" | "static"
+    mode: str  # "dynamic" | "static" | "none" (weight-only: slimkit's integers, ``onnx_nbits``)
     modules: list[str]
     per_channel: bool = True
     #: static: (lo, hi) of each module's *input* activation
@@ -90,10 +91,14 @@ class OrtQuantPlan:
     #: static: (lo, hi) of each module's *output*, for convs whose output no planned layer reads
     #: (a PReLU, or ReLU then BatchNorm, follows): measured on the example when not given
     out_ranges: dict[str, tuple[float, float]] = dataclasses.field(default_factory=dict)
+    #: "none": each module's stored integers (``onnx_nbits.packed_weight``)
+    weights: dict[str, PackedWeight] = dataclasses.field(default_factory=dict)
+    #: modules (not planned) the file keeps in float, and why (binary / ternary layers unpacked)
+    kept_float: dict[str, str] = dataclasses.field(default_factory=dict)
 
     def __post_init__(self) -> None:
-        if self.mode not in ("dynamic", "static"):
-            raise SlimkitError(f"OrtQuantPlan mode {self.mode!r} is not known", "use 'dynamic' or 'static'")
+        if self.mode not in ("dynamic", "static", "none"):
+            raise SlimkitError(f"OrtQuantPlan mode {self.mode!r} is not known", "use 'dynamic', 'static' or 'none'")
 
 
 class OrtModel:
@@ -106,6 +111,8 @@ class OrtModel:
         self.kernels = kernels  # op types in ORT's optimized graph: what actually executes
         self.skipped = skipped  # planned module -> why it stayed float
         self.layer_kernels: dict[str, str] = {}  # planned module -> the op ORT runs it with
+        self.mode = "float"  # the plan's mode: "float" | "dynamic" | "static" | "none" (weight-only)
+        self.storage: dict[str, str] = {}  # weight-only module -> how the file stores and runs its weight
         self.file_bytes = path.stat().st_size
         self._inputs = [i.name for i in session.get_inputs()]
 
@@ -148,13 +155,17 @@ def build_ort(model: nn.Module, example: Sequence[torch.Tensor] | torch.Tensor, 
         session, kernels = _session(path, threads, optimize)
         with torch.no_grad():
             want = flat_outputs(model(*example))  # torch's outputs: what the graph must compute
-        if plan is not None and optimize and len(skipped) < len(plan.modules):
+        if plan is not None and plan.mode != "none" and optimize and len(skipped) < len(plan.modules):
             session, kernels = _avoid_saturation(model, (example, want[0].float()), (float_path, plan, fuse, path),
                                                  threads, session, kernels)
         kernels_by_layer = layer_kernels(kernels.nodes, [m for m in plan.modules if m not in skipped]) if plan else {}
-        skipped |= {m: f"ONNX Runtime runs it as a float {op} (no integer kernel fused)"
+        skipped |= {m: (plan.weights[m].describe(op) if plan.mode == "none" and m in plan.weights else
+                        f"ONNX Runtime runs it as a float {op} (no integer kernel fused)")
                     for m, op in kernels_by_layer.items() if op not in INTEGER_OPS}
-        _check_outputs(type(model).__name__, example, want, session, quantized=plan is not None)
+        # weight-only: the file holds the model's own weights and float activations, so the float bound holds
+        _check_outputs(type(model).__name__, example, want, session, quantized=plan is not None and plan.mode != "none")
+        if plan is not None:
+            skipped |= plan.kept_float
     except BaseException:
         if workdir is None:
             shutil.rmtree(work, ignore_errors=True)
@@ -163,6 +174,9 @@ def build_ort(model: nn.Module, example: Sequence[torch.Tensor] | torch.Tensor, 
         log.warning("onnxruntime: %s stays float: %s", name, reason)
     result = OrtModel(session, path, threads, kernels, skipped)
     result.layer_kernels = kernels_by_layer
+    result.mode = plan.mode if plan else "float"
+    if plan is not None and plan.mode == "none":
+        result.storage = {m: plan.weights[m].describe(op) for m, op in kernels_by_layer.items() if m in plan.weights}
     if workdir is None:
         weakref.finalize(result, shutil.rmtree, str(work), True)
     return result
@@ -308,6 +322,12 @@ def _quantize(proto: Any, plan: OrtQuantPlan, work: Path, unsigned_weights: bool
     skipped |= {m: "ONNX Runtime has no integer GRU (its quantizer covers LSTM only): the GRU node runs float"
                 for m, a in owner.items() if _recurrent(found[a]) == "GRU"}
     planned = {m: found[m] for m in plan.modules if m in found}
+    if plan.mode == "none":
+        skipped |= {m: "its recurrent node runs float (no weight-only LSTM / GRU kernel in ONNX Runtime)" for m in owner}
+        skipped |= write_weight_only(proto.graph, {m: n for m, n in planned.items() if m in plan.weights}, plan.weights)
+        skipped |= {m: "no stored integer form for ONNX (kept as its dequantized float weight)"
+                    for m in planned if m not in plan.weights}
+        return skipped
     if plan.mode == "dynamic":
         planned |= {a: found[a] for m, a in owner.items() if m not in skipped}  # the layer's LSTM node(s), once
         if plan.per_channel:  # ORT's ConvInteger path quantizes Conv weights per tensor only

@@ -21,7 +21,8 @@ class Kernels(Counter):
 
 #: Ops that compute in integers (the fused forms of Q/DQ around a Conv / MatMul / Gemm).
 INTEGER_OPS = {"QLinearConv", "QLinearMatMul", "QGemm", "ConvInteger", "MatMulInteger", "MatMulIntegerToFloat",
-               "DynamicQuantizeMatMul", "QAttention", "DynamicQuantizeLSTM"}
+               "DynamicQuantizeMatMul", "QAttention", "DynamicQuantizeLSTM",
+               "MatMulNBits"}  # weight-only: integer weights, float activations
 _FLOAT_OPS = {"Conv", "MatMul", "Gemm", "FusedConv", "FusedMatMul", "FusedGemm", "LSTM", "GRU"}
 _RECURRENT_OPS = {"LSTM", "GRU", "DynamicQuantizeLSTM"}
 
