@@ -130,3 +130,28 @@ def test_auto_runs_weight_only_on_onnx_runtime_and_the_original_is_untouched():
     runnable = build(model, "auto", (torch.randn(2, 5, 64),), threads=1)
     assert runnable.mode == "none" and runnable.kernels["MatMulNBits"] == 2
     assert all(torch.equal(before[k], v) for k, v in model.state_dict().items())
+
+
+def test_a_transformer_encoder_runs_every_linear_on_matmulnbits():
+    from tests.runtime.test_onnx_export import TinyEncoder, tokens
+
+    model = sk.quantize.WeightOnly(bits=4, group_size=32, embeddings=False).apply_to(TinyEncoder().eval(), None)
+    runnable = build(model, "onnxruntime", tokens(2, 6), threads=1)
+    linears = sum(isinstance(m, QuantLinear) for m in model.modules())
+    assert linears == 12 and runnable.kernels["MatMulNBits"] == linears  # q, k, v, o, up, down x 2 layers
+    ids, mask = tokens(3, 9, seed=1)  # other batch and sequence lengths: both axes are dynamic
+    with torch.inference_mode():
+        want = ort_plan(model)[0](ids, mask)
+    assert _rel(runnable(ids, mask), want) < 1e-5
+
+
+def test_a_weight_only_command_run_keeps_model_onnx(digits_task, tmp_path, one_thread):
+    from slimkit.pipeline.recipe import Recipe
+    from slimkit.pipeline.run import run_recipe
+
+    recipe = Recipe.from_steps([sk.quantize.WeightOnly(bits=4, group_size=32).to_dict()], task="digits")
+    result = run_recipe(digits_task, recipe, tmp_path, title="t", threads=1)
+    final = result.candidates[-1]
+    assert final.backend == "onnxruntime" and (tmp_path / "model.onnx").is_file()
+    assert final.runnable.kernels["MatMulNBits"] == 2  # the two Linear layers; the convs int8 + DequantizeLinear
+    assert abs(final.metric["score"] - result.candidates[0].metric["score"]) <= 0.05
