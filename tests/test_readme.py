@@ -59,6 +59,25 @@ def test_every_documented_command_line_parses(page: str, line: str):
             pytest.fail(f"{page}: {line!r} does not parse: {err.format_message()}")
 
 
+PYTHON = [(page.relative_to(ROOT).as_posix(), i, body) for page in PAGES for i, body in enumerate(blocks(page, "python"))]
+
+
+@pytest.mark.parametrize("page,index,body", PYTHON, ids=[f"{p}:{i}" for p, i, _ in PYTHON])
+def test_every_documented_python_block_compiles_and_names_real_slimkit_attributes(page: str, index: int, body: str):
+    import importlib
+
+    import slimkit
+
+    compile(body, f"{page} block {index}", "exec")
+    for dotted in re.findall(r"\bsk\.((?:[a-z_]+\.)*[A-Za-z_0-9]+)", body):  # sk.quantize.Int8, sk.apply, ...
+        parts, obj = dotted.split("."), slimkit
+        for part in parts:
+            if not hasattr(obj, part):  # a subpackage not imported yet
+                obj = importlib.import_module(f"{obj.__name__}.{part}")
+            else:
+                obj = getattr(obj, part)
+
+
 def run_block(code: str, cwd: Path) -> str:
     done = subprocess.run([sys.executable, "-c", code], cwd=cwd, capture_output=True, text=True, timeout=1500)
     assert done.returncode == 0, done.stderr[-3000:]
