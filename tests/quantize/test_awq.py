@@ -100,15 +100,16 @@ def test_recipe_replay_equals_apply(task, held_out):
 
 
 def test_layers_without_a_foldable_producer_are_rounded_unscaled_and_listed(caplog):
-    """Nothing before the first Linear; a GELU (not scale-equivariant) before the second."""
+    """Nothing before the first Linear; a GELU (not scale-equivariant) before the second: both are only clipped."""
     model = nn.Sequential(nn.Linear(K, HIDDEN), nn.GELU(), nn.Linear(HIDDEN, 8)).eval()
     x = torch.randn(64, K, generator=torch.Generator().manual_seed(3))
     task = sk.Task(name="gelu", model=model, example=(x,), metric=lambda r, d: {"score": 0.0}, eval=None, calib=[(x,)])
     with caplog.at_level(logging.INFO, logger="slimkit.quantize.awq"):
         awq = sk.apply(copy.deepcopy(model), WeightOnly(bits=4, group_size=32, method="awq"), task)
     rtn = sk.apply(copy.deepcopy(model), WeightOnly(bits=4, group_size=32, method="rtn"), task)
-    with torch.no_grad():
-        assert torch.equal(awq(x), rtn(x))
+    with torch.no_grad():  # unscaled, only clipped: never further from fp32 than round-to-nearest here
+        ref = model(x)
+        assert sqnr_db(ref, awq(x)) >= sqnr_db(ref, rtn(x)) - 0.05
     listed = [r.getMessage() for r in caplog.records if "rounded without scaling" in r.getMessage()]
     assert len(listed) == 2 and {m.split()[1] for m in listed} == {"0", "2"}
 

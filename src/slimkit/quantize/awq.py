@@ -11,6 +11,11 @@ outlier channels alike), with ``alpha`` searched on 0, 0.1, .., 1 for the least 
 the search never does worse on the calibration data. ``awq+gptq`` then rounds the scaled weights
 with GPTQ (the returned Hessians are those of the scaled inputs).
 
+Then (``clip_weights``) AWQ's weight clipping, for every target Linear (scaled or not): per output row and group the
+range ``[-r m, r m]`` (``m`` the group's max |w|) with ``r`` in ``CLIP_RATIOS`` and the least output
+error ``e_g H_gg e_g^T`` of that group (its block of the Hessian) is the one rounded. Clipping is
+what reaches layers that no fold can scale (in post-norm BERT every Linear but value -> output).
+
 ``1 / s`` is folded into the op that produces the input (a LayerNorm's weight and bias, or the rows
 of the Linear before it, also through a ReLU), so the artifact is plain slimkit int4 with no extra
 op. Each fold is checked on a calibration batch with random scales first: where the candidate's
@@ -32,6 +37,7 @@ from slimkit.formats import pack
 log = logging.getLogger(__name__)
 
 ALPHAS = tuple(i / 10 for i in range(11))
+CLIP_RATIOS = tuple(1.0 - 0.05 * i for i in range(10))  # 1.0 (no clipping) .. 0.55 of a group's max |w|
 CANDIDATES = 3  # producers tried per group, nearest first in execution order
 TOLERANCE = 1e-4  # a verified fold moves the model output by at most this, relative to its scale
 
@@ -75,6 +81,35 @@ def scale_and_fold(model: nn.Module, names: list[str], task: Any, group_size: in
     for name, why in reasons.items():
         log.info("awq: %s rounded without scaling (%s)", name, why)
     return hessians, alphas, reasons
+
+
+def clip_weights(model: nn.Module, hessians: dict[str, torch.Tensor], group_size: int) -> None:
+    """AWQ's weight clipping of every Linear in ``hessians`` (in place; after ``scale_and_fold``, whose
+    Hessians are those of the scaled inputs). Unlike the fold it changes the float function, a little."""
+    for name, h in hessians.items():
+        _clip(model.get_submodule(name), h, group_size)
+
+
+@torch.no_grad()
+def _clip(layer: nn.Linear, h: torch.Tensor, group_size: int) -> None:
+    """Clamp each (row, group) of the weights to the clipping ratio with the least rounding output error."""
+    w = layer.weight.detach().float().cpu()  # (N, K)
+    n, k = w.shape
+    g = group_size
+    hg = torch.stack([h[i:i + g, i:i + g] for i in range(0, k, g)]).float().cpu()  # (G, g, g) diagonal blocks
+    top = w.reshape(n, k // g, g).abs().amax(-1, keepdim=True)  # (N, G, 1)
+    best_err = torch.full((n, k // g), float("inf"))
+    best = torch.ones(n, k // g, 1)
+    for r in CLIP_RATIOS:
+        wc = torch.maximum(torch.minimum(w.reshape(n, k // g, g), r * top), -r * top).reshape(n, k)  # (N, K)
+        e = (w - pack.dequantize_int4(*pack.quantize_weight_int4(wc, g))).reshape(n, k // g, g)  # (N, G, g)
+        err = ((e.transpose(0, 1) @ hg).transpose(0, 1) * e).sum(-1)  # (N, G): e_g H_gg e_g^T
+        better = err < best_err
+        best_err = torch.where(better, err, best_err)
+        best[better] = r
+    lim = best * top  # (N, G, 1)
+    clipped = torch.maximum(torch.minimum(w.reshape(n, k // g, g), lim), -lim).reshape(n, k)
+    layer.weight.copy_(clipped.to(layer.weight))
 
 
 def _input_groups(model: nn.Module, names: list[str], batch: tuple[Any, ...]
@@ -194,4 +229,4 @@ def _first(output: Any) -> torch.Tensor:
     return _first(output[0])
 
 
-__all__ = ["awq_offered", "scale_and_fold"]
+__all__ = ["awq_offered", "clip_weights", "scale_and_fold"]

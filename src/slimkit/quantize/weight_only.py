@@ -14,7 +14,7 @@ from slimkit.core.errors import SlimkitError
 from slimkit.core.progress import each
 from slimkit.core.registry import SearchContext
 from slimkit.core.task import Task
-from slimkit.quantize.awq import awq_offered, scale_and_fold
+from slimkit.quantize.awq import awq_offered, clip_weights, scale_and_fold
 from slimkit.quantize.conv_transpose import quantize_conv_transpose, transposed_targets
 from slimkit.quantize.gptq import gptq_int4
 from slimkit.quantize.extreme_modules import int4_per_channel
@@ -111,6 +111,7 @@ def quantize_weight_only(model: nn.Module, config: WeightOnly, task: Task | None
     if config.method.startswith("awq"):  # weights rescaled and folded in place; then rounded as usual
         gptq = config.method == "awq+gptq"
         scaled = scale_and_fold(model, linears, task, config.group_size, gptq=gptq)[0]
+        clip_weights(model, scaled, config.group_size)
         hessians = scaled if gptq else {}
     for name, layer in each(list(originals.items()), f"rounding int{config.bits} weights ({config.method})"):
         if isinstance(layer, nn.Conv2d):  # per output channel (int4: symmetric levels -7..7), rounded to nearest
