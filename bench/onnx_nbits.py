@@ -3,7 +3,8 @@
 A MiniLM-size linear stack (6 blocks of q, k, v, o 384x384, up 384x1536, down 1536x384; no
 attention, so the Linear layers are all that runs), quantized by slimkit's ``WeightOnly`` and built on
 each backend by ``slimkit.runtime.build``. Interleaved median ms per call (the ORT builds and the torch
-builds in separate groups), on 1 x 1 and 1 x 128 tokens; also each build's max error against the float model carrying the dequantized weights.
+builds in separate groups), on 1 x 1 and 1 x 128 tokens; also each build's max error against the float
+model carrying the dequantized weights.
 Writes bench/results/onnx_nbits.json.
 
     .venv/bin/python bench/onnx_nbits.py [--quick] [--threads 2]

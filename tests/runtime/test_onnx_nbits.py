@@ -132,6 +132,7 @@ def test_auto_runs_weight_only_on_onnx_runtime_and_the_original_is_untouched():
     assert all(torch.equal(before[k], v) for k, v in model.state_dict().items())
 
 
+@pytest.mark.slow  # transformers import + two exports: ~10-20 s
 def test_a_transformer_encoder_runs_every_linear_on_matmulnbits():
     from tests.runtime.test_onnx_export import TinyEncoder, tokens
 
@@ -145,6 +146,7 @@ def test_a_transformer_encoder_runs_every_linear_on_matmulnbits():
     assert _rel(runnable(ids, mask), want) < 1e-5
 
 
+@pytest.mark.slow  # a whole command run: baseline and candidate measured, ~10 s
 def test_a_weight_only_command_run_keeps_model_onnx(digits_task, tmp_path, one_thread):
     from slimkit.pipeline.recipe import Recipe
     from slimkit.pipeline.run import run_recipe

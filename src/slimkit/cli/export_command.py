@@ -22,7 +22,9 @@ def export(source: Path = typer.Argument(..., help="a run directory (--out of a 
            data: Optional[str] = DATA, input_shape: Optional[str] = INPUT_SHAPE, metric: str = METRIC,
            threads: Optional[int] = typer.Option(None, help="threads of the rebuilt session")) -> None:
     """Write the ONNX file a run was measured with: copied when the run kept it, else rebuilt from the artifact
-    (needs the task, for example inputs). Runs with onnxruntime and numpy alone; see OUT.json for its inputs."""
+    (needs the task, for example inputs); a model measured on torch is built on ONNX Runtime and its OUT.json
+    says "measured": false. Runs with onnxruntime and numpy alone; OUT.json lists its inputs, outputs,
+    dynamic axes and how each layer is stored."""
     from slimkit import zoo
     from slimkit.runtime.onnx_file import export_onnx_file
 

@@ -136,7 +136,8 @@ def ort_plan(model: nn.Module) -> tuple[nn.Module, Any]:
             set_submodule(float_model, name, m.to_float())
         modules = [n for n in layers if n in weights or n in quantized]
         return float_model, OrtQuantPlan(mode="none", modules=modules, weights=weights, kept_float=kept_float)
-    kept_float |= {n: f"4-bit codes beside {mode} int8 layers: stored unpacked as float32" for n in bits if n in weights}
+    kept_float |= {n: f"4-bit codes beside {mode} int8 layers: stored unpacked as float32"
+                   for n in bits if n in weights}
     ranges: dict[str, tuple[float, float]] = {}
     per_channel = True
     symmetric = True

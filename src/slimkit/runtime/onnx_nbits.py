@@ -142,7 +142,8 @@ def _unsupported(node: Any, init: dict[str, Any], w: PackedWeight) -> str:
         return f"no weight-only form for {node.op_type}"
     if node.op_type == "Gemm" and len(node.input) > 2 and node.input[2] and node.input[2] not in init:
         return "its bias is computed in the graph, not stored"
-    if node.op_type == "Gemm" and (attrs.get("transA", 0) or attrs.get("alpha", 1.0) != 1.0 or attrs.get("beta", 1.0) != 1.0):
+    plain = not attrs.get("transA", 0) and attrs.get("alpha", 1.0) == 1.0 and attrs.get("beta", 1.0) == 1.0
+    if node.op_type == "Gemm" and not plain:
         return "a Gemm with transA / alpha / beta"
     if w.bits == 4 and (w.group_size < _MIN_BLOCK or w.group_size & (w.group_size - 1)):
         return f"MatMulNBits blocks are powers of two >= {_MIN_BLOCK}, the group size is {w.group_size}"
@@ -175,7 +176,8 @@ def _nbits(graph: Any, node: Any, w: PackedWeight, init: dict[str, Any], after: 
         scales = np.repeat(w.scale.astype(np.float32)[:, None], nb, 1)  # (N, blocks)
         zero_bytes = np.full((n, nb), 128, np.uint8)
         residual = None
-    graph.initializer.extend([numpy_helper.from_array(blob, f"{base}_B"), numpy_helper.from_array(scales, f"{base}_scales"),
+    graph.initializer.extend([numpy_helper.from_array(blob, f"{base}_B"),
+                              numpy_helper.from_array(scales, f"{base}_scales"),
                               numpy_helper.from_array(zero_bytes, f"{base}_zero")])
     inputs = [node.input[0], f"{base}_B", f"{base}_scales", f"{base}_zero"]
     if node.op_type == "Gemm" and len(node.input) > 2 and node.input[2]:
@@ -190,14 +192,16 @@ def _nbits(graph: Any, node: Any, w: PackedWeight, init: dict[str, Any], after: 
         groups = np.kron(np.eye(nb, dtype=np.float32), np.ones((g, 1), np.float32))  # (K, K/g)
         graph.initializer.extend([numpy_helper.from_array(groups, f"{base}_group_sum"),
                                   numpy_helper.from_array(np.ascontiguousarray(residual.T), f"{base}_residual")])
-        after += [helper.make_node("MatMul", [node.input[0], f"{base}_group_sum"], [f"{base}_xsum"], name=f"{base}_xsum"),
-                  helper.make_node("MatMul", [f"{base}_xsum", f"{base}_residual"], [f"{base}_corr"], name=f"{base}_corr"),
-                  helper.make_node("Add", [out, f"{base}_corr"], [y], name=f"{base}_add")]
+        x, s, c = node.input[0], f"{base}_xsum", f"{base}_corr"
+        after += [helper.make_node("MatMul", [x, f"{base}_group_sum"], [s], name=s),  # (..., K/g)
+                  helper.make_node("MatMul", [s, f"{base}_residual"], [c], name=c),  # (..., N)
+                  helper.make_node("Add", [out, c], [y], name=f"{base}_add")]
     return new
 
 
 def _int8_block(k: int) -> int:
-    """The block for an int8 row of K weights: the largest power of two <= ``_INT8_BLOCK`` dividing K, else 32 (padded)."""
+    """The block for an int8 row of K weights: the largest power of two <= ``_INT8_BLOCK`` dividing K,
+    else 32 (the row padded with zero weights)."""
     b = _INT8_BLOCK
     while b >= _MIN_BLOCK:
         if k % b == 0:

@@ -14,6 +14,7 @@ Dynamic int8 is ORT's ``quantize_dynamic`` limited to the planned nodes; its sym
 the same integers (tests/runtime/test_ort.py checks both modes). A quantized LSTM's gate matrices
 are planned one by one but exported as the layer's ``LSTM`` node, which ORT quantizes whole into
 ``DynamicQuantizeLSTM`` (same int8 rows); ORT has no integer GRU, so a GRU's gates are listed float.
+Weight-only layers (mode "none") carry slimkit's stored integers into ``MatMulNBits`` (``onnx_nbits``).
 Every session's outputs are compared with torch's on the example before it is returned.
 
 Found on this CPU class (AVX2 without VNNI) and handled here:
@@ -323,8 +324,10 @@ def _quantize(proto: Any, plan: OrtQuantPlan, work: Path, unsigned_weights: bool
                 for m, a in owner.items() if _recurrent(found[a]) == "GRU"}
     planned = {m: found[m] for m in plan.modules if m in found}
     if plan.mode == "none":
-        skipped |= {m: "its recurrent node runs float (no weight-only LSTM / GRU kernel in ONNX Runtime)" for m in owner}
-        skipped |= write_weight_only(proto.graph, {m: n for m, n in planned.items() if m in plan.weights}, plan.weights)
+        skipped |= {m: "its recurrent node runs float (no weight-only LSTM / GRU kernel in ONNX Runtime)"
+                    for m in owner}
+        stored = {m: nodes for m, nodes in planned.items() if m in plan.weights}
+        skipped |= write_weight_only(proto.graph, stored, plan.weights)
         skipped |= {m: "no stored integer form for ONNX (kept as its dequantized float weight)"
                     for m in planned if m not in plan.weights}
         return skipped
