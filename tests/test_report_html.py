@@ -12,12 +12,13 @@ import torch.nn as nn
 
 from slimkit import io
 from slimkit.core.task import Task
+from slimkit.measure import layer_breakdown
 from slimkit.prune.channels import Channels
 from slimkit.prune.magnitude import Magnitude
 from slimkit.report import Report
 from slimkit.report.html import histogram_figure, pyplot_or_none
 from slimkit.report.metric_change import METRIC_CHANGE, change_text, sign_note
-from slimkit.report.readable_axes import overlapping_tick_labels
+from slimkit.report.readable_axes import overlapping_tick_labels, shown_tick_labels
 
 plt = pyplot_or_none()
 pytestmark = pytest.mark.skipif(plt is None, reason="matplotlib (the report extra) is not installed")
@@ -69,8 +70,7 @@ def test_report_figures_have_no_overlapping_tick_labels(build):
     assert overlapping_tick_labels(fig) == []
     for ax in fig.axes:
         for axis in (ax.xaxis, ax.yaxis):
-            shown = [t for t in axis.get_ticklabels() if t.get_visible() and t.get_text().strip()]
-            assert len(shown) >= 2, "an axis kept fewer than two numbers"
+            assert len(shown_tick_labels(axis)) >= 2, "an axis kept fewer than two labels in view"
 
 
 def test_histograms_are_outlines_on_shared_bins():
@@ -115,7 +115,7 @@ def test_kernel_column_names_the_runtime_that_ran(runtime, kernels, header, cell
 
 
 @pytest.mark.parametrize("step, width_after, min_sparsity", [
-    (Channels(amount=0.5, round_to=None), 16, 0.0),
+    pytest.param(Channels(amount=0.5, round_to=None), 16, 0.0, marks=pytest.mark.slow),  # tracing takes seconds
     (Magnitude(amount=0.6), 32, 0.3),
 ])
 def test_pruning_adds_widths_and_sparsity_unless_a_step_showed_them(step, width_after, min_sparsity):
@@ -181,6 +181,18 @@ def test_next_steps_give_the_commands_for_what_the_run_wrote(tmp_path, files, ta
     for command in absent:
         assert command not in text
     assert json.loads((out / "report.json").read_text()) == {"task": task}
+
+
+def test_layer_profile_comes_after_the_steps_with_every_row():
+    rows = layer_breakdown(_mlp(), torch.randn(4, 16), runs=2)
+    r = Report("t")
+    r.layer_profile("final", rows, top=3)
+    r.heading("a step's own section")
+    page = r.html()
+    assert page.index("a step&#x27;s own section") < page.index("Where the time goes: final, per layer")
+    shown = re.findall(r"<tr><td>([^<]+)</td><td>(\w+|-)</td>", page)
+    assert shown == [(row.name, row.kind) for row in sorted(rows, key=lambda row: -row.time_share)[:3]]
+    assert "alt='share of the time per layer'" in page
 
 
 def test_no_next_steps_without_a_run_directory(tmp_path):

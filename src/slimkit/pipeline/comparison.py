@@ -47,6 +47,8 @@ def comparison_report(title: str, heading: str, task: Task, candidates: list[Can
     r = Report(title=title)
     final = candidates[-1]  # layer types, pruned widths and the runtime's kernels are the final model's
     r.describe_run(base.model, final.model, final.backend, getattr(final.runnable, "layer_kernels", None))
+    if final.profile is not None:
+        r.layer_profile(final.name, final.profile.layers)
     r.data = {"task": task.name, "candidates": [c.to_dict() for c in candidates], **data, "versions": versions()}
     r.heading(heading)
     rows = [c.row(base, task.higher_is_better) for c in candidates]

@@ -14,6 +14,7 @@ import html
 import io as _io
 import json
 import os
+import re
 from pathlib import Path
 from typing import Any, Sequence
 
@@ -29,6 +30,8 @@ th{background:#f3f3f3}td:first-child,th:first-child{text-align:left}.note{color:
 pre{background:#f6f6f6;padding:6px 8px;overflow-x:auto}"""
 #: Headings that already show widths or sparsity (a pruning step's own section); the view is then not repeated.
 _PRUNE_HEADINGS = ("width", "sparsity")
+#: A first column holding module names ("layer", "attention", "folded into"...), whose types are added.
+_LAYER_COLUMN = re.compile(r"layer|attention|folded|module", re.IGNORECASE)
 
 
 @dataclasses.dataclass
@@ -45,6 +48,7 @@ class Report:
     runtime_kernels: dict[str, str] | None = None
     _pruned: list[LayerShape] = dataclasses.field(default_factory=list)
     _headings: list[str] = dataclasses.field(default_factory=list)
+    _profile: tuple[str, list[Any]] | None = None  # (candidate, breakdown rows), shown near the end
 
     def describe_run(self, before: Any, after: Any, runtime: str = "torch",
                      kernels: dict[str, str] | None = None) -> None:
@@ -56,6 +60,11 @@ class Report:
         self.runtime_kernels = dict(kernels) if kernels is not None and runtime != "torch" else None
         if self.runtime_kernels is not None:
             self.data["layer_kernels"] = {"runtime": runtime, "layers": self.runtime_kernels}
+
+    def layer_profile(self, candidate: str, rows: Sequence[Any], top: int = 15) -> None:
+        """Where ``candidate``'s time goes (``measure.LayerRow`` rows, a transformer's by block part), shown
+        after the sections of the steps: the ``top`` rows by time and one bar plot of the shares."""
+        self._profile = (candidate, sorted(rows, key=lambda r: -r.time_share)[:top])
 
     def label(self, name: str) -> str:
         """``'3'`` -> ``'3 (Conv2d)'`` for a module of the described models; anything else unchanged."""
@@ -70,10 +79,10 @@ class Report:
         self._parts.append(f"<p class='note'>{html.escape(text)}</p>")
 
     def table(self, header: Sequence[str], rows: Sequence[Sequence[Any]]) -> None:
-        """Rows under ``header``; a first column of layer names gets their types (unless a column says the type),
+        """Rows under ``header``; a first column of layers gets their types (unless a column says the type),
         a ``kernel`` column names the kernels of the runtime the model ran on."""
         header, rows = list(header), [list(row) for row in rows]
-        if rows and "type" not in header:
+        if rows and header and _LAYER_COLUMN.search(str(header[0])) and "type" not in header:
             for row in rows:
                 row[0] = self.label(row[0])
         if METRIC_CHANGE in header:  # signed, as the console prints it
@@ -147,9 +156,12 @@ class Report:
     def html(self, out_dir: str | os.PathLike[str] | None = None) -> str:
         """The page; with ``out_dir`` (the run directory) it ends with the commands for what to do next."""
         tail = Report(self.title, layer_types=self.layer_types)
+        if self._profile is not None:
+            tail._per_layer(*self._profile)
         if self._pruned and not any(w in h.lower() for h in self._headings for w in _PRUNE_HEADINGS):
             tail.pruning_view(self._pruned)
-        steps = next_steps(Path(out_dir), self.data.get("task"), _onnx_note(self.data)) if out_dir else []
+        steps = (next_steps(Path(out_dir), self.data.get("task"), _onnx_note(self.data), search="search" in self.data)
+                 if out_dir else [])
         top = ""
         if steps:
             top = "<p class='note'><a href='#next-steps'>Next steps</a>: load, export and replay this result.</p>"
@@ -158,6 +170,16 @@ class Report:
         return (f"<!doctype html><meta charset='utf-8'><title>{html.escape(self.title)}</title>"
                 f"<style>{_STYLE}</style><h1>{html.escape(self.title)}</h1>{top}"
                 + "\n".join(self._parts + tail._parts))
+
+    def _per_layer(self, candidate: str, rows: list[Any]) -> None:
+        self.heading(f"Where the time goes: {candidate}, per layer")
+        self.table(["layer", "type", "time ms", "time %", "MACs %", "params %"],
+                   [[r.name, r.kind, r.time_ms, 100 * r.time_share, 100 * r.macs_share, 100 * r.params_share]
+                    for r in rows])
+        self.note("From forward hooks, median of a few runs on the torch model; a transformer is shown per block part "
+                  "(attention, MLP, norm, rest), the embeddings and the head. (other): time in no layer's code.")
+        self.bar_plot("share of the time per layer", [r.name if r.kind == "-" else f"{r.name} ({r.kind})" for r in rows],
+                      {"time %": [100 * r.time_share for r in rows]}, "% of the forward pass")
 
     def pruning_view(self, rows: Sequence[LayerShape]) -> None:
         """Output width kept and zero weights per pruned layer: a table and one bar plot."""

@@ -16,8 +16,9 @@ ARTIFACTS = ("model", "best")
 ONNX_FILES = ("model.onnx", "best.onnx")
 
 
-def next_steps(out: Path, task: str | None, onnx_note: str | None = None) -> list[tuple[str, str]]:
-    """``(what, command)`` rows for the run written to ``out`` (paths as the run was given them)."""
+def next_steps(out: Path, task: str | None, onnx_note: str | None = None, search: bool = False) -> list[tuple[str, str]]:
+    """``(what, command)`` rows for the run written to ``out`` (paths as the run was given them); ``search``:
+    the report of ``slimkit optimize``, whose ``result.json`` is written right after it."""
     steps: list[tuple[str, str]] = []
     artifact = next((out / a for a in ARTIFACTS if (out / a).is_dir()), None)
     if artifact is not None:
@@ -36,7 +37,7 @@ def next_steps(out: Path, task: str | None, onnx_note: str | None = None) -> lis
         steps.append(("replay the recipe: the same steps and seed give the same model (a task that is not built in "
                       "needs its --task package.module:function or --model again)",
                       f"slimkit apply {_q(out / 'recipe.yaml')}{task_opt} --out {_q(out.parent / (out.name + '-replay'))}"))
-    if (out / "result.json").is_file():
+    if search or (out / "result.json").is_file():
         steps.append(("re-render this report from the search's result.json", f"slimkit report {_q(out)}"))
     return steps
 
