@@ -171,6 +171,20 @@ def pack_state(state: Mapping[str, torch.Tensor], sparse: bool | None = None
     return stored, encoded
 
 
+def check_sparse_parts(source: str, with_parts: set[str], dense: Mapping[str, Any], encoded: Mapping[str, Any]) -> None:
+    """Stored sparse parts and their metadata descriptions name the same tensors, none also stored dense."""
+    orphans = sorted(with_parts - set(encoded))
+    if orphans:
+        raise SlimkitError(f"{source}: sparse parts of {orphans[0]} have no description in the metadata",
+                           "the weights and metadata files do not belong together; re-save the model")
+    for name in encoded:
+        if name not in with_parts:
+            raise SlimkitError(f"{source}: sparse tensor {name} is described but not stored",
+                               "the weights and metadata files do not belong together; re-save the model")
+        if name in dense:
+            raise SlimkitError(f"{source}: {name} is stored both dense and sparse", "re-save the model")
+
+
 def unpack_state(stored: Mapping[str, torch.Tensor], encoded: Mapping[str, Mapping[str, Any]], *,
                  source: str = "artifact", shapes: Mapping[str, tuple[int, ...]] | None = None
                  ) -> dict[str, torch.Tensor]:
@@ -187,16 +201,8 @@ def unpack_state(stored: Mapping[str, torch.Tensor], encoded: Mapping[str, Mappi
             parts.setdefault(name, {})[part] = t
         else:
             state[key] = t
-    orphans = sorted(set(parts) - set(encoded))
-    if orphans:
-        raise SlimkitError(f"{source}: sparse parts of {orphans[0]} have no description in the metadata",
-                           "the weights and metadata files do not belong together; re-save the model")
+    check_sparse_parts(source, set(parts), state, encoded)
     for name, info in encoded.items():
-        if name not in parts:
-            raise SlimkitError(f"{source}: sparse tensor {name} is described but not stored",
-                               "the weights and metadata files do not belong together; re-save the model")
-        if name in state:
-            raise SlimkitError(f"{source}: {name} is stored both dense and sparse", "re-save the model")
         if shapes is not None and name not in shapes:
             raise SlimkitError(f"{source}: sparse tensor {name} is not in the model", "load it into the architecture "
                                "it was saved from")

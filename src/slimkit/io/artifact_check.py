@@ -22,7 +22,7 @@ import torch.nn as nn
 from safetensors import SafetensorError, safe_open
 
 from slimkit.core.errors import SlimkitError
-from slimkit.formats.sparse import FORMATS, MAX_DIMS, SEP
+from slimkit.formats.sparse import FORMATS, MAX_DIMS, SEP, check_sparse_parts
 
 #: A tensor as the artifact describes it: (torch dtype name, shape).
 Spec = tuple[str, tuple[int, ...]]
@@ -180,16 +180,8 @@ def logical_table(stored: Mapping[str, Spec], sparse: Mapping[str, Mapping[str, 
             with_parts.add(name)
         else:
             table[key] = spec
-    orphans = sorted(with_parts - set(sparse))
-    if orphans:
-        raise SlimkitError(f"{file}: sparse parts of {orphans[0]} have no description in the metadata",
-                           "the weights and metadata files do not belong together; re-save the model")
+    check_sparse_parts(str(file), with_parts, table, sparse)
     for name, info in sparse.items():
-        if name not in with_parts:
-            raise SlimkitError(f"{file}: sparse tensor {name} is described but not stored",
-                               "the weights and metadata files do not belong together; re-save the model")
-        if name in table:
-            raise SlimkitError(f"{file}: {name} is stored both dense and sparse", "re-save the model")
         table[name] = (str(info["dtype"]), tuple(info["shape"]))
     return table
 
