@@ -47,12 +47,15 @@ class PackedWeight:
     scale: np.ndarray         # bits 8: (N,) ; bits 4: (N, K/g)
     zero: np.ndarray | None = None  # bits 4: float (N, K/g)
     group_size: int = 0
+    stored_bits: int = 0  # the artifact's width when it differs from ``bits`` (4-bit codes held as int8)
 
     def describe(self, op: str) -> str:
         if op == "MatMulNBits":
             return (f"MatMulNBits int4 block {self.group_size} (integer zero points + exact float correction)"
                     if self.bits == 4 else "MatMulNBits int8 per channel (uint8 + 128, zero point 128)")
-        return ("Conv: int8 weights + DequantizeLinear per output channel, computed in float "
+        codes = (" (the 4-bit codes held as int8: ONNX's int4 type needs opset 21, the export is opset 17)"
+                 if self.stored_bits == 4 else "")
+        return (f"Conv: int8 weights + DequantizeLinear per output channel{codes}, computed in float "
                 f"(ONNX Runtime has no weight-only conv kernel; it runs {op})")
 
 
@@ -72,7 +75,7 @@ def packed_weight(layer: nn.Module) -> PackedWeight | None:
     if is_bit_layer(layer) and layer.bits == 4:  # signed codes stored + 8, step per row
         codes = layer.flat_weight() / layer.scale_pos[:, None]  # (N, K) integers in [-8, 7]
         q = torch.round(codes).to(torch.int8).reshape(tuple(getattr(layer, "shape", codes.shape)))
-        return PackedWeight(8, q.numpy(), layer.scale_pos.detach().float().numpy())
+        return PackedWeight(8, q.numpy(), layer.scale_pos.detach().float().numpy(), stored_bits=4)
     return None
 
 
