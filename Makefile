@@ -3,7 +3,10 @@ VENV := .venv
 BIN := $(VENV)/bin
 EXTRAS := zoo,onnx,search,report,prune
 
-.PHONY: demo test clean system-packages
+.PHONY: demo test test-fast clean system-packages
+
+# Test workers: one per core of the 2-core machines the suite is sized for (each runs torch on one thread).
+JOBS ?= 2
 
 # torch first, pinned: this exact version is a CPU wheel available offline; anything looser pulls a CUDA build.
 $(VENV)/.installed: pyproject.toml
@@ -34,7 +37,11 @@ demo: $(VENV)/.installed
 
 test: $(VENV)/.installed-dev system-packages
 	$(BIN)/lint-imports
-	$(BIN)/python -m pytest -q
+	$(BIN)/python -m pytest -q -n $(JOBS)
+
+# The unmarked tests only (no real model training, no pre-trained encoder): a quick check while editing.
+test-fast: $(VENV)/.installed-dev
+	$(BIN)/python -m pytest -q -n $(JOBS) -m "not slow"
 
 clean:
 	rm -rf $(VENV) runs .pytest_cache
