@@ -132,6 +132,14 @@ def test_pruning_adds_widths_and_sparsity_unless_a_step_showed_them(step, width_
     assert "Pruned widths and sparsity" not in r.html()
 
 
+def test_a_narrower_model_without_records_shows_its_widths():
+    """A model whose step records were lost on the way (rebuilt elsewhere) still shows what was cut."""
+    narrow = nn.Sequential(nn.Linear(16, 8), nn.ReLU(), nn.Linear(8, 32), nn.ReLU(), nn.Linear(32, 4))
+    r = Report("t")
+    r.describe_run(_mlp(), narrow)
+    assert "<td>0</td><td>Linear</td><td>32</td><td>8</td><td>0.25</td>" in r.html()
+
+
 def test_quantization_alone_shows_no_pruning_view():
     before = _mlp()
     after = _mlp()

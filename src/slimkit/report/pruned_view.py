@@ -50,23 +50,24 @@ def layer_types(*models: nn.Module | None) -> dict[str, str]:
 
 
 def pruned_layers(before: nn.Module, after: nn.Module) -> list[LayerShape]:
-    """Layers of ``after`` narrower than in ``before`` or with at least ``MIN_SPARSITY`` zero weights;
-    none unless pruning ran (a width changed, or a prune-stage step is in ``after``'s records): rounding to
-    a few bits also zeroes small weights."""
+    """Layers of ``after`` narrower than in ``before`` or with at least ``MIN_SPARSITY`` zero weights; none
+    unless pruning ran: a prune-stage step in ``after``'s records, or, for a model that carries no records,
+    a narrower layer. (Rounding to a few bits also zeroes small weights; a distilled student is narrower.)"""
+    stages = _stages(after)
     rows = _shapes(before, after)
-    if any(r.width_after != r.width_before for r in rows) or _pruning_step(after):
+    if "prune" in stages or (not stages and any(r.width_after < r.width_before for r in rows)):
         return rows
     return []
 
 
-def _pruning_step(model: nn.Module) -> bool:
+def _stages(model: nn.Module) -> set[str]:
+    stages = set()
     for record in records_of(model):
         try:
-            if technique_named(record.technique).stage == "prune":
-                return True
+            stages.add(technique_named(record.technique).stage)
         except SlimkitError:  # a record of a technique this process does not know
-            continue
-    return False
+            stages.add("unknown")
+    return stages
 
 
 def _shapes(before: nn.Module, after: nn.Module) -> list[LayerShape]:
