@@ -53,8 +53,8 @@ def run_trials(study: Any, objective: Callable[[Any], Any], n_trials: int, *, bu
     one as slow as the slowest so far still ends before ``budget`` less ``reserve_s``. Trials other
     workers run are waited for up to ``wait_s`` (default: :data:`WAIT_FLOOR_S` or 3x the slowest
     trial, plus the heartbeat grace), never past ``budget`` less ``reserve_s``. A stopping signal
-    fails and re-queues this process's trial
-    and raises :class:`~slimkit.search.interrupt.Interrupted` with its number.
+    fails and re-queues this process's trial and raises :class:`~slimkit.search.interrupt.Interrupted`
+    with its number.
     """
     from optuna.trial import TrialState  # optional (optuna, extra 'search'): imported when used
 
