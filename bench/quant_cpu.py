@@ -218,7 +218,7 @@ def backend_choice(rows: dict[str, dict], labels: list[str]) -> dict[str, Any]:
                      "default_is_faster": DEFAULT_BACKEND[mode] == faster}
     out["static"] = {"default": DEFAULT_BACKEND["static"], "note": "torch runs static int8 as an fp32 emulation "
                      "without VNNI; only onnxruntime has integer static kernels here"}
-    out["none"] = {"default": DEFAULT_BACKEND["none"], "note": "weight-only runs on torch only"}
+    out["none"] = {"default": DEFAULT_BACKEND["none"], "note": "weight-only: MatMulNBits on ONNX Runtime, see bench/onnx_nbits.py"}
     return out
 
 

@@ -11,7 +11,7 @@ exactly as a 0/1 integer program with ``scipy.optimize.milp`` (HiGHS). The choic
 the stored modules the other techniques use: grouped int4 and per-channel int8 weight-only
 (``QuantLinear`` / ``QuantConv2d``), float16 weights (``HalfLinear`` / ``HalfConv2d``) and, with
 ``int4_convs``, symmetric per-channel int4 convolutions (``BitConv2d``, 4-bit codes); it runs on
-torch (weight-only has no ONNX Runtime path in slimkit).
+ONNX Runtime (``runtime.onnx_nbits``) or torch.
 
 Bytes per layer (bias excluded: it is float32 at every width): int4 ``N*K/2`` + float32 scale and
 zero per group (``8*N*K/group``); int4 conv ``N*ceil(K/2)`` + two float32 per channel; int8 ``N*K`` + a float32
