@@ -20,7 +20,7 @@ from slimkit.quantize.record import quant_report_section
 Targets = str | tuple[str, ...]
 
 CALIBRATIONS = ("minmax", "percentile", "entropy", "mse")
-BACKENDS = ("auto", "onnxruntime", "torch")
+BACKENDS = ("auto", "onnxruntime", "torch", "cuda")
 EMBEDDING_BITS = (8, 4)
 
 
