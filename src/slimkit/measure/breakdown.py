@@ -4,7 +4,9 @@ This is where a user decides what to prune, factorize or quantize first. Time pe
 from forward hooks timing each leaf module over a few runs (median per layer); hooks add a few
 microseconds each, so shares are more trustworthy than absolute per-layer times. Work done
 outside leaf modules (functional ops in a ``forward``, parameters held directly by a parent)
-is one row named ``(other)``, so every share column sums to 1.
+is one row named ``(other)``, timed per run as the forward's time outside every row (so a
+preemption inside one layer in one run stays that layer's outlier, removed by its median); each
+share is of the sum of the rows' medians, so every share column sums to 1.
 
 A transformer (a stack of attention blocks) is broken down a level up instead (``level="auto"``):
 per block its attention, MLP and norms, the embeddings and the head, each module's own time
@@ -73,23 +75,23 @@ def layer_breakdown(model: nn.Module, example: Example, device: str | torch.devi
         return _sorted(_block_rows(model, example, dev, threads, runs, flops, units), sort_by)
 
     per_leaf: dict[str, list[float]] = {}
-    totals: list[float] = []
+    others: list[float] = []  # per run: the forward's time outside every leaf
     with prepared(model, example, dev) as (args, kwargs), pinned_threads(threads), torch.inference_mode():
         with Tracer(model, dev) as tracer:  # warm-up, and find which modules are leaves
             model(*args, **kwargs)
         leaves = set(tracer.leaves())
-        with Tracer(model, dev, timed=True, only=leaves) as tracer:
+        with Tracer(model, dev, timed=True, only=leaves) as tracer, _no_gc():
             for _ in range(runs):
                 tracer.reset()
                 synchronize(dev)
                 t0 = time.perf_counter()
                 model(*args, **kwargs)
                 synchronize(dev)
-                totals.append(time.perf_counter() - t0)
+                total = time.perf_counter() - t0
                 for name in tracer.leaves():
                     per_leaf.setdefault(name, []).append(tracer.records[name].seconds)
+                others.append(max(total - sum(tracer.records[n].seconds for n in tracer.leaves()), 0.0))
 
-    total_s = statistics.median(totals)
     seen: set[int] = set()
     raw = []  # (name, kind, params, macs, seconds)
     for name, secs in per_leaf.items():
@@ -103,12 +105,11 @@ def layer_breakdown(model: nn.Module, example: Example, device: str | torch.devi
         raw.append((name, type(mod).__name__, params, flops.by_leaf.get(name, 0), statistics.median(secs)))
 
     total_params = sum(p.numel() for p in model.parameters())
-    other = (OTHER, "-", total_params - sum(r[2] for r in raw), flops.outside_leaves,
-             max(total_s - sum(r[4] for r in raw), 0.0))
+    other = (OTHER, "-", total_params - sum(r[2] for r in raw), flops.outside_leaves, statistics.median(others))
     if other[2] or other[3] or other[4] > 0:
         raw.append(other)
 
-    sum_s = max(total_s, sum(r[4] for r in raw))
+    sum_s = sum(r[4] for r in raw)  # medians per row: shares of their sum
     rows = [LayerRow(name=name, kind=kind, params=params, macs=macs, time_ms=secs * 1e3,
                      params_share=_share(params, total_params), macs_share=_share(macs, flops.macs),
                      time_share=_share(secs, sum_s))
