@@ -130,20 +130,20 @@ class Incumbent:
         return info
 
     def copy_to(self, dest: Path) -> Saved | str:
-        """Check the incumbent (every tensor against its recorded checksum, the run token) and copy its
-        files to ``dest`` byte for byte; the model loaded from it, or why it cannot be used."""
+        """Copy the incumbent's files to ``dest`` byte for byte (when it is this study's) and load the copy,
+        checking every tensor against its recorded checksum; the model, or why the incumbent cannot be used."""
         if self.path is None:
             return "no incumbent was kept (no run directory)"
         if not (self.path.exists() or self.path.is_symlink()):
             return f"no candidate was saved in {self.path} during the search"
         try:
-            with reading(self.path) as snap:
+            with reading(self.path) as snap:  # one version, held against a concurrent save's clean-up
                 version = snap.directory
                 info = io.read_meta(version).get("extra", {}).get(KEY) or {}
                 if info.get("run") != self.run:
                     return f"{self.path} holds the best of another search, not of this study"
-                model = io.load(version)
                 replace_artifact(dest, lambda d: _copy_files(version, d))
+            model = io.load(dest)  # the copy, checked like any artifact (and named as the user will see it)
         except (OSError, SlimkitError) as exc:
             return f"the saved incumbent in {self.path} cannot be used ({str(exc).splitlines()[0][:200]})"
         return Saved(int(info["trial"]), model)
