@@ -3,8 +3,11 @@
 A model slimkit serves on ONNX Runtime was exported, quantized and checked against torch before it
 was timed and scored; that exact file is what a user deploys. It is copied (atomically) to
 ``model.onnx`` with a ``model.onnx.json`` sidecar naming its inputs and outputs, their element
-types and shapes (symbolic names mark the dynamic axes), the ONNX Runtime version and the op
-types it runs — everything a program with only ``onnxruntime`` and ``numpy`` needs to call it.
+types and shapes (symbolic names mark the dynamic axes, also listed as ``dynamic_axes``), the ONNX
+Runtime version, the op types it runs, how each weight-only layer's weight is stored (``weights``)
+and which layers stay float and why (``kept_float``) — everything a program with only
+``onnxruntime`` and ``numpy`` needs to call it. ``"measured": false`` marks a file built only for
+export, of a model measured and served on torch.
 """
 
 from __future__ import annotations
