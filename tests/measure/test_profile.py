@@ -57,6 +57,27 @@ def test_render_shows_summary_and_layers(cnn_profile):
     assert "conv3" in text and f"{p.params_total:,}" in text
 
 
+def test_a_gpu_profile_shows_the_roofline_per_layer(cnn_profile):
+    """The table a CUDA profile prints: achieved TFLOP/s, GB/s and the share of the roofline limit, per layer
+    (the numbers here come from the CPU timings with made-up peaks; the arithmetic is what is checked)."""
+    import dataclasses
+
+    from slimkit.measure._render import layer_roofline
+    from slimkit.measure.cuda_profile import roofline
+
+    _, p = cnn_profile
+    gpu = dataclasses.replace(p, roofline=roofline(p.flops, p.artifact_bytes, p.latency.p50_ms, 0.001, 0.01))
+    text = str(gpu)
+    assert "roofline" in text and "TFLOP/s" in text and "% roofline" in text
+    row = max(gpu.layers, key=lambda r: r.macs)
+    tflops, gbps, share = map(float, layer_roofline(gpu, row))
+    assert tflops == pytest.approx(2 * row.macs / row.time_ms / 1e9, rel=1e-2)
+    weights = row.params * p.artifact_bytes / p.params_total  # fp32 model: 4 bytes per parameter
+    assert weights == pytest.approx(4 * row.params, rel=0.02) and gbps == pytest.approx(weights / row.time_ms / 1e6, rel=1e-3)
+    limit = max(2 * row.macs / 1e6, weights / 1e4)  # ms at 0.001 TFLOP/s and 0.01 GB/s
+    assert share == pytest.approx(100 * limit / row.time_ms, rel=1e-2)
+
+
 def test_wrong_example_is_one_clear_error():
     with pytest.raises(SlimkitError, match=r"SmallCNN failed on the example inputs \['float32\[1, 3\]'\]"):
         profile(SmallCNN(), torch.ones(1, 3))

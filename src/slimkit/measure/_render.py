@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from typing import TYPE_CHECKING
+from typing import TYPE_CHECKING, Any
 
 from rich.console import Group
 from rich.markup import escape
@@ -51,6 +51,11 @@ def render_profile(p: Profile, top: int = 10) -> Group:
                     + noisy)
     summary.add_row("peak memory", human_bytes(p.peak_memory_bytes) + (
         " (a floor: oneDNN/BLAS scratch outside torch's allocator is not seen)" if p.device == "cpu" else ""))
+    if p.roofline:  # CUDA: what the run achieved against the device's measured peaks
+        r = p.roofline
+        summary.add_row("roofline", f"{r['achieved_tflops']:.3g} TFLOP/s, {r['achieved_gbps']:.4g} GB/s: "
+                        f"{100 * r['fraction_of_limit']:.1f}% of the {r['bound']}-bound limit (peaks "
+                        f"{r['peak_tflops']:.4g} TFLOP/s, {r['peak_gbps']:.4g} GB/s, measured on this device)")
     summary.add_row("energy (estimate)", f"{p.energy_mj_estimate:.4g} mJ per inference")
     summary.add_row("", f"[dim]{escape(p.energy_note)}[/dim]")
 
@@ -59,7 +64,23 @@ def render_profile(p: Profile, top: int = 10) -> Group:
         layers.add_column(col, overflow="fold")
     for col in ("params", "MACs", "time ms", "time%", "MACs%", "params%"):
         layers.add_column(col, justify="right", no_wrap=True)
+    if p.roofline:
+        for col in ("TFLOP/s", "GB/s (weights)", "% roofline"):
+            layers.add_column(col, justify="right", no_wrap=True)
     for row in p.layers[:top]:
-        layers.add_row(escape(row.name or "(model)"), escape(row.kind), f"{row.params:,}", human_count(row.macs), f"{row.time_ms:.3f}",
-                       f"{100 * row.time_share:.1f}", f"{100 * row.macs_share:.1f}", f"{100 * row.params_share:.1f}")
+        cells = [escape(row.name or "(model)"), escape(row.kind), f"{row.params:,}", human_count(row.macs),
+                 f"{row.time_ms:.3f}", f"{100 * row.time_share:.1f}", f"{100 * row.macs_share:.1f}",
+                 f"{100 * row.params_share:.1f}"]
+        layers.add_row(*cells, *(layer_roofline(p, row) if p.roofline else []))
     return Group(summary, layers)
+
+
+def layer_roofline(p: Profile, row: Any) -> list[str]:
+    """A layer's achieved TFLOP/s, GB/s of its weights (bytes in the model's own storage width) and the
+    share of the device's roofline limit that time reaches."""
+    r, ms = p.roofline or {}, row.time_ms
+    if ms <= 0:
+        return ["-", "-", "-"]
+    flops, nbytes = 2.0 * row.macs, row.params * p.artifact_bytes / max(p.params_total, 1)
+    limit_ms = max(flops / (r["peak_tflops"] * 1e9), nbytes / (r["peak_gbps"] * 1e6))
+    return [f"{flops / ms / 1e9:.3g}", f"{nbytes / ms / 1e6:.4g}", f"{100 * limit_ms / ms:.1f}"]
