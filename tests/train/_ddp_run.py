@@ -3,7 +3,7 @@
     python -m torch.distributed.run --standalone --nproc-per-node 2 tests/train/_ddp_run.py \
         OUT MODE STEPS EVERY KILL_RANK KILL_AT [DEVICE]
 
-MODE: finetune, distill (logit KD, no kill), features (distill with a feature pair: its projection
+MODE: finetune, qat (int8 fake-quant layers, task loss), distill (logit KD, no kill), features (distill with a feature pair: its projection
 trains outside DDP) or recompute (the tiny encoder with its blocks recomputed).
 Checkpoints go to OUT/rankR (one directory per rank, so a test sees which rank wrote). With
 KILL_AT > 0, rank KILL_RANK SIGKILLs itself after step KILL_AT unless OUT/killed exists (it
@@ -24,6 +24,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[2]))  # `tests` importab
 
 def main(argv: list[str]) -> None:
     from slimkit.distill.distiller import Distill, distill
+    from slimkit.quantize.qat import QAT, fold_and_freeze, prepare
     from slimkit.train import checkpointing, finetune
     from slimkit.train.data_parallel import rank
     from tests.models import encoder, mlp, tiny_task
@@ -51,6 +52,11 @@ def main(argv: list[str]) -> None:
         pairs = (("2", "2"),) if mode == "features" else ()
         with checkpointing(ckpt, every):
             distill(model, task, Distill(steps=steps, lr=1e-2, features=pairs), progress=False)
+    elif mode == "qat":  # QAT's fake-quantized layers with their learned steps, on the labels
+        model, _, _ = fold_and_freeze(task.model, QAT(loss="task"), task)
+        prepare(model, QAT(loss="task"), task)
+        finetune(model, task, steps=steps, lr=1e-2, seed=3, progress=False, checkpoint_dir=ckpt,
+                 checkpoint_every=every)
     else:
         model = task.model
         finetune(model, task, steps=steps, lr=1e-2, seed=3, progress=False, recompute=mode == "recompute",

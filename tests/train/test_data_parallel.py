@@ -45,7 +45,7 @@ def _max_diff(a: dict[str, torch.Tensor], b: dict[str, torch.Tensor]) -> float:
 
 
 @pytest.mark.slow
-@pytest.mark.parametrize("mode", ["finetune", "distill"])
+@pytest.mark.parametrize("mode", ["finetune", "qat", "distill"])
 def test_two_processes_equal_one_on_the_same_global_batch(tmp_path: Path, mode: str) -> None:
     assert _run(tmp_path / "one", mode, nproc=0) == 0
     assert _run(tmp_path / "two", mode, nproc=2) == 0
