@@ -30,7 +30,8 @@ def _bert() -> tuple[torch.nn.Module, str, str]:
 def _distilbert() -> tuple[torch.nn.Module, str, str]:
     cfg = transformers.DistilBertConfig(vocab_size=VOCAB, dim=H, n_layers=LAYERS, n_heads=4, hidden_dim=INTER,
                                         max_position_embeddings=POS, num_labels=2)
-    return transformers.DistilBertForSequenceClassification(cfg), "distilbert.transformer.layer", "distilbert.embeddings"
+    model = transformers.DistilBertForSequenceClassification(cfg)
+    return model, "distilbert.transformer.layer", "distilbert.embeddings"
 
 
 #: model, hand params per block part (attention: q, k, v, output projection; MLP: up and down; norm: 2 LayerNorms)
@@ -86,7 +87,8 @@ def test_a_cnn_stays_per_leaf(level):
     assert {"conv1", "conv2", "conv3", "fc"} <= names
 
 
-@pytest.mark.parametrize("level, error", [("block", "no stack of attention blocks"), ("layers", "not a breakdown level")])
+@pytest.mark.parametrize("level, error", [("block", "no stack of attention blocks"),
+                                          ("layers", "not a breakdown level")])
 def test_bad_level_is_one_error(level, error):
     with pytest.raises(SlimkitError, match=error):
         layer_breakdown(SmallCNN(), torch.randn(1, 1, 28, 28), runs=1, level=level)

@@ -80,7 +80,8 @@ class Candidate:
     def row(self, baseline: "Candidate", higher_is_better: bool) -> list[Any]:
         """Report row: score, metric change (candidate - baseline, report.metric_change), MB, size reduction, p50,
         speedup, memory. ``higher_is_better`` is the caller's to state beside the table (report.sign_note)."""
-        return [self.name, self.backend, self.metric["score"], metric_change(self.metric["score"], baseline.metric["score"]),
+        change = metric_change(self.metric["score"], baseline.metric["score"])
+        return [self.name, self.backend, self.metric["score"], change,
                 self.profile.artifact_bytes / 1e6, baseline.profile.artifact_bytes / self.profile.artifact_bytes,
                 self.latency.p50_ms, self.speed_text(baseline) if self is not baseline else "1.00x",
                 self.profile.peak_memory_bytes / 1e6]

@@ -166,7 +166,8 @@ class Report:
         if steps:
             top = "<p class='note'><a href='#next-steps'>Next steps</a>: load, export and replay this result.</p>"
             tail._parts.append("<h2 id='next-steps'>Next steps</h2>")
-            tail._parts += [f"<p>{html.escape(what)}:</p><pre>{html.escape(cmd)}</pre>" for what, cmd in steps]
+            tail._parts += [f"<p>{html.escape(what)}:</p><pre>{html.escape(cmd)}</pre>" if cmd
+                            else f"<p>{html.escape(what)}.</p>" for what, cmd in steps]
         return (f"<!doctype html><meta charset='utf-8'><title>{html.escape(self.title)}</title>"
                 f"<style>{_STYLE}</style><h1>{html.escape(self.title)}</h1>{top}"
                 + "\n".join(self._parts + tail._parts))
@@ -178,7 +179,8 @@ class Report:
                     for r in rows])
         self.note("From forward hooks, median of a few runs on the torch model; a transformer is shown per block part "
                   "(attention, MLP, norm, rest), the embeddings and the head. (other): time in no layer's code.")
-        self.bar_plot("share of the time per layer", [r.name if r.kind == "-" else f"{r.name} ({r.kind})" for r in rows],
+        labels = [r.name if r.kind == "-" else f"{r.name} ({r.kind})" for r in rows]
+        self.bar_plot("share of the time per layer", labels,
                       {"time %": [100 * r.time_share for r in rows]}, "% of the forward pass")
 
     def pruning_view(self, rows: Sequence[LayerShape]) -> None:

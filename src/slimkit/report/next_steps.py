@@ -16,9 +16,11 @@ ARTIFACTS = ("model", "best")
 ONNX_FILES = ("model.onnx", "best.onnx")
 
 
-def next_steps(out: Path, task: str | None, onnx_note: str | None = None, search: bool = False) -> list[tuple[str, str]]:
-    """``(what, command)`` rows for the run written to ``out`` (paths as the run was given them); ``search``:
-    the report of ``slimkit optimize``, whose ``result.json`` is written right after it."""
+def next_steps(out: Path, task: str | None, onnx_note: str | None = None,
+               search: bool = False) -> list[tuple[str, str]]:
+    """``(what, command)`` rows for the run written to ``out`` (paths as the run was given them; an empty
+    command: nothing to run); ``search``: the report of ``slimkit optimize``, whose ``result.json`` is
+    written right after it."""
     steps: list[tuple[str, str]] = []
     artifact = next((out / a for a in ARTIFACTS if (out / a).is_dir()), None)
     if artifact is not None:
@@ -29,14 +31,16 @@ def next_steps(out: Path, task: str | None, onnx_note: str | None = None, search
     if kept is not None:
         steps.append(("export the ONNX file that was measured (runs with onnxruntime and numpy alone)",
                       f"slimkit export {_q(out)} --format onnx --out model.onnx"))
+    elif onnx_note:  # the run says why no ONNX file exists: a command that would only repeat it is not shown
+        steps.append((f"no ONNX file: {onnx_note}", ""))
     elif artifact is not None:
-        why = f" ({onnx_note})" if onnx_note else ""
-        steps.append((f"export to ONNX, rebuilt from the artifact{why}",
+        steps.append(("export to ONNX, rebuilt from the artifact",
                       f"slimkit export {_q(out)} --format onnx --out model.onnx{task_opt}"))
     if (out / "recipe.yaml").is_file():
+        replay = out.with_name(out.name + "-replay")  # runs/q -> runs/q-replay, beside the run
         steps.append(("replay the recipe: the same steps and seed give the same model (a task that is not built in "
                       "needs its --task package.module:function or --model again)",
-                      f"slimkit apply {_q(out / 'recipe.yaml')}{task_opt} --out {_q(out.parent / (out.name + '-replay'))}"))
+                      f"slimkit apply {_q(out / 'recipe.yaml')}{task_opt} --out {_q(replay)}"))
     if search or (out / "result.json").is_file():
         steps.append(("re-render this report from the search's result.json", f"slimkit report {_q(out)}"))
     return steps
