@@ -17,6 +17,8 @@ import shutil
 from pathlib import Path
 from typing import Any
 
+import torch
+
 from slimkit.core.atomic import atomic_write
 from slimkit.runtime.ort import OrtModel
 
@@ -103,7 +105,7 @@ def export_onnx_file(source: str | Path, out: str | Path, example: Any = None, *
         from slimkit.io import load
         from slimkit.runtime import build
 
-        model = load(artifact)
+        model = runnable if isinstance(runnable, torch.nn.Module) else load(artifact)
         served = backend_reason(model, read_meta(artifact).get("extra", {}).get("backend") or "auto")
         try:
             runnable = build(model, "onnxruntime", example, threads=threads)
