@@ -9,7 +9,9 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
-from slimkit.train import finetune
+from slimkit.distill import Distill
+from slimkit.quantize import QAT
+from slimkit.train import Finetune, finetune
 from slimkit.train.recompute import activation_bytes, recomputing, repeated_blocks
 from tests.models import INPUTS, encoder, mlp, residual_cnn, tiny_task
 
@@ -84,3 +86,24 @@ def test_finetune_with_recompute_trains_to_the_same_weights() -> None:
     # softmax ignores) move by lr·sign(noise) either way, so compare the rest.
     diffs = {k: float((a[k] - b[k]).abs().max()) for k in a if not k.endswith("key.bias")}
     assert max(diffs.values()) <= 1e-5
+
+
+@pytest.mark.parametrize("make", [
+    lambda r: Finetune(steps=2, recompute=r),
+    lambda r: Distill(steps=2, recompute=r),
+    lambda r: QAT(steps=2, recompute=r, evaluate=False),
+], ids=["Finetune", "Distill", "QAT"])
+@pytest.mark.parametrize("recompute", [False, True])
+def test_configs_recompute_their_blocks(make: Callable[[bool], object], recompute: bool) -> None:
+    """A layer inside a block runs once per training step, twice when the backward recomputes it."""
+    task = tiny_task(encoder, batches=4)
+    calls = [0]
+
+    def count(module: nn.Module, args: tuple, out: torch.Tensor) -> None:
+        calls[0] += module.training  # training forwards only (not the teacher, not evaluation)
+
+    task.model.encoder.layer[0].norm1.register_forward_hook(count)
+    config = make(recompute)
+    assert config.to_dict()["recompute"] is recompute
+    config.apply_to(task.model, task)
+    assert calls[0] == (4 if recompute else 2)
