@@ -23,13 +23,13 @@ from slimkit.search.incumbent import Incumbent, Saved
 from slimkit.search.pareto import TrialRecord, closest, hints, pareto_front, pick_best
 from slimkit.search.result import OptimizeResult, write_result
 from slimkit.search.result_report import write_report
-from slimkit.search.study import worker_id
+from slimkit.search.study import gone_here, worker_id
 
 log = logging.getLogger("slimkit.search")
 
 #: ``OptimizeResult.best_source``: where ``best/`` came from.
 FROM_INCUMBENT, REPLAYED = "incumbent", "replayed"
-#: Seconds to wait for another process still saving the best trial it just finished, and between looks.
+#: Seconds after the best trial finished that another process may still be saving it, and between looks.
 SAVE_WAIT_S, SAVE_POLL_S = 10.0, 0.5
 
 
@@ -73,8 +73,10 @@ def finish(study: Any, task: Task, target: Target, baseline: TrialMeasurement, s
                             hints=[] if best else hints(records, target, baseline), sensitivity=sens, study=name,
                             storage=url, seconds=time.monotonic() - start, first_feasible=first_feasible(study),
                             out=out_dir, phases=dict(phases or {}), stopped=stopped)
-    if best is not None and incumbent is not None and not _is(saved, best) and _run_elsewhere(study, best.number):
-        saved = _wait_for_save(incumbent, out_dir / "best", best.number, saved)
+    if best is not None and incumbent is not None and not _is(saved, best):
+        until = _may_still_save(study, best.number)
+        if until is not None:
+            saved = _wait_for_save(incumbent, out_dir / "best", best.number, saved, until)
     if best is not None:
         recipe = Recipe.from_steps(best.recipe, task=study.user_attrs.get("task", task.name), seed=seed,
                                    backend=best.measured.backend or backend, target=target.to_dict())
@@ -110,16 +112,20 @@ def _is(saved: Saved | str, best: TrialRecord) -> bool:
     return isinstance(saved, Saved) and saved.number == best.number
 
 
-def _run_elsewhere(study: Any, number: int) -> bool:
-    """Whether another process ran trial ``number`` (it may still be saving it: it saves once the trial is stored)."""
+def _may_still_save(study: Any, number: int) -> float | None:
+    """Until when (``time.time()``) another process may still be saving trial ``number``: it saves right
+    after the trial is stored, so only shortly after it finished, and only while that process lives."""
     ran = next((t for t in study.get_trials(deepcopy=False) if t.number == number), None)
-    return ran is not None and ran.user_attrs.get("worker") not in (None, worker_id())
+    if ran is None or ran.datetime_complete is None or ran.user_attrs.get("worker") in (None, worker_id()) \
+            or gone_here(ran):
+        return None
+    until = ran.datetime_complete.timestamp() + SAVE_WAIT_S
+    return until if until > time.time() else None
 
 
-def _wait_for_save(incumbent: Incumbent, dest: Path, number: int, saved: Saved | str) -> Saved | str:
-    """Look again for trial ``number`` in the incumbent for up to :data:`SAVE_WAIT_S` seconds."""
-    deadline = time.monotonic() + SAVE_WAIT_S
-    while time.monotonic() < deadline:
+def _wait_for_save(incumbent: Incumbent, dest: Path, number: int, saved: Saved | str, until: float) -> Saved | str:
+    """Look again for trial ``number`` in the incumbent until ``until`` (``time.time()``)."""
+    while time.time() < until:
         time.sleep(SAVE_POLL_S)
         if (incumbent.stored() or {}).get("trial") == number:
             return incumbent.copy_to(dest)

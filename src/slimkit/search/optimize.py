@@ -267,7 +267,7 @@ def optimize(task: Task | str, target: Target, *, trials: int = 30, time_budget:
 def _incumbent_attrs(out_dir: Path, attrs: dict[str, Any]) -> dict[str, Any]:
     """Where every process of the study saves the best so far, and the token that tells this study's from
     another's; only what ``attrs`` (a stored study's settings) lacks or names differently."""
-    want = {"run": attrs.get("run") or secrets.token_hex(8), "incumbent": str((out_dir / INCUMBENT_DIR).resolve())}
+    want = {"run": attrs.get("run") or secrets.token_hex(8), "incumbent": str(out_dir.resolve() / INCUMBENT_DIR)}
     return {k: v for k, v in want.items() if attrs.get(k) != v}
 
 

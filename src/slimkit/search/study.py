@@ -208,8 +208,7 @@ def fail_dead_trials(study: Any) -> list[int]:
         if who is None:
             dead = t.datetime_start is not None and (now - t.datetime_start).total_seconds() > grace_s()
         else:
-            pid = str(who).rpartition(":")[2]
-            dead = t.user_attrs.get("machine") == here and pid.isdigit() and not _alive(int(pid))
+            dead = gone_here(t, here)
         if dead and _fail(study, t._trial_id):
             retry(study, study._storage.get_trial(t._trial_id))
             mine.append(t.number)
@@ -218,6 +217,12 @@ def fail_dead_trials(study: Any) -> list[int]:
     if gone:
         log.warning("trial(s) %s: their worker stopped; marked failed and queued again", gone)
     return gone
+
+
+def gone_here(frozen: Any, here: str | None = None) -> bool:
+    """Whether the process that took trial ``frozen`` ran on this machine and no longer exists."""
+    pid = str(frozen.user_attrs.get("worker", "")).rpartition(":")[2]
+    return frozen.user_attrs.get("machine") == (here or machine_id()) and pid.isdigit() and not _alive(int(pid))
 
 
 def _alive(pid: int) -> bool:
