@@ -101,7 +101,7 @@ def test_nproc_is_removed_from_what_each_process_runs(argv: list[str], kept: lis
     assert cmd[-len(kept):] == kept
 
 
-def test_zero_processes_is_a_one_line_error() -> None:
+def test_bad_nproc_is_a_one_line_error() -> None:
     from typer.testing import CliRunner
 
     from slimkit.cli import app
@@ -109,8 +109,10 @@ def test_zero_processes_is_a_one_line_error() -> None:
 
     with pytest.raises(SlimkitError, match="--nproc 0 is invalid"):
         launch(["tasks"], 0)
-    result = CliRunner().invoke(app, ["--nproc", "0", "tasks"])
+    result = CliRunner().invoke(app, ["--nproc", "0", "distill"])
     assert result.exit_code == 2 and "--nproc 0 is invalid" in result.output
+    result = CliRunner().invoke(app, ["--nproc", "2", "optimize"])
+    assert result.exit_code == 2 and "--nproc applies to the commands that train" in result.output
 
 
 @pytest.mark.slow

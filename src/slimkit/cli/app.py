@@ -81,7 +81,7 @@ SETTINGS = {"debug": False}
 
 
 @app.callback()
-def _options(version: bool = typer.Option(False, "--version", is_eager=True, callback=_print_version,
+def _options(ctx: typer.Context, version: bool = typer.Option(False, "--version", is_eager=True, callback=_print_version,
                                           help="print slimkit's version and exit"),
              debug: bool = typer.Option(False, "--debug", help="an error in your own task or model code: show the "
                                         "full traceback, not its line and frame"),
@@ -90,7 +90,7 @@ def _options(version: bool = typer.Option(False, "--version", is_eager=True, cal
     SETTINGS["debug"] = debug
     if nproc != 1:  # the same command under torchrun, N processes; its exit code is ours
         try:
-            code = relaunch(nproc)
+            code = relaunch(nproc, ctx.invoked_subcommand)
         except SlimkitError as exc:
             typer.echo(f"error: {exc}", err=True)
             raise typer.Exit(2) from None

@@ -21,14 +21,19 @@ import typer
 
 from slimkit.core.errors import SlimkitError
 
+#: Commands whose every step runs identically on each rank (a search's trials and time budget would not).
+TRAINING_COMMANDS = ("quantize", "prune", "distill", "factorize", "apply")
 NPROC = typer.Option(1, "--nproc", help="train on N local processes (torchrun; gloo on CPU, NCCL on CUDA); "
                      "rank 0 writes --out")
 
 
-def relaunch(nproc: int) -> int:
+def relaunch(nproc: int, command: str | None) -> int:
     """Run this command line (without ``--nproc``) under torchrun with ``nproc`` processes; its exit code."""
     if nproc < 1:
         raise SlimkitError(f"--nproc {nproc} is invalid", "use 1 or more processes")
+    if command not in TRAINING_COMMANDS:
+        raise SlimkitError(f"--nproc applies to the commands that train ({', '.join(TRAINING_COMMANDS)}), "
+                           f"not {command or 'no command'}", f"drop --nproc, or e.g. slimkit --nproc {nproc} distill ...")
     from slimkit.train.data_parallel import launch, without_nproc
 
     return launch(without_nproc(sys.argv[1:]), nproc)
