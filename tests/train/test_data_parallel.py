@@ -2,7 +2,7 @@
 
 Each multi-process case starts real torchrun jobs (``tests/train/_ddp_run.py``), one thread per
 process. Tolerances: the same samples in the same order, summed in another order, give weights
-within 1e-5 after 5 AdamW steps (measured: ~2e-7); the ranks themselves hold bit-identical
+within 1e-5 after 5 AdamW steps (measured: 3e-8 to 1e-6); the ranks themselves hold bit-identical
 weights (DDP averages gradients before every rank takes the same step).
 """
 
@@ -22,7 +22,7 @@ from slimkit.train.data_parallel import launch_command, without_nproc
 SCRIPT = Path(__file__).with_name("_ddp_run.py")
 ROOT = Path(__file__).resolve().parents[2]
 STEPS, EVERY = 5, 2
-#: max |w_2proc - w_1proc| after STEPS steps (float summation order only; measured ~2e-7).
+#: max |w_2proc - w_1proc| after STEPS steps (float summation order only; measured 3e-8 to 1e-6).
 SAME_BATCH_TOL = 1e-5
 
 
