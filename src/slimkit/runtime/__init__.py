@@ -44,8 +44,9 @@ BACKEND_EVIDENCE = {
     "static": "torch has no exact static int8 kernel without VNNI (it emulates in fp32); onnxruntime runs integer "
               "kernels (MiniLM batch 32x128 2.27x fp32 torch, asymmetric activations)",
     "none": "ONNX Runtime's MatMulNBits on slimkit's integers (fp32 activations) measured faster than torch's "
-            "weight-only kernels on a MiniLM-size Linear stack (bench/onnx_nbits.py 2026-12-07, 2 threads, 1x128 "
-            "tokens: int4 g32 1081 vs 5693 ms, int8 1097 vs 5262 ms; one token 107 / 363 vs ~1000 ms)",
+            "weight-only kernels on a MiniLM-size Linear stack at 1x128 tokens (bench/onnx_nbits.py 2026-12-07, "
+            "2 threads: int4 g32 691 vs 2563 ms, int8 740 vs 1858 ms; at one token int4 108 vs 242 ms, but int8 "
+            "333 vs 128 ms: name backend='torch' for one-token int8)",
     "float": "the float model runs as it is",
     "mixed": "layers of several quantization modes (mixed precision: weight-only int4 beside int8 x int8 layers); "
              "only torch runs each layer on its own kernels",
