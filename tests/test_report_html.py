@@ -172,7 +172,8 @@ def test_metric_change_is_signed_the_same_in_table_and_note(higher_is_better, sc
     (("model", "recipe.yaml"), "digits",
      ["slimkit export {out} --format onnx --out model.onnx --task digits"], []),
     (("model", "recipe.yaml"), "digits",
-     ["no ONNX file: weight-only int4 runs on torch"], ["slimkit export"]),
+     ["served it on torch (weight-only int4 runs on torch)",
+      "slimkit export {out} --format onnx --out model.onnx --task digits"], []),
 ])
 def test_next_steps_give_the_commands_for_what_the_run_wrote(tmp_path, files, task, expect, absent):
     out = tmp_path / "run"
@@ -183,7 +184,7 @@ def test_next_steps_give_the_commands_for_what_the_run_wrote(tmp_path, files, ta
         else:
             (out / name).write_text("x")
     data = {"task": task}
-    if "no ONNX file" in expect[0]:  # what a technique command records when the result runs on torch only
+    if "torch" in expect[0]:  # what a technique command records when the result runs on torch only
         data["onnx"] = "none: weight-only int4 runs on torch"
     r = Report("t", data=data)
     page = r.write(out).read_text()

@@ -166,8 +166,7 @@ class Report:
         if steps:
             top = "<p class='note'><a href='#next-steps'>Next steps</a>: load, export and replay this result.</p>"
             tail._parts.append("<h2 id='next-steps'>Next steps</h2>")
-            tail._parts += [f"<p>{html.escape(what)}:</p><pre>{html.escape(cmd)}</pre>" if cmd
-                            else f"<p>{html.escape(what)}.</p>" for what, cmd in steps]
+            tail._parts += [f"<p>{html.escape(what)}:</p><pre>{html.escape(cmd)}</pre>" for what, cmd in steps]
         return (f"<!doctype html><meta charset='utf-8'><title>{html.escape(self.title)}</title>"
                 f"<style>{_STYLE}</style><h1>{html.escape(self.title)}</h1>{top}"
                 + "\n".join(self._parts + tail._parts))

@@ -18,8 +18,8 @@ ONNX_FILES = ("model.onnx", "best.onnx")
 
 def next_steps(out: Path, task: str | None, onnx_note: str | None = None,
                search: bool = False) -> list[tuple[str, str]]:
-    """``(what, command)`` rows for the run written to ``out`` (paths as the run was given them; an empty
-    command: nothing to run); ``search``: the report of ``slimkit optimize``, whose ``result.json`` is
+    """``(what, command)`` rows for the run written to ``out`` (paths as the run was given them); ``onnx_note``:
+    why the run kept no ONNX file; ``search``: the report of ``slimkit optimize``, whose ``result.json`` is
     written right after it."""
     steps: list[tuple[str, str]] = []
     artifact = next((out / a for a in ARTIFACTS if (out / a).is_dir()), None)
@@ -31,10 +31,10 @@ def next_steps(out: Path, task: str | None, onnx_note: str | None = None,
     if kept is not None:
         steps.append(("export the ONNX file that was measured (runs with onnxruntime and numpy alone)",
                       f"slimkit export {_q(out)} --format onnx --out model.onnx"))
-    elif onnx_note:  # the run says why no ONNX file exists: a command that would only repeat it is not shown
-        steps.append((f"no ONNX file: {onnx_note}", ""))
     elif artifact is not None:
-        steps.append(("export to ONNX, rebuilt from the artifact",
+        served = (f"; this run served it on torch ({onnx_note}), so the file is built for export and its .json "
+                  'says "measured": false') if onnx_note else ""
+        steps.append((f"export to ONNX, rebuilt from the artifact{served}",
                       f"slimkit export {_q(out)} --format onnx --out model.onnx{task_opt}"))
     if (out / "recipe.yaml").is_file():
         replay = out.with_name(out.name + "-replay")  # runs/q -> runs/q-replay, beside the run
