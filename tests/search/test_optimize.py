@@ -78,7 +78,8 @@ def test_a_spent_time_budget_is_the_reason_the_search_stopped(run):
     spent = time.monotonic() - 60.0  # the command started a minute ago: a 30 s budget is spent before any trial
     result = run(sk.Target(max_drop=0.01), trials=3, time_budget=30.0, budget_start=spent)
     assert result.trials == [] and result.best is None
-    assert result.stopped.startswith("time budget reached: 0 of 3 trials finished in ") and " s of 30 s " in result.stopped
+    assert result.stopped.startswith("time budget reached: 0 of 3 trials finished in ")
+    assert " s of 30 s " in result.stopped
 
 
 def test_nothing_fits_gives_closest_margins_and_a_hint(run):

@@ -93,7 +93,8 @@ def test_two_workers_share_one_study(postgres, tmp_path):
     # whichever process ran the best trial saved it (one machine, one run directory): best/ is that copy
     assert result["best_source"] == "incumbent", said
     incumbent = sk.io.read_meta(tmp_path / "run" / "incumbent")["extra"]["incumbent"]
-    assert incumbent["trial"] == result["best"]["number"] == sk.io.read_meta(tmp_path / "run" / "best")["extra"]["trial"]
+    best_meta = sk.io.read_meta(tmp_path / "run" / "best")
+    assert incumbent["trial"] == result["best"]["number"] == best_meta["extra"]["trial"]
 
     # The same trials (same parameters, in order) in one process give the same best: the same metric and
     # bytes, and the same pipeline unless several pipelines tie on both (then latency, a noisy measurement, decides).
