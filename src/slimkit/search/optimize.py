@@ -273,7 +273,10 @@ def _incumbent_attrs(out_dir: Path, attrs: dict[str, Any]) -> dict[str, Any]:
 
 def _kept_so_far(study: Any) -> str:
     """Where the best finished trial so far is saved, for the line a stopped search prints."""
-    attrs = study.user_attrs
+    try:
+        attrs = study.user_attrs
+    except Exception:  # noqa: BLE001 - the storage may be what failed; the stop line must still be said
+        return ""
     if "incumbent" not in attrs:
         return ""
     info = Incumbent(Path(attrs["incumbent"]), attrs.get("run", ""), "").stored()
