@@ -60,6 +60,24 @@ def test_recompute_gives_the_same_loss_and_gradients() -> None:
     assert all("forward" not in vars(m) for m in model.modules())   # unwrapped after the block
 
 
+def test_batchnorm_statistics_count_each_batch_once() -> None:
+    """Recomputing a block runs its BatchNorm again; the running statistics must not move twice."""
+    def model() -> nn.Module:
+        torch.manual_seed(0)
+        return nn.Sequential(*(nn.Sequential(nn.Conv2d(4, 4, 3, padding=1), nn.BatchNorm2d(4), nn.ReLU())
+                               for _ in range(3))).train()
+
+    x = torch.randn(8, 4, 6, 6, generator=torch.Generator().manual_seed(1))   # (B, C, H, W)
+    states = []
+    for recompute in (False, True):
+        m = model()
+        with recomputing(m, recompute) as wrapped:
+            assert len(wrapped) == (3 if recompute else 0)
+            m(x).pow(2).mean().backward()
+        states.append(m.state_dict())
+    assert all(torch.equal(states[0][k], states[1][k]) for k in states[0] if "running" in k or "tracked" in k)
+
+
 def test_recompute_keeps_less_for_the_backward() -> None:
     model = encoder().train()
     x = INPUTS[encoder](torch.Generator().manual_seed(0)).repeat(4, 4)   # (32, 48)

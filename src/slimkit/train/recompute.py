@@ -4,8 +4,8 @@ Training keeps every intermediate tensor of the forward pass for the backward pa
 transformer or a ResNet almost all of them live inside the repeated blocks. ``recomputing(model)``
 wraps the forward of each such block in ``torch.utils.checkpoint.checkpoint(use_reentrant=False)``:
 the forward keeps only the block's inputs, the backward runs the block again to get the rest.
-Gradients are the same (the RNG state is replayed, so dropout draws the same masks); the cost is
-one more forward of the blocks per step.
+Gradients are the same (the RNG state is replayed, so dropout draws the same masks; BatchNorm
+running statistics are not updated a second time); the cost is one more forward of the blocks per step.
 
 Repeated blocks: the children of an ``nn.ModuleList`` / ``nn.Sequential`` holding at least two
 modules of one type that have submodules of their own (HF ``BertLayer``, torchvision
@@ -44,10 +44,26 @@ def repeated_blocks(model: nn.Module) -> list[str]:
     return found
 
 
+@contextlib.contextmanager
+def _norm_stats_kept(block: nn.Module) -> Iterator[None]:
+    """BatchNorm running statistics left as they are: the recomputation must not count a batch twice."""
+    norms = [m for m in block.modules() if isinstance(m, nn.modules.batchnorm._BatchNorm) and m.track_running_stats]
+    saved = [(m.momentum, m.num_batches_tracked.clone()) for m in norms]
+    for m in norms:
+        m.momentum = 0.0  # running = (1 - 0) * running + 0 * batch
+    try:
+        yield
+    finally:
+        for m, (momentum, tracked) in zip(norms, saved):
+            m.momentum = momentum
+            m.num_batches_tracked.copy_(tracked)
+
+
 def _checkpointed(block: nn.Module, forward: Callable[..., Any], *args: Any, **kwargs: Any) -> Any:
     """The block's forward, recomputed in the backward while training with gradients on."""
     if block.training and torch.is_grad_enabled():
-        return checkpoint(forward, *args, use_reentrant=False, **kwargs)
+        return checkpoint(forward, *args, use_reentrant=False,
+                          context_fn=lambda: (contextlib.nullcontext(), _norm_stats_kept(block)), **kwargs)
     return forward(*args, **kwargs)
 
 
