@@ -96,3 +96,38 @@ def test_readme_python_block_runs_in_a_fresh_process(tmp_path):
     out = run_block(quickstart, tmp_path)
     assert "params" in out.lower()
     assert (tmp_path / "runs/digits/recipe.yaml").is_file() and (tmp_path / "runs/digits/mine").is_dir()
+
+
+def readme_section_lines(heading: str) -> list[str]:
+    text = (ROOT / "README.md").read_text()
+    section = text[text.index(f"## {heading}\n"):]
+    section = section[:section.index("\n## ", 4)] if "\n## " in section[4:] else section
+    return [line for lang, body in FENCE.findall(section) if lang == "" for line in command_lines_of(body)]
+
+
+def command_lines_of(body: str) -> list[str]:
+    return [re.sub(r"\s+#\s.*$", "", line.strip()) for line in body.splitlines() if line.startswith("slimkit ")]
+
+
+#: Lines naming a server or files of the reader's own: their options are checked above, not run here.
+TEMPLATE = re.compile(r"postgresql://USER|my-hf-model|my_pkg|net\.safetensors|some-inputs")
+
+
+@pytest.mark.slow
+def test_readme_command_line_section_runs_top_to_bottom(tmp_path):
+    """Each line of "Command line", as written, in order, in one fresh directory (later lines use earlier
+    lines' output); every line must exit 0 and the files the README promises must be there."""
+    import os
+
+    lines = readme_section_lines("Command line")
+    runnable = [line for line in lines if not TEMPLATE.search(line)]
+    assert len(runnable) >= 12 and len(lines) - len(runnable) == 1
+    slimkit = Path(sys.executable).parent / "slimkit"
+    env = {**os.environ, "OMP_NUM_THREADS": "1"}
+    for line in runnable:
+        done = subprocess.run([str(slimkit), *shlex.split(line)[1:]], cwd=tmp_path, capture_output=True, text=True,
+                              timeout=1200, env=env)
+        assert done.returncode == 0, f"{line}\n{done.stdout[-1500:]}\n{done.stderr[-1500:]}"
+    for promised in ("runs/digits/best", "runs/digits/recipe.yaml", "runs/digits/report.html", "runs/qat/model",
+                     "runs/gradual/recipe.yaml", "runs/apply/model", "digits.onnx", "digits.onnx.json"):
+        assert (tmp_path / promised).exists(), promised
