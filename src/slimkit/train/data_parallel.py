@@ -22,6 +22,7 @@ command again (or ``torchrun --max-restarts K``) continues from the last checkpo
 
 from __future__ import annotations
 
+import atexit
 import datetime
 import os
 import subprocess
@@ -66,6 +67,12 @@ def _init(cuda: bool) -> None:
     if cuda:
         torch.cuda.set_device(int(os.environ.get("LOCAL_RANK", "0")))
     dist.init_process_group("nccl" if cuda else "gloo", timeout=TIMEOUT)
+    atexit.register(_leave)  # NCCL warns at exit about a group never destroyed
+
+
+def _leave() -> None:
+    if dist.is_initialized():
+        dist.destroy_process_group()
 
 
 class DataParallel:
