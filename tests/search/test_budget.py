@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import time
+
 import pytest
 import torch.nn as nn
 
@@ -9,6 +11,7 @@ from slimkit.core.errors import SlimkitError
 from slimkit.prune.reconstruct import RIDGES
 from slimkit.search.budget import (MAX_SENSITIVITY_LAYERS, MIN_STEPS, TRAINING_SECONDS, TimeBudget, enough_for_another, finetune_steps,
                                    finish_reserve, reconstruction_flops, sensitivity_layers, sized_extra)
+from slimkit.search.budget import REPORT_SECONDS, process_start
 
 
 @pytest.mark.parametrize("step_s,budget_s,trials,expected", [
@@ -50,7 +53,8 @@ def test_a_trial_starts_only_when_one_as_slow_as_the_slowest_still_fits(seconds,
 
 
 def test_budget_arithmetic_and_refusals():
-    assert finish_reserve(2.0) == 6.0
+    assert finish_reserve(2.0) == 6.0 + REPORT_SECONDS and finish_reserve(2.0, report=False) == 6.0
+    assert process_start() <= time.monotonic()  # this process began before now, never in the future
     assert TimeBudget(None).left() is None and TimeBudget(None).share(0.1, 30.0) == 30.0
     assert 0 < TimeBudget(100.0).left() <= 100.0
     for bad in (0, -1.0):

@@ -40,9 +40,9 @@ def optimize(task: Optional[str] = TASK, model: Optional[str] = MODEL, weights: 
              resume: bool = typer.Option(False, "--resume", help="continue a killed run of the same study"),
              overwrite: bool = OVERWRITE, as_json: bool = JSON) -> Optional[dict]:
     """Search technique pipelines for the best model that fits the target; write best/, recipe.yaml, report."""
-    import time
+    from slimkit.search.budget import process_start
 
-    started = time.monotonic()  # --time-budget covers the whole command, loading the task included
+    started = process_start()  # --time-budget covers the whole command: start-up and loading the task included
     from slimkit.core.registry import searchable
     from slimkit.core.target import Target
     from slimkit.search.optimize import optimize as run

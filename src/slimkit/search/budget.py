@@ -11,7 +11,9 @@ from __future__ import annotations
 
 import copy
 import logging
+import os
 import time
+from pathlib import Path
 from typing import Sequence
 
 import torch
@@ -48,6 +50,9 @@ CP_RATIO, CP_SWEEPS = 0.35, 100
 #: Runs of the original's measurement the end of a search takes (the report's side-by-side profile of
 #: original and best, and their timing together). The best is not rebuilt: the trials saved it.
 FINISH_MEASUREMENTS = 3.0
+#: Seconds the report takes beyond its measurements, whatever the model: importing and drawing its
+#: plots, counting MACs, writing HTML (5-13 s seen on digits with 2 busy cores; fewer when imported already).
+REPORT_SECONDS = 10.0
 
 
 class TimeBudget:
@@ -164,9 +169,21 @@ def sized_extra(task: Task, techs: Sequence[Technique], extra: dict[str, object]
     return {**sized, **extra}
 
 
-def finish_reserve(original_seconds: float) -> float:
-    """Seconds to keep for the end: copying the saved best and measuring it against the original."""
-    return FINISH_MEASUREMENTS * original_seconds
+def finish_reserve(original_seconds: float, report: bool = True) -> float:
+    """Seconds to keep for the end: copying the saved best, measuring it against the original, the report."""
+    return FINISH_MEASUREMENTS * original_seconds + (REPORT_SECONDS if report else 0.0)
+
+
+def process_start() -> float:
+    """When this process started, as a ``time.monotonic()`` reading (Linux: from /proc, so the interpreter's
+    start and imports count in a command's budget); elsewhere, now."""
+    try:
+        fields = Path("/proc/self/stat").read_text().rsplit(")", 1)[1].split()
+        started = int(fields[19]) / os.sysconf("SC_CLK_TCK")       # field 22: start, seconds after boot
+        uptime = float(Path("/proc/uptime").read_text().split()[0])
+    except (OSError, ValueError, IndexError):
+        return time.monotonic()
+    return time.monotonic() - max(0.0, uptime - started)
 
 
 def enough_for_another(trial_seconds: Sequence[float], left: float | None, reserve: float) -> bool:

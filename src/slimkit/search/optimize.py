@@ -251,7 +251,7 @@ def optimize(task: Task | str, target: Target, *, trials: int = 30, time_budget:
                     bar.update(trial, saved=keeper.after_trial(trial))
                     step_closest(st, target, records_from_study(st))
 
-                done = run_trials(st, objective, trials, budget=budget, reserve_s=finish_reserve(baseline.seconds),
+                done = run_trials(st, objective, trials, budget=budget, reserve_s=finish_reserve(baseline.seconds, report),
                                   on_trial=after_trial)
                 bar.say(f"search stopped: {done.reason}; writing best/, the recipe and the report")
             phases["trials"] = time.monotonic() - lap
