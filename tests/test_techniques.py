@@ -63,6 +63,8 @@ CASES = [
     Case(Q.WeightOnly(bits=8), unet, 0.999, 0.4),  # its ConvTranspose2d stored int8 too (QuantConvTranspose)
     Case(Q.WeightOnly(bits=4, group_size=32), mlp, 0.99, 0.32),
     Case(Q.WeightOnly(bits=4, group_size=32, method="gptq"), mlp, 0.995, 0.32),
+    Case(Q.AdaRound(bits=4, iterations=50), cnn, 0.97, 0.35),  # int4 per output channel, every conv and Linear
+    Case(Q.AdaRound(bits=8, iterations=50), sequence, 0.99, 0.5),  # Conv1d as (k, 1); LSTM int8, nearest (listed)
     Case(Q.Float16(), mlp, 0.9999, 0.55),
     Case(Q.BFloat16(), cnn, 0.999, 0.55),
     Case(Q.Mixed(budget_ratio=0.3), mlp, 0.999, 0.45),

@@ -6,6 +6,7 @@ the layers they produce (``QuantLinear`` / ``QuantConv2d`` / ``QuantEmbedding``,
 layers) are stored with packed integer weights and run on real integer kernels.
 """
 
+from slimkit.quantize.adaround import AdaRound, AdaRoundRecord
 from slimkit.quantize.bias_correction import BiasCorrection, BiasCorrectionRecord
 from slimkit.quantize.cast import BFloat16, Float16
 from slimkit.quantize.embedding import QuantEmbedding
@@ -22,8 +23,8 @@ from slimkit.quantize.record import MixedRecord, QuantRecord, TrainedQuantRecord
 from slimkit.quantize.smoothquant import SmoothQuant, SmoothQuantRecord
 from slimkit.quantize.weight_only import WeightOnly
 
-__all__ = ["BFloat16", "BiasCorrection", "BiasCorrectionRecord", "Binary", "CrossLayerEqualization",
-           "EqualizationRecord", "Float16", "HalfConv2d", "HalfLinear", "Int8", "LayerError", "Mixed", "MixedRecord",
-           "QAT", "QuantConv2d", "QuantEmbedding", "QuantLinear", "QuantRecord", "SmoothQuant",
+__all__ = ["AdaRound", "AdaRoundRecord", "BFloat16", "BiasCorrection", "BiasCorrectionRecord", "Binary",
+           "CrossLayerEqualization", "EqualizationRecord", "Float16", "HalfConv2d", "HalfLinear", "Int8", "LayerError",
+           "Mixed", "MixedRecord", "QAT", "QuantConv2d", "QuantEmbedding", "QuantLinear", "QuantRecord", "SmoothQuant",
            "SmoothQuantRecord", "Ternary", "TrainedQuantRecord",
            "WeightOnly", "gptq_int4", "layer_errors"]
