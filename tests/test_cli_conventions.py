@@ -187,7 +187,7 @@ def _optimize_result(tmp_path, best: bool) -> OptimizeResult:
 
 @pytest.mark.parametrize("best,expected", [
     (True, {"candidate": "Magnitude + Int8", "trial": 3, "backend": "onnxruntime", "metric": 0.98,
-            "baseline_metric": 0.99, "drop": 0.01, "size_ratio": 4.0, "speedup": 2.0, "speedup_text": "2.00x",
+            "baseline_metric": 0.99, "metric_change": pytest.approx(-0.01), "drop": 0.01, "size_ratio": 4.0, "speedup": 2.0, "speedup_text": "2.00x",
             "speedup_same_runtime": 1.5, "speed_claimed": True, "latency_confirmed": True, "params": 600,
             "baseline_params": 1000, "hints": [], "model": "best", "recipe": "recipe.yaml"}),
     (False, {"candidate": None, "metric": None, "size_ratio": None, "speedup": None, "speed_claimed": False,

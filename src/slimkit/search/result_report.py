@@ -31,6 +31,7 @@ from slimkit.pipeline.recipe import Recipe
 from slimkit.prune.plots import sparsity_heatmap
 from slimkit.report import Report
 from slimkit.report.html import pyplot_or_none
+from slimkit.report.metric_change import METRIC_CHANGE, change_text, metric_change, sign_note
 from slimkit.runtime.onnx_file import keep_onnx
 from slimkit.search.result import OptimizeResult, write_result
 from slimkit.train.masks import PRUNABLE
@@ -93,11 +94,13 @@ def write_report(result: OptimizeResult, task: Task) -> Path:
     r.heading("Pareto front (metric drop, size, latency)")
     _pareto_plot(r, result, task)
     r.heading("All trials")
-    r.table(["trial", "pipeline", "MB", "ms", "metric", "drop", "fits", "s", "note"],
-            [[t.number, t.label(), t.measured.size_mb, t.measured.latency_ms, t.measured.score, t.measured.drop,
+    r.table(["trial", "pipeline", "MB", "ms", "metric", METRIC_CHANGE, "fits", "s", "note"],
+            [[t.number, t.label(), t.measured.size_mb, t.measured.latency_ms, t.measured.score,
+              metric_change(t.measured.score, result.baseline.score),
               "yes" if t.feasible else "no", t.measured.seconds,
               t.measured.error or (f"over {t.measured.stopped_at} limit" if t.measured.stopped_at else "")]
              for t in result.trials])
+    r.note(sign_note(task.metric_name, task.higher_is_better))
     _time_spent(r, result)
     if result.sensitivity:
         r.heading("Per-layer sensitivity of the original (metric drop, that layer alone at int4)")
@@ -260,14 +263,14 @@ def print_summary(result: OptimizeResult) -> None:
     console = Console()
     r = result  # OptimizeResult
     table = Table(title=f"{r.task}: original vs best of {len(r.trials)} trials")
-    for col in ("", "MB", "latency ms", "metric", "drop", "pipeline"):
+    for col in ("", "MB", "latency ms", "metric", METRIC_CHANGE, "pipeline"):
         table.add_column(col)
     b = r.baseline
     table.add_row("original", f"{b.size_mb:.4g}", f"{b.latency_ms:.3g}", f"{b.score:.4f}", "", "")
     if r.best is not None:
         m = r.best.measured
         table.add_row(f"best (#{r.best.number})", f"{m.size_mb:.4g}", f"{m.latency_ms:.3g}", f"{m.score:.4f}",
-                      f"{m.drop:+.4f}", r.best.label())
+                      change_text(metric_change(m.score, b.score)), r.best.label())
     console.print(table)
     if r.best is not None:
         console.print(f"{b.size_mb / r.best.measured.size_mb:.1f}x smaller, " + speed_line(r))
