@@ -96,7 +96,7 @@ def write_report(result: OptimizeResult, task: Task) -> Path:
     r.heading("All trials")
     r.table(["trial", "pipeline", "MB", "ms", "metric", METRIC_CHANGE, "fits", "s", "note"],
             [[t.number, t.label(), t.measured.size_mb, t.measured.latency_ms, t.measured.score,
-              metric_change(t.measured.score, result.baseline.score),
+              None if t.measured.score is None else metric_change(t.measured.score, result.baseline.score),
               "yes" if t.feasible else "no", t.measured.seconds,
               t.measured.error or (f"over {t.measured.stopped_at} limit" if t.measured.stopped_at else "")]
              for t in result.trials])
