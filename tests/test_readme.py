@@ -49,7 +49,11 @@ def test_every_documented_command_line_parses(page: str, line: str):
     group = get_command(app)
     words = shlex.split(line.split(" | ")[0])[1:]
     # "..." stands for options shown elsewhere on the page; shell redirections are not options
-    name, *rest = [w for w in words if w != "..." and not re.match(r"\d?>", w)]
+    words = [w for w in words if w != "..." and not re.match(r"\d?>", w)]
+    before = {opt: p for p in group.params for opt in p.opts}  # options before the command (--nproc 2)
+    while words and words[0] in before:
+        words = words[1 if before[words[0]].is_flag else 2:]
+    name, *rest = words
     with click.Context(group, info_name="slimkit") as ctx:
         command = group.get_command(ctx, name)
         assert command is not None, f"{page}: no command {name!r} in {line!r}"
