@@ -114,6 +114,7 @@ CASES = [
     ("factorize-energy-2", ["factorize", "--method", "svd", "--energy", "2"], "--energy 2 is out of range"),
     ("factorize-lr-neg", ["factorize", "--finetune-steps", "3", "--lr", "-0.5"], "--lr -0.5 is out of range"),
     ("factorize-finetune-steps-neg", ["factorize", "--finetune-steps", "-3"], "--finetune-steps -3 is out of range"),
+    ("factorize-rank-multiple-0", ["factorize", "--rank-multiple", "0"], "--rank-multiple 0 is out of range"),
     ("distill-steps-0", ["distill", "--steps", "0"], "--steps 0 is out of range — give a number >= 1"),
     ("distill-lr-nan", ["distill", "--lr", "nan"], "--lr nan is not a number"),
     ("distill-lr-neg", ["distill", "--lr", "-1e-3"], "--lr -0.001 is out of range"),
@@ -341,7 +342,7 @@ def test_every_numeric_option_of_every_command_has_a_range():
             if hint in (int, float, Optional[int], Optional[float]) or set(get_args(hint)) & {int, float}:
                 numeric.setdefault(name, []).append(command.callback.__name__)
     assert set(numeric) <= set(NUMERIC_OPTIONS), set(numeric) - set(NUMERIC_OPTIONS)
-    assert len(numeric) == len(NUMERIC_OPTIONS) == 26
+    assert len(numeric) == len(NUMERIC_OPTIONS) == 27
 
 
 @pytest.mark.parametrize("command", [pytest.param(c, id=c[0]) for c in OUT_COMMANDS])

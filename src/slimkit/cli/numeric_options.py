@@ -54,7 +54,7 @@ NUMERIC_OPTIONS: dict[str, Bounds] = {
     "seed": Bounds(0, 2**32 - 1),                                   # numpy's and Optuna's seed range
     "max_size_mb": POSITIVE, "max_latency_ms": POSITIVE, "max_memory_mb": POSITIVE, "max_drop": NOT_NEGATIVE,
     "percentile": Bounds(50, 100, low_open=True), "group_size": NOT_NEGATIVE, "embedding_bits": Bounds(choices=(4, 8)),
-    "amount": Bounds(0, 1, high_open=True), "macs_ratio": FRACTION, "round_to": AT_LEAST_ONE,
+    "amount": Bounds(0, 1, high_open=True), "macs_ratio": FRACTION, "round_to": AT_LEAST_ONE, "rank_multiple": AT_LEAST_ONE,
     "latency_batch": AT_LEAST_ONE, "n": AT_LEAST_ONE, "m": Bounds(2), "finetune_steps": NOT_NEGATIVE,
     "lr": POSITIVE, "steps": AT_LEAST_ONE, "temperature": POSITIVE, "alpha": Bounds(0, 1), "relational": NOT_NEGATIVE,
     "ratio": FRACTION, "energy": FRACTION,
