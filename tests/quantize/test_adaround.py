@@ -3,6 +3,8 @@ trained CNN, exact save -> load and recipe replay, and one-line errors / listed 
 
 from __future__ import annotations
 
+from typing import Callable
+
 import pytest
 import torch
 import torch.nn as nn
@@ -26,9 +28,9 @@ def _correlated(shape: tuple[int, ...], channels_dim: int, g: torch.Generator) -
     return (torch.movedim(torch.movedim(x, channels_dim, -1) @ mix, -1, channels_dim) + 0.5).relu()
 
 
-def _one_layer(layer: nn.Module, shape: tuple[int, ...]) -> Task:
+def _one_layer(factory: Callable[[], nn.Module], shape: tuple[int, ...]) -> Task:
     torch.manual_seed(0)
-    model = nn.Sequential(layer).eval()
+    model = nn.Sequential(factory()).eval()
     g = torch.Generator().manual_seed(1)
     xs = [_correlated(shape, 1 if len(shape) > 2 else -1, g) for _ in range(8)]
     labelled = [((x,), model(x).argmax(1)) for x in xs]
@@ -44,21 +46,21 @@ def _output_mse(model: nn.Module, task: Task) -> float:
 #: (layer, input shape (batch first), config, most AdaRound's objective may be as a share of nearest's: the
 #: measured share at 300 iterations plus a margin of ~0.08)
 LAYERS = [
-    (nn.Linear(48, 24), (64, 48), dict(bits=4), 0.7),
-    (nn.Linear(64, 24), (64, 64), dict(bits=4, group_size=32), 0.6),
-    (nn.Linear(48, 24), (64, 48), dict(bits=8), 0.75),
-    (nn.Conv2d(8, 16, 3, padding=1), (8, 8, 10, 10), dict(bits=4), 0.65),
-    (nn.Conv2d(8, 16, 3, padding=1), (8, 8, 10, 10), dict(bits=8, activations="dynamic"), 0.8),
-    (nn.Conv2d(8, 8, 3, padding=1, groups=8), (8, 8, 10, 10), dict(bits=4), 0.7),  # depthwise
-    (nn.Conv2d(8, 16, 3, stride=2, groups=2), (8, 8, 11, 11), dict(bits=4), 0.88),  # grouped, strided
-    (nn.Conv1d(8, 12, 5, padding=2), (8, 8, 24), dict(bits=4), 0.75),
+    (lambda: nn.Linear(48, 24), (64, 48), dict(bits=4), 0.65),
+    (lambda: nn.Linear(64, 24), (64, 64), dict(bits=4, group_size=32), 0.65),
+    (lambda: nn.Linear(48, 24), (64, 48), dict(bits=8), 0.6),
+    (lambda: nn.Conv2d(8, 16, 3, padding=1), (8, 8, 10, 10), dict(bits=4), 0.66),
+    (lambda: nn.Conv2d(8, 16, 3, padding=1), (8, 8, 10, 10), dict(bits=8, activations="dynamic"), 0.6),
+    (lambda: nn.Conv2d(8, 8, 3, padding=1, groups=8), (8, 8, 10, 10), dict(bits=4), 0.97),  # depthwise: 9 taps
+    (lambda: nn.Conv2d(8, 16, 3, stride=2, groups=2), (8, 8, 11, 11), dict(bits=4), 0.6),  # grouped, strided
+    (lambda: nn.Conv1d(8, 12, 5, padding=2), (8, 8, 24), dict(bits=4), 0.8),
 ]
 
 
-@pytest.mark.parametrize("layer,shape,options,share", LAYERS,
-                         ids=[f"{type(l).__name__}-g{getattr(l, 'groups', 1)}-{o}" for l, _, o, _ in LAYERS])
-def test_adaround_is_never_worse_than_nearest_on_the_layer_objective(layer, shape, options, share):
-    task = _one_layer(layer, shape)
+@pytest.mark.parametrize("factory,shape,options,share", LAYERS,
+                         ids=[f"{type(f()).__name__}-g{getattr(f(), 'groups', 1)}-{o}" for f, _, o, _ in LAYERS])
+def test_adaround_is_never_worse_than_nearest_on_the_layer_objective(factory, shape, options, share):
+    task = _one_layer(factory, shape)
     nearest = sk.apply(task.model, AdaRound(iterations=0, **options), task)
     learned = sk.apply(task.model, AdaRound(iterations=300, **options), task)
     record = records_of(learned)[-1]
@@ -67,11 +69,11 @@ def test_adaround_is_never_worse_than_nearest_on_the_layer_objective(layer, shap
     assert after <= before * share  # the objective it optimises, on the float calibration inputs
     # measured independently: the whole layer's output error (bias, padding, activation rounding included;
     # with int8 activations their rounding noise dominates, so there only "not worse")
-    assert _output_mse(learned, task) <= _output_mse(nearest, task) * (1.0 if "activations" in options else 0.9)
+    assert _output_mse(learned, task) <= _output_mse(nearest, task) * (1.0 if "activations" in options else share)
 
 
 def test_every_weight_rounds_up_or_down_from_the_float_one():
-    task = _one_layer(nn.Linear(48, 24), (64, 48))
+    task = _one_layer(lambda: nn.Linear(48, 24), (64, 48))
     w = task.model[0].weight.detach()
     for options in (dict(bits=4), dict(bits=8)):
         q = sk.apply(task.model, AdaRound(iterations=200, **options), task)[0].weight  # dequantized
@@ -91,17 +93,18 @@ def test_per_channel_int4_with_adaround_keeps_digits_accuracy(digits_task):
     assert len(record.rounded) == 5 and all(b <= a for a, b in record.rounded.values())
 
 
-@pytest.mark.parametrize("steps", [
-    [AdaRound(bits=4, iterations=50)],
-    [AdaRound(bits=8, activations="static", iterations=50)],
-    [Q.Int8(activations="static"), AdaRound(iterations=50)],
-    [Q.WeightOnly(bits=4, group_size=32), AdaRound(iterations=50)],
+@pytest.mark.parametrize("factory,steps", [
+    (cnn, [AdaRound(bits=4, iterations=20)]),
+    pytest.param(cnn, [AdaRound(bits=8, activations="static", iterations=20)], marks=pytest.mark.slow),
+    (cnn, [Q.Int8(activations="static"), AdaRound(iterations=20)]),
+    (mlp, [Q.WeightOnly(bits=4, group_size=32), AdaRound(iterations=20)]),
 ], ids=["int4-per-channel", "int8-static", "after-Int8-static", "after-WeightOnly-int4"])
-def test_save_load_and_recipe_replay_are_exact(steps, tmp_path):
-    task = tiny_task(cnn if steps[0].to_dict().get("bits") != 4 or len(steps) == 1 else mlp)
+def test_save_load_and_recipe_replay_are_exact(factory, steps, tmp_path):
+    task = tiny_task(factory)
     torch.manual_seed(0)
     out = sk.apply(task.model, steps, task)
-    assert records_of(out)[-1].rounded and not records_of(out)[-1].kept_nearest == list(records_of(out)[-1].rounded)
+    record = records_of(out)[-1]
+    assert set(record.rounded) - set(record.kept_nearest)  # some layer really was re-rounded
     sk.save(out, tmp_path / "model", recipe=[s.to_dict() for s in steps])
     back = sk.load(tmp_path / "model")
     with torch.inference_mode():
