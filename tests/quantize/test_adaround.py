@@ -167,3 +167,21 @@ def test_bad_options_are_one_line_errors(options, message):
     with pytest.raises(sk.SlimkitError) as err:
         AdaRound(**options)
     assert message in str(err.value) and "\n" not in str(err.value)
+
+
+@pytest.mark.parametrize("params,expected", [
+    ({"adaround.bits": 4, "adaround.group_size": 0, "adaround.iterations": 200}, AdaRound(bits=4, iterations=200)),
+    ({"adaround.bits": 8, "adaround.activations": "static", "adaround.iterations": 500},
+     AdaRound(bits=8, activations="static")),
+])
+def test_search_knobs_give_valid_configs_and_need_calibration(params, expected):
+    optuna = pytest.importorskip("optuna")
+    from slimkit.core.registry import SearchContext
+    from slimkit.core.target import Target
+
+    task = tiny_task(cnn)
+    ctx = SearchContext(task=task, target=Target(max_drop=0.01), baseline={})
+    assert AdaRound.suggest(optuna.trial.FixedTrial(params), ctx) == expected and AdaRound.applies(ctx)
+    bare = SearchContext(task=Task(task.name, task.model, task.example, task.metric, task.eval),
+                         target=Target(max_drop=0.01), baseline={})
+    assert not AdaRound.applies(bare)
