@@ -415,10 +415,13 @@ def dwcnn(threads: int) -> dict[str, Any]:
     base = sk.zoo.load("mnist")
     out: dict[str, Any] = {"environment": environment(threads)}
     int8 = Int8(activations="static", granularity="per_tensor", calibration="minmax", backend="torch")
-    for act in (nn.ReLU6, nn.ReLU):
-        _log(f"dwcnn: train ({act.__name__})")
+    acts = {"relu6": nn.ReLU6, "relu": nn.ReLU}
+    epochs = int(os.environ.get("DWCNN_EPOCHS", "4"))  # fewer on a machine too busy to train 4 in time
+    out["epochs"] = epochs
+    for act in (acts[a] for a in os.environ.get("DWCNN_ACTS", "relu6,relu").split(",")):
+        _log(f"dwcnn: train ({act.__name__}, {epochs} epochs)")
         t0 = time.perf_counter()
-        model = train_dw(base, act)
+        model = train_dw(base, act, epochs)
         task = Task(name=f"dwcnn_{act.__name__.lower()}", model=model, example=base.example, metric=base.metric,
                     eval=base.eval, calib=base.calib, train=base.train)
         fp32 = _accuracy(task, model)
@@ -435,6 +438,7 @@ def dwcnn(threads: int) -> dict[str, Any]:
                          "skipped": {r.technique: dict(r.skipped) for r in sk.core.record.records_of(q)
                                      if r.skipped and "Equalization" in r.technique}}
             _log(f"   {name:7s} acc {acc:.4f} (drop {res[name]['accuracy_drop_pt']} pt)")
+            PARTIAL["dwcnn"] = {**out, ("int8_per_tensor" if act is nn.ReLU6 else "int8_per_tensor_relu"): res}
         cle_float = sk.apply(model, [CrossLayerEqualization()], task)
         r = _rows(layer_errors_before_after(model, quantized["plain"], quantized["cle_bc"], task.calib,
                                             algorithm="CrossLayerEqualization + BiasCorrection",
@@ -547,8 +551,6 @@ def main() -> None:
         print(f"goal {k:40s} measured {v['measured']}  goal {v['goal']}  {'met' if v['met'] else 'NOT met'}")
 
 
-if __name__ == "__main__" and "--job" not in sys.argv:
-    main()
 
 
 def minilm_from_jobs(out: Path) -> dict[str, Any]:
@@ -696,5 +698,8 @@ def _latency_job(task: Task, threads: int, rounds: int, out: Path) -> dict[str, 
     return res
 
 
-if __name__ == "__main__" and len(sys.argv) > 2 and sys.argv[1] == "--job":
-    run_job(sys.argv[2], 2, 5, Path(sys.argv[3]))
+if __name__ == "__main__":
+    if len(sys.argv) > 2 and sys.argv[1] == "--job":  # --job NAME DIR
+        run_job(sys.argv[2], 2, 5, Path(sys.argv[3]))
+    else:
+        main()
