@@ -37,7 +37,7 @@ demo: $(VENV)/.installed
 
 test: $(VENV)/.installed-dev system-packages
 	$(BIN)/lint-imports
-	$(BIN)/python -m pytest -q -n $(JOBS)
+	$(BIN)/python -m pytest -q -n $(JOBS) --durations=30
 
 # The unmarked tests only (no real model training, no pre-trained encoder): a quick check while editing.
 test-fast: $(VENV)/.installed-dev
