@@ -36,7 +36,19 @@ def conv_net() -> nn.Module:
                          nn.ReLU(), nn.Linear(64, 10)).eval()  # 2-D input: the Linear layers export as Gemm
 
 
-NETS = {"stack": (Stack, lambda n: torch.randn(n, 5, 64)), "conv": (conv_net, lambda n: torch.randn(n, 3, 4, 4))}
+def conv_bn_net() -> nn.Module:
+    """A conv with a BatchNorm after it: the export folds the BatchNorm into the conv's weight."""
+    torch.manual_seed(0)
+    bn = nn.BatchNorm2d(8)
+    bn.running_var.uniform_(0.5, 4.0)
+    bn.running_mean.normal_()
+    bn.weight.data.uniform_(0.5, 2.0)
+    return nn.Sequential(nn.Conv2d(3, 8, 3, padding=1), bn, nn.ReLU(), nn.Flatten(), nn.Linear(8 * 4 * 4, 64),
+                         nn.ReLU(), nn.Linear(64, 10)).eval()
+
+
+NETS = {"stack": (Stack, lambda n: torch.randn(n, 5, 64)), "conv": (conv_net, lambda n: torch.randn(n, 3, 4, 4)),
+        "conv-bn": (conv_bn_net, lambda n: torch.randn(n, 3, 4, 4))}
 #: (config, net, Linear layers on MatMulNBits, convs as int8 + DequantizeLinear)
 CASES = [
     (sk.quantize.WeightOnly(bits=4, group_size=32), "stack", 2, 0),
@@ -44,6 +56,7 @@ CASES = [
     (sk.quantize.WeightOnly(bits=8), "stack", 2, 0),
     (sk.quantize.WeightOnly(bits=4, group_size=32), "conv", 2, 1),  # the conv is int4 per channel (BitConv2d)
     (sk.quantize.WeightOnly(bits=8), "conv", 2, 1),
+    (sk.quantize.WeightOnly(bits=8), "conv-bn", 2, 1),  # the folded BatchNorm's factor moves into the scales
 ]
 
 

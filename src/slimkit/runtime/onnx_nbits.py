@@ -140,7 +140,10 @@ def _unsupported(node: Any, init: dict[str, Any], w: PackedWeight) -> str:
     if node.input[1] not in init:
         return "its weight is computed in the graph, not stored"
     if node.op_type == "Conv":
-        return "" if w.bits == 8 else "int4 grouped weights on a Conv node"
+        if w.bits != 8:
+            return "int4 grouped weights on a Conv node"
+        return "" if _folded_scale(init[node.input[1]], w) is not None else \
+            "its float weight in the graph is not a per-channel multiple of the stored integers"
     if node.op_type not in ("MatMul", "Gemm"):
         return f"no weight-only form for {node.op_type}"
     if node.op_type == "Gemm" and len(node.input) > 2 and node.input[2] and node.input[2] not in init:
@@ -220,14 +223,32 @@ def _pack_nibbles(z: np.ndarray) -> np.ndarray:
     return (z[:, 0::2] | (z[:, 1::2] << 4)).astype(np.uint8)
 
 
+def _folded_scale(weight: Any, w: PackedWeight) -> np.ndarray | None:
+    """Per-output-channel scales that turn the stored int8 codes into the graph's float weight, or None.
+
+    The export folds a following BatchNorm into the conv (each output channel times a factor), so
+    the graph's weight may be the stored one scaled per channel: the factor is read off the weight
+    and moved into the scales, which keeps the codes and makes the folded weight exact."""
+    from onnx import numpy_helper  # optional (onnx, extra 'onnx'): imported when used
+
+    target = numpy_helper.to_array(weight).astype(np.float64).reshape(w.q.shape[0], -1)  # (N, K)
+    codes = w.q.astype(np.float64).reshape(w.q.shape[0], -1)  # (N, K)
+    power = (codes * codes).sum(1)
+    scale = np.where(power > 0, (target * codes).sum(1) / np.maximum(power, 1), w.scale)  # (N,) least squares
+    tolerance = 1e-5 * max(float(np.abs(target).max()), 1e-12)
+    return scale if float(np.abs(codes * scale[:, None] - target).max()) <= tolerance else None
+
+
 def _dq_conv(graph: Any, node: Any, w: PackedWeight, before: list[Any]) -> None:
     """The conv's float weight -> int8 codes + DequantizeLinear per output channel (axis 0)."""
     from onnx import helper, numpy_helper  # optional (onnx, extra 'onnx'): imported when used
 
     name = f"{node.input[1]}_int8_{node.name}"
-    q = w.q.reshape(next(t for t in graph.initializer if t.name == node.input[1]).dims)
+    weight = next(t for t in graph.initializer if t.name == node.input[1])
+    q = w.q.reshape(weight.dims)
+    scale = _folded_scale(weight, w)  # the stored scales, times a folded BatchNorm's factor
     graph.initializer.extend([numpy_helper.from_array(q.astype(np.int8), name),
-                              numpy_helper.from_array(w.scale.astype(np.float32), f"{name}_scale"),
+                              numpy_helper.from_array(scale.astype(np.float32), f"{name}_scale"),
                               numpy_helper.from_array(np.zeros(w.scale.shape, np.int8), f"{name}_zero")])
     before.append(helper.make_node("DequantizeLinear", [name, f"{name}_scale", f"{name}_zero"], [f"{name}_dq"],
                                    name=f"{name}_DQ", axis=0))
