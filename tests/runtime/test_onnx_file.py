@@ -168,3 +168,14 @@ def test_loading_a_quantized_artifact_says_which_form_it_is(backend, measured_on
         assert lines[0].startswith("loaded the reference float form")
     assert ("measured on ONNX Runtime is " + str(tmp_path / "run" / "model.onnx") in lines[0]) == measured_on_ort
     assert f"slimkit export {tmp_path / 'run'} --format onnx" in lines[0]
+
+
+def test_slimkits_own_loads_say_nothing_but_keep_the_form(digits_task, tmp_path, caplog):
+    from slimkit.io.loaded_form import loads_unannounced
+
+    model = sk.apply(digits_task.model, sk.quantize.Int8(activations="static"), digits_task)
+    sk.save(model, tmp_path / "best", extra={"backend": "onnxruntime"})
+    with caplog.at_level("INFO", logger="slimkit.io"), loads_unannounced():
+        loaded = sk.load(tmp_path / "best")
+    assert not [r for r in caplog.records if r.name == "slimkit.io"]
+    assert "best.onnx" in loaded.slimkit_loaded_form

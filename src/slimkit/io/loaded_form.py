@@ -10,8 +10,11 @@ a quantized artifact, ``load`` logs which form it returned and where the measure
 
 from __future__ import annotations
 
+import contextlib
+import contextvars
 import logging
 from collections import Counter
+from collections.abc import Iterator
 from pathlib import Path
 from typing import Any, Mapping
 
@@ -21,6 +24,18 @@ log = logging.getLogger("slimkit.io")
 #: Kernel names of layers that run the float reference of their integer math (``quantize.modules``).
 REFERENCE_KERNELS = ("fake-quant+dequant-fp32", "dequant-fp32")
 _said: set[str] = set()
+#: slimkit's own loads (a search checking the best it copied) are not the user's: nothing to tell them.
+_QUIET: contextvars.ContextVar[bool] = contextvars.ContextVar("slimkit_quiet_loads", default=False)
+
+
+@contextlib.contextmanager
+def loads_unannounced() -> Iterator[None]:
+    """Loads inside do not log which form they returned (the model still carries ``slimkit_loaded_form``)."""
+    token = _QUIET.set(True)
+    try:
+        yield
+    finally:
+        _QUIET.reset(token)
 
 
 def loaded_form(model: nn.Module, path: str | Path, meta: Mapping[str, Any]) -> str:
@@ -56,11 +71,11 @@ def say_loaded_form(model: nn.Module, path: str | Path, meta: Mapping[str, Any])
         return
     model.slimkit_loaded_form = line  # type: ignore[assignment]  # readable after the log is gone
     key = str(Path(path).resolve())
-    if key in _said:
+    if key in _said or _QUIET.get():
         return
     _said.add(key)
     measured_elsewhere = "reference float form" in line or "measured on ONNX Runtime" in line
     log.log(logging.WARNING if measured_elsewhere else logging.INFO, line)
 
 
-__all__ = ["REFERENCE_KERNELS", "loaded_form", "say_loaded_form"]
+__all__ = ["REFERENCE_KERNELS", "loaded_form", "loads_unannounced", "say_loaded_form"]

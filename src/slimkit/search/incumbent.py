@@ -31,6 +31,7 @@ from slimkit import io
 from slimkit.core.atomic import file_lock
 from slimkit.core.errors import SlimkitError
 from slimkit.io.artifact_store import reading, replace_artifact
+from slimkit.io.loaded_form import loads_unannounced
 from slimkit.search.evaluate import TrialMeasurement
 from slimkit.search.pareto import TrialRecord, objectives
 
@@ -143,7 +144,8 @@ class Incumbent:
                 if info.get("run") != self.run:
                     return f"{self.path} holds the best of another search, not of this study"
                 replace_artifact(dest, lambda d: _copy_files(version, d))
-            model = io.load(dest)  # the copy, checked like any artifact (and named as the user will see it)
+            with loads_unannounced():  # slimkit's own check: the summary says where the deployable file is
+                model = io.load(dest)  # the copy, checked like any artifact (and named as the user will see it)
         except (OSError, SlimkitError) as exc:
             return f"the saved incumbent in {self.path} cannot be used ({str(exc).splitlines()[0][:200]})"
         return Saved(int(info["trial"]), model)
