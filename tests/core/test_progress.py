@@ -59,3 +59,16 @@ def test_quantize_command_says_each_stage_of_gptq(tmp_path, capsys):
     said = result.output + capsys.readouterr().err
     for stage in ("calibrating 2 layers (input Hessians): done", "rounding int4 weights (gptq): done"):
         assert stage in said, said
+
+
+def test_a_search_trial_keeps_its_steps_quiet(capsys, digits_task):
+    """The search's own bar names the trial: a step that would show progress on its own (AdaRound) says nothing."""
+    import slimkit as sk
+    from slimkit.search.evaluate import RuntimeMeasurer
+
+    evaluate = RuntimeMeasurer(digits_task, sk.Target(max_drop=0.05, threads=1), backend="torch")
+    measured, model = evaluate([sk.quantize.AdaRound(bits=4, iterations=20)], early_stop=False)
+    assert measured.error is None and model is not None
+    assert "AdaRound" not in capsys.readouterr().err
+    with progress_bar(True) as bar:  # outside the trial, the same call shows
+        assert bar is not None

@@ -18,6 +18,7 @@ import torch.nn as nn
 
 from slimkit.core.config import BaseConfig, apply
 from slimkit.core.errors import SlimkitError
+from slimkit.core.progress import progress_shown
 from slimkit.core.record import records_of
 from slimkit.core.registry import technique_of
 from slimkit.core.target import Measurement, Target
@@ -101,7 +102,8 @@ class RuntimeMeasurer:
                 if i == len(configs) - 1 and technique_of(type(config)).stage == "quantize":
                     self.before_last = self.task.model if i == 0 else copy.deepcopy(model)
                 lap, step = time.perf_counter(), config.type_name
-                model = apply(model, config, self.task, inplace=True)
+                with progress_shown(False):  # the search's own bar says which trial runs; its steps stay quiet
+                    model = apply(model, config, self.task, inplace=True)
                 timings[config.type_name] = timings.get(config.type_name, 0.0) + time.perf_counter() - lap
             step = "measuring (size, runtime build, latency, metric)"
             c = measure("trial", model, configs, self.task, backend=self.backend, threads=self.target.threads,
@@ -134,7 +136,8 @@ class RuntimeMeasurer:
         after = [c for c in rest if technique_of(type(c)).stage != "recover"]  # e.g. the quantization that follows
         if self.target.max_size_mb is None or any(getattr(c, "steps", 0) for c in after):
             return None  # no size limit, or finding the bytes would train (QAT, ternary): not known before
-        final = apply(untrained, after, self.task) if after else untrained
+        with progress_shown(False):
+            final = apply(untrained, after, self.task) if after else untrained
         size_mb = artifact_size(final) / 1e6
         if size_mb > self.target.max_size_mb:
             log.info("candidate breaks the size limit before training; not trained")
