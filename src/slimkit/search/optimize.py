@@ -245,7 +245,7 @@ def optimize(task: Task | str, target: Target, *, trials: int = 30, time_budget:
             keeper = Incumbent(Path(attrs["incumbent"]), attrs["run"], task.name)
             objective = make_objective(ctx, techs, measure, records, keeper)
             lap = time.monotonic()
-            with TrialProgress(trials, finished(st), enabled=progress) as bar:
+            with TrialProgress(trials, finished(st), enabled=progress, baseline_score=baseline.score) as bar:
 
                 def after_trial(trial: Any) -> None:
                     bar.update(trial, saved=keeper.after_trial(trial))

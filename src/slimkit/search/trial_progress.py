@@ -10,8 +10,9 @@ from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, T
 class TrialProgress:
     """``with TrialProgress(total, done) as bar: ... bar.update(frozen_trial)`` (rich; silent when disabled)."""
 
-    def __init__(self, total: int, done: int = 0, *, enabled: bool = True) -> None:
+    def __init__(self, total: int, done: int = 0, *, enabled: bool = True, baseline_score: float | None = None) -> None:
         self.total, self.done, self.enabled = total, done, enabled
+        self.baseline_score = baseline_score
         self._progress: Any = None
         self._task: Any = None
 
@@ -30,7 +31,7 @@ class TrialProgress:
         if self._progress is None:
             return
         self._progress.update(self._task, completed=min(self.done, self.total))
-        self._progress.console.print(trial_line(frozen) + (" [bold green]best so far, saved[/]" if saved else ""))
+        self._progress.console.print(trial_line(frozen, self.baseline_score) + (" [bold green]best so far, saved[/]" if saved else ""))
 
     def say(self, line: str) -> None:
         """A line under the bar (why the search stopped, what the end does): printed on a terminal and in a log."""
@@ -42,8 +43,9 @@ class TrialProgress:
             self._progress.stop()
 
 
-def trial_line(frozen: Any) -> str:
-    """``#4 Channels + Finetune + Int8: 0.061 MB, 0.42 ms, drop 0.003 fits`` (rich markup)."""
+def trial_line(frozen: Any, baseline_score: float | None = None) -> str:
+    """``#4 Channels + Finetune + Int8: 0.061 MB, 0.42 ms, metric change -0.0030 fits`` (rich markup); the
+    signed change as the summary and the report print it (the target's ``drop`` when no baseline is given)."""
     recipe = frozen.user_attrs.get("recipe", [])
     m = frozen.user_attrs.get("measured", {})
     pipeline = " + ".join(step["type"].split(".")[-1] for step in recipe) or "original"
@@ -54,7 +56,9 @@ def trial_line(frozen: Any) -> str:
         parts.append(f"{m['size_mb']:.4g} MB")
     if m.get("latency_ms") is not None:
         parts.append(f"{m['latency_ms']:.3g} ms")
-    if m.get("drop") is not None:
+    if m.get("score") is not None and baseline_score is not None:
+        parts.append(f"metric change {m['score'] - baseline_score:+.4f}")
+    elif m.get("drop") is not None:
         parts.append(f"drop {m['drop']:+.4f}")
     if m.get("stopped_at"):
         parts.append(f"over the {m['stopped_at']} limit, metric skipped")

@@ -68,7 +68,7 @@ def work(study: str, storage: str, *, trials: int | None = None, time_budget: fl
     objective = make_objective(ctx, techs, measure, [], keeper)
     with stop_on_signals():
         try:
-            with TrialProgress(total, finished(st), enabled=progress) as bar:
+            with TrialProgress(total, finished(st), enabled=progress, baseline_score=baseline.score) as bar:
                 done = run_trials(st, objective, total, budget=TimeBudget(time_budget),
                                   on_trial=lambda t: bar.update(t, saved=keeper.after_trial(t)))
                 bar.say(f"worker stopped: {done.reason}")
