@@ -170,8 +170,8 @@ def _best_details(r: Report, result: OptimizeResult, task: Task) -> None:
 
 
 def _sparsity(r: Report, model: Any) -> None:
-    layers = {n: float((m.weight == 0).float().mean()) for n, m in model.named_modules()
-              if isinstance(m, PRUNABLE) and m.weight.is_floating_point()}
+    layers = {f"{n} ({type(m).__name__})": float((m.weight == 0).float().mean()) for n, m in model.named_modules()
+              if isinstance(m, PRUNABLE) and m.weight.is_floating_point()}  # names with their types, as in the tables
     if not layers or max(layers.values()) < 0.01:
         return
     r.heading("Sparsity of the best model per layer")
