@@ -80,17 +80,10 @@ def layer_breakdown(model: nn.Module, example: Example, device: str | torch.devi
         with Tracer(model, dev) as tracer:  # warm-up, and find which modules are leaves
             model(*args, **kwargs)
         leaves = set(tracer.leaves())
-        with Tracer(model, dev, timed=True, only=leaves) as tracer, _no_gc():
-            for _ in range(runs):
-                tracer.reset()
-                synchronize(dev)
-                t0 = time.perf_counter()
-                model(*args, **kwargs)
-                synchronize(dev)
-                total = time.perf_counter() - t0
-                for name in tracer.leaves():
-                    per_leaf.setdefault(name, []).append(tracer.records[name].seconds)
-                others.append(max(total - sum(tracer.records[n].seconds for n in tracer.leaves()), 0.0))
+        for tracer, total in _timed_forwards(model, args, kwargs, dev, leaves, runs):
+            for name in tracer.leaves():
+                per_leaf.setdefault(name, []).append(tracer.records[name].seconds)
+            others.append(max(total - sum(tracer.records[n].seconds for n in tracer.leaves()), 0.0))
 
     seen: set[int] = set()
     raw = []  # (name, kind, params, macs, seconds)
@@ -117,6 +110,20 @@ def layer_breakdown(model: nn.Module, example: Example, device: str | torch.devi
     return _sorted(rows, sort_by)
 
 
+def _timed_forwards(model: nn.Module, args: tuple, kwargs: dict, dev: torch.device, only: set[str],
+                    runs: int) -> Iterator[tuple[Tracer, float]]:
+    """``runs`` forwards with the ``only`` modules timed (garbage collector paused): per run the tracer and
+    the whole forward's seconds."""
+    with Tracer(model, dev, timed=True, only=only) as tracer, _no_gc():
+        for _ in range(runs):
+            tracer.reset()
+            synchronize(dev)
+            t0 = time.perf_counter()
+            model(*args, **kwargs)
+            synchronize(dev)
+            yield tracer, time.perf_counter() - t0
+
+
 def _block_rows(model: nn.Module, example: Example, dev: torch.device, threads: int | None, runs: int,
                 flops: FlopCount, units: dict[str, Unit]) -> list[LayerRow]:
     """One row per unit: the own time and own MACs of its modules summed (see ``measure.block_units``)."""
@@ -126,23 +133,16 @@ def _block_rows(model: nn.Module, example: Example, dev: torch.device, threads: 
             model(*args, **kwargs)
         ran = [n for n, rec in tracer.records.items() if rec.calls > 0]
         parent = _nearest_parents(ran)
-        with Tracer(model, dev, timed=True, only=set(ran)) as tracer, _no_gc():
-            for _ in range(runs):
-                tracer.reset()
-                synchronize(dev)
-                t0 = time.perf_counter()
-                model(*args, **kwargs)
-                synchronize(dev)
-                total = time.perf_counter() - t0
-                own = _own({n: tracer.records[n].seconds for n in ran}, parent)
-                summed: dict[str, float] = {}
-                for name, secs in own.items():
-                    if units[name].name != OTHER:
-                        summed[units[name].name] = summed.get(units[name].name, 0.0) + max(secs, 0.0)
-                # per run, so a preemption inside one unit in one run stays that unit's outlier
-                summed[OTHER] = max(total - sum(summed.values()), 0.0)
-                for unit in summed:
-                    per_unit.setdefault(unit, []).append(summed[unit])
+        for tracer, total in _timed_forwards(model, args, kwargs, dev, set(ran), runs):
+            own = _own({n: tracer.records[n].seconds for n in ran}, parent)
+            summed: dict[str, float] = {}
+            for name, secs in own.items():
+                if units[name].name != OTHER:
+                    summed[units[name].name] = summed.get(units[name].name, 0.0) + max(secs, 0.0)
+            # per run, so a preemption inside one unit in one run stays that unit's outlier
+            summed[OTHER] = max(total - sum(summed.values()), 0.0)
+            for unit in summed:
+                per_unit.setdefault(unit, []).append(summed[unit])
 
     own_macs = _own({n: float(flops.by_module.get(n, 0)) for n in ran}, parent)
     kinds = {u.name: u.kind for u in units.values()}
