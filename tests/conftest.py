@@ -10,6 +10,9 @@ import torch
 if os.environ.get("PYTEST_XDIST_WORKER"):
     # `make test` runs one worker per core: a second torch thread per worker would only oversubscribe them.
     torch.set_num_threads(1)
+    # ... and so would the processes a test starts (a script, a CLI command, torchrun ranks) if they took both.
+    for name in ("OMP_NUM_THREADS", "MKL_NUM_THREADS"):
+        os.environ.setdefault(name, "1")
 
 
 @pytest.fixture(scope="session")
