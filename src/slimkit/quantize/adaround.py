@@ -135,8 +135,7 @@ class AdaRound(QuantConfig):
     def report_section(cls, report: ReportSection, record: StepRecord, view: StepView) -> None:
         if not isinstance(record, AdaRoundRecord):
             return
-        if record.quantized:  # the step quantized too: the usual per-layer error against the float model
-            quant_report_section(report, record, view)
+        quant_report_section(report, record, view)  # per-layer error, SQNR before -> after
         report.heading(f"{record.technique}: layer output MSE on calibration inputs, nearest -> AdaRound")
         report.table(["layer", "nearest", "AdaRound", "kept"],
                      [[n, a, b, "nearest" if n in record.kept_nearest else "AdaRound"]

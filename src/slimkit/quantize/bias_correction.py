@@ -34,7 +34,7 @@ from slimkit.core.record import ReportSection, StepRecord, StepView, add_record,
 from slimkit.core.registry import SearchContext
 from slimkit.core.task import Task
 from slimkit.quantize.modules import QuantConv2d, QuantLinear
-from slimkit.quantize.record import QuantRecord
+from slimkit.quantize.record import QuantRecord, quant_report_section
 
 MODES = ("auto", "empirical", "analytic")
 
@@ -62,6 +62,7 @@ class BiasCorrection(BaseConfig):
     def report_section(cls, report: ReportSection, record: StepRecord, view: StepView) -> None:
         if not isinstance(record, BiasCorrectionRecord):
             return
+        quant_report_section(report, record, view)  # per-layer SQNR before -> after
         report.heading(f"{record.technique} ({record.mode}): {len(record.corrected)} layer(s) corrected")
         report.table(["layer", "mean |bias change|"], [[n, v] for n, v in record.corrected.items()])
         if record.skipped:

@@ -20,6 +20,7 @@ import torch.nn as nn
 
 from slimkit.core.runtime_needs import quantized_layers
 from slimkit.measure.closeness import sqnr_from_powers
+from slimkit.quantize.extreme_modules import BitConv2d, BitLinear
 
 
 @dataclasses.dataclass
@@ -52,10 +53,10 @@ def layer_errors(float_model: nn.Module, quant_model: nn.Module, batches: Iterab
 
     Sorted worst first by worst-channel SQNR, the number that exposes a destroyed channel.
     """
-    quantized = quantized_layers(quant_model)
-    inputs: dict[str, list[torch.Tensor]] = {n: [] for n in quantized}
-    hooks = [float_model.get_submodule(n).register_forward_pre_hook(
-        lambda _m, args, n=n: inputs[n].append(args[0].detach())) for n in quantized]
+    pairs = _float_twins(float_model, quant_model)  # name -> (float layer, quantized layer)
+    inputs: dict[str, list[torch.Tensor]] = {n: [] for n in pairs}
+    hooks = [ref.register_forward_pre_hook(lambda _m, args, n=n: inputs[n].append(args[0].detach()))
+             for n, (ref, _) in pairs.items()]
     try:
         float_model.eval()
         with torch.inference_mode():
@@ -69,9 +70,8 @@ def layer_errors(float_model: nn.Module, quant_model: nn.Module, batches: Iterab
     rows = []
     gen = torch.Generator().manual_seed(0)
     with torch.inference_mode():
-        for name, q in quantized.items():
-            ref_layer = float_model.get_submodule(name)
-            channel_dim = 1 if isinstance(ref_layer, nn.Conv2d) else -1
+        for name, (ref_layer, q) in pairs.items():
+            channel_dim = 1 if isinstance(ref_layer, nn.modules.conv._ConvNd) else -1  # (B, C, ...) or (..., C)
             signal = noise = 0.0
             ch_signal: torch.Tensor | float = 0.0
             ch_noise: torch.Tensor | float = 0.0
@@ -91,7 +91,7 @@ def layer_errors(float_model: nn.Module, quant_model: nn.Module, batches: Iterab
                 errs.append(err[torch.randperm(err.numel(), generator=gen)[:sample]])
             sqnr = sqnr_from_powers(signal, noise)
             worst = _worst_channel_db(ch_signal, ch_noise)
-            rows.append(LayerError(name=name, kind=type(ref_layer).__name__, kernel=getattr(q, "kernel", "?"),
+            rows.append(LayerError(name=name, kind=type(ref_layer).__name__, kernel=_kernel(q),
                                    sqnr_db=sqnr, worst_channel_sqnr_db=worst, max_abs=max_abs, mean_abs=abs_sum / max(count, 1),
                                    sample=torch.cat(errs)[:sample] if errs else torch.empty(0)))
     return sorted(rows, key=lambda r: r.worst_channel_sqnr_db)
@@ -117,6 +117,41 @@ def layer_errors_before_after(float_model: nn.Module, plain: nn.Module, improved
             row.sqnr_before_db = before[row.name].sqnr_db
             row.worst_channel_sqnr_before_db = before[row.name].worst_channel_sqnr_db
     return after
+
+
+def stored_layers(model: nn.Module) -> dict[str, nn.Module]:
+    """Every layer holding integer weights, by name: the ``QuantizedLayer`` protocol's (int8 / grouped int4)
+    and the packed ``BitLinear`` / ``BitConv2d`` (int4 per output channel, as AdaRound and mixed precision
+    store it, binary, ternary), which carry other buffers and so do not follow the protocol."""
+    found = set(quantized_layers(model)) | {n for n, m in model.named_modules() if isinstance(m, (BitLinear, BitConv2d))}
+    return {n: m for n, m in model.named_modules() if n in found}  # in module order
+
+
+def _float_twins(float_model: nn.Module, quant_model: nn.Module) -> dict[str, tuple[nn.Module, nn.Module]]:
+    """Each stored layer of ``quant_model`` with the float layer of ``float_model`` it replaced. A Conv1d the
+    quantizer ran as a (k, 1) Conv2d (``name.conv`` inside a ``Conv1dAs2d``) is compared as the whole
+    ``name``, whose input and output are the Conv1d's."""
+    floats = dict(float_model.named_modules())
+    quants = dict(quant_model.named_modules())
+    pairs = {}
+    for name, q in stored_layers(quant_model).items():
+        parent = name.rsplit(".", 1)[0] if name.endswith(".conv") else None
+        if name not in floats and parent is not None and isinstance(floats.get(parent), nn.Conv1d):
+            pairs[parent] = (floats[parent], quants[parent])
+        elif name in floats:
+            pairs[name] = (floats[name], q)
+    return pairs
+
+
+def _kernel(layer: nn.Module) -> str:
+    kernel = getattr(layer, "kernel", None)
+    if isinstance(kernel, str):
+        return kernel
+    inner = getattr(layer, "conv", None)  # a Conv1dAs2d around its quantized Conv2d
+    if inner is not None and isinstance(getattr(inner, "kernel", None), str):
+        return inner.kernel
+    bits = getattr(layer, "bits", None)
+    return f"{bits}-bit codes unpacked to float" if isinstance(layer, (BitLinear, BitConv2d)) else str(bits or "?")
 
 
 def _worst_channel_db(signal: torch.Tensor | float, noise: torch.Tensor | float) -> float:

@@ -6,7 +6,8 @@ import dataclasses
 from typing import Any
 
 from slimkit.core.record import ReportSection, StepRecord, StepView
-from slimkit.quantize.layer_error import layer_errors
+from slimkit.quantize.before_after import before_after_errors
+from slimkit.quantize.layer_error import LayerError, layer_errors
 
 
 @dataclasses.dataclass
@@ -58,20 +59,19 @@ class TrainedQuantRecord(QuantRecord):
 
 def quant_report_section(report: ReportSection, record: StepRecord, view: StepView) -> None:
     """Layers kept in float (with the reason), mixed precision's widths, what training did, and every
-    quantized layer's own error against the float model it came from (when the view has both)."""
+    quantized layer's own error against the float model it came from (when the view has both). A step
+    that ran an algorithm (SmoothQuant, CLE, AWQ, GPTQ, AdaRound, bias correction) also shows each layer's
+    SQNR with the algorithm off (``quantize.before_after``)."""
+    compared = before_after_errors(record, view)
+    if isinstance(compared, str):
+        report.note(compared)
+    if isinstance(compared, list):
+        error_table(report, compared)
+    elif isinstance(record, QuantRecord) and not _refines_only(record):
+        has_float = view.before is not None and view.after is not None and view.task is not None and view.task.calib
+        error_table(report, layer_errors(view.before, view.after, view.task.calib) if has_float else [])
     if not isinstance(record, QuantRecord):
         return
-    errors = (layer_errors(view.before, view.after, view.task.calib)
-              if view.before is not None and view.after is not None and view.task is not None and view.task.calib
-              else [])
-    if errors:
-        report.data.setdefault("layer_errors", []).extend(e.to_dict() for e in errors)
-        report.heading("Per-layer quantization error (each layer alone, float input), worst first")
-        report.table(["layer", "type", "kernel", "SQNR dB", "worst-channel SQNR dB", "max abs error", "mean abs error"],
-                     [[e.name, e.kind, e.kernel, e.sqnr_db, e.worst_channel_sqnr_db, e.max_abs, e.mean_abs]
-                      for e in errors])
-        report.histogram("output error of the worst layers", {e.name: e.sample.tolist() for e in errors[:4]},
-                         "quantized - float output")
     kept = dict(record.skipped) | {n: "reverted by accuracy control" for n in record.reverted}
     if kept:
         report.heading(f"{record.technique}: layers kept in float")
@@ -86,3 +86,29 @@ def quant_report_section(report: ReportSection, record: StepRecord, view: StepVi
         t = record.training
         report.note(f"{record.technique}: trained {t.steps} steps ({t.loss} loss {t.first_loss:.4g} -> "
                     f"{t.last_loss:.4g}, {t.seconds:.1f} s); BatchNorms folded first: {len(t.folded_bn)}")
+
+
+def error_table(report: ReportSection, errors: list[LayerError]) -> None:
+    """The per-layer error table (worst first), its JSON twin ``layer_errors`` and the worst layers' error
+    histogram; with "SQNR before -> after" and the algorithm where the rows were compared."""
+    if not errors:
+        return
+    report.data.setdefault("layer_errors", []).extend(e.to_dict() for e in errors)
+    compared = [e for e in errors if e.sqnr_before_db is not None]
+    header = ["layer", "type", "kernel", "SQNR dB", "worst-channel SQNR dB", "max abs error", "mean abs error"]
+    rows = [[e.name, e.kind, e.kernel, e.sqnr_db, e.worst_channel_sqnr_db, e.max_abs, e.mean_abs] for e in errors]
+    if compared:
+        header += ["algorithm", "SQNR before → after (dB)"]
+        rows = [row + ([e.algorithm, f"{e.sqnr_before_db:.1f} → {e.sqnr_db:.1f}"] if e.sqnr_before_db is not None
+                       else ["", ""]) for row, e in zip(rows, errors)]
+    algorithm = next((e.algorithm for e in compared), None)
+    report.heading("Per-layer quantization error (each layer alone, float input), worst first"
+                   + (f"; before → after {algorithm}" if algorithm else ""))
+    report.table(header, rows)
+    report.histogram("output error of the worst layers", {e.name: e.sample.tolist() for e in errors[:4]},
+                     "quantized - float output")
+
+
+def _refines_only(record: StepRecord) -> bool:
+    """AdaRound after a quantize step re-rounds it: its plain table would repeat the quantize step's."""
+    return record.technique == "quantize.AdaRound" and not getattr(record, "quantized", True)
