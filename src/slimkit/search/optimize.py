@@ -28,6 +28,7 @@ from slimkit.search.faults import fault_point
 from slimkit.search.interrupt import stop_on_signals, stopped
 from slimkit.search.finish import finish, records_from_study
 from slimkit.search.incumbent import INCUMBENT_DIR, Incumbent
+from slimkit.search.latency_check import latency_constraint
 from slimkit.search.pareto import TrialRecord, objectives
 from slimkit.search.refine import step_closest
 from slimkit.search.result import OptimizeResult
@@ -106,8 +107,8 @@ def make_objective(ctx: SearchContext, techs: Sequence[Technique], measure: Meas
             earlier = _same_pipeline_measured(trial)
             measured, model = (earlier, None) if earlier is not None else measured_model(measure, configs)
         recipe = [c.to_dict() for c in configs]
-        constraints = _finite([1e9] * len(target.names())) if measured.error else _finite(
-            target.constraints(measured.measurement()))
+        constraints = _finite([1e9] * len(target.names())) if measured.error else latency_constraint(
+            target, _finite(target.constraints(measured.measurement())), measured.latency_check)
         if not constraints:  # no limit at all: everything fits
             constraints = [0.0]
         trial.set_user_attr("recipe", recipe)
@@ -198,6 +199,7 @@ def optimize(task: Task | str, target: Target, *, trials: int = 30, time_budget:
     if max_techniques is not None and (not isinstance(max_techniques, int) or max_techniques < 1):
         raise SlimkitError(f"max_techniques={max_techniques!r} is invalid", "use 1 or more, or leave it out")
     budget = TimeBudget(time_budget, budget_start)
+    asked = target  # relative latency limits still relative: trials are re-timed against the original
     phases: dict[str, float] = {}
     out_dir = Path(out) if out is not None else Path("runs") / f"optimize-{task.name}"
     url = storage_url(out_dir, storage)
@@ -233,6 +235,7 @@ def optimize(task: Task | str, target: Target, *, trials: int = 30, time_budget:
                 target = target.with_original_latency(baseline.latency_ms or 0.0)  # a relative limit, in ms
                 ctx = context_for(task, target, baseline, sens, extra, max_techniques)
                 attrs = {"task": task_spec or task.name, "target": target.to_dict(),
+                         "asked_target": asked.to_dict(),
                          "techniques": [t.search for t in techs], "trials": trials, "seed": seed, "backend": backend,
                          "sensitivity": sens, "extra": extra, "strategy": strategy,
                          "max_techniques": max_techniques, **_incumbent_attrs(out_dir, {}),
@@ -241,6 +244,7 @@ def optimize(task: Task | str, target: Target, *, trials: int = 30, time_budget:
                                   guesses=_first_guesses(ctx, techs))
             if isinstance(measure, RuntimeMeasurer):
                 measure.baseline_score, measure.target = baseline.score, target
+                measure.asked = Target(**attrs.get("asked_target", asked.to_dict()))
             records: list[TrialRecord] = []
             keeper = Incumbent(Path(attrs["incumbent"]), attrs["run"], task.name)
             objective = make_objective(ctx, techs, measure, records, keeper)

@@ -62,6 +62,7 @@ def work(study: str, storage: str, *, trials: int | None = None, time_budget: fl
                       attrs.get("max_techniques"))
     measure = RuntimeMeasurer(task, target, baseline.score, backend=attrs.get("backend", "auto"),
                               seed=int(attrs.get("seed", 0)))
+    measure.asked = Target(**attrs.get("asked_target", attrs["target"]))
     sampler = make_sampler(attrs.get("strategy", "auto"), int(attrs.get("seed", 0)) + os.getpid(), total)
     st = load_study(db, study, sampler)
     keeper = Incumbent(_reachable(attrs.get("incumbent")), str(attrs.get("run", "")), task.name)
