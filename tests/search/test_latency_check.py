@@ -64,3 +64,14 @@ def test_a_search_trial_that_fits_is_re_timed_beside_the_original(digits_task, c
     assert m.latency_check["candidate_ms"] == candidate_ms and "re-timing with the original" in m.timings
     constraints = latency_constraint(measure.target, [-1.0, -0.1], m.latency_check)  # latency, drop
     assert (constraints[0] <= 0) is met and constraints[0] == pytest.approx(candidate_ms - 1.0)
+
+
+def test_a_trial_line_says_when_the_shared_rounds_failed_it():
+    from types import SimpleNamespace
+
+    from slimkit.search.trial_progress import trial_line
+
+    check = {"candidate_ms": 2.0, "limit_ms": 1.0, "met": False}
+    frozen = SimpleNamespace(number=3, user_attrs={"recipe": [{"type": "quantize.Float16"}], "constraints": [1.0],
+                                                   "measured": {"size_mb": 0.01, "latency_ms": 0.4, "latency_check": check}})
+    assert "2 ms beside the original, over its 1 ms limit" in trial_line(frozen) and "misses" in trial_line(frozen)

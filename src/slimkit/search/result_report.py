@@ -98,7 +98,8 @@ def write_report(result: OptimizeResult, task: Task) -> Path:
             [[t.number, t.label(), t.measured.size_mb, t.measured.latency_ms, t.measured.score,
               None if t.measured.score is None else metric_change(t.measured.score, result.baseline.score),
               "yes" if t.feasible else "no", t.measured.seconds,
-              t.measured.error or (f"over {t.measured.stopped_at} limit" if t.measured.stopped_at else "")]
+              t.measured.error or (f"over {t.measured.stopped_at} limit" if t.measured.stopped_at else "")
+              or (t.measured.latency_check or {}).get("text", "")]
              for t in result.trials])
     r.note(sign_note(task.metric_name, task.higher_is_better))
     _time_spent(r, result)

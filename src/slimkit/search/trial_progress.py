@@ -62,6 +62,9 @@ def trial_line(frozen: Any, baseline_score: float | None = None) -> str:
         parts.append(f"drop {m['drop']:+.4f}")
     if m.get("stopped_at"):
         parts.append(f"over the {m['stopped_at']} limit, metric skipped")
+    check = m.get("latency_check")
+    if check and not check.get("met"):
+        parts.append(f"{check['candidate_ms']:.3g} ms beside the original, over its {check['limit_ms']:.3g} ms limit")
     fits = all(c <= 0 for c in frozen.user_attrs.get("constraints", [1e9]))
     verdict = "[green]fits[/]" if fits else "[yellow]misses[/]"
     return f"#{frozen.number} {pipeline}: {', '.join(parts)} {verdict}"
