@@ -17,7 +17,7 @@ from slimkit.quantize import BiasCorrection, CrossLayerEqualization, Int8, Smoot
 from slimkit.quantize.adaround import AdaRound
 from slimkit.quantize.layer_error import layer_errors, stored_layers
 from slimkit.report import Report
-from tests.models import cnn, mlp, sequence, tiny_task
+from tests.models import cnn, encoder, mlp, sequence, tiny_task, unet
 from tests.quantize.test_awq import salient_task
 from tests.quantize.test_equalization import PER_TENSOR, _mobile
 from tests.quantize.test_equalization import _task as mobile_task
@@ -125,13 +125,17 @@ def test_no_algorithm_no_before_column(steps):
     assert "before → after" not in report.html()
 
 
-#: model, config -> the layers whose rows must appear (every Conv/Linear the config quantized)
+#: model, config: every Conv / Linear / embedding table the config quantized must have a row
 COVERAGE = {
     "AdaRound int4 per channel, cnn": (cnn, AdaRound(bits=4, iterations=0)),
     "AdaRound int4 per channel, mlp": (mlp, AdaRound(bits=4, iterations=0)),
     "WeightOnly int4, cnn (convs per channel)": (cnn, WeightOnly(bits=4, group_size=32)),
     "Int8, Conv1d run as a (k, 1) Conv2d": (sequence, Int8(activations="dynamic", backend="torch")),
+    "WeightOnly int8, transposed conv": (unet, WeightOnly(bits=8)),
+    "Int8, embedding table": (encoder, Int8(activations="dynamic", backend="torch")),
 }
+#: several input or output tensors: no single-layer SQNR (listed in the record, no row)
+NO_ROW = (nn.LSTM, nn.GRU, nn.MultiheadAttention)
 
 
 @pytest.mark.parametrize("case", COVERAGE)
@@ -139,8 +143,10 @@ def test_every_quantized_layer_has_a_row(case):
     factory, config = COVERAGE[case]
     task = tiny_task(factory, batches=2)
     q = sk.apply(task.model, config, task)
-    quantized = [n for n in records_of(q)[-1].layers if n in stored_layers(q) or n.endswith(".conv")]
+    record = records_of(q)[-1]
+    floats = dict(task.model.named_modules())
+    lifted = {n: n.removesuffix(".conv") if n not in floats else n for n in record.layers + record.embeddings}
+    expected = {n for n in lifted.values() if not isinstance(floats[n], NO_ROW)}
     rows = {r.name: r for r in layer_errors(task.model, q, task.calib)}
-    expected = {n.removesuffix(".conv") if n not in dict(task.model.named_modules()) else n for n in quantized}
     assert expected and set(rows) == expected
     assert all(r.sqnr_db > 10.0 for r in rows.values()), {n: r.sqnr_db for n, r in rows.items()}

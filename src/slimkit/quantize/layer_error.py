@@ -127,14 +127,23 @@ def stored_layers(model: nn.Module) -> dict[str, nn.Module]:
     return {n: m for n, m in model.named_modules() if n in found}  # in module order
 
 
+#: Float layers of one input and one output tensor: any other module in their place is compared with them
+#: (transposed convs and embedding tables stored in integers, fp16 layers). LSTM / GRU and
+#: MultiheadAttention take or return several tensors and have no row.
+ONE_TENSOR = (nn.Linear, nn.modules.conv._ConvNd, nn.Embedding)
+
+
 def _float_twins(float_model: nn.Module, quant_model: nn.Module) -> dict[str, tuple[nn.Module, nn.Module]]:
-    """Each stored layer of ``quant_model`` with the float layer of ``float_model`` it replaced. A Conv1d the
+    """Each stored layer of ``quant_model`` (and each other layer that replaced a ``ONE_TENSOR`` float layer)
+    with the float layer of ``float_model`` it replaced. A Conv1d the
     quantizer ran as a (k, 1) Conv2d (``name.conv`` inside a ``Conv1dAs2d``) is compared as the whole
     ``name``, whose input and output are the Conv1d's."""
     floats = dict(float_model.named_modules())
     quants = dict(quant_model.named_modules())
+    replaced = {n: m for n, m in quants.items()
+                if isinstance(floats.get(n), ONE_TENSOR) and type(m) is not type(floats[n])}
     pairs = {}
-    for name, q in stored_layers(quant_model).items():
+    for name, q in {**replaced, **stored_layers(quant_model)}.items():
         parent = name.rsplit(".", 1)[0] if name.endswith(".conv") else None
         if name not in floats and parent is not None and isinstance(floats.get(parent), nn.Conv1d):
             pairs[parent] = (floats[parent], quants[parent])
