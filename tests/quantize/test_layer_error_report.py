@@ -15,7 +15,7 @@ from slimkit.core.registry import technique_of
 from slimkit.core.task import Task
 from slimkit.quantize import BiasCorrection, CrossLayerEqualization, Int8, SmoothQuant, WeightOnly
 from slimkit.quantize.adaround import AdaRound
-from slimkit.quantize.layer_error import layer_errors, stored_layers
+from slimkit.quantize.layer_error import layer_errors
 from slimkit.report import Report
 from slimkit.train.recover import Finetune
 from tests.models import cnn, encoder, mlp, sequence, tiny_task, unet

@@ -92,7 +92,8 @@ def layer_errors(float_model: nn.Module, quant_model: nn.Module, batches: Iterab
             sqnr = sqnr_from_powers(signal, noise)
             worst = _worst_channel_db(ch_signal, ch_noise)
             rows.append(LayerError(name=name, kind=type(ref_layer).__name__, kernel=_kernel(q),
-                                   sqnr_db=sqnr, worst_channel_sqnr_db=worst, max_abs=max_abs, mean_abs=abs_sum / max(count, 1),
+                                   sqnr_db=sqnr, worst_channel_sqnr_db=worst, max_abs=max_abs,
+                                   mean_abs=abs_sum / max(count, 1),
                                    sample=torch.cat(errs)[:sample] if errs else torch.empty(0)))
     return sorted(rows, key=lambda r: r.worst_channel_sqnr_db)
 
@@ -123,7 +124,8 @@ def stored_layers(model: nn.Module) -> dict[str, nn.Module]:
     """Every layer holding integer weights, by name: the ``QuantizedLayer`` protocol's (int8 / grouped int4)
     and the packed ``BitLinear`` / ``BitConv2d`` (int4 per output channel, as AdaRound and mixed precision
     store it, binary, ternary), which carry other buffers and so do not follow the protocol."""
-    found = set(quantized_layers(model)) | {n for n, m in model.named_modules() if isinstance(m, (BitLinear, BitConv2d))}
+    found = set(quantized_layers(model))
+    found |= {n for n, m in model.named_modules() if isinstance(m, (BitLinear, BitConv2d))}
     return {n: m for n, m in model.named_modules() if n in found}  # in module order
 
 
