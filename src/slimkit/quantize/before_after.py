@@ -23,6 +23,7 @@ from typing import Any
 import torch.nn as nn
 
 from slimkit.core.config import BaseConfig, apply
+from slimkit.core.errors import SlimkitError
 from slimkit.core.record import StepRecord, StepView, records_of
 from slimkit.core.registry import technique_named
 from slimkit.quantize.awq import scale_and_fold
@@ -53,7 +54,10 @@ class Comparison:
 def before_after_errors(record: StepRecord, view: StepView) -> list[LayerError] | str | None:
     """Per-layer errors of the step with ``sqnr_before_db`` filled, a one-line reason when an algorithm ran
     but no "before" can be built, or None when no algorithm ran (the plain table is then the whole story)."""
-    found = comparison(record, view)
+    try:
+        found = comparison(record, view)
+    except SlimkitError as err:  # the plain twin could not be built: the report keeps the plain table
+        return f"no SQNR before → after: the comparison model could not be built ({err.problem})"
     if not isinstance(found, Comparison):
         return found
     assert view.task is not None and view.task.calib
