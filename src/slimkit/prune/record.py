@@ -70,12 +70,28 @@ def prune_report_section(report: ReportSection, record: StepRecord, view: StepVi
         report.table(["layer", "sparsity"], list(record.layers.items()))
         with tempfile.TemporaryDirectory() as tmp:
             if record.layers:
-                report.image(str(sparsity_heatmap(record.snapshots or record.layers, Path(tmp) / "heatmap.png")),
+                report.image(str(sparsity_heatmap(heatmap_rows(record, view), Path(tmp) / "heatmap.png")),
                              "sparsity per layer")
             if record.history:
                 target = record.config.get("amount")
                 report.image(str(sparsity_trend(record.history, Path(tmp) / "trend.png", target=target)),
                              "sparsity over the schedule")
+
+
+def heatmap_rows(record: SparsityRecord, view: StepView) -> Any:
+    """The heatmap's rows (snapshots over a schedule, else the final sparsity per layer), each layer named
+    with its type as the report's tables and the search report's heatmap name it: ``'3 (Conv2d)'``. A picture
+    cannot be relabelled after it is drawn, so the names are typed before drawing."""
+    from slimkit.report.pruned_view import layer_types  # the report package loads when a report is written
+
+    types = layer_types(view.before, view.after)  # the original's type first (a layer a later step swapped)
+
+    def typed(layers: dict[str, float]) -> dict[str, float]:
+        return {f"{n} ({types[n]})" if n in types else n: s for n, s in layers.items()}
+
+    if record.snapshots:
+        return [(step, typed(layers)) for step, layers in record.snapshots]
+    return typed(record.layers)
 
 
 @dataclasses.dataclass(frozen=True)
