@@ -10,7 +10,8 @@ factor, and the blocked sweep with the paper's lazy batch updates.
 
 from __future__ import annotations
 
-from typing import Any, Callable, Iterable
+import contextlib
+from typing import Any, Callable, Iterable, Iterator
 
 import torch
 import torch.nn as nn
@@ -49,46 +50,73 @@ def gemm_rows(layer: nn.Module, x: torch.Tensor) -> torch.Tensor:
     return x.reshape(-1, x.shape[-1])
 
 
-def input_hessians(model: nn.Module, names: list[str], batches: Iterable[tuple[Any, ...]]) -> dict[str, torch.Tensor]:
-    """``X^T X / rows`` (K, K) float32 of each named Linear's (or Conv2d's unfolded) input over all
-    calibration batches."""
-    modules = dict(model.named_modules())
+@contextlib.contextmanager
+def hessian_hooks(modules: dict[str, nn.Module]) -> Iterator[dict[str, torch.Tensor]]:
+    """Accumulate ``X^T X`` of each named module's input while the ``with`` body runs forwards; on
+    exit the yielded dict holds ``X^T X / rows`` (K, K) float32 per module that saw data. Hooking
+    only some modules (one block's) bounds the memory the statistics take."""
     sums: dict[str, torch.Tensor] = {}
     rows: dict[str, int] = {}
 
     def hook(name: str):
         def observe(module: nn.Module, args: tuple) -> None:
             x = gemm_rows(module, args[0].detach()).double()  # (rows, K)
-            sums[name] = sums.get(name, 0) + x.T @ x
+            if name in sums:
+                sums[name].addmm_(x.T, x)
+            else:
+                sums[name] = x.T @ x
             rows[name] = rows.get(name, 0) + x.shape[0]
         return observe
 
-    handles = [modules[name].register_forward_pre_hook(hook(name)) for name in names]
+    handles = [m.register_forward_pre_hook(hook(name)) for name, m in modules.items()]
+    out: dict[str, torch.Tensor] = {}
+    try:
+        yield out
+    finally:
+        for h in handles:
+            h.remove()
+    for n in list(sums):
+        out[n] = (sums.pop(n) / rows[n]).float()  # the float64 sum freed as each result is made
+
+
+def input_hessians(model: nn.Module, names: list[str], batches: Iterable[tuple[Any, ...]]) -> dict[str, torch.Tensor]:
+    """``X^T X / rows`` (K, K) float32 of each named Linear's (or Conv2d's unfolded) input over all
+    calibration batches."""
+    modules = dict(model.named_modules())
     was_training = model.training
     try:
         model.eval()
         device = next(iter(model.parameters()), torch.empty(0)).device
-        with torch.inference_mode():
+        with hessian_hooks({n: modules[n] for n in names}) as hessians, torch.inference_mode():
             for batch in each(batches, f"calibrating {len(names)} layers (input Hessians)"):
                 model(*(t.to(device) if isinstance(t, torch.Tensor) else t for t in batch))
     finally:
-        for h in handles:
-            h.remove()
         model.train(was_training)
-    unseen = [n for n in names if n not in sums]
+    check_reached(names, hessians)
+    return {n: hessians[n] for n in names}
+
+
+def check_reached(names: Iterable[str], stats: dict[str, Any]) -> None:
+    """One-line error naming the first layer no calibration batch reached."""
+    unseen = [n for n in names if n not in stats]
     if unseen:
         raise SlimkitError(f"calibration never reached {unseen[0]!r}",
                            "give calibration batches that run through every layer being compressed")
-    return {n: (sums[n] / rows[n]).float() for n in names}
 
 
-def task_hessians(model: nn.Module, names: list[str], task: Task, method: str, instead: str) -> dict[str, torch.Tensor]:
-    """``input_hessians`` over the task's calibration batches, for ``method``; a one-line error naming
-    ``instead`` (the uncalibrated alternative) when the task has none."""
+def task_batches(task: Task, method: str, instead: str) -> list[Any]:
+    """The task's calibration batches, for ``method``; a one-line error naming ``instead`` (the
+    uncalibrated alternative) when the task has none."""
     calib = getattr(task, "calib", None) if task is not None else None
     if not calib:
         raise SlimkitError(f"method={method!r} needs calibration data and the task has none",
                            f"pass a task with calib batches, or use method={instead!r}")
+    return list(calib)
+
+
+def task_hessians(model: nn.Module, names: list[str], task: Task, method: str, instead: str) -> dict[str, torch.Tensor]:
+    """``input_hessians`` over the task's calibration batches, for ``method`` (see ``task_batches``)."""
+    calib = task_batches(task, method, instead)
     return input_hessians(model, names, calib) if names else {}
 
 

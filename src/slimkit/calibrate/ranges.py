@@ -7,8 +7,9 @@ minmax, percentile, entropy and MSE on the same observers (NNCF's habit of shari
 
 from __future__ import annotations
 
+import contextlib
 import math
-from collections.abc import Callable, Iterable
+from collections.abc import Callable, Iterable, Iterator
 from typing import Any
 
 import numpy as np
@@ -154,6 +155,22 @@ def collect(model: nn.Module, module_names: list[str], batches: Iterable[tuple[T
     if seen == 0:
         raise SlimkitError("calibration set is empty", "give the task calibration batches")
     return observers
+
+
+@contextlib.contextmanager
+def observer_hooks(modules: dict[str, nn.Module], which: str = "input") -> Iterator[dict[str, Observer]]:
+    """One ``Observer`` per named module, fed its first tensor input (or output) while the ``with``
+    body runs forwards: ``collect`` on any part of a model (e.g. one block at a time)."""
+    observers = {name: Observer(name) for name in modules}
+    handles = []
+    try:
+        for name, m in modules.items():
+            hook = _hook(observers[name], which)
+            handles.append(m.register_forward_pre_hook(hook) if which == "input" else m.register_forward_hook(hook))
+        yield observers
+    finally:
+        for handle in handles:
+            handle.remove()
 
 
 def _hook(obs: Observer, which: str) -> Callable[..., None]:

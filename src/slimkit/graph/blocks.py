@@ -31,6 +31,29 @@ def block_list(model: nn.Module) -> tuple[nn.Module, str]:
     return best[0], best[1]
 
 
+#: Blocks a container must repeat to count as repeated blocks.
+MIN_REPEATS = 2
+
+
+def repeated_blocks(model: nn.Module) -> list[str]:
+    """Names of the model's repeated blocks, outermost first (never one inside another): the children
+    of a ModuleList / Sequential holding at least two modules of one type that have submodules of
+    their own (HF ``BertLayer``, torchvision ``BasicBlock``, ``nn.TransformerEncoderLayer``).
+    Activation recomputation wraps them; block-by-block calibration walks them."""
+    found: list[str] = []
+    for name, module in model.named_modules():
+        if not isinstance(module, (nn.ModuleList, nn.Sequential)):
+            continue
+        if any(name == f or name.startswith(f + ".") for f in found):
+            continue
+        children = list(module.named_children())
+        kinds = {type(c) for _, c in children}
+        if len(children) >= MIN_REPEATS and len(kinds) == 1 and all(any(True for _ in c.children())
+                                                                     for _, c in children):
+            found.extend(f"{name}.{n}" if name else n for n, _ in children)
+    return found
+
+
 def encoder_blocks(model: nn.Module) -> list[nn.Module]:
     parent, attr = block_list(model)
     return list(getattr(parent, attr))

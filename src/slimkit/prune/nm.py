@@ -21,9 +21,9 @@ import torch.nn as nn
 from torch.sparse import to_sparse_semi_structured
 
 from slimkit.calibrate import obs
+from slimkit.calibrate.blockwise import calibrate_blockwise
 from slimkit.core.config import BaseConfig, technique
 from slimkit.core.errors import SlimkitError
-from slimkit.core.progress import each
 from slimkit.core.task import Task
 from slimkit.prune.record import PruneConfig, record_sparsity
 from slimkit.train.masks import Masks, apply_masks, prunable, weight
@@ -110,14 +110,14 @@ def nm_masks(model: nn.Module, names: list[str], n: int, m: int) -> tuple[Masks,
     return masks, skipped
 
 
-def prune_nm(model: nn.Module, config: NM, task: Task | None = None) -> nn.Module:
+def prune_nm(model: nn.Module, config: NM, task: Task | None = None, *, blockwise: bool = True) -> nn.Module:
     names, skipped = prunable(model, config.targets, config.exclude)
     masks, misfits = nm_masks(model, names, config.n, config.m)
     if not masks:
         raise SlimkitError(f"no targeted layer has an input size divisible by {config.m}",
                            "target other layers or choose a smaller m")
     if config.method == "sparsegpt":
-        masks = _sparsegpt(model, masks, config, task)
+        masks = _sparsegpt(model, masks, config, task, blockwise=blockwise)
     apply_masks(model, masks)
     record_sparsity(model, config, list(masks), {**skipped, **misfits})
     return model
@@ -144,9 +144,11 @@ def sparsegpt_nm(weight: torch.Tensor, hessian: torch.Tensor, n: int = 2, m: int
     return obs.sweep(w, h_inv, prune_column, block=block).to(weight.dtype), ~drop
 
 
-def _sparsegpt(model: nn.Module, masks: Masks, config: NM, task: Task) -> Masks:
+def _sparsegpt(model: nn.Module, masks: Masks, config: NM, task: Task, *, blockwise: bool = True) -> Masks:
     """SparseGPT's weights and masks (written into the model) for the layers the sweep supports;
-    the others keep their magnitude masks, with the reason logged."""
+    the others keep their magnitude masks, with the reason logged. Calibrated one repeated block at a
+    time (``calibrate.blockwise``: each block on the already-pruned blocks' outputs, one block's
+    Hessians held); ``blockwise=False`` gathers every layer's Hessians in one pass first."""
     chosen = []
     for name in masks:
         why = obs.unsupported(model.get_submodule(name))
@@ -154,13 +156,20 @@ def _sparsegpt(model: nn.Module, masks: Masks, config: NM, task: Task) -> Masks:
             log.info("%s keeps magnitude N:M: %s", name, why)
         else:
             chosen.append(name)
-    hessians = obs.task_hessians(model, chosen, task, "sparsegpt", "magnitude")
-    with torch.no_grad():
-        for name in each(chosen, f"SparseGPT {config.n}:{config.m} layers"):
-            w = model.get_submodule(name).weight  # (out, in) or (out, in, kh, kw)
-            new, keep = sparsegpt_nm(w.reshape(w.shape[0], -1), hessians[name], config.n, config.m)
-            w.copy_(new.view(w.shape))
-            masks[name] = keep.view(w.shape)
+    batches = obs.task_batches(task, "sparsegpt", "magnitude")
+    if not chosen:
+        return masks
+
+    def prune_block(hessians: dict[str, torch.Tensor]) -> None:
+        with torch.no_grad():
+            for name, h in hessians.items():
+                w = model.get_submodule(name).weight  # (out, in) or (out, in, kh, kw)
+                new, keep = sparsegpt_nm(w.reshape(w.shape[0], -1), h, config.n, config.m)
+                w.copy_(new.view(w.shape))
+                masks[name] = keep.view(w.shape)
+
+    calibrate_blockwise(model, chosen, batches, obs.hessian_hooks,
+                        prune_block, blocks=None if blockwise else [], label=f"SparseGPT {config.n}:{config.m}")
     return masks
 
 

@@ -8,7 +8,8 @@ from typing import Any, ClassVar
 
 import torch.nn as nn
 
-from slimkit.calibrate.ranges import collect, compute_range
+from slimkit.calibrate.blockwise import calibrate_blockwise
+from slimkit.calibrate.ranges import compute_range, observer_hooks
 from slimkit.core.config import BaseConfig, technique
 from slimkit.core.editing import set_submodule
 from slimkit.core.errors import SlimkitError
@@ -85,39 +86,54 @@ class Int8(PTQConfig):
 
 
 
-def quantize_int8(model: nn.Module, config: Int8, task: Task | None) -> nn.Module:
+def quantize_int8(model: nn.Module, config: Int8, task: Task | None, *, blockwise: bool = True) -> nn.Module:
+    """``config`` applied in place. Static ranges are observed one repeated block at a time
+    (``calibrate.blockwise``, passing on float outputs: the same ranges as one whole-model pass),
+    each block's layers swapped as soon as its ranges are known; ``blockwise=False``: one pass first."""
     names, skipped = target_layers(model, config.targets, config.exclude, allow_conv=True, recurrent=True)
     recurrent = recurrent_targets(model, config.targets, config.exclude)
     tables = quantize_embeddings(model, config, skipped)  # first, so calibration sees the deployed tables
-    ranges: dict[str, tuple[float, float]] = {}
+    keep = config.max_drop is not None  # the float layers are kept only for accuracy control to restore
+    done: dict[str, nn.Module | None] = {}
+
+    def swap(name: str, act_range: tuple[float, float] | None) -> None:
+        layer = model.get_submodule(name)
+        set_submodule(model, name, _int8_layer(layer, config, act_range))
+        done[name] = layer if keep else None
+
     if config.activations == "static":
         calib = getattr(task, "calib", None) if task is not None else None
         if not calib:
             raise SlimkitError("static int8 needs calibration data and the task has none",
                                "pass a task with calib batches, or use activations='dynamic'")
-        observers = collect(model, names, calib, which="input")
-        for name in list(names):
-            lo, hi = compute_range(observers[name], config.calibration, percentile=config.percentile,
-                                   symmetric=config.symmetric, bits=8)
-            if not (math.isfinite(lo) and math.isfinite(hi)) or max(abs(lo), abs(hi)) > MAX_ABS_RANGE:
-                skipped[name] = f"input range [{lo:.3g}, {hi:.3g}] is not a real activation range (mask-like)"
-                names.remove(name)
-            else:
-                ranges[name] = (lo, hi)
-    per_channel = config.granularity == "per_channel"
-    originals = {name: model.get_submodule(name) for name in names}
-    for name, layer in originals.items():
-        if isinstance(layer, nn.Conv2d):
-            q = QuantConv2d.from_float(layer, activations=config.activations, act_range=ranges.get(name),
-                                       per_channel=per_channel, symmetric_act=config.symmetric)
-        else:
-            q = QuantLinear.from_float(layer, bits=8, group_size=0, activations=config.activations,
-                                       act_range=ranges.get(name), per_channel=per_channel,
-                                       symmetric_act=config.symmetric)
-        set_submodule(model, name, q)
+
+        def quantize_block(observers: dict) -> None:
+            for name, observer in observers.items():
+                lo, hi = compute_range(observer, config.calibration, percentile=config.percentile,
+                                       symmetric=config.symmetric, bits=8)
+                if not (math.isfinite(lo) and math.isfinite(hi)) or max(abs(lo), abs(hi)) > MAX_ABS_RANGE:
+                    skipped[name] = f"input range [{lo:.3g}, {hi:.3g}] is not a real activation range (mask-like)"
+                else:
+                    swap(name, (lo, hi))
+
+        calibrate_blockwise(model, names, calib, observer_hooks, quantize_block, propagate="float",
+                            blocks=None if blockwise else [], label="static int8 ranges")
+    else:
+        for name in names:
+            swap(name, None)
+    originals = {name: done[name] for name in names if name in done}  # in the targets' order
     if config.activations == "dynamic":
         originals.update(quantize_recurrent(model, recurrent, skipped))
     else:
         skipped.update({n: "static int8 has no recurrent kernel: kept float (activations='dynamic' quantizes it)"
                         for n in recurrent})
     return finish(model, config, originals, skipped, task, tables)
+
+
+def _int8_layer(layer: nn.Module, config: Int8, act_range: tuple[float, float] | None) -> nn.Module:
+    per_channel = config.granularity == "per_channel"
+    if isinstance(layer, nn.Conv2d):
+        return QuantConv2d.from_float(layer, activations=config.activations, act_range=act_range,
+                                      per_channel=per_channel, symmetric_act=config.symmetric)
+    return QuantLinear.from_float(layer, bits=8, group_size=0, activations=config.activations, act_range=act_range,
+                                  per_channel=per_channel, symmetric_act=config.symmetric)

@@ -7,7 +7,8 @@ from typing import Any, ClassVar
 
 import torch.nn as nn
 
-from slimkit.calibrate.obs import task_hessians
+from slimkit.calibrate.blockwise import calibrate_blockwise
+from slimkit.calibrate.obs import hessian_hooks, task_batches
 from slimkit.core.config import BaseConfig, technique
 from slimkit.core.editing import set_submodule
 from slimkit.core.errors import SlimkitError
@@ -93,27 +94,48 @@ class WeightOnly(PTQConfig):
 
 
 
-def quantize_weight_only(model: nn.Module, config: WeightOnly, task: Task | None) -> nn.Module:
+def quantize_weight_only(model: nn.Module, config: WeightOnly, task: Task | None, *,
+                         blockwise: bool = True) -> nn.Module:
+    """``config`` applied in place. GPTQ calibrates and rounds one repeated block at a time
+    (``calibrate.blockwise``, each block calibrated on the already-rounded blocks' outputs), holding one
+    block's Hessians; ``blockwise=False`` gathers every layer's Hessians in one pass first."""
     names, skipped = target_layers(model, config.targets, config.exclude, allow_conv=True, recurrent=True)
     recurrent = recurrent_targets(model, config.targets, config.exclude)
     transposed = transposed_targets(model, config.targets, config.exclude)
     attention = attention_targets(model, config.targets, config.exclude)
     tables = quantize_embeddings(model, config, skipped)
-    originals = {}
+    keep = config.max_drop is not None  # the float layers are kept only for accuracy control to restore
+    originals: dict[str, nn.Module | None] = {}
     for name in names:
         layer = model.get_submodule(name)
         if isinstance(layer, nn.Linear) and config.group_size and layer.in_features % config.group_size:
             skipped[name] = f"in_features {layer.in_features} is not a multiple of group_size {config.group_size}"
             continue
         originals[name] = layer
+    layer = None
     linears = [n for n, layer in originals.items() if isinstance(layer, nn.Linear)]
-    hessians = task_hessians(model, linears, task, "gptq", "rtn") if config.method == "gptq" else {}
+    hessians = {}
+    done: set[str] = set()
+    if config.method == "gptq" and linears:
+        def round_block(block_hessians: dict) -> None:
+            for name, h in block_hessians.items():  # each float weight freed once its int4 copy is made
+                layer = model.get_submodule(name)
+                int4 = gptq_int4(layer.weight, h, config.group_size)
+                set_submodule(model, name, QuantLinear.from_float(layer, bits=config.bits, group_size=config.group_size,
+                                                                  activations="none", int4=int4))
+                originals[name] = layer if keep else None
+                done.add(name)
+
+        calibrate_blockwise(model, linears, task_batches(task, "gptq", "rtn"), hessian_hooks, round_block,
+                            blocks=None if blockwise else [], label="GPTQ int4")
     if config.method.startswith("awq"):  # weights rescaled and folded in place; then rounded as usual
         gptq = config.method == "awq+gptq"
         scaled = scale_and_fold(model, linears, task, config.group_size, gptq=gptq)[0]
         clip_weights(model, scaled, config.group_size)
         hessians = scaled if gptq else {}
-    for name, layer in each(list(originals.items()), f"rounding int{config.bits} weights ({config.method})"):
+    todo = [n for n in originals if n not in done]
+    for name in each(todo, f"rounding int{config.bits} weights ({config.method})"):
+        layer = originals[name]
         if isinstance(layer, nn.Conv2d):  # per output channel (int4: symmetric levels -7..7), rounded to nearest
             new = int4_per_channel(layer) if config.bits == 4 else QuantConv2d.from_float(layer, activations="none")
         else:
@@ -121,6 +143,8 @@ def quantize_weight_only(model: nn.Module, config: WeightOnly, task: Task | None
             new = QuantLinear.from_float(layer, bits=config.bits, group_size=config.group_size, activations="none",
                                          int4=int4)
         set_submodule(model, name, new)
+        originals[name] = layer if keep else None
+    layer = None  # this name must not keep the last float layer alive
     originals.update(quantize_recurrent(model, recurrent, skipped, bits=config.bits, group_size=config.group_size,
                                         activations="none"))
     originals.update(quantize_conv_transpose(model, transposed, config.bits, skipped))

@@ -24,25 +24,7 @@ import torch
 import torch.nn as nn
 from torch.utils.checkpoint import checkpoint
 
-#: Blocks a container must repeat before they are worth wrapping.
-MIN_REPEATS = 2
-
-
-def repeated_blocks(model: nn.Module) -> list[str]:
-    """Names of the model's repeated blocks, outermost first (never one inside another)."""
-    found: list[str] = []
-    for name, module in model.named_modules():
-        if not isinstance(module, (nn.ModuleList, nn.Sequential)):
-            continue
-        if any(name == f or name.startswith(f + ".") for f in found):
-            continue
-        children = list(module.named_children())
-        kinds = {type(c) for _, c in children}
-        if len(children) >= MIN_REPEATS and len(kinds) == 1 and all(any(True for _ in c.children())
-                                                                     for _, c in children):
-            found.extend(f"{name}.{n}" if name else n for n, _ in children)
-    return found
-
+from slimkit.graph.blocks import repeated_blocks
 
 @contextlib.contextmanager
 def _norm_stats_kept(block: nn.Module) -> Iterator[None]:
