@@ -88,7 +88,10 @@ def check_distill(ns: dict[str, Any], out: str) -> None:
 
 def check_encoder_students(ns: dict[str, Any], out: str) -> None:
     task = ns["minilm"]
+    from slimkit.distill.student import kept_layers
+
     assert [len(m.bert.encoder.layer) for m in (ns["s"], ns["control"])] == [3, 3]
+    assert kept_layers(6, 3) == [1, 3, 5]  # what the page says Student(layers=3) keeps
     distilled, control = task.evaluate(ns["s"])["score"], task.evaluate(ns["control"])["score"]
     assert distilled >= 0.9 and distilled > control + 0.2  # the teacher's embeddings kept; SimCSE alone drifts
 
