@@ -15,6 +15,12 @@ if os.environ.get("PYTEST_XDIST_WORKER"):
         os.environ.setdefault(name, "1")
 
 
+def pytest_collection_modifyitems(config: pytest.Config, items: list[pytest.Item]) -> None:
+    """Slow tests first (stable order otherwise): with one worker per core, a minutes-long test taken last
+    would leave the other core idle at the end of the run."""
+    items.sort(key=lambda item: item.get_closest_marker("slow") is None)
+
+
 @pytest.fixture(scope="session")
 def digits_task():
     from slimkit import zoo
