@@ -46,9 +46,15 @@ def quantize_weight_int8(w: torch.Tensor, per_channel: bool = True) -> tuple[tor
     w = w.detach().float()
     if not torch.isfinite(w).all():
         raise SlimkitError("weight contains NaN or Inf", "fix the model before quantizing it")
-    amax = w.abs().flatten(1).amax(1) if per_channel else w.abs().amax().reshape(1)  # (N,) or (1,)
+    lo, hi = torch.aminmax(w.flatten(1), dim=1)  # (N,) each: max|w| without a float copy of w
+    amax = torch.maximum(-lo, hi) if per_channel else torch.maximum(-lo.amin(), hi.amax()).reshape(1)  # (N,) or (1,)
     scale = safe_scale(amax, INT8_MAX)
-    q = torch.round(w / _per_row(scale, w.ndim)).clamp(-INT8_MAX, INT8_MAX).to(torch.int8)
+    rows = _per_row(scale, w.ndim)
+    q = torch.empty(w.shape, dtype=torch.int8, device=w.device)
+    step = max(1, (1 << 20) // max(1, w[0].numel()))  # ~1M values at a time: an embedding table's float
+    for i in range(0, w.shape[0], step):               # temporaries stay a few MB
+        r = rows[i:i + step] if per_channel else rows
+        q[i:i + step] = torch.round(w[i:i + step] / r).clamp(-INT8_MAX, INT8_MAX)
     return q, scale
 
 
