@@ -132,7 +132,8 @@ def prepare(weight: torch.Tensor, hessian: torch.Tensor, damp: float) -> tuple[t
         raise SlimkitError(f"Hessian {tuple(hessian.shape)} does not fit a weight with K={k}",
                            "compute it from this layer's inputs")
     w = weight.detach().float().clone()  # on the weight's device; the Hessian joins it there
-    if not torch.isfinite(w).all() or not torch.isfinite(hessian).all():
+    # min/max carry any NaN or Inf; isfinite(w) would hold a temporary twice w's size (0.5 GB for a 1B lm_head)
+    if not all(torch.isfinite(v).all() for t in (w, hessian) for v in torch.aminmax(t)):
         raise SlimkitError("weight or calibration statistics contain NaN or Inf",
                            "fix the model or the calibration data before compressing")
     h = hessian.detach().to(w.device, torch.float32).clone()

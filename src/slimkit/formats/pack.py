@@ -44,9 +44,9 @@ def quantize_weight_int8(w: torch.Tensor, per_channel: bool = True) -> tuple[tor
         raise SlimkitError(f"int8 weight quantization needs a float (N, K, ...) tensor, got {tuple(w.shape)} {w.dtype}",
                            "pass a Linear or Conv weight")
     w = w.detach().float()
-    if not torch.isfinite(w).all():
+    lo, hi = torch.aminmax(w.flatten(1), dim=1)  # (N,) each: max|w| (and NaN / Inf) without a copy of w
+    if not (torch.isfinite(lo).all() and torch.isfinite(hi).all()):
         raise SlimkitError("weight contains NaN or Inf", "fix the model before quantizing it")
-    lo, hi = torch.aminmax(w.flatten(1), dim=1)  # (N,) each: max|w| without a float copy of w
     amax = torch.maximum(-lo, hi) if per_channel else torch.maximum(-lo.amin(), hi.amax()).reshape(1)  # (N,) or (1,)
     scale = safe_scale(amax, INT8_MAX)
     rows = _per_row(scale, w.ndim)
