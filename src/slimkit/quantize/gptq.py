@@ -8,9 +8,12 @@ at int4 g32 it lifts the mean cosine to the fp32 embeddings from 0.967 (round-to
 
 The result is slimkit's int4 format (``quantize.pack``): asymmetric per group of ``group_size``
 inputs, ``w ≈ (q - zero) * scale`` with q in [0, 15], so every runtime that runs int4 runs it.
-Each group's scale and zero come from the group's weights *as updated so far*; columns are taken in
-their natural order (no act-order), which keeps groups contiguous for the kernels. The sweep itself
-is ``slimkit.calibrate.obs`` (shared with SparseGPT's N:M pruning).
+Natural order (``act_order=False``): each group's scale and zero come from the group's weights *as
+updated so far*. ``act_order=True`` visits the columns by decreasing ``H_jj`` (the inputs with the most
+energy first, while the most columns remain to absorb their error) with *static groups*: every
+group's scale and zero are fixed first from the weights in their natural order, so the stored groups
+stay contiguous and the int4 format and kernels are unchanged. The sweep itself is
+``slimkit.calibrate.obs`` (shared with SparseGPT's N:M pruning).
 """
 
 from __future__ import annotations
@@ -23,14 +26,17 @@ from slimkit.formats import pack
 LEVELS = pack.INT4_LEVELS  # q in [0, 15]
 
 
-def gptq_int4(weight: torch.Tensor, hessian: torch.Tensor, group_size: int, *, damp: float = 0.01
-              ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+def gptq_int4(weight: torch.Tensor, hessian: torch.Tensor, group_size: int, *, damp: float = 0.01,
+              act_order: bool = False) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     """(N, K) float weight and its inputs' (K, K) Hessian -> slimkit int4 ``(packed (N, K/2), scale, zero)``.
 
     ``damp`` (fraction of the mean diagonal added to it) keeps the Cholesky factorisation stable.
+    ``act_order``: columns in order of decreasing ``H_jj`` (static groups, see the module doc).
     """
     n, k = weight.shape
     g = pack.check_int4_shape(k, group_size)
+    if act_order:
+        return _act_order(weight, hessian, g, damp)
     w, h_inv = obs.prepare(weight, hessian, damp)
     q = torch.zeros(n, k, dtype=torch.uint8, device=w.device)
     scale, lo = torch.zeros(n, k // g, device=w.device), torch.zeros(n, k // g, device=w.device)
@@ -46,6 +52,31 @@ def gptq_int4(weight: torch.Tensor, hessian: torch.Tensor, group_size: int, *, d
         return qc * scale[:, gi] + lo[:, gi]
 
     obs.sweep(w, h_inv, round_column, block=max(obs.BLOCK, g))
+    return pack.pack_int4(q), scale, -lo / scale
+
+
+def _act_order(weight: torch.Tensor, hessian: torch.Tensor, g: int, damp: float
+               ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """GPTQ with columns visited by decreasing ``H_jj`` and each group's scale and zero fixed first from
+    the weights in their natural order (static groups: the stored groups stay contiguous)."""
+    n, k = weight.shape
+    perm = torch.argsort(torch.diag(hessian), descending=True)  # (K,) visiting order
+    w, h_inv = obs.prepare(weight[:, perm], hessian[perm][:, perm], damp)  # permuted (N, K), (K, K)
+    natural = torch.empty_like(w)
+    natural[:, perm] = w  # (N, K) back in input order (dead inputs zeroed by prepare)
+    grp = natural.reshape(n, k // g, g)
+    lo = grp.amin(-1)  # (N, G)
+    scale = pack.safe_scale(grp.amax(-1) - lo, LEVELS)  # (N, G)
+    group_of = (perm // g).to(w.device)  # (K,) group of each visited column
+    q = torch.zeros(n, k, dtype=torch.uint8, device=w.device)
+
+    def round_column(block: torch.Tensor, i: int, col: int) -> torch.Tensor:
+        gi = int(group_of[col])
+        qc = torch.round((block[:, i] - lo[:, gi]) / scale[:, gi]).clamp(0, LEVELS)  # (N,)
+        q[:, int(perm[col])] = qc.to(torch.uint8)
+        return qc * scale[:, gi] + lo[:, gi]
+
+    obs.sweep(w, h_inv, round_column)
     return pack.pack_int4(q), scale, -lo / scale
 
 
