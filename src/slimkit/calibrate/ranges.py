@@ -95,8 +95,9 @@ class Observer:
             self.hist[self.bins] += x.numel()  # zeros fall in bin [0, w) whatever R becomes
             return
         self._grow(math.frexp(amax)[1])  # 2**(e-1) <= amax < 2**e
-        idx = torch.floor(x * (self.bins / self.range)).long() + self.bins  # (N,) in [0, 2*bins)
-        self.hist += torch.bincount(idx, minlength=2 * self.bins).cpu().numpy()
+        for part in x.split(1 << 20):  # a million values at a time: a whole batch's int64 indices are 2x its size
+            idx = torch.floor(part * (self.bins / self.range)).long() + self.bins  # (n,) in [0, 2*bins)
+            self.hist += torch.bincount(idx, minlength=2 * self.bins).cpu().numpy()
 
     def _grow(self, exp: int) -> None:
         """Make R at least 2**exp by doubling it, merging bin pairs so counts stay exact."""
