@@ -5,6 +5,7 @@ from __future__ import annotations
 import pytest
 import torch
 
+from slimkit.core.errors import SlimkitError
 from slimkit.formats import pack
 from slimkit.quantize.gptq import gptq_int4
 
@@ -43,3 +44,8 @@ def test_act_order_keeps_the_int4_format_and_static_group_ranges() -> None:
     grp = w.reshape(16, 4, 64)
     assert torch.allclose(scale * 15, grp.amax(-1) - grp.amin(-1), rtol=1e-5)
     assert torch.allclose(-zero * scale, grp.amin(-1), atol=1e-5)
+
+
+def test_act_order_names_a_hessian_that_does_not_fit() -> None:
+    with pytest.raises(SlimkitError, match="does not fit"):
+        gptq_int4(torch.randn(8, 64), torch.eye(32), 32, act_order=True)

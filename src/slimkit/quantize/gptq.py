@@ -21,6 +21,7 @@ from __future__ import annotations
 import torch
 
 from slimkit.calibrate import obs
+from slimkit.core.errors import SlimkitError
 from slimkit.formats import pack
 
 LEVELS = pack.INT4_LEVELS  # q in [0, 15]
@@ -60,6 +61,9 @@ def _act_order(weight: torch.Tensor, hessian: torch.Tensor, g: int, damp: float
     """GPTQ with columns visited by decreasing ``H_jj`` and each group's scale and zero fixed first from
     the weights in their natural order (static groups: the stored groups stay contiguous)."""
     n, k = weight.shape
+    if hessian.shape != (k, k):  # before permuting, which would hide the mismatch
+        raise SlimkitError(f"Hessian {tuple(hessian.shape)} does not fit a weight with K={k}",
+                           "compute it from this layer's inputs")
     perm = torch.argsort(torch.diag(hessian), descending=True)  # (K,) visiting order
     w, h_inv = obs.prepare(weight[:, perm], hessian[perm][:, perm], damp)  # permuted (N, K), (K, K)
     natural = torch.empty_like(w)
