@@ -12,7 +12,7 @@ from pathlib import Path
 import pytest
 
 ARGS = ["--task", "digits", "--max-drop", "0.05", "--techniques", "magnitude,int8", "--threads", "1",
-        "--trials", "8"]
+        "--trials", "4"]
 
 
 def _cli(out: Path, *extra: str) -> list[str]:
@@ -60,7 +60,7 @@ def test_sigkill_mid_trial_then_resume(tmp_path):
     resumed = subprocess.run(_cli(out, "--resume"), env=env, capture_output=True, text=True, timeout=600)
     assert resumed.returncode == 0, resumed.stderr[-2000:]
     final = _states(db)
-    assert final.get("COMPLETE") == 8          # the full count: nothing lost
+    assert final.get("COMPLETE") == 4          # the full count: nothing lost
     assert final.get("FAIL") == 1              # only the interrupted trial, and it was re-queued and re-run
     assert final.get("RUNNING", 0) == 0 and final.get("WAITING", 0) == 0
     assert (out / "report.html").is_file() and (out / "recipe.yaml").is_file()
