@@ -24,6 +24,7 @@ import torch.nn as nn
 
 from slimkit.core.config import BaseConfig, apply
 from slimkit.core.errors import SlimkitError
+from slimkit.core.progress import progress_shown
 from slimkit.core.record import StepRecord, StepView, records_of
 from slimkit.core.registry import technique_named
 from slimkit.quantize.awq import scale_and_fold
@@ -55,7 +56,8 @@ def before_after_errors(record: StepRecord, view: StepView) -> list[LayerError] 
     """Per-layer errors of the step with ``sqnr_before_db`` filled, a one-line reason when an algorithm ran
     but no "before" can be built, or None when no algorithm ran (the plain table is then the whole story)."""
     try:
-        found = comparison(record, view)
+        with progress_shown(False):  # the report's own comparison, not a stage the user started
+            found = comparison(record, view)
     except SlimkitError as err:  # the plain twin could not be built: the report keeps the plain table
         return f"no SQNR before → after: the comparison model could not be built ({err.problem})"
     if not isinstance(found, Comparison):
