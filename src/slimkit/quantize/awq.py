@@ -11,7 +11,9 @@ outlier channels alike), with ``alpha`` searched on 0, 0.1, .., 1 for the least 
 the search never does worse on the calibration data. ``awq+gptq`` then rounds the scaled weights
 with GPTQ (the returned Hessians are those of the scaled inputs).
 
-Then (``clip_weights``) AWQ's weight clipping, for every target Linear (scaled or not): per output row and group the
+Then, for ``awq`` (round to nearest; not before GPTQ, whose act-order error feedback does better on
+the unclipped weights: MiniLM int4 g128 0.9742 vs 0.9712 with clipping), (``clip_weights``) AWQ's
+weight clipping, for every target Linear (scaled or not): per output row and group the
 range ``[-r m, r m]`` (``m`` the group's max |w|) with ``r`` in ``CLIP_RATIOS`` and the least output
 error ``e_g H_gg e_g^T`` of that group (its block of the Hessian) is the one rounded. Clipping is
 what reaches layers that no fold can scale (in post-norm BERT every Linear but value -> output).

@@ -8,11 +8,12 @@ at int4 g32 it lifts the mean cosine to the fp32 embeddings from 0.967 (round-to
 
 The result is slimkit's int4 format (``quantize.pack``): asymmetric per group of ``group_size``
 inputs, ``w ≈ (q - zero) * scale`` with q in [0, 15], so every runtime that runs int4 runs it.
-Natural order (``act_order=False``): each group's scale and zero come from the group's weights *as
-updated so far*. ``act_order=True`` visits the columns by decreasing ``H_jj`` (the inputs with the most
+``act_order=True`` (the default; MiniLM int4 g128 cosine to fp32 0.9695 -> 0.9734, with AWQ's
+scales 0.9742) visits the columns by decreasing ``H_jj`` (the inputs with the most
 energy first, while the most columns remain to absorb their error) with *static groups*: every
 group's scale and zero are fixed first from the weights in their natural order, so the stored groups
-stay contiguous and the int4 format and kernels are unchanged. The sweep itself is
+stay contiguous and the int4 format and kernels are unchanged. Natural order (``act_order=False``):
+each group's scale and zero come from the group's weights *as updated so far*. The sweep itself is
 ``slimkit.calibrate.obs`` (shared with SparseGPT's N:M pruning).
 """
 
@@ -28,7 +29,7 @@ LEVELS = pack.INT4_LEVELS  # q in [0, 15]
 
 
 def gptq_int4(weight: torch.Tensor, hessian: torch.Tensor, group_size: int, *, damp: float = 0.01,
-              act_order: bool = False) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+              act_order: bool = True) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     """(N, K) float weight and its inputs' (K, K) Hessian -> slimkit int4 ``(packed (N, K/2), scale, zero)``.
 
     ``damp`` (fraction of the mean diagonal added to it) keeps the Cholesky factorisation stable.

@@ -131,7 +131,8 @@ def quantize_weight_only(model: nn.Module, config: WeightOnly, task: Task | None
     if config.method.startswith("awq"):  # weights rescaled and folded in place; then rounded as usual
         gptq = config.method == "awq+gptq"
         scaled = scale_and_fold(model, linears, task, config.group_size, gptq=gptq)[0]
-        clip_weights(model, scaled, config.group_size)
+        if not gptq:  # clipping helps rounding to nearest; before GPTQ it cost MiniLM g128 0.9742 -> 0.9712
+            clip_weights(model, scaled, config.group_size)
         hessians = scaled if gptq else {}
     todo = [n for n in originals if n not in done]
     for name in each(todo, f"rounding int{config.bits} weights ({config.method})"):
