@@ -57,7 +57,7 @@ def test_quantize_command_says_each_stage_of_gptq(tmp_path, capsys):
                                       "--method", "gptq", "--threads", "1", "--out", str(tmp_path)])
     assert result.exit_code == 0, result.output
     said = result.output + capsys.readouterr().err
-    for stage in ("calibrating 2 layers (input Hessians): done", "rounding int4 weights (gptq): done"):
+    for stage in ("GPTQ int4 block by block: done", "rounding int4 weights (gptq): done"):
         assert stage in said, said
 
 

@@ -2,8 +2,8 @@
 
 Timed at the leaves, an HF encoder's attention math (scores, softmax, weighted sum written in
 ``forward``) and its masks fall into ``(other)``; by block part they belong to the attention row.
-MACs and parameters per row are checked against hand counts; the one time number asserted is
-``(other)``'s share.
+MACs and parameters per row are checked against hand counts; times are only checked to add up (the
+share of time in ``(other)`` is a measurement: the profile benchmark and BENCHMARKS.md report it).
 """
 
 from __future__ import annotations
@@ -52,9 +52,9 @@ def rows(request):
     return {r.name: r for r in layer_breakdown(model.eval(), (ids,), threads=1, runs=5)}, stack, embeddings, model
 
 
-def test_other_is_under_a_tenth_of_the_time(rows):
+def test_the_attention_math_is_counted_in_the_blocks_not_in_other(rows):
     by_name, *_ = rows
-    assert by_name[OTHER].time_share < 0.10
+    assert by_name[OTHER].macs_share < 0.01  # scores and weighted sums (2 B T^2 H per layer) sit in attention rows
     assert sum(r.time_share for r in by_name.values()) == pytest.approx(1.0)
 
 
