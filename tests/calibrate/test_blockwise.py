@@ -99,7 +99,7 @@ def _compressing(model: nn.Module, kind: str) -> Callable[[dict], None]:
         for name, h in hessians.items():
             layer = model.get_submodule(name)
             if kind == "gptq":
-                int4 = gptq_int4(layer.weight, h, 32)
+                int4 = gptq_int4(layer.weight, h, 32, act_order=False)  # the walk is under test, not act-order
                 set_submodule(model, name, QuantLinear.from_float(layer, bits=4, group_size=32, int4=int4))
             else:
                 with torch.no_grad():

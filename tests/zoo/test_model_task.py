@@ -93,13 +93,14 @@ def test_optimize_on_an_hf_directory_finds_a_smaller_model(kind, tmp_path, one_t
 def test_the_readme_command_as_written_works_on_an_hf_directory(kind, tmp_path, one_thread):
     """``slimkit optimize --model DIR --max-size-mb 5 --max-drop 0.01``: these tiny models already fit 5 MB, so
     the point is the command itself, with the README's numbers, ending in a best model within them — or, for the
-    random-weight causal LM (near-tied logits: int8 flips 2% of its top-1 tokens), in the hint that says so."""
+    random-weight causal LM and ViT (near-tied logits: int8 flips 2% of the LM's top-1 tokens, and one of the
+    48 images is already a 0.021 drop), in the hint that says so."""
     directory, out = _hf(tmp_path, kind), tmp_path / "run"
     result = runner.invoke(app, ["optimize", "--model", str(directory), "--max-size-mb", "5", "--max-drop", "0.01",
                                  "--trials", "2", "--threads", "1", "--out", str(out)])
     assert result.exit_code == 0, result.output
     search = json.loads((out / "result.json").read_text())
-    if kind == "lm" and search["best"] is None:
+    if kind in ("lm", "image") and search["best"] is None:
         assert any(h.startswith("quality: the least drop") and "> 0.01" in h for h in search["hints"])
         return
     best = search["best"]["measured"]
