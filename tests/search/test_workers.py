@@ -125,7 +125,8 @@ def test_optimize_and_two_workers_lose_no_trial_when_one_is_killed_mid_trial(pos
     trials = optuna.load_study(study_name="shared", storage=postgres).trials
     done = [t for t in trials if t.state.name == "COMPLETE"]
     assert len(done) == TRIALS, said()                                 # none lost, none run past the count
-    assert {t.state.name for t in trials} <= {"COMPLETE", "FAIL"}      # nothing left running or waiting
+    # nothing left running or waiting (PRUNED: taken once the count was already reached, stopped before measuring)
+    assert {t.state.name for t in trials} <= {"COMPLETE", "FAIL", "PRUNED"}
     failed = [t.number for t in trials if t.state.name == "FAIL"]
     # the killed trial failed; a live one whose heartbeat a loaded machine delayed past the grace may have too
     assert killed in failed, said()
