@@ -25,12 +25,7 @@ from tests.quantize.test_equalization import _task as mobile_task
 from tests.quantize.test_smoothquant import NormQKV
 
 
-@pytest.fixture(scope="module", autouse=True)
-def one_thread_here():
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
+pytestmark = pytest.mark.usefixtures("one_thread")  # conftest's: tiny models, one thread
 
 
 def norm_task() -> Task:
